@@ -1,0 +1,225 @@
+"""Baseline, teacher-forced scoring of knockouts, and the two engines that compute it.
+
+Scoring is teacher-forced: the sequence ``prompt + y_1 .. y_{T-1}`` is run once per knockout and
+the next-token distributions are read at the T *answer positions* ``P-1 .. P+T-2`` (P = prompt
+length), which predict ``y_1 .. y_T``.
+
+``NaiveEngine`` is the oracle: one full forward of the whole model per knockout, attention computed
+the obvious way. ``FastEngine`` computes the same numbers with three reuses that are exact because a
+knockout in window ``[a, b]`` of position ``p`` cannot change anything below layer ``a`` nor any
+position before ``p`` (causal attention):
+
+1. one unmasked pass caches the hidden state entering every layer and every layer's K/V;
+2. a batch of knockouts (one per row) starts from the cached input of layer ``a`` and runs only
+   layers ``a .. L-1``, adding DeepStack features after layers 0..2 as the model does;
+3. only positions ``>= min p`` of the batch are recomputed: the keys/values before it are the
+   cached ones; only the answer positions go through the final norm and the head.
+
+Neither engine touches files or argparse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+
+from .inputs import Prompt
+from .knockout import AttentionPlan, apply_plan, knockout_attention_installed
+from .models import LoadedModel
+
+
+@dataclass
+class Baseline:
+    token_ids: list[int]
+    tokens: list[str]
+    text: str
+    logprobs: list[float]
+    stopped_at_eos: bool
+
+
+@dataclass
+class TeacherForced:
+    """``prompt + y_1 .. y_{T-1}`` and where its answer positions are."""
+
+    input_ids: torch.Tensor  # (1, S)
+    model_kwargs: dict
+    answer_ids: torch.Tensor  # (T,)
+    answer_start: int  # first answer position (P - 1)
+
+    @property
+    def answer_positions(self) -> torch.Tensor:
+        return torch.arange(self.answer_start, self.answer_start + len(self.answer_ids))
+
+
+@dataclass
+class Analysis:
+    """One model, one prompt, and the settings that decide what a knockout blocks."""
+
+    loaded: LoadedModel
+    prompt: Prompt
+    block_from: str = "all"  # all | answer
+    vision_attention: str = "causal"  # causal | bidirectional
+    _groups: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.vision_attention == "bidirectional":
+            self._groups = self.prompt.vision_groups()
+
+    @property
+    def answer_start(self) -> int:
+        return self.prompt.length - 1
+
+    def plan(self, window: tuple[int, int] | None = None, positions: list[int] | None = None,
+             reference: bool = False) -> AttentionPlan:
+        if window is None:
+            return AttentionPlan(vision_groups=self._groups, reference=reference)
+        return AttentionPlan(
+            layers=range(window[0], window[1] + 1),
+            positions=torch.tensor(positions),
+            query_start=self.answer_start if self.block_from == "answer" else 0,
+            vision_groups=self._groups,
+            reference=reference,
+        )
+
+    def first_affected(self, position: int) -> int:
+        """The first position whose computation a knockout of ``position`` can change."""
+        if self.block_from == "answer":
+            return self.answer_start
+        if self._groups is not None and self._groups[position] >= 0:
+            return int((self._groups == self._groups[position]).nonzero()[0])
+        return position
+
+    def eos_ids(self) -> list[int]:
+        eos = self.loaded.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.loaded.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos)
+
+    @torch.no_grad()
+    def generate(self, num_tokens: int, plan: AttentionPlan | None = None) -> tuple[list[int], bool]:
+        """Greedy continuation under ``plan`` (default: no knockout); stops early at EOS."""
+        loaded, prompt = self.loaded, self.prompt
+        eos = self.eos_ids()
+        config = GenerationConfig(max_new_tokens=num_tokens, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=loaded.tokenizer.pad_token_id or eos[0])
+        inputs = _to(dict(input_ids=prompt.input_ids, **prompt.model_kwargs), loaded.device)
+        with knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan or self.plan()):
+            output = loaded.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]),
+                                           generation_config=config)
+        new = output[0, prompt.length:].tolist()
+        stopped = bool(new) and new[-1] in eos
+        return new, stopped
+
+    def baseline(self, num_tokens: int) -> tuple[Baseline, TeacherForced]:
+        ids, stopped = self.generate(num_tokens)
+        tf = self.teacher_forced(ids)
+        return Baseline(ids, [self.loaded.tokenizer.decode([i]) for i in ids],
+                        self.loaded.tokenizer.decode(ids, skip_special_tokens=True), [], stopped), tf
+
+    def teacher_forced(self, answer_ids: list[int]) -> TeacherForced:
+        answer = torch.tensor(answer_ids, dtype=self.prompt.input_ids.dtype)
+        input_ids = torch.cat([self.prompt.input_ids, answer[None, :-1]], dim=1)  # (1, P + T - 1)
+        kwargs = dict(self.prompt.model_kwargs)
+        if "mm_token_type_ids" in kwargs:
+            types = kwargs["mm_token_type_ids"]
+            kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(answer_ids) - 1)], dim=1)
+        return TeacherForced(input_ids, kwargs, answer, self.answer_start)
+
+
+def _to(tensors: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in tensors.items()}
+
+
+class NaiveEngine:
+    """The oracle: one full forward of the whole model per knockout, attention computed explicitly."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced):
+        self.analysis, self.tf = analysis, tf
+        self.base_logprobs = self._forward(analysis.plan(reference=True))[0]  # (T, V)
+
+    @torch.no_grad()
+    def _forward(self, plan: AttentionPlan) -> torch.Tensor:
+        loaded = self.analysis.loaded
+        inputs = _to(dict(input_ids=self.tf.input_ids, **self.tf.model_kwargs), loaded.device)
+        with knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan):
+            logits = loaded.model(**inputs).logits  # (1, S, V)
+        return torch.log_softmax(logits[:, self.tf.answer_positions].float(), dim=-1)  # (1, T, V)
+
+    def logprobs(self, window: tuple[int, int], positions: list[int]) -> torch.Tensor:
+        """(B, T, V) answer log-probs, one row per knocked-out position."""
+        rows = [self._forward(self.analysis.plan(window, [p], reference=True)) for p in positions]
+        return torch.cat(rows, dim=0)
+
+
+class _RecordKV:
+    """Stands in for the KV cache during the unmasked pass: keeps every layer's K/V."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.keys[layer_idx], self.values[layer_idx] = key, value  # (1, nkv, S, hs)
+        return key, value
+
+
+class _PrefixKV:
+    """Stands in for the KV cache during a suffix pass: cached K/V before ``start``, fresh after."""
+
+    def __init__(self, record: _RecordKV, start: int, batch: int) -> None:
+        self.record, self.start, self.batch = record, start, batch
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        cached_k = self.record.keys[layer_idx][:, :, : self.start].expand(self.batch, -1, -1, -1)
+        cached_v = self.record.values[layer_idx][:, :, : self.start].expand(self.batch, -1, -1, -1)
+        return torch.cat([cached_k, key], dim=2), torch.cat([cached_v, value], dim=2)  # (B, nkv, S, hs)
+
+
+class FastEngine:
+    """Same numbers as ``NaiveEngine``, computing only what a knockout can change."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced):
+        self.analysis, self.tf = analysis, tf
+        adapter, device = analysis.loaded.adapter, analysis.loaded.device
+        with torch.no_grad():
+            inputs = adapter.layer_inputs(tf.input_ids.to(device), _to(tf.model_kwargs, device))
+            self.cos, self.sin = adapter.rotary(inputs.hidden, inputs.rope_position_ids.to(device))  # (1, S, hs)
+        self.deepstack = [self._scatter(inputs.visual_mask, rows) for rows in inputs.deepstack]  # (S, H) each
+        self.layer_inputs: list[torch.Tensor] = []  # (1, S, H) entering each layer
+        self.kv = _RecordKV()
+        self.base_logprobs = self._run(inputs.hidden, 0, 0, self.kv, analysis.plan(), record=True)[0]  # (T, V)
+
+    @staticmethod
+    def _scatter(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """DeepStack rows placed at the image positions, zero elsewhere (adding 0.0 is exact)."""
+        full = rows.new_zeros(mask.shape[0], rows.shape[-1])
+        full[mask.to(rows.device)] = rows
+        return full
+
+    @torch.no_grad()
+    def _run(self, hidden: torch.Tensor, first_layer: int, start: int, kv, plan: AttentionPlan,
+             record: bool = False) -> torch.Tensor:
+        """Layers ``first_layer ..`` over positions ``start ..``; returns (B, T, V) answer log-probs."""
+        adapter = self.analysis.loaded.adapter
+        cos, sin = self.cos[:, start:], self.sin[:, start:]
+        with knockout_attention_installed(adapter.attention_configs()), apply_plan(plan):
+            for index in range(first_layer, adapter.num_layers):
+                if record:
+                    self.layer_inputs.append(hidden)
+                hidden = adapter.layers[index](hidden, attention_mask=None, position_ids=None,
+                                               past_key_values=kv, position_embeddings=(cos, sin))
+                if index < len(self.deepstack):
+                    hidden = hidden + self.deepstack[index][start:].to(hidden.dtype)
+        answer = hidden[:, self.tf.answer_positions - start]  # (B, T, H)
+        logits = adapter.lm_head(adapter.norm(answer))  # (B, T, V)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def logprobs(self, window: tuple[int, int], positions: list[int]) -> torch.Tensor:
+        """(B, T, V) answer log-probs, one batch row per knocked-out position."""
+        start = min(self.analysis.first_affected(p) for p in positions)
+        batch = len(positions)
+        hidden = self.layer_inputs[window[0]][:, start:].expand(batch, -1, -1)  # (B, S - start, H)
+        kv = _PrefixKV(self.kv, start, batch)
+        return self._run(hidden, window[0], start, kv, self.analysis.plan(window, positions))

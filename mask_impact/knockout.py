@@ -1,0 +1,157 @@
+"""The knockout: which attention scores are blocked, and the attention function that blocks them.
+
+A knockout ``KO(window, p)`` blocks, at every decoder layer in ``window``, every query position
+``q != p`` (optionally only the answer queries) from attending to key position ``p``. The blocked
+pre-softmax score is *set* to the dtype minimum, so its softmax weight is exactly zero; the diagonal
+is never blocked, so no row is ever fully masked.
+
+The attention function is registered under ``ATTENTION_NAME`` in transformers' ``AttentionInterface``
+(and ``sdpa_mask`` under the same name in ``AttentionMaskInterface``, without which
+``create_causal_mask`` would hand it no mask at all). The model's own attention modules call it, so
+the projections, q/k norms and rotary embeddings stay exactly the model's. What it blocks comes from
+the ``AttentionPlan`` made active with ``apply_plan``; with no active plan it is plain SDPA.
+
+Query positions are absolute: for ``Q`` queries over ``K`` keys the queries sit at ``K-Q .. K-1``.
+That holds for a full forward, for cached decoding and for the engine's suffix recomputation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "mask_impact"
+
+_ACTIVE_PLAN: contextvars.ContextVar["AttentionPlan | None"] = contextvars.ContextVar(
+    "mask_impact_plan", default=None
+)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What the registered attention function blocks.
+
+    layers:        the knockout window as a ``range`` of decoder layers (None: no knockout).
+    positions:     (B,) key position knocked out in each batch row.
+    query_start:   only queries at positions ``>= query_start`` are blocked (0: all queries;
+                   the first answer position for ``--block-from answer``).
+    vision_groups: (S,) image index of each position, -1 for non-vision; when given, tokens of the
+                   same image attend to each other both ways (``--vision-attention bidirectional``).
+    reference:     compute attention the slow, obvious way (explicit scores, masked_fill, softmax).
+    """
+
+    layers: range | None = None
+    positions: torch.Tensor | None = None
+    query_start: int = 0
+    vision_groups: torch.Tensor | None = None
+    reference: bool = False
+
+    def blocks_layer(self, layer: int) -> bool:
+        return self.layers is not None and layer in self.layers
+
+    def allowed(
+        self, layer: int, q_len: int, k_len: int, base: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """Boolean (B|1, 1, Q, K) mask of allowed scores, or None when plain causal attention is right."""
+        knocks = self.blocks_layer(layer)
+        if not knocks and self.vision_groups is None and base is None and q_len == k_len:
+            return None
+        q_pos = torch.arange(k_len - q_len, k_len, device=device)  # (Q,)
+        k_pos = torch.arange(k_len, device=device)  # (K,)
+        if base is None:
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, Q, K)
+        else:
+            allowed = base.to(device=device, dtype=torch.bool)
+        if self.vision_groups is not None:
+            groups = _padded(self.vision_groups.to(device), k_len)  # (K,)
+            q_groups = groups[q_pos]  # (Q,)
+            same_image = (q_groups[:, None] == groups[None, :]) & (q_groups[:, None] >= 0)  # (Q, K)
+            allowed = allowed | same_image[None, None]
+        if knocks:
+            p = self.positions.to(device)[:, None, None]  # (B, 1, 1)
+            blocked = (k_pos[None, None, :] == p) & (q_pos[None, :, None] != p)  # (B, Q, K)
+            blocked = blocked & (q_pos >= self.query_start)[None, :, None]
+            allowed = allowed & ~blocked[:, None]  # (B, 1, Q, K)
+        return allowed
+
+
+def _padded(groups: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions past the prompt (generated tokens) belong to no image."""
+    if groups.shape[0] >= length:
+        return groups[:length]
+    return torch.cat([groups, groups.new_full((length - groups.shape[0],), -1)])
+
+
+def knockout_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (B, nh, Q, hs)
+    key: torch.Tensor,  # (B, nkv, K, hs)
+    value: torch.Tensor,  # (B, nkv, K, hs)
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention with the active plan's blocks; plain SDPA when no plan is active."""
+    plan = _ACTIVE_PLAN.get()
+    if plan is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    base = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
+    if attention_mask is not None and base is None:
+        raise TypeError("mask_impact attention expects a boolean attention mask (sdpa_mask)")
+    allowed = plan.allowed(module.layer_idx, query.shape[2], key.shape[2], base, query.device)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, nh, K, hs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if plan.reference:
+        scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (B, nh, Q, K)
+        if allowed is None:
+            allowed = _causal(query.shape[2], key.shape[2], query.device)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        output = torch.matmul(weights, value)  # (B, nh, Q, hs)
+    else:
+        output = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, scale=scale, is_causal=allowed is None and query.shape[2] > 1
+        )
+    return output.transpose(1, 2).contiguous(), None  # (B, Q, nh, hs)
+
+
+def _causal(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    return (torch.arange(k_len, device=device)[None, :] <= q_pos[:, None])[None, None]
+
+
+AttentionInterface.register(ATTENTION_NAME, knockout_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def apply_plan(plan: AttentionPlan | None) -> Iterator[None]:
+    """Make ``plan`` what the registered attention function applies, for the duration of the block."""
+    token = _ACTIVE_PLAN.set(plan)
+    try:
+        yield
+    finally:
+        _ACTIVE_PLAN.reset(token)
+
+
+@contextlib.contextmanager
+def knockout_attention_installed(configs: list) -> Iterator[None]:
+    """Route the decoder's attention through ``knockout_attention``; restore the old setting after."""
+    saved = [config._attn_implementation_internal for config in configs]
+    try:
+        for config in configs:
+            config._attn_implementation_internal = ATTENTION_NAME
+        yield
+    finally:
+        for config, old in zip(configs, saved):
+            config._attn_implementation_internal = old

@@ -1,0 +1,119 @@
+"""The sweep: every (window, position) knockout, scored, then the top ones generated for real.
+
+One generic loop over the window × position grid, in the spirit of TransformerLens' patching
+sweeps: the engine says what the answer log-probs become under a batch of knockouts, the metric
+registry turns those into numbers. Batches are runs of consecutive positions (so the engine's
+suffix reuse wastes little); an out-of-memory error halves the batch and retries the same
+knockouts, keeping everything already finished.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import RunConfig, UsageError, parse_layers, windows_for
+from .engine import Analysis, Baseline, FastEngine, NaiveEngine
+from .inputs import Prompt
+from .metrics import METRICS, PRIMARY, compute_all
+from .models import LoadedModel
+
+ENGINES = {"fast": FastEngine, "naive": NaiveEngine}
+
+
+@dataclass
+class RunResult:
+    baseline: Baseline
+    windows: list[tuple[int, int]]
+    positions: list[int]
+    metrics: dict[str, list[list]]  # name → [window][position]
+    generations: list[dict] = field(default_factory=list)
+    batch_size: int = 0
+    elapsed_s: float = 0.0
+    num_layers: int = 0
+    answer_start: int = 0
+
+
+def positions_for(prompt: Prompt, mask_mode: str) -> list[int]:
+    """The prompt positions a mode sweeps: ``special`` tokens count with ``text``."""
+    wanted = {"text": ("text", "special"), "vision": ("vision",), "both": ("text", "special", "vision")}[mask_mode]
+    positions = [tok.index for tok in prompt.tokens if tok.modality in wanted]
+    if not positions:
+        raise UsageError(f"--mask-mode {mask_mode} selects no positions in this prompt")
+    return positions
+
+
+def auto_batch_size(loaded: LoadedModel, sequence_length: int) -> int:
+    """Rows per forward that fit comfortably: half the free GPU memory, or 1 GiB on the CPU."""
+    config = loaded.adapter.decoder.config
+    element = torch.finfo(loaded.dtype).bits // 8
+    activations = sequence_length * (6 * config.hidden_size + 3 * config.intermediate_size) * element
+    scores = 2 * config.num_attention_heads * sequence_length * sequence_length * 4  # scores + mask, worst case
+    per_row = activations + scores
+    if loaded.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(loaded.device)
+        budget = free // 2
+    else:
+        budget = 1 << 30
+    return int(max(1, min(256, budget // per_row)))
+
+
+def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int], batch_size: int,
+                    progress: bool = True) -> tuple[dict[str, list[list]], int]:
+    """Metrics for every (window, position); returns them and the batch size that finally fit."""
+    answer = engine.tf.answer_ids
+    metrics = {name: [[None] * len(positions) for _ in windows] for name in METRICS}
+    bar = tqdm(total=len(windows) * len(positions), unit="knockout", disable=not progress, dynamic_ncols=True)
+    try:
+        for w, window in enumerate(windows):
+            bar.set_description(f"layers {window[0]}-{window[1]}")
+            done = 0
+            while done < len(positions):
+                chunk = positions[done: done + batch_size]
+                try:
+                    knocked = engine.logprobs(window, chunk)  # (B, T, V)
+                except torch.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise
+                    batch_size //= 2
+                    torch.cuda.empty_cache()
+                    continue
+                for name, values in compute_all(engine.base_logprobs, knocked, answer).items():
+                    metrics[name][w][done: done + len(chunk)] = values
+                done += len(chunk)
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    return metrics, batch_size
+
+
+def top_knockouts(metrics: dict[str, list[list]], windows: list, positions: list[int], k: int) -> list[tuple]:
+    """The k (window, position) pairs with the largest primary metric."""
+    scored = [(metrics[PRIMARY][w][i], w, i) for w in range(len(windows)) for i in range(len(positions))]
+    scored.sort(key=lambda item: -item[0])
+    return [(windows[w], positions[i]) for _, w, i in scored[:k]]
+
+
+def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig) -> RunResult:
+    """Baseline → knockout sweep → generation under the top knockouts."""
+    started = time.perf_counter()
+    num_layers = loaded.adapter.num_layers
+    layers = parse_layers(config.layers, num_layers)
+    windows = windows_for(layers, config.window, num_layers)
+    positions = positions_for(prompt, config.mask_mode)
+    analysis = Analysis(loaded, prompt, config.block_from, config.vision_attention)
+    baseline, tf = analysis.baseline(config.num_tokens)
+    engine = ENGINES[config.engine](analysis, tf)
+    baseline.logprobs = engine.base_logprobs.gather(-1, tf.answer_ids[:, None].to(loaded.device))[:, 0].tolist()
+    batch_size = config.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
+    metrics, batch_size = score_knockouts(engine, windows, positions, batch_size, config.progress)
+    generations = []
+    for window, position in top_knockouts(metrics, windows, positions, config.generate_top):
+        ids, _ = analysis.generate(config.num_tokens, analysis.plan(window, [position]))
+        text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
+        generations.append({"window": list(window), "position": position, "text": text, "token_ids": ids})
+    return RunResult(baseline, windows, positions, metrics, generations, batch_size,
+                     time.perf_counter() - started, num_layers, analysis.answer_start)
