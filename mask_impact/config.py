@@ -16,6 +16,9 @@ from pathlib import Path
 VL_DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 TEXT_DEFAULT_MODEL = "Qwen/Qwen3-4B"
 MASK_MODES = ("text", "vision", "both")
+DEMO_PROMPT_VL = "What's in this image?"
+DEMO_PROMPT_TEXT = "The capital of France is"
+DEMO_IMAGE = Path(__file__).resolve().parent.parent / "testimg.png"
 
 
 class UsageError(Exception):
@@ -136,8 +139,6 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None, vision: bool) -> RunConfig:
     """Command line → validated ``RunConfig``; ``--demo`` fills only what was not given."""
-    from .demo import DEMO_PROMPT_TEXT, DEMO_PROMPT_VL, demo_image_path
-
     args = vars(build_parser(vision).parse_args(argv))
     if args["demo"]:
         if args["model"] is not None:
@@ -145,7 +146,7 @@ def parse_args(argv: list[str] | None, vision: bool) -> RunConfig:
         if args["prompt"] is None:
             args["prompt"] = DEMO_PROMPT_VL if vision else DEMO_PROMPT_TEXT
         if vision and args["images"] is None:
-            args["images"] = [str(demo_image_path())]
+            args["images"] = [str(DEMO_IMAGE)]
         args["model"] = "demo"
     args["model"] = args["model"] or (VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
     args["images"] = args.get("images") or []

@@ -42,16 +42,10 @@ CORPUS = [
     "user assistant system: 0 1 2 3 4 5 6 7 8 9 = , . ? ! A B C D E",
     "What color is the shape? What shape is it? left right top bottom center",
 ]
-DEMO_PROMPT_VL = "What's in this image?"
-DEMO_PROMPT_TEXT = "The capital of France is"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("MASK_IMPACT_CACHE", Path.home() / ".cache" / "mask_impact"))
-
-
-def demo_image_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "testimg.png"
 
 
 def build_tokenizer() -> transformers.Qwen2Tokenizer:
@@ -80,7 +74,7 @@ def tiny_text_config(tokenizer, model_type: str = "qwen3", num_layers: int = 4) 
         model_type,
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        initializer_range=0.1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
@@ -91,7 +85,7 @@ def tiny_vl_config(tokenizer, num_layers: int = 4) -> transformers.Qwen3VLConfig
     text = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        initializer_range=0.2,
+        initializer_range=0.1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
                          "mrope_interleaved": True},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
@@ -99,7 +93,7 @@ def tiny_vl_config(tokenizer, num_layers: int = 4) -> transformers.Qwen3VLConfig
     vision = dict(
         depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
         temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
-        initializer_range=0.2,
+        initializer_range=0.1,
     )
     return transformers.Qwen3VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],

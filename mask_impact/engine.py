@@ -97,13 +97,20 @@ class Analysis:
             eos = self.loaded.tokenizer.eos_token_id
         return [eos] if isinstance(eos, int) else list(eos)
 
+    def placeholder_ids(self) -> list[int]:
+        """Image/video placeholder ids: input-only, so never generated (they would need pixels)."""
+        config = self.loaded.model.config
+        return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                if i is not None]
+
     @torch.no_grad()
     def generate(self, num_tokens: int, plan: AttentionPlan | None = None) -> tuple[list[int], bool]:
         """Greedy continuation under ``plan`` (default: no knockout); stops early at EOS."""
         loaded, prompt = self.loaded, self.prompt
         eos = self.eos_ids()
         config = GenerationConfig(max_new_tokens=num_tokens, do_sample=False, eos_token_id=eos,
-                                  pad_token_id=loaded.tokenizer.pad_token_id or eos[0])
+                                  pad_token_id=loaded.tokenizer.pad_token_id or eos[0],
+                                  suppress_tokens=self.placeholder_ids() or None)
         inputs = _to(dict(input_ids=prompt.input_ids, **prompt.model_kwargs), loaded.device)
         with knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan or self.plan()):
             output = loaded.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]),

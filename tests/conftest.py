@@ -1,0 +1,65 @@
+"""Tiny models built offline (random weights, real classes) and loaded through from_pretrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import transformers
+from PIL import Image, ImageDraw
+
+from mask_impact.demo import build_demo
+from mask_impact.models import load_model
+
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_cache(tmp_path_factory):
+    """Demo checkpoints for the CLI tests go to a temporary cache, never the user's."""
+    folder = tmp_path_factory.mktemp("demo_cache")
+    os.environ["MASK_IMPACT_CACHE"] = str(folder)
+    return folder
+
+
+def _loaded(tmp_path_factory, name: str, vision: bool, **kwargs):
+    folder = build_demo(tmp_path_factory.mktemp(name), vision, **kwargs)
+    return load_model(str(folder), vision, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def vl_model(tmp_path_factory):
+    return _loaded(tmp_path_factory, "tiny_vl", True)
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory):
+    return _loaded(tmp_path_factory, "tiny_qwen3", False)
+
+
+@pytest.fixture(scope="session")
+def llama_model(tmp_path_factory):
+    return _loaded(tmp_path_factory, "tiny_llama", False, text_model_type="llama")
+
+
+def draw_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    """A picture with some structure, so image tokens differ from each other."""
+    image = Image.new("RGB", (width, height), (30 + 40 * seed, 60, 150))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([width // 2, height // 4, width - 8, height - 8], fill=(220, 40, 40))
+    draw.ellipse([4, 4, width // 3, height // 2], fill=(240, 210, 40 + 50 * seed))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    return {
+        "wide": str(draw_image(folder / "wide.png", 128, 64)),
+        "square": str(draw_image(folder / "square.png", 96, 96, seed=1)),
+        "odd": str(draw_image(folder / "odd.png", 300, 150, seed=2)),
+    }
