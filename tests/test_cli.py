@@ -1,0 +1,135 @@
+"""Both entry points end to end on --demo, and bad input: one line, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mask_impact.cli import main
+from tests.conftest import ROOT
+
+JSON_KEYS = {"schema_version", "meta", "prompt", "images", "tokens", "baseline", "windows", "positions",
+             "metrics", "generations"}
+META_KEYS = {"tool_version", "model", "model_type", "transformers", "torch", "device", "dtype", "created",
+             "elapsed_s", "settings"}
+TOKEN_KEYS = {"index", "id", "text", "modality", "image", "t", "row", "col", "box"}
+CSV_COLUMNS = ["layer_start", "layer_end", "position", "token_id", "token_text", "modality", "image", "row", "col",
+               "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
+
+
+def _run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("mask_impact_vl.py", ["--mask-mode", "both", "--window", "3", "--generate-top", "3"]),
+    ("mask_impact_analysis.py", ["--num-tokens", "4"]),
+])
+def test_demo_end_to_end(tmp_path, script, extra):
+    done = _run_script(script, "--demo", "--output", "run", "--no-progress", *extra, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "output" / "run.json").read_text())
+    assert JSON_KEYS <= set(data) and META_KEYS <= set(data["meta"])
+    assert data["meta"]["settings"]["output"] == "run"
+    assert all(TOKEN_KEYS <= set(token) for token in data["tokens"])
+    assert [t["index"] for t in data["tokens"]] == list(range(len(data["tokens"])))
+    baseline = data["baseline"]
+    assert len(baseline["token_ids"]) == len(baseline["logprobs"]) == len(baseline["tokens"]) >= 1
+    assert all(lp <= 0 for lp in baseline["logprobs"])
+    n_windows, n_positions = len(data["windows"]), len(data["positions"])
+    assert n_windows == data["meta"]["num_layers"]
+    for name in ("logprob_drop", "prob_change_pct", "kl"):
+        grid = data["metrics"][name]
+        assert len(grid) == n_windows and all(len(row) == n_positions for row in grid)
+        assert all(math.isfinite(v) for row in grid for v in row)
+    assert all(v >= -1e-6 for row in data["metrics"]["kl"] for v in row)
+    rows = list(csv.DictReader((tmp_path / "output" / "run.csv").open()))
+    assert list(rows[0]) == CSV_COLUMNS and len(rows) == n_windows * n_positions
+    assert float(rows[0]["logprob_drop"]) == pytest.approx(data["metrics"]["logprob_drop"][0][0])
+    assert data["generations"] and all(g["window"] in data["windows"] for g in data["generations"])
+    if script == "mask_impact_vl.py":
+        assert data["images"][0]["thumbnail"].startswith("data:image/png;base64,")
+        assert {t["modality"] for t in data["tokens"]} == {"text", "special", "vision"}
+        assert data["windows"][0] == [0, 1] and "baseline answer" in done.stdout
+
+
+def _error(capsys, argv, vision=True):
+    code = main(argv, vision)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(in_tmp, capsys, images):
+    corrupt = in_tmp / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    cases = {
+        "does not exist": ["--demo", "--image", "missing.png"],
+        "cannot be read": ["--demo", "--image", str(corrupt)],
+        "prompt is empty": ["--demo", "--prompt", "   "],
+        "prompt file": ["--demo", "--prompt", "missing_prompt.txt"],
+        "--num-tokens": ["--demo", "--num-tokens", "0"],
+        "invalid choice": ["--demo", "--mask-mode", "pixels"],
+        "needs an image": ["--model", "x", "--prompt", "hi", "--mask-mode", "vision"],
+        "--window must": ["--demo", "--window", "0"],
+        "--layers": ["--demo", "--layers", "2-1"],
+    }
+    for expected, argv in cases.items():
+        assert expected in _error(capsys, argv), argv
+    assert not (in_tmp / "output").exists() or not any((in_tmp / "output").iterdir())
+
+
+def test_layer_out_of_range_is_caught_after_loading(in_tmp, capsys):
+    err = _error(capsys, ["--demo", "--layers", "99", "--no-progress"])
+    assert "layer 99" in err and "0-3" in err
+    assert not any((in_tmp / "output").iterdir())
+
+
+def test_existing_output_needs_overwrite(in_tmp, capsys):
+    (in_tmp / "output").mkdir()
+    (in_tmp / "output" / "taken.json").write_text("{}")
+    assert "--overwrite" in _error(capsys, ["--demo", "--output", "taken", "--no-progress"], vision=False)
+    assert (in_tmp / "output" / "taken.json").read_text() == "{}"
+    assert not (in_tmp / "output" / "taken.csv").exists()
+
+
+def test_missing_model_is_named(in_tmp, capsys):
+    err = _error(capsys, ["--model", str(in_tmp / "no_such_model"), "--prompt", "hi"], vision=False)
+    assert "no_such_model" in err
+
+
+def test_text_model_given_to_vl_script(in_tmp, capsys):
+    from mask_impact.demo import demo_model_path
+
+    err = _error(capsys, ["--model", str(demo_model_path(False)), "--prompt", "hi"], vision=True)
+    assert "not Qwen3-VL" in err
+
+
+def test_prompt_file_is_read(in_tmp, capsys):
+    (in_tmp / "prompt.txt").write_text("The capital of Italy is", encoding="utf-8")
+    assert main(["--demo", "--prompt", "prompt.txt", "--output", "p", "--no-progress", "--layers", "0",
+                 "--generate-top", "0"], False) == 0
+    data = json.loads((in_tmp / "output" / "p.json").read_text())
+    assert data["prompt"] == "The capital of Italy is" and data["windows"] == [[0, 0]]
+    assert data["generations"] == []
+
+
+def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
+    done = _run_script("mask_impact_vl.py", "--demo", "--image", "missing.png", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "missing.png" in done.stderr
+    assert not (tmp_path / "output").exists()
