@@ -109,7 +109,7 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true", help="use a tiny offline demo model and default inputs")
     parser.add_argument("--prompt", help="prompt text, or the path of a UTF-8 text file")
     if vision:
-        parser.add_argument("--image", dest="images", action="append", default=None,
+        parser.add_argument("--image", dest="images", action="append", default=None, metavar="PATH",
                             help="image file; give several times for several images")
     parser.add_argument("--raw-prompt", action="store_true", help="skip the chat template")
     parser.add_argument("--mask-mode", choices=MASK_MODES if vision else ("text",), default="text",
