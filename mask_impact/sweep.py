@@ -61,6 +61,26 @@ def auto_batch_size(loaded: LoadedModel, sequence_length: int) -> int:
     return int(max(1, min(256, budget // per_row)))
 
 
+def next_batch(engine, positions: list[int], done: int, batch_size: int, waste: float = 0.1,
+               min_rows: int = 16) -> list[int]:
+    """Up to ``batch_size`` consecutive positions whose rows waste at most ``waste`` of their queries.
+
+    A batch recomputes every row from the smallest first-affected position of the batch, so a row
+    whose own knockout starts later computes some queries for nothing; bounding that keeps the
+    suffix reuse worth having. ``min_rows`` keeps batches large enough that per-call overhead does not
+    dominate on short sequences.
+    """
+    first = engine.analysis.first_affected
+    length = engine.tf.input_ids.shape[1]
+    start = first(positions[done])
+    allowed = max(1.0, waste * (length - start))
+    end = done + 1
+    while end < min(len(positions), done + batch_size) and (
+            end - done < min_rows or first(positions[end]) - start <= allowed):
+        end += 1
+    return positions[done:end]
+
+
 def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int], batch_size: int,
                     progress: bool = True) -> tuple[dict[str, list[list]], int]:
     """Metrics for every (window, position); returns them and the batch size that finally fit."""
@@ -72,7 +92,7 @@ def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int]
             bar.set_description(f"layers {window[0]}-{window[1]}")
             done = 0
             while done < len(positions):
-                chunk = positions[done: done + batch_size]
+                chunk = next_batch(engine, positions, done, batch_size)
                 try:
                     knocked = engine.logprobs(window, chunk)  # (B, T, V)
                 except torch.OutOfMemoryError:
