@@ -50,8 +50,10 @@ class IdTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def build_4b(device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def build_4b(device: torch.device, dtype: torch.dtype, num_layers: int | None = None) -> LoadedModel:
     config = transformers.Qwen3VLConfig(**json.loads(CONFIG_4B.read_text()))
+    if num_layers:  # a shallower copy, to check the set-up quickly
+        config.text_config.num_hidden_layers = num_layers
     config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--naive-sample", type=int, default=12, help="knockouts run by the naive engine")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--block-from", choices=("all", "answer"), default="all")
+    parser.add_argument("--num-layers", type=int, default=None, help="override the decoder depth (quick checks)")
     parser.add_argument("--repeat", type=int, default=3, help="fast sweeps to run; the median is reported")
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
                         help="stop the fast sweep after this long and extrapolate the rest")
@@ -133,7 +136,7 @@ def main() -> None:
     if args.arch == "tiny":
         loaded, prompt = build_tiny(args.image_size or 128)
     else:
-        loaded = build_4b(device, torch.bfloat16)
+        loaded = build_4b(device, torch.bfloat16, args.num_layers)
         prompt = prompt_4b(loaded, args.image_size or 1024)
     cuda = device.type == "cuda"
     analysis = Analysis(loaded, prompt, block_from=args.block_from)

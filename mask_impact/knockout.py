@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -53,7 +53,6 @@ class AttentionPlan:
     query_start: int = 0
     vision_groups: torch.Tensor | None = None
     reference: bool = False
-    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # built once per shape
 
     def blocks_layer(self, layer: int) -> bool:
         return self.layers is not None and layer in self.layers
@@ -65,15 +64,6 @@ class AttentionPlan:
         knocks = self.blocks_layer(layer)
         if not knocks and self.vision_groups is None and base is None and q_len == k_len:
             return None
-        if base is not None:  # the model's own mask (cached decoding): changes every step
-            return self._build(knocks, q_len, k_len, base, device)
-        key = (knocks, q_len, k_len, device)
-        if key not in self._masks:
-            self._masks[key] = self._build(knocks, q_len, k_len, None, device)
-        return self._masks[key]
-
-    def _build(self, knocks: bool, q_len: int, k_len: int, base: torch.Tensor | None,
-               device: torch.device) -> torch.Tensor:
         q_pos = torch.arange(k_len - q_len, k_len, device=device)  # (Q,)
         k_pos = torch.arange(k_len, device=device)  # (K,)
         if base is None:

@@ -1,0 +1,74 @@
+"""The sweep loop: batching, out-of-memory recovery, ranking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mask_impact.engine import Analysis, FastEngine
+from mask_impact.inputs import build_prompt
+from mask_impact.sweep import next_batch, positions_for, score_knockouts, top_knockouts
+
+
+@pytest.fixture(scope="module")
+def engine(vl_model, images):
+    prompt = build_prompt(vl_model, "What's in this image?", [images["wide"]])
+    analysis = Analysis(vl_model, prompt)
+    _, tf = analysis.baseline(3)
+    return FastEngine(analysis, tf)
+
+
+class RunsOutOfMemory:
+    """An engine that fails like CUDA does when a batch has more than ``limit`` rows."""
+
+    def __init__(self, engine, limit):
+        self.engine, self.limit, self.calls = engine, limit, []
+        self.tf, self.analysis, self.base_logprobs = engine.tf, engine.analysis, engine.base_logprobs
+
+    def logprobs(self, window, positions):
+        self.calls.append(len(positions))
+        if len(positions) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.engine.logprobs(window, positions)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_result(engine, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    positions = positions_for(engine.analysis.prompt, "both")
+    windows = [(0, 0), (2, 3)]
+    expected, _ = score_knockouts(engine, windows, positions, 64, progress=False)
+    failing = RunsOutOfMemory(engine, limit=5)
+    got, batch_size = score_knockouts(failing, windows, positions, 40, progress=False)
+    first_fit = next(i for i, rows in enumerate(failing.calls) if rows <= 5)
+    assert batch_size == 5 and first_fit >= 2  # 40 → 20 → 10 → 5 (batches also stop at the waste bound)
+    assert max(failing.calls[first_fit:]) <= 5
+    for name in expected:
+        for want_row, got_row in zip(expected[name], got[name]):
+            assert got_row == pytest.approx(want_row, abs=1e-4) if name not in ("top1_changed", "first_divergence") \
+                else got_row == want_row
+
+
+def test_out_of_memory_at_batch_one_is_raised(engine, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with pytest.raises(torch.OutOfMemoryError):
+        score_knockouts(RunsOutOfMemory(engine, limit=0), [(0, 0)], [1, 2], 4, progress=False)
+
+
+def test_batches_are_consecutive_and_bound_their_wasted_work(engine):
+    positions = positions_for(engine.analysis.prompt, "both")
+    length = engine.tf.input_ids.shape[1]
+    done, batches = 0, []
+    while done < len(positions):
+        batch = next_batch(engine, positions, done, batch_size=8, waste=0.1, min_rows=2)
+        batches.append(batch)
+        done += len(batch)
+    assert [p for batch in batches for p in batch] == positions
+    for batch in batches:
+        assert 1 <= len(batch) <= 8
+        if len(batch) > 2:
+            assert batch[-1] - batch[0] <= max(1.0, 0.1 * (length - batch[0]))
+
+
+def test_top_knockouts_rank_by_logprob_drop():
+    metrics = {"logprob_drop": [[0.1, 3.0, -1.0], [2.0, 0.0, 5.0]]}
+    assert top_knockouts(metrics, [(0, 0), (1, 1)], [4, 5, 6], 3) == [((1, 1), 6), ((0, 0), 5), ((1, 1), 4)]
