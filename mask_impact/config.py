@@ -46,6 +46,7 @@ class RunConfig:
     output: str | None = None
     output_dir: str = "output"
     overwrite: bool = False
+    html: bool = True
     progress: bool = True
 
     def settings(self) -> dict:
@@ -133,6 +134,8 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None, help="result name: writes OUTPUT_DIR/NAME.json and .csv")
     parser.add_argument("--output-dir", default="output")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing result of the same name")
+    parser.add_argument("--no-html", dest="html", action="store_false",
+                        help="skip OUTPUT_DIR/NAME.html (the viewer with this result embedded)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return parser
 
@@ -158,4 +161,5 @@ def parse_args(argv: list[str] | None, vision: bool) -> RunConfig:
 
 
 def output_paths(config: RunConfig) -> dict[str, Path]:
-    return {ext: Path(config.output_dir) / f"{config.output}.{ext}" for ext in ("json", "csv")}
+    kinds = ("json", "csv", "html") if config.html else ("json", "csv")
+    return {ext: Path(config.output_dir) / f"{config.output}.{ext}" for ext in kinds}

@@ -25,6 +25,8 @@ from .models import LoadedModel
 from .sweep import RunResult, top_knockouts
 
 SCHEMA_VERSION = 1
+VIEWER = Path(__file__).resolve().parent.parent / "visualize_results.html"
+EMBED_SLOT = '<script id="embedded-data" type="application/json"></script>'
 CSV_COLUMNS = ["layer_start", "layer_end", "position", "token_id", "token_text", "modality", "image", "row", "col",
                "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
 
@@ -114,9 +116,23 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def viewer_html(data: dict) -> str:
+    """The viewer with this result embedded. ``<``, ``>`` and ``&`` are written as JSON escapes, so no
+    prompt or token text (``</script>`` included) can end the data block early; the page parses it
+    with ``JSON.parse`` and shows every string as text."""
+    payload = json.dumps(_finite(data), ensure_ascii=False)
+    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    template = VIEWER.read_text(encoding="utf-8")
+    if EMBED_SLOT not in template:
+        raise RuntimeError(f"{VIEWER} has no embedded-data slot")
+    return template.replace(EMBED_SLOT, EMBED_SLOT.replace("></script>", f">{payload}</script>"), 1)
+
+
 def write_results(data: dict, paths: dict[str, Path]) -> None:
     write_atomic(paths["json"], json.dumps(_finite(data), ensure_ascii=False, indent=1))
     write_atomic(paths["csv"], csv_text(data))
+    if "html" in paths:
+        write_atomic(paths["html"], viewer_html(data))
 
 
 def _finite(value):

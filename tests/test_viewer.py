@@ -1,0 +1,184 @@
+"""The results viewer in a real browser (headless Chromium driven by Playwright).
+
+Screenshots go to tests/artifacts/. Where Chromium or Playwright is missing these tests are skipped,
+unless MASK_IMPACT_REQUIRE_BROWSER=1 (as in CI), where that is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from mask_impact.cli import main
+from tests.conftest import ROOT
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+XSS_PROMPT = "<img src=x onerror=alert(1)></script><script>alert(2)</script> & done"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "playwright is not installed"
+    if missing is None and not Path(CHROMIUM).exists():
+        missing = f"no Chromium at {CHROMIUM}"
+    if missing:
+        if os.environ.get("MASK_IMPACT_REQUIRE_BROWSER") == "1":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield instance
+        instance.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.dialogs = []
+    page.errors = []
+    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    yield page
+    assert page.errors == []
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from mask_impact.demo import demo_model_path
+
+    folder = tmp_path_factory.mktemp("viewer")
+    common = ["--output-dir", str(folder), "--no-progress", "--generate-top", "3"]
+    assert main(["--demo", "--mask-mode", "both", "--output", "vision", *common], True) == 0
+    assert main(["--model", str(demo_model_path(True)), "--prompt", "What's in this image?",
+                 "--output", "no_image", *common], True) == 0
+    assert main(["--demo", "--output", "text", *common], False) == 0
+    assert main(["--demo", "--prompt", XSS_PROMPT, "--output", "xss", *common], False) == 0
+    return folder
+
+
+def _drawn_pixels(page, selector: str) -> int:
+    return page.evaluate("""(selector) => {
+        const canvas = document.querySelector(selector);
+        const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        let count = 0;
+        for (let o = 0; o < data.length; o += 4) {
+            const grey = data[o] === data[o + 1] && data[o + 1] === data[o + 2];
+            if (data[o + 3] > 0 && !(grey && data[o] >= 235)) count++;
+        }
+        return count;
+    }""", selector)
+
+
+def test_embedded_run_draws_heatmap_and_overlay(page, results):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert _drawn_pixels(page, "#heatmap") > 100
+    data = json.loads((results / "vision.json").read_text())
+    assert page.locator("#heatmap").evaluate("c => c.height / Number(c.dataset.cellH)") == len(data["windows"])
+    assert page.locator("canvas.overlay").count() == len(data["images"]) == 1
+    assert _drawn_pixels(page, "canvas.overlay") > 1000
+    assert page.locator("#answer").text_content() == data["baseline"]["text"]
+    assert page.locator("#top tbody tr").count() == 1 + len(data["generations"])
+    page.screenshot(path=str(ARTIFACTS / "viewer_vision.png"), full_page=True)
+
+
+def test_hover_shows_the_right_token(page, results):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    canvas = page.locator("#heatmap")
+    box = canvas.bounding_box()
+    cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
+    for window, column in ((1, 0), (2, len(data["positions"]) - 1), (0, 7)):
+        page.mouse.move(box["x"] + (column + 0.5) * cell_w, box["y"] + (window + 0.5) * cell_h)
+        tip = page.locator("#tooltip")
+        assert tip.is_visible()
+        token = data["tokens"][data["positions"][column]]
+        text = tip.text_content()
+        assert json.dumps(token["text"]) in text and f"position {token['index']}," in text
+        first, last = data["windows"][window]
+        assert f"layers {first}–{last}" in text
+        assert f"modality {token['modality']}" in text
+    page.screenshot(path=str(ARTIFACTS / "viewer_hover.png"))
+
+
+def test_text_only_run_has_no_image_overlay(page, results):
+    page.goto((results / "text.html").as_uri())
+    page.wait_for_selector("#heatmap")
+    assert _drawn_pixels(page, "#heatmap") > 50
+    assert page.locator("canvas.overlay").count() == 0
+    assert not page.locator("#overlay-section").is_visible()
+    page.screenshot(path=str(ARTIFACTS / "viewer_text.png"), full_page=True)
+
+
+def test_compare_view_opens_with_two_files(page, results):
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    assert not page.locator("#run").is_visible()
+    page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    assert int(page.locator("#heatmap-diff").get_attribute("data-pairs")) >= 5  # the shared question tokens
+    assert _drawn_pixels(page, "#heatmap-a") > 50 and _drawn_pixels(page, "#heatmap-b") > 50
+    assert _drawn_pixels(page, "#heatmap-diff") > 20
+    assert "What" in page.locator("#diff-tokens").text_content()
+    page.screenshot(path=str(ARTIFACTS / "viewer_compare.png"), full_page=True)
+
+
+@pytest.mark.parametrize("how", ["embedded", "file"])
+def test_hostile_prompt_renders_inertly(page, results, how):
+    if how == "embedded":
+        page.goto((results / "xss.html").as_uri())
+    else:
+        page.goto((ROOT / "visualize_results.html").as_uri())
+        page.set_input_files("#file-input", [str(results / "xss.json")])
+    page.wait_for_selector("#run:not(.hidden)")
+    page.wait_for_timeout(300)
+    assert page.dialogs == []
+    assert page.locator("#prompt").text_content() == XSS_PROMPT
+    assert page.locator("img[src='x']").count() == 0
+    assert page.locator("script").count() == 2  # the data block and the viewer, nothing injected
+    strip = page.locator("#strip").text_content()
+    assert "<img" in strip or "img" in strip
+    page.screenshot(path=str(ARTIFACTS / f"viewer_xss_{how}.png"), full_page=True)
+
+
+def test_a_full_size_sweep_renders_completely(page, tmp_path):
+    """36 windows × 1,100 positions. The time is written to tests/artifacts (speed is not asserted)."""
+    rng = random.Random(0)
+    windows, positions = [[w, w] for w in range(36)], list(range(1100))
+    tokens = [{"index": p, "id": p, "text": f"t{p}", "modality": "vision" if 20 <= p < 1044 else "text",
+               "image": 0 if 20 <= p < 1044 else None, "t": 0, "row": None, "col": None, "box": None}
+              for p in positions]
+    grid = [[rng.gauss(0, 1) for _ in positions] for _ in windows]
+    data = {"schema_version": 1, "meta": {"settings": {}}, "prompt": "big", "images": [], "tokens": tokens,
+            "baseline": {"text": "x", "token_ids": [1, 2, 3], "tokens": ["a", "b", "c"], "logprobs": [-1, -1, -1],
+                         "stopped_at_eos": False},
+            "windows": windows, "positions": positions, "generations": [],
+            "metrics": {"logprob_drop": grid, "prob_change_pct": grid, "kl": grid,
+                        "top1_changed": [[v > 1 for v in row] for row in grid],
+                        "first_divergence": [[0 if v > 1 else None for v in row] for row in grid]}}
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    started = time.perf_counter()
+    page.set_input_files("#file-input", [str(path)])
+    page.wait_for_selector("#run:not(.hidden)")
+    page.wait_for_function("document.querySelector('#heatmap').width >= 1100")
+    elapsed = time.perf_counter() - started
+    assert _drawn_pixels(page, "#heatmap") > 36 * 1100 * 0.9
+    (ARTIFACTS / "viewer_full_size_render_seconds.txt").write_text(f"{elapsed:.3f}\n")
+    page.screenshot(path=str(ARTIFACTS / "viewer_full_size.png"))
