@@ -1,8 +1,10 @@
-"""The run configuration: one dataclass, the command line that fills it, and its validation.
+"""The run configuration: one dataclass, the command line and YAML files that fill it, validation.
 
 Both entry points share this parser; they differ in the default model, whether ``--image`` exists,
-and which ``--mask-mode`` values make sense. Every check that needs no model runs before the model is
-loaded, so bad input fails fast, with one line on stderr and exit status 2, and writes nothing.
+and which ``--mask-mode`` values make sense. Precedence, highest first: command-line flags, the run's
+entry in a YAML batch, the batch's ``defaults:``, the built-in defaults of ``RunConfig``. Every check
+that needs no model runs before the model is loaded, so bad input fails fast, with one line on stderr
+and exit status 2, and writes nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,24 @@ MASK_MODES = ("text", "vision", "both")
 DEMO_PROMPT_VL = "What's in this image?"
 DEMO_PROMPT_TEXT = "The capital of France is"
 DEMO_IMAGE = Path(__file__).resolve().parent.parent / "testimg.png"
+
+
+CHOICES = {
+    "mask_mode": MASK_MODES,
+    "block_from": ("all", "answer"),
+    "vision_attention": ("causal", "bidirectional"),
+    "engine": ("fast", "naive"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+# What a YAML value must be, per RunConfig field.
+FIELD_TYPES = {
+    "model": str, "prompt": str, "images": list, "demo": bool, "raw_prompt": bool, "mask_mode": str,
+    "num_tokens": int, "layers": str, "window": int, "block_from": str, "vision_attention": str,
+    "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "output": str,
+    "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
+}
+# Set once for a whole batch (one model load, one folder): allowed in ``defaults:`` and on the command line.
+BATCH_KEYS = ("model", "demo", "device", "dtype", "output_dir")
 
 
 class UsageError(Exception):
@@ -46,14 +66,21 @@ class RunConfig:
     output: str | None = None
     output_dir: str = "output"
     overwrite: bool = False
+    resume: bool = False
     html: bool = True
     progress: bool = True
+    max_pixels: int | None = None  # None: the processor's own limit
 
     def settings(self) -> dict:
         return asdict(self)
 
     def validate(self, vision: bool) -> None:
         """Checks that need no model."""
+        for name, allowed in CHOICES.items():
+            if name == "mask_mode" and not vision:
+                allowed = ("text",)
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} {getattr(self, name)!r} is not one of: {', '.join(allowed)}")
         if self.num_tokens < 1:
             raise UsageError(f"--num-tokens must be at least 1 (got {self.num_tokens})")
         if self.window < 1:
@@ -62,6 +89,10 @@ class RunConfig:
             raise UsageError(f"--generate-top must be 0 or more (got {self.generate_top})")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise UsageError(f"--max-pixels must be at least 1 (got {self.max_pixels})")
+        if not vision and self.images:
+            raise UsageError("text-only models take no image; use mask_impact_vl.py with a Qwen3-VL model")
         if self.mask_mode in ("vision", "both") and not self.images:
             raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
         if self.prompt is None:
@@ -102,62 +133,80 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(vision: bool) -> argparse.ArgumentParser:
+    """Options left out of the command line are absent from the parsed namespace (not defaulted), so
+    a YAML batch can tell what the user really gave; ``RunConfig`` holds the defaults."""
     what = "Qwen3-VL (text + images)" if vision else "text-only causal LMs (Qwen3, Llama, ...)"
     parser = _Parser(description=f"Attention-knockout analysis for {what}: which input tokens the model "
-                     "needs, at which layers, to produce its answer.")
+                     "needs, at which layers, to produce its answer.", argument_default=argparse.SUPPRESS)
     default_model = VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL
-    parser.add_argument("--model", default=None, help=f"hub id or local folder (default {default_model})")
+    parser.add_argument("--model", help=f"hub id or local folder (default {default_model})")
     parser.add_argument("--demo", action="store_true", help="use a tiny offline demo model and default inputs")
+    parser.add_argument("--config", help="YAML file with defaults: and runs: (a batch, one model load)")
     parser.add_argument("--prompt", help="prompt text, or the path of a UTF-8 text file")
     if vision:
-        parser.add_argument("--image", dest="images", action="append", default=None, metavar="PATH",
+        parser.add_argument("--image", dest="images", action="append", metavar="PATH",
                             help="image file; give several times for several images")
+        parser.add_argument("--max-pixels", type=int,
+                            help="refuse images larger than this many pixels (default: the processor's limit)")
     parser.add_argument("--raw-prompt", action="store_true", help="skip the chat template")
-    parser.add_argument("--mask-mode", choices=MASK_MODES if vision else ("text",), default="text",
-                        help="which positions to knock out (special tokens are swept with text)")
-    parser.add_argument("--num-tokens", type=int, default=5, help="answer length (greedy, stops at EOS)")
-    parser.add_argument("--layers", default="all", help="window centres: 'all' or e.g. '0-11,20,30-35'")
-    parser.add_argument("--window", type=int, default=1, help="number of consecutive layers knocked out together")
-    parser.add_argument("--block-from", choices=("all", "answer"), default="all",
-                        help="which queries are blocked from the token: all, or only the answer positions")
+    parser.add_argument("--mask-mode", choices=MASK_MODES if vision else ("text",),
+                        help="which positions to knock out (default text; special tokens are swept with text)")
+    parser.add_argument("--num-tokens", type=int, help="answer length (default 5; greedy, stops at EOS)")
+    parser.add_argument("--layers", help="window centres: 'all' (default) or e.g. '0-11,20,30-35'")
+    parser.add_argument("--window", type=int, help="number of consecutive layers knocked out together (default 1)")
+    parser.add_argument("--block-from", choices=CHOICES["block_from"],
+                        help="which queries are blocked from the token: all (default), or only the answer positions")
     if vision:
-        parser.add_argument("--vision-attention", choices=("causal", "bidirectional"), default="causal",
-                            help="causal is what Qwen3-VL computes; bidirectional reproduces the original "
+        parser.add_argument("--vision-attention", choices=CHOICES["vision_attention"],
+                            help="causal (default) is what Qwen3-VL computes; bidirectional reproduces the original "
                                  "tool's mask (image tokens of one image see each other both ways)")
-    parser.add_argument("--generate-top", type=int, default=10,
-                        help="run real greedy generation under the K most impactful knockouts")
-    parser.add_argument("--batch-size", type=int, default=None, help="knockouts per forward (default: automatic)")
-    parser.add_argument("--engine", choices=("fast", "naive"), default="fast",
-                        help="naive: one full forward per knockout (the reference, slow)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    parser.add_argument("--output", default=None, help="result name: writes OUTPUT_DIR/NAME.json and .csv")
-    parser.add_argument("--output-dir", default="output")
+    parser.add_argument("--generate-top", type=int,
+                        help="run real greedy generation under the K most impactful knockouts (default 10)")
+    parser.add_argument("--batch-size", type=int, help="knockouts per forward (default: automatic)")
+    parser.add_argument("--engine", choices=CHOICES["engine"],
+                        help="fast (default), or naive: one full forward per knockout (the reference, slow)")
+    parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=CHOICES["dtype"], help="default auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--output", help="result name (a batch: its folder name) under OUTPUT_DIR")
+    parser.add_argument("--output-dir", help="where results go (default output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing result of the same name")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run (or batch) where it stopped")
     parser.add_argument("--no-html", dest="html", action="store_false",
                         help="skip OUTPUT_DIR/NAME.html (the viewer with this result embedded)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return parser
 
 
-def parse_args(argv: list[str] | None, vision: bool) -> RunConfig:
-    """Command line → validated ``RunConfig``; ``--demo`` fills only what was not given."""
-    args = vars(build_parser(vision).parse_args(argv))
-    if args["demo"]:
-        if args["model"] is not None:
+def cli_options(argv: list[str] | None, vision: bool) -> dict:
+    """Only the options the user actually gave."""
+    return vars(build_parser(vision).parse_args(argv))
+
+
+def make_config(layers: list[dict], vision: bool) -> RunConfig:
+    """Merge option layers, lowest precedence first, into a validated ``RunConfig``."""
+    merged: dict = {}
+    for layer in layers:
+        merged.update(layer)
+    if merged.get("demo"):
+        if merged.get("model") not in (None, "demo"):
             raise UsageError("--demo brings its own model; drop --model, or drop --demo")
-        if args["prompt"] is None:
-            args["prompt"] = DEMO_PROMPT_VL if vision else DEMO_PROMPT_TEXT
-        if vision and args["images"] is None:
-            args["images"] = [str(DEMO_IMAGE)]
-        args["model"] = "demo"
-    args["model"] = args["model"] or (VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
-    args["images"] = args.get("images") or []
-    config = RunConfig(**args)
+        merged["model"] = "demo"
+        merged.setdefault("prompt", DEMO_PROMPT_VL if vision else DEMO_PROMPT_TEXT)
+        if vision:
+            merged.setdefault("images", [str(DEMO_IMAGE)])
+    merged.setdefault("model", VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
+    config = RunConfig(**merged)
     config.validate(vision)
     if config.output is None:
         config.output = datetime.now().strftime("mask_impact_%Y%m%d_%H%M%S")
     return config
+
+
+def parse_args(argv: list[str] | None, vision: bool) -> RunConfig:
+    """Command line → validated ``RunConfig`` for a single run."""
+    options = cli_options(argv, vision)
+    options.pop("config", None)
+    return make_config([options], vision)
 
 
 def output_paths(config: RunConfig) -> dict[str, Path]:

@@ -67,7 +67,11 @@ class Prompt:
 def read_prompt(value: str) -> str:
     """``--prompt`` is text, or the path of a UTF-8 text file."""
     path = Path(value)
-    looks_like_file = value.endswith((".txt", ".md", ".prompt")) or (len(value) < 4096 and path.is_file())
+    try:
+        exists = len(value) < 4096 and "\0" not in value and path.is_file()
+    except OSError:  # a name too long or otherwise impossible: it is prompt text
+        exists = False
+    looks_like_file = value.endswith((".txt", ".md", ".prompt")) or exists
     if looks_like_file:
         if not path.is_file():
             raise UsageError(f"prompt file {value} does not exist; pass the prompt text or an existing file")
@@ -77,6 +81,10 @@ def read_prompt(value: str) -> str:
             raise UsageError(f"prompt file {value} is not UTF-8 text; save it as UTF-8") from None
     if not value.strip():
         raise UsageError("the prompt is empty; give --prompt some text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
+        raise UsageError("the prompt is not valid UTF-8 text") from None
     return value
 
 
@@ -91,9 +99,16 @@ def load_image(path: str) -> Image.Image:
         raise UsageError(f"image {path} cannot be read ({error.__class__.__name__}); give a PNG or JPEG file") from None
 
 
-def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = False) -> Prompt:
+def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = False,
+                 max_pixels: int | None = None) -> Prompt:
     """Apply the chat template (unless ``raw_prompt``), expand images, and build the token table."""
     images = [load_image(path) for path in image_paths]
+    if images:
+        limit = max_pixels or processor_pixel_limit(loaded.processor)
+        for path, image in zip(image_paths, images):
+            if limit and image.width * image.height > limit:
+                raise UsageError(f"image {path} is {image.width}×{image.height} = {image.width * image.height:,} "
+                                 f"pixels, over the limit of {limit:,}; shrink it or raise --max-pixels")
     tokenizer = loaded.tokenizer
     if loaded.is_vl:
         if raw_prompt:
@@ -127,6 +142,14 @@ def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = F
                    in zip(image_paths, images, grids if grids is not None else [])]
     tokens = token_table(input_ids[0].tolist(), tokenizer, loaded.model.config, image_infos)
     return Prompt(text, input_ids, model_kwargs, tokens, image_infos)
+
+
+def processor_pixel_limit(processor) -> int | None:
+    """The largest image (in pixels) the processor keeps without shrinking it."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    if size is None:
+        return None
+    return getattr(size, "longest_edge", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
 
 
 def _image_info(path: str, image: Image.Image, grid_thw: list[int], loaded) -> ImageInfo:

@@ -116,6 +116,13 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def write_index(index: dict, folder: Path, html: bool) -> None:
+    """A batch's ``index.json`` (and ``index.html``, the viewer listing its runs)."""
+    write_atomic(folder / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
+    if html:
+        write_atomic(folder / "index.html", viewer_html(index))
+
+
 def viewer_html(data: dict) -> str:
     """The viewer with this result embedded. ``<``, ``>`` and ``&`` are written as JSON escapes, so no
     prompt or token text (``</script>`` included) can end the data block early; the page parses it

@@ -82,8 +82,12 @@ def next_batch(engine, positions: list[int], done: int, batch_size: int, waste: 
 
 
 def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int], batch_size: int,
-                    progress: bool = True) -> tuple[dict[str, list[list]], int]:
-    """Metrics for every (window, position); returns them and the batch size that finally fit."""
+                    progress: bool = True, store=None) -> tuple[dict[str, list[list]], int]:
+    """Metrics for every (window, position); returns them and the batch size that finally fit.
+
+    With a ``store`` (see resume.py), batches it already holds are taken from it and every newly
+    finished batch is saved to it before the next one starts.
+    """
     answer = engine.tf.answer_ids
     metrics = {name: [[None] * len(positions) for _ in windows] for name in METRICS}
     bar = tqdm(total=len(windows) * len(positions), unit="knockout", disable=not progress, dynamic_ncols=True)
@@ -92,6 +96,13 @@ def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int]
             bar.set_description(f"layers {window[0]}-{window[1]}")
             done = 0
             while done < len(positions):
+                saved = store.saved.get((w, done)) if store is not None else None
+                if saved and saved["positions"] == positions[done: done + len(saved["positions"])]:
+                    for name, values in saved["metrics"].items():
+                        metrics[name][w][done: done + len(values)] = values
+                    done += len(saved["positions"])
+                    bar.update(len(saved["positions"]))
+                    continue
                 chunk = next_batch(engine, positions, done, batch_size)
                 try:
                     knocked = engine.logprobs(window, chunk)  # (B, T, V)
@@ -101,8 +112,11 @@ def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int]
                     batch_size //= 2
                     torch.cuda.empty_cache()
                     continue
-                for name, values in compute_all(engine.base_logprobs, knocked, answer).items():
-                    metrics[name][w][done: done + len(chunk)] = values
+                values = compute_all(engine.base_logprobs, knocked, answer)
+                for name, column in values.items():
+                    metrics[name][w][done: done + len(chunk)] = column
+                if store is not None:
+                    store.record(w, done, chunk, values, batch_size)
                 done += len(chunk)
                 bar.update(len(chunk))
     finally:
@@ -117,8 +131,8 @@ def top_knockouts(metrics: dict[str, list[list]], windows: list, positions: list
     return [(windows[w], positions[i]) for _, w, i in scored[:k]]
 
 
-def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig) -> RunResult:
-    """Baseline → knockout sweep → generation under the top knockouts."""
+def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> RunResult:
+    """Baseline → knockout sweep → generation under the top knockouts (``store``: resume state)."""
     started = time.perf_counter()
     num_layers = loaded.adapter.num_layers
     layers = parse_layers(config.layers, num_layers)
@@ -129,7 +143,11 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig) -> RunResult:
     engine = ENGINES[config.engine](analysis, tf)
     baseline.logprobs = engine.base_logprobs.gather(-1, tf.answer_ids[:, None].to(loaded.device))[:, 0].tolist()
     batch_size = config.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
-    metrics, batch_size = score_knockouts(engine, windows, positions, batch_size, config.progress)
+    if store is not None:
+        store.check_baseline(baseline.token_ids)
+        batch_size = store.batch_size(batch_size)
+        store.start(baseline.token_ids, batch_size)
+    metrics, batch_size = score_knockouts(engine, windows, positions, batch_size, config.progress, store)
     generations = []
     for window, position in top_knockouts(metrics, windows, positions, config.generate_top):
         ids, _ = analysis.generate(config.num_tokens, analysis.plan(window, [position]))

@@ -63,3 +63,9 @@ def images(tmp_path_factory):
         "square": str(draw_image(folder / "square.png", 96, 96, seed=1)),
         "odd": str(draw_image(folder / "odd.png", 300, 150, seed=2)),
     }
+
+
+@pytest.fixture(scope="session")
+def images_fixture(images):
+    """The same pictures, under a name that does not clash with hypothesis' arguments."""
+    return images

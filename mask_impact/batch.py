@@ -1,0 +1,135 @@
+"""YAML batches: many runs, one model load.
+
+A batch file has ``defaults:`` (optional) and ``runs:`` (a list); each run may set any option by its
+long name with dashes or underscores (``mask_mode``/``mask-mode``), plus ``name`` (its output name)
+and ``image`` (one path or a list). Precedence, highest first: command-line flags, the run entry,
+``defaults:``, built-in defaults. The model, device, dtype, ``demo`` and the output folder are set
+once for the batch (in ``defaults:`` or on the command line). Relative image and prompt-file paths
+are read relative to the YAML file.
+
+Errors in the file itself (syntax, unknown keys, wrong types, duplicate names) stop the batch before
+anything runs; a run whose inputs are bad (a missing image, say) is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, make_config
+
+TOP_KEYS = ("defaults", "runs")
+ALIASES = {"name": "output", "image": "images"}
+TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list of paths"}
+
+
+@dataclass
+class BatchRun:
+    name: str
+    config: RunConfig | None  # None when the run's settings are bad
+    error: str | None = None
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UsageError(f"config file {path}{where}: YAML syntax error: {problem}") from None
+    if not isinstance(data, dict) or "runs" not in data:
+        raise UsageError(f"config file {path}: the top level must be a mapping with 'runs:' (and optional 'defaults:')")
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown top-level key {unknown[0]!r}; valid keys: {', '.join(TOP_KEYS)}")
+    if not isinstance(data["runs"], list) or not data["runs"]:
+        raise UsageError(f"config file {path}: 'runs:' must be a non-empty list of runs")
+    if data.get("defaults") is not None and not isinstance(data["defaults"], dict):
+        raise UsageError(f"config file {path}: 'defaults:' must be a mapping of option: value")
+    return data
+
+
+VISION_ONLY = ("image", "images", "max_pixels", "vision_attention")
+
+
+def valid_keys(vision: bool) -> list[str]:
+    keys = [key for key in FIELD_TYPES if key not in ("output", "images")] + ["name", "image", "images"]
+    return sorted(key for key in keys if vision or key not in VISION_ONLY)
+
+
+def normalise(entry: dict, where: str, base: Path, vision: bool) -> dict:
+    """Option names to ``RunConfig`` fields, values type-checked, paths made relative to the YAML file."""
+    valid = valid_keys(vision)
+    out = {}
+    for key, value in entry.items():
+        spelled = str(key).replace("-", "_")
+        if spelled not in valid:
+            raise UsageError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+        field = ALIASES.get(spelled, spelled)
+        if field == "images" and isinstance(value, str):
+            value = [value]
+        if field == "layers" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # `layers: 3` means layer 3
+        expected = FIELD_TYPES[field]
+        good = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        good = good and (field != "images" or all(isinstance(item, str) for item in value))
+        if not good and not (value is None and field in ("batch_size", "max_pixels")):
+            raise UsageError(f"{where}: {key} must be {TYPE_NAMES[expected]} (got {value!r})")
+        out[field] = value
+    if "images" in out:
+        out["images"] = [str(_relative(base, image)) for image in out["images"]]
+    if "prompt" in out and _is_file(base / out["prompt"]):
+        out["prompt"] = str(base / out["prompt"])
+    return out
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return len(str(path)) < 4096 and path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _relative(base: Path, path: str) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else base / candidate
+
+
+def load_batch(path: str, cli: dict, vision: bool) -> tuple[str, Path, list[BatchRun]]:
+    """The batch's name, its output folder, and one ``BatchRun`` per entry."""
+    file = Path(path)
+    data = read_yaml(file)
+    base = file.resolve().parent
+    defaults = normalise(data.get("defaults") or {}, f"{file}: defaults", base, vision)
+    name = cli.get("output") or file.stem
+    folder = Path(cli.get("output_dir") or defaults.get("output_dir") or "output") / name
+    entries, seen = [], set()
+    for number, entry in enumerate(data["runs"], start=1):
+        if not isinstance(entry, dict):
+            raise UsageError(f"{file}: run {number} must be a mapping of option: value")
+        where = f"{file}: run {number}" + (f" ({entry['name']!r})" if "name" in entry else "")
+        run = normalise(entry, where, base, vision)
+        fixed = sorted(set(run) & set(BATCH_KEYS))
+        if fixed:
+            raise UsageError(f"{where}: {fixed[0]} is set once per batch, in 'defaults:' or on the command line")
+        run.setdefault("output", f"run{number}")
+        if run["output"] in seen:
+            raise UsageError(f"{file}: two runs are named {run['output']!r}; run names must be unique")
+        seen.add(run["output"])
+        entries.append(run)
+    command_line = {key: value for key, value in cli.items() if key not in ("config", "output", "output_dir")}
+    runs = []
+    for run in entries:
+        try:
+            config = make_config([defaults, run, command_line, {"output_dir": str(folder)}], vision)
+            runs.append(BatchRun(run["output"], config))
+        except UsageError as error:
+            runs.append(BatchRun(run["output"], None, str(error)))
+    return name, folder, runs
