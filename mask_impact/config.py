@@ -18,8 +18,8 @@ from pathlib import Path
 VL_DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 TEXT_DEFAULT_MODEL = "Qwen/Qwen3-4B"
 MASK_MODES = ("text", "vision", "both")
-DEMO_PROMPT_VL = "What's in this image?"
-DEMO_PROMPT_TEXT = "The capital of France is"
+DEMO_PROMPT_VL = "What color is the shape?"
+DEMO_PROMPT_TEXT = "A=3, B=7, C=1. What is B?"
 DEMO_IMAGE = Path(__file__).resolve().parent.parent / "testimg.png"
 
 

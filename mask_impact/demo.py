@@ -1,11 +1,13 @@
-"""Tiny, deterministic demo models built offline: a Qwen3-VL and a Qwen3, random weights.
+"""Tiny demo models, offline: the trained ones shipped in ``models/``, and random-weight builders.
 
 Nothing comes from the model hub. Each demo is a real checkpoint folder — config, safetensors
 weights, a byte-level BPE tokenizer trained on the fly with the Qwen special tokens and a Qwen-style
-chat template, and (for VL) the genuine ``Qwen3VLProcessor`` — saved once to a cache folder and then
-loaded through the same ``from_pretrained`` path as ``Qwen/Qwen3-VL-4B-Instruct``.
+chat template, and (for VL) the genuine ``Qwen3VLProcessor`` — loaded through the same
+``from_pretrained`` path as ``Qwen/Qwen3-VL-4B-Instruct``.
 
-The weights are random, so the demo proves the plumbing, not the method: its heatmaps are noise.
+``--demo`` uses the models trained on synthetic tasks with a planted answer (tools/train_demo_models.py).
+The random-weight builders below serve the tests, which need fresh models of chosen shapes; their
+heatmaps are noise.
 """
 
 from __future__ import annotations
@@ -48,16 +50,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("MASK_IMPACT_CACHE", Path.home() / ".cache" / "mask_impact"))
 
 
-def build_tokenizer() -> transformers.Qwen2Tokenizer:
-    """A byte-level BPE with Qwen's pre-tokenizer and special tokens, trained on ``CORPUS``."""
+def build_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = 384) -> transformers.Qwen2Tokenizer:
+    """A byte-level BPE with Qwen's pre-tokenizer and special tokens, trained on ``corpus``."""
     seed = transformers.Qwen2Tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=384,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    seed._tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    seed._tokenizer.train_from_iterator(corpus * 4, trainer)
     trained = json.loads(seed._tokenizer.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
     tokenizer = transformers.Qwen2Tokenizer(
@@ -132,8 +134,19 @@ def build_demo(folder: Path, vision: bool, num_layers: int = 4, seed: int = 0,
     return folder
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "models"
+
+
 def demo_model_path(vision: bool) -> Path:
-    """The cached demo checkpoint, built on first use (atomically, so a crash leaves no half folder)."""
+    """The trained demo model shipped in ``models/`` (see tools/train_demo_models.py); without it, a
+    random-weight one built on first use in the cache (atomically, so a crash leaves no half folder)."""
+    shipped = SHIPPED / ("demo-vl" if vision else "demo-text")
+    if (shipped / "config.json").exists():
+        return shipped
+    return random_demo_path(vision)
+
+
+def random_demo_path(vision: bool) -> Path:
     folder = cache_root() / f"demo-{'vl' if vision else 'text'}-v{DEMO_VERSION}"
     if not (folder / "config.json").exists():
         partial = folder.with_name(folder.name + f".partial-{os.getpid()}")

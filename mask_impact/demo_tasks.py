@@ -1,0 +1,107 @@
+"""Synthetic tasks with planted ground truth, for the trained demo models.
+
+Shapes (vision-language): a 128×128 picture with one coloured shape inside one cell of a 4×4 grid
+whose cells are exactly Qwen3-VL's 32×32-pixel decoder tokens, so exactly one image token holds the
+shape. Questions ask its colour, its kind, or where it is; answers are words.
+
+Recall (text): ``A=3, B=7, C=1. What is B?`` → ``7``: three keys in order, random digits, a random key
+asked. The queried value is one token in the prompt.
+
+Both generators are deterministic given their ``random.Random``; training and the planted-signal
+tests draw from differently seeded generators.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 128
+CELL = 32  # patch_size (16) × spatial_merge_size (2): one decoder token
+GRID = IMAGE_SIZE // CELL
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+           "purple": (140, 50, 170), "orange": (245, 130, 20)}
+SHAPES = ("square", "circle", "triangle", "cross")
+ROWS = ("top", "upper", "lower", "bottom")
+COLUMNS = ("left", "midleft", "midright", "right")
+QUESTIONS = {
+    "colour": "What color is the shape?",
+    "shape": "What shape is it?",
+    "where": "Where is the shape?",
+}
+RECALL_KEYS = "ABC"
+
+
+@dataclass
+class ShapeExample:
+    image: Image.Image
+    colour: str
+    shape: str
+    row: int
+    col: int
+
+    def answer(self, question: str) -> str:
+        if question == "colour":
+            return self.colour
+        if question == "shape":
+            return self.shape
+        return f"{ROWS[self.row]} {COLUMNS[self.col]}"
+
+    @property
+    def token_index(self) -> int:
+        """Which of the image's tokens (row-major over the 4×4 merged grid) holds the shape."""
+        return self.row * GRID + self.col
+
+
+def draw_shape_example(rng: random.Random) -> ShapeExample:
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    row, col = rng.randrange(GRID), rng.randrange(GRID)
+    size = rng.randrange(20, 27)
+    centre = (CELL - size) // 2
+    dx, dy = centre + rng.randrange(-1, 2), centre + rng.randrange(-1, 2)
+    return draw_shape(colour, shape, row, col, size, dx, dy)
+
+
+def draw_shape(colour: str, shape: str, row: int, col: int, size: int = 22, dx: int = 5, dy: int = 5) -> ShapeExample:
+    """One ``shape`` of ``size`` px in cell (row, col), offset (dx, dy) inside it, on a light grey ground."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (224, 224, 224))
+    draw = ImageDraw.Draw(image)
+    x0, y0 = col * CELL + dx, row * CELL + dy
+    x1, y1 = x0 + size, y0 + size
+    fill = COLOURS[colour]
+    if shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=fill)
+    elif shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        third = size // 3
+        draw.rectangle([x0 + third, y0, x1 - third, y1], fill=fill)
+        draw.rectangle([x0, y0 + third, x1, y1 - third], fill=fill)
+    return ShapeExample(image, colour, shape, row, col)
+
+
+@dataclass
+class RecallExample:
+    prompt: str
+    answer: str
+    value_char_index: int  # where the queried value sits in the prompt text
+
+
+def draw_recall_example(rng: random.Random) -> RecallExample:
+    values = [str(v) for v in rng.sample(range(10), len(RECALL_KEYS))]  # distinct: the answer appears once
+    target = rng.randrange(len(RECALL_KEYS))
+    text = ", ".join(f"{key}={value}" for key, value in zip(RECALL_KEYS, values))
+    index = text.index(f"{RECALL_KEYS[target]}=") + 2
+    return RecallExample(f"{text}. What is {RECALL_KEYS[target]}?", values[target], index)
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the demo tokenizer is trained on: every word the tasks use, so each answer word is one token."""
+    lines = list(QUESTIONS.values()) + list(COLOURS) + list(SHAPES) + list(ROWS) + list(COLUMNS)
+    lines += [f"{row} {col}" for row in ROWS for col in COLUMNS] + ["none"]
+    lines += ["A=3, B=7, C=1. What is B?", "user", "assistant", "system", "What's in this image?"]
+    return lines

@@ -1,0 +1,104 @@
+"""Does the analysis find the planted answer? Checks on freshly drawn examples of the demo tasks.
+
+For each example the model answers greedily, every candidate position is knocked out over a window,
+and we record the rank (1 = largest ``logprob_drop``) of the position that really holds the answer:
+the image token whose cell contains the shape, or the queried value in the recall prompt.
+``python tools/planted_signal.py`` prints these figures for the shipped demo models.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .demo_tasks import QUESTIONS, draw_recall_example, draw_shape_example
+from .engine import Analysis, FastEngine
+from .inputs import build_prompt
+from .metrics import logprob_drop
+
+
+@dataclass
+class PlantedReport:
+    ranks: list[int] = field(default_factory=list)
+    correct_answers: int = 0
+    # per layer (window 1): mean drop of the planted position, and the largest drop among the others
+    planted_by_layer: list[float] = field(default_factory=list)
+    others_by_layer: list[float] = field(default_factory=list)
+
+    @property
+    def top1_rate(self) -> float:
+        return sum(rank == 1 for rank in self.ranks) / len(self.ranks)
+
+    @property
+    def mean_rank(self) -> float:
+        return sum(self.ranks) / len(self.ranks)
+
+
+def _drops(analysis: Analysis, num_tokens: int, windows: list[tuple[int, int]], positions: list[int]):
+    baseline, tf = analysis.baseline(num_tokens)
+    engine = FastEngine(analysis, tf)
+    rows = [logprob_drop(engine.base_logprobs, engine.logprobs(w, positions), tf.answer_ids) for w in windows]
+    return baseline, torch.stack(rows)  # (W, P)
+
+
+def _rank(values: torch.Tensor, index: int) -> int:
+    return int((values > values[index]).sum()) + 1
+
+
+def _accumulate(report: PlantedReport, drops: torch.Tensor, index: int) -> None:
+    report.ranks.append(_rank(drops[0], index))
+    per_layer = drops[1:]
+    others = torch.cat([per_layer[:, :index], per_layer[:, index + 1:]], dim=1)
+    report.planted_by_layer.append(per_layer[:, index].tolist())
+    report.others_by_layer.append(others.max(dim=1).values.tolist())
+
+
+def _finish(report: PlantedReport) -> PlantedReport:
+    count = len(report.planted_by_layer)
+    report.planted_by_layer = [sum(col) / count for col in zip(*report.planted_by_layer)]
+    report.others_by_layer = [sum(col) / count for col in zip(*report.others_by_layer)]
+    return report
+
+
+def vl_planted(loaded, question: str, count: int = 50, seed: int = 777) -> PlantedReport:
+    """Rank of the shape's image token among all image tokens, window = every layer."""
+    rng = random.Random(seed)
+    layers = loaded.adapter.num_layers
+    windows = [(0, layers - 1)] + [(layer, layer) for layer in range(layers)]
+    report = PlantedReport()
+    with tempfile.TemporaryDirectory() as folder:
+        for number in range(count):
+            example = draw_shape_example(rng)
+            path = Path(folder) / f"{number}.png"
+            example.image.save(path)
+            prompt = build_prompt(loaded, QUESTIONS[question], [str(path)])
+            vision = [tok.index for tok in prompt.tokens if tok.modality == "vision"]
+            baseline, drops = _drops(Analysis(loaded, prompt), 3, windows, vision)
+            report.correct_answers += baseline.text.strip() == example.answer(question)
+            _accumulate(report, drops, example.token_index)
+    return _finish(report)
+
+
+def text_planted(loaded, count: int = 50, seed: int = 777) -> PlantedReport:
+    """Rank of the queried value's token among all prompt tokens, window = every layer."""
+    rng = random.Random(seed)
+    layers = loaded.adapter.num_layers
+    windows = [(0, layers - 1)] + [(layer, layer) for layer in range(layers)]
+    report = PlantedReport()
+    tokenizer = loaded.tokenizer
+    for _ in range(count):
+        example = draw_recall_example(rng)
+        prompt = build_prompt(loaded, example.prompt, [])
+        text = tokenizer.decode(prompt.input_ids[0])
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        target = text.index(example.prompt) + example.value_char_index
+        value_position = next(i for i, (start, end) in enumerate(offsets) if start <= target < end)
+        positions = list(range(prompt.length))
+        baseline, drops = _drops(Analysis(loaded, prompt), 2, windows, positions)
+        report.correct_answers += baseline.text.strip() == example.answer
+        _accumulate(report, drops, value_position)
+    return _finish(report)

@@ -1,0 +1,326 @@
+"""Train the two demo models on synthetic tasks with planted ground truth (see mask_impact/demo_tasks.py).
+
+    python tools/train_demo_models.py                  # both, into models/demo-vl and models/demo-text
+    python tools/train_demo_models.py --only text      # one of them
+
+From a fixed seed, on 2 CPU cores, in a few minutes. Each folder is an ordinary checkpoint (config, weights,
+tokenizer/processor) plus MODEL_CARD.md and card.json (task, data, steps, held-out accuracy, seed), loaded by
+``from_pretrained`` like any other.
+
+The vision tower's attention output projections are zero and frozen, so no image patch mixes with another
+before the decoder: each decoder image token then describes its own 32×32 cell and nothing else. With
+attention mixing in the ViT, the shape's colour spreads into neighbouring tokens and a knockout of the
+planted token no longer removes it; this makes the planted token the one place the answer can come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mask_impact.demo import CORPUS, build_tokenizer, build_vl_processor  # noqa: E402
+from mask_impact.demo_tasks import (COLOURS, QUESTIONS, ROWS, SHAPES, draw_recall_example,  # noqa: E402
+                                    draw_shape_example, tokenizer_corpus)
+
+SEED = 1234
+# With the usual 0.02 the decoder never learns to pick the one shape token out of sixteen (colour accuracy
+# stayed at chance for 600 steps); at 0.1 it does within a few hundred.
+INIT = 0.1
+FOLLOW_UPS = 3
+# Share of VL training pictures with no shape at all, answered "none". Without them the model falls back to
+# a fixed answer (say "square") when it cannot see a shape, so knocking out the shape's token showed no effect
+# exactly when the true answer was that fallback (the planted token ranked first in only 80% of 'shape'
+# questions). With its token knocked out, a picture looks like an empty one: the frozen ViT attention keeps
+# every other token as it was.
+EMPTY = 0.1
+
+
+def vl_config(tokenizer) -> transformers.Qwen3VLConfig:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    text = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4],
+                                 "mrope_interleaved": True},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                initializer_range=INIT)
+    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=96, num_position_embeddings=64, deepstack_visual_indexes=[0],
+                  initializer_range=INIT)
+    return transformers.Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+
+
+def text_config(tokenizer) -> transformers.Qwen3Config:
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return transformers.Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, bos_token_id=pad, eos_token_id=eos,
+        pad_token_id=pad, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        initializer_range=INIT)
+
+
+def empty_picture():
+    from PIL import Image
+
+    from mask_impact.demo_tasks import IMAGE_SIZE
+
+    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (224, 224, 224))
+
+
+def task_tokenizer():
+    """The demo tokenizer, with room for every task word as one token (checked)."""
+    tokenizer = build_tokenizer(tokenizer_corpus() + CORPUS, vocab_size=512)
+    for word in [*COLOURS, *SHAPES, *ROWS, "none"]:
+        assert len(tokenizer.encode(word)) == 1, f"{word!r} is not one token"
+    return tokenizer
+
+
+def schedule(step: int, steps: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+class VLData:
+    """Chat-formatted shape questions; pixels come from the real processor."""
+
+    def __init__(self, processor, rng: random.Random, empty: float = 0.0):
+        self.processor, self.rng, self.empty = processor, rng, empty
+        self.eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def prompt_ids(self, question: str, image):
+        content = [{"type": "image"}, {"type": "text", "text": QUESTIONS[question]}]
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False)
+        return self.processor(text=[text], images=[image], return_tensors="pt")
+
+    def batch(self, size: int, question: str | None = None) -> dict:
+        # the kind of shape is the slowest to learn: ask it twice as often
+        question = question or self.rng.choice(["colour", "shape", "shape", "where"])
+        examples = [draw_shape_example(self.rng) for _ in range(size)]
+        texts = [ex.answer(question) for ex in examples]
+        if self.empty:  # some pictures without a shape, answered "none" (see EMPTY)
+            for k in range(size):
+                if self.rng.random() < self.empty:
+                    examples[k].image, texts[k] = empty_picture(), "none"
+        encoded = [self.prompt_ids(question, ex.image) for ex in examples]
+        answers = [self.processor.tokenizer.encode(text) + [self.eos] for text in texts]
+        prompts = [e["input_ids"][0].tolist() for e in encoded]
+        return _pack([p + a for p, a in zip(prompts, answers)], [[(len(p), a)] for p, a in zip(prompts, answers)], {
+            "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
+            "image_grid_thw": torch.cat([e["image_grid_thw"] for e in encoded]),
+            "mm_token_type_ids": [e["mm_token_type_ids"][0].tolist() for e in encoded],
+        })
+
+
+class TextData:
+    """Recall questions in the chat format. For training, ``follow_ups`` more turns ask about other keys
+    of the same facts, every answer supervised: more signal per sequence gets the model past the long
+    plateau before key-value binding forms (one question per sequence stayed near 45% for 3,000 steps)."""
+
+    def __init__(self, tokenizer, rng: random.Random, follow_ups: int = 0):
+        self.tokenizer, self.rng, self.follow_ups = tokenizer, rng, follow_ups
+        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def _ids(self, messages: list[dict], generation: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def batch(self, size: int) -> dict:
+        sequences, spans = [], []
+        for _ in range(size):
+            example = draw_recall_example(self.rng)
+            facts = dict(pair.split("=") for pair in example.prompt.split(". ")[0].split(", "))
+            others = list(facts)
+            turns = [(example.prompt, example.answer)]
+            turns += [(f"What is {key}?", facts[key]) for key in self.rng.sample(others, min(self.follow_ups, len(others)))]
+            messages, answer_spans = [], []
+            for question, answer in turns:
+                messages.append({"role": "user", "content": question})
+                start = len(self._ids(messages, True))
+                messages.append({"role": "assistant", "content": answer})
+                answer_spans.append((start, self.tokenizer.encode(answer) + [self.eos]))
+            ids = self._ids(messages, False)
+            if not self.follow_ups:  # evaluation: the prompt alone, then the one answer
+                ids = ids[: answer_spans[0][0]] + answer_spans[0][1]
+            sequences.append(ids)
+            spans.append(answer_spans[:1] if not self.follow_ups else answer_spans)
+        return _pack(sequences, spans, {})
+
+
+def _pack(sequences: list[list[int]], spans: list[list[tuple[int, list[int]]]], extra: dict) -> dict:
+    """Right-padded sequences, and the (row, position, target) triples the loss reads: each answer token is
+    predicted from the position before it."""
+    length = max(len(sequence) for sequence in sequences)
+    ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    rows, positions, targets = [], [], []
+    for row, (sequence, row_spans) in enumerate(zip(sequences, spans)):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        for start, answer in row_spans:
+            assert sequence[start: start + len(answer)] == answer, "answer tokens are not where expected"
+            for k, token in enumerate(answer):
+                rows.append(row)
+                positions.append(start - 1 + k)
+                targets.append(token)
+    batch = {"input_ids": ids, "rows": torch.tensor(rows), "positions": torch.tensor(positions),
+             "targets": torch.tensor(targets), "sequences": len(sequences)}
+    if "mm_token_type_ids" in extra:
+        types = torch.zeros_like(ids)
+        for row, row_types in enumerate(extra.pop("mm_token_type_ids")):
+            types[row, : len(row_types)] = torch.tensor(row_types)
+        batch["model"] = {"mm_token_type_ids": types, **extra}
+    else:
+        batch["model"] = extra
+    return batch
+
+
+def forward(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch["input_ids"], **batch["model"]).logits
+    picked = logits[batch["rows"], batch["positions"]]  # (N, V)
+    return F.cross_entropy(picked, batch["targets"]), picked.argmax(-1) == batch["targets"]
+
+
+@torch.no_grad()
+def accuracy(model, batch) -> float:
+    """Exact match of the whole answer (every token and the end marker), teacher-forced."""
+    _, correct = forward(model, batch)
+    wrong = torch.zeros(batch["sequences"], dtype=torch.bool)
+    wrong[batch["rows"][~correct]] = True
+    return (~wrong).float().mean().item()
+
+
+def train(model, next_batch, evaluate, steps: int, lr: float, log_every: int = 100) -> tuple[int, list]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    history, started = [], time.perf_counter()
+    model.train()
+    for step in range(steps):
+        for group in optimiser.param_groups:
+            group["lr"] = lr * schedule(step, steps)
+        loss, _ = forward(model, next_batch())
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            model.eval()
+            scores = evaluate(96)
+            model.train()
+            history.append({"step": step + 1, "loss": round(loss.item(), 4), **scores})
+            print(f"  step {step + 1:5d}  loss {loss.item():.4f}  held-out {scores}  "
+                  f"{time.perf_counter() - started:.0f}s", flush=True)
+            if min(scores.values()) >= 0.995 and step + 1 >= steps // 3:
+                return step + 1, history
+    return steps, history
+
+
+def write_card(folder: Path, card: dict, description: str) -> None:
+    (folder / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+    lines = [f"# {card['name']}", "", description, "", "| | |", "|---|---|"]
+    for key in ("task", "data", "architecture", "seed", "steps", "batch_size", "learning_rate", "train_seconds"):
+        lines.append(f"| {key} | {card[key]} |")
+    lines.append(f"| held-out accuracy ({card['eval_examples']} examples per question type) | "
+                 + ", ".join(f"{k}: {v:.1%}" for k, v in card["accuracy"].items()) + " |")
+    lines += ["", "Reproduce: `python tools/train_demo_models.py` (fixed seed, 2 CPU cores)."]
+    (folder / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def train_vl(out: Path, steps: int) -> dict:
+    torch.manual_seed(SEED)
+    tokenizer = task_tokenizer()
+    processor = build_vl_processor(tokenizer)
+    model = transformers.Qwen3VLForConditionalGeneration(vl_config(tokenizer))
+    for block in model.model.visual.blocks:  # no patch mixing in the vision tower (see the module docstring)
+        torch.nn.init.zeros_(block.attn.proj.weight)
+        torch.nn.init.zeros_(block.attn.proj.bias)
+        for param in block.attn.parameters():
+            param.requires_grad_(False)
+    train_data, held_out = VLData(processor, random.Random(SEED), EMPTY), VLData(processor, random.Random(SEED + 1))
+
+    def evaluate(n: int) -> dict:
+        return {q: accuracy(model, held_out.batch(n, q)) for q in QUESTIONS}
+
+    started = time.perf_counter()
+    done, history = train(model, lambda: train_data.batch(32), evaluate, steps, lr=3e-3)
+    seconds = time.perf_counter() - started
+    model.eval()
+    final = VLData(processor, random.Random(SEED + 2))
+    scores = {q: accuracy(model, final.batch(300, q)) for q in QUESTIONS}
+    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    card = {"name": "mask_impact demo-vl", "task": "shapes: colour / kind / cell of one shape in a 4×4 grid of 32-px "
+            f"cells on a 128×128 picture ({EMPTY:.0%} of training pictures empty, answered 'none')", "data": "mask_impact.demo_tasks.draw_shape_example",
+            "architecture": "Qwen3VLForConditionalGeneration: ViT depth 1 (attention output frozen at zero), "
+            "decoder 3 layers × 96", "seed": SEED, "steps": done, "batch_size": 32, "learning_rate": 3e-3,
+            "train_seconds": round(seconds), "eval_examples": 300, "accuracy": scores, "history": history}
+    write_card(out, card, "A tiny Qwen3-VL trained from scratch to answer questions about one planted shape.")
+    return card
+
+
+def train_text(out: Path, steps: int) -> dict:
+    torch.manual_seed(SEED)
+    tokenizer = task_tokenizer()
+    model = transformers.Qwen3ForCausalLM(text_config(tokenizer))
+    train_data = TextData(tokenizer, random.Random(SEED), follow_ups=FOLLOW_UPS)
+    held_out = TextData(tokenizer, random.Random(SEED + 1))
+
+    def evaluate(n: int) -> dict:
+        return {"recall": accuracy(model, held_out.batch(n))}
+
+    started = time.perf_counter()
+    done, history = train(model, lambda: train_data.batch(64), evaluate, steps, lr=3e-3)
+    seconds = time.perf_counter() - started
+    model.eval()
+    scores = {"recall": accuracy(model, TextData(tokenizer, random.Random(SEED + 2)).batch(300))}
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    card = {"name": "mask_impact demo-text", "task": "key-value recall: 'A=3, B=7, C=1. What is B?' → '7' (keys A, B, C; distinct random digits)",
+            "data": "mask_impact.demo_tasks.draw_recall_example",
+            "architecture": "Qwen3ForCausalLM: 2 layers × 128", "seed": SEED, "steps": done, "batch_size": 64,
+            "learning_rate": 3e-3, "train_seconds": round(seconds), "eval_examples": 300, "accuracy": scores,
+            "history": history}
+    write_card(out, card, "A tiny Qwen3 trained from scratch to recall the value of a queried key.")
+    return card
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("vl", "text"))
+    parser.add_argument("--out", default=str(ROOT / "models"))
+    parser.add_argument("--vl-steps", type=int, default=3000)
+    parser.add_argument("--text-steps", type=int, default=1500)
+    args = parser.parse_args()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    if args.only in (None, "vl"):
+        print("demo-vl", flush=True)
+        card = train_vl(Path(args.out) / "demo-vl", args.vl_steps)
+        print(f"demo-vl held-out accuracy {card['accuracy']} after {card['steps']} steps", flush=True)
+    if args.only in (None, "text"):
+        print("demo-text", flush=True)
+        card = train_text(Path(args.out) / "demo-text", args.text_steps)
+        print(f"demo-text held-out accuracy {card['accuracy']} after {card['steps']} steps", flush=True)
+    print(f"total {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
