@@ -4,11 +4,11 @@ On 50 freshly drawn held-out examples per task (seed 777; training used 1234 and
 token at every layer hurts the answer most when that token holds the answer.
 
 Vision-language: the image token whose cell contains the shape ranks first among the 16 image tokens
-(issue: ≥ 90%; measured 100% for all three question types).
+(≥ 90% asked; measured 100% for all three question types).
 
-Text: the queried value ranks first in 72% of examples; in the rest the *question's* key token ranks
-first and the value second, both being necessary (issue #6 asks ≥ 90% first; not met, so the test
-holds the weaker property that is true — first or second in ≥ 90% — and the issue stays open).
+Text: the queried value ranks first among all prompt tokens (≥ 90% asked; measured 90%, 45 of 50, every
+pass by a margin of at least 0.45 nats; in the other five the model's fallback digit equals the answer,
+so the value's knockout changes little).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def test_the_shape_token_ranks_first_among_image_tokens(trained_vl, question):
     assert max(report.planted_by_layer) > 2.0 > max(report.others_by_layer)
 
 
-def test_the_queried_value_is_among_the_two_most_needed_prompt_tokens(trained_text):
+def test_the_queried_value_ranks_first_among_prompt_tokens(trained_text):
     report = text_planted(trained_text, count=50)
     assert report.correct_answers >= 48
-    assert sum(rank <= 2 for rank in report.ranks) >= 45, sorted(report.ranks)
-    assert report.top1_rate >= 0.5
+    assert report.top1_rate >= 0.9, f"top-1 in {report.top1_rate:.0%}, mean rank {report.mean_rank:.2f}"
+    assert report.planted_by_layer[0] > 2.0 > max(report.others_by_layer)

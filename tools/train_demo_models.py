@@ -39,6 +39,11 @@ SEED = 1234
 # stayed at chance for 600 steps); at 0.1 it does within a few hundred.
 INIT = 0.1
 FOLLOW_UPS = 3
+# Share of recall training questions about a key that is not among the facts ("What is Z?"), trained towards
+# equal probability on every present value. Without them, knocking out the question's key made the model answer
+# another value with confidence, which hurt as much as knocking out the value itself (the value ranked first
+# in only 72% of examples).
+UNKNOWN_KEY = 0.15
 # Share of VL training pictures with no shape at all, answered "none". Without them the model falls back to
 # a fixed answer (say "square") when it cannot see a shape, so knocking out the shape's token showed no effect
 # exactly when the true answer was that fallback (the planted token ranked first in only 80% of 'shape'
@@ -149,10 +154,16 @@ class TextData:
             others = list(facts)
             turns = [(example.prompt, example.answer)]
             turns += [(f"What is {key}?", facts[key]) for key in self.rng.sample(others, min(self.follow_ups, len(others)))]
+            if self.follow_ups and self.rng.random() < UNKNOWN_KEY:  # a key that is not among the facts
+                turns[0] = (example.prompt[: -2] + "Z?", None)
             messages, answer_spans = [], []
             for question, answer in turns:
                 messages.append({"role": "user", "content": question})
                 start = len(self._ids(messages, True))
+                if answer is None:  # every present value equally likely: one target per value at the same step
+                    messages.append({"role": "assistant", "content": facts["A"]})
+                    answer_spans += [(start, [self.tokenizer.encode(value)[0]]) for value in facts.values()]
+                    continue
                 messages.append({"role": "assistant", "content": answer})
                 answer_spans.append((start, self.tokenizer.encode(answer) + [self.eos]))
             ids = self._ids(messages, False)
@@ -172,7 +183,7 @@ def _pack(sequences: list[list[int]], spans: list[list[tuple[int, list[int]]]], 
     for row, (sequence, row_spans) in enumerate(zip(sequences, spans)):
         ids[row, : len(sequence)] = torch.tensor(sequence)
         for start, answer in row_spans:
-            assert sequence[start: start + len(answer)] == answer, "answer tokens are not where expected"
+            assert len(answer) == 1 or sequence[start: start + len(answer)] == answer, "answer tokens misplaced"
             for k, token in enumerate(answer):
                 rows.append(row)
                 positions.append(start - 1 + k)
