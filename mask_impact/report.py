@@ -70,7 +70,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
 def csv_text(data: dict) -> str:
     """One row per knockout, in window-major order."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer)  # RFC 4180 line ends: fields holding \r or \n get quoted
     writer.writerow(CSV_COLUMNS)
     metrics, tokens = data["metrics"], data["tokens"]
     for w, (start, end) in enumerate(data["windows"]):
@@ -118,16 +118,17 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_index(index: dict, folder: Path, html: bool) -> None:
     """A batch's ``index.json`` (and ``index.html``, the viewer listing its runs)."""
+    index = _finite(index)
     write_atomic(folder / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
     if html:
         write_atomic(folder / "index.html", viewer_html(index))
 
 
 def viewer_html(data: dict) -> str:
-    """The viewer with this result embedded. ``<``, ``>`` and ``&`` are written as JSON escapes, so no
+    """The viewer with this result (already free of NaN/inf) embedded. ``<``, ``>`` and ``&`` are written as JSON escapes, so no
     prompt or token text (``</script>`` included) can end the data block early; the page parses it
     with ``JSON.parse`` and shows every string as text."""
-    payload = json.dumps(_finite(data), ensure_ascii=False)
+    payload = json.dumps(data, ensure_ascii=False)
     payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     template = VIEWER.read_text(encoding="utf-8")
     if EMBED_SLOT not in template:
@@ -136,7 +137,8 @@ def viewer_html(data: dict) -> str:
 
 
 def write_results(data: dict, paths: dict[str, Path]) -> None:
-    write_atomic(paths["json"], json.dumps(_finite(data), ensure_ascii=False, indent=1))
+    data = _finite(data)
+    write_atomic(paths["json"], json.dumps(data, ensure_ascii=False, indent=1))
     write_atomic(paths["csv"], csv_text(data))
     if "html" in paths:
         write_atomic(paths["html"], viewer_html(data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import subprocess
@@ -138,3 +139,15 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0 and "missing.png" in done.stderr
     assert not (tmp_path / "output").exists()
+
+
+def test_csv_keeps_one_row_per_knockout_when_tokens_hold_line_breaks():
+    from mask_impact.report import csv_text
+
+    tokens = [{"id": i, "text": text, "modality": "text", "image": None, "row": None, "col": None}
+              for i, text in enumerate(["0\r", "a\nb", "plain"])]
+    metrics = {"logprob_drop": [[0.5, 1.0, 2.0]], "prob_change_pct": [[1.0, 2.0, 3.0]], "kl": [[0.1, 0.2, 0.3]],
+               "top1_changed": [[False, True, False]], "first_divergence": [[None, 0, None]]}
+    text = csv_text({"windows": [[0, 0]], "positions": [0, 1, 2], "tokens": tokens, "metrics": metrics})
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    assert [row[4] for row in rows[1:]] == ["0\r", "a\nb", "plain"] and len(rows) == 4
