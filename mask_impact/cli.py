@@ -139,10 +139,9 @@ def run_batch(options: dict, vision: bool) -> int:
             print(f"{run.name}: error: {error}", file=sys.stderr)
         except (Interrupted, KeyboardInterrupt) as stop:
             entry.update(status="interrupted", error=str(stop))
-            write_index(index, folder, html)
             print(f"interrupted; {stop}", file=sys.stderr)
             return 130
-        finally:
+        finally:  # also before the return above: the index always shows the latest status
             write_index(index, folder, html)
     failed = [entry["name"] for entry in index["runs"] if entry["status"] != "done"]
     done = len(index["runs"]) - len(failed)

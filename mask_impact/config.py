@@ -202,13 +202,6 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
     return config
 
 
-def parse_args(argv: list[str] | None, vision: bool) -> RunConfig:
-    """Command line → validated ``RunConfig`` for a single run."""
-    options = cli_options(argv, vision)
-    options.pop("config", None)
-    return make_config([options], vision)
-
-
 def output_paths(config: RunConfig) -> dict[str, Path]:
     kinds = ("json", "csv", "html") if config.html else ("json", "csv")
     return {ext: Path(config.output_dir) / f"{config.output}.{ext}" for ext in kinds}

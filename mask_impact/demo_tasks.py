@@ -64,9 +64,14 @@ def draw_shape_example(rng: random.Random) -> ShapeExample:
     return draw_shape(colour, shape, row, col, size, dx, dy)
 
 
+def blank_picture() -> Image.Image:
+    """The light grey ground every shape is drawn on."""
+    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (224, 224, 224))
+
+
 def draw_shape(colour: str, shape: str, row: int, col: int, size: int = 22, dx: int = 5, dy: int = 5) -> ShapeExample:
     """One ``shape`` of ``size`` px in cell (row, col), offset (dx, dy) inside it, on a light grey ground."""
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (224, 224, 224))
+    image = blank_picture()
     draw = ImageDraw.Draw(image)
     x0, y0 = col * CELL + dx, row * CELL + dy
     x1, y1 = x0 + size, y0 + size

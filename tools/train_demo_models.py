@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mask_impact.demo import CORPUS, build_tokenizer, build_vl_processor  # noqa: E402
-from mask_impact.demo_tasks import (COLOURS, QUESTIONS, ROWS, SHAPES, draw_recall_example,  # noqa: E402
-                                    draw_shape_example, tokenizer_corpus)
+from mask_impact.demo_tasks import (COLOURS, QUESTIONS, ROWS, SHAPES, blank_picture,  # noqa: E402
+                                    draw_recall_example, draw_shape_example, tokenizer_corpus)
 
 SEED = 1234
 # With the usual 0.02 the decoder never learns to pick the one shape token out of sixteen (colour accuracy
@@ -79,14 +79,6 @@ def text_config(tokenizer) -> transformers.Qwen3Config:
         initializer_range=INIT)
 
 
-def empty_picture():
-    from PIL import Image
-
-    from mask_impact.demo_tasks import IMAGE_SIZE
-
-    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (224, 224, 224))
-
-
 def task_tokenizer():
     """The demo tokenizer, with room for every task word as one token (checked)."""
     tokenizer = build_tokenizer(tokenizer_corpus() + CORPUS, vocab_size=512)
@@ -122,7 +114,7 @@ class VLData:
         if self.empty:  # some pictures without a shape, answered "none" (see EMPTY)
             for k in range(size):
                 if self.rng.random() < self.empty:
-                    examples[k].image, texts[k] = empty_picture(), "none"
+                    examples[k].image, texts[k] = blank_picture(), "none"
         encoded = [self.prompt_ids(question, ex.image) for ex in examples]
         answers = [self.processor.tokenizer.encode(text) + [self.eos] for text in texts]
         prompts = [e["input_ids"][0].tolist() for e in encoded]
