@@ -6,7 +6,7 @@
 
 import sys
 
-from mask_impact.cli import main
+from mask_impact.stopping import entry
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], vision=True))
+    sys.exit(entry(vision=True))

@@ -32,7 +32,7 @@ from mask_impact.demo import build_demo  # noqa: E402
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine  # noqa: E402
 from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
-from mask_impact.sweep import auto_batch_size, positions_for, score_knockouts  # noqa: E402
+from mask_impact.sweep import auto_batch_size, positions_for, score_knockouts, sweep_flops  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
 CONFIG_4B = ROOT.parent / "shared" / "configs" / "qwen3-vl-4b-instruct.json"
@@ -96,23 +96,6 @@ def build_tiny(image_size: int) -> tuple[LoadedModel, Prompt]:
     pixels = np.random.default_rng(0).integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(image)
     return loaded, build_prompt(loaded, "What's in this image? Describe the picture.", [str(image)])
-
-
-def sweep_flops(loaded: LoadedModel, windows, positions, length: int, answer_start: int, block_answer: bool) -> float:
-    """Matmul FLOPs the sweep really needs: per knockout, layers a.. over the positions it can change."""
-    config = loaded.adapter.decoder.config
-    h, i, nh, nkv, hd = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                         config.num_key_value_heads, config.head_dim)
-    per_token_linear = 2 * (h * nh * hd * 2 + 2 * h * nkv * hd + 3 * h * i)  # q,o + k,v + mlp
-    total = 0.0
-    for a, _ in windows:
-        layers = loaded.adapter.num_layers - a
-        for p in positions:
-            start = answer_start if block_answer else p
-            queries = length - start
-            keys = queries * (start + length) / 2  # Σ over queries of (q + 1)
-            total += layers * (queries * per_token_linear + 4 * nh * hd * keys)
-    return total
 
 
 def main() -> None:
@@ -187,9 +170,8 @@ def main() -> None:
     partial = len(done) < len(windows)
     if partial:  # extrapolate by the work each window needs (layers a..L-1)
         done_flops = sweep_flops(loaded, [windows[w] for w in done], positions, tf.input_ids.shape[1],
-                                 tf.answer_start, args.block_from == "answer")
-        all_flops = sweep_flops(loaded, windows, positions, tf.input_ids.shape[1], tf.answer_start,
-                                args.block_from == "answer")
+                                 analysis.first_affected)
+        all_flops = sweep_flops(loaded, windows, positions, tf.input_ids.shape[1], analysis.first_affected)
         fast_total *= all_flops / done_flops
         print(f"stopped after {len(done)} of {len(windows)} windows (--max-seconds {args.max_seconds}); "
               f"the whole-sweep figures below are extrapolated by FLOPs")
@@ -204,7 +186,7 @@ def main() -> None:
         worst = max(worst, float((fast_row - row).abs().max()) if loaded.dtype == torch.float32 else 0.0)
     tolerance = 1e-3 if loaded.dtype == torch.float32 else 0.25
     knockouts = len(windows) * len(positions)
-    flops = sweep_flops(loaded, windows, positions, tf.input_ids.shape[1], tf.answer_start, args.block_from == "answer")
+    flops = sweep_flops(loaded, windows, positions, tf.input_ids.shape[1], analysis.first_affected)
     print(f"agreement on {len(sample)} sampled knockouts: max |Δ| = {worst:.2e} (tolerance {tolerance:g}) -> "
           f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
     print(f"naive: {1 / naive_per_knockout:10.2f} knockouts/s  ({naive_per_knockout * 1e3:.1f} ms each; "

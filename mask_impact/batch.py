@@ -2,10 +2,10 @@
 
 A batch file has ``defaults:`` (optional) and ``runs:`` (a list); each run may set any option by its
 long name with dashes or underscores (``mask_mode``/``mask-mode``), plus ``name`` (its output name)
-and ``image`` (one path or a list). Precedence, highest first: command-line flags, the run entry,
+and ``image`` (one path or a list). ``prompt`` is always text; ``prompt_file`` names a file. Precedence, highest first: command-line flags, the run entry,
 ``defaults:``, built-in defaults. The model, device, dtype, ``demo`` and the output folder are set
-once for the batch (in ``defaults:`` or on the command line). Relative image and prompt-file paths
-are read relative to the YAML file.
+once for the batch (in ``defaults:`` or on the command line). Relative ``image`` and ``prompt_file``
+paths are read relative to the YAML file.
 
 Errors in the file itself (syntax, unknown keys, wrong types, duplicate names) stop the batch before
 anything runs; a run whose inputs are bad (a missing image, say) is reported and the others still run.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, make_config
+from .config import BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, check_name, make_config, output_dir, quoted
 
 TOP_KEYS = ("defaults", "runs")
 ALIASES = {"name": "output", "image": "images"}
@@ -56,7 +56,7 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-VISION_ONLY = ("image", "images", "max_pixels", "vision_attention")
+VISION_ONLY = ("image", "images", "max_pixels", "min_pixels", "vision_attention")
 
 
 def valid_keys(vision: bool) -> list[str]:
@@ -71,7 +71,7 @@ def normalise(entry: dict, where: str, base: Path, vision: bool) -> dict:
     for key, value in entry.items():
         spelled = str(key).replace("-", "_")
         if spelled not in valid:
-            raise UsageError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+            raise UsageError(f"{where}: unknown key {quoted(key)}; valid keys: {', '.join(valid)}")
         field = ALIASES.get(spelled, spelled)
         if field == "images" and isinstance(value, str):
             value = [value]
@@ -80,21 +80,14 @@ def normalise(entry: dict, where: str, base: Path, vision: bool) -> dict:
         expected = FIELD_TYPES[field]
         good = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         good = good and (field != "images" or all(isinstance(item, str) for item in value))
-        if not good and not (value is None and field in ("batch_size", "max_pixels")):
-            raise UsageError(f"{where}: {key} must be {TYPE_NAMES[expected]} (got {value!r})")
+        if not good and not (value is None and field in ("batch_size", "max_pixels", "min_pixels")):
+            raise UsageError(f"{where}: {key} must be {TYPE_NAMES[expected]} (got {quoted(value)})")
         out[field] = value
     if "images" in out:
         out["images"] = [str(_relative(base, image)) for image in out["images"]]
-    if "prompt" in out and _is_file(base / out["prompt"]):
-        out["prompt"] = str(base / out["prompt"])
+    if isinstance(out.get("prompt_file"), str):
+        out["prompt_file"] = str(_relative(base, out["prompt_file"]))
     return out
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return len(str(path)) < 4096 and path.is_file()
-    except (OSError, ValueError):
-        return False
 
 
 def _relative(base: Path, path: str) -> Path:
@@ -109,12 +102,13 @@ def load_batch(path: str, cli: dict, vision: bool) -> tuple[str, Path, list[Batc
     base = file.resolve().parent
     defaults = normalise(data.get("defaults") or {}, f"{file}: defaults", base, vision)
     name = cli.get("output") or file.stem
-    folder = Path(cli.get("output_dir") or defaults.get("output_dir") or "output") / name
+    check_name(name, "the batch name (--output, or the YAML file's name)")
+    folder = output_dir(cli.get("output_dir") or defaults.get("output_dir") or "output") / name
     entries, seen = [], set()
     for number, entry in enumerate(data["runs"], start=1):
         if not isinstance(entry, dict):
             raise UsageError(f"{file}: run {number} must be a mapping of option: value")
-        where = f"{file}: run {number}" + (f" ({entry['name']!r})" if "name" in entry else "")
+        where = f"{file}: run {number}" + (f" ({quoted(entry['name'])})" if "name" in entry else "")
         run = normalise(entry, where, base, vision)
         fixed = sorted(set(run) & set(BATCH_KEYS))
         if fixed:

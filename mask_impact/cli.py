@@ -1,53 +1,84 @@
 """What both entry points do: parse → validate → load → run → write. No tensors here.
 
 Bad input is one line on stderr and exit status 2, with nothing written. A YAML batch loads the
-model once, runs every entry, keeps ``OUTPUT_DIR/BATCH/index.json`` up to date, and exits 1 at the
-end if any run failed. Ctrl-C stops cleanly: finished knockouts stay in the partial file for
-``--resume``.
+model once, runs every entry (one that fails, for whatever reason, is reported and the others still
+run), keeps ``OUTPUT_DIR/BATCH/index.json`` up to date, and exits 1 at the end if any run failed.
+SIGINT (Ctrl-C) and SIGTERM stop cleanly at any stage: the message says where and what was kept
+(finished knockouts stay in the partial file for ``--resume``), exit status 128 + the signal.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import RunConfig, UsageError, cli_options, make_config, output_paths
+from .config import RunConfig, UsageError, cli_options, make_config, output_dir, output_paths
 from .inputs import load_image, read_prompt
+from .stopping import stop_signals_raise, stop_status
 
 
-class Interrupted(Exception):
-    """Ctrl-C during a run; says where the finished work is."""
+MAX_MESSAGE = 400  # characters: an error message never echoes an unbounded value
+
+
+@dataclass
+class Stage:
+    """What a run is doing, so a stop signal can say where it came and what was kept."""
+
+    now: str = "reading the options"
+    store: object = None  # the PartialStore once the sweep has one
+    written: str = ""  # the result files, once they are all in place
+
+    def kept(self) -> str:
+        if self.written:
+            return f"the results were written completely ({self.written})"
+        if self.store is not None and self.store.path.exists():
+            done = sum(len(record["positions"]) for record in self.store.saved.values())
+            return (f"{done} finished knockouts are kept in {self.store.path}; rerun with --resume to continue"
+                    if done else f"no knockout had finished; rerun with --resume to start from {self.store.path}")
+        return "nothing was written"
+
+
+def one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
 def main(argv: list[str] | None, vision: bool) -> int:
-    try:
-        options = cli_options(argv, vision)
-        if "config" in options:
-            return run_batch(options, vision)
-        config = make_config([options], vision)
-        prompt_text = precheck(config)
-        loaded = load(config, vision)
-        paths = run_one(loaded, config, prompt_text)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (Interrupted, KeyboardInterrupt) as stop:
-        print(f"interrupted; {stop or 'nothing was written'}", file=sys.stderr)
-        return 130
+    stage = Stage()
+    with stop_signals_raise():
+        try:
+            options = cli_options(argv, vision)
+            if "config" in options:
+                return run_batch(options, vision, stage)
+            config = make_config([options], vision)
+            stage.now = "checking the input"
+            prompt_text = precheck(config)
+            stage.now = "loading the model"
+            loaded = load(config, vision)
+            paths = run_one(loaded, config, prompt_text, stage)
+        except UsageError as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:
+            name, status = stop_status(stop)
+            print(f"interrupted ({name}) while {stage.now}; {stage.kept()}", file=sys.stderr)
+            return status
     print(paths.pop("summary"))
     return 0
 
 
 def partial_path(config: RunConfig) -> Path:
-    return Path(config.output_dir) / f"{config.output}.partial.jsonl"
+    return output_dir(config.output_dir) / f"{config.output}.partial.jsonl"
 
 
 def precheck(config: RunConfig) -> str:
     """Everything about a run's input that can be checked before the model loads; returns the prompt text."""
-    prompt_text = read_prompt(config.prompt)
+    prompt_text = read_prompt(config)
     for path in config.images:
         load_image(path)
     from .report import check_writable
@@ -77,74 +108,142 @@ def load(config: RunConfig, vision: bool):
     return loaded
 
 
-def run_one(loaded, config: RunConfig, prompt_text: str) -> dict:
+def prepare(loaded, config: RunConfig, prompt_text: str):
+    """The model's input for a run, and the fingerprint of everything that decides its numbers."""
+    from .inputs import build_prompt
+    from .resume import fingerprint_parts
+
+    prompt = build_prompt(loaded, prompt_text, config.images, config.raw_prompt, config.max_pixels,
+                          config.min_pixels, config.allow_special_tokens, config.num_tokens)
+    for path, image in zip(config.images, prompt.images):
+        area_ratio = image.resized_width * image.resized_height / (image.width * image.height)
+        resized = [f"{image.resize} ({image.width}×{image.height} → {image.resized_width}×{image.resized_height})"]
+        for note in image.notes + (resized if not 0.8 <= area_ratio <= 1.25 else []):
+            print(f"note: image {path}: {note}", file=sys.stderr)
+    return prompt, fingerprint_parts(loaded, config, prompt_text)
+
+
+def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = None) -> dict:
     """One analysis, written atomically; returns the paths written and the terminal summary."""
     from . import report
-    from .inputs import build_prompt
-    from .resume import PartialStore, fingerprint_parts
+    from .resume import PartialStore
     from .sweep import run
 
+    stage = stage or Stage()
     paths = output_paths(config)
-    prompt = build_prompt(loaded, prompt_text, config.images, config.raw_prompt, config.max_pixels)
-    store = PartialStore(partial_path(config), fingerprint_parts(loaded, config, prompt_text))
+    stage.now = "preparing the prompt"
+    prompt, parts = prepare(loaded, config, prompt_text)
+    store = PartialStore(partial_path(config), parts)
     store.open(config.resume)
-    try:
-        result = run(loaded, prompt, config, store)
-    except KeyboardInterrupt:
-        done = sum(len(record["positions"]) for record in store.saved.values())
-        raise Interrupted(f"{done} finished knockouts are kept in {store.path}; rerun with --resume to "
-                          "continue") from None
+    stage.now, stage.store = "running the sweep", store
+    result = run(loaded, prompt, config, store)
+    stage.now = "writing the results"
     data = report.result_json(loaded, prompt, config, result)
     report.check_writable(paths, config.overwrite)
     report.write_results(data, paths)
     store.remove()
+    stage.written = ", ".join(str(path) for path in paths.values())
     return {**paths, "summary": report.summary(data, paths), "answer": data["baseline"]["text"]}
 
 
-def run_batch(options: dict, vision: bool) -> int:
+def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     """Every run of a YAML batch with one model load; exit status 1 if any run failed."""
     from .batch import load_batch
     from .report import write_index
 
     name, folder, runs = load_batch(options["config"], options, vision)
-    folder.mkdir(parents=True, exist_ok=True)
+    configs = [run.config for run in runs if run.config]
+    check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite for c in configs))
     index = {"schema_version": 1, "kind": "batch", "batch": name, "config": str(options["config"]),
              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": []}
     for run in runs:
         entry = {"name": run.name, "status": "pending" if run.config else "error", "error": run.error}
         if run.config:
-            entry.update(prompt=run.config.prompt, images=run.config.images, mask_mode=run.config.mask_mode)
+            entry.update(prompt=run.config.prompt, prompt_file=run.config.prompt_file, images=run.config.images,
+                         mask_mode=run.config.mask_mode)
         index["runs"].append(entry)
-    html = any(run.config and run.config.html for run in runs)
+    html = any(config.html for config in configs)
     write_index(index, folder, html)
-    loaded = None
+    batch = BatchState(vision)
     for run, entry in zip(runs, index["runs"]):
         if run.config is None:
             print(f"{run.name}: error: {run.error}", file=sys.stderr)
             continue
+        stage.now, stage.store, stage.written = f"running {run.name} of batch {name}", None, ""
         started = time.perf_counter()
         try:
-            finished = output_paths(run.config)["json"]
-            if run.config.resume and finished.exists() and not run.config.overwrite:
-                entry.update(status="done", json=finished.name, note="kept from an earlier run")
-                continue
-            prompt_text = precheck(run.config)
-            loaded = loaded or load(run.config, vision)
-            paths = run_one(loaded, run.config, prompt_text)
-            entry.update(status="done", answer=paths["answer"], elapsed_s=round(time.perf_counter() - started, 3),
-                         **{kind: Path(path).name for kind, path in paths.items() if kind in ("json", "csv", "html")})
-            print(f"{run.name}: done ({paths['json']})")
+            entry.update(batch.run(run.config, stage), error=None)
+            if "note" not in entry:
+                entry["elapsed_s"] = round(time.perf_counter() - started, 3)
+            print(f"{run.name}: {entry.get('note', 'done')} ({folder / entry['json']})")
         except UsageError as error:
-            entry.update(status="error", error=str(error))
-            print(f"{run.name}: error: {error}", file=sys.stderr)
-        except (Interrupted, KeyboardInterrupt) as stop:
-            entry.update(status="interrupted", error=str(stop))
-            print(f"interrupted; {stop}", file=sys.stderr)
-            return 130
-        finally:  # also before the return above: the index always shows the latest status
+            entry.update(status="error", error=one_line(error))
+            if batch.model_error:  # no run can go on without the model: the batch ends with this one line
+                raise
+            print(f"{run.name}: error: {one_line(error)}", file=sys.stderr)
+        except KeyboardInterrupt as stop:
+            entry.update(status="interrupted", error=f"{stop_status(stop)[0]}: {stage.kept()}")
+            raise
+        except Exception as error:  # a defect in one run must not cost the others theirs
+            entry.update(status="failed", error=one_line(f"{type(error).__name__}: {error}"))
+            print(f"{run.name}: failed: {entry['error']}", file=sys.stderr)
+        finally:  # also on the way out: the index always shows the latest status
             write_index(index, folder, html)
     failed = [entry["name"] for entry in index["runs"] if entry["status"] != "done"]
     done = len(index["runs"]) - len(failed)
     print(f"batch {name}: {done} done, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else "")
           + f"; index {folder / 'index.json'}")
     return 1 if failed else 0
+
+
+@dataclass
+class BatchState:
+    """The one model a batch loads (on first need), shared by its runs."""
+
+    vision: bool
+    loaded: object = None
+    model_error: bool = False
+
+    def model(self, config: RunConfig, stage: Stage):
+        if self.loaded is None:
+            stage.now = "loading the model"
+            try:
+                self.loaded = load(config, self.vision)
+            except UsageError:
+                self.model_error = True
+                raise
+        return self.loaded
+
+    def run(self, config: RunConfig, stage: Stage) -> dict:
+        """One run of the batch; a finished result is kept on --resume only if it was made from this entry."""
+        finished = output_paths(config)["json"]
+        if config.resume and not config.overwrite and finished.exists():
+            from .resume import differing_parts
+
+            prompt_text = read_prompt(config)
+            loaded = self.model(config, stage)
+            _, parts = prepare(loaded, config, prompt_text)
+            differs = differing_parts(finished, parts)
+            if differs:
+                raise UsageError(f"{finished} was made with a different {', '.join(differs)} than this entry "
+                                 "has now; pass --overwrite to compute it again")
+            return {"status": "done", "json": finished.name, "note": "kept from an earlier run"}
+        prompt_text = precheck(config)
+        paths = run_one(self.model(config, stage), config, prompt_text, stage)
+        return {"status": "done", "answer": paths["answer"],
+                **{kind: Path(path).name for kind, path in paths.items() if kind in ("json", "csv", "html")}}
+
+
+def check_batch_folder(folder: Path, may_continue: bool) -> None:
+    """A batch folder is created if need be; an earlier batch in it is touched only with --resume/--overwrite."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"batch output {folder} is a file, not a folder; choose another --output or --output-dir")
+    if (folder / "index.json").exists() and not may_continue:
+        raise UsageError(f"{folder} holds an earlier batch (index.json); pass --resume to continue it, or "
+                         "--overwrite to compute it again")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"batch output folder {folder} cannot be created ({error.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"batch output folder {folder} is not writable; choose another --output-dir")

@@ -32,11 +32,19 @@ CHOICES = {
 }
 # What a YAML value must be, per RunConfig field.
 FIELD_TYPES = {
-    "model": str, "prompt": str, "images": list, "demo": bool, "raw_prompt": bool, "mask_mode": str,
+    "model": str, "prompt": str, "prompt_file": str, "images": list, "demo": bool, "raw_prompt": bool,
+    "allow_special_tokens": bool, "mask_mode": str,
     "num_tokens": int, "layers": str, "window": int, "block_from": str, "vision_attention": str,
     "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
+    "min_pixels": int,
 }
+# Options that name the prompt: a layer of settings that gives one replaces the other from lower layers.
+PROMPT_SOURCES = ("prompt", "prompt_file")
+# Upper bounds checked before anything is allocated: beyond them the request cannot be meant.
+MAX_NUM_TOKENS = 1 << 20
+MAX_LAYER_INDEX = 1 << 16
+MAX_ECHO = 160  # characters of a user's value quoted back in an error message
 # Set once for a whole batch (one model load, one folder): allowed in ``defaults:`` and on the command line.
 BATCH_KEYS = ("model", "demo", "device", "dtype", "output_dir")
 
@@ -45,13 +53,26 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr with exit status 2."""
 
 
+def quoted(value: object) -> str:
+    """A user's value for an error message: repr, its middle cut to keep ``MAX_ECHO`` characters."""
+    return bounded(repr(value))
+
+
+def bounded(text: str) -> str:
+    """A user's text (a path, say) for an error message, its middle cut to keep ``MAX_ECHO`` characters."""
+    half = MAX_ECHO // 2
+    return text if len(text) <= MAX_ECHO else text[:half] + "…" + text[-half:]
+
+
 @dataclass
 class RunConfig:
     model: str
     prompt: str | None = None
+    prompt_file: str | None = None
     images: list[str] = field(default_factory=list)
     demo: bool = False
     raw_prompt: bool = False
+    allow_special_tokens: bool = False
     mask_mode: str = "text"
     num_tokens: int = 5
     layers: str = "all"
@@ -70,6 +91,7 @@ class RunConfig:
     html: bool = True
     progress: bool = True
     max_pixels: int | None = None  # None: the processor's own limit
+    min_pixels: int | None = None  # None: the processor's own limit
 
     def settings(self) -> dict:
         return asdict(self)
@@ -80,44 +102,75 @@ class RunConfig:
             if name == "mask_mode" and not vision:
                 allowed = ("text",)
             if getattr(self, name) not in allowed:
-                raise UsageError(f"{name} {getattr(self, name)!r} is not one of: {', '.join(allowed)}")
-        if self.num_tokens < 1:
-            raise UsageError(f"--num-tokens must be at least 1 (got {self.num_tokens})")
+                raise UsageError(f"{name} {quoted(getattr(self, name))} is not one of: {', '.join(allowed)}")
+        if not 1 <= self.num_tokens <= MAX_NUM_TOKENS:
+            raise UsageError(f"--num-tokens must be between 1 and {MAX_NUM_TOKENS:,} (got {quoted(self.num_tokens)})")
         if self.window < 1:
             raise UsageError(f"--window must be at least 1 (got {self.window})")
         if self.generate_top < 0:
             raise UsageError(f"--generate-top must be 0 or more (got {self.generate_top})")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise UsageError(f"--max-pixels must be at least 1 (got {self.max_pixels})")
+        for name in ("max_pixels", "min_pixels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {quoted(getattr(self, name))})")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise UsageError(f"--min-pixels {self.min_pixels:,} is larger than --max-pixels {self.max_pixels:,}")
         if not vision and self.images:
             raise UsageError("text-only models take no image; use mask_impact_vl.py with a Qwen3-VL model")
         if self.mask_mode in ("vision", "both") and not self.images:
             raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
-        if self.prompt is None:
-            raise UsageError("no prompt given: pass --prompt TEXT (or a text file), or --demo")
-        if self.output is not None and not re.fullmatch(r"[\w.\-]+", self.output):
-            raise UsageError(f"--output {self.output!r} must be a plain name (letters, digits, '.', '_', '-')")
+        if self.prompt is None and self.prompt_file is None:
+            raise UsageError("no prompt given: pass --prompt TEXT or --prompt-file FILE, or --demo")
+        if self.prompt is not None and self.prompt_file is not None:
+            raise UsageError("give --prompt or --prompt-file, not both")
+        if self.output is not None:
+            check_name(self.output, "--output")
+        check_device(self.device)
         parse_layers(self.layers, None)
+
+
+def check_name(name: str, what: str) -> None:
+    """A result or batch name: a plain file name that is neither hidden nor a path."""
+    if not re.fullmatch(r"[\w\-][\w.\-]{0,199}", name):
+        raise UsageError(f"{what} {quoted(name)} must be a plain name of letters, digits, '.', '_', '-' (not "
+                         "starting with '.', at most 200 characters)")
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a device this machine has; checked before the model loads."""
+    import torch
+
+    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d{1,3}))?", device)
+    if not match or (match[2] is not None and match[1] != "cuda"):
+        raise UsageError(f"--device {quoted(device)} is not understood; use auto, cpu, cuda or cuda:N")
+    if match[1] == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError("--device cuda was given but no CUDA device is available; use --device cpu")
+        if match[2] is not None and int(match[2]) >= count:
+            raise UsageError(f"--device {device}: this machine has CUDA devices 0-{count - 1}")
 
 
 def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
     """``all`` or ``0-11,20,30-35`` → sorted layer list; range-checked once ``num_layers`` is known."""
     if spec.strip() == "all":
         return list(range(num_layers)) if num_layers is not None else None
-    layers: set[int] = set()
+    ranges = []
     for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        match = re.fullmatch(r"\s*(\d{1,9})\s*(?:-\s*(\d{1,9})\s*)?", part)
         if not match:
-            raise UsageError(f"--layers {spec!r} is not understood; write e.g. 'all' or '0-11,20,30-35'")
+            raise UsageError(f"--layers {quoted(spec)} is not understood; write e.g. 'all' or '0-11,20,30-35'")
         first, last = int(match[1]), int(match[2] or match[1])
         if last < first:
-            raise UsageError(f"--layers range {part.strip()!r} runs backwards; write it as {last}-{first}")
-        layers.update(range(first, last + 1))
-    if num_layers is not None and max(layers) >= num_layers:
-        raise UsageError(f"--layers {spec} names layer {max(layers)}, but the model has layers 0-{num_layers - 1}")
-    return sorted(layers)
+            raise UsageError(f"--layers range {quoted(part.strip())} runs backwards; write it as {last}-{first}")
+        ranges.append((first, last))
+    highest = max(last for _, last in ranges)  # checked before any list of layers is made
+    limit = num_layers if num_layers is not None else MAX_LAYER_INDEX
+    if highest >= limit:
+        have = f"the model has layers 0-{num_layers - 1}" if num_layers is not None else "no model has that many"
+        raise UsageError(f"--layers names layer {highest:,}, but {have}")
+    return sorted({layer for first, last in ranges for layer in range(first, last + 1)})
 
 
 def windows_for(layers: list[int], window: int, num_layers: int) -> list[tuple[int, int]]:
@@ -142,12 +195,18 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     parser.add_argument("--model", help=f"hub id or local folder (default {default_model})")
     parser.add_argument("--demo", action="store_true", help="use a tiny offline demo model and default inputs")
     parser.add_argument("--config", help="YAML file with defaults: and runs: (a batch, one model load)")
-    parser.add_argument("--prompt", help="prompt text, or the path of a UTF-8 text file")
+    parser.add_argument("--prompt", help="the prompt text (always text, even if it looks like a file name)")
+    parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
+    parser.add_argument("--allow-special-tokens", action="store_true",
+                        help="read control tokens typed in the prompt (e.g. <|im_end|>) as control tokens; by default "
+                             "they are plain text")
     if vision:
         parser.add_argument("--image", dest="images", action="append", metavar="PATH",
                             help="image file; give several times for several images")
         parser.add_argument("--max-pixels", type=int,
-                            help="refuse images larger than this many pixels (default: the processor's limit)")
+                            help="resize larger images down to at most this many pixels (default: the processor's)")
+        parser.add_argument("--min-pixels", type=int,
+                            help="resize smaller images up to at least this many pixels (default: the processor's)")
     parser.add_argument("--raw-prompt", action="store_true", help="skip the chat template")
     parser.add_argument("--mask-mode", choices=MASK_MODES if vision else ("text",),
                         help="which positions to knock out (default text; special tokens are swept with text)")
@@ -186,12 +245,16 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
     """Merge option layers, lowest precedence first, into a validated ``RunConfig``."""
     merged: dict = {}
     for layer in layers:
+        if any(layer.get(source) is not None for source in PROMPT_SOURCES):
+            for source in PROMPT_SOURCES:  # the higher layer's prompt replaces the lower one's, whichever kind
+                merged.pop(source, None)
         merged.update(layer)
     if merged.get("demo"):
         if merged.get("model") not in (None, "demo"):
             raise UsageError("--demo brings its own model; drop --model, or drop --demo")
         merged["model"] = "demo"
-        merged.setdefault("prompt", DEMO_PROMPT_VL if vision else DEMO_PROMPT_TEXT)
+        if merged.get("prompt_file") is None:
+            merged.setdefault("prompt", DEMO_PROMPT_VL if vision else DEMO_PROMPT_TEXT)
         if vision:
             merged.setdefault("images", [str(DEMO_IMAGE)])
     merged.setdefault("model", VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
@@ -204,4 +267,9 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
 
 def output_paths(config: RunConfig) -> dict[str, Path]:
     kinds = ("json", "csv", "html") if config.html else ("json", "csv")
-    return {ext: Path(config.output_dir) / f"{config.output}.{ext}" for ext in kinds}
+    return {ext: output_dir(config.output_dir) / f"{config.output}.{ext}" for ext in kinds}
+
+
+def output_dir(value: str) -> Path:
+    """``--output-dir`` as the user means it: ``~`` is their home folder."""
+    return Path(value).expanduser()

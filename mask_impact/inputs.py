@@ -10,14 +10,18 @@ image, which we map back by the resize ratio.
 from __future__ import annotations
 
 import base64
+import errno
 import io
-from dataclasses import asdict, dataclass
+import stat
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from .config import UsageError
+from .config import UsageError, bounded
 
 
 @dataclass
@@ -29,6 +33,9 @@ class ImageInfo:
     resized_width: int
     resized_height: int
     thumbnail: str  # data: URL (PNG)
+    resize: str = "kept"  # how the processor changed the size: kept | rounded ... | downscaled ... | upscaled ...
+    mode: str = "RGB"  # the file's pixel mode before conversion to 8-bit RGB
+    notes: list[str] = field(default_factory=list)  # frames dropped, bit depth scaled, transparency
 
 
 @dataclass
@@ -64,21 +71,15 @@ class Prompt:
         return [asdict(tok) for tok in self.tokens]
 
 
-def read_prompt(value: str) -> str:
-    """``--prompt`` is text, or the path of a UTF-8 text file."""
-    path = Path(value)
-    try:
-        exists = len(value) < 4096 and "\0" not in value and path.is_file()
-    except OSError:  # a name too long or otherwise impossible: it is prompt text
-        exists = False
-    looks_like_file = value.endswith((".txt", ".md", ".prompt")) or exists
-    if looks_like_file:
-        if not path.is_file():
-            raise UsageError(f"prompt file {value} does not exist; pass the prompt text or an existing file")
-        try:
-            value = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"prompt file {value} is not UTF-8 text; save it as UTF-8") from None
+MAX_PROMPT_CHARS = 4_000_000  # ~1M tokens: longer than any model's context, refused before tokenizing
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb bound, checked before decoding
+
+
+def check_prompt_text(value: str) -> str:
+    """The prompt as given with ``--prompt``: always text, never a file name."""
+    if len(value) > MAX_PROMPT_CHARS:
+        raise UsageError(f"the prompt has {len(value):,} characters, more than any model's context "
+                         f"(limit {MAX_PROMPT_CHARS:,})")
     if not value.strip():
         raise UsageError("the prompt is empty; give --prompt some text")
     try:
@@ -88,78 +89,271 @@ def read_prompt(value: str) -> str:
     return value
 
 
-def load_image(path: str) -> Image.Image:
-    if not Path(path).is_file():
-        raise UsageError(f"image {path} does not exist; check the --image path")
+def read_prompt_file(path: str) -> str:
+    """``--prompt-file``: a UTF-8 text file (a leading byte-order mark is not part of the prompt)."""
+    file = regular_file(path, "prompt file", "--prompt-file")
+    if file.stat().st_size > 4 * MAX_PROMPT_CHARS:
+        raise UsageError(f"prompt file {bounded(path)} is {file.stat().st_size:,} bytes, more than any model's "
+                         "context; shorten it")
     try:
-        with Image.open(path) as image:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"prompt file {bounded(path)} is not UTF-8 text; save it as UTF-8") from None
+    if not text.strip():
+        raise UsageError(f"prompt file {bounded(path)} is empty")
+    return check_prompt_text(text)
+
+
+def read_prompt(config) -> str:
+    """The prompt text of a run, from ``--prompt`` or ``--prompt-file``."""
+    if config.prompt_file is not None:
+        return read_prompt_file(config.prompt_file)
+    return check_prompt_text(config.prompt)
+
+
+def regular_file(path: str, what: str, option: str) -> Path:
+    """``path`` as a regular file, or one line saying exactly what it is instead."""
+    file = Path(path)
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        broken = file.is_symlink()
+        raise UsageError(f"{what} {bounded(path)} " + ("is a broken symbolic link" if broken else "does not exist")
+                         + f"; check the {option} path") from None
+    except OSError as error:
+        reason = "is a symbolic link loop" if error.errno == errno.ELOOP else f"cannot be read ({error.strerror})"
+        raise UsageError(f"{what} {bounded(path)} {reason}; check the {option} path") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{what} {bounded(path)} is a folder, not a file; check the {option} path")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{what} {bounded(path)} is not a regular file (a pipe or a device); give a file")
+    return file
+
+
+@dataclass
+class ImageFile:
+    image: Image.Image  # RGB, what the processor gets
+    mode: str  # the file's own pixel mode
+    frames: int  # frames in the file; only the first is used
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.frames > 1:
+            notes.append(f"the file has {self.frames} frames; the first is used")
+        if self.mode in HIGH_DEPTH:
+            notes.append(f"{HIGH_DEPTH[self.mode]} pixels scaled to 8 bits")
+        if self.mode in ALPHA_MODES:
+            notes.append("transparent pixels composited on white, as the processor does")
+        return notes
+
+
+HIGH_DEPTH = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+              "F": "32-bit float"}
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def load_image(path: str) -> ImageFile:
+    """An image file as the RGB picture the model should see (every Pillow mode converted faithfully)."""
+    file = regular_file(path, "image", "--image")
+    try:
+        with Image.open(file) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:  # checked before the pixels are decoded
+                raise UsageError(f"image {bounded(path)} is {width}×{height} = {width * height:,} pixels, more than "
+                                 f"{MAX_IMAGE_PIXELS:,}; shrink it first")
+            frames = getattr(image, "n_frames", 1)
+            image.seek(0)
             image.load()
-            return image.convert("RGB")
+            return ImageFile(to_rgb(image, path), image.mode, frames)
+    except Image.DecompressionBombError:
+        raise UsageError(f"image {bounded(path)} has more than {2 * MAX_IMAGE_PIXELS:,} pixels; shrink it "
+                         "first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise UsageError(f"image {path} cannot be read ({error.__class__.__name__}); give a PNG or JPEG file") from None
+        raise UsageError(f"image {bounded(path)} cannot be read ({error.__class__.__name__}); give a PNG or JPEG "
+                         "file") from None
+
+
+def to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB without saturating: high bit depths are scaled, transparency composited on white."""
+    mode = image.mode
+    if mode in HIGH_DEPTH:
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if mode == "F" and 0.0 <= low and high <= 1.0:
+            full_scale = 1.0
+        elif mode == "F" and 0.0 <= low and high <= 255.0:
+            full_scale = 255.0
+        elif mode != "F" and 0 <= low and high <= 65535:
+            full_scale = 65535.0
+        else:
+            raise UsageError(f"image {bounded(path)} has {HIGH_DEPTH[mode]} pixels from {low:g} to {high:g}, outside "
+                             "the ranges read as brightness (0-1 or 0-255 for float, 0-65535 for integer); save "
+                             "it as an 8- or 16-bit PNG")
+        values = np.rint(values * (255.0 / full_scale)).astype(np.uint8)
+        return Image.fromarray(values, "L").convert("RGB")
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass
+class PixelLimits:
+    """The resolution the model sees: the processor resizes every image into [min_pixels, max_pixels]."""
+
+    min_pixels: int
+    max_pixels: int
+    factor: int  # sides are multiples of this (patch size × merge size)
+
+    def resized(self, width: int, height: int, path: str) -> tuple[int, int]:
+        try:
+            new_height, new_width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        except ValueError as error:
+            raise UsageError(f"image {bounded(path)} cannot be given to the model: {error}") from None
+        return new_width, new_height
+
+    def describe(self, width: int, height: int, new_width: int, new_height: int) -> str:
+        if (new_width, new_height) == (width, height):
+            return "kept"
+        if width * height > self.max_pixels and new_width * new_height < width * height:
+            return f"downscaled to fit max_pixels {self.max_pixels:,}"
+        if width * height < self.min_pixels and new_width * new_height > width * height:
+            return f"upscaled to reach min_pixels {self.min_pixels:,}"
+        return f"rounded to multiples of {self.factor} pixels"
+
+
+def pixel_limits(loaded, min_pixels: int | None, max_pixels: int | None) -> PixelLimits:
+    size = loaded.processor.image_processor.size
+    vision = loaded.model.config.vision_config
+    limits = PixelLimits(min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"],
+                         vision.patch_size * vision.spatial_merge_size)
+    if limits.min_pixels > limits.max_pixels:
+        raise UsageError(f"--min-pixels {limits.min_pixels:,} is larger than the maximum of {limits.max_pixels:,} "
+                         "pixels; lower it or raise --max-pixels")
+    return limits
+
+
+def context_length(loaded) -> int | None:
+    config = loaded.model.config
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_fits(loaded, prompt_tokens: int, answer_tokens: int, what: str = "the prompt") -> None:
+    """Refuse a sequence longer than the model's context before any work is done."""
+    limit = context_length(loaded)
+    if limit is not None and prompt_tokens + answer_tokens > limit:
+        raise UsageError(f"{what}: {prompt_tokens:,} tokens, plus --num-tokens {answer_tokens:,}, exceed the "
+                         f"model's context of {limit:,} tokens")
 
 
 def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = False,
-                 max_pixels: int | None = None) -> Prompt:
-    """Apply the chat template (unless ``raw_prompt``), expand images, and build the token table."""
-    images = [load_image(path) for path in image_paths]
-    if images:
-        limit = max_pixels or processor_pixel_limit(loaded.processor)
-        for path, image in zip(image_paths, images):
-            if limit and image.width * image.height > limit:
-                raise UsageError(f"image {path} is {image.width}×{image.height} = {image.width * image.height:,} "
-                                 f"pixels, over the limit of {limit:,}; shrink it or raise --max-pixels")
-    tokenizer = loaded.tokenizer
+                 max_pixels: int | None = None, min_pixels: int | None = None, allow_special_tokens: bool = False,
+                 num_tokens: int = 1) -> Prompt:
+    """Apply the chat template (unless ``raw_prompt``), expand images, and build the token table.
+
+    Control tokens typed in the user's text (``<|im_end|>``, ``<|image_pad|>``) are plain text unless
+    ``allow_special_tokens`` (or ``raw_prompt``, whose text *is* the markup) says to read them as tokens.
+    """
+    files = [load_image(path) for path in image_paths]
+    if files and not loaded.is_vl:
+        raise UsageError("text-only models take no --image; use mask_impact_vl.py with a Qwen3-VL model")
+    literal = not (allow_special_tokens or raw_prompt)
     if loaded.is_vl:
-        if raw_prompt:
-            markup = "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
-            full_text = text if "<|image_pad|>" in text else markup + text
-        else:
-            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-            full_text = loaded.processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-        encoded = loaded.processor(text=[full_text], images=images or None, return_tensors="pt")
-        model_kwargs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-                        if key in encoded}
+        limits = pixel_limits(loaded, min_pixels, max_pixels)
+        sizes = [limits.resized(f.image.width, f.image.height, path) for f, path in zip(files, image_paths)]
+        merged = loaded.model.config.vision_config.spatial_merge_size * loaded.model.config.vision_config.patch_size
+        check_fits(loaded, sum(w * h // merged ** 2 for w, h in sizes), num_tokens, "the images alone")
+        input_ids, model_kwargs = _encode_vl(loaded, text, [f.image for f in files], raw_prompt, literal, limits)
     else:
-        if images:
-            raise UsageError("text-only models take no --image; use mask_impact_vl.py with a Qwen3-VL model")
-        if raw_prompt:
-            encoded = tokenizer(text, return_tensors="pt")
-        else:
-            if not tokenizer.chat_template:
-                raise UsageError(f"{loaded.name} has no chat template; pass --raw-prompt to use the text as is")
-            full_text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False,
-                enable_thinking=False,
-            )
-            encoded = tokenizer(full_text, return_tensors="pt", add_special_tokens=False)
-        model_kwargs = {}
-    input_ids = encoded["input_ids"]
+        limits = None
+        input_ids, model_kwargs = _encode_text_model(loaded, text, raw_prompt, literal), {}
+    check_fits(loaded, input_ids.shape[1], num_tokens)
     grids = model_kwargs.get("image_grid_thw")
-    image_infos = [_image_info(path, image, grid.tolist(), loaded) for path, image, grid
-                   in zip(image_paths, images, grids if grids is not None else [])]
-    tokens = token_table(input_ids[0].tolist(), tokenizer, loaded.model.config, image_infos)
+    image_infos = [_image_info(path, file, grid.tolist(), loaded, limits) for path, file, grid
+                   in zip(image_paths, files, grids if grids is not None else [])]
+    tokens = token_table(input_ids[0].tolist(), loaded.tokenizer, loaded.model.config, image_infos)
     return Prompt(text, input_ids, model_kwargs, tokens, image_infos)
 
 
-def processor_pixel_limit(processor) -> int | None:
-    """The largest image (in pixels) the processor keeps without shrinking it."""
-    size = getattr(getattr(processor, "image_processor", None), "size", None)
-    if size is None:
+USER_TEXT = "\ue000mask-impact-user-text\ue000"  # stands in for the user's text inside the chat template
+
+
+def _added_token_strings(tokenizer) -> list[str]:
+    return [added.content for added in tokenizer.added_tokens_decoder.values()]
+
+
+def _encode_pieces(tokenizer, full_text: str, text: str, literal: bool) -> list[list[int]] | None:
+    """Template ids around the user's text, the text itself tokenized literally; None if not needed."""
+    if not literal or not any(token in text for token in _added_token_strings(tokenizer)):
         return None
-    return getattr(size, "longest_edge", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
+    before, after = full_text.split(USER_TEXT)
+    encode = lambda piece, **kw: tokenizer(piece, add_special_tokens=False, **kw)["input_ids"]  # noqa: E731
+    return [encode(before), encode(text, split_special_tokens=True), encode(after)]
 
 
-def _image_info(path: str, image: Image.Image, grid_thw: list[int], loaded) -> ImageInfo:
+def _encode_text_model(loaded, text: str, raw_prompt: bool, literal: bool) -> torch.Tensor:
+    tokenizer = loaded.tokenizer
+    if raw_prompt:
+        return tokenizer(text, return_tensors="pt")["input_ids"]
+    if not tokenizer.chat_template:
+        raise UsageError(f"{loaded.name} has no chat template; pass --raw-prompt to use the text as is")
+    render = lambda content: tokenizer.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    pieces = _encode_pieces(tokenizer, render(USER_TEXT), text, literal)
+    if pieces is not None:
+        return torch.tensor([sum(pieces, [])])
+    full_text = render(text)
+    return tokenizer(full_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, literal: bool,
+               limits: PixelLimits) -> tuple[torch.Tensor, dict]:
+    processor, config = loaded.processor, loaded.model.config
+    image_pad, video_pad = (loaded.tokenizer.convert_ids_to_tokens(i) for i in (config.image_token_id,
+                                                                                config.video_token_id))
+    if raw_prompt:
+        markup = "<|vision_start|>" + image_pad + "<|vision_end|>"
+        template = text if image_pad in text else markup * len(images) + USER_TEXT
+    else:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": USER_TEXT}]
+        template = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                 tokenize=False)
+    pieces = _encode_pieces(loaded.tokenizer, template, text, literal)
+    full_text = template.replace(USER_TEXT, text) if pieces is None else template.split(USER_TEXT)[0]
+    if video_pad in full_text:
+        raise UsageError(f"the prompt holds the video placeholder {video_pad}; video input is not supported")
+    if full_text.count(image_pad) != len(images):
+        raise UsageError(f"the prompt has {full_text.count(image_pad)} image placeholders ({image_pad}) for "
+                         f"{len(images)} image(s); give one --image per placeholder")
+    size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
+    encoded = processor(text=[full_text], images=images or None, return_tensors="pt", size=size)
+    model_kwargs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+                    if key in encoded}
+    input_ids = encoded["input_ids"]
+    if pieces is not None:  # the user's text and the template after it, both plain text tokens
+        tail = torch.tensor([pieces[1] + pieces[2]], dtype=input_ids.dtype)
+        input_ids = torch.cat([input_ids, tail], dim=1)
+        types = model_kwargs["mm_token_type_ids"]
+        model_kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(tail.shape)], dim=1)
+    return input_ids, model_kwargs
+
+
+def _image_info(path: str, file: ImageFile, grid_thw: list[int], loaded, limits: PixelLimits) -> ImageInfo:
     patch = loaded.model.config.vision_config.patch_size
+    image = file.image
+    resized_width, resized_height = grid_thw[2] * patch, grid_thw[1] * patch
+    if (resized_width, resized_height) != limits.resized(image.width, image.height, path):
+        raise RuntimeError(f"the processor resized {path} differently from smart_resize")  # a transformers change
+    resize = limits.describe(image.width, image.height, resized_width, resized_height)
     thumb = image.copy()
     thumb.thumbnail((256, 256))
     buffer = io.BytesIO()
     thumb.save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-    return ImageInfo(path, image.width, image.height, grid_thw, grid_thw[2] * patch, grid_thw[1] * patch, url)
+    return ImageInfo(path, image.width, image.height, grid_thw, resized_width, resized_height, url, resize,
+                     file.mode, file.notes())
 
 
 def token_table(ids: list[int], tokenizer, config, images: list[ImageInfo]) -> list[TokenInfo]:

@@ -11,13 +11,19 @@ real checkpoint (see ``demo.py``).
 
 from __future__ import annotations
 
+import json
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import transformers
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
-from .config import UsageError
+from .config import UsageError, bounded, check_device, quoted
 
 VL_FAMILIES = ("qwen3_vl",)
 TEXT_FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
@@ -132,10 +138,9 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but no CUDA device is available; use --device cpu")
     return torch.device(device)
 
 
@@ -149,6 +154,7 @@ def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto
     """Load a checkpoint (hub id or local folder) through ``from_pretrained``; errors say what is wrong."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    name = locate_model(name)
     config = _load_config(name)
     model_type = getattr(config, "model_type", None)
     if vision and model_type not in VL_FAMILIES:
@@ -162,29 +168,134 @@ def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto
             f"{name}: model type {model_type!r} is not supported; "
             f"supported: {', '.join(VL_FAMILIES + TEXT_FAMILIES)}"
         )
-    if vision:
-        processor = transformers.AutoProcessor.from_pretrained(name)
-        tokenizer = processor.tokenizer
-        model_class = transformers.Qwen3VLForConditionalGeneration
-    else:
-        processor = tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        model_class = transformers.AutoModelForCausalLM
-    model = model_class.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa")
+    processor, tokenizer = _load_processor(name, vision)
+    model_class = transformers.Qwen3VLForConditionalGeneration if vision else transformers.AutoModelForCausalLM
+    model = _load_weights(model_class, name, torch_dtype)
     model.to(torch_device).eval()
     return LoadedModel(model, processor, tokenizer, adapter_for(model), name, torch_device, torch_dtype)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")  # one of them: fast, BPE or SentencePiece
+
+
+def locate_model(name: str) -> str:
+    """A local folder (checked for the files a checkpoint needs) or a hub id that can be had right now."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        check_model_folder(folder)
+        return str(folder)
+    if folder.exists():
+        raise UsageError(f"--model {bounded(name)} is a file; give the checkpoint's folder or a hub id")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise UsageError(f"model folder {bounded(name)} does not exist; check the --model path")
+    if try_to_load_from_cache(name, "config.json") is None:  # not cached: the hub must be reachable now
+        if hub_constants.HF_HUB_OFFLINE:
+            raise UsageError(f"model {quoted(name)} is not in the local hub cache and HF_HUB_OFFLINE is set; "
+                             "download it first, or pass a local folder")
+        if not _hub_reachable():
+            raise UsageError(f"model {quoted(name)} is not a local folder, not in the local hub cache, and the hub "
+                             "cannot be reached (offline?); pass a local folder, or connect and retry")
+    return name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(hub_constants.ENDPOINT)
+    try:
+        with socket.create_connection((host.hostname, host.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_model_folder(folder: Path) -> None:
+    """Say what is wrong with a local checkpoint folder before transformers gives a traceback."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UsageError(f"model folder {folder} has no config.json; is it a checkpoint folder?")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{config_file} is not valid JSON ({_short_reason(error)}); restore it") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise UsageError(f"{config_file} names no model_type; restore it from the original checkpoint")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"model folder {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not weights:
+        raise UsageError(f"model folder {folder} has no weights (*.safetensors or *.bin)")
+    for path in weights:
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
+
+
+def check_safetensors(path: Path) -> None:
+    """The header must parse and the data must be as long as the header says (a cut copy is not)."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        prefix = file.read(8)
+        header_length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_length <= size - 8:
+            raise UsageError(f"{path} is truncated or not a safetensors file ({size:,} bytes)")
+        try:
+            header = json.loads(file.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UsageError(f"{path} has a damaged header; restore it from the original checkpoint") from None
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_length + max(ends, default=0)
+    if size < expected:
+        raise UsageError(f"{path} is truncated: {size:,} bytes, its header needs {expected:,}; download it again")
+
+
+def _short_reason(error: Exception) -> str:
+    return str(error).splitlines()[0][:120]
+
+
+def _load_processor(name: str, vision: bool) -> tuple[object, object]:
+    try:
+        if vision:
+            processor = transformers.AutoProcessor.from_pretrained(name)
+            if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+                raise ValueError("no image processor")
+            return processor, processor.tokenizer
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        return tokenizer, tokenizer
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        what = "processor (tokenizer and image processor)" if vision else "tokenizer"
+        raise UsageError(f"the {what} of {name} cannot be loaded ({_short_reason(error)}); the folder needs "
+                         "tokenizer.json / tokenizer_config.json" + (" and processor_config.json" if vision else ""))
+
+
+def _load_weights(model_class, name: str, dtype: torch.dtype) -> nn.Module:
+    """``from_pretrained``, refusing a checkpoint whose weights do not fill the model its config describes
+    (transformers would initialise the missing ones randomly and only log it)."""
+    try:
+        model, info = model_class.from_pretrained(name, dtype=dtype, attn_implementation="sdpa",
+                                                  output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise UsageError(f"the weights of {name} do not load ({_short_reason(error)}); does config.json match "
+                         "the checkpoint?") from None
+    missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if missing:
+        raise UsageError(f"the weights of {name} do not match its config.json: {len(missing)} missing or "
+                         f"mismatched, e.g. {missing[0]}; restore the checkpoint or its config.json")
+    return model
 
 
 def _load_config(name: str):
     try:
         return transformers.AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, TypeError, KeyError) as error:
         text = str(error)
         if "does not recognize this architecture" in text or "model type" in text and "not" in text:
             raise UsageError(
-                f"{name}: transformers {transformers.__version__} does not know this model type; "
-                "Qwen3-VL needs transformers >= 5.0 (pip install -U transformers)"
+                f"{name}: transformers {transformers.__version__} does not know this config's model type; "
+                f"supported: {', '.join(VL_FAMILIES + TEXT_FAMILIES)}"
             ) from None
+        if Path(name).is_dir():
+            raise UsageError(f"{name}/config.json cannot be read as a model config ({_short_reason(error)})") from None
         raise UsageError(
-            f"model {name!r} could not be found (not a local folder with config.json, and not reachable on the "
-            "hub); check the name, or pass a local folder"
+            f"model {quoted(name)} could not be found on the hub; check the name, or pass a local folder"
         ) from None
+    except Exception as error:  # transformers' strict config validation raises its own error types
+        raise UsageError(f"{name}: config.json is not a valid config ({_short_reason(error)})") from None

@@ -9,6 +9,7 @@ knockouts, keeping everything already finished.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -46,19 +47,62 @@ def positions_for(prompt: Prompt, mask_mode: str) -> list[int]:
     return positions
 
 
-def auto_batch_size(loaded: LoadedModel, sequence_length: int) -> int:
-    """Rows per forward that fit comfortably: half the free GPU memory, or 1 GiB on the CPU."""
+def bytes_per_row(loaded: LoadedModel, sequence_length: int) -> int:
+    """Working memory of one knockout row in one layer's forward (activations, scores and mask)."""
     config = loaded.adapter.decoder.config
     element = torch.finfo(loaded.dtype).bits // 8
     activations = sequence_length * (6 * config.hidden_size + 3 * config.intermediate_size) * element
     scores = 2 * config.num_attention_heads * sequence_length * sequence_length * 4  # scores + mask, worst case
-    per_row = activations + scores
+    return activations + scores
+
+
+def auto_batch_size(loaded: LoadedModel, sequence_length: int) -> int:
+    """Rows per forward that fit comfortably: half the free GPU memory, or 1 GiB on the CPU."""
+    per_row = bytes_per_row(loaded, sequence_length)
     if loaded.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(loaded.device)
         budget = free // 2
     else:
         budget = 1 << 30
     return int(max(1, min(256, budget // per_row)))
+
+
+def sweep_flops(loaded: LoadedModel, windows: list[tuple[int, int]], positions: list[int], length: int,
+                first_affected) -> float:
+    """Matmul FLOPs the sweep really needs: per knockout, layers a.. over the positions it can change."""
+    config = loaded.adapter.decoder.config
+    h, i, nh, nkv = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                     config.num_key_value_heads)
+    hd = getattr(config, "head_dim", None) or h // nh
+    per_token_linear = 2 * (h * nh * hd * 2 + 2 * h * nkv * hd + 3 * h * i)  # q,o + k,v + mlp
+    total = 0.0
+    for a, _ in windows:
+        layers = loaded.adapter.num_layers - a
+        for p in positions:
+            start = first_affected(p)
+            queries = length - start
+            keys = queries * (start + length) / 2  # Σ over queries of (q + 1)
+            total += layers * (queries * per_token_linear + 4 * nh * hd * keys)
+    return total
+
+
+def describe_plan(loaded: LoadedModel, engine, windows: list, positions: list[int], batch_size: int) -> str:
+    """One line saying how much work the sweep is, before it starts."""
+    length = engine.tf.input_ids.shape[1]
+    flops = sweep_flops(loaded, windows, positions, length, engine.analysis.first_affected)
+    memory = bytes_per_row(loaded, length) * min(batch_size, len(positions))
+    return (f"sweep: {len(windows)} windows × {len(positions)} positions = {len(windows) * len(positions):,} "
+            f"knockouts over {length} tokens, about {flops / 1e12:.3g} TFLOP, up to {min(batch_size, len(positions))} "
+            f"rows per forward (about {memory / 2**30:.2g} GiB of working memory)")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's error, or the CPU allocator's (a RuntimeError, or Python's MemoryError)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text
+                                                 or "out of memory" in text.lower())
 
 
 def next_batch(engine, positions: list[int], done: int, batch_size: int, waste: float = 0.1,
@@ -106,11 +150,15 @@ def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int]
                 chunk = next_batch(engine, positions, done, batch_size)
                 try:
                     knocked = engine.logprobs(window, chunk)  # (B, T, V)
-                except torch.OutOfMemoryError:
-                    if batch_size == 1:
+                except (RuntimeError, MemoryError) as error:
+                    if not is_out_of_memory(error):
                         raise
-                    batch_size //= 2
-                    torch.cuda.empty_cache()
+                    if batch_size == 1:
+                        raise UsageError("out of memory with one knockout per forward; use a shorter prompt, a "
+                                         "smaller image (--max-pixels), or a device with more memory") from None
+                    batch_size = min(batch_size, len(chunk)) // 2
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                     continue
                 values = compute_all(engine.base_logprobs, knocked, answer)
                 for name, column in values.items():
@@ -147,6 +195,8 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         store.check_baseline(baseline.token_ids)
         batch_size = store.batch_size(batch_size)
         store.start(baseline.token_ids, batch_size)
+    if config.progress:
+        tqdm.write(describe_plan(loaded, engine, windows, positions, batch_size), file=sys.stderr)
     metrics, batch_size = score_knockouts(engine, windows, positions, batch_size, config.progress, store)
     generations = []
     for window, position in top_knockouts(metrics, windows, positions, config.generate_top):

@@ -56,7 +56,7 @@ def test_batch_folder_names_and_paths(tmp_path):
     ("runs:\n  - name: a\n   prompt: x\n", "line 3"),
     ("- just\n- a list\n", "top level must be a mapping with 'runs:'"),
     ("runs: []\n", "non-empty list"),
-    ("runs:\n  - name: a\n    colour: red\n", "unknown key 'colour'; valid keys: batch_size, block_from"),
+    ("runs:\n  - name: a\n    colour: red\n", "unknown key 'colour'; valid keys: allow_special_tokens, batch_size, block_from"),
     ("defaults:\n  promt: x\nruns:\n  - name: a\n", "defaults: unknown key 'promt'"),
     ("runs:\n  - name: a\n    num_tokens: five\n", "num_tokens must be an integer (got 'five')"),
     ("runs:\n  - name: a\n    overwrite: 1\n", "overwrite must be true or false"),

@@ -82,7 +82,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(in_tmp, capsys, images):
         "does not exist": ["--demo", "--image", "missing.png"],
         "cannot be read": ["--demo", "--image", str(corrupt)],
         "prompt is empty": ["--demo", "--prompt", "   "],
-        "prompt file": ["--demo", "--prompt", "missing_prompt.txt"],
+        "prompt file": ["--demo", "--prompt-file", "missing_prompt.txt"],
         "--num-tokens": ["--demo", "--num-tokens", "0"],
         "invalid choice": ["--demo", "--mask-mode", "pixels"],
         "needs an image": ["--model", "x", "--prompt", "hi", "--mask-mode", "vision"],
@@ -127,7 +127,7 @@ def test_text_model_given_to_vl_script(in_tmp, capsys):
 
 def test_prompt_file_is_read(in_tmp, capsys):
     (in_tmp / "prompt.txt").write_text("The capital of Italy is", encoding="utf-8")
-    assert main(["--demo", "--prompt", "prompt.txt", "--output", "p", "--no-progress", "--layers", "0",
+    assert main(["--demo", "--prompt-file", "prompt.txt", "--output", "p", "--no-progress", "--layers", "0",
                  "--generate-top", "0"], False) == 0
     data = json.loads((in_tmp / "output" / "p.json").read_text())
     assert data["prompt"] == "The capital of Italy is" and data["windows"] == [[0, 0]]

@@ -43,7 +43,11 @@ def _materialise(folder: Path, prompt, image, good_image: str) -> tuple[str, lis
         path = folder / f"prompt{n}.txt"
         path.write_bytes(prompt[1])
         prompt = str(path)
-    argv = ["--prompt", prompt]
+        argv = ["--prompt-file", prompt]
+    elif prompt == "missing_prompt.txt":
+        argv = ["--prompt-file", prompt]
+    else:
+        argv = ["--prompt", prompt]
     if image == "good":
         argv += ["--image", good_image]
     elif image == "missing":

@@ -1,0 +1,81 @@
+"""SIGINT and SIGTERM, handled alike at every stage of a run.
+
+Both signals raise ``Stopped`` (a ``KeyboardInterrupt``) in the main thread, so Ctrl-C, ``kill`` and
+a batch scheduler's time-out (Slurm sends SIGTERM) all unwind through the same ``finally`` blocks:
+finished knockouts stay in the partial file, temporary files are removed, and the command line says
+what was kept and exits with 128 + the signal's number. This module imports nothing heavy, so the
+entry points install the handlers before torch and transformers start loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from typing import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal arrived; ``signum`` says which."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+def _raise(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def stop_status(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """The signal's name and the exit status for a stop (a plain KeyboardInterrupt is SIGINT)."""
+    signum = getattr(stop, "signum", signal.SIGINT)
+    return signal.Signals(signum).name, 128 + signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise ``Stopped``; the previous handlers come back after."""
+    try:
+        saved = {signum: signal.signal(signum, _raise) for signum in SIGNALS}
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block (a few renames that must happen together)."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    except (AttributeError, ValueError):  # no signal masks on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def entry(vision: bool) -> int:
+    """What the two scripts run: handlers first, then the (slow) imports, then the command."""
+    for signum in SIGNALS:
+        signal.signal(signum, _raise)
+    try:
+        from .cli import main
+    except KeyboardInterrupt as stop:
+        name, status = stop_status(stop)
+        print(f"interrupted ({name}) while starting; nothing was written", file=sys.stderr)
+        return status
+    return main(sys.argv[1:], vision)
