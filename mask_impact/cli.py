@@ -51,10 +51,12 @@ def precheck(config: RunConfig) -> str:
     for path in config.images:
         load_image(path)
     from .report import check_writable
+    from .resume import check_unlocked
 
     paths = output_paths(config)
     check_writable(paths, config.overwrite)
     partial = partial_path(config)
+    check_unlocked(partial)
     if partial.exists() and not (config.resume or config.overwrite):
         raise UsageError(f"{partial} holds an unfinished run; pass --resume to continue it, or --overwrite to "
                          "start over")
@@ -86,18 +88,17 @@ def run_one(loaded, config: RunConfig, prompt_text: str) -> dict:
 
     paths = output_paths(config)
     prompt = build_prompt(loaded, prompt_text, config.images, config.raw_prompt, config.max_pixels)
-    store = PartialStore(partial_path(config), fingerprint_parts(loaded, config, prompt_text))
-    store.open(config.resume)
-    try:
-        result = run(loaded, prompt, config, store)
-    except KeyboardInterrupt:
-        done = sum(len(record["positions"]) for record in store.saved.values())
-        raise Interrupted(f"{done} finished knockouts are kept in {store.path}; rerun with --resume to "
-                          "continue") from None
-    data = report.result_json(loaded, prompt, config, result)
-    report.check_writable(paths, config.overwrite)
-    report.write_results(data, paths)
-    store.remove()
+    store = PartialStore(partial_path(config), fingerprint_parts(loaded, config, prompt))
+    with store.open(config.resume):  # holds the run's lock until its results are in place
+        try:
+            result = run(loaded, prompt, config, store)
+        except KeyboardInterrupt:
+            done = sum(len(record["positions"]) for record in store.saved.values())
+            raise Interrupted(f"{done} finished knockouts are kept in {store.path}; rerun with --resume to "
+                              "continue") from None
+        data = report.result_json(loaded, prompt, config, result, store.parts)
+        report.check_writable(paths, config.overwrite)
+        report.write_results(data, paths, then=store.remove)
     return {**paths, "summary": report.summary(data, paths), "answer": data["baseline"]["text"]}
 
 
