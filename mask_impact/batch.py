@@ -114,6 +114,8 @@ def load_batch(path: str, cli: dict, vision: bool) -> tuple[str, Path, list[Batc
         if fixed:
             raise UsageError(f"{where}: {fixed[0]} is set once per batch, in 'defaults:' or on the command line")
         run.setdefault("output", f"run{number}")
+        if run["output"].lower() == "index":
+            raise UsageError(f"{where}: the name {run['output']!r} is reserved for the batch index; choose another")
         if run["output"] in seen:
             raise UsageError(f"{file}: two runs are named {run['output']!r}; run names must be unique")
         seen.add(run["output"])

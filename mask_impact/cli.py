@@ -82,10 +82,12 @@ def precheck(config: RunConfig) -> str:
     for path in config.images:
         load_image(path)
     from .report import check_writable
+    from .resume import check_unlocked
 
     paths = output_paths(config)
     check_writable(paths, config.overwrite)
     partial = partial_path(config)
+    check_unlocked(partial)
     if partial.exists() and not (config.resume or config.overwrite):
         raise UsageError(f"{partial} holds an unfinished run; pass --resume to continue it, or --overwrite to "
                          "start over")
@@ -120,7 +122,7 @@ def prepare(loaded, config: RunConfig, prompt_text: str):
         resized = [f"{image.resize} ({image.width}×{image.height} → {image.resized_width}×{image.resized_height})"]
         for note in image.notes + (resized if not 0.8 <= area_ratio <= 1.25 else []):
             print(f"note: image {path}: {note}", file=sys.stderr)
-    return prompt, fingerprint_parts(loaded, config, prompt_text)
+    return prompt, fingerprint_parts(loaded, config, prompt)
 
 
 def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = None) -> dict:
@@ -134,15 +136,18 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
     stage.now = "preparing the prompt"
     prompt, parts = prepare(loaded, config, prompt_text)
     store = PartialStore(partial_path(config), parts)
-    store.open(config.resume)
-    stage.now, stage.store = "running the sweep", store
-    result = run(loaded, prompt, config, store)
-    stage.now = "writing the results"
-    data = report.result_json(loaded, prompt, config, result)
-    report.check_writable(paths, config.overwrite)
-    report.write_results(data, paths)
-    store.remove()
-    stage.written = ", ".join(str(path) for path in paths.values())
+    with report.output_folder(paths["json"].parent), store.open(config.resume):  # the lock: until results are in
+        stage.now, stage.store = "running the sweep", store
+        result = run(loaded, prompt, config, store)
+        stage.now = "writing the results"
+        data = report.result_json(loaded, prompt, config, result, store.parts)
+        report.check_writable(paths, config.overwrite)
+
+        def finished() -> None:  # runs with the renames, before a held-back signal can arrive
+            store.remove()
+            stage.written = ", ".join(str(path) for path in paths.values())
+
+        report.write_results(data, paths, then=finished)
     return {**paths, "summary": report.summary(data, paths), "answer": data["baseline"]["text"]}
 
 
@@ -218,12 +223,12 @@ class BatchState:
         """One run of the batch; a finished result is kept on --resume only if it was made from this entry."""
         finished = output_paths(config)["json"]
         if config.resume and not config.overwrite and finished.exists():
-            from .resume import differing_parts
+            from .resume import fingerprint_differences
 
             prompt_text = read_prompt(config)
             loaded = self.model(config, stage)
             _, parts = prepare(loaded, config, prompt_text)
-            differs = differing_parts(finished, parts)
+            differs = fingerprint_differences(finished, parts)
             if differs:
                 raise UsageError(f"{finished} was made with a different {', '.join(differs)} than this entry "
                                  "has now; pass --overwrite to compute it again")

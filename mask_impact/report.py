@@ -1,19 +1,29 @@
-"""Results on disk (DESIGN.md §5): JSON and CSV, written atomically, and the terminal summary.
+"""Results on disk (DESIGN.md §5): JSON, CSV and HTML, written as one set, and the terminal summary.
 
-Files are written to a temporary name in the same folder and renamed into place, so a crash never
-leaves a half-written result; every figure carries the settings and versions that produced it.
+Why as one set: a reader (a person, the viewer, a batch ``--resume``) takes a JSON as the sign that a
+run finished, so a JSON must never exist without its CSV and HTML. All three are written to temporary
+names in the same folder and flushed to disk first; then they are renamed into place with SIGINT and
+SIGTERM held back, the JSON last. A failed write (disk full, ...) removes the temporary files and is one
+line (``WriteError``). Files get the mode a plain ``open()`` would give them (the umask decides), so the
+HTML can be mailed to and opened by a colleague. CSV text cells that a spreadsheet would run as a
+formula are prefixed with ``'``; every figure carries the settings and versions that produced it.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
-import tempfile
+import secrets
+import signal
+import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import transformers
@@ -29,9 +39,26 @@ VIEWER = Path(__file__).resolve().parent.parent / "visualize_results.html"
 EMBED_SLOT = '<script id="embedded-data" type="application/json"></script>'
 CSV_COLUMNS = ["layer_start", "layer_end", "position", "token_id", "token_text", "modality", "image", "row", "col",
                "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs such a cell as a formula (OWASP)
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: RunResult) -> dict:
+class WriteError(UsageError):
+    """A file could not be written (disk full, read-only, ...): one line that names it and says why."""
+
+    def __init__(self, error: OSError, path: Path):
+        self.errno, self.path = error.errno, path
+        reason = error.strerror or str(error)
+        super().__init__(f"{reason[:1].lower()}{reason[1:]} while writing {path}")
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: RunResult,
+                fingerprint: dict | None = None) -> dict:
+    """The result; ``fingerprint`` (resume.fingerprint_parts) goes to ``meta.fingerprint``."""
     baseline = result.baseline
     return {
         "schema_version": SCHEMA_VERSION,
@@ -49,6 +76,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
             "answer_start": result.answer_start,
             "batch_size": result.batch_size,
             "settings": config.settings(),
+            "fingerprint": fingerprint,
         },
         "prompt": prompt.text,
         "images": [vars(image) for image in prompt.images],
@@ -68,7 +96,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
 
 
 def csv_text(data: dict) -> str:
-    """One row per knockout, in window-major order."""
+    """One row per knockout, in window-major order; text cells are made safe for spreadsheets."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # RFC 4180 line ends: fields holding \r or \n get quoted
     writer.writerow(CSV_COLUMNS)
@@ -77,7 +105,7 @@ def csv_text(data: dict) -> str:
         for i, position in enumerate(data["positions"]):
             token = tokens[position]
             writer.writerow([
-                start, end, position, token["id"], token["text"], token["modality"],
+                start, end, position, token["id"], _text_cell(token["text"]), _text_cell(token["modality"]),
                 _blank(token["image"]), _blank(token["row"]), _blank(token["col"]),
                 metrics["logprob_drop"][w][i], metrics["prob_change_pct"][w][i], metrics["kl"][w][i],
                 metrics["top1_changed"][w][i], _blank(metrics["first_divergence"][w][i]),
@@ -89,31 +117,137 @@ def _blank(value) -> object:
     return "" if value is None else value
 
 
+def _text_cell(value):
+    """A text cell that starts like a formula gets a leading ``'`` (shown, not run); numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def check_writable(paths: dict[str, Path], overwrite: bool) -> None:
-    """Refuse to replace an existing result unless asked; make sure the folder can be written."""
+    """Refuse to replace an existing result unless asked; make sure the folder can be made and written.
+
+    Nothing is created here: the folder appears only when the run writes into it (``make_folder``)."""
     existing = [str(path) for path in paths.values() if path.exists()]
     if existing and not overwrite:
         raise UsageError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output")
     folder = next(iter(paths.values())).parent
+    nearest = folder
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise UsageError(f"output folder {folder} cannot be created ({nearest} is a file); choose another "
+                         "--output-dir")
+    if not os.access(nearest, os.W_OK):
+        raise UsageError(f"output folder {folder} is not writable; choose another --output-dir")
+
+
+@contextmanager
+def output_folder(folder: Path) -> Iterator[None]:
+    """Create ``folder`` for a run; if the run fails and leaves it empty, remove it again."""
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"output folder {folder} cannot be created ({error.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"output folder {folder} is not writable; choose another --output-dir")
+    try:
+        yield
+    except BaseException:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _temporary(path: Path, text: str) -> Path:
+    """``text`` in a new file beside ``path``, flushed to disk, with the mode ``open()`` would give it."""
+    data = memoryview(text.encode("utf-8"))
+    while True:
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 minus the umask
+            break
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise WriteError(error, path) from None
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except BaseException as error:  # Ctrl-C included: no temporary file stays behind
+        os.close(fd)
+        temp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise WriteError(error, path) from None
+        raise
+    os.close(fd)
+    return temp
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done, then arrive as usual.
+
+    The signals are blocked in this thread (``pthread_sigmask``), and one that another thread catches is
+    only noted by a stand-in handler (Python runs handlers in the main thread); both are delivered after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in DEFERRED_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
+def write_set(texts: dict[Path, str], then: Callable[[], None] | None = None) -> None:
+    """Write every file of ``texts`` or none: temporary files first, then the renames, in order, with signals
+    held back; then ``then()`` (e.g. removing the partial file). A failure leaves no temporary file."""
+    temps: dict[Path, Path] = {}
+    try:
+        for path, text in texts.items():
+            temps[path] = _temporary(path, text)
+        with signals_deferred():  # a signal held back here arrives after the block, when all is in place
+            for path, temp in temps.items():
+                _rename(temp, path)
+            _sync_folder(next(iter(texts)).parent)
+            if then is not None:
+                then()
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+
+
+def _rename(temp: Path, path: Path) -> None:
+    try:
+        os.replace(temp, path)
+    except OSError as error:
+        raise WriteError(error, path) from None
+
+
+def _sync_folder(folder: Path) -> None:
+    """The renames themselves reach the disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_set({path: text})
 
 
 def write_index(index: dict, folder: Path, html: bool) -> None:
@@ -136,12 +270,14 @@ def viewer_html(data: dict) -> str:
     return template.replace(EMBED_SLOT, EMBED_SLOT.replace("></script>", f">{payload}</script>"), 1)
 
 
-def write_results(data: dict, paths: dict[str, Path]) -> None:
+def write_results(data: dict, paths: dict[str, Path], then: Callable[[], None] | None = None) -> None:
+    """JSON, CSV and (if asked) HTML as one set, the JSON renamed into place last; then ``then()``."""
     data = _finite(data)
-    write_atomic(paths["json"], json.dumps(data, ensure_ascii=False, indent=1))
-    write_atomic(paths["csv"], csv_text(data))
+    texts = {paths["csv"]: csv_text(data)}
     if "html" in paths:
-        write_atomic(paths["html"], viewer_html(data))
+        texts[paths["html"]] = viewer_html(data)
+    texts[paths["json"]] = json.dumps(data, ensure_ascii=False, indent=1)
+    write_set(texts, then)
 
 
 def _finite(value):

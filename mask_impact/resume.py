@@ -1,26 +1,51 @@
-"""Resume state: finished knockouts survive a killed run.
+"""Resume state: finished knockouts survive a killed run, and only the run that owns them writes them.
 
 While a sweep runs, every finished batch of knockouts is appended (and flushed to disk) to
-``OUTPUT_DIR/NAME.partial.jsonl``. Its first line is a header with a fingerprint of everything that
-determines the numbers: the model and a digest of its weights (the hub revision, or the checkpoint
-files), the prompt, the image bytes, the settings, the baseline answer and the batch size. ``--resume``
-reads the finished batches back and computes only the rest, with the same batch boundaries, so the
-final files equal those of an uninterrupted run. A header that does not match is an error that names
-what differs. A line cut short by the kill is ignored (that batch is simply computed again).
+``OUTPUT_DIR/NAME.partial.jsonl``. Its first line is a header: a run id and a fingerprint of everything
+that decides the numbers (``fingerprint_parts``: the model, its weights and its other files, the token
+ids and image tensors the model is given, the settings, the versions), the baseline answer and the batch
+size. ``--resume`` reads the finished batches back and computes only the rest, with the same batch
+boundaries, so the final files equal those of an uninterrupted run. A header that does not match is an
+error that names what differs. The same parts go into the result JSON (``meta.fingerprint``), so a
+finished result can be checked against what a rerun would compute (``fingerprint_differences``).
+
+Why a lock and a run id: two runs with the same ``--output`` would otherwise append to one file and a
+resume would merge cells of both. A run holds an exclusive ``flock`` on ``OUTPUT_DIR/.NAME.lock`` from
+before it touches the partial file until its results are in place; every record carries the header's
+run id, and records of any other run are never merged.
+
+Why records are validated: the file lives on disk between runs, where anything can happen to it. A
+record of the wrong shape is dropped (its batch is computed again), never merged; a malformed header is
+an error. A line cut short by a kill is cut off before the next append, so every append starts on a
+fresh line and a second kill loses nothing the resumed run finished.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import sys
+import time
+import uuid
 from pathlib import Path
+
+import torch
+import transformers
 
 from . import __version__
 from .config import RunConfig, UsageError
+from .inputs import Prompt
+from .metrics import METRICS
+from .report import WriteError
 
 WHOLE_FILE_LIMIT = 2 << 30  # hash checkpoints up to this size completely; larger ones by header and samples
 SAMPLE = 16 << 20
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+# Every setting that decides a number in the partial file or the result (batch size does not: see batch_size).
+RESULT_SETTINGS = ("mask_mode", "num_tokens", "layers", "window", "block_from", "vision_attention", "raw_prompt",
+                   "engine", "generate_top")
 
 
 def file_digest(path: Path, whole: bool) -> str:
@@ -49,57 +74,266 @@ def weights_digest(loaded) -> str:
     return "files:" + hashlib.sha256("".join(file_digest(p, whole) for p in files).encode()).hexdigest()
 
 
-RESULT_SETTINGS = ("mask_mode", "num_tokens", "layers", "window", "block_from", "vision_attention", "raw_prompt",
-                   "engine")
+def model_file_digests(loaded) -> dict[str, str]:
+    """``files.NAME`` → digest of every non-weight file of a local model folder (config, generation config,
+    tokenizer, chat template, processor configs, ...): they decide the tokens and the model as much as the
+    weights do. Documentation (``*.md``, LICENSE) and hidden files are left out. A hub model is pinned by its
+    revision (see ``weights_digest``)."""
+    folder = Path(loaded.model.name_or_path)
+    if not folder.is_dir():
+        return {}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix not in WEIGHT_SUFFIXES and p.suffix != ".md" and not p.name.startswith("LICENSE"))
+    return {f"files.{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def fingerprint_parts(loaded, config: RunConfig, prompt_text: str) -> dict:
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """dtype, shape and the exact bytes of a tensor."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{flat.dtype}:{tuple(tensor.shape)}".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint_parts(loaded, config: RunConfig, prompt: Prompt) -> dict:
+    """Everything that decides a number of the result, each part digested so a mismatch can be named."""
     images = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in config.images]
-    settings = {name: getattr(config, name) for name in RESULT_SETTINGS}
+    inputs = {f"inputs.{key}": tensor_digest(value) for key, value in sorted(prompt.model_kwargs.items())
+              if isinstance(value, torch.Tensor)}
     return {
         "tool_version": __version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
         "model": loaded.name,
         "weights": weights_digest(loaded),
+        **model_file_digests(loaded),
         "device": loaded.device.type,
         "dtype": str(loaded.dtype),
-        "prompt": hashlib.sha256(prompt_text.encode()).hexdigest(),
+        "prompt": hashlib.sha256(prompt.text.encode()).hexdigest(),
+        "input_ids": tensor_digest(prompt.input_ids),
         "images": images,
-        **{f"settings.{name}": value for name, value in settings.items()},
+        **inputs,
+        **{f"settings.{name}": getattr(config, name) for name in RESULT_SETTINGS},
     }
 
 
+def differing_parts(saved: dict, current: dict) -> list[str]:
+    return [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
+def fingerprint_differences(json_path: Path, parts: dict) -> list[str]:
+    """What differs between a finished result's ``meta.fingerprint`` and ``parts`` (empty: it matches).
+    A result that cannot be read, or has no fingerprint, differs in ``fingerprint``."""
+    try:
+        saved = json.loads(Path(json_path).read_text(encoding="utf-8"))["meta"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["fingerprint"]
+    if not isinstance(saved, dict):
+        return ["fingerprint"]
+    return differing_parts(saved, parts)
+
+
+def finished_result_matches(json_path: Path, parts: dict) -> bool:
+    """Whether a finished result was made from exactly what ``parts`` describes (batch ``--resume`` reuses it)."""
+    return not fingerprint_differences(json_path, parts)
+
+
+# --- the lock -------------------------------------------------------------------------------------------------
+
+def lock_path(partial: Path) -> Path:
+    return partial.with_name(f".{partial.name.removesuffix('.partial.jsonl')}.lock")
+
+
+def _locked_by(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _busy(partial: Path, lock: Path) -> UsageError:
+    name = partial.name.removesuffix(".partial.jsonl")
+    return UsageError(f"another run is writing {name} (pid {_locked_by(lock)}) in {partial.parent}; wait for it "
+                      "to finish, or choose another --output")
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``.NAME.lock``, holding the pid of its owner.
+
+    The file is removed on release; a run that opened it just before the removal sees that its file is no
+    longer the one at the path and tries again, so two runs can never both believe they hold the lock.
+    """
+
+    def __init__(self, partial: Path):
+        self.partial, self.path = partial, lock_path(partial)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        give_up = time.monotonic() + 0.2
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                raise WriteError(error, self.path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() > give_up:  # not just a moment's check_unlocked of another run
+                    raise _busy(self.partial, self.path) from None
+                time.sleep(0.02)
+                continue
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        try:  # only for the message another run gets; the lock itself is the flock
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:  # a lock file left behind is harmless: the lock is the flock, gone with the descriptor
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def check_unlocked(partial: Path) -> None:
+    """Fail early (before the model loads) when another run holds NAME's lock; takes nothing."""
+    lock = lock_path(partial)
+    if not lock.exists():
+        return
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(partial, lock) from None
+    finally:
+        os.close(fd)
+
+
+# --- records ----------------------------------------------------------------------------------------------------
+
+def _index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def header_problem(header) -> str | None:
+    """Why a header line is not one this version writes, or None."""
+    if not isinstance(header, dict):
+        return "not a JSON object"
+    if not isinstance(header.get("run"), str) or not header["run"]:
+        return "no run id"
+    if not isinstance(header.get("parts"), dict):
+        return "no fingerprint"
+    baseline = header.get("baseline")
+    if not isinstance(baseline, list) or not baseline or not all(_index(t) for t in baseline):
+        return "no baseline answer"
+    if not _index(header.get("batch_size")) or header["batch_size"] < 1:
+        return "no batch size"
+    return None
+
+
+def valid_record(record, run: str) -> bool:
+    """A finished batch of this run: indices, a non-empty list of positions, every metric with one value each."""
+    if not isinstance(record, dict) or record.get("run") != run:
+        return False
+    positions, metrics = record.get("positions"), record.get("metrics")
+    if not (_index(record.get("window")) and _index(record.get("start")) and _index(record.get("batch_size"))
+            and record["batch_size"] >= 1):
+        return False
+    if not isinstance(positions, list) or not positions or not all(_index(p) for p in positions):
+        return False
+    if not isinstance(metrics, dict) or set(metrics) != set(METRICS):
+        return False
+    return all(isinstance(values, list) and len(values) == len(positions) and all(_scalar(v) for v in values)
+               for values in metrics.values())
+
+
+def read_lines(path: Path) -> tuple[list[bytes], int]:
+    """The complete lines of a file and the length of its cut-off tail (a last line without ``\\n``)."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    return lines[:-1], len(lines[-1])
+
+
 class PartialStore:
-    """Appends finished batches to the partial file; reads them back on ``--resume``."""
+    """Appends finished batches to the partial file; reads them back on ``--resume``.
+
+    Use as ``with store.open(resume):`` around the whole run (sweep and result writing): it holds the
+    run's lock, and turns a failed write (disk full, ...) into one line that says what was kept.
+    """
 
     def __init__(self, path: Path, parts: dict):
         self.path, self.parts = path, parts
         self.saved: dict[tuple[int, int], dict] = {}  # (window index, start index) → record
         self.header: dict | None = None
+        self.run = uuid.uuid4().hex[:16]
+        self.lock = RunLock(path)
 
-    def open(self, resume: bool) -> None:
-        if self.path.exists() and not resume:
-            self.path.unlink()
-        if resume and self.path.exists():
-            self._read()
+    def open(self, resume: bool) -> PartialStore:
+        self.lock.acquire()
+        try:
+            if self.path.exists() and not resume:
+                self.path.unlink()
+            if resume and self.path.exists():
+                self._read()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __enter__(self) -> PartialStore:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.lock.release()
+        if isinstance(error, WriteError):
+            advice = "free space" if error.disk_full else "fix that"
+            raise UsageError(f"{error}; {self.kept()} finished knockouts are kept in {self.path}; {advice} and "
+                             "rerun with --resume") from None
+
+    def kept(self) -> int:
+        return sum(len(record["positions"]) for record in self.saved.values())
 
     def _read(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # cut short by the kill; everything after it is lost anyway
-        if not records or "parts" not in records[0]:
+        lines, cut = read_lines(self.path)
+        if cut:  # the kill cut the last line short: drop it, so the next append starts on a fresh line
+            with self.path.open("r+b") as file:
+                file.truncate(self.path.stat().st_size - cut)
+        if not lines:
             return
-        header = records[0]
-        differs = [key for key in sorted(set(header["parts"]) | set(self.parts))
-                   if header["parts"].get(key) != self.parts.get(key)]
+        header = _parse(lines[0])
+        problem = header_problem(header)
+        if problem:
+            raise UsageError(f"{self.path} has no valid header ({problem}); rerun without --resume and with "
+                             "--overwrite to start over")
+        differs = differing_parts(header["parts"], self.parts)
         if differs:
             raise UsageError(f"{self.path} was made with a different {', '.join(differs)}; rerun without "
                              "--resume (and with --overwrite) to start over")
-        self.header = header
-        self.saved = {(r["window"], r["start"]): r for r in records[1:]}
+        self.header, self.run = header, header["run"]
+        for line in lines[1:]:
+            record = _parse(line)
+            if valid_record(record, self.run):
+                self.saved[(record["window"], record["start"])] = record
 
     def check_baseline(self, token_ids: list[int]) -> None:
         if self.header is not None and self.header["baseline"] != token_ids:
@@ -107,27 +341,67 @@ class PartialStore:
                              "(non-deterministic hardware?); rerun with --overwrite to start over")
 
     def batch_size(self, default: int) -> int:
-        """The batch size the partial run used last, so the remaining batches fall where they would have."""
+        """The batch size the partial run used last, so the remaining batches fall where they would have.
+
+        Batch boundaries do not change what a knockout measures, only how the float sums are grouped; keeping
+        them makes the resumed result equal, bit for bit, to an uninterrupted run. A different ``--batch-size``
+        is therefore not an error: it is set aside, with a note.
+        """
         if self.saved:
-            return list(self.saved.values())[-1]["batch_size"]
-        return self.header["batch_size"] if self.header else default
+            size = list(self.saved.values())[-1]["batch_size"]
+        elif self.header:
+            size = self.header["batch_size"]
+        else:
+            return default
+        if size != default:
+            print(f"note: resuming {self.path.name} with the batch size it was made with ({size}, not {default}), "
+                  "so the result equals an uninterrupted run", file=sys.stderr)
+        return size
 
     def start(self, token_ids: list[int], batch_size: int) -> None:
         if self.header is None:
-            self.header = {"parts": self.parts, "baseline": token_ids, "batch_size": batch_size}
+            self.header = {"run": self.run, "pid": os.getpid(), "parts": self.parts, "baseline": token_ids,
+                           "batch_size": batch_size}
             self._append(self.header, mode="w")
 
     def record(self, window: int, start: int, positions: list[int], values: dict, batch_size: int) -> None:
-        record = {"window": window, "start": start, "positions": positions, "metrics": values,
+        record = {"run": self.run, "window": window, "start": start, "positions": positions, "metrics": values,
                   "batch_size": batch_size}
-        self.saved[(window, start)] = record
         self._append(record)
+        self.saved[(window, start)] = record
 
     def _append(self, record: dict, mode: str = "a") -> None:
-        with self.path.open(mode, encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
+        """One whole line, flushed to disk; on failure the file is cut back to what it was."""
+        line = memoryview((json.dumps(record) + "\n").encode())
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if mode == "w" else os.O_APPEND)
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as error:
+            raise WriteError(error, self.path) from None
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            while line:
+                line = line[os.write(fd, line):]
+            os.fsync(fd)
+        except OSError as error:
+            _truncate(fd, size)
+            raise WriteError(error, self.path) from None
+        finally:
+            os.close(fd)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _parse(line: bytes):
+    try:
+        return json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _truncate(fd: int, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError:  # the reader drops a cut-off last line anyway
+        pass

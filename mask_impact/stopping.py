@@ -54,20 +54,6 @@ def stop_signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-@contextlib.contextmanager
-def stop_signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the block (a few renames that must happen together)."""
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    except (AttributeError, ValueError):  # no signal masks on this platform
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def entry(vision: bool) -> int:
     """What the two scripts run: handlers first, then the (slow) imports, then the command."""
     for signum in SIGNALS:

@@ -118,3 +118,9 @@ def test_shipped_example_configs_run(tmp_path, monkeypatch, script, config, visi
         with_image = json.loads((tmp_path / "output" / "prompts_config_vl" / "question_with_image.json").read_text())
         assert text_only["images"] == [] and len(with_image["images"]) == 1
         assert runs["everything_window3"]["mask_mode"] == "both"
+
+
+@pytest.mark.parametrize("name", ["index", "INDEX", "Index"])
+def test_a_run_named_index_is_refused(tmp_path, name):
+    with pytest.raises(UsageError, match=f"name '{name}' is reserved for the batch index"):
+        _batch(tmp_path, f"defaults:\n  demo: true\nruns:\n  - name: {name}\n  - name: other\n")
