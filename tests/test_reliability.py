@@ -396,3 +396,23 @@ def test_output_names_are_plain_and_output_dir_expands_home(in_tmp, capsys, monk
     monkeypatch.setenv("HOME", str(in_tmp / "home"))
     assert main(["--config", "b.yaml", "--no-progress"], False) == 0
     assert (in_tmp / "home" / "results" / "b" / "run1.json").exists() and not (in_tmp / "~").exists()
+
+
+# 3. a finished batch run is reused on --resume only if it was made from its current entry ----------------------
+
+def test_batch_resume_recomputes_nothing_stale(in_tmp, capsys):
+    text = ("defaults:\n  demo: true\n  layers: '0'\n  generate_top: 0\nruns:\n"
+            "  - name: same\n    prompt: A=1, B=2. What is A?\n  - name: edited\n    prompt: {prompt}\n")
+    (in_tmp / "b.yaml").write_text(text.format(prompt="A=3, B=7. What is B?"))
+    assert main(["--config", "b.yaml", "--no-progress"], False) == 0
+    kept = (in_tmp / "output" / "b" / "same.json").read_text()
+    (in_tmp / "b.yaml").write_text(text.format(prompt="A=3, B=7. What is A?"))
+    assert main(["--config", "b.yaml", "--no-progress", "--resume"], False) == 1
+    runs = {run["name"]: run for run in json.loads((in_tmp / "output" / "b" / "index.json").read_text())["runs"]}
+    assert runs["same"]["status"] == "done" and runs["same"]["note"] == "kept from an earlier run"
+    assert runs["edited"]["status"] == "error" and "different" in runs["edited"]["error"]  # before: kept, stale
+    assert "input_ids" in runs["edited"]["error"] and "prompt" in runs["edited"]["error"]
+    assert (in_tmp / "output" / "b" / "same.json").read_text() == kept
+    assert main(["--config", "b.yaml", "--no-progress", "--overwrite"], False) == 0
+    edited = json.loads((in_tmp / "output" / "b" / "edited.json").read_text())
+    assert edited["prompt"] == "A=3, B=7. What is A?"
