@@ -156,7 +156,7 @@ def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int]
                     if batch_size == 1:
                         raise UsageError("out of memory with one knockout per forward; use a shorter prompt, a "
                                          "smaller image (--max-pixels), or a device with more memory") from None
-                    batch_size = min(batch_size, len(chunk)) // 2
+                    batch_size //= 2
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue

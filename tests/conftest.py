@@ -25,6 +25,24 @@ def demo_cache(tmp_path_factory):
     return folder
 
 
+def cli_error(capsys, argv: list[str], vision: bool = True) -> str:
+    """Run the command line in-process on bad input: exit status 2 and exactly one line on stderr."""
+    from mask_impact.cli import main
+
+    code = main(argv, vision)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    """A temporary working folder (relative output paths land in it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 def _loaded(tmp_path_factory, name: str, vision: bool, **kwargs):
     folder = build_demo(tmp_path_factory.mktemp(name), vision, **kwargs)
     return load_model(str(folder), vision, device="cpu", dtype="float32")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mask_impact.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_error as _error
 
 JSON_KEYS = {"schema_version", "meta", "prompt", "images", "tokens", "baseline", "windows", "positions",
              "metrics", "generations"}
@@ -59,20 +59,6 @@ def test_demo_end_to_end(tmp_path, script, extra):
         assert data["images"][0]["thumbnail"].startswith("data:image/png;base64,")
         assert {t["modality"] for t in data["tokens"]} == {"text", "special", "vision"}
         assert data["windows"][0] == [0, 1] and "baseline answer" in done.stdout
-
-
-def _error(capsys, argv, vision=True):
-    code = main(argv, vision)
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
-@pytest.fixture()
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(in_tmp, capsys, images):

@@ -26,21 +26,7 @@ from mask_impact.cli import main
 from mask_impact.config import UsageError
 from mask_impact.demo import demo_model_path
 from mask_impact.inputs import build_prompt, load_image
-from tests.conftest import ROOT
-
-
-def _error(capsys, argv, vision=True) -> str:
-    code = main(argv, vision)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
-@pytest.fixture()
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+from tests.conftest import ROOT, cli_error as _error
 
 
 # 5. every pixel mode converted faithfully ---------------------------------------------------------------------

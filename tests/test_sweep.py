@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mask_impact.config import UsageError
 from mask_impact.engine import Analysis, FastEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.sweep import next_batch, positions_for, score_knockouts, top_knockouts
@@ -50,7 +51,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_result(engine, monkeypat
 
 def test_out_of_memory_at_batch_one_is_raised(engine, monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(UsageError, match="out of memory with one knockout per forward"):  # one line, no traceback
         score_knockouts(RunsOutOfMemory(engine, limit=0), [(0, 0)], [1, 2], 4, progress=False)
 
 
