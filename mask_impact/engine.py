@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from .inputs import Prompt
 from .knockout import AttentionPlan, apply_plan, knockout_attention_installed
@@ -114,9 +114,12 @@ class Analysis:
                                   pad_token_id=loaded.tokenizer.pad_token_id or eos[0],
                                   suppress_tokens=self.placeholder_ids() or None)
         inputs = _to(dict(input_ids=prompt.input_ids, **prompt.model_kwargs), loaded.device)
+        # A full-length cache: the default one keeps only the last window of a sliding layer's keys, but
+        # the knockout names keys by absolute position; the sliding masks still come from the model.
+        cache = DynamicCache()
         with knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan or self.plan()):
             output = loaded.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]),
-                                           generation_config=config)
+                                           past_key_values=cache, generation_config=config)
         new = output[0, prompt.length:].tolist()
         stopped = bool(new) and new[-1] in eos
         return new, stopped
