@@ -18,8 +18,8 @@ real checkpoint (see ``demo.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import transformers
