@@ -70,7 +70,9 @@ def build_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = 384) -> transf
     return tokenizer
 
 
-def tiny_text_config(tokenizer, model_type: str = "qwen3", num_layers: int = 4) -> transformers.PreTrainedConfig:
+def tiny_text_config(tokenizer, model_type: str = "qwen3", num_layers: int = 4,
+                     **overrides) -> transformers.PreTrainedConfig:
+    """A tiny text decoder; ``overrides`` reach the config as is (e.g. ``sliding_window=4``, ``layer_types``)."""
     ids = _special_ids(tokenizer)
     return transformers.AutoConfig.for_model(
         model_type,
@@ -78,7 +80,7 @@ def tiny_text_config(tokenizer, model_type: str = "qwen3", num_layers: int = 4) 
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
         initializer_range=0.1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, **overrides,
     )
 
 
@@ -119,15 +121,20 @@ def build_vl_processor(tokenizer) -> transformers.Qwen3VLProcessor:
 
 
 def build_demo(folder: Path, vision: bool, num_layers: int = 4, seed: int = 0,
-               text_model_type: str = "qwen3") -> Path:
-    """Write a tiny checkpoint folder (model, tokenizer, processor); deterministic for a given seed."""
+               text_model_type: str = "qwen3", text_config: dict | None = None) -> Path:
+    """Write a tiny checkpoint folder (model, tokenizer, processor); deterministic for a given seed.
+
+    ``text_config`` overrides the text model's config fields, e.g. a sliding window for Mistral
+    (``{"sliding_window": 4}``) or for Qwen2/Qwen3 (``use_sliding_window``, ``sliding_window``, ``layer_types``).
+    """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     if vision:
         model = transformers.Qwen3VLForConditionalGeneration(tiny_vl_config(tokenizer, num_layers))
         build_vl_processor(tokenizer).save_pretrained(folder)
     else:
-        model = transformers.AutoModelForCausalLM.from_config(tiny_text_config(tokenizer, text_model_type, num_layers))
+        config = tiny_text_config(tokenizer, text_model_type, num_layers, **(text_config or {}))
+        model = transformers.AutoModelForCausalLM.from_config(config)
         tokenizer.save_pretrained(folder)
     model.generation_config.eos_token_id = model.config.get_text_config().eos_token_id
     model.save_pretrained(folder)

@@ -9,7 +9,9 @@ the obvious way. ``FastEngine`` computes the same numbers with three reuses that
 knockout in window ``[a, b]`` of position ``p`` cannot change anything below layer ``a`` nor any
 position before ``p`` (causal attention):
 
-1. one unmasked pass caches the hidden state entering every layer and every layer's K/V;
+1. one unmasked pass caches the hidden state entering every layer and every layer's K/V; each layer
+   gets the mask the model itself builds for it (causal, or a sliding window), built once for the
+   whole sequence by the adapter, and a suffix pass takes that mask's rows from its first query on;
 2. a batch of knockouts (one per row) starts from the cached input of layer ``a`` and runs only
    layers ``a .. L-1``, adding DeepStack features after layers 0..2 as the model does;
 3. only positions ``>= min p`` of the batch are recomputed: the keys/values before it are the
@@ -23,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from .inputs import Prompt
 from .knockout import AttentionPlan, apply_plan, knockout_attention_installed
@@ -112,9 +114,12 @@ class Analysis:
                                   pad_token_id=loaded.tokenizer.pad_token_id or eos[0],
                                   suppress_tokens=self.placeholder_ids() or None)
         inputs = _to(dict(input_ids=prompt.input_ids, **prompt.model_kwargs), loaded.device)
+        # A full-length cache: the default one keeps only the last window of a sliding layer's keys, but
+        # the knockout names keys by absolute position; the sliding masks still come from the model.
+        cache = DynamicCache()
         with knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan or self.plan()):
             output = loaded.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]),
-                                           generation_config=config)
+                                           past_key_values=cache, generation_config=config)
         new = output[0, prompt.length:].tolist()
         stopped = bool(new) and new[-1] in eos
         return new, stopped
@@ -193,6 +198,8 @@ class FastEngine:
         with torch.no_grad():
             inputs = adapter.layer_inputs(tf.input_ids.to(device), _to(tf.model_kwargs, device))
             self.cos, self.sin = adapter.rotary(inputs.hidden, inputs.rope_position_ids.to(device))  # (1, S, hs)
+            with knockout_attention_installed(adapter.attention_configs()):  # masks as built for our attention
+                self.masks = adapter.layer_masks(inputs.hidden)  # (1, 1, S, S) or None (plain causal) per layer
         self.deepstack = [self._scatter(inputs.visual_mask, rows) for rows in inputs.deepstack]  # (S, H) each
         self.layer_inputs: list[torch.Tensor] = []  # (1, S, H) entering each layer
         self.kv = _RecordKV()
@@ -211,11 +218,13 @@ class FastEngine:
         """Layers ``first_layer ..`` over positions ``start ..``; returns (B, T, V) answer log-probs."""
         adapter = self.analysis.loaded.adapter
         cos, sin = self.cos[:, start:], self.sin[:, start:]
+        # the queries are positions start.., the keys all positions: the mask rows of the queries
+        masks = [None if mask is None else mask[:, :, start:] for mask in self.masks]  # (1, 1, S - start, S)
         with knockout_attention_installed(adapter.attention_configs()), apply_plan(plan):
             for index in range(first_layer, adapter.num_layers):
                 if record:
                     self.layer_inputs.append(hidden)
-                hidden = adapter.layers[index](hidden, attention_mask=None, position_ids=None,
+                hidden = adapter.layers[index](hidden, attention_mask=masks[index], position_ids=None,
                                                past_key_values=kv, position_embeddings=(cos, sin))
                 if index < len(self.deepstack):
                     hidden = hidden + self.deepstack[index][start:].to(hidden.dtype)

@@ -12,7 +12,14 @@ the projections, q/k norms and rotary embeddings stay exactly the model's. What 
 the ``AttentionPlan`` made active with ``apply_plan``; with no active plan it is plain SDPA.
 
 Query positions are absolute: for ``Q`` queries over ``K`` keys the queries sit at ``K-Q .. K-1``.
-That holds for a full forward, for cached decoding and for the engine's suffix recomputation.
+That holds for a full forward, for cached decoding with a full-length cache (``Analysis.generate``
+passes one: transformers' default cache drops the keys that left a sliding window) and for the
+engine's suffix recomputation.
+
+The knockout is laid over the mask the model built for the layer (``base``: causal, a sliding
+window, ...). When that arrives as None, ``sdpa_mask`` found it plain causal; a sliding layer with
+more keys than its window never gets None, and ``knockout_attention`` refuses one that does rather
+than silently attend past the window.
 """
 
 from __future__ import annotations
@@ -101,6 +108,9 @@ def knockout_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention with the active plan's blocks; plain SDPA when no plan is active."""
+    window = kwargs.get("sliding_window")
+    if attention_mask is None and window is not None and key.shape[2] > window:
+        raise RuntimeError(f"layer {module.layer_idx}: sliding window {window} but no mask over {key.shape[2]} keys")
     plan = _ACTIVE_PLAN.get()
     if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)

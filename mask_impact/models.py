@@ -1,9 +1,16 @@
-"""Loading models, and the one table that says where each family keeps its decoder.
+"""Loading models, and the tables that say where each family keeps its decoder and how it masks it.
 
 The engine never reaches into a model by hard-coded attribute paths: it asks a ``DecoderAdapter``
-for the decoder layers, the final norm, the rotary embedding and the head, and for the inputs of
-layer 0 (embeddings with image features scattered in, position ids, DeepStack additions). One
-adapter serves Qwen3-VL, another every Llama-shaped text decoder (Qwen3, Qwen2, Llama, Mistral).
+for the decoder layers, the final norm, the rotary embedding and the head, for the inputs of
+layer 0 (embeddings with image features scattered in, position ids, DeepStack additions), and for
+the attention mask each layer gets. One adapter serves Qwen3-VL, another every Llama-shaped text
+decoder (Qwen3, Qwen2, Llama, Mistral).
+
+Masks: the engine runs the decoder layers itself, so it must hand each layer the mask the model's
+own forward would build for it — plain causal, or causal within a sliding window (Mistral; Qwen2/
+Qwen3 with ``use_sliding_window``). ``LAYER_TYPE_RULES`` says, per family, which layer gets which
+mask, as each family's modeling code picks it; the masks themselves come from transformers' own
+builders. A configuration whose masks we cannot rebuild exactly is refused at load, never run.
 
 Demo models are built offline, saved, and loaded back through ``from_pretrained`` exactly like a
 real checkpoint (see ``demo.py``).
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,11 +30,57 @@ import transformers
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .config import UsageError, bounded, check_device, quoted
 
 VL_FAMILIES = ("qwen3_vl",)
 TEXT_FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
+
+# The layer types whose masks we rebuild, each with the transformers function that builds it.
+LAYER_MASKS: dict[str, Callable] = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+
+def _all_full(config) -> list[str]:
+    return ["full_attention"] * config.num_hidden_layers
+
+
+def _mistral_types(config) -> list[str]:
+    # MistralModel builds one mask for every layer, sliding iff ``sliding_window`` is set; it ignores layer_types
+    kind = "full_attention" if config.sliding_window is None else "sliding_attention"
+    return [kind] * config.num_hidden_layers
+
+
+def _declared_types(config) -> list[str]:
+    return list(config.layer_types)
+
+
+# Which mask each family's decoder hands each layer (transformers 5.x modeling code).
+LAYER_TYPE_RULES: dict[str, Callable[[object], list[str]]] = {
+    "qwen3_vl": _all_full,  # Qwen3VLTextModel: create_causal_mask for every layer, image tokens included
+    "llama": _all_full,
+    "mistral": _mistral_types,
+    "qwen2": _declared_types,  # causal_mask_mapping[config.layer_types[i]]
+    "qwen3": _declared_types,
+}
+
+
+def layer_types_for(model_type: str, text_config) -> list[str]:
+    """The mask type of each decoder layer; raises ``UsageError`` for masks we cannot rebuild exactly."""
+    if not getattr(text_config, "is_causal", True):
+        raise UsageError(f"this {model_type} checkpoint is configured bidirectional (is_causal: false); "
+                         "knockouts here assume a causal decoder")
+    types = LAYER_TYPE_RULES[model_type](text_config)
+    unknown = sorted(set(types) - set(LAYER_MASKS))
+    if unknown:
+        raise UsageError(f"{model_type} layer types {', '.join(unknown)} are not supported (only "
+                         f"{', '.join(LAYER_MASKS)} masks are reproduced exactly)")
+    if "sliding_attention" in types and not getattr(text_config, "sliding_window", None):
+        raise UsageError(f"this {model_type} checkpoint has sliding_attention layers but no sliding_window")
+    return types
 
 
 @dataclass
@@ -45,6 +99,7 @@ class DecoderAdapter:
     def __init__(self, model: nn.Module, decoder: nn.Module):
         self.model = model
         self.decoder = decoder  # the module holding layers / norm / rotary_emb
+        self.layer_types = layer_types_for(model.config.model_type, decoder.config)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -74,6 +129,18 @@ class DecoderAdapter:
 
     def layer_inputs(self, input_ids: torch.Tensor, model_kwargs: dict) -> LayerInputs:
         raise NotImplementedError
+
+    def layer_masks(self, hidden: torch.Tensor) -> list[torch.Tensor | None]:
+        """The mask each layer gets in the model's own forward of one whole sequence (no padding, no cache).
+
+        ``hidden`` (1, S, H) only sizes them. With our attention installed (or SDPA) each is a boolean
+        (1, 1, S, S) mask of allowed scores, or None where it is plain causal (``sdpa_mask`` skips it:
+        full layers, and sliding layers whose window covers the whole sequence).
+        """
+        built = {kind: LAYER_MASKS[kind](config=self.decoder.config, inputs_embeds=hidden, attention_mask=None,
+                                         past_key_values=None)
+                 for kind in set(self.layer_types)}
+        return [built[kind] for kind in self.layer_types]
 
 
 class TextAdapter(DecoderAdapter):
@@ -168,6 +235,10 @@ def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto
             f"{name}: model type {model_type!r} is not supported; "
             f"supported: {', '.join(VL_FAMILIES + TEXT_FAMILIES)}"
         )
+    try:
+        layer_types_for(model_type, config.get_text_config())
+    except UsageError as error:
+        raise UsageError(f"{name}: {error}") from None
     processor, tokenizer = _load_processor(name, vision)
     model_class = transformers.Qwen3VLForConditionalGeneration if vision else transformers.AutoModelForCausalLM
     model = _load_weights(model_class, name, torch_dtype)
