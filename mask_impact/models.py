@@ -239,6 +239,8 @@ def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto
         layer_types_for(model_type, config.get_text_config())
     except UsageError as error:
         raise UsageError(f"{name}: {error}") from None
+    if Path(name).is_dir():
+        check_model_files(Path(name))
     processor, tokenizer = _load_processor(name, vision)
     model_class = transformers.Qwen3VLForConditionalGeneration if vision else transformers.AutoModelForCausalLM
     model = _load_weights(model_class, name, torch_dtype)
@@ -280,7 +282,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def check_model_folder(folder: Path) -> None:
-    """Say what is wrong with a local checkpoint folder before transformers gives a traceback."""
+    """Say what is wrong with a local checkpoint folder's config before transformers gives a traceback."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UsageError(f"model folder {folder} has no config.json; is it a checkpoint folder?")
@@ -290,6 +292,10 @@ def check_model_folder(folder: Path) -> None:
         raise UsageError(f"{config_file} is not valid JSON ({_short_reason(error)}); restore it") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise UsageError(f"{config_file} names no model_type; restore it from the original checkpoint")
+
+
+def check_model_files(folder: Path) -> None:
+    """The tokenizer and weight files a checkpoint folder needs, the weights whole."""
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UsageError(f"model folder {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
