@@ -30,6 +30,7 @@ from transformers import DynamicCache, GenerationConfig
 from .inputs import Prompt
 from .knockout import AttentionPlan, apply_plan, knockout_attention_installed
 from .models import LoadedModel
+from .spec import Knockout
 
 
 @dataclass
@@ -73,25 +74,22 @@ class Analysis:
     def answer_start(self) -> int:
         return self.prompt.length - 1
 
-    def plan(self, window: tuple[int, int] | None = None, positions: list[int] | None = None,
+    def knockout(self, unit: int | Knockout) -> Knockout:
+        """A unit as the knockout this analysis runs: a bare position is that token's knockout, and
+        ``--block-from answer`` keeps only the answer queries."""
+        knockout = Knockout.token(unit) if isinstance(unit, int) else unit
+        return knockout.restricted_to(self.answer_start) if self.block_from == "answer" else knockout
+
+    def plan(self, window: tuple[int, int] | None = None, units: list[int | Knockout] | None = None,
              reference: bool = False) -> AttentionPlan:
         if window is None:
             return AttentionPlan(vision_groups=self._groups, reference=reference)
-        return AttentionPlan(
-            layers=range(window[0], window[1] + 1),
-            positions=torch.tensor(positions),
-            query_start=self.answer_start if self.block_from == "answer" else 0,
-            vision_groups=self._groups,
-            reference=reference,
-        )
+        knockouts = [self.knockout(unit) for unit in units]
+        return AttentionPlan.for_knockouts(window, knockouts, self.prompt.length, self._groups, reference)
 
-    def first_affected(self, position: int) -> int:
-        """The first position whose computation a knockout of ``position`` can change."""
-        if self.block_from == "answer":
-            return self.answer_start
-        if self._groups is not None and self._groups[position] >= 0:
-            return int((self._groups == self._groups[position]).nonzero()[0])
-        return position
+    def first_affected(self, unit: int | Knockout) -> int | None:
+        """The first position whose computation a knockout can change (None: it changes nothing)."""
+        return self.knockout(unit).first_affected(self._groups)
 
     def eos_ids(self) -> list[int]:
         eos = self.loaded.model.generation_config.eos_token_id
@@ -159,9 +157,9 @@ class NaiveEngine:
             logits = loaded.model(**inputs).logits  # (1, S, V)
         return torch.log_softmax(logits[:, self.tf.answer_positions].float(), dim=-1)  # (1, T, V)
 
-    def logprobs(self, window: tuple[int, int], positions: list[int]) -> torch.Tensor:
-        """(B, T, V) answer log-probs, one row per knocked-out position."""
-        rows = [self._forward(self.analysis.plan(window, [p], reference=True)) for p in positions]
+    def logprobs(self, window: tuple[int, int], units: list[int | Knockout]) -> torch.Tensor:
+        """(B, T, V) answer log-probs, one row per knockout (a bare position: that token's knockout)."""
+        rows = [self._forward(self.analysis.plan(window, [unit], reference=True)) for unit in units]
         return torch.cat(rows, dim=0)
 
 
@@ -232,10 +230,14 @@ class FastEngine:
         logits = adapter.lm_head(adapter.norm(answer))  # (B, T, V)
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def logprobs(self, window: tuple[int, int], positions: list[int]) -> torch.Tensor:
-        """(B, T, V) answer log-probs, one batch row per knocked-out position."""
-        start = min(self.analysis.first_affected(p) for p in positions)
-        batch = len(positions)
+    def logprobs(self, window: tuple[int, int], units: list[int | Knockout]) -> torch.Tensor:
+        """(B, T, V) answer log-probs, one batch row per knockout (a bare position: that token's knockout)."""
+        firsts = [self.analysis.first_affected(unit) for unit in units]
+        if all(first is None for first in firsts):  # nothing to block: every row is the baseline
+            return self.base_logprobs[None].expand(len(units), -1, -1)
+        # positions before the earliest change are the cached ones; the answer positions are always computed
+        start = min(min(first for first in firsts if first is not None), self.analysis.answer_start)
+        batch = len(units)
         hidden = self.layer_inputs[window[0]][:, start:].expand(batch, -1, -1)  # (B, S - start, H)
         kv = _PrefixKV(self.kv, start, batch)
-        return self._run(hidden, window[0], start, kv, self.analysis.plan(window, positions))
+        return self._run(hidden, window[0], start, kv, self.analysis.plan(window, units))

@@ -1,7 +1,7 @@
 """The knockout: which attention scores are blocked, and the attention function that blocks them.
 
-A knockout ``KO(window, p)`` blocks, at every decoder layer in ``window``, every query position
-``q != p`` (optionally only the answer queries) from attending to key position ``p``. The blocked
+A knockout blocks, at every decoder layer of its window, a set of query positions from a set of key
+positions (spec.py; the classic ``KO(window, p)``: every query ``q != p`` from key ``p``). The blocked
 pre-softmax score is *set* to the dtype minimum, so its softmax weight is exactly zero; the diagonal
 is never blocked, so no row is ever fully masked.
 
@@ -35,6 +35,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .spec import Knockout
+
 ATTENTION_NAME = "mask_impact"
 
 _ACTIVE_PLAN: contextvars.ContextVar["AttentionPlan | None"] = contextvars.ContextVar(
@@ -44,22 +46,36 @@ _ACTIVE_PLAN: contextvars.ContextVar["AttentionPlan | None"] = contextvars.Conte
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """What the registered attention function blocks.
+    """What the registered attention function blocks (see spec.py for the knockout itself).
 
     layers:        the knockout window as a ``range`` of decoder layers (None: no knockout).
-    positions:     (B,) key position knocked out in each batch row.
-    query_start:   only queries at positions ``>= query_start`` are blocked (0: all queries;
-                   the first answer position for ``--block-from answer``).
+    keys:          (B, S) True at the key positions knocked out in each batch row.
+    queries:       (B, S) True at the query positions blocked from them in each row.
+    query_tail:    (B,) whether positions past ``S`` (generated tokens) are blocked queries too.
     vision_groups: (S,) image index of each position, -1 for non-vision; when given, tokens of the
                    same image attend to each other both ways (``--vision-attention bidirectional``).
     reference:     compute attention the slow, obvious way (explicit scores, masked_fill, softmax).
     """
 
     layers: range | None = None
-    positions: torch.Tensor | None = None
-    query_start: int = 0
+    keys: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    query_tail: torch.Tensor | None = None
     vision_groups: torch.Tensor | None = None
     reference: bool = False
+
+    @classmethod
+    def for_knockouts(cls, window: tuple[int, int], knockouts: list[Knockout], length: int,
+                      vision_groups: torch.Tensor | None = None, reference: bool = False) -> AttentionPlan:
+        """One batch row per knockout; masks over the first ``length`` positions."""
+        return cls(
+            layers=range(window[0], window[1] + 1),
+            keys=torch.stack([k.key_mask(length) for k in knockouts]),  # (B, S)
+            queries=torch.stack([k.query_mask(length) for k in knockouts]),  # (B, S)
+            query_tail=torch.tensor([k.query_tail for k in knockouts]),  # (B,)
+            vision_groups=vision_groups,
+            reference=reference,
+        )
 
     def blocks_layer(self, layer: int) -> bool:
         return self.layers is not None and layer in self.layers
@@ -78,23 +94,26 @@ class AttentionPlan:
         else:
             allowed = base.to(device=device, dtype=torch.bool)
         if self.vision_groups is not None:
-            groups = _padded(self.vision_groups.to(device), k_len)  # (K,)
+            groups = _padded(self.vision_groups.to(device), k_len, -1)  # (K,)
             q_groups = groups[q_pos]  # (Q,)
             same_image = (q_groups[:, None] == groups[None, :]) & (q_groups[:, None] >= 0)  # (Q, K)
             allowed = allowed | same_image[None, None]
         if knocks:
-            p = self.positions.to(device)[:, None, None]  # (B, 1, 1)
-            blocked = (k_pos[None, None, :] == p) & (q_pos[None, :, None] != p)  # (B, Q, K)
-            blocked = blocked & (q_pos >= self.query_start)[None, :, None]
+            keys = _padded(self.keys.to(device), k_len, False)  # (B, K)
+            queries = _padded(self.queries.to(device), k_len, self.query_tail.to(device)[:, None])[:, q_pos]  # (B, Q)
+            blocked = queries[:, :, None] & keys[:, None, :] & (q_pos[:, None] != k_pos[None, :])  # (B, Q, K)
             allowed = allowed & ~blocked[:, None]  # (B, 1, Q, K)
         return allowed
 
 
-def _padded(groups: torch.Tensor, length: int) -> torch.Tensor:
-    """Positions past the prompt (generated tokens) belong to no image."""
-    if groups.shape[0] >= length:
-        return groups[:length]
-    return torch.cat([groups, groups.new_full((length - groups.shape[0],), -1)])
+def _padded(mask: torch.Tensor, length: int, fill) -> torch.Tensor:
+    """``mask`` (..., S) cut or extended to ``length`` positions; positions past the prompt (generated
+    tokens) get ``fill`` (a value, or a tensor broadcasting over the leading dimensions)."""
+    if mask.shape[-1] >= length:
+        return mask[..., :length]
+    tail = torch.empty((*mask.shape[:-1], length - mask.shape[-1]), dtype=mask.dtype, device=mask.device)
+    tail[...] = fill
+    return torch.cat([mask, tail], dim=-1)
 
 
 def knockout_attention(
