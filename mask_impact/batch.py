@@ -22,6 +22,7 @@ from .config import BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, check_name, 
 
 TOP_KEYS = ("defaults", "runs")
 ALIASES = {"name": "output", "image": "images"}
+NEGATED = {"no_progress": "progress", "no_html": "html"}  # the command line's --no-progress / --no-html
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list of paths"}
 
 
@@ -60,7 +61,7 @@ VISION_ONLY = ("image", "images", "max_pixels", "min_pixels", "vision_attention"
 
 
 def valid_keys(vision: bool) -> list[str]:
-    keys = [key for key in FIELD_TYPES if key not in ("output", "images")] + ["name", "image", "images"]
+    keys = [key for key in FIELD_TYPES if key not in ("output", "images")] + ["name", "image", "images", *NEGATED]
     return sorted(key for key in keys if vision or key not in VISION_ONLY)
 
 
@@ -72,6 +73,10 @@ def normalise(entry: dict, where: str, base: Path, vision: bool) -> dict:
         spelled = str(key).replace("-", "_")
         if spelled not in valid:
             raise UsageError(f"{where}: unknown key {quoted(key)}; valid keys: {', '.join(valid)}")
+        if spelled in NEGATED:
+            if not isinstance(value, bool):
+                raise UsageError(f"{where}: {key} must be true or false (got {quoted(value)})")
+            spelled, value = NEGATED[spelled], not value
         field = ALIASES.get(spelled, spelled)
         if field == "images" and isinstance(value, str):
             value = [value]
@@ -114,6 +119,9 @@ def load_batch(path: str, cli: dict, vision: bool) -> tuple[str, Path, list[Batc
         if fixed:
             raise UsageError(f"{where}: {fixed[0]} is set once per batch, in 'defaults:' or on the command line")
         run.setdefault("output", f"run{number}")
+        if not isinstance(run["output"], str):
+            raise UsageError(f"{where}: name must be a string (got {quoted(run['output'])})")
+        check_name(run["output"], f"{where}: name")
         if run["output"].lower() == "index":
             raise UsageError(f"{where}: the name {run['output']!r} is reserved for the batch index; choose another")
         if run["output"] in seen:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import RunConfig, UsageError, cli_options, make_config, output_dir, output_paths
+from .config import RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths
 from .inputs import load_image, read_prompt
 from .stopping import stop_signals_raise, stop_status
 
@@ -63,6 +63,11 @@ def main(argv: list[str] | None, vision: bool) -> int:
             paths = run_one(loaded, config, prompt_text, stage)
         except UsageError as error:
             print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
+        except OSError as error:  # a path the system refuses (a name too long, ...): the user's to fix
+            if error.filename is None:
+                raise
+            print(f"error: {error.strerror or error}: {bounded(str(error.filename))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as stop:
             name, status = stop_status(stop)
@@ -137,6 +142,7 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
     prompt, parts = prepare(loaded, config, prompt_text)
     store = PartialStore(partial_path(config), parts)
     with report.output_folder(paths["json"].parent), store.open(config.resume):  # the lock: until results are in
+        report.check_writable(paths, config.overwrite)  # again: a run holding the lock before may have written them
         stage.now, stage.store = "running the sweep", store
         result = run(loaded, prompt, config, store)
         stage.now = "writing the results"

@@ -147,7 +147,7 @@ def check_device(device: str) -> None:
     if match[1] == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise UsageError("--device cuda was given but no CUDA device is available; use --device cpu")
+            raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
         if match[2] is not None and int(match[2]) >= count:
             raise UsageError(f"--device {device}: this machine has CUDA devices 0-{count - 1}")
 
@@ -158,10 +158,10 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
         return list(range(num_layers)) if num_layers is not None else None
     ranges = []
     for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d{1,9})\s*(?:-\s*(\d{1,9})\s*)?", part)
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match:
             raise UsageError(f"--layers {quoted(spec)} is not understood; write e.g. 'all' or '0-11,20,30-35'")
-        first, last = int(match[1]), int(match[2] or match[1])
+        first, last = (int(text) if len(text) <= 12 else 10 ** 12 for text in (match[1], match[2] or match[1]))
         if last < first:
             raise UsageError(f"--layers range {quoted(part.strip())} runs backwards; write it as {last}-{first}")
         ranges.append((first, last))

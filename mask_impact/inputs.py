@@ -135,6 +135,7 @@ class ImageFile:
     image: Image.Image  # RGB, what the processor gets
     mode: str  # the file's own pixel mode
     frames: int  # frames in the file; only the first is used
+    transparent: bool = False  # had transparency, composited on white
 
     def notes(self) -> list[str]:
         notes = []
@@ -142,7 +143,7 @@ class ImageFile:
             notes.append(f"the file has {self.frames} frames; the first is used")
         if self.mode in HIGH_DEPTH:
             notes.append(f"{HIGH_DEPTH[self.mode]} pixels scaled to 8 bits")
-        if self.mode in ALPHA_MODES:
+        if self.transparent:
             notes.append("transparent pixels composited on white, as the processor does")
         return notes
 
@@ -164,7 +165,8 @@ def load_image(path: str) -> ImageFile:
             frames = getattr(image, "n_frames", 1)
             image.seek(0)
             image.load()
-            return ImageFile(to_rgb(image, path), image.mode, frames)
+            transparent = image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+            return ImageFile(to_rgb(image, path), image.mode, frames, transparent)
     except Image.DecompressionBombError:
         raise UsageError(f"image {bounded(path)} has more than {2 * MAX_IMAGE_PIXELS:,} pixels; shrink it "
                          "first") from None
@@ -229,6 +231,9 @@ def pixel_limits(loaded, min_pixels: int | None, max_pixels: int | None) -> Pixe
     limits = PixelLimits(min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"],
                          vision.patch_size * vision.spatial_merge_size)
     if limits.min_pixels > limits.max_pixels:
+        if min_pixels is None:
+            raise UsageError(f"--max-pixels {limits.max_pixels:,} is below the processor's minimum of "
+                             f"{limits.min_pixels:,} pixels; raise it, or lower --min-pixels too")
         raise UsageError(f"--min-pixels {limits.min_pixels:,} is larger than the maximum of {limits.max_pixels:,} "
                          "pixels; lower it or raise --max-pixels")
     return limits
@@ -325,8 +330,9 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
     if video_pad in full_text:
         raise UsageError(f"the prompt holds the video placeholder {video_pad}; video input is not supported")
     if full_text.count(image_pad) != len(images):
-        raise UsageError(f"the prompt has {full_text.count(image_pad)} image placeholders ({image_pad}) for "
-                         f"{len(images)} image(s); give one --image per placeholder")
+        count = full_text.count(image_pad)
+        raise UsageError(f"the prompt has {count} image placeholder{'s' if count != 1 else ''} ({image_pad}) for "
+                         f"{len(images)} image{'s' if len(images) != 1 else ''}; give one --image per placeholder")
     size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
     encoded = processor(text=[full_text], images=images or None, return_tensors="pt", size=size)
     model_kwargs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")

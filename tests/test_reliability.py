@@ -402,3 +402,54 @@ def test_batch_resume_recomputes_nothing_stale(in_tmp, capsys):
     assert main(["--config", "b.yaml", "--no-progress", "--overwrite"], False) == 0
     edited = json.loads((in_tmp / "output" / "b" / "edited.json").read_text())
     assert edited["prompt"] == "A=3, B=7. What is A?"
+
+
+# found by a hostile test of the fixes above ---------------------------------------------------------------------
+
+def test_paths_the_system_refuses_are_one_short_line(in_tmp, capsys):
+    long_name = "x" * 300  # longer than any file name the file system takes
+    for argv in (["--demo", "--output-dir", long_name], ["--config", long_name], ["--demo", "--image", long_name]):
+        err = cli_error_bounded(capsys, argv)
+        assert "too long" in err or "does not exist" in err, err
+    (in_tmp / "b.yaml").write_text("defaults:\n  demo: true\nruns:\n  - prompt: hi\n    name: " + "n" * 100_000 + "\n")
+    assert len(_error(capsys, ["--config", "b.yaml"], False)) < 600  # the run's name is cut, everywhere
+    assert not (in_tmp / "output").exists()
+
+
+def cli_error_bounded(capsys, argv):
+    err = _error(capsys, argv)
+    assert len(err) < 600
+    return err
+
+
+def test_a_run_that_gets_the_lock_after_another_finished_leaves_nothing(in_tmp, capsys, monkeypatch):
+    """Two runs with one --output: the one that takes the lock second finds the results and stops at once."""
+    from mask_impact import cli, report
+
+    argv = ["--demo", "--output", "same", "--layers", "0", "--generate-top", "0", "--no-progress"]
+    real_precheck = cli.precheck
+
+    def racing(config):  # the other run starts and finishes between this run's precheck and its lock
+        text = real_precheck(config)
+        monkeypatch.setattr(cli, "precheck", real_precheck)
+        assert cli.main(argv, False) == 0
+        capsys.readouterr()
+        monkeypatch.setattr(report, "write_results", lambda *a, **k: pytest.fail("the second run wrote results"))
+        return text
+
+    monkeypatch.setattr(cli, "precheck", racing)
+    err = _error(capsys, argv, False)
+    assert "already exists" in err
+    assert sorted(p.name for p in (in_tmp / "output").iterdir()) == ["same.csv", "same.html", "same.json"]
+
+
+def test_yaml_takes_the_command_line_negations(in_tmp, capsys):
+    (in_tmp / "b.yaml").write_text("defaults:\n  demo: true\n  layers: '0'\n  generate_top: 0\n  no_html: true\n"
+                                   "  no_progress: true\nruns:\n  - prompt: hi\n")
+    assert main(["--config", "b.yaml"], False) == 0
+    assert (in_tmp / "output" / "b" / "run1.json").exists() and not (in_tmp / "output" / "b" / "run1.html").exists()
+
+
+def test_palette_transparency_is_noted(tmp_path):
+    Image.new("P", (16, 16)).save(tmp_path / "p.png", transparency=0)
+    assert "composited on white" in " ".join(load_image(str(tmp_path / "p.png")).notes())
