@@ -38,7 +38,11 @@ def case(request, vl_model, text_model, llama_model, images):
 
 
 def test_custom_attention_without_knockout_is_the_native_forward(case):
-    loaded, prompt = case
+    assert_no_knockout_is_native(*case)
+
+
+def assert_no_knockout_is_native(loaded, prompt) -> None:
+    """Identity 1: the registered attention with no knockout, and the fast engine's layer loop, are native."""
     analysis = Analysis(loaded, prompt)
     _, tf = analysis.baseline(4)
     native = _native_logits(loaded, tf.input_ids, tf.model_kwargs)
@@ -105,9 +109,10 @@ def _assert_engines_agree(loaded, prompt, mode, block_from, window_size, vision_
     assert largest_effect > 0.05  # the knockouts really changed the answer distribution
 
 
-def _deleted_forward(loaded, tf, p):
-    """Native forward of the sequence with token p deleted, every other token keeping its position ids."""
-    keep = torch.tensor([i for i in range(tf.input_ids.shape[1]) if i != p])
+def _deleted_forward(loaded, tf, deleted: int | set[int]):
+    """Native forward with the position(s) ``deleted`` removed, every other token keeping its position ids."""
+    deleted = {deleted} if isinstance(deleted, int) else deleted
+    keep = torch.tensor([i for i in range(tf.input_ids.shape[1]) if i not in deleted])
     with torch.no_grad():
         inputs = loaded.adapter.layer_inputs(tf.input_ids, tf.model_kwargs)
         position_ids = inputs.rope_position_ids[..., keep]
@@ -121,7 +126,7 @@ def _deleted_forward(loaded, tf, p):
                 inputs_embeds=embeds, position_ids=position_ids, visual_pos_masks=inputs.visual_mask[keep][None],
                 deepstack_visual_embeds=[rows[keep_rows] for rows in inputs.deepstack],
             ).last_hidden_state
-        return loaded.model.lm_head(hidden)[0], keep  # (S-1, V)
+        return loaded.model.lm_head(hidden)[0], keep  # (S - |deleted|, V)
 
 
 @pytest.mark.parametrize("family", ["vl", "text"])

@@ -15,11 +15,11 @@ import torch
 from mask_impact.cli import main
 from mask_impact.config import UsageError
 from mask_impact.demo import build_demo, build_tokenizer, tiny_text_config
-from mask_impact.engine import Analysis, FastEngine
+from mask_impact.engine import Analysis
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import knockout_attention_installed
 from mask_impact.models import load_model
-from tests.test_identities import _assert_engines_agree, _native_logits, _plan_logits
+from tests.test_identities import _assert_engines_agree, _plan_logits, assert_no_knockout_is_native
 
 PROMPT = "A=3, B=7, C=1. What is B?"
 WINDOW = 4
@@ -56,17 +56,7 @@ def case(request, models):
 
 
 def test_registered_attention_without_knockout_is_the_native_forward(case):
-    loaded, prompt = case
-    analysis = Analysis(loaded, prompt)
-    _, tf = analysis.baseline(3)
-    native = _native_logits(loaded, tf.input_ids, tf.model_kwargs)
-    assert torch.equal(_plan_logits(loaded, tf.input_ids, tf.model_kwargs, None), native)
-    for reference in (False, True):
-        planned = _plan_logits(loaded, tf.input_ids, tf.model_kwargs, analysis.plan(reference=reference))
-        assert (planned - native).abs().max() <= 1e-5
-    fast = FastEngine(analysis, tf)
-    native_logprobs = torch.log_softmax(native[tf.answer_positions], -1)
-    assert (fast.base_logprobs - native_logprobs).abs().max() <= 2e-5
+    assert_no_knockout_is_native(*case)
 
 
 def test_baseline_is_native_greedy_generation(case):

@@ -10,6 +10,7 @@ from mask_impact.engine import Analysis, FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import AttentionPlan
 from mask_impact.spec import Knockout
+from tests.test_identities import _deleted_forward, _plan_logits
 
 PROMPT = "What's in this image? Describe the picture."
 
@@ -55,28 +56,8 @@ def test_first_affected_follows_the_spec():
     assert Knockout((3,), (0, 4)).first_affected(groups) == 4 and Knockout((3,), (0, 2)).first_affected(groups) == 2
 
 
-def _deleted_forward(loaded, tf, deleted: set[int]):
-    """Native forward with the positions in ``deleted`` removed, every other token keeping its position ids."""
-    keep = torch.tensor([i for i in range(tf.input_ids.shape[1]) if i not in deleted])
-    with torch.no_grad():
-        inputs = loaded.adapter.layer_inputs(tf.input_ids, tf.model_kwargs)
-        position_ids, embeds = inputs.rope_position_ids[..., keep], inputs.hidden[:, keep]
-        if inputs.visual_mask is None:
-            hidden = loaded.model.model(inputs_embeds=embeds, position_ids=position_ids).last_hidden_state
-        else:
-            visual_rank = torch.cumsum(inputs.visual_mask.long(), 0) - 1
-            keep_rows = visual_rank[keep][inputs.visual_mask[keep]]
-            hidden = loaded.adapter.decoder(
-                inputs_embeds=embeds, position_ids=position_ids, visual_pos_masks=inputs.visual_mask[keep][None],
-                deepstack_visual_embeds=[rows[keep_rows] for rows in inputs.deepstack],
-            ).last_hidden_state
-        return loaded.model.lm_head(hidden)[0], keep  # (S - |deleted|, V)
-
-
 @pytest.mark.parametrize("family", ["vl", "text"])
 def test_group_knockout_at_all_layers_equals_deleting_the_group(family, vl_model, text_model, images):
-    from tests.test_identities import _plan_logits
-
     loaded = vl_model if family == "vl" else text_model
     prompt, analysis = _setup(loaded, images["wide"] if family == "vl" else None)
     _, tf = analysis.baseline(3)
