@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mask_impact.config import UsageError  # noqa: E402
 from mask_impact.demo import build_demo  # noqa: E402
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine  # noqa: E402
 from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
@@ -87,15 +89,31 @@ def prompt_4b(loaded: LoadedModel, image_size: int) -> Prompt:
     return Prompt("benchmark", input_ids, kwargs, tokens, [])
 
 
-def build_tiny(image_size: int) -> tuple[LoadedModel, Prompt]:
+def build_tiny(image_size: int, num_layers: int | None) -> tuple[LoadedModel, Prompt]:
+    """The tiny random-weight VL model; the image is given to the model at ``image_size`` (not shrunk)."""
     from mask_impact.inputs import build_prompt
 
-    folder = build_demo(Path(tempfile.mkdtemp()) / "tiny", True)
+    folder = build_demo(Path(tempfile.mkdtemp()) / "tiny", True, num_layers=num_layers or 4)
     loaded = load_model(str(folder), True, "cpu", "float32")
     image = Path(tempfile.mkdtemp()) / "image.png"
     pixels = np.random.default_rng(0).integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(image)
-    return loaded, build_prompt(loaded, "What's in this image? Describe the picture.", [str(image)])
+    return loaded, build_prompt(loaded, "What's in this image? Describe the picture.", [str(image)],
+                                max_pixels=max(image_size * image_size, 64 * 64))
+
+
+class CountingEngine:
+    """Counts the engine's forwards and their rows, so the batch really used is reported."""
+
+    def __init__(self, engine):
+        self.engine, self.calls, self.rows = engine, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def logprobs(self, window, units):
+        self.calls, self.rows = self.calls + 1, self.rows + len(units)
+        return self.engine.logprobs(window, units)
 
 
 def main() -> None:
@@ -117,7 +135,7 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     device = torch.device(args.device)
     if args.arch == "tiny":
-        loaded, prompt = build_tiny(args.image_size or 128)
+        loaded, prompt = build_tiny(args.image_size or 128, args.num_layers)
     else:
         loaded = build_4b(device, torch.bfloat16, args.num_layers)
         prompt = prompt_4b(loaded, args.image_size or 1024)
@@ -137,6 +155,7 @@ def main() -> None:
     rng = random.Random(0)
     sample = sorted({(rng.randrange(len(windows)), rng.randrange(len(positions))) for _ in range(args.naive_sample)})
     naive = NaiveEngine(analysis, tf)
+    naive.logprobs(windows[0], [positions[0]])  # warm-up: first-call costs are not the engine's speed
     naive_rows = []
     _sync(cuda)
     started = time.perf_counter()
@@ -152,7 +171,7 @@ def main() -> None:
     for _ in range(args.repeat):
         _sync(cuda)
         started = time.perf_counter()
-        fast = FastEngine(analysis, tf)
+        fast = CountingEngine(FastEngine(analysis, tf))
         batch = args.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
         window_times, metrics, done = {}, {}, []
         for w in order:
@@ -164,9 +183,12 @@ def main() -> None:
             done.append(w)
             if time.perf_counter() - started > args.max_seconds:
                 break
-        runs.append((time.perf_counter() - started, window_times, metrics, done, batch))
-    fast_total, window_times, metrics, done, batch = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+        runs.append((time.perf_counter() - started, window_times, metrics, done, batch, fast.rows / fast.calls))
+    fast_total, window_times, metrics, done, batch, rows_per_call = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+    if cuda:
+        peak = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    else:  # ru_maxrss is in KiB on Linux: the whole process, model and naive engine included
+        peak = f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
     partial = len(done) < len(windows)
     if partial:  # extrapolate by the work each window needs (layers a..L-1)
         done_flops = sweep_flops(loaded, [windows[w] for w in done], positions, tf.input_ids.shape[1],
@@ -191,12 +213,12 @@ def main() -> None:
           f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
     print(f"naive: {1 / naive_per_knockout:10.2f} knockouts/s  ({naive_per_knockout * 1e3:.1f} ms each; "
           f"whole sweep {naive_per_knockout * knockouts:,.0f} s)")
-    print(f"fast:  {knockouts / fast_total:10.2f} knockouts/s  (whole sweep {fast_total:,.2f} s, batch {batch}, "
-          f"peak GPU memory {peak:.2f} GiB)")
+    print(f"fast:  {knockouts / fast_total:10.2f} knockouts/s  (whole sweep {fast_total:,.2f} s, batch limit "
+          f"{batch}, {rows_per_call:.1f} rows per forward on average, {peak})")
     if worst <= tolerance:
         print(f"ratio fast/naive: {naive_per_knockout * knockouts / fast_total:.1f}x")
     print("seconds per window: " + " ".join(f"{w}:{window_times[w]:.2f}" for w in sorted(window_times)))
-    print(f"needed matmul work {flops / 1e12:.1f} TFLOP; achieved {flops / fast_total / 1e12:.1f} TFLOP/s")
+    print(f"needed matmul work {flops / 1e12:.4g} TFLOP; achieved {flops / fast_total / 1e12:.4g} TFLOP/s")
     if cuda:
         name = torch.cuda.get_device_name(device)
         peak_rate = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -212,4 +234,8 @@ def _sync(cuda: bool) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:  # a size the model cannot take: said, not silently shrunk
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
