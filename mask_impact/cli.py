@@ -37,7 +37,7 @@ class Stage:
         if self.written:
             return f"the results were written completely ({self.written})"
         if self.store is not None and self.store.path.exists():
-            done = sum(len(record["positions"]) for record in self.store.saved.values())
+            done = self.store.kept()
             return (f"{done} finished knockouts are kept in {self.store.path}; rerun with --resume to continue"
                     if done else f"no knockout had finished; rerun with --resume to start from {self.store.path}")
         return "nothing was written"
