@@ -64,14 +64,23 @@ def file_digest(path: Path, whole: bool) -> str:
 
 
 def weights_digest(loaded) -> str:
-    """The hub revision when the model came from the hub, else a digest of the checkpoint files."""
+    """The hub revision when the model came from the hub, else a digest of the checkpoint files.
+
+    Computed once per loaded model, at its first run (a batch fingerprints every run, and hashing gigabytes
+    each time would not do): the weights in memory do not change when the files do."""
+    cached = getattr(loaded, "_weights_digest", None)
+    if cached is not None:
+        return cached
     revision = getattr(loaded.model.config, "_commit_hash", None)
     folder = Path(loaded.model.name_or_path)
     if not folder.is_dir():
-        return f"revision:{revision}"
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-    whole = sum(p.stat().st_size for p in files) <= WHOLE_FILE_LIMIT
-    return "files:" + hashlib.sha256("".join(file_digest(p, whole) for p in files).encode()).hexdigest()
+        digest = f"revision:{revision}"
+    else:
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+        whole = sum(p.stat().st_size for p in files) <= WHOLE_FILE_LIMIT
+        digest = "files:" + hashlib.sha256("".join(file_digest(p, whole) for p in files).encode()).hexdigest()
+    loaded._weights_digest = digest
+    return digest
 
 
 def model_file_digests(loaded) -> dict[str, str]:
