@@ -181,3 +181,20 @@ def test_a_full_size_sweep_renders_completely(page, tmp_path):
     assert _drawn_pixels(page, "#heatmap") > 36 * 1100 * 0.9
     (ARTIFACTS / "viewer_full_size_render_seconds.txt").write_text(f"{elapsed:.3f}\n")
     page.screenshot(path=str(ARTIFACTS / "viewer_full_size.png"))
+
+
+def test_runs_are_named_and_files_that_cannot_be_shown_are_said(page, results, tmp_path):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert page.title() == "vision — mask_impact viewer"  # before: the same title for every run
+    assert "vision" in page.locator("#meta").text_content()
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(results / "vision.csv")])
+    page.wait_for_function("document.querySelector('#message').textContent.length > 0")  # files load async
+    message = page.locator("#message").text_content()
+    assert "vision.csv is not a JSON file" in message and "Unexpected" not in message  # before: a raw JS error
+    files = [str(results / f"{name}.json") for name in ("vision", "no_image", "text")]
+    page.set_input_files("#file-input", files)
+    page.wait_for_selector("#compare:not(.hidden)")
+    assert "3 files were given" in page.locator("#message").text_content()  # before: the third silently ignored
+    assert page.title() == "vision.json — mask_impact viewer"
