@@ -23,6 +23,13 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 XSS_PROMPT = "<img src=x onerror=alert(1)></script><script>alert(2)</script> & done"
 
 
+def expect(target):
+    """Playwright's auto-waiting assertions (imported late: playwright may be missing, then the tests skip)."""
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(target)
+
+
 @pytest.fixture(scope="module")
 def browser():
     missing = None
@@ -190,11 +197,38 @@ def test_runs_are_named_and_files_that_cannot_be_shown_are_said(page, results, t
     assert "vision" in page.locator("#meta").text_content()
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(results / "vision.csv")])
-    page.wait_for_function("document.querySelector('#message').textContent.length > 0")  # files load async
+    expect(page.locator("#message")).to_contain_text("is not a JSON file")  # waits: files load async
     message = page.locator("#message").text_content()
     assert "vision.csv is not a JSON file" in message and "Unexpected" not in message  # before: a raw JS error
     files = [str(results / f"{name}.json") for name in ("vision", "no_image", "text")]
     page.set_input_files("#file-input", files)
-    page.wait_for_selector("#compare:not(.hidden)")
-    assert "3 files were given" in page.locator("#message").text_content()  # before: the third silently ignored
+    expect(page.locator("#message")).to_contain_text("3 files were given")  # before: the third silently ignored
     assert page.title() == "vision.json — mask_impact viewer"
+
+
+def test_one_sided_metrics_and_an_unchanged_answer_are_labelled_truly(page, results, tmp_path):
+    data = json.loads((results / "text.json").read_text())
+    data["metrics"]["first_divergence"] = [[None] * len(row) for row in data["metrics"]["first_divergence"]]
+    data["metrics"]["top1_changed"] = [[False] * len(row) for row in data["metrics"]["top1_changed"]]
+    (tmp_path / "steady.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "steady.json")])
+    expect(page).to_have_title("steady.json — mask_impact viewer")
+    page.select_option("#metric", "kl")
+    labels = page.locator("#colorbar-labels").text_content()
+    assert "0 (no change)" in labels and "helps" not in labels  # KL cannot be negative
+    page.select_option("#metric", "first_divergence")
+    assert page.locator("#colorbar-labels").text_content() == "no knockout changed the greedy answer"
+
+
+def test_compare_with_nothing_shared_says_so_and_keeps_no_stale_map(page, results, tmp_path):
+    data = json.loads((results / "vision.json").read_text())
+    data["windows"] = [[a + 100, b + 100] for a, b in data["windows"]]  # no window in common
+    (tmp_path / "elsewhere.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    assert page.locator("#heatmap-diff").is_visible() and page.locator("#compare-message").text_content() == ""
+    page.set_input_files("#file-input", [str(results / "vision.json"), str(tmp_path / "elsewhere.json")])
+    expect(page.locator("#compare-message")).to_contain_text("share no layer window")  # waits: files load async
+    assert not page.locator("#heatmap-diff").is_visible()  # before: the previous pair's difference stayed
