@@ -162,12 +162,12 @@ def test_hostile_prompt_renders_inertly(page, results, how):
     page.screenshot(path=str(ARTIFACTS / f"viewer_xss_{how}.png"), full_page=True)
 
 
-def test_a_full_size_sweep_renders_completely(page, tmp_path):
-    """36 windows × 1,100 positions. The time is written to tests/artifacts (speed is not asserted)."""
+def _synthetic(path: Path, num_positions: int, vision: range) -> Path:
+    """A result of 36 windows × ``num_positions`` positions with random metrics."""
     rng = random.Random(0)
-    windows, positions = [[w, w] for w in range(36)], list(range(1100))
-    tokens = [{"index": p, "id": p, "text": f"t{p}", "modality": "vision" if 20 <= p < 1044 else "text",
-               "image": 0 if 20 <= p < 1044 else None, "t": 0, "row": None, "col": None, "box": None}
+    windows, positions = [[w, w] for w in range(36)], list(range(num_positions))
+    tokens = [{"index": p, "id": p, "text": f"t{p}", "modality": "vision" if p in vision else "text",
+               "image": 0 if p in vision else None, "t": 0, "row": None, "col": None, "box": None}
               for p in positions]
     grid = [[rng.gauss(0, 1) for _ in positions] for _ in windows]
     data = {"schema_version": 1, "meta": {"settings": {}}, "prompt": "big", "images": [], "tokens": tokens,
@@ -177,13 +177,17 @@ def test_a_full_size_sweep_renders_completely(page, tmp_path):
             "metrics": {"logprob_drop": grid, "prob_change_pct": grid, "kl": grid,
                         "top1_changed": [[v > 1 for v in row] for row in grid],
                         "first_divergence": [[0 if v > 1 else None for v in row] for row in grid]}}
-    path = tmp_path / "big.json"
     path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_full_size_sweep_renders_completely(page, tmp_path):
+    """36 windows × 1,100 positions. The time is written to tests/artifacts (speed is not asserted)."""
+    path = _synthetic(tmp_path / "big.json", 1100, range(20, 1044))
     page.goto((ROOT / "visualize_results.html").as_uri())
     started = time.perf_counter()
     page.set_input_files("#file-input", [str(path)])
-    page.wait_for_selector("#run:not(.hidden)")
-    page.wait_for_function("document.querySelector('#heatmap').width >= 1100")
+    expect(page.locator("#heatmap")).to_have_js_property("width", 1100)
     elapsed = time.perf_counter() - started
     assert _drawn_pixels(page, "#heatmap") > 36 * 1100 * 0.9
     (ARTIFACTS / "viewer_full_size_render_seconds.txt").write_text(f"{elapsed:.3f}\n")
@@ -232,3 +236,34 @@ def test_compare_with_nothing_shared_says_so_and_keeps_no_stale_map(page, result
     page.set_input_files("#file-input", [str(results / "vision.json"), str(tmp_path / "elsewhere.json")])
     expect(page.locator("#compare-message")).to_contain_text("share no layer window")  # waits: files load async
     assert not page.locator("#heatmap-diff").is_visible()  # before: the previous pair's difference stayed
+
+
+def test_a_long_prompt_fits_the_window_and_tooltips_stay_on_screen(page, tmp_path):
+    path = _synthetic(tmp_path / "long.json", 1600, range(0))  # 1,600 text tokens
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    expect(page.locator("#heatmap")).to_have_js_property("width", 1600)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # before: 16,301 px wide
+    assert page.locator("#strip").bounding_box()["width"] <= 1280  # the token strip wraps
+    box = page.evaluate("""() => {
+        showTooltip({ clientX: window.innerWidth - 3, clientY: window.innerHeight - 3 }, "a\\nlong\\ntooltip text");
+        const r = document.querySelector('#tooltip').getBoundingClientRect();
+        return [r.left, r.top, r.right, r.bottom, window.innerWidth, window.innerHeight]; }""")
+    assert box[0] >= 0 and box[1] >= 0 and box[2] <= box[4] and box[3] <= box[5]  # before: off-screen
+
+
+def test_token_text_is_readable_and_the_top_table_follows_the_metric(page, results):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    contrasts = page.evaluate("""() => [...document.querySelectorAll('#strip .tok')].filter((s) => s.style.background)
+        .map((s) => {
+            const lum = (css) => { const [r, g, b] = css.match(/\\d+/g).slice(0, 3).map((c) => { c /= 255;
+                return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; }); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+            const [a, b] = [lum(getComputedStyle(s).color), lum(getComputedStyle(s).backgroundColor)];
+            return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); })""")
+    assert contrasts and min(contrasts) >= 4.5  # WCAG AA; before: black on full blue
+    page.select_option("#metric", "kl")
+    cells = page.locator("#top tbody tr").evaluate_all("rows => rows.slice(1).map((r) => r.children[4].textContent)")
+    values = [float(v) for v in cells]
+    assert values == sorted(values, reverse=True)  # ranked by the chosen metric, not logprob_drop
+    assert "vision (image 0, row" in page.locator("#top tbody").text_content()
