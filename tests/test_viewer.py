@@ -267,3 +267,19 @@ def test_token_text_is_readable_and_the_top_table_follows_the_metric(page, resul
     values = [float(v) for v in cells]
     assert values == sorted(values, reverse=True)  # ranked by the chosen metric, not logprob_drop
     assert "vision (image 0, row" in page.locator("#top tbody").text_content()
+
+
+def test_batch_links_work_from_the_batch_folder_and_are_not_dead_elsewhere(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.yaml").write_text("defaults:\n  demo: true\n  layers: '0'\n  generate_top: 0\nruns:\n"
+                                     "  - name: one\n    prompt: hi\n")
+    assert main(["--config", "b.yaml", "--no-progress"], False) == 0
+    folder = tmp_path / "output" / "b"
+    page.goto((folder / "index.html").as_uri())
+    href = page.locator("#batch-runs a").first.evaluate("a => a.href")
+    assert href == (folder / "one.html").as_uri()  # resolves to the run's page, which exists
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(folder / "index.json")])
+    expect(page.locator("#message")).to_contain_text("open index.html in the batch folder")
+    assert page.locator("#batch-runs a").count() == 0  # before: links resolved next to the viewer, dead
+    assert "one.html" in page.locator("#batch-runs").text_content()
