@@ -283,3 +283,23 @@ def test_batch_links_work_from_the_batch_folder_and_are_not_dead_elsewhere(page,
     expect(page.locator("#message")).to_contain_text("open index.html in the batch folder")
     assert page.locator("#batch-runs a").count() == 0  # before: links resolved next to the viewer, dead
     assert "one.html" in page.locator("#batch-runs").text_content()
+
+
+def test_the_slider_and_a_click_show_their_window_and_the_heatmap_marks_it(page, results):
+    dark = """() => { const c = document.querySelector('#heatmap');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+        for (let o = 0; o < d.length; o += 4) if (d[o] === 17 && d[o + 1] === 17 && d[o + 2] === 17) n++;
+        return n; }"""
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert page.locator("#aggregate").input_value() == "max" and page.evaluate(dark) == 0
+    strip_before = page.locator("#strip").inner_html()
+    page.locator("#window").fill("2")  # before: in "max over windows" the slider changed nothing visible
+    assert page.locator("#aggregate").input_value() == "window"
+    assert page.locator("#strip").inner_html() != strip_before and page.evaluate(dark) > 0
+    canvas = page.locator("#heatmap")
+    box = canvas.bounding_box()
+    cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
+    page.mouse.click(box["x"] + 3.5 * cell_w, box["y"] + 1.5 * cell_h)
+    assert page.locator("#window").input_value() == "1" and page.locator("#window-label").text_content() == "layers 1–1"
+    assert page.locator("#strip .tok.selected").count() == 1
