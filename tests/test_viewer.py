@@ -303,3 +303,14 @@ def test_the_slider_and_a_click_show_their_window_and_the_heatmap_marks_it(page,
     page.mouse.click(box["x"] + 3.5 * cell_w, box["y"] + 1.5 * cell_h)
     assert page.locator("#window").input_value() == "1" and page.locator("#window-label").text_content() == "layers 1–1"
     assert page.locator("#strip .tok.selected").count() == 1
+
+
+def test_heatmap_has_height_axis_titles_and_token_labels(page, results):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert page.locator("#heatmap").bounding_box()["height"] >= 100  # 3 windows: before 48 px
+    assert int(page.locator("#column-labels").get_attribute("data-labels")) == len(data["positions"])
+    assert _drawn_pixels(page, "#column-labels") > 200  # the token texts are drawn
+    assert "y: layer windows" in page.text_content("body") and "x: swept positions" in page.text_content("body")
+    page.screenshot(path=str(ARTIFACTS / "viewer_labels.png"), full_page=True)
