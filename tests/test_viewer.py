@@ -314,3 +314,13 @@ def test_heatmap_has_height_axis_titles_and_token_labels(page, results):
     assert _drawn_pixels(page, "#column-labels") > 200  # the token texts are drawn
     assert "y: layer windows" in page.text_content("body") and "x: swept positions" in page.text_content("body")
     page.screenshot(path=str(ARTIFACTS / "viewer_labels.png"), full_page=True)
+
+
+def test_impact_curves_have_axes_a_legend_and_only_the_lines_drawn(page, results):
+    page.goto((results / "text.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert page.locator("#curves").get_attribute("data-series") == "1"  # a text-only run has no vision line
+    page.locator("#strip .tok").nth(3).click()
+    assert page.locator("#curves").get_attribute("data-series") == "2"
+    assert "click a token" in page.text_content("body")
+    page.screenshot(path=str(ARTIFACTS / "viewer_curves.png"), full_page=True)
