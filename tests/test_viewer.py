@@ -324,3 +324,19 @@ def test_impact_curves_have_axes_a_legend_and_only_the_lines_drawn(page, results
     assert page.locator("#curves").get_attribute("data-series") == "2"
     assert "click a token" in page.text_content("body")
     page.screenshot(path=str(ARTIFACTS / "viewer_curves.png"), full_page=True)
+
+
+def test_one_sink_token_does_not_wash_out_the_colour_scale(page, tmp_path):
+    path = _synthetic(tmp_path / "sink.json", 200, range(50, 150))
+    data = json.loads(path.read_text())
+    data["tokens"][0]["modality"] = "special"  # a sink token with a huge effect
+    for row in data["metrics"]["logprob_drop"]:
+        row[0] = 500.0
+    path.write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    expect(page.locator("#colorbar-labels")).to_contain_text("≥ ")
+    robust = float(page.locator("#colorbar-labels").text_content().split("≥ ")[1].split(" ")[0])
+    assert 1 < robust < 5  # the 99th percentile of the other tokens; before: 500, everything else near white
+    page.select_option("#scale", "full")
+    assert "500" in page.locator("#colorbar-labels").text_content()
