@@ -340,3 +340,25 @@ def test_one_sink_token_does_not_wash_out_the_colour_scale(page, tmp_path):
     assert 1 < robust < 5  # the 99th percentile of the other tokens; before: 500, everything else near white
     page.select_option("#scale", "full")
     assert "500" in page.locator("#colorbar-labels").text_content()
+
+
+def test_the_overlay_repaints_in_place_with_an_opacity_control(page, results):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    painted = page.evaluate("""() => {
+        const canvas = document.querySelector('canvas.overlay');
+        canvas.mark = 'kept';
+        const slider = document.querySelector('#window');
+        slider.value = '2'; slider.dispatchEvent(new Event('input'));  // repaint, then read at once
+        const now = document.querySelector('canvas.overlay');
+        const d = now.getContext('2d').getImageData(0, 0, now.width, now.height).data;
+        let red = 0; for (let o = 0; o < d.length; o += 4) if (d[o] > 200 && d[o + 1] < 120) red++;
+        return [now.mark, red]; }""")
+    assert painted[0] == "kept" and painted[1] > 100  # before: a fresh blank canvas, painted later
+    def tinted(opacity):  # pixels the impact colour has pushed away from grey
+        page.locator("#opacity").fill(str(opacity))
+        return page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+            for (let o = 0; o < d.length; o += 4) if (Math.max(d[o], d[o + 1], d[o + 2]) - Math.min(d[o], d[o + 1], d[o + 2]) > 40) n++;
+            return n; }""")
+    assert tinted(0) < tinted(100)
