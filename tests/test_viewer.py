@@ -362,3 +362,17 @@ def test_the_overlay_repaints_in_place_with_an_opacity_control(page, results):
             for (let o = 0; o < d.length; o += 4) if (Math.max(d[o], d[o + 1], d[o + 2]) - Math.min(d[o], d[o + 1], d[o + 2]) > 40) n++;
             return n; }""")
     assert tinted(0) < tinted(100)
+
+
+def test_top_rows_open_their_knockout_and_compare_shares_one_scale(page, results):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    row = page.locator("#top tbody tr").nth(1)
+    layers, position = row.locator("td").nth(0).text_content(), int(row.locator("td").nth(1).text_content())
+    row.click()
+    assert page.locator("#window-label").text_content() == f"layers {layers}"
+    assert page.evaluate("state.selected") == position  # before: the rows could not be clicked
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    assert page.locator("#heatmap-a").get_attribute("data-scale") == page.locator("#heatmap-b").get_attribute("data-scale")
