@@ -78,6 +78,7 @@ class Analysis:
         """A unit as the knockout this analysis runs: a bare position is that token's knockout, and
         ``--block-from answer`` keeps only the answer queries."""
         knockout = Knockout.token(unit) if isinstance(unit, int) else unit
+        knockout.check_within(self.prompt.length)
         return knockout.restricted_to(self.answer_start) if self.block_from == "answer" else knockout
 
     def plan(self, window: tuple[int, int] | None = None, units: list[int | Knockout] | None = None,
@@ -90,6 +91,10 @@ class Analysis:
     def first_affected(self, unit: int | Knockout) -> int | None:
         """The first position whose computation a knockout can change (None: it changes nothing)."""
         return self.knockout(unit).first_affected(self._groups)
+
+    @property
+    def vision_groups(self) -> torch.Tensor | None:
+        return self._groups
 
     def eos_ids(self) -> list[int]:
         eos = self.loaded.model.generation_config.eos_token_id
@@ -231,13 +236,38 @@ class FastEngine:
         return torch.log_softmax(logits.float(), dim=-1)
 
     def logprobs(self, window: tuple[int, int], units: list[int | Knockout]) -> torch.Tensor:
-        """(B, T, V) answer log-probs, one batch row per knockout (a bare position: that token's knockout)."""
-        firsts = [self.analysis.first_affected(unit) for unit in units]
-        if all(first is None for first in firsts):  # nothing to block: every row is the baseline
-            return self.base_logprobs[None].expand(len(units), -1, -1)
+        """(B, T, V) answer log-probs, one batch row per knockout (a bare position: that token's knockout).
+
+        A knockout that can change nothing (no blocked pair is one its layers' masks allow) is the baseline
+        row itself, not a recomputation of it: that would differ in the last bits."""
+        knockouts = [self.analysis.knockout(unit) for unit in units]
+        flags = self._acting(window, knockouts)
+        acting = [k for k, acts in zip(knockouts, flags) if acts]
+        out = self.base_logprobs[None].expand(len(units), -1, -1)  # (B, T, V)
+        if not acting:
+            return out
         # positions before the earliest change are the cached ones; the answer positions are always computed
-        start = min(min(first for first in firsts if first is not None), self.analysis.answer_start)
-        batch = len(units)
-        hidden = self.layer_inputs[window[0]][:, start:].expand(batch, -1, -1)  # (B, S - start, H)
+        start = min(min(self.analysis.first_affected(k) for k in acting), self.analysis.answer_start)
+        batch = len(acting)
+        hidden = self.layer_inputs[window[0]][:, start:].expand(batch, -1, -1)  # (B', S - start, H)
         kv = _PrefixKV(self.kv, start, batch)
-        return self._run(hidden, window[0], start, kv, self.analysis.plan(window, units))
+        computed = self._run(hidden, window[0], start, kv, self.analysis.plan(window, acting))  # (B', T, V)
+        if batch == len(units):
+            return computed
+        rows = torch.tensor([i for i, acts in enumerate(flags) if acts], device=computed.device)
+        return out.clone().index_copy_(0, rows, computed)
+
+    def _acting(self, window: tuple[int, int], knockouts: list[Knockout]) -> list[bool]:
+        """Per knockout: whether some layer of the window allows a pair it blocks (else it changes nothing)."""
+        flags = [k.first_affected(self.analysis.vision_groups) is not None for k in knockouts]
+        masks = self.masks[window[0]: window[1] + 1]
+        if not any(flags) or any(mask is None for mask in masks):  # a plain causal layer: first_affected says it
+            return flags
+        length = masks[0].shape[-1]
+        queries = torch.stack([k.query_mask(length) for k in knockouts]).to(masks[0].device, torch.float32)  # (B, S)
+        keys = torch.stack([k.key_mask(length) for k in knockouts]).to(masks[0].device)  # (B, S)
+        acts = torch.zeros(len(knockouts), dtype=torch.bool, device=keys.device)
+        for mask in masks:  # (1, 1, S, S) allowed pairs, e.g. within a sliding window
+            reach = queries @ mask[0, 0].to(torch.float32) - queries  # (B, K) blocked queries allowed to see k, k itself not
+            acts |= ((reach > 0) & keys).any(dim=-1)
+        return [flag and bool(act) for flag, act in zip(flags, acts.tolist())]

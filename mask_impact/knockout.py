@@ -67,7 +67,10 @@ class AttentionPlan:
     @classmethod
     def for_knockouts(cls, window: tuple[int, int], knockouts: list[Knockout], length: int,
                       vision_groups: torch.Tensor | None = None, reference: bool = False) -> AttentionPlan:
-        """One batch row per knockout; masks over the first ``length`` positions."""
+        """One batch row per knockout; masks over the first ``length`` positions, longer if a query tail
+        starts past them (positions past the masks count as queries only for a tail that has begun)."""
+        length = max([length] + [k.queries_from + 1 for k in knockouts if k.queries is not None and
+                                 k.queries_from is not None])
         return cls(
             layers=range(window[0], window[1] + 1),
             keys=torch.stack([k.key_mask(length) for k in knockouts]),  # (B, S)

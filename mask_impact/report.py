@@ -144,18 +144,32 @@ def check_writable(paths: dict[str, Path], overwrite: bool) -> None:
 
 @contextmanager
 def output_folder(folder: Path) -> Iterator[None]:
-    """Create ``folder`` for a run; if the run fails and leaves it empty, remove it again."""
-    created = not folder.exists()
+    """Create ``folder`` (and its missing parents) for a run; if the run fails, remove what it created and
+    left empty."""
+    created = []  # the folders this run makes, deepest first
+    missing = folder
+    while not os.path.exists(missing) and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        _remove_empty(created)
         raise UsageError(f"output folder {folder} cannot be created ({error.strerror})") from None
     try:
         yield
     except BaseException:
-        if created and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first: a parent empties once its child is gone
+        if not os.path.isdir(folder):  # (os.path's isdir: False, not an error, for a name the system refuses)
+            continue  # never made (mkdir stopped above it)
+        if any(folder.iterdir()):
+            return
+        folder.rmdir()
 
 
 def _temporary(path: Path, text: str) -> Path:

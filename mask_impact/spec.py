@@ -36,6 +36,17 @@ class Knockout:
     queries: tuple[int, ...] | None = None
     queries_from: int | None = None
 
+    def __post_init__(self) -> None:
+        positions = list(self.keys) + list(self.queries or ()) + [self.queries_from or 0]
+        if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in positions):
+            raise ValueError(f"knockout positions must be integers >= 0 (got {self})")
+
+    def check_within(self, length: int) -> None:
+        """Keys and listed queries are prompt positions (the answer is reached through ``queries_from``)."""
+        outside = [p for p in list(self.keys) + list(self.queries or ()) if p >= length]
+        if outside:
+            raise ValueError(f"knockout position {outside[0]} is past the prompt's {length} positions")
+
     @classmethod
     def token(cls, position: int) -> Knockout:
         return cls((position,))

@@ -34,9 +34,21 @@ def _raise(signum: int, frame) -> None:
 
 
 def stop_status(stop: KeyboardInterrupt) -> tuple[str, int]:
-    """The signal's name and the exit status for a stop (a plain KeyboardInterrupt is SIGINT)."""
+    """The signal's name and the exit status for a stop (a plain KeyboardInterrupt is SIGINT).
+
+    Called where a stop is handled: from then on further stop signals are ignored, so a second Ctrl-C
+    cannot interrupt the handling (or the interpreter's shutdown) with a traceback."""
+    ignore_stop_signals()
     signum = getattr(stop, "signum", signal.SIGINT)
     return signal.Signals(signum).name, 128 + signum
+
+
+def ignore_stop_signals() -> None:
+    try:
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 @contextlib.contextmanager
@@ -64,4 +76,7 @@ def entry(vision: bool) -> int:
         name, status = stop_status(stop)
         print(f"interrupted ({name}) while starting; nothing was written", file=sys.stderr)
         return status
-    return main(sys.argv[1:], vision)
+    try:
+        return main(sys.argv[1:], vision)
+    finally:  # the work is done or said: a signal during the interpreter's shutdown must not raise there
+        ignore_stop_signals()

@@ -453,3 +453,27 @@ def test_yaml_takes_the_command_line_negations(in_tmp, capsys):
 def test_palette_transparency_is_noted(tmp_path):
     Image.new("P", (16, 16)).save(tmp_path / "p.png", transparency=0)
     assert "composited on white" in " ".join(load_image(str(tmp_path / "p.png")).notes())
+
+
+def test_stop_signals_are_ignored_once_a_stop_is_being_handled(monkeypatch):
+    """A second Ctrl-C, or one during the interpreter's shutdown, must not raise a traceback."""
+    from mask_impact.stopping import Stopped, entry, stop_status
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert stop_status(Stopped(signal.SIGTERM)) == ("SIGTERM", 143)
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        monkeypatch.setattr(sys, "argv", ["mask_impact_vl.py", "--window", "x"])
+        assert entry(True) == 2  # the command is done: what is left is shutdown
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def test_a_failed_output_folder_leaves_none_of_its_parents(in_tmp, capsys):
+    deep = f"made/by/{'d' * 300}"  # the last part is too long for the file system
+    _error(capsys, ["--demo", "--layers", "0", "--generate-top", "0", "--output-dir", deep], False)
+    assert not (in_tmp / "made").exists()  # before: made/ and made/by/ stayed behind

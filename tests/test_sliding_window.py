@@ -175,3 +175,22 @@ def test_cli_fast_and_naive_engines_agree(folders, tmp_path, monkeypatch, capsys
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), name
     assert fast["metrics"]["top1_changed"] == naive["metrics"]["top1_changed"]
     assert max(abs(v) for row in naive["metrics"]["logprob_drop"] for v in row) > 0.05
+
+
+def test_a_knockout_no_window_lets_through_is_the_baseline_exactly(models):
+    """On sliding layers a key further back than the window is invisible to the answer: knocking it out from
+    the answer's queries must give the baseline itself (found by a hostile test: -1e-7 KL from recomputing)."""
+    from mask_impact.engine import FastEngine, NaiveEngine
+    from mask_impact.spec import Knockout
+
+    loaded = models["mistral"]
+    prompt = build_prompt(loaded, PROMPT, [])
+    analysis = Analysis(loaded, prompt, block_from="answer")
+    _, tf = analysis.baseline(3)
+    fast, naive = FastEngine(analysis, tf), NaiveEngine(analysis, tf)
+    far, near = Knockout.token(0), Knockout.token(analysis.answer_start - 1)
+    for window in ((0, 1), (1, 3)):
+        got = fast.logprobs(window, [far, near, far])
+        assert torch.equal(got[0], fast.base_logprobs) and torch.equal(got[2], fast.base_logprobs)
+        assert (got[1] - naive.logprobs(window, [near])[0]).abs().max() <= 2e-5
+        assert not torch.equal(got[1], fast.base_logprobs)  # the near key is inside the window: it acts

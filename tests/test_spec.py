@@ -142,3 +142,28 @@ def test_fast_equals_naive_for_groups_and_flows_in_one_batch(vl_model, images, b
         effect = (expected - naive.base_logprobs).abs().amax(dim=(1, 2))  # (B,)
         acts = torch.tensor([analysis.first_affected(unit) is not None for unit in units])
         assert torch.equal(effect > 0, acts)  # a unit changes the answer exactly when the spec says it can
+
+
+def test_a_row_that_changes_nothing_is_the_baseline_exactly_inside_a_batch(text_model):
+    prompt, analysis = _setup(text_model, None)
+    _, tf = analysis.baseline(3)
+    fast = FastEngine(analysis, tf)
+    nothing = Knockout((10, 11), (2, 3))  # every query before every key
+    got = fast.logprobs((0, 1), [Knockout.token(3), nothing])
+    assert torch.equal(got[1], fast.base_logprobs) and not torch.equal(got[0], fast.base_logprobs)
+
+
+def test_a_query_tail_starts_where_the_spec_says_and_positions_are_checked(text_model):
+    prompt, analysis = _setup(text_model, None)
+    _, tf = analysis.baseline(3)
+    length = tf.input_ids.shape[1]  # prompt + 2 answer positions
+    naive = NaiveEngine(analysis, tf)
+    past_everything = Knockout((3,), (), length)
+    assert torch.equal(naive.logprobs((0, 1), [past_everything])[0], naive.base_logprobs)  # no such query
+    last_only = Knockout((3,), (), length - 1)  # only the last answer position is blocked
+    reference = _explicit_mask_logits(text_model, tf, (0, 1), [3], [length - 1])
+    assert (naive.logprobs((0, 1), [last_only])[0] - reference).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=">= 0"):
+        Knockout((-1,))
+    with pytest.raises(ValueError, match="past the prompt"):
+        analysis.knockout(Knockout((prompt.length,)))
