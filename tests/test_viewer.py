@@ -376,3 +376,18 @@ def test_top_rows_open_their_knockout_and_compare_shares_one_scale(page, results
     page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
     page.wait_for_selector("#compare:not(.hidden)")
     assert page.locator("#heatmap-a").get_attribute("data-scale") == page.locator("#heatmap-b").get_attribute("data-scale")
+
+
+def test_compare_has_a_colour_bar_and_hover_on_both_runs(page, results):
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    assert "A and B on one scale" in page.locator("#compare-scale").text_content()
+    assert _drawn_pixels(page, "#compare-colorbar") > 100
+    for name in ("a", "b"):
+        canvas = page.locator(f"#heatmap-{name}")
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + 2, box["y"] + 2)
+        assert page.locator("#tooltip").is_visible()
+        assert page.locator("#tooltip").text_content().startswith(name.upper() + ": token")
