@@ -241,13 +241,14 @@ class FastEngine:
         A knockout that can change nothing (no blocked pair is one its layers' masks allow) is the baseline
         row itself, not a recomputation of it: that would differ in the last bits."""
         knockouts = [self.analysis.knockout(unit) for unit in units]
-        flags = self._acting(window, knockouts)
+        firsts = [k.first_affected(self.analysis.vision_groups) for k in knockouts]
+        flags = self._acting(window, knockouts, firsts)
         acting = [k for k, acts in zip(knockouts, flags) if acts]
         out = self.base_logprobs[None].expand(len(units), -1, -1)  # (B, T, V)
         if not acting:
             return out
         # positions before the earliest change are the cached ones; the answer positions are always computed
-        start = min(min(self.analysis.first_affected(k) for k in acting), self.analysis.answer_start)
+        start = min(min(first for first, acts in zip(firsts, flags) if acts), self.analysis.answer_start)
         batch = len(acting)
         hidden = self.layer_inputs[window[0]][:, start:].expand(batch, -1, -1)  # (B', S - start, H)
         kv = _PrefixKV(self.kv, start, batch)
@@ -257,9 +258,9 @@ class FastEngine:
         rows = torch.tensor([i for i, acts in enumerate(flags) if acts], device=computed.device)
         return out.clone().index_copy_(0, rows, computed)
 
-    def _acting(self, window: tuple[int, int], knockouts: list[Knockout]) -> list[bool]:
+    def _acting(self, window: tuple[int, int], knockouts: list[Knockout], firsts: list[int | None]) -> list[bool]:
         """Per knockout: whether some layer of the window allows a pair it blocks (else it changes nothing)."""
-        flags = [k.first_affected(self.analysis.vision_groups) is not None for k in knockouts]
+        flags = [first is not None for first in firsts]
         masks = self.masks[window[0]: window[1] + 1]
         if not any(flags) or any(mask is None for mask in masks):  # a plain causal layer: first_affected says it
             return flags

@@ -18,8 +18,6 @@ import json
 import math
 import os
 import secrets
-import signal
-import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +30,7 @@ from . import __version__
 from .config import RunConfig, UsageError
 from .inputs import Prompt
 from .models import LoadedModel
+from .stopping import signals_deferred
 from .sweep import RunResult, top_knockouts
 
 SCHEMA_VERSION = 1
@@ -40,7 +39,6 @@ EMBED_SLOT = '<script id="embedded-data" type="application/json"></script>'
 CSV_COLUMNS = ["layer_start", "layer_end", "position", "token_id", "token_text", "modality", "image", "row", "col",
                "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs such a cell as a formula (OWASP)
-DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class WriteError(UsageError):
@@ -196,29 +194,6 @@ def _temporary(path: Path, text: str) -> Path:
         raise
     os.close(fd)
     return temp
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done, then arrive as usual.
-
-    The signals are blocked in this thread (``pthread_sigmask``), and one that another thread catches is
-    only noted by a stand-in handler (Python runs handlers in the main thread); both are delivered after.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    handlers = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in DEFERRED_SIGNALS}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)
 
 
 def write_set(texts: dict[Path, str], then: Callable[[], None] | None = None) -> None:

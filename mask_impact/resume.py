@@ -38,11 +38,13 @@ from . import __version__
 from .config import RunConfig, UsageError
 from .inputs import Prompt
 from .metrics import METRICS
+from .models import WEIGHT_SUFFIXES
 from .report import WriteError
 
 WHOLE_FILE_LIMIT = 2 << 30  # hash checkpoints up to this size completely; larger ones by header and samples
 SAMPLE = 16 << 20
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+# weights in any format: left out of the folder's file digests (the loaded ones are in weights_digest)
+WEIGHT_LIKE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 # Every setting that decides a number in the partial file or the result (batch size does not: see batch_size).
 RESULT_SETTINGS = ("mask_mode", "num_tokens", "layers", "window", "block_from", "vision_attention", "raw_prompt",
                    "engine", "generate_top")
@@ -76,7 +78,7 @@ def weights_digest(loaded) -> str:
     if not folder.is_dir():
         digest = f"revision:{revision}"
     else:
-        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+        files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
         whole = sum(p.stat().st_size for p in files) <= WHOLE_FILE_LIMIT
         digest = "files:" + hashlib.sha256("".join(file_digest(p, whole) for p in files).encode()).hexdigest()
     loaded._weights_digest = digest
@@ -92,7 +94,7 @@ def model_file_digests(loaded) -> dict[str, str]:
     if not folder.is_dir():
         return {}
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix not in WEIGHT_SUFFIXES and p.suffix != ".md" and not p.name.startswith("LICENSE"))
+                   and p.suffix not in WEIGHT_LIKE_SUFFIXES and p.suffix != ".md" and not p.name.startswith("LICENSE"))
     return {f"files.{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 

@@ -3,7 +3,8 @@
 Both signals raise ``Stopped`` (a ``KeyboardInterrupt``) in the main thread, so Ctrl-C, ``kill`` and
 a batch scheduler's time-out (Slurm sends SIGTERM) all unwind through the same ``finally`` blocks:
 finished knockouts stay in the partial file, temporary files are removed, and the command line says
-what was kept and exits with 128 + the signal's number. This module imports nothing heavy, so the
+what was kept and exits with 128 + the signal's number. ``signals_deferred`` holds both back for the
+few renames that put a run's result files in place together. This module imports nothing heavy, so the
 entry points install the handlers before torch and transformers start loading.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
 from typing import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -64,6 +66,29 @@ def stop_signals_raise() -> Iterator[None]:
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done, then arrive as usual.
+
+    The signals are blocked in this thread (``pthread_sigmask``), and one that another thread catches is
+    only noted by a stand-in handler (Python runs handlers in the main thread); both are delivered after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 def entry(vision: bool) -> int:
