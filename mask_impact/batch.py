@@ -21,9 +21,11 @@ import yaml
 from .config import BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, check_name, make_config, output_dir, quoted
 
 TOP_KEYS = ("defaults", "runs")
-ALIASES = {"name": "output", "image": "images"}
+ALIASES = {"name": "output", "image": "images", "group": "groups", "flow": "flows"}
 NEGATED = {"no_progress": "progress", "no_html": "html"}  # the command line's --no-progress / --no-html
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list of paths"}
+LIST_NAMES = {"images": "a path or a list of paths", "groups": "a list of NAME=SPEC strings or a mapping NAME: SPEC",
+              "flows": "a SRC->DST string or a list of them"}
 
 
 @dataclass
@@ -61,7 +63,7 @@ VISION_ONLY = ("image", "images", "max_pixels", "min_pixels", "vision_attention"
 
 
 def valid_keys(vision: bool) -> list[str]:
-    keys = [key for key in FIELD_TYPES if key not in ("output", "images")] + ["name", "image", "images", *NEGATED]
+    keys = [key for key in FIELD_TYPES if key != "output"] + ["name", "image", "group", "flow", *NEGATED]
     return sorted(key for key in keys if vision or key not in VISION_ONLY)
 
 
@@ -78,15 +80,18 @@ def normalise(entry: dict, where: str, base: Path, vision: bool) -> dict:
                 raise UsageError(f"{where}: {key} must be true or false (got {quoted(value)})")
             spelled, value = NEGATED[spelled], not value
         field = ALIASES.get(spelled, spelled)
-        if field == "images" and isinstance(value, str):
+        if field in ("images", "flows", "groups") and isinstance(value, str):
             value = [value]
+        if field == "groups" and isinstance(value, dict):  # NAME: SPEC
+            value = [f"{name}={spec}" for name, spec in value.items()]
         if field == "layers" and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # `layers: 3` means layer 3
         expected = FIELD_TYPES[field]
         good = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        good = good and (field != "images" or all(isinstance(item, str) for item in value))
+        good = good and (expected is not list or all(isinstance(item, str) for item in value))
         if not good and not (value is None and field in ("batch_size", "max_pixels", "min_pixels")):
-            raise UsageError(f"{where}: {key} must be {TYPE_NAMES[expected]} (got {quoted(value)})")
+            kind = LIST_NAMES.get(field, TYPE_NAMES[expected])
+            raise UsageError(f"{where}: {key} must be {kind} (got {quoted(value)})")
         out[field] = value
     if "images" in out:
         out["images"] = [str(_relative(base, image)) for image in out["images"]]

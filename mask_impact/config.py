@@ -33,7 +33,7 @@ CHOICES = {
 # What a YAML value must be, per RunConfig field.
 FIELD_TYPES = {
     "model": str, "prompt": str, "prompt_file": str, "images": list, "demo": bool, "raw_prompt": bool,
-    "allow_special_tokens": bool, "mask_mode": str,
+    "allow_special_tokens": bool, "mask_mode": str, "unit": str, "groups": list, "flows": list,
     "num_tokens": int, "layers": str, "window": int, "block_from": str, "vision_attention": str,
     "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
@@ -74,6 +74,9 @@ class RunConfig:
     raw_prompt: bool = False
     allow_special_tokens: bool = False
     mask_mode: str = "text"
+    unit: str = "token"  # token | word | region:N | image | groups
+    groups: list[str] = field(default_factory=list)  # NAME=SPEC
+    flows: list[str] = field(default_factory=list)  # SRC->DST
     num_tokens: int = 5
     layers: str = "all"
     window: int = 1
@@ -120,6 +123,9 @@ class RunConfig:
             raise UsageError("text-only models take no image; use mask_impact_vl.py with a Qwen3-VL model")
         if self.mask_mode in ("vision", "both") and not self.images:
             raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
+        from .units import check_units
+
+        check_units(self.unit, self.groups, self.flows, len(self.images), vision)
         if self.prompt is None and self.prompt_file is None:
             raise UsageError("no prompt given: pass --prompt TEXT or --prompt-file FILE, or --demo")
         if self.prompt is not None and self.prompt_file is not None:
@@ -210,6 +216,18 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     parser.add_argument("--raw-prompt", action="store_true", help="skip the chat template")
     parser.add_argument("--mask-mode", choices=MASK_MODES if vision else ("text",),
                         help="which positions to knock out (default text; special tokens are swept with text)")
+    parser.add_argument("--unit", help="what one knockout removes: token (default), word, "
+                        + ("region:N (an N×N block of image tokens), image (each whole image), " if vision else "")
+                        + "or groups (exactly the --group options)")
+    parser.add_argument("--group", dest="groups", action="append", metavar="NAME=SPEC",
+                        help="name a group of tokens: "
+                        + ("a pixel box x0,y0,x1,y1[@IMAGE], " if vision else "")
+                        + "pos:10-20 (positions) or text:\"some words\" (their first occurrence in the prompt's "
+                        "text); repeatable")
+    parser.add_argument("--flow", dest="flows", action="append", metavar="SRC->DST",
+                        help="block DST's queries from SRC's keys, e.g. 'question->last' (quote it); groups: "
+                        + ("image, image1, ..., " if vision else "") + "question, last, answer, prompt and every "
+                        "--group; repeatable")
     parser.add_argument("--num-tokens", type=int, help="answer length (default 5; greedy, stops at EOS)")
     parser.add_argument("--layers", help="window centres: 'all' (default) or e.g. '0-11,20,30-35'")
     parser.add_argument("--window", type=int, help="number of consecutive layers knocked out together (default 1)")
@@ -258,6 +276,8 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
         if vision:
             merged.setdefault("images", [str(DEMO_IMAGE)])
     merged.setdefault("model", VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
+    if isinstance(merged.get("unit"), str) and merged["unit"].startswith(("region", "image")):
+        merged.setdefault("mask_mode", "vision")  # what these units group
     config = RunConfig(**merged)
     config.validate(vision)
     if config.output is None:

@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from .config import UsageError, bounded
+from .units import token_spans
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Prompt:
     model_kwargs: dict  # pixel_values, image_grid_thw, mm_token_type_ids (VL only)
     tokens: list[TokenInfo]
     images: list[ImageInfo]
+    user_positions: list[int] | None = None  # the user's text (None with --raw-prompt: it is all markup)
 
     @property
     def length(self) -> int:
@@ -270,16 +272,35 @@ def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = F
         sizes = [limits.resized(f.image.width, f.image.height, path) for f, path in zip(files, image_paths)]
         merged = loaded.model.config.vision_config.spatial_merge_size * loaded.model.config.vision_config.patch_size
         check_fits(loaded, sum(w * h // merged ** 2 for w, h in sizes), num_tokens, "the images alone")
-        input_ids, model_kwargs = _encode_vl(loaded, text, [f.image for f in files], raw_prompt, literal, limits)
+        input_ids, model_kwargs, after = _encode_vl(loaded, text, [f.image for f in files], raw_prompt, literal,
+                                                    limits)
     else:
         limits = None
-        input_ids, model_kwargs = _encode_text_model(loaded, text, raw_prompt, literal), {}
+        (input_ids, after), model_kwargs = _encode_text_model(loaded, text, raw_prompt, literal), {}
     check_fits(loaded, input_ids.shape[1], num_tokens)
     grids = model_kwargs.get("image_grid_thw")
     image_infos = [_image_info(path, file, grid.tolist(), loaded, limits) for path, file, grid
                    in zip(image_paths, files, grids if grids is not None else [])]
     tokens = token_table(input_ids[0].tolist(), loaded.tokenizer, loaded.model.config, image_infos)
-    return Prompt(text, input_ids, model_kwargs, tokens, image_infos)
+    user = None if after is None else user_positions(loaded.tokenizer, input_ids[0].tolist(), text, after, literal)
+    return Prompt(text, input_ids, model_kwargs, tokens, image_infos, user)
+
+
+def user_positions(tokenizer, ids: list[int], text: str, after: str, literal: bool) -> list[int] | None:
+    """The positions of the user's text, which the chat template puts just before ``after``: the tokens of
+    ``text + after`` at the end of ``ids``, or, where the template's tokens merge with the text's, the tokens
+    whose characters overlap the text's. None if neither finds it."""
+    encode = lambda piece, **kw: tokenizer(piece, add_special_tokens=False, **kw)["input_ids"]  # noqa: E731
+    tail = encode(text, split_special_tokens=literal)
+    after_ids = encode(after)
+    if ids[len(ids) - len(tail) - len(after_ids):] == tail + after_ids:
+        return list(range(len(ids) - len(tail) - len(after_ids), len(ids) - len(after_ids)))
+    decoded, spans = token_spans(tokenizer, ids)
+    if not decoded.endswith(text + after):
+        return None
+    end = len(decoded) - len(after)
+    start = end - len(text)
+    return [p for p, (s, e) in enumerate(spans) if s < end and e > start]
 
 
 USER_TEXT = "\ue000mask-impact-user-text\ue000"  # stands in for the user's text inside the chat template
@@ -298,23 +319,28 @@ def _encode_pieces(tokenizer, full_text: str, text: str, literal: bool) -> list[
     return [encode(before), encode(text, split_special_tokens=True), encode(after)]
 
 
-def _encode_text_model(loaded, text: str, raw_prompt: bool, literal: bool) -> torch.Tensor:
+def _encode_text_model(loaded, text: str, raw_prompt: bool, literal: bool) -> tuple[torch.Tensor, str | None]:
+    """The prompt's ids and the template text after the user's text (None with ``raw_prompt``)."""
     tokenizer = loaded.tokenizer
     if raw_prompt:
-        return tokenizer(text, return_tensors="pt")["input_ids"]
+        return tokenizer(text, return_tensors="pt")["input_ids"], None
     if not tokenizer.chat_template:
         raise UsageError(f"{loaded.name} has no chat template; pass --raw-prompt to use the text as is")
     render = lambda content: tokenizer.apply_chat_template(  # noqa: E731
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, enable_thinking=False)
-    pieces = _encode_pieces(tokenizer, render(USER_TEXT), text, literal)
+    template = render(USER_TEXT)
+    after = template.split(USER_TEXT)[1]
+    pieces = _encode_pieces(tokenizer, template, text, literal)
     if pieces is not None:
-        return torch.tensor([sum(pieces, [])])
+        return torch.tensor([sum(pieces, [])]), after
     full_text = render(text)
-    return tokenizer(full_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tokenizer(full_text, return_tensors="pt", add_special_tokens=False)["input_ids"], after
 
 
 def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, literal: bool,
-               limits: PixelLimits) -> tuple[torch.Tensor, dict]:
+               limits: PixelLimits) -> tuple[torch.Tensor, dict, str | None]:
+    """The prompt's ids, the model's other inputs and the template text after the user's text (None with
+    ``raw_prompt``)."""
     processor, config = loaded.processor, loaded.model.config
     image_pad, video_pad = (loaded.tokenizer.convert_ids_to_tokens(i) for i in (config.image_token_id,
                                                                                 config.video_token_id))
@@ -343,7 +369,8 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
         input_ids = torch.cat([input_ids, tail], dim=1)
         types = model_kwargs["mm_token_type_ids"]
         model_kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(tail.shape)], dim=1)
-    return input_ids, model_kwargs
+    after = None if raw_prompt else template.split(USER_TEXT)[1]
+    return input_ids, model_kwargs, after
 
 
 def _image_info(path: str, file: ImageFile, grid_thw: list[int], loaded, limits: PixelLimits) -> ImageInfo:

@@ -33,11 +33,11 @@ from .models import LoadedModel
 from .stopping import signals_deferred
 from .sweep import RunResult, top_knockouts
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VIEWER = Path(__file__).resolve().parent.parent / "visualize_results.html"
 EMBED_SLOT = '<script id="embedded-data" type="application/json"></script>'
-CSV_COLUMNS = ["layer_start", "layer_end", "position", "token_id", "token_text", "modality", "image", "row", "col",
-               "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
+CSV_COLUMNS = ["layer_start", "layer_end", "unit", "kind", "label", "keys", "queries", "modality", "image", "x0", "y0",
+               "x1", "y1", "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs such a cell as a formula (OWASP)
 
 
@@ -87,28 +87,50 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
             "stopped_at_eos": baseline.stopped_at_eos,
         },
         "windows": [list(window) for window in result.windows],
-        "positions": result.positions,
+        "units": [unit.as_dict() for unit in result.units],
         "metrics": result.metrics,
         "generations": result.generations,
     }
 
 
 def csv_text(data: dict) -> str:
-    """One row per knockout, in window-major order; text cells are made safe for spreadsheets."""
+    """One row per (window, unit), in window-major order; text cells are made safe for spreadsheets.
+
+    ``keys`` and ``queries`` are position lists written like ``--layers`` (``10-20,25``); ``queries`` is empty
+    for every query, and ends with ``answer`` (``10,answer``) where the answer positions are blocked too;
+    ``image`` counts from 1 and the box is in original-image pixels."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # RFC 4180 line ends: fields holding \r or \n get quoted
     writer.writerow(CSV_COLUMNS)
-    metrics, tokens = data["metrics"], data["tokens"]
+    metrics = data["metrics"]
     for w, (start, end) in enumerate(data["windows"]):
-        for i, position in enumerate(data["positions"]):
-            token = tokens[position]
+        for i, unit in enumerate(data["units"]):
+            queries = "" if unit["queries"] is None else ",".join(
+                ([position_ranges(unit["queries"])] if unit["queries"] else [])
+                + (["answer"] if unit["queries_from"] is not None else []))
+            box = unit["box"] or [None] * 4
             writer.writerow([
-                start, end, position, token["id"], _text_cell(token["text"]), _text_cell(token["modality"]),
-                _blank(token["image"]), _blank(token["row"]), _blank(token["col"]),
+                start, end, i, unit["kind"], _text_cell(unit["label"]), position_ranges(unit["keys"]), queries,
+                unit["modality"], "" if unit["image"] is None else unit["image"] + 1, *map(_blank, box),
                 metrics["logprob_drop"][w][i], metrics["prob_change_pct"][w][i], metrics["kl"][w][i],
                 metrics["top1_changed"][w][i], _blank(metrics["first_divergence"][w][i]),
             ])
     return buffer.getvalue()
+
+
+def position_ranges(positions: list[int]) -> str:
+    """``[10, 11, 12, 20]`` → ``10-12,20``."""
+    parts = []
+    for p in positions:
+        if parts and parts[-1][1] == p - 1:
+            parts[-1][1] = p
+        else:
+            parts.append([p, p])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def _figure(value, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
 def _blank(value) -> object:
@@ -282,17 +304,17 @@ def _finite(value):
 
 def summary(data: dict, paths: dict[str, Path], top: int = 10) -> str:
     """The baseline, the most impactful knockouts as a table, and where the files are."""
-    metrics, tokens = data["metrics"], data["tokens"]
-    windows = [tuple(w) for w in data["windows"]]
+    metrics, units, windows = data["metrics"], data["units"], data["windows"]
     lines = [f"baseline answer: {data['baseline']['text']!r}", "",
-             f"{'layers':>9}  {'pos':>5}  {'token':<16} {'modality':<8} {'logprob_drop':>12} {'prob_chg%':>10} {'kl':>8}"]
-    index = {(tuple(w), p): (wi, pi) for wi, w in enumerate(windows) for pi, p in enumerate(data["positions"])}
-    for window, position in top_knockouts(metrics, windows, data["positions"], top):
-        w, i = index[(window, position)]
-        token = tokens[position]
-        text = repr(token["text"])[1:-1][:16]
-        lines.append(f"{window[0]:>4}-{window[1]:<4}  {position:>5}  {text:<16} {token['modality']:<8} "
-                     f"{metrics['logprob_drop'][w][i]:>12.4f} {metrics['prob_change_pct'][w][i]:>10.2f} "
-                     f"{metrics['kl'][w][i]:>8.4f}")
+             f"{'layers':>9}  {'keys':>9}  {'unit':<20} {'modality':<8} {'logprob_drop':>12} {'prob_chg%':>10} "
+             f"{'kl':>8}"]
+    for w, i in top_knockouts(metrics, top):
+        unit = units[i]
+        label = repr(unit["label"])[1:-1][:20]
+        keys = position_ranges(unit["keys"])
+        keys = keys if len(keys) <= 9 else keys[:8] + "…"
+        lines.append(f"{windows[w][0]:>4}-{windows[w][1]:<4}  {keys:>9}  {label:<20} {unit['modality']:<8} "
+                     f"{_figure(metrics['logprob_drop'][w][i], 12, 4)} {_figure(metrics['prob_change_pct'][w][i], 10, 2)} "
+                     f"{_figure(metrics['kl'][w][i], 8, 4)}")
     lines += ["", "wrote " + ", ".join(str(path) for path in paths.values())]
     return "\n".join(lines)

@@ -46,7 +46,7 @@ SAMPLE = 16 << 20
 # weights in any format: left out of the folder's file digests (the loaded ones are in weights_digest)
 WEIGHT_LIKE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 # Every setting that decides a number in the partial file or the result (batch size does not: see batch_size).
-RESULT_SETTINGS = ("mask_mode", "num_tokens", "layers", "window", "block_from", "vision_attention", "raw_prompt",
+RESULT_SETTINGS = ("mask_mode", "unit", "groups", "flows", "num_tokens", "layers", "window", "block_from", "vision_attention", "raw_prompt",
                    "engine", "generate_top")
 
 
@@ -263,18 +263,18 @@ def header_problem(header) -> str | None:
 
 
 def valid_record(record, run: str) -> bool:
-    """A finished batch of this run: indices, a non-empty list of positions, every metric with one value each."""
+    """A finished batch of this run: indices, a non-empty list of unit indices, every metric with one value each."""
     if not isinstance(record, dict) or record.get("run") != run:
         return False
-    positions, metrics = record.get("positions"), record.get("metrics")
+    units, metrics = record.get("units"), record.get("metrics")
     if not (_index(record.get("window")) and _index(record.get("start")) and _index(record.get("batch_size"))
             and record["batch_size"] >= 1):
         return False
-    if not isinstance(positions, list) or not positions or not all(_index(p) for p in positions):
+    if not isinstance(units, list) or not units or not all(_index(u) for u in units):
         return False
     if not isinstance(metrics, dict) or set(metrics) != set(METRICS):
         return False
-    return all(isinstance(values, list) and len(values) == len(positions) and all(_scalar(v) for v in values)
+    return all(isinstance(values, list) and len(values) == len(units) and all(_scalar(v) for v in values)
                for values in metrics.values())
 
 
@@ -322,7 +322,7 @@ class PartialStore:
                              "rerun with --resume") from None
 
     def kept(self) -> int:
-        return sum(len(record["positions"]) for record in self.saved.values())
+        return sum(len(record["units"]) for record in self.saved.values())
 
     def _read(self) -> None:
         lines, cut = read_lines(self.path)
@@ -375,8 +375,8 @@ class PartialStore:
                            "batch_size": batch_size}
             self._append(self.header, mode="w")
 
-    def record(self, window: int, start: int, positions: list[int], values: dict, batch_size: int) -> None:
-        record = {"run": self.run, "window": window, "start": start, "positions": positions, "metrics": values,
+    def record(self, window: int, start: int, units: list[int], values: dict, batch_size: int) -> None:
+        record = {"run": self.run, "window": window, "start": start, "units": units, "metrics": values,
                   "batch_size": batch_size}
         self._append(record)
         self.saved[(window, start)] = record

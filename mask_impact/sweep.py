@@ -1,10 +1,11 @@
-"""The sweep: every (window, position) knockout, scored, then the top ones generated for real.
+"""The sweep: every (window, unit) knockout, scored, then the top ones generated for real.
 
-One generic loop over the window × position grid, in the spirit of TransformerLens' patching
-sweeps: the engine says what the answer log-probs become under a batch of knockouts, the metric
-registry turns those into numbers. Batches are runs of consecutive positions (so the engine's
-suffix reuse wastes little); an out-of-memory error halves the batch and retries the same
-knockouts, keeping everything already finished.
+One generic loop over the window × unit grid, in the spirit of TransformerLens' patching sweeps:
+the engine says what the answer log-probs become under a batch of knockouts, the metric registry
+turns those into numbers. A unit is a token, a word, an image region, a whole image, a named group
+or a flow (units.py). Batches are runs of consecutive units (so the engine's suffix reuse wastes
+little); an out-of-memory error halves the batch and retries the same knockouts, keeping everything
+already finished.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .engine import Analysis, Baseline, FastEngine, NaiveEngine
 from .inputs import Prompt
 from .metrics import METRICS, PRIMARY, compute_all
 from .models import LoadedModel
+from .units import Unit, build_units
 
 ENGINES = {"fast": FastEngine, "naive": NaiveEngine}
 
@@ -29,22 +31,13 @@ ENGINES = {"fast": FastEngine, "naive": NaiveEngine}
 class RunResult:
     baseline: Baseline
     windows: list[tuple[int, int]]
-    positions: list[int]
-    metrics: dict[str, list[list]]  # name → [window][position]
+    units: list[Unit]
+    metrics: dict[str, list[list]]  # name → [window][unit]
     generations: list[dict] = field(default_factory=list)
     batch_size: int = 0
     elapsed_s: float = 0.0
     num_layers: int = 0
     answer_start: int = 0
-
-
-def positions_for(prompt: Prompt, mask_mode: str) -> list[int]:
-    """The prompt positions a mode sweeps: ``special`` tokens count with ``text``."""
-    wanted = {"text": ("text", "special"), "vision": ("vision",), "both": ("text", "special", "vision")}[mask_mode]
-    positions = [tok.index for tok in prompt.tokens if tok.modality in wanted]
-    if not positions:
-        raise UsageError(f"--mask-mode {mask_mode} selects no positions in this prompt")
-    return positions
 
 
 def bytes_per_row(loaded: LoadedModel, sequence_length: int) -> int:
@@ -67,9 +60,10 @@ def auto_batch_size(loaded: LoadedModel, sequence_length: int) -> int:
     return int(max(1, min(256, budget // per_row)))
 
 
-def sweep_flops(loaded: LoadedModel, windows: list[tuple[int, int]], positions: list[int], length: int,
+def sweep_flops(loaded: LoadedModel, windows: list[tuple[int, int]], units: list, length: int,
                 first_affected) -> float:
-    """Matmul FLOPs the sweep really needs: per knockout, layers a.. over the positions it can change."""
+    """Matmul FLOPs the sweep really needs: per knockout, layers a.. over the positions it can change
+    (``first_affected(unit)``: where that is, None if nowhere)."""
     config = loaded.adapter.decoder.config
     h, i, nh, nkv = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
                      config.num_key_value_heads)
@@ -78,22 +72,25 @@ def sweep_flops(loaded: LoadedModel, windows: list[tuple[int, int]], positions: 
     total = 0.0
     for a, _ in windows:
         layers = loaded.adapter.num_layers - a
-        for p in positions:
-            start = first_affected(p)
+        for unit in units:
+            start = first_affected(unit)
+            if start is None:
+                continue
             queries = length - start
             keys = queries * (start + length) / 2  # Σ over queries of (q + 1)
             total += layers * (queries * per_token_linear + 4 * nh * hd * keys)
     return total
 
 
-def describe_plan(loaded: LoadedModel, engine, windows: list, positions: list[int], batch_size: int) -> str:
-    """One line saying how much work the sweep is, before it starts."""
+def describe_plan(loaded: LoadedModel, engine, windows: list, knockouts: list, batch_size: int, what: str) -> str:
+    """One line saying how much work the sweep is, before it starts (``what``: the units, named)."""
     length = engine.tf.input_ids.shape[1]
-    flops = sweep_flops(loaded, windows, positions, length, engine.analysis.first_affected)
-    memory = bytes_per_row(loaded, length) * min(batch_size, len(positions))
-    return (f"sweep: {len(windows)} windows × {len(positions)} positions = {len(windows) * len(positions):,} "
-            f"knockouts over {length} tokens, about {flops / 1e12:.3g} TFLOP, up to {min(batch_size, len(positions))} "
-            f"rows per forward (about {memory / 2**30:.2g} GiB of working memory)")
+    flops = sweep_flops(loaded, windows, knockouts, length, engine.analysis.first_affected)
+    rows = min(batch_size, len(knockouts))
+    memory = bytes_per_row(loaded, length) * rows
+    return (f"sweep: {len(windows)} windows × {len(knockouts)} {what} = {len(windows) * len(knockouts):,} "
+            f"knockouts over {length} tokens, about {flops / 1e12:.3g} TFLOP, up to {rows} rows per forward (about "
+            f"{memory / 2**30:.2g} GiB of working memory)")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -105,49 +102,55 @@ def is_out_of_memory(error: BaseException) -> bool:
                                                  or "out of memory" in text.lower())
 
 
-def next_batch(engine, positions: list[int], done: int, batch_size: int, waste: float = 0.1,
-               min_rows: int = 16) -> list[int]:
-    """Up to ``batch_size`` consecutive positions whose rows waste at most ``waste`` of their queries.
+def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float = 0.1, min_rows: int = 16) -> list:
+    """Up to ``batch_size`` consecutive knockouts whose rows waste at most ``waste`` of their queries.
 
     A batch recomputes every row from the smallest first-affected position of the batch, so a row
     whose own knockout starts later computes some queries for nothing; bounding that keeps the
     suffix reuse worth having. ``min_rows`` keeps batches large enough that per-call overhead does not
     dominate on short sequences.
     """
-    first = engine.analysis.first_affected
     length = engine.tf.input_ids.shape[1]
-    start = first(positions[done])
+
+    def first(knockout) -> int:  # one that changes nothing joins any batch (the engine skips it)
+        position = engine.analysis.first_affected(knockout)
+        return length if position is None else position
+
+    start = first(knockouts[done])
     allowed = max(1.0, waste * (length - start))
     end = done + 1
-    while end < min(len(positions), done + batch_size) and (
-            end - done < min_rows or first(positions[end]) - start <= allowed):
+    while end < min(len(knockouts), done + batch_size) and (
+            end - done < min_rows or first(knockouts[end]) - start <= allowed):
         end += 1
-    return positions[done:end]
+    return knockouts[done:end]
 
 
-def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int], batch_size: int,
+def score_knockouts(engine, windows: list[tuple[int, int]], knockouts: list, batch_size: int,
                     progress: bool = True, store=None) -> tuple[dict[str, list[list]], int]:
-    """Metrics for every (window, position); returns them and the batch size that finally fit.
+    """Metrics for every (window, knockout); returns them and the batch size that finally fit.
+    A knockout is a ``Knockout`` (or a bare position: that token's knockout); they are the units of the
+    result, in order.
 
     With a ``store`` (see resume.py), batches it already holds are taken from it and every newly
     finished batch is saved to it before the next one starts.
     """
     answer = engine.tf.answer_ids
-    metrics = {name: [[None] * len(positions) for _ in windows] for name in METRICS}
-    bar = tqdm(total=len(windows) * len(positions), unit="knockout", disable=not progress, dynamic_ncols=True)
+    count = len(knockouts)
+    metrics = {name: [[None] * count for _ in windows] for name in METRICS}
+    bar = tqdm(total=len(windows) * count, unit="knockout", disable=not progress, dynamic_ncols=True)
     try:
         for w, window in enumerate(windows):
             bar.set_description(f"layers {window[0]}-{window[1]}")
             done = 0
-            while done < len(positions):
+            while done < count:
                 saved = store.saved.get((w, done)) if store is not None else None
-                if saved and saved["positions"] == positions[done: done + len(saved["positions"])]:
+                if saved and saved["units"] == list(range(done, min(count, done + len(saved["units"])))):
                     for name, values in saved["metrics"].items():
                         metrics[name][w][done: done + len(values)] = values
-                    done += len(saved["positions"])
-                    bar.update(len(saved["positions"]))
+                    done += len(saved["units"])
+                    bar.update(len(saved["units"]))
                     continue
-                chunk = next_batch(engine, positions, done, batch_size)
+                chunk = next_batch(engine, knockouts, done, batch_size)
                 try:
                     knocked = engine.logprobs(window, chunk)  # (B, T, V)
                 except (RuntimeError, MemoryError) as error:
@@ -164,7 +167,7 @@ def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int]
                 for name, column in values.items():
                     metrics[name][w][done: done + len(chunk)] = column
                 if store is not None:
-                    store.record(w, done, chunk, values, batch_size)
+                    store.record(w, done, list(range(done, done + len(chunk))), values, batch_size)
                 done += len(chunk)
                 bar.update(len(chunk))
     finally:
@@ -172,11 +175,13 @@ def score_knockouts(engine, windows: list[tuple[int, int]], positions: list[int]
     return metrics, batch_size
 
 
-def top_knockouts(metrics: dict[str, list[list]], windows: list, positions: list[int], k: int) -> list[tuple]:
-    """The k (window, position) pairs with the largest primary metric."""
-    scored = [(metrics[PRIMARY][w][i], w, i) for w in range(len(windows)) for i in range(len(positions))]
+def top_knockouts(metrics: dict[str, list[list]], k: int) -> list[tuple[int, int]]:
+    """The k (window index, unit index) pairs with the largest primary metric."""
+    values = metrics[PRIMARY]
+    scored = [(values[w][i], w, i) for w in range(len(values)) for i in range(len(values[w]))
+              if values[w][i] is not None]
     scored.sort(key=lambda item: -item[0])
-    return [(windows[w], positions[i]) for _, w, i in scored[:k]]
+    return [(w, i) for _, w, i in scored[:k]]
 
 
 def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> RunResult:
@@ -185,8 +190,10 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
     num_layers = loaded.adapter.num_layers
     layers = parse_layers(config.layers, num_layers)
     windows = windows_for(layers, config.window, num_layers)
-    positions = positions_for(prompt, config.mask_mode)
     analysis = Analysis(loaded, prompt, config.block_from, config.vision_attention)
+    units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+    knockouts = [unit.knockout() for unit in units]
+    check_blocks_something(analysis, units, knockouts, config)
     baseline, tf = analysis.baseline(config.num_tokens)
     engine = ENGINES[config.engine](analysis, tf)
     baseline.logprobs = engine.base_logprobs.gather(-1, tf.answer_ids[:, None].to(loaded.device))[:, 0].tolist()
@@ -196,12 +203,26 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         batch_size = store.batch_size(batch_size)
         store.start(baseline.token_ids, batch_size)
     if config.progress:
-        tqdm.write(describe_plan(loaded, engine, windows, positions, batch_size), file=sys.stderr)
-    metrics, batch_size = score_knockouts(engine, windows, positions, batch_size, config.progress, store)
+        what = "flows" if config.flows else "units" if config.unit != "token" else "positions"
+        tqdm.write(describe_plan(loaded, engine, windows, knockouts, batch_size, what), file=sys.stderr)
+    metrics, batch_size = score_knockouts(engine, windows, knockouts, batch_size, config.progress, store)
     generations = []
-    for window, position in top_knockouts(metrics, windows, positions, config.generate_top):
-        ids, _ = analysis.generate(config.num_tokens, analysis.plan(window, [position]))
+    for w, i in top_knockouts(metrics, config.generate_top):
+        ids, _ = analysis.generate(config.num_tokens, analysis.plan(windows[w], [knockouts[i]]))
         text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
-        generations.append({"window": list(window), "position": position, "text": text, "token_ids": ids})
-    return RunResult(baseline, windows, positions, metrics, generations, batch_size,
+        generations.append({"window": list(windows[w]), "unit": i, "label": units[i].label, "text": text,
+                            "token_ids": ids})
+    return RunResult(baseline, windows, units, metrics, generations, batch_size,
                      time.perf_counter() - started, num_layers, analysis.answer_start)
+
+
+def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: list, config: RunConfig) -> None:
+    """A group or flow whose queries can never see its keys would be a column of zeros: refused, with why."""
+    if not (config.flows or config.unit == "groups"):
+        return
+    for unit, knockout in zip(units, knockouts):
+        if analysis.first_affected(knockout) is None:
+            why = (" with --block-from answer" if config.block_from == "answer" else "") + (
+                ": every query comes before every key, and attention only looks back" if knockout.keys else
+                ": it names no key")
+            raise UsageError(f"{'--flow' if unit.kind == 'flow' else '--group'} {unit.label} blocks nothing{why}")

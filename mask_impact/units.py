@@ -1,0 +1,456 @@
+"""What one swept knockout removes: units (tokens, words, image regions, whole images, named groups) and flows.
+
+The sweep's unit of work is a ``Unit``: a set of key positions and the query positions blocked from
+them (spec.py's ``Knockout``), with a label and, for vision units, the image and pixel box it covers.
+
+- ``--unit token`` (default): one unit per position the ``--mask-mode`` selects.
+- ``--unit word``: the text tokens of one word together. Words come from the tokenizer's character
+  offsets: a word is a run of letters, digits and underscores (with inner apostrophes, hyphens and
+  dots: ``don't``, ``well-known``, ``3.14``), or a run of other non-space characters; a token belongs to
+  the word holding its first non-space character. Special tokens and whitespace-only tokens stay single.
+- ``--unit region:N``: the vision tokens of an N×N block of the merged grid (edge blocks are partial).
+- ``--unit image``: every vision token of one image.
+- ``--unit groups``: exactly the ``--group``s.
+- ``--flow SRC->DST``: one unit per flow; its keys are SRC's positions, its queries DST's.
+
+Groups (``--group NAME=SPEC``, and the built-in names of ``BUILTIN_GROUPS``) resolve against the prompt:
+a pixel box (``x0,y0,x1,y1[@N]``, original-image pixels: the vision tokens of image N whose boxes overlap
+it), a position list (``pos:10-20,25``) or a text span (``text:quick brown``: the tokens of its first
+occurrence in the user's text).
+
+The options are parsed and checked here before the model loads (``parse_unit``, ``parse_group``,
+``parse_flow``, ``check_units``); ``build_units`` resolves them once the prompt is tokenized. No torch
+at import: the command line's ``--help`` and its early checks stay quick.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .config import UsageError, quoted
+
+UNIT_KINDS = ("token", "word", "region", "image", "group", "flow")
+MAX_REGION = 1024
+GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+IMAGE_GROUP = re.compile(r"image([1-9][0-9]{0,3})")
+BUILTIN_GROUPS = ("image", "question", "last", "answer", "prompt")  # and image1, image2, ...
+WORD = re.compile(r"\w+(?:['’.\-]\w+)*|[^\w\s]+")
+
+
+# --- the options as written ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UnitChoice:
+    kind: str  # token | word | region | image | groups
+    size: int = 1  # region side, in merged-grid cells
+
+    @property
+    def groups_vision(self) -> bool:
+        return self.kind in ("region", "image")
+
+
+def parse_unit(text: str) -> UnitChoice:
+    """``token``, ``word``, ``region:N``, ``image`` or ``groups``."""
+    if text in ("token", "word", "image", "groups"):
+        return UnitChoice(text)
+    match = re.fullmatch(r"region:(\d{1,6})", text.strip())
+    if match:
+        size = int(match[1])
+        if not 1 <= size <= MAX_REGION:
+            raise UsageError(f"--unit region:{size}: the block side must be between 1 and {MAX_REGION} tokens")
+        return UnitChoice("region", size)
+    raise UsageError(f"--unit {quoted(text)} is not understood; use token, word, region:N (e.g. region:2), image "
+                     "or groups")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A ``--group NAME=SPEC`` as written: ``kind`` box (``value``: x0, y0, x1, y1; ``image``: 1-based),
+    pos (``value``: the positions) or text (``value``: the text)."""
+
+    name: str
+    kind: str
+    value: tuple
+    image: int | None = None
+    source: str = ""
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def _positions(text: str, what: str) -> tuple[int, ...]:
+    positions: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d{1,7})\s*(?:-\s*(\d{1,7})\s*)?", part)
+        if not match:
+            raise UsageError(f"{what}: {quoted(part.strip())} is not a position or a range like 10-20")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise UsageError(f"{what}: the range {first}-{last} runs backwards; write it as {last}-{first}")
+        positions.extend(range(first, last + 1))
+    return tuple(sorted(set(positions)))
+
+
+def parse_group(text: str) -> GroupSpec:
+    """``NAME=x0,y0,x1,y1[@N]``, ``NAME=pos:10-20`` or ``NAME=text:quick brown`` (quotes optional)."""
+    if not isinstance(text, str) or "=" not in text:
+        raise UsageError(f"--group {quoted(text)} is not understood; write NAME=x0,y0,x1,y1[@IMAGE], NAME=pos:10-20 "
+                         "or NAME=text:\"some words\"")
+    name, spec = (part.strip() for part in text.split("=", 1))
+    what = f"--group {name}"
+    if not GROUP_NAME.fullmatch(name) or len(name) > 64:
+        raise UsageError(f"--group name {quoted(name)} must be letters, digits and '_' (not starting with a digit, "
+                         "at most 64 characters)")
+    if name in BUILTIN_GROUPS or IMAGE_GROUP.fullmatch(name):
+        raise UsageError(f"--group name {name!r} is built in ({', '.join(BUILTIN_GROUPS)}, image1, image2, ...); "
+                         "choose another name")
+    if spec.startswith("pos:"):
+        return GroupSpec(name, "pos", _positions(spec[4:], what), source=text)
+    if spec.startswith("text:"):
+        words = spec[5:].strip()
+        if len(words) >= 2 and words[0] == words[-1] and words[0] in "\"'":
+            words = words[1:-1]
+        if not words.strip():
+            raise UsageError(f"{what}: the text span is empty; write e.g. {name}=text:\"quick brown\"")
+        return GroupSpec(name, "text", (words,), source=text)
+    box, _, image = spec.partition("@")
+    try:
+        values = tuple(float(v) for v in box.split(","))
+        number = int(image) if image else None
+    except ValueError:
+        values, number = (), None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) or (image and number is None):
+        raise UsageError(f"{what}={quoted(spec)} is not understood; write a pixel box x0,y0,x1,y1 (optionally "
+                         "@IMAGE, counting from 1), pos:10-20 or text:\"some words\"")
+    x0, y0, x1, y1 = values
+    if x1 <= x0 or y1 <= y0:
+        raise UsageError(f"{what}: the box {box} is empty; write x0,y0,x1,y1 with x0 < x1 and y0 < y1")
+    if number is not None and number < 1:
+        raise UsageError(f"{what}: images are counted from 1 (got @{number})")
+    return GroupSpec(name, "box", values, number, source=text)
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    source: str
+    target: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}->{self.target}"
+
+
+def parse_flow(text: str) -> FlowSpec:
+    """``SRC->DST``: DST's queries are blocked from SRC's keys."""
+    parts = text.split("->") if isinstance(text, str) else []
+    if len(parts) != 2 or not all(part.strip() for part in parts):
+        raise UsageError(f"--flow {quoted(text)} is not understood; write SOURCE->DESTINATION, e.g. 'image->last' "
+                         "(quote it in the shell)")
+    return FlowSpec(parts[0].strip(), parts[1].strip())
+
+
+def check_units(unit: str, groups: list[str], flows: list[str], images: int, vision: bool) -> None:
+    """Every check of the unit, group and flow options that needs no model (``images``: how many are given)."""
+    choice = parse_unit(unit)
+    specs = [parse_group(text) for text in groups]
+    names = [spec.name for spec in specs]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate:
+        raise UsageError(f"--group {duplicate} is given twice; give each group one name")
+    if choice.groups_vision and not vision:
+        raise UsageError(f"--unit {unit} groups image tokens; text-only models have none (use token, word or groups)")
+    if choice.groups_vision and not images:
+        raise UsageError(f"--unit {unit} groups image tokens, but no --image is given")
+    if choice.kind == "groups" and not specs:
+        raise UsageError("--unit groups sweeps the --group options, but none is given; add --group NAME=SPEC")
+    for spec in specs:
+        if spec.kind == "box":
+            if not images:
+                raise UsageError(f"--group {spec.name} is a pixel box, but no --image is given")
+            if spec.image is None and images > 1:
+                raise UsageError(f"--group {spec.name}: {images} images are given; say which one the box is on with "
+                                 f"@N (e.g. {spec.source}@1)")
+            if spec.image is not None and spec.image > images:
+                raise UsageError(f"--group {spec.name}: @{spec.image} names image {spec.image}, but "
+                                 f"{images} image{'s are' if images != 1 else ' is'} given")
+    if flows and choice.kind != "token":
+        raise UsageError(f"--flow runs sweep the flows themselves; drop --unit {unit}")
+    for text in flows:
+        flow = parse_flow(text)
+        for name in (flow.source, flow.target):
+            check_group_name(name, names, images, vision, f"--flow {flow.label}")
+        if flow.source == "answer":
+            raise UsageError(f"--flow {flow.label}: answer can only be a flow's destination (its positions follow "
+                             "the prompt, so nothing attends to them from it)")
+    labels = [parse_flow(text).label for text in flows]
+    repeated = next((label for label in labels if labels.count(label) > 1), None)
+    if repeated:
+        raise UsageError(f"--flow {repeated} is given twice")
+
+
+def check_group_name(name: str, groups: list[str], images: int, vision: bool, what: str) -> None:
+    image = IMAGE_GROUP.fullmatch(name)
+    if name == "image" or image:
+        if not vision:
+            raise UsageError(f"{what}: {name!r} names image tokens; text-only models have none")
+        if not images:
+            raise UsageError(f"{what}: {name!r} names image tokens, but no --image is given")
+        if image and int(image[1]) > images:
+            raise UsageError(f"{what}: {name!r} names image {image[1]}, but {images} "
+                             f"image{'s are' if images != 1 else ' is'} given")
+        return
+    if name not in BUILTIN_GROUPS and name not in groups:
+        known = ", ".join(list(BUILTIN_GROUPS) + (["image1", "..."] if vision else []) + groups)
+        raise UsageError(f"{what}: no group is named {name!r}; known groups: {known} (name others with --group)")
+
+
+# --- resolved against a prompt ---------------------------------------------------------------------------------
+
+@dataclass
+class Unit:
+    """One swept knockout: ``keys`` blocked from ``queries`` (None: every query) and every position from
+    ``queries_from`` on (the answer), with what a reader needs to place it."""
+
+    index: int
+    kind: str  # one of UNIT_KINDS
+    label: str
+    keys: list[int]
+    queries: list[int] | None = None
+    queries_from: int | None = None
+    modality: str = "text"  # text | vision | special | mixed
+    image: int | None = None  # 0-based image index, for units inside one image
+    box: list[float] | None = None  # [x0, y0, x1, y1] original-image pixels: the union of its tokens' boxes
+
+    def knockout(self):
+        from .spec import Knockout
+
+        queries = None if self.queries is None else tuple(self.queries)
+        return Knockout(tuple(self.keys), queries, self.queries_from)
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "kind": self.kind, "label": self.label, "keys": self.keys,
+                "queries": self.queries, "queries_from": self.queries_from, "modality": self.modality,
+                "image": self.image, "box": self.box}
+
+
+@dataclass
+class Group:
+    """A named set of positions; ``tail``: also every position from there on (the answer)."""
+
+    name: str
+    positions: list[int]
+    tail: int | None = None
+    box: list[float] | None = None
+    image: int | None = None
+
+
+def token_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text of ``ids`` and each token's character span in it, from the tokenizer's offsets
+    (re-encoding the text); where re-encoding gives other ids, by decoding growing prefixes."""
+    text = tokenizer.decode(ids)
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if encoded["input_ids"] == ids:
+            return text, [tuple(span) for span in encoded["offset_mapping"]]
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer has no offsets
+        pass
+    spans, end = [], 0
+    for i in range(len(ids)):
+        new_end = len(tokenizer.decode(ids[: i + 1]))
+        spans.append((min(end, new_end), new_end))
+        end = new_end
+    return text, spans
+
+
+def _runs(positions: list[int]) -> list[list[int]]:
+    """Maximal runs of consecutive positions."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and runs[-1][-1] == p - 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+def words(prompt, tokenizer, positions: list[int]) -> list[list[int]]:
+    """``positions`` (text tokens) grouped into words, in order."""
+    ids = prompt.input_ids[0].tolist()
+    grouped: list[list[int]] = []
+    for run in _runs(positions):
+        text, spans = token_spans(tokenizer, [ids[p] for p in run])
+        starts = [match.start() for match in WORD.finditer(text)]
+        ends = [match.end() for match in WORD.finditer(text)]
+        last_word = None
+        for p, (start, end) in zip(run, spans):
+            first = next((i for i in range(start, max(start, end)) if not text[i].isspace()), None)
+            word = None if first is None else next((w for w, (s, e) in enumerate(zip(starts, ends)) if s <= first < e),
+                                                   None)
+            if word is not None and word == last_word:
+                grouped[-1].append(p)
+            else:
+                grouped.append([p])
+            last_word = word
+    return grouped
+
+
+def regions(prompt, positions: list[int], size: int | None) -> list[list[int]]:
+    """Vision ``positions`` grouped by image, then by ``size``×``size`` block of the merged grid (raster order);
+    ``size`` None: one group per image."""
+    blocks: dict[tuple, list[int]] = {}
+    for p in positions:
+        tok = prompt.tokens[p]
+        key = (tok.image,) if size is None else (tok.image, tok.t, tok.row // size, tok.col // size)
+        blocks.setdefault(key, []).append(p)
+    return [blocks[key] for key in sorted(blocks)]
+
+
+def union_box(prompt, positions: list[int]) -> list[float] | None:
+    boxes = [prompt.tokens[p].box for p in positions if prompt.tokens[p].box is not None]
+    if not boxes:
+        return None
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+
+
+def modality_of(prompt, positions: list[int]) -> str:
+    kinds = {prompt.tokens[p].modality for p in positions}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def image_of(prompt, positions: list[int]) -> int | None:
+    images = {prompt.tokens[p].image for p in positions}
+    return images.pop() if len(images) == 1 else None
+
+
+def _label(prompt, kind: str, positions: list[int]) -> str:
+    tokens = [prompt.tokens[p] for p in positions]
+    if kind == "token":
+        return tokens[0].text
+    if kind == "word":
+        text = "".join(tok.text for tok in tokens)
+        return text.strip() or text
+    first = tokens[0]
+    if kind == "image":
+        return f"image{first.image + 1}"
+    rows = sorted({tok.row for tok in tokens})
+    cols = sorted({tok.col for tok in tokens})
+    span = lambda values: f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"  # noqa: E731
+    frame = f" t{first.t}" if first.t else ""
+    return f"image{first.image + 1}{frame} r{span(rows)} c{span(cols)}"
+
+
+def _unit(prompt, index: int, kind: str, label: str, keys: list[int], queries=None, queries_from=None) -> Unit:
+    return Unit(index, kind, label, keys, queries, queries_from, modality_of(prompt, keys), image_of(prompt, keys),
+                union_box(prompt, keys))
+
+
+def question_positions(prompt, tokenizer) -> list[int]:
+    """The positions of the user's text (``question``); with ``--raw-prompt``, every plain-text token."""
+    if prompt.user_positions is not None:
+        return list(prompt.user_positions)
+    return [tok.index for tok in prompt.tokens if tok.modality == "text"]
+
+
+def resolve_group(spec: GroupSpec, prompt, tokenizer) -> Group:
+    """A ``--group`` as positions of this prompt; one line if it covers none."""
+    what = f"--group {spec.name}"
+    if spec.kind == "pos":
+        outside = [p for p in spec.value if p >= prompt.length]
+        if outside:
+            raise UsageError(f"{what}: position {outside[0]} is past the prompt's {prompt.length} positions "
+                             f"(0-{prompt.length - 1})")
+        return Group(spec.name, list(spec.value))
+    if spec.kind == "text":
+        question = question_positions(prompt, tokenizer)
+        ids = prompt.input_ids[0].tolist()
+        text, spans = token_spans(tokenizer, [ids[p] for p in question])
+        start = text.find(spec.value[0])
+        if start < 0:
+            raise UsageError(f"{what}: the text {quoted(spec.value[0])} does not occur in the prompt's text")
+        end = start + len(spec.value[0])
+        return Group(spec.name, [p for p, (s, e) in zip(question, spans) if s < end and e > start])
+    image = (spec.image or 1) - 1
+    info = prompt.images[image]
+    x0, y0, x1, y1 = spec.value
+    if x1 <= 0 or y1 <= 0 or x0 >= info.width or y0 >= info.height:
+        raise UsageError(f"{what}: the box {','.join(f'{v:g}' for v in spec.value)} lies outside image {image + 1} "
+                         f"({info.width}×{info.height} pixels)")
+    covered = [tok.index for tok in prompt.tokens if tok.image == image and tok.box is not None
+               and tok.box[0] < x1 and tok.box[2] > x0 and tok.box[1] < y1 and tok.box[3] > y0]
+    if not covered:
+        raise UsageError(f"{what}: the box covers no image token")
+    return Group(spec.name, covered, box=[max(0.0, x0), max(0.0, y0), min(info.width, x1), min(info.height, y1)],
+                 image=image)
+
+
+def named_group(name: str, groups: dict[str, Group], prompt, tokenizer) -> Group:
+    """A flow's end: a ``--group`` or a built-in group."""
+    if name in groups:
+        return groups[name]
+    last = prompt.length - 1
+    image = IMAGE_GROUP.fullmatch(name)
+    if image or name == "image":
+        wanted = None if name == "image" else int(image[1]) - 1
+        positions = [tok.index for tok in prompt.tokens if tok.modality == "vision"
+                     and (wanted is None or tok.image == wanted)]
+        if not positions:
+            raise UsageError(f"{name!r} names image tokens, but the prompt has none")
+        return Group(name, positions)
+    if name == "question":
+        positions = question_positions(prompt, tokenizer)
+        if not positions:
+            raise UsageError("'question' names the user's text, but the prompt has none")
+        return Group(name, positions)
+    if name == "last":
+        return Group(name, [last])
+    if name == "answer":
+        return Group(name, [], tail=last)
+    if name == "prompt":
+        return Group(name, list(range(prompt.length)))
+    raise UsageError(f"no group is named {name!r}")  # check_units has refused it already
+
+
+def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
+    """The units a run sweeps, in the order their first keys come (so the engine's batches waste little)."""
+    choice = parse_unit(config.unit)
+    groups = {spec.name: resolve_group(spec, prompt, tokenizer) for spec in map(parse_group, config.groups)}
+    if config.flows:
+        units = []
+        for index, flow in enumerate(map(parse_flow, config.flows)):
+            source = named_group(flow.source, groups, prompt, tokenizer)
+            target = named_group(flow.target, groups, prompt, tokenizer)
+            unit = _unit(prompt, index, "flow", flow.label, source.positions, target.positions, target.tail)
+            unit.box = source.box or unit.box
+            units.append(unit)
+        return units
+    if choice.kind == "groups":
+        units = []
+        for index, group in enumerate(groups.values()):
+            unit = _unit(prompt, index, "group", group.name, group.positions)
+            unit.box = group.box or unit.box
+            units.append(unit)
+        return units
+    wanted = {"text": ("text", "special"), "vision": ("vision",), "both": ("text", "special", "vision")}
+    positions = [tok.index for tok in prompt.tokens if tok.modality in wanted[config.mask_mode]]
+    if not positions:
+        raise UsageError(f"--mask-mode {config.mask_mode} selects no positions in this prompt")
+    text = [p for p in positions if prompt.tokens[p].modality == "text"]
+    vision = [p for p in positions if prompt.tokens[p].modality == "vision"]
+    if choice.kind == "word" and not text:
+        raise UsageError(f"--unit word groups text tokens, but --mask-mode {config.mask_mode} selects none")
+    if choice.groups_vision and not vision:
+        raise UsageError(f"--unit {config.unit} groups image tokens, but --mask-mode {config.mask_mode} selects none; "
+                         "use --mask-mode vision or both")
+    parts: list[tuple[str, list[int]]] = [("token", [p]) for p in positions]
+    if choice.kind == "word":
+        grouped = words(prompt, tokenizer, text)
+        parts = [part for part in parts if prompt.tokens[part[1][0]].modality != "text"]
+        parts += [("word", group) for group in grouped]
+    elif choice.groups_vision:
+        grouped = regions(prompt, vision, choice.size if choice.kind == "region" else None)
+        parts = [part for part in parts if prompt.tokens[part[1][0]].modality != "vision"]
+        parts += [(choice.kind, group) for group in grouped]
+    parts.sort(key=lambda part: part[1][0])
+    return [_unit(prompt, index, kind, _label(prompt, kind, keys), keys) for index, (kind, keys) in enumerate(parts)]
