@@ -34,7 +34,8 @@ from mask_impact.demo import build_demo  # noqa: E402
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine  # noqa: E402
 from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
-from mask_impact.sweep import auto_batch_size, positions_for, score_knockouts, sweep_flops  # noqa: E402
+from mask_impact.sweep import auto_batch_size, score_knockouts, sweep_flops  # noqa: E402
+from mask_impact.units import positions_for  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
 CONFIG_4B = ROOT.parent / "shared" / "configs" / "qwen3-vl-4b-instruct.json"

@@ -276,7 +276,7 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
         if vision:
             merged.setdefault("images", [str(DEMO_IMAGE)])
     merged.setdefault("model", VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
-    if isinstance(merged.get("unit"), str) and merged["unit"].startswith(("region", "image")):
+    if vision and isinstance(merged.get("unit"), str) and merged["unit"].startswith(("region", "image")):
         merged.setdefault("mask_mode", "vision")  # what these units group
     config = RunConfig(**merged)
     config.validate(vision)

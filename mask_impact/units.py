@@ -7,7 +7,8 @@ them (spec.py's ``Knockout``), with a label and, for vision units, the image and
 - ``--unit word``: the text tokens of one word together. Words come from the tokenizer's character
   offsets: a word is a run of letters, digits and underscores (with inner apostrophes, hyphens and
   dots: ``don't``, ``well-known``, ``3.14``), or a run of other non-space characters; a token belongs to
-  the word holding its first non-space character. Special tokens and whitespace-only tokens stay single.
+  the word holding its first non-space character, a token of spaces alone to the word after it. Special
+  tokens and line breaks stay single.
 - ``--unit region:N``: the vision tokens of an N×N block of the merged grid (edge blocks are partial).
 - ``--unit image``: every vision token of one image.
 - ``--unit groups``: exactly the ``--group``s.
@@ -285,7 +286,9 @@ def words(prompt, tokenizer, positions: list[int]) -> list[list[int]]:
         ends = [match.end() for match in WORD.finditer(text)]
         last_word = None
         for p, (start, end) in zip(run, spans):
-            first = next((i for i in range(start, max(start, end)) if not text[i].isspace()), None)
+            piece = text[start:end]
+            reach = len(text) if piece and piece.isspace() and "\n" not in piece and "\r" not in piece else end
+            first = next((i for i in range(start, reach) if not text[i].isspace()), None)
             word = None if first is None else next((w for w, (s, e) in enumerate(zip(starts, ends)) if s <= first < e),
                                                    None)
             if word is not None and word == last_word:
@@ -412,6 +415,15 @@ def named_group(name: str, groups: dict[str, Group], prompt, tokenizer) -> Group
     raise UsageError(f"no group is named {name!r}")  # check_units has refused it already
 
 
+def positions_for(prompt, mask_mode: str) -> list[int]:
+    """The prompt positions a ``--mask-mode`` sweeps: ``special`` tokens count with ``text``."""
+    wanted = {"text": ("text", "special"), "vision": ("vision",), "both": ("text", "special", "vision")}[mask_mode]
+    positions = [tok.index for tok in prompt.tokens if tok.modality in wanted]
+    if not positions:
+        raise UsageError(f"--mask-mode {mask_mode} selects no positions in this prompt")
+    return positions
+
+
 def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
     """The units a run sweeps, in the order their first keys come (so the engine's batches waste little)."""
     choice = parse_unit(config.unit)
@@ -432,10 +444,7 @@ def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
             unit.box = group.box or unit.box
             units.append(unit)
         return units
-    wanted = {"text": ("text", "special"), "vision": ("vision",), "both": ("text", "special", "vision")}
-    positions = [tok.index for tok in prompt.tokens if tok.modality in wanted[config.mask_mode]]
-    if not positions:
-        raise UsageError(f"--mask-mode {config.mask_mode} selects no positions in this prompt")
+    positions = positions_for(prompt, config.mask_mode)
     text = [p for p in positions if prompt.tokens[p].modality == "text"]
     vision = [p for p in positions if prompt.tokens[p].modality == "vision"]
     if choice.kind == "word" and not text:

@@ -15,13 +15,13 @@ import pytest
 from mask_impact.cli import main
 from tests.conftest import ROOT, cli_error as _error
 
-JSON_KEYS = {"schema_version", "meta", "prompt", "images", "tokens", "baseline", "windows", "positions",
+JSON_KEYS = {"schema_version", "meta", "prompt", "images", "tokens", "baseline", "windows", "units",
              "metrics", "generations"}
 META_KEYS = {"tool_version", "model", "model_type", "transformers", "torch", "device", "dtype", "created",
              "elapsed_s", "settings"}
 TOKEN_KEYS = {"index", "id", "text", "modality", "image", "t", "row", "col", "box"}
-CSV_COLUMNS = ["layer_start", "layer_end", "position", "token_id", "token_text", "modality", "image", "row", "col",
-               "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
+CSV_COLUMNS = ["layer_start", "layer_end", "unit", "kind", "label", "keys", "queries", "modality", "image", "x0", "y0",
+               "x1", "y1", "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
 
 
 def _run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def test_demo_end_to_end(tmp_path, script, extra):
     baseline = data["baseline"]
     assert len(baseline["token_ids"]) == len(baseline["logprobs"]) == len(baseline["tokens"]) >= 1
     assert all(lp <= 0 for lp in baseline["logprobs"])
-    n_windows, n_positions = len(data["windows"]), len(data["positions"])
+    n_windows, n_positions = len(data["windows"]), len(data["units"])
     assert n_windows == data["meta"]["num_layers"]
     for name in ("logprob_drop", "prob_change_pct", "kl"):
         grid = data["metrics"][name]
@@ -130,10 +130,10 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
 def test_csv_keeps_one_row_per_knockout_when_tokens_hold_line_breaks():
     from mask_impact.report import csv_text
 
-    tokens = [{"id": i, "text": text, "modality": "text", "image": None, "row": None, "col": None}
-              for i, text in enumerate(["0\r", "a\nb", "plain"])]
+    units = [{"index": i, "kind": "token", "label": text, "keys": [i], "queries": None, "queries_from": None,
+              "modality": "text", "image": None, "box": None} for i, text in enumerate(["0\r", "a\nb", "plain"])]
     metrics = {"logprob_drop": [[0.5, 1.0, 2.0]], "prob_change_pct": [[1.0, 2.0, 3.0]], "kl": [[0.1, 0.2, 0.3]],
                "top1_changed": [[False, True, False]], "first_divergence": [[None, 0, None]]}
-    text = csv_text({"windows": [[0, 0]], "positions": [0, 1, 2], "tokens": tokens, "metrics": metrics})
+    text = csv_text({"windows": [[0, 0]], "units": units, "metrics": metrics})
     rows = list(csv.reader(io.StringIO(text, newline="")))
     assert [row[4] for row in rows[1:]] == ["0\r", "a\nb", "plain"] and len(rows) == 4

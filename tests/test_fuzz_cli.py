@@ -77,7 +77,7 @@ def _check(folder: Path, argv: list[str], vision: bool, capsys) -> None:
         assert code == 0, err
         data = json.loads(files[0].read_text())
         rows = list(csv.reader(files[1].open(newline="")))
-        assert len(rows) == 1 + len(data["windows"]) * len(data["positions"])
+        assert len(rows) == 1 + len(data["windows"]) * len(data["units"])
         assert "embedded-data" in files[2].read_text()
     assert not list((folder / "out").glob(".*.tmp")) if (folder / "out").exists() else True
 

@@ -8,7 +8,7 @@ import torch
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import AttentionPlan, apply_plan, knockout_attention_installed
-from mask_impact.sweep import positions_for
+from mask_impact.units import positions_for
 
 PROMPT = "What's in this image? Describe the picture."
 

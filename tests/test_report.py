@@ -18,9 +18,9 @@ METRICS = {"logprob_drop": [[-1.5, 2.0]], "prob_change_pct": [[-12.0, 3.0]], "kl
 
 
 def _data(texts: tuple[str, ...] = ("a", "b")) -> dict:
-    tokens = [{"id": i, "text": text, "modality": "text", "image": None, "row": None, "col": None}
-              for i, text in enumerate(texts)]
-    return {"windows": [[0, 0]], "positions": list(range(len(texts))), "tokens": tokens, "metrics": METRICS}
+    units = [{"index": i, "kind": "token", "label": text, "keys": [i], "queries": None, "queries_from": None,
+              "modality": "text", "image": None, "box": None} for i, text in enumerate(texts)]
+    return {"windows": [[0, 0]], "units": units, "metrics": METRICS}
 
 
 def _paths(folder: Path) -> dict[str, Path]:
@@ -87,6 +87,6 @@ def test_csv_text_cells_cannot_run_as_spreadsheet_formulas():
     data = _data(texts)
     data["metrics"] = {name: [[grid[0][0]] * len(texts)] for name, grid in METRICS.items()}
     rows = list(csv.DictReader(io.StringIO(report.csv_text(data), newline="")))
-    assert [row["token_text"] for row in rows] == ["'=1+1", "'+SUM(A1)", "'-2", "'@cmd", "'\tx", "'\rx", "plain",
+    assert [row["label"] for row in rows] == ["'=1+1", "'+SUM(A1)", "'-2", "'@cmd", "'\tx", "'\rx", "plain",
                                                    "a=b"]
     assert {row["logprob_drop"] for row in rows} == {"-1.5"} and {row["prob_change_pct"] for row in rows} == {"-12.0"}

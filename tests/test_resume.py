@@ -64,7 +64,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     assert _stop_mid_sweep(_start(tmp_path, "--output", "run"), partial, signal.SIGKILL) == -signal.SIGKILL
     saved = partial.read_text().count("\n")
     reference_data = json.loads((reference / "run.json").read_text())
-    knockouts = len(reference_data["windows"]) * len(reference_data["positions"])
+    knockouts = len(reference_data["windows"]) * len(reference_data["units"])
     assert 8 <= saved < 1 + knockouts  # stopped mid-sweep (header + one line per knockout), finished batches on disk
     assert not (tmp_path / "output" / "run.json").exists() and not (tmp_path / "output" / "run.csv").exists()
 
@@ -120,7 +120,7 @@ def text_reference(tmp_path_factory) -> dict:
 
 def _same_result(path: Path, reference: dict) -> None:
     data = json.loads(path.read_text())
-    for key in ("baseline", "windows", "positions", "metrics", "generations", "tokens"):
+    for key in ("baseline", "windows", "units", "metrics", "generations", "tokens"):
         assert data[key] == reference[key], key
     assert data["meta"]["fingerprint"] == reference["meta"]["fingerprint"]
 
@@ -133,11 +133,11 @@ def _header(reference: dict, run: str = "r1") -> dict:
 def _records(reference: dict, run: str = "r1") -> list[dict]:
     """The batches an uninterrupted run with batch size 6 saves, rebuilt from its result."""
     out = []
-    positions = reference["positions"]
+    units = list(range(len(reference["units"])))
     for w in range(len(reference["windows"])):
-        for start in range(0, len(positions), BATCH):
+        for start in range(0, len(units), BATCH):
             metrics = {name: grid[w][start: start + BATCH] for name, grid in reference["metrics"].items()}
-            out.append({"run": run, "window": w, "start": start, "positions": positions[start: start + BATCH],
+            out.append({"run": run, "window": w, "start": start, "units": units[start: start + BATCH],
                         "metrics": metrics, "batch_size": BATCH})
     return out
 
@@ -204,7 +204,7 @@ def test_two_runs_with_the_same_output_at_once_the_second_is_refused(tmp_path):
 def test_records_of_another_run_are_never_merged(tmp_path, text_reference, monkeypatch):
     foreign = _records(text_reference, run="intruder")
     for record in foreign:
-        record["metrics"]["logprob_drop"] = [99.0] * len(record["positions"])
+        record["metrics"]["logprob_drop"] = [99.0] * len(record["units"])
     _write_partial(tmp_path, [_header(text_reference), *_records(text_reference)[:2], *foreign[2:]])
     computed = _count_new_records(monkeypatch)
     assert _text_main(tmp_path, "--resume") == 0
@@ -270,7 +270,7 @@ def test_records_of_the_wrong_shape_are_recomputed_not_merged(tmp_path, text_ref
     bad[3]["metrics"] = dict(bad[3]["metrics"], extra=[0.0] * BATCH)  # a metric this version does not know
     bad[4]["window"] = "0"
     bad[5]["batch_size"] = 0
-    bad[6]["positions"] = bad[6]["positions"][:-1]  # fewer positions than values
+    bad[6]["units"] = bad[6]["units"][:-1]  # fewer units than values
     lines = [_header(text_reference), *bad[:7], [1, 2], None, "not json", good[7]]
     _write_partial(tmp_path, lines)
     computed = _count_new_records(monkeypatch)
@@ -281,7 +281,7 @@ def test_records_of_the_wrong_shape_are_recomputed_not_merged(tmp_path, text_ref
     from mask_impact.resume import valid_record
 
     assert valid_record(good[0], "r1") and not valid_record(good[0], "r2")
-    assert not valid_record(dict(good[0], positions=[], metrics={k: [] for k in good[0]["metrics"]}), "r1")
+    assert not valid_record(dict(good[0], units=[], metrics={k: [] for k in good[0]["metrics"]}), "r1")
     assert not valid_record(dict(good[0], start=-1), "r1")
 
 
@@ -378,7 +378,7 @@ def test_disk_full_is_one_line_keeps_the_finished_work_and_resumes(small_disk, t
     err = capsys.readouterr().err
     partial = output / "run.partial.jsonl"
     records = [json.loads(line) for line in partial.read_text().splitlines()[1:]]  # whole lines only
-    kept = sum(len(record["positions"]) for record in records)
+    kept = sum(len(record["units"]) for record in records)
     written = partial if when == "mid-run" else output / "run.csv"
     assert err.count("\n") == 1 and err.startswith(f"error: no space left on device while writing {written}; ")
     assert f"{kept} finished knockouts are kept in {partial}; free space and rerun with --resume" in err

@@ -8,7 +8,8 @@ import torch
 from mask_impact.config import UsageError
 from mask_impact.engine import Analysis, FastEngine
 from mask_impact.inputs import build_prompt
-from mask_impact.sweep import next_batch, positions_for, score_knockouts, top_knockouts
+from mask_impact.sweep import next_batch, score_knockouts, top_knockouts
+from mask_impact.units import positions_for
 
 
 @pytest.fixture(scope="module")
@@ -72,4 +73,4 @@ def test_batches_are_consecutive_and_bound_their_wasted_work(engine):
 
 def test_top_knockouts_rank_by_logprob_drop():
     metrics = {"logprob_drop": [[0.1, 3.0, -1.0], [2.0, 0.0, 5.0]]}
-    assert top_knockouts(metrics, [(0, 0), (1, 1)], [4, 5, 6], 3) == [((1, 1), 6), ((0, 0), 5), ((1, 1), 4)]
+    assert top_knockouts(metrics, 3) == [(1, 2), (0, 1), (1, 0)]  # (window, unit) indices
