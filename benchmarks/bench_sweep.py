@@ -5,8 +5,9 @@
 
 ``--arch qwen3-vl-4b`` builds ../shared/configs/qwen3-vl-4b-instruct.json with random weights (weights do not
 matter for speed). The naive engine (one full forward per knockout) runs on a sample of knockouts spread over
-windows and positions; the fast engine runs the whole sweep. Both must agree on the sample before a ratio is
-printed. Also printed: knockouts/s, peak memory, time per layer window, the FLOPs the sweep really needs, the
+windows and units; the fast engine runs the whole sweep. Both must agree on the sample before a ratio is
+printed. ``--unit region:2`` and ``--flow 'image->last'`` measure those sweeps too, on the same input, next to the
+token sweep. Also printed: knockouts/s, peak memory, time per layer window, the FLOPs the sweep really needs, the
 achieved TFLOP/s and the time the sweep would take at the GPU's peak bf16 rate.
 """
 
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -29,13 +31,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mask_impact.config import UsageError  # noqa: E402
+from mask_impact.config import UsageError, windows_for  # noqa: E402
 from mask_impact.demo import build_demo  # noqa: E402
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine  # noqa: E402
 from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
 from mask_impact.sweep import auto_batch_size, score_knockouts, sweep_flops  # noqa: E402
-from mask_impact.units import positions_for  # noqa: E402
+from mask_impact.units import build_units  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
 CONFIG_4B = ROOT.parent / "shared" / "configs" / "qwen3-vl-4b-instruct.json"
@@ -84,7 +86,10 @@ def prompt_4b(loaded: LoadedModel, image_size: int) -> Prompt:
            + [config.vision_end_token_id] + text + [im_end, newline, im_start, 77091, newline])
     input_ids = torch.tensor([ids])
     types = (input_ids == config.image_token_id).long()
-    tokens = [TokenInfo(i, t, str(t), "vision" if t == config.image_token_id else "text") for i, t in enumerate(ids)]
+    columns = int(grid[0, 2]) // 2  # merged-grid columns
+    tokens = [TokenInfo(i, t, str(t), "text") for i, t in enumerate(ids)]
+    for n, i in enumerate(range(4, 4 + n_image)):  # the image's tokens: t, then row, then column
+        tokens[i] = TokenInfo(i, ids[i], str(ids[i]), "vision", 0, 0, n // columns, n % columns)
     kwargs = {"pixel_values": encoded["pixel_values"].to(loaded.device, loaded.dtype), "image_grid_thw": grid,
               "mm_token_type_ids": types}
     return Prompt("benchmark", input_ids, kwargs, tokens, [])
@@ -131,6 +136,11 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
                         help="stop the fast sweep after this long and extrapolate the rest")
     parser.add_argument("--mask-mode", choices=("text", "vision", "both"), default="both")
+    parser.add_argument("--unit", default="token",
+                        help="token (default), or region:N / image / word: measured next to token units")
+    parser.add_argument("--flow", dest="flows", action="append", default=[], metavar="SRC->DST",
+                        help="also measure a flow sweep (repeatable), next to token units")
+    parser.add_argument("--window", type=int, default=1, help="layers per window (default 1)")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -144,24 +154,45 @@ def main() -> None:
     analysis = Analysis(loaded, prompt, block_from=args.block_from)
     baseline, tf = analysis.baseline(args.num_tokens)
     num_layers = loaded.adapter.num_layers
-    windows = [(layer, layer) for layer in range(num_layers)]
-    positions = positions_for(prompt, args.mask_mode)
+    windows = windows_for(list(range(num_layers)), args.window, num_layers)
     print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}  model {loaded.name}  "
           f"dtype {str(loaded.dtype).replace('torch.', '')}  torch {torch.__version__}  "
           f"transformers {transformers.__version__}")
     print(f"sequence {tf.input_ids.shape[1]} tokens ({sum(t.modality == 'vision' for t in prompt.tokens)} image), "
-          f"answer {len(tf.answer_ids)} tokens, positions {len(positions)}, windows {len(windows)}, "
-          f"knockouts {len(windows) * len(positions)}")
+          f"answer {len(tf.answer_ids)} tokens, windows {len(windows)} of {args.window} layer(s)")
+    sweeps = [("token", dict(unit="token"))]
+    if args.unit != "token":
+        sweeps.append((args.unit, dict(unit=args.unit)))
+    if args.flows:
+        sweeps.append(("flows", dict(unit="token", flows=args.flows)))
+    figures, agree = {}, True
+    for name, options in sweeps:
+        config = SimpleNamespace(**{"groups": [], "flows": [], "mask_mode": args.mask_mode, **options})
+        units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+        print(f"\n== {name}: {len(units)} units x {len(windows)} windows = {len(units) * len(windows):,} knockouts")
+        figures[name], ok = measure(args, loaded, analysis, tf, windows, [unit.knockout() for unit in units], cuda)
+        agree = agree and ok
+    if len(figures) > 1:
+        token = figures["token"]
+        print("\nside by side (fast knockouts/s, fast/naive ratio):")
+        for name, (rate, ratio) in figures.items():
+            print(f"  {name:<12} {rate:10.2f} knockouts/s  ({rate / token[0]:.2f}x token units)  ratio {ratio:.1f}x")
+    if not agree:
+        sys.exit(1)
 
+
+def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple[tuple[float, float], bool]:
+    """One sweep timed both ways: (fast knockouts/s, fast/naive ratio) and whether the engines agree."""
+    device = loaded.device
     rng = random.Random(0)
-    sample = sorted({(rng.randrange(len(windows)), rng.randrange(len(positions))) for _ in range(args.naive_sample)})
+    sample = sorted({(rng.randrange(len(windows)), rng.randrange(len(knockouts))) for _ in range(args.naive_sample)})
     naive = NaiveEngine(analysis, tf)
-    naive.logprobs(windows[0], [positions[0]])  # warm-up: first-call costs are not the engine's speed
+    naive.logprobs(windows[0], [knockouts[0]])  # warm-up: first-call costs are not the engine's speed
     naive_rows = []
     _sync(cuda)
     started = time.perf_counter()
     for w, i in sample:
-        naive_rows.append(naive.logprobs(windows[w], [positions[i]]))
+        naive_rows.append(naive.logprobs(windows[w], [knockouts[i]]))
     _sync(cuda)
     naive_per_knockout = (time.perf_counter() - started) / len(sample)
 
@@ -177,24 +208,24 @@ def main() -> None:
         window_times, metrics, done = {}, {}, []
         for w in order:
             t0 = time.perf_counter()
-            part, batch = score_knockouts(fast, [windows[w]], positions, batch, progress=False)
+            part, batch = score_knockouts(fast, [windows[w]], knockouts, batch, progress=False)
             _sync(cuda)
             window_times[w] = time.perf_counter() - t0
             metrics[w] = {name: grid[0] for name, grid in part.items()}
             done.append(w)
             if time.perf_counter() - started > args.max_seconds:
                 break
-        runs.append((time.perf_counter() - started, window_times, metrics, done, batch, fast.rows / fast.calls))
+        runs.append((time.perf_counter() - started, window_times, metrics, done, batch,
+                     fast.rows / max(1, fast.calls)))
     fast_total, window_times, metrics, done, batch, rows_per_call = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
     if cuda:
         peak = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     else:  # ru_maxrss is in KiB on Linux: the whole process, model and naive engine included
         peak = f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-    partial = len(done) < len(windows)
-    if partial:  # extrapolate by the work each window needs (layers a..L-1)
-        done_flops = sweep_flops(loaded, [windows[w] for w in done], positions, tf.input_ids.shape[1],
-                                 analysis.first_affected)
-        all_flops = sweep_flops(loaded, windows, positions, tf.input_ids.shape[1], analysis.first_affected)
+    length = tf.input_ids.shape[1]
+    if len(done) < len(windows):  # extrapolate by the work each window needs (layers a..L-1)
+        done_flops = sweep_flops(loaded, [windows[w] for w in done], knockouts, length, analysis.first_affected)
+        all_flops = sweep_flops(loaded, windows, knockouts, length, analysis.first_affected)
         fast_total *= all_flops / done_flops
         print(f"stopped after {len(done)} of {len(windows)} windows (--max-seconds {args.max_seconds}); "
               f"the whole-sweep figures below are extrapolated by FLOPs")
@@ -203,21 +234,22 @@ def main() -> None:
     for (w, i), row in zip(sample, naive_rows):
         if w not in metrics:
             continue
-        fast_row = fast.logprobs(windows[w], [positions[i]])
+        fast_row = fast.logprobs(windows[w], [knockouts[i]])
         drop_naive = float((naive.base_logprobs - row[0]).gather(-1, tf.answer_ids[:, None].to(row.device)).sum())
         worst = max(worst, abs(drop_naive - metrics[w]["logprob_drop"][i]))
         worst = max(worst, float((fast_row - row).abs().max()) if loaded.dtype == torch.float32 else 0.0)
     tolerance = 1e-3 if loaded.dtype == torch.float32 else 0.25
-    knockouts = len(windows) * len(positions)
-    flops = sweep_flops(loaded, windows, positions, tf.input_ids.shape[1], analysis.first_affected)
+    total = len(windows) * len(knockouts)
+    flops = sweep_flops(loaded, windows, knockouts, length, analysis.first_affected)
     print(f"agreement on {len(sample)} sampled knockouts: max |Δ| = {worst:.2e} (tolerance {tolerance:g}) -> "
           f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
     print(f"naive: {1 / naive_per_knockout:10.2f} knockouts/s  ({naive_per_knockout * 1e3:.1f} ms each; "
-          f"whole sweep {naive_per_knockout * knockouts:,.0f} s)")
-    print(f"fast:  {knockouts / fast_total:10.2f} knockouts/s  (whole sweep {fast_total:,.2f} s, batch limit "
+          f"whole sweep {naive_per_knockout * total:,.0f} s)")
+    print(f"fast:  {total / fast_total:10.2f} knockouts/s  (whole sweep {fast_total:,.2f} s, batch limit "
           f"{batch}, {rows_per_call:.1f} rows per forward on average, {peak})")
+    ratio = naive_per_knockout * total / fast_total
     if worst <= tolerance:
-        print(f"ratio fast/naive: {naive_per_knockout * knockouts / fast_total:.1f}x")
+        print(f"ratio fast/naive: {ratio:.1f}x")
     print("seconds per window: " + " ".join(f"{w}:{window_times[w]:.2f}" for w in sorted(window_times)))
     print(f"needed matmul work {flops / 1e12:.4g} TFLOP; achieved {flops / fast_total / 1e12:.4g} TFLOP/s")
     if cuda:
@@ -225,8 +257,7 @@ def main() -> None:
         peak_rate = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         if peak_rate:
             print(f"FLOP-limit time at {peak_rate:.0f} TFLOP/s (dense bf16 peak): {flops / peak_rate / 1e12:.1f} s")
-    if worst > tolerance:
-        sys.exit(1)
+    return (total / fast_total, ratio), worst <= tolerance
 
 
 def _sync(cuda: bool) -> None:
