@@ -15,12 +15,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from .resources import data_path
+
 VL_DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 TEXT_DEFAULT_MODEL = "Qwen/Qwen3-4B"
 MASK_MODES = ("text", "vision", "both")
 DEMO_PROMPT_VL = "What color is the shape?"
 DEMO_PROMPT_TEXT = "A=3, B=7, C=1. What is B?"
-DEMO_IMAGE = Path(__file__).resolve().parent.parent / "testimg.png"
+DEMO_IMAGE = data_path("testimg.png")
 
 
 CHOICES = {

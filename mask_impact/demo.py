@@ -20,6 +20,8 @@ import torch
 import transformers
 from tokenizers import pre_tokenizers, trainers
 
+from .resources import data_path
+
 DEMO_VERSION = 1
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -141,7 +143,7 @@ def build_demo(folder: Path, vision: bool, num_layers: int = 4, seed: int = 0,
     return folder
 
 
-SHIPPED = Path(__file__).resolve().parent.parent / "models"
+SHIPPED = data_path("models")
 
 
 def demo_model_path(vision: bool) -> Path:

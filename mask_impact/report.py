@@ -30,11 +30,12 @@ from . import __version__
 from .config import RunConfig, UsageError
 from .inputs import Prompt
 from .models import LoadedModel
+from .resources import data_path
 from .stopping import signals_deferred
 from .sweep import RunResult, top_knockouts
 
 SCHEMA_VERSION = 2
-VIEWER = Path(__file__).resolve().parent.parent / "visualize_results.html"
+VIEWER = data_path("visualize_results.html")
 EMBED_SLOT = '<script id="embedded-data" type="application/json"></script>'
 CSV_COLUMNS = ["layer_start", "layer_end", "unit", "kind", "label", "keys", "queries", "modality", "image", "x0", "y0",
                "x1", "y1", "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]

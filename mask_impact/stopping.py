@@ -92,7 +92,8 @@ def signals_deferred() -> Iterator[None]:
 
 
 def entry(vision: bool) -> int:
-    """What the two scripts run: handlers first, then the (slow) imports, then the command."""
+    """What the two scripts and the two installed commands run: handlers first, then the (slow) imports,
+    then the command."""
     for signum in SIGNALS:
         signal.signal(signum, _raise)
     try:
@@ -105,3 +106,13 @@ def entry(vision: bool) -> int:
         return main(sys.argv[1:], vision)
     finally:  # the work is done or said: a signal during the interpreter's shutdown must not raise there
         ignore_stop_signals()
+
+
+def entry_vl() -> int:
+    """The installed ``mask-impact-vl`` command (as ``mask_impact_vl.py``)."""
+    return entry(vision=True)
+
+
+def entry_text() -> int:
+    """The installed ``mask-impact`` command (as ``mask_impact_analysis.py``)."""
+    return entry(vision=False)
