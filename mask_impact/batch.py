@@ -59,7 +59,7 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-VISION_ONLY = ("image", "images", "max_pixels", "min_pixels", "vision_attention")
+VISION_ONLY = ("image", "images", "max_pixels", "min_pixels", "vision_attention", "stage", "fill")
 
 
 def valid_keys(vision: bool) -> list[str]:

@@ -30,12 +30,14 @@ CHOICES = {
     "block_from": ("all", "answer"),
     "vision_attention": ("causal", "bidirectional"),
     "engine": ("fast", "naive"),
+    "stage": ("decoder", "pixels"),
+    "fill": ("mean", "blur", "black", "noise"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 # What a YAML value must be, per RunConfig field.
 FIELD_TYPES = {
     "model": str, "prompt": str, "prompt_file": str, "images": list, "demo": bool, "raw_prompt": bool,
-    "allow_special_tokens": bool, "mask_mode": str, "unit": str, "groups": list, "flows": list,
+    "allow_special_tokens": bool, "mask_mode": str, "unit": str, "groups": list, "flows": list, "stage": str, "fill": str,
     "num_tokens": int, "layers": str, "window": int, "block_from": str, "vision_attention": str,
     "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
@@ -76,6 +78,8 @@ class RunConfig:
     raw_prompt: bool = False
     allow_special_tokens: bool = False
     mask_mode: str = "text"
+    stage: str = "decoder"  # decoder | pixels
+    fill: str = "mean"  # --stage pixels: mean | blur | black | noise
     unit: str = "token"  # token | word | region:N | image | groups
     groups: list[str] = field(default_factory=list)  # NAME=SPEC
     flows: list[str] = field(default_factory=list)  # SRC->DST
@@ -104,8 +108,8 @@ class RunConfig:
     def validate(self, vision: bool) -> None:
         """Checks that need no model."""
         for name, allowed in CHOICES.items():
-            if name == "mask_mode" and not vision:
-                allowed = ("text",)
+            if name in ("mask_mode", "stage") and not vision:
+                allowed = allowed[:1]
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} {quoted(getattr(self, name))} is not one of: {', '.join(allowed)}")
         if not 1 <= self.num_tokens <= MAX_NUM_TOKENS:
@@ -127,7 +131,10 @@ class RunConfig:
             raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
         from .units import check_units
 
-        check_units(self.unit, self.groups, self.flows, len(self.images), vision)
+        check_units(self.unit, self.groups, self.flows, len(self.images), vision, self.stage)
+        if self.stage == "pixels" and (self.layers != "all" or self.window != 1 or self.block_from != "all"):
+            raise UsageError("--stage pixels occludes the image before the model: it has no layers, so --layers, "
+                             "--window and --block-from do not apply; drop them")
         if self.prompt is None and self.prompt_file is None:
             raise UsageError("no prompt given: pass --prompt TEXT or --prompt-file FILE, or --demo")
         if self.prompt is not None and self.prompt_file is not None:
@@ -218,8 +225,17 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     parser.add_argument("--raw-prompt", action="store_true", help="skip the chat template")
     parser.add_argument("--mask-mode", choices=MASK_MODES if vision else ("text",),
                         help="which positions to knock out (default text; special tokens are swept with text)")
+    if vision:
+        parser.add_argument("--stage", choices=CHOICES["stage"],
+                            help="decoder (default): attention knockouts in the decoder; pixels: occlusion of the "
+                                 "image the model sees (units: patch, the default there, token, region:N, image, "
+                                 "groups)")
+        parser.add_argument("--fill", choices=CHOICES["fill"],
+                            help="--stage pixels: what replaces the occluded patches: mean (the image's mean colour, "
+                                 "default), blur, black or noise (seeded)")
     parser.add_argument("--unit", help="what one knockout removes: token (default), word, "
-                        + ("region:N (an N×N block of image tokens), image (each whole image), " if vision else "")
+                        + ("region:N (an N×N block of image tokens), image (each whole image), patch (--stage "
+                           "pixels), " if vision else "")
                         + "or groups (exactly the --group options)")
     parser.add_argument("--group", dest="groups", action="append", metavar="NAME=SPEC",
                         help="name a group of tokens: "
@@ -278,6 +294,8 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
         if vision:
             merged.setdefault("images", [str(DEMO_IMAGE)])
     merged.setdefault("model", VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
+    if vision and merged.get("stage") == "pixels":
+        merged.setdefault("unit", "patch")
     if vision and isinstance(merged.get("unit"), str) and merged["unit"].startswith(("region", "image")):
         merged.setdefault("mask_mode", "vision")  # what these units group
     config = RunConfig(**merged)

@@ -109,14 +109,18 @@ class Analysis:
                 if i is not None]
 
     @torch.no_grad()
-    def generate(self, num_tokens: int, plan: AttentionPlan | None = None) -> tuple[list[int], bool]:
-        """Greedy continuation under ``plan`` (default: no knockout); stops early at EOS."""
+    def generate(self, num_tokens: int, plan: AttentionPlan | None = None,
+                 pixel_values: torch.Tensor | None = None) -> tuple[list[int], bool]:
+        """Greedy continuation under ``plan`` (default: no knockout), on ``pixel_values`` in place of the prompt's
+        own (an occluded image) if given; stops early at EOS."""
         loaded, prompt = self.loaded, self.prompt
         eos = self.eos_ids()
         config = GenerationConfig(max_new_tokens=num_tokens, do_sample=False, eos_token_id=eos,
                                   pad_token_id=loaded.tokenizer.pad_token_id or eos[0],
                                   suppress_tokens=self.placeholder_ids() or None)
-        inputs = _to(dict(input_ids=prompt.input_ids, **prompt.model_kwargs), loaded.device)
+        kwargs = dict(prompt.model_kwargs) if pixel_values is None else dict(prompt.model_kwargs,
+                                                                              pixel_values=pixel_values)
+        inputs = _to(dict(input_ids=prompt.input_ids, **kwargs), loaded.device)
         # A full-length cache: the default one keeps only the last window of a sliding layer's keys, but
         # the knockout names keys by absolute position; the sliding masks still come from the model.
         cache = DynamicCache()
@@ -162,6 +166,9 @@ class NaiveEngine:
             logits = loaded.model(**inputs).logits  # (1, S, V)
         return torch.log_softmax(logits[:, self.tf.answer_positions].float(), dim=-1)  # (1, T, V)
 
+    def first_affected(self, unit: int | Knockout) -> int | None:
+        return self.analysis.first_affected(unit)
+
     def logprobs(self, window: tuple[int, int], units: list[int | Knockout]) -> torch.Tensor:
         """(B, T, V) answer log-probs, one row per knockout (a bare position: that token's knockout)."""
         rows = [self._forward(self.analysis.plan(window, [unit], reference=True)) for unit in units]
@@ -203,7 +210,10 @@ class FastEngine:
             self.cos, self.sin = adapter.rotary(inputs.hidden, inputs.rope_position_ids.to(device))  # (1, S, hs)
             with knockout_attention_installed(adapter.attention_configs()):  # masks as built for our attention
                 self.masks = adapter.layer_masks(inputs.hidden)  # (1, 1, S, S) or None (plain causal) per layer
+        self.visual_mask = inputs.visual_mask  # (S,) or None
+        self.image_embeds = None if inputs.visual_mask is None else inputs.hidden[0, inputs.visual_mask]  # (n_vis, H)
         self.deepstack = [self._scatter(inputs.visual_mask, rows) for rows in inputs.deepstack]  # (S, H) each
+        self.deepstack_rows = list(inputs.deepstack)  # per level: (n_vis, H)
         self.layer_inputs: list[torch.Tensor] = []  # (1, S, H) entering each layer
         self.kv = _RecordKV()
         self.base_logprobs = self._run(inputs.hidden, 0, 0, self.kv, analysis.plan(), record=True)[0]  # (T, V)
@@ -217,8 +227,9 @@ class FastEngine:
 
     @torch.no_grad()
     def _run(self, hidden: torch.Tensor, first_layer: int, start: int, kv, plan: AttentionPlan,
-             record: bool = False) -> torch.Tensor:
-        """Layers ``first_layer ..`` over positions ``start ..``; returns (B, T, V) answer log-probs."""
+             record: bool = False, deepstack: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Layers ``first_layer ..`` over positions ``start ..``; returns (B, T, V) answer log-probs.
+        ``deepstack``: per level, (B, S, H) features of each row in place of the prompt's own."""
         adapter = self.analysis.loaded.adapter
         cos, sin = self.cos[:, start:], self.sin[:, start:]
         # the queries are positions start.., the keys all positions: the mask rows of the queries
@@ -230,10 +241,14 @@ class FastEngine:
                 hidden = adapter.layers[index](hidden, attention_mask=masks[index], position_ids=None,
                                                past_key_values=kv, position_embeddings=(cos, sin))
                 if index < len(self.deepstack):
-                    hidden = hidden + self.deepstack[index][start:].to(hidden.dtype)
+                    added = self.deepstack[index][start:] if deepstack is None else deepstack[index][:, start:]
+                    hidden = hidden + added.to(hidden.dtype)
         answer = hidden[:, self.tf.answer_positions - start]  # (B, T, H)
         logits = adapter.lm_head(adapter.norm(answer))  # (B, T, V)
         return torch.log_softmax(logits.float(), dim=-1)
+
+    def first_affected(self, unit: int | Knockout) -> int | None:
+        return self.analysis.first_affected(unit)
 
     def logprobs(self, window: tuple[int, int], units: list[int | Knockout]) -> torch.Tensor:
         """(B, T, V) answer log-probs, one batch row per knockout (a bare position: that token's knockout).
@@ -257,6 +272,23 @@ class FastEngine:
             return computed
         rows = torch.tensor([i for i, acts in enumerate(flags) if acts], device=computed.device)
         return out.clone().index_copy_(0, rows, computed)
+
+    def visual_logprobs(self, start: int, embeds: torch.Tensor, deepstack: list[torch.Tensor]) -> torch.Tensor:
+        """(B, T, V) answer log-probs with each row's own image features: ``embeds`` (B, n_vis, H) entering
+        layer 0 at the image positions, ``deepstack`` per level (B, n_vis, H) added after its layer. Positions
+        before ``start`` (at most the first image position whose features differ) are the cached ones."""
+        start = min(start, self.analysis.answer_start)
+        batch = embeds.shape[0]
+        mask = self.visual_mask.to(embeds.device)
+        hidden = self.layer_inputs[0].expand(batch, -1, -1).clone()  # (B, S, H)
+        hidden[:, mask] = embeds.to(hidden.dtype)
+        rows = []
+        for level in deepstack:
+            full = level.new_zeros(batch, mask.shape[0], level.shape[-1])  # adding 0.0 elsewhere is exact
+            full[:, mask] = level
+            rows.append(full)
+        kv = _PrefixKV(self.kv, start, batch)
+        return self._run(hidden[:, start:], 0, start, kv, self.analysis.plan(), deepstack=rows)
 
     def _acting(self, window: tuple[int, int], knockouts: list[Knockout], firsts: list[int | None]) -> list[bool]:
         """Per knockout: whether some layer of the window allows a pair it blocks (else it changes nothing)."""

@@ -46,7 +46,7 @@ SAMPLE = 16 << 20
 # weights in any format: left out of the folder's file digests (the loaded ones are in weights_digest)
 WEIGHT_LIKE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 # Every setting that decides a number in the partial file or the result (batch size does not: see batch_size).
-RESULT_SETTINGS = ("mask_mode", "unit", "groups", "flows", "num_tokens", "layers", "window", "block_from", "vision_attention", "raw_prompt",
+RESULT_SETTINGS = ("mask_mode", "stage", "fill", "unit", "groups", "flows", "num_tokens", "layers", "window", "block_from", "vision_attention", "raw_prompt",
                    "engine", "generate_top")
 
 

@@ -33,6 +33,7 @@ class RunResult:
     windows: list[tuple[int, int]]
     units: list[Unit]
     metrics: dict[str, list[list]]  # name → [window][unit]
+    window_labels: list[str] = field(default_factory=list)
     generations: list[dict] = field(default_factory=list)
     batch_size: int = 0
     elapsed_s: float = 0.0
@@ -85,7 +86,7 @@ def sweep_flops(loaded: LoadedModel, windows: list[tuple[int, int]], units: list
 def describe_plan(loaded: LoadedModel, engine, windows: list, knockouts: list, batch_size: int, what: str) -> str:
     """One line saying how much work the sweep is, before it starts (``what``: the units, named)."""
     length = engine.tf.input_ids.shape[1]
-    flops = sweep_flops(loaded, windows, knockouts, length, engine.analysis.first_affected)
+    flops = sweep_flops(loaded, windows, knockouts, length, engine.first_affected)
     rows = min(batch_size, len(knockouts))
     memory = bytes_per_row(loaded, length) * rows
     return (f"sweep: {len(windows)} windows × {len(knockouts)} {what} = {len(windows) * len(knockouts):,} "
@@ -113,7 +114,7 @@ def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float
     length = engine.tf.input_ids.shape[1]
 
     def first(knockout) -> int:  # one that changes nothing joins any batch (the engine skips it)
-        position = engine.analysis.first_affected(knockout)
+        position = engine.first_affected(knockout)
         return length if position is None else position
 
     start = first(knockouts[done])
@@ -188,14 +189,25 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
     """Baseline → knockout sweep → generation under the top knockouts (``store``: resume state)."""
     started = time.perf_counter()
     num_layers = loaded.adapter.num_layers
-    layers = parse_layers(config.layers, num_layers)
-    windows = windows_for(layers, config.window, num_layers)
+    pixels = config.stage == "pixels"
+    if pixels:  # occlusion has no layers: one row, the whole model
+        windows = [(0, num_layers - 1)]
+        labels = [f"occluded ({config.fill})"]
+    else:
+        windows = windows_for(parse_layers(config.layers, num_layers), config.window, num_layers)
+        labels = [f"layers {a}–{b}" if a != b else f"layer {a}" for a, b in windows]
     analysis = Analysis(loaded, prompt, config.block_from, config.vision_attention)
     units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
-    knockouts = [unit.knockout() for unit in units]
-    check_blocks_something(analysis, units, knockouts, config)
+    knockouts = units if pixels else [unit.knockout() for unit in units]
+    if not pixels:
+        check_blocks_something(analysis, units, knockouts, config)
     baseline, tf = analysis.baseline(config.num_tokens)
-    engine = ENGINES[config.engine](analysis, tf)
+    if pixels:
+        from .stages import NaivePixelEngine, PixelEngine
+
+        engine = (PixelEngine if config.engine == "fast" else NaivePixelEngine)(analysis, tf, config.fill, units)
+    else:
+        engine = ENGINES[config.engine](analysis, tf)
     baseline.logprobs = engine.base_logprobs.gather(-1, tf.answer_ids[:, None].to(loaded.device))[:, 0].tolist()
     batch_size = config.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
     if store is not None:
@@ -203,16 +215,19 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         batch_size = store.batch_size(batch_size)
         store.start(baseline.token_ids, batch_size)
     if config.progress:
-        what = "flows" if config.flows else "units" if config.unit != "token" else "positions"
+        what = "flows" if config.flows else "units" if config.unit != "token" or pixels else "positions"
         tqdm.write(describe_plan(loaded, engine, windows, knockouts, batch_size, what), file=sys.stderr)
     metrics, batch_size = score_knockouts(engine, windows, knockouts, batch_size, config.progress, store)
     generations = []
     for w, i in top_knockouts(metrics, config.generate_top):
-        ids, _ = analysis.generate(config.num_tokens, analysis.plan(windows[w], [knockouts[i]]))
+        if pixels:
+            ids, _ = analysis.generate(config.num_tokens, pixel_values=engine.occluded(units[i]))
+        else:
+            ids, _ = analysis.generate(config.num_tokens, analysis.plan(windows[w], [knockouts[i]]))
         text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
         generations.append({"window": list(windows[w]), "unit": i, "label": units[i].label, "text": text,
                             "token_ids": ids})
-    return RunResult(baseline, windows, units, metrics, generations, batch_size,
+    return RunResult(baseline, windows, units, metrics, labels, generations, batch_size,
                      time.perf_counter() - started, num_layers, analysis.answer_start)
 
 

@@ -49,12 +49,12 @@ class UnitChoice:
 
     @property
     def groups_vision(self) -> bool:
-        return self.kind in ("region", "image")
+        return self.kind in ("region", "image", "patch")
 
 
 def parse_unit(text: str) -> UnitChoice:
     """``token``, ``word``, ``region:N``, ``image`` or ``groups``."""
-    if text in ("token", "word", "image", "groups"):
+    if text in ("token", "word", "image", "groups", "patch"):
         return UnitChoice(text)
     match = re.fullmatch(r"region:(\d{1,6})", text.strip())
     if match:
@@ -62,8 +62,8 @@ def parse_unit(text: str) -> UnitChoice:
         if not 1 <= size <= MAX_REGION:
             raise UsageError(f"--unit region:{size}: the block side must be between 1 and {MAX_REGION} tokens")
         return UnitChoice("region", size)
-    raise UsageError(f"--unit {quoted(text)} is not understood; use token, word, region:N (e.g. region:2), image "
-                     "or groups")
+    raise UsageError(f"--unit {quoted(text)} is not understood; use token, word, region:N (e.g. region:2), image, "
+                     "groups, or patch (with --stage pixels)")
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,24 @@ def parse_flow(text: str) -> FlowSpec:
     return FlowSpec(parts[0].strip(), parts[1].strip())
 
 
-def check_units(unit: str, groups: list[str], flows: list[str], images: int, vision: bool) -> None:
+def check_units(unit: str, groups: list[str], flows: list[str], images: int, vision: bool,
+                stage: str = "decoder") -> None:
     """Every check of the unit, group and flow options that needs no model (``images``: how many are given)."""
     choice = parse_unit(unit)
+    if stage == "pixels":
+        if not vision:
+            raise UsageError("--stage pixels occludes image patches; text-only models have none")
+        if not images:
+            raise UsageError("--stage pixels occludes image patches, but no --image is given")
+        if flows:
+            raise UsageError("--flow blocks attention in the decoder; it has no meaning with --stage pixels")
+        if choice.kind == "word":
+            raise UsageError("--stage pixels occludes image patches; use --unit patch, token, region:N, image or groups")
+        text = next((spec for spec in map(parse_group, groups) if spec.kind == "text"), None)
+        if text is not None:
+            raise UsageError(f"--group {text.name} is a text span; --stage pixels occludes image patches only")
+    elif choice.kind == "patch":
+        raise UsageError("--unit patch is a 16×16-pixel patch of the image: it needs --stage pixels")
     specs = [parse_group(text) for text in groups]
     names = [spec.name for spec in specs]
     duplicate = next((name for name in names if names.count(name) > 1), None)
@@ -223,6 +238,7 @@ class Unit:
     modality: str = "text"  # text | vision | special | mixed
     image: int | None = None  # 0-based image index, for units inside one image
     box: list[float] | None = None  # [x0, y0, x1, y1] original-image pixels: the union of its tokens' boxes
+    patches: list[int] | None = None  # --stage pixels: the rows of pixel_values it replaces
 
     def knockout(self):
         from .spec import Knockout
@@ -233,7 +249,7 @@ class Unit:
     def as_dict(self) -> dict:
         return {"index": self.index, "kind": self.kind, "label": self.label, "keys": self.keys,
                 "queries": self.queries, "queries_from": self.queries_from, "modality": self.modality,
-                "image": self.image, "box": self.box}
+                "image": self.image, "box": self.box, "patches": self.patches}
 
 
 @dataclass
@@ -428,6 +444,12 @@ def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
     """The units a run sweeps, in the order their first keys come (so the engine's batches waste little)."""
     choice = parse_unit(config.unit)
     groups = {spec.name: resolve_group(spec, prompt, tokenizer) for spec in map(parse_group, config.groups)}
+    if getattr(config, "stage", "decoder") == "pixels":
+        from .stages import pixel_units
+
+        make = lambda index, kind, label, keys: _unit(  # noqa: E731
+            prompt, index, kind, label if label is not None else _label(prompt, kind, keys), keys)
+        return pixel_units(prompt, choice, groups, make)
     if config.flows:
         units = []
         for index, flow in enumerate(map(parse_flow, config.flows)):

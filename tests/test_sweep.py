@@ -26,6 +26,7 @@ class RunsOutOfMemory:
     def __init__(self, engine, limit):
         self.engine, self.limit, self.calls = engine, limit, []
         self.tf, self.analysis, self.base_logprobs = engine.tf, engine.analysis, engine.base_logprobs
+        self.first_affected = engine.first_affected
 
     def logprobs(self, window, positions):
         self.calls.append(len(positions))

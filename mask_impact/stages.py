@@ -1,0 +1,305 @@
+"""Knockouts before the decoder: occlusion of the image the model sees (``--stage pixels``).
+
+The processor turns each image into ``pixel_values``: one row per 16×16 patch of the *resized* image (its
+temporal copies included), ordered image by image, then t, then decoder token (row, column of the merged
+grid), then the 2×2 patches inside that token (``PatchLayout``). Occlusion replaces a unit's rows by a
+fill and runs the model on the result, so the pixels replaced are exactly the unit's patches: occluding the
+original picture instead would blur the unit's edges through the resize.
+
+Fills (``--fill``): ``mean`` (the image's mean colour, the default), ``black``, ``blur`` (a Gaussian blur of
+the resized image with σ = one patch side, so the unit keeps its average colour but loses its detail) and
+``noise`` (uniform random pixels, seeded by the unit's index, so a rerun draws the same noise).
+
+``PixelEngine`` re-runs the vision tower on a batch of occluded copies of one image at a time and the
+decoder from that image's first position (everything before it is the cached unmasked pass);
+``NaivePixelEngine`` is its oracle: one full forward of the whole model per unit, pixels replaced in the
+input. A unit whose fill equals the pixels it replaces changes nothing and is the baseline row itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from .engine import Analysis, FastEngine, TeacherForced, _to
+from .knockout import apply_plan, knockout_attention_installed
+
+FILLS = ("mean", "blur", "black", "noise")
+STAGES = ("decoder", "pixels")
+
+
+@dataclass
+class PatchLayout:
+    """Where each image's patches sit among ``pixel_values``' rows."""
+
+    offsets: list[int]  # first row of each image
+    grids: list[tuple[int, int, int]]  # (t, h, w) in patches
+    merge: int  # spatial merge size: a decoder token is merge × merge patches
+
+    @classmethod
+    def of(cls, prompt, merge: int) -> PatchLayout:
+        grids = [tuple(image.grid_thw) for image in prompt.images]
+        offsets, row = [], 0
+        for t, h, w in grids:
+            offsets.append(row)
+            row += t * h * w
+        return cls(offsets, grids, merge)
+
+    def rows(self, image: int) -> range:
+        t, h, w = self.grids[image]
+        return range(self.offsets[image], self.offsets[image] + t * h * w)
+
+    def token_rows(self, image: int, n: int) -> list[int]:
+        """The rows of the patches that make image ``image``'s ``n``-th decoder token."""
+        size = self.merge * self.merge
+        first = self.offsets[image] + n * size
+        return list(range(first, first + size))
+
+    def cell(self, row: int) -> tuple[int, int, int, int]:
+        """(image, t, patch row, patch column) of a ``pixel_values`` row."""
+        image = max(i for i, offset in enumerate(self.offsets) if offset <= row)
+        _, h, w = self.grids[image]
+        n, sub = divmod(row - self.offsets[image], self.merge * self.merge)
+        per_frame = (h // self.merge) * (w // self.merge)
+        t, rest = divmod(n, per_frame)
+        block_row, block_col = divmod(rest, w // self.merge)
+        dy, dx = divmod(sub, self.merge)
+        return image, t, block_row * self.merge + dy, block_col * self.merge + dx
+
+
+def token_numbers(prompt) -> dict[int, tuple[int, int]]:
+    """Prompt position of each vision token → (image, its index among that image's tokens)."""
+    counts: dict[int, int] = {}
+    numbers = {}
+    for tok in prompt.tokens:
+        if tok.modality == "vision":
+            numbers[tok.index] = (tok.image, counts.get(tok.image, 0))
+            counts[tok.image] = counts.get(tok.image, 0) + 1
+    return numbers
+
+
+def patch_rows(prompt, layout: PatchLayout, positions: list[int]) -> list[int]:
+    """The ``pixel_values`` rows of the patches under the decoder tokens at ``positions``."""
+    numbers = token_numbers(prompt)
+    return sorted(row for p in positions for row in layout.token_rows(*numbers[p]))
+
+
+class Filler:
+    """What a unit's patches are replaced with, in the processor's normalised units."""
+
+    def __init__(self, loaded, pixel_values: torch.Tensor, layout: PatchLayout, fill: str):
+        processor = loaded.processor.image_processor
+        self.pixel_values, self.layout, self.fill = pixel_values, layout, fill
+        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32)  # (C,)
+        self.std = torch.tensor(processor.image_std, dtype=torch.float32)
+        self.scale = processor.rescale_factor
+        self.channels = len(processor.image_mean)
+        self.patch = processor.patch_size
+        self._blurred: dict[int, torch.Tensor] = {}
+
+    def _shaped(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(rows.shape[0], self.channels, -1)  # (n, C, T·P·P)
+
+    def values(self, rows: list[int], seed: int) -> torch.Tensor:
+        """(len(rows), D) replacement rows."""
+        original = self.pixel_values[rows].float()
+        if self.fill == "mean":
+            image = self.layout.cell(rows[0])[0]
+            pixels = self._shaped(self.pixel_values[list(self.layout.rows(image))].float())
+            colour = pixels.mean(dim=(0, 2))  # (C,)
+            out = colour[None, :, None].expand(len(rows), -1, self._shaped(original).shape[-1])
+        elif self.fill == "black":
+            colour = (0.0 * self.scale - self.mean) / self.std
+            out = colour[None, :, None].expand(len(rows), -1, self._shaped(original).shape[-1])
+        elif self.fill == "noise":
+            generator = torch.Generator().manual_seed(seed)
+            temporal = self._shaped(original).shape[-1] // (self.patch * self.patch)
+            noise = torch.randint(0, 256, (len(rows), self.channels, 1, self.patch * self.patch), generator=generator)
+            noise = (noise.float() * self.scale - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+            out = noise.expand(-1, -1, temporal, -1).reshape(len(rows), self.channels, -1)  # same in every frame
+        else:
+            out = torch.stack([self._blurred_row(row) for row in rows])
+        return out.reshape(original.shape).to(self.pixel_values.dtype)
+
+    def _blurred_row(self, row: int) -> torch.Tensor:
+        image = self.layout.cell(row)[0]
+        if image not in self._blurred:
+            self._blurred[image] = self._blur(image)
+        return self._blurred[image][row - self.layout.offsets[image]]
+
+    def _blur(self, image: int) -> torch.Tensor:
+        """The image's rows, Gaussian-blurred as a picture (σ = one patch side, edges reflected)."""
+        from torchvision.transforms.functional import gaussian_blur
+
+        t, h, w = self.layout.grids[image]
+        m, p, c = self.layout.merge, self.patch, self.channels
+        rows = self.pixel_values[list(self.layout.rows(image))].float()
+        temporal = rows.shape[-1] // (c * p * p)
+        # rows: (t, h/m, w/m, m, m) patches of (C, T, P, P) → pictures (t·T, C, h·P, w·P)
+        grid = rows.reshape(t, h // m, w // m, m, m, c, temporal, p, p)
+        picture = grid.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * temporal, c, h * p, w * p)
+        kernel = min(4 * p + 1, 2 * ((min(h, w) * p - 1) // 2) + 1)  # odd, shorter than the picture
+        blurred = gaussian_blur(picture, [kernel, kernel], [float(p), float(p)])
+        back = blurred.reshape(t, temporal, c, h // m, m, p, w // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return back.reshape(rows.shape)
+
+
+class _Occlusion:
+    """What both occlusion engines share: the patch layout, the fill, where each image starts."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
+        self.analysis, self.tf = analysis, tf
+        loaded = analysis.loaded
+        self.pixel_values = tf.model_kwargs["pixel_values"]
+        self.grid = tf.model_kwargs["image_grid_thw"]
+        self.layout = PatchLayout.of(analysis.prompt, loaded.model.config.vision_config.spatial_merge_size)
+        self.filler = Filler(loaded, self.pixel_values, self.layout, fill)
+        self.seeds = {id(unit): unit.index for unit in units}
+        vision = [tok for tok in analysis.prompt.tokens if tok.modality == "vision"]
+        self.image_start = {image: min(t.index for t in vision if t.image == image) for image in {t.image for t in
+                                                                                                 vision}}
+        self.token_slices = {}
+        count = 0
+        for image in sorted(self.image_start):
+            n = sum(t.image == image for t in vision)
+            self.token_slices[image] = slice(count, count + n)
+            count += n
+
+    def first_affected(self, unit) -> int:
+        return self.image_start[unit.image]
+
+    def occluded(self, unit) -> torch.Tensor:
+        """The model's ``pixel_values`` with ``unit``'s patches filled."""
+        pixel_values = self.pixel_values.clone()
+        pixel_values[unit.patches] = self.filler.values(unit.patches, self.seeds.get(id(unit), unit.index))
+        return pixel_values
+
+
+class PixelEngine(_Occlusion):
+    """Occlusion through the vision tower, then the decoder from the image's first position."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
+        super().__init__(analysis, tf, fill, units)
+        self.fast = FastEngine(analysis, tf)
+        self.base_logprobs = self.fast.base_logprobs
+
+    @torch.no_grad()
+    def logprobs(self, window, units: list) -> torch.Tensor:
+        """(B, T, V) answer log-probs, one row per unit (``window`` is not used: occlusion has no layers)."""
+        out = self.base_logprobs[None].expand(len(units), -1, -1).clone()
+        inner = self.analysis.loaded.model.model
+        device = self.analysis.loaded.device
+        for image in sorted({unit.image for unit in units}):
+            rows = [i for i, unit in enumerate(units) if unit.image == image]
+            images = [self.occluded(units[i])[list(self.layout.rows(image))] for i in rows]  # (n_i, D) each
+            original = self.pixel_values[list(self.layout.rows(image))]
+            acting = [i for i, pixels in zip(rows, images) if not torch.equal(pixels, original)]
+            if not acting:
+                continue
+            batch = torch.cat([pixels for i, pixels in zip(rows, images) if i in acting]).to(device)
+            grid = self.grid[image: image + 1].repeat(len(acting), 1).to(device)
+            features = inner.get_image_features(batch, grid, return_dict=True)
+            embeds = torch.stack(features.pooler_output)  # (B', n_tok, H)
+            levels = [level.reshape(len(acting), -1, level.shape[-1]) for level in features.deepstack_features]
+            span = self.token_slices[image]
+            full = self.fast.image_embeds[None].expand(len(acting), -1, -1).clone()  # (B', n_vis, H)
+            full[:, span] = embeds.to(full.dtype)
+            deepstack = []
+            for cached, level in zip(self.fast.deepstack_rows, levels):
+                rows_full = cached[None].expand(len(acting), -1, -1).clone()
+                rows_full[:, span] = level.to(rows_full.dtype)
+                deepstack.append(rows_full)
+            computed = self.fast.visual_logprobs(self.image_start[image], full, deepstack)
+            out[torch.tensor(acting)] = computed.to(out.device)
+        return out
+
+
+class NaivePixelEngine(_Occlusion):
+    """The oracle: one full forward of the whole model per unit, with the occluded pixels as its input."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
+        super().__init__(analysis, tf, fill, units)
+        self.base_logprobs = self._forward(self.pixel_values)[0]
+
+    @torch.no_grad()
+    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        loaded = self.analysis.loaded
+        kwargs = dict(self.tf.model_kwargs, pixel_values=pixel_values)
+        inputs = _to(dict(input_ids=self.tf.input_ids, **kwargs), loaded.device)
+        with knockout_attention_installed(loaded.adapter.attention_configs()), \
+                apply_plan(self.analysis.plan(reference=True)):
+            logits = loaded.model(**inputs).logits  # (1, S, V)
+        return F.log_softmax(logits[:, self.tf.answer_positions].float(), dim=-1)  # (1, T, V)
+
+    def logprobs(self, window, units: list) -> torch.Tensor:
+        return torch.cat([self._forward(self.occluded(unit)) for unit in units], dim=0)
+
+
+def merge_size(prompt) -> int:
+    """Patches per side of a decoder token, from the first image's grid and token count."""
+    t, h, w = prompt.images[0].grid_thw
+    tokens = sum(tok.image == 0 for tok in prompt.tokens if tok.modality == "vision")
+    return round((t * h * w / tokens) ** 0.5)
+
+
+def patch_box(prompt, layout: PatchLayout, row: int) -> list[float]:
+    """A patch's box in original-image pixels."""
+    image, _, patch_row, patch_col = layout.cell(row)
+    info = prompt.images[image]
+    _, h, w = layout.grids[image]
+    side_x, side_y = info.width / w, info.height / h  # a patch's size, mapped back by the resize ratio
+    return [round(patch_col * side_x, 2), round(patch_row * side_y, 2), round((patch_col + 1) * side_x, 2),
+            round((patch_row + 1) * side_y, 2)]
+
+
+def pixel_units(prompt, choice, groups: dict, make_unit) -> list:
+    """The units of an occlusion run: patches, tokens (their patches), regions, images or groups."""
+    from .config import UsageError
+    from .units import regions
+
+    layout = PatchLayout.of(prompt, merge_size(prompt))
+    vision = [tok.index for tok in prompt.tokens if tok.modality == "vision"]
+    numbers = token_numbers(prompt)
+    if choice.kind == "patch":
+        rows = sorted((row for p in vision for row in layout.token_rows(*numbers[p])), key=layout.cell)
+        owner = {row: p for p in vision for row in layout.token_rows(*numbers[p])}
+        units = []
+        for index, row in enumerate(rows):
+            image, t, patch_row, patch_col = layout.cell(row)
+            label = f"image{image + 1}{f' t{t}' if t else ''} p{patch_row},{patch_col}"
+            unit = make_unit(index, "patch", label, [owner[row]])
+            unit.patches, unit.box = [row], patch_box(prompt, layout, row)
+            units.append(unit)
+        return units
+    if choice.kind == "groups":
+        parts = []
+        for group in groups.values():
+            outside = [p for p in group.positions if p not in numbers]
+            if outside or group.tail is not None:
+                raise UsageError(f"--group {group.name}: --stage pixels occludes image patches, but the group holds "
+                                 f"position {outside[0] if outside else 'answer'}, which is not an image token")
+            rows = patch_rows(prompt, layout, group.positions)
+            if group.box is not None:  # a pixel box: its own patches, finer than the tokens
+                x0, y0, x1, y1 = group.box
+                rows = [row for row in rows if (box := patch_box(prompt, layout, row))[0] < x1 and box[2] > x0
+                        and box[1] < y1 and box[3] > y0]
+            parts.append(("group", group.name, group.positions, rows, group.box))
+    else:
+        size = None if choice.kind == "image" else choice.size if choice.kind == "region" else 1  # token: 1×1
+        grouped = regions(prompt, vision, size)
+        parts = [(choice.kind, _token_label(prompt, keys) if choice.kind == "token" else None, keys,
+                  patch_rows(prompt, layout, keys), None) for keys in grouped]
+    units = []
+    for index, (kind, label, keys, rows, box) in enumerate(parts):
+        unit = make_unit(index, kind, label, keys)
+        unit.patches = rows
+        unit.box = box or unit.box
+        units.append(unit)
+    return units
+
+
+def _token_label(prompt, keys: list[int]) -> str:
+    token = prompt.tokens[keys[0]]
+    return f"image{token.image + 1} r{token.row} c{token.col}"
