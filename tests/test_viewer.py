@@ -111,11 +111,11 @@ def test_hover_shows_the_right_token(page, results):
     canvas = page.locator("#heatmap")
     box = canvas.bounding_box()
     cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
-    for window, column in ((1, 0), (2, len(data["positions"]) - 1), (0, 7)):
+    for window, column in ((1, 0), (2, len(data["units"]) - 1), (0, 7)):
         page.mouse.move(box["x"] + (column + 0.5) * cell_w, box["y"] + (window + 0.5) * cell_h)
         tip = page.locator("#tooltip")
         assert tip.is_visible()
-        token = data["tokens"][data["positions"][column]]
+        token = data["tokens"][data["units"][column]["keys"][0]]
         text = tip.text_content()
         assert json.dumps(token["text"]) in text and f"position {token['index']}," in text
         first, last = data["windows"][window]
@@ -163,17 +163,19 @@ def test_hostile_prompt_renders_inertly(page, results, how):
 
 
 def _synthetic(path: Path, num_positions: int, vision: range) -> Path:
-    """A result of 36 windows × ``num_positions`` positions with random metrics."""
+    """A schema-2 result of 36 windows × ``num_positions`` token units with random metrics."""
     rng = random.Random(0)
     windows, positions = [[w, w] for w in range(36)], list(range(num_positions))
     tokens = [{"index": p, "id": p, "text": f"t{p}", "modality": "vision" if p in vision else "text",
                "image": 0 if p in vision else None, "t": 0, "row": None, "col": None, "box": None}
               for p in positions]
+    units = [{"index": p, "kind": "token", "label": tok["text"], "keys": [p], "queries": None, "queries_from": None,
+              "modality": tok["modality"], "image": tok["image"], "box": tok["box"]} for p, tok in enumerate(tokens)]
     grid = [[rng.gauss(0, 1) for _ in positions] for _ in windows]
-    data = {"schema_version": 1, "meta": {"settings": {}}, "prompt": "big", "images": [], "tokens": tokens,
+    data = {"schema_version": 2, "meta": {"settings": {}}, "prompt": "big", "images": [], "tokens": tokens,
             "baseline": {"text": "x", "token_ids": [1, 2, 3], "tokens": ["a", "b", "c"], "logprobs": [-1, -1, -1],
                          "stopped_at_eos": False},
-            "windows": windows, "positions": positions, "generations": [],
+            "windows": windows, "units": units, "generations": [],
             "metrics": {"logprob_drop": grid, "prob_change_pct": grid, "kl": grid,
                         "top1_changed": [[v > 1 for v in row] for row in grid],
                         "first_divergence": [[0 if v > 1 else None for v in row] for row in grid]}}
@@ -310,9 +312,9 @@ def test_heatmap_has_height_axis_titles_and_token_labels(page, results):
     page.goto((results / "vision.html").as_uri())
     page.wait_for_selector("#run:not(.hidden)")
     assert page.locator("#heatmap").bounding_box()["height"] >= 100  # 3 windows: before 48 px
-    assert int(page.locator("#column-labels").get_attribute("data-labels")) == len(data["positions"])
+    assert int(page.locator("#column-labels").get_attribute("data-labels")) == len(data["units"])
     assert _drawn_pixels(page, "#column-labels") > 200  # the token texts are drawn
-    assert "y: layer windows" in page.text_content("body") and "x: swept positions" in page.text_content("body")
+    assert "y: layer windows" in page.text_content("body") and "x: swept units" in page.text_content("body")
     page.screenshot(path=str(ARTIFACTS / "viewer_labels.png"), full_page=True)
 
 
@@ -329,7 +331,7 @@ def test_impact_curves_have_axes_a_legend_and_only_the_lines_drawn(page, results
 def test_one_sink_token_does_not_wash_out_the_colour_scale(page, tmp_path):
     path = _synthetic(tmp_path / "sink.json", 200, range(50, 150))
     data = json.loads(path.read_text())
-    data["tokens"][0]["modality"] = "special"  # a sink token with a huge effect
+    data["tokens"][0]["modality"] = data["units"][0]["modality"] = "special"  # a sink token with a huge effect
     for row in data["metrics"]["logprob_drop"]:
         row[0] = 500.0
     path.write_text(json.dumps(data))
@@ -368,10 +370,10 @@ def test_top_rows_open_their_knockout_and_compare_shares_one_scale(page, results
     page.goto((results / "vision.html").as_uri())
     page.wait_for_selector("#run:not(.hidden)")
     row = page.locator("#top tbody tr").nth(1)
-    layers, position = row.locator("td").nth(0).text_content(), int(row.locator("td").nth(1).text_content())
+    layers, unit = row.locator("td").nth(0).text_content(), int(row.locator("td").nth(1).text_content())
     row.click()
     assert page.locator("#window-label").text_content() == f"layers {layers}"
-    assert page.evaluate("state.selected") == position  # before: the rows could not be clicked
+    assert page.evaluate("state.selected") == unit  # before: the rows could not be clicked
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
     page.wait_for_selector("#compare:not(.hidden)")
@@ -391,3 +393,51 @@ def test_compare_has_a_colour_bar_and_hover_on_both_runs(page, results):
         page.mouse.move(box["x"] + 2, box["y"] + 2)
         assert page.locator("#tooltip").is_visible()
         assert page.locator("#tooltip").text_content().startswith(name.upper() + ": token")
+
+
+def _schema_1(data: dict) -> dict:
+    """A schema-2 token-unit result written as schema 1 wrote it: swept positions, generations by position."""
+    old = {key: value for key, value in data.items() if key != "units"}
+    old["schema_version"] = 1
+    old["positions"] = [unit["keys"][0] for unit in data["units"]]
+    old["generations"] = [{"window": g["window"], "position": data["units"][g["unit"]]["keys"][0], "text": g["text"],
+                           "token_ids": g["token_ids"]} for g in data["generations"]]
+    return old
+
+
+def test_a_schema_1_result_still_renders_and_a_newer_schema_is_refused(page, results, tmp_path):
+    data = json.loads((results / "vision.json").read_text())
+    keep = [i for i, unit in enumerate(data["units"]) if unit["modality"] != "vision"]  # as --mask-mode text sweeps
+    data["units"] = [data["units"][i] for i in keep]
+    data["metrics"] = {m: [[row[i] for i in keep] for row in grid] for m, grid in data["metrics"].items()}
+    data["generations"] = [dict(g, unit=keep.index(g["unit"])) for g in data["generations"] if g["unit"] in keep]
+    old = _schema_1(data)
+    assert old["positions"] != list(range(len(old["positions"]))) and old["generations"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "old.json")])
+    expect(page.locator("#heatmap")).to_have_js_property("width", len(old["positions"]) * page.evaluate(
+        "Number(document.querySelector('#heatmap').dataset.cellW)"))
+    assert _drawn_pixels(page, "#heatmap") > 50
+    assert f"× {len(old['positions'])} token units" in page.locator("#meta").text_content()
+    canvas = page.locator("#heatmap")
+    box = canvas.bounding_box()
+    cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
+    column = len(old["positions"]) - 2
+    page.mouse.move(box["x"] + (column + 0.5) * cell_w, box["y"] + 0.5 * cell_h)
+    token = old["tokens"][old["positions"][column]]
+    tip = page.locator("#tooltip").text_content()
+    assert tip.startswith(f"token {json.dumps(token['text'])}  (position {token['index']},")
+    rows = page.locator("#top tbody tr")
+    assert rows.count() == 1 + len(old["generations"])
+    texts = rows.evaluate_all("rows => rows.slice(1).map((r) => r.children[5].textContent)")
+    assert sorted(texts) == sorted(g["text"] for g in old["generations"])  # generations found their units
+    assert page.locator("#strip .tok[style*='background']").count() == len(old["positions"])  # swept tokens coloured
+    assert page.locator("#strip .chip[style*='background']").count() == 0  # the image was not swept
+    page.screenshot(path=str(ARTIFACTS / "viewer_schema_1.png"), full_page=True)
+
+    newer = dict(data, schema_version=3)
+    (tmp_path / "newer.json").write_text(json.dumps(newer))
+    page.set_input_files("#file-input", [str(tmp_path / "newer.json")])
+    expect(page.locator("#message")).to_contain_text("newer.json is a schema 3 result")
+    assert "reads schemas 1 and 2" in page.locator("#message").text_content()
