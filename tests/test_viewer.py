@@ -441,3 +441,81 @@ def test_a_schema_1_result_still_renders_and_a_newer_schema_is_refused(page, res
     page.set_input_files("#file-input", [str(tmp_path / "newer.json")])
     expect(page.locator("#message")).to_contain_text("newer.json is a schema 3 result")
     assert "reads schemas 1 and 2" in page.locator("#message").text_content()
+
+
+WORD_PROMPT = "What colour is the shapeless thingamajig?"
+
+
+@pytest.fixture(scope="module")
+def unit_results(tmp_path_factory):
+    """Schema-2 results over each kind of unit: image regions, flows, groups, words."""
+    folder = tmp_path_factory.mktemp("units")
+    common = ["--demo", "--output-dir", str(folder), "--no-progress", "--generate-top", "3"]
+    assert main([*common, "--unit", "region:2", "--output", "region"], True) == 0
+    assert main([*common, "--flow", "image->last", "--flow", "question->last", "--flow", "image->question",
+                 "--output", "flow"], True) == 0
+    assert main([*common, "--unit", "groups", "--group", "shape=32,32,64,64", "--group", "q=text:color is",
+                 "--group", "p=pos:0-3", "--output", "groups"], True) == 0
+    assert main([*common, "--unit", "word", "--mask-mode", "both", "--prompt", WORD_PROMPT, "--output", "word"], True) == 0
+    return folder
+
+
+def _hover_column(page, column: int, window: int = 0) -> str:
+    canvas = page.locator("#heatmap")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
+    page.mouse.move(box["x"] + (column + 0.5) * cell_w, box["y"] + (window + 0.5) * cell_h)
+    return page.locator("#tooltip").text_content()
+
+
+def _ranges(positions: list[int]) -> str:
+    parts: list[list[int]] = []
+    for p in sorted(positions):
+        if parts and parts[-1][1] == p - 1:
+            parts[-1][1] = p
+        else:
+            parts.append([p, p])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def test_flows_show_a_chart_with_one_curve_per_flow_and_a_legend(page, unit_results):
+    data = json.loads((unit_results / "flow.json").read_text())
+    labels = [unit["label"] for unit in data["units"]]
+    assert labels == ["image->last", "question->last", "image->question"]
+    page.goto((unit_results / "flow.html").as_uri())
+    page.wait_for_selector("#flow-section:not(.hidden)")
+    assert page.locator("#flow-metric").input_value() == "prob_change_pct"
+    assert page.locator("#flow-legend .flow-key").all_text_contents() == labels
+    chart = page.locator("#flow-chart")
+    assert chart.get_attribute("data-series") == "3"
+    colours = page.evaluate("SERIES_COLOURS.slice(0, 3)")
+    counts = chart.evaluate("""(c, colours) => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        return colours.map((hex) => { const [r, g, b] = [1, 3, 5].map((k) => parseInt(hex.slice(k, k + 2), 16)); let n = 0;
+            for (let o = 0; o < d.length; o += 4) if (Math.abs(d[o] - r) + Math.abs(d[o + 1] - g) + Math.abs(d[o + 2] - b) < 30) n++;
+            return n; }); }""", colours)
+    assert all(n > 40 for n in counts), counts  # every curve is drawn
+    # the lowest point of the chart is a point of a flow whose value there is the lowest
+    values = data["metrics"]["prob_change_pct"]
+    lowest = min(v for row in values for v in row if v is not None)
+    w = next(w for w, row in enumerate(values) if lowest in row)
+    at = chart.evaluate("""(c, [w, n]) => { const left = 84, right = c.width - 24, bottom = c.height - 40;
+        const x = Math.round(left + w / (n - 1) * (right - left));
+        return Array.from(c.getContext('2d').getImageData(x, bottom, 1, 1).data.slice(0, 3)); }""", [w, len(data["windows"])])
+    expected = [colours[i] for i, v in enumerate(values[w]) if v == lowest]
+    assert any(sum(abs(a - int(hex_[k:k + 2], 16)) for a, k in zip(at, (1, 3, 5))) < 30 for hex_ in expected), (at, expected)
+    box = chart.bounding_box()
+    page.mouse.move(box["x"] + 84 + 2, box["y"] + 100)  # over the first window
+    tip = page.locator("#tooltip").text_content()
+    first, last = data["windows"][0]
+    assert tip.startswith(f"layers {first}–{last}") and all(label in tip for label in labels)
+    assert _drawn_pixels(page, "#heatmap") > 100  # the heatmap still shows
+    assert not page.locator("#curves-section").is_visible()  # its text/vision means say nothing about flows
+    tip = _hover_column(page, 1)
+    assert tip.startswith('flow "question->last"  (unit 1)')
+    unit = data["units"][1]
+    assert f"keys {_ranges(unit['keys'])}" in tip and f"queries {_ranges(unit['queries'])}" in tip
+    page.locator("#flow-legend .flow-key").nth(2).click()
+    assert page.evaluate("state.selected") == 2
+    page.screenshot(path=str(ARTIFACTS / "viewer_flows.png"), full_page=True)
