@@ -469,6 +469,12 @@ def _hover_column(page, column: int, window: int = 0) -> str:
     return page.locator("#tooltip").text_content()
 
 
+def _strip_token(page, data: dict, position: int):
+    """The token strip's span for a prompt position (an image's tokens are one chip, not spans)."""
+    assert data["tokens"][position]["modality"] != "vision"
+    return page.locator("#strip .tok").nth(sum(t["modality"] != "vision" for t in data["tokens"][:position]))
+
+
 def _ranges(positions: list[int]) -> str:
     parts: list[list[int]] = []
     for p in sorted(positions):
@@ -519,3 +525,123 @@ def test_flows_show_a_chart_with_one_curve_per_flow_and_a_legend(page, unit_resu
     page.locator("#flow-legend .flow-key").nth(2).click()
     assert page.evaluate("state.selected") == 2
     page.screenshot(path=str(ARTIFACTS / "viewer_flows.png"), full_page=True)
+
+
+def _overlay_pixels(page, box: list[float], test: str) -> list[int]:
+    """[pixels inside ``box`` (original-image pixels, 3 px in from its edges) passing ``test``, all inside]."""
+    return page.evaluate("""([box, test]) => {
+        const c = document.querySelector('canvas.overlay'), s = c.scale, ok = new Function('r', 'g', 'b', test);
+        const [x0, y0, x1, y1] = box.map((v) => Math.round(v * s));
+        const d = c.getContext('2d').getImageData(x0 + 3, y0 + 3, x1 - x0 - 6, y1 - y0 - 6).data;
+        let n = 0; for (let o = 0; o < d.length; o += 4) if (ok(d[o], d[o + 1], d[o + 2])) n++;
+        return [n, d.length / 4]; }""", [box, test])
+
+
+def test_region_units_are_boxes_on_the_image_overlay(page, unit_results):
+    data = json.loads((unit_results / "region.json").read_text())
+    units = data["units"]
+    assert [unit["kind"] for unit in units] == ["region"] * 4
+    # colour by "max over windows" (the default): the region with the largest drop is the most red
+    peak = [max(row[i] for row in data["metrics"]["logprob_drop"]) for i in range(len(units))]
+    top, low = peak.index(max(peak)), peak.index(min(peak))
+    assert peak[top] > 1 and abs(peak[low]) < 0.01 * peak[top]
+    page.goto((unit_results / "region.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("#column-labels").get_attribute("data-labels") == "4"
+    assert page.locator("#column-labels").get_attribute("data-across") == "1"  # wide columns: labels written across
+    page.locator("#opacity").fill("100")
+    red, inside = _overlay_pixels(page, units[top]["box"], "return r >= 200 && g <= 40 && b <= 40;")
+    assert red > 0.85 * inside  # the top region's box is filled
+    changed = page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
+    page.locator("#opacity").fill("0")
+    plain = page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
+    width, scale = page.evaluate("[document.querySelector('canvas.overlay').width, document.querySelector('canvas.overlay').scale]")
+    def differing(box):
+        x0, y0, x1, y1 = (round(v * scale) for v in box)
+        return sum(changed[4 * (y * width + x)] != plain[4 * (y * width + x)] for y in range(y0 + 3, y1 - 3) for x in range(x0 + 3, x1 - 3))
+    assert differing(units[top]["box"]) > 0.5 * inside and differing(units[low]["box"]) < 0.02 * inside  # only impact tints
+    page.locator("#opacity").fill("60")
+    canvas = page.locator("canvas.overlay")
+    canvas.scroll_into_view_if_needed()
+    at = canvas.bounding_box()
+    x0, y0, x1, y1 = units[top]["box"]
+    page.mouse.move(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
+    tip = page.locator("#tooltip").text_content()
+    assert tip.startswith(f'region {json.dumps(units[top]["label"])}  (unit {top})')
+    assert f"keys {_ranges(units[top]['keys'])}  (4 tokens)" in tip and "queries every query" in tip
+    assert f"box {','.join(str(round(v)) for v in units[top]['box'])} px" in tip
+    page.mouse.click(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
+    assert page.evaluate("state.selected") == top
+    blue, _ = _overlay_pixels(page, [x0 - 4 / scale, y0 - 4 / scale, x1 + 4 / scale, y1 + 4 / scale],
+                              "return r === 42 && g === 98 && b === 201;")
+    assert blue > 100  # the selected region is outlined
+    assert units[top]["label"] in page.locator("#top tbody").text_content()
+    page.screenshot(path=str(ARTIFACTS / "viewer_regions.png"), full_page=True)
+
+
+def test_groups_are_labelled_columns(page, unit_results):
+    data = json.loads((unit_results / "groups.json").read_text())
+    assert [unit["label"] for unit in data["units"]] == ["shape", "q", "p"]
+    page.goto((unit_results / "groups.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    labels = page.locator("#column-labels")
+    assert labels.get_attribute("data-labels") == "3" and labels.get_attribute("data-across") == "1"
+    ink = labels.evaluate("""(c) => { const w = Number(document.querySelector('#heatmap').dataset.cellW);
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, ink = [0, 0, 0];
+        for (let o = 0; o < d.length; o += 4) if (d[o + 3] > 100) ink[Math.floor((o / 4 % c.width) / w)]++;
+        return ink; }""")
+    assert all(n > 15 for n in ink), ink  # a label drawn in each column
+    assert ink[0] > ink[2] * 2  # "shape" is longer than "p"
+    for column, unit in enumerate(data["units"]):
+        tip = _hover_column(page, column)
+        assert tip.startswith(f'group {json.dumps(unit["label"])}  (unit {column})')
+        assert f"modality {unit['modality']}" in tip and f"keys {_ranges(unit['keys'])}" in tip
+    assert "box 32,32,64,64 px" in _hover_column(page, 0)
+    assert page.locator("#overlay-section").is_visible()  # the box group is on the image
+    q = data["units"][1]
+    _strip_token(page, data, q["keys"][0]).click()  # a token of group q selects q
+    assert page.evaluate("state.selected") == 1
+    assert page.locator("#strip .tok.selected").count() == len(q["keys"])
+    page.screenshot(path=str(ARTIFACTS / "viewer_groups.png"), full_page=True)
+
+
+def test_words_are_labelled_and_select_all_their_tokens(page, unit_results):
+    data = json.loads((unit_results / "word.json").read_text())
+    words = [i for i, unit in enumerate(data["units"]) if unit["kind"] == "word" and len(unit["keys"]) > 1]
+    assert words  # the demo tokenizer splits some of these words
+    i = max(words, key=lambda k: len(data["units"][k]["keys"]))
+    unit = data["units"][i]
+    assert unit["label"] == "thingamajig"
+    page.goto((unit_results / "word.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert int(page.locator("#column-labels").get_attribute("data-labels")) == len(data["units"])
+    assert "word units" in page.locator("#meta").text_content()  # swept: "N token, M word units"
+    tip = _hover_column(page, i)
+    keys = unit["keys"]
+    assert tip.startswith('word "thingamajig"') and f"keys {_ranges(keys)}  ({len(keys)} tokens)" in tip
+    assert _ranges(keys) == f"{keys[0]}-{keys[-1]}"
+    _strip_token(page, data, keys[1]).click()  # a subword token selects its word
+    assert page.evaluate("state.selected") == i
+    assert page.locator("#strip .tok.selected").all_text_contents() == [data["tokens"][p]["text"] for p in keys]
+    page.screenshot(path=str(ARTIFACTS / "viewer_words.png"), full_page=True)
+
+
+def test_compare_needs_the_same_units_and_says_when_they_differ(page, unit_results, tmp_path):
+    data = json.loads((unit_results / "region.json").read_text())
+    data["metrics"] = {m: [[v * 2 if isinstance(v, float) else v for v in row] for row in grid] for m, grid in data["metrics"].items()}
+    (tmp_path / "region_b.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(unit_results / "region.json"), str(tmp_path / "region_b.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    assert page.locator("#heatmap-diff").get_attribute("data-pairs") == "4"
+    assert _drawn_pixels(page, "#heatmap-diff") > 20
+    assert "every unit" in page.locator("#compare-caption").text_content()
+    assert page.locator("#diff-tokens .tok").all_text_contents() == [unit["label"] for unit in data["units"]]
+    page.set_input_files("#file-input", [str(unit_results / "region.json"), str(unit_results / "flow.json")])
+    expect(page.locator("#compare-message")).to_contain_text("cannot be compared")
+    message = page.locator("#compare-message").text_content()
+    assert "4 region units" in message and "3 flow units" in message
+    assert not page.locator("#heatmap-diff").is_visible() and page.locator("#diff-tokens .tok").count() == 0
+    assert _drawn_pixels(page, "#heatmap-a") > 20 and _drawn_pixels(page, "#heatmap-b") > 20  # each run still shows
