@@ -416,8 +416,9 @@ def test_a_schema_1_result_still_renders_and_a_newer_schema_is_refused(page, res
     (tmp_path / "old.json").write_text(json.dumps(old))
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(tmp_path / "old.json")])
-    expect(page.locator("#heatmap")).to_have_js_property("width", len(old["positions"]) * page.evaluate(
-        "Number(document.querySelector('#heatmap').dataset.cellW)"))
+    expect(page).to_have_title("old.json — mask_impact viewer")  # waits: files load async
+    cell_w = page.evaluate("Number(document.querySelector('#heatmap').dataset.cellW)")
+    assert page.locator("#heatmap").evaluate("c => c.width") == len(old["positions"]) * cell_w  # a column per position
     assert _drawn_pixels(page, "#heatmap") > 50
     assert f"× {len(old['positions'])} token units" in page.locator("#meta").text_content()
     canvas = page.locator("#heatmap")
@@ -527,14 +528,13 @@ def test_flows_show_a_chart_with_one_curve_per_flow_and_a_legend(page, unit_resu
     page.screenshot(path=str(ARTIFACTS / "viewer_flows.png"), full_page=True)
 
 
-def _overlay_pixels(page, box: list[float], test: str) -> list[int]:
-    """[pixels inside ``box`` (original-image pixels, 3 px in from its edges) passing ``test``, all inside]."""
-    return page.evaluate("""([box, test]) => {
-        const c = document.querySelector('canvas.overlay'), s = c.scale, ok = new Function('r', 'g', 'b', test);
+def _overlay_pixels(page, box: list[float]) -> list[tuple[int, int, int]]:
+    """The overlay's pixels inside ``box`` (original-image pixels), 3 px in from its edges, as (r, g, b)."""
+    data = page.evaluate("""(box) => {
+        const c = document.querySelector('canvas.overlay'), s = c.scale;
         const [x0, y0, x1, y1] = box.map((v) => Math.round(v * s));
-        const d = c.getContext('2d').getImageData(x0 + 3, y0 + 3, x1 - x0 - 6, y1 - y0 - 6).data;
-        let n = 0; for (let o = 0; o < d.length; o += 4) if (ok(d[o], d[o + 1], d[o + 2])) n++;
-        return [n, d.length / 4]; }""", [box, test])
+        return Array.from(c.getContext('2d').getImageData(x0 + 3, y0 + 3, x1 - x0 - 6, y1 - y0 - 6).data); }""", box)
+    return [tuple(data[o:o + 3]) for o in range(0, len(data), 4)]
 
 
 def test_region_units_are_boxes_on_the_image_overlay(page, unit_results):
@@ -550,7 +550,8 @@ def test_region_units_are_boxes_on_the_image_overlay(page, unit_results):
     assert page.locator("#column-labels").get_attribute("data-labels") == "4"
     assert page.locator("#column-labels").get_attribute("data-across") == "1"  # wide columns: labels written across
     page.locator("#opacity").fill("100")
-    red, inside = _overlay_pixels(page, units[top]["box"], "return r >= 200 && g <= 40 && b <= 40;")
+    pixels = _overlay_pixels(page, units[top]["box"])
+    red, inside = sum(r >= 200 and g <= 40 and b <= 40 for r, g, b in pixels), len(pixels)
     assert red > 0.85 * inside  # the top region's box is filled
     changed = page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
         return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
@@ -574,8 +575,8 @@ def test_region_units_are_boxes_on_the_image_overlay(page, unit_results):
     assert f"box {','.join(str(round(v)) for v in units[top]['box'])} px" in tip
     page.mouse.click(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
     assert page.evaluate("state.selected") == top
-    blue, _ = _overlay_pixels(page, [x0 - 4 / scale, y0 - 4 / scale, x1 + 4 / scale, y1 + 4 / scale],
-                              "return r === 42 && g === 98 && b === 201;")
+    outline = _overlay_pixels(page, [x0 - 4 / scale, y0 - 4 / scale, x1 + 4 / scale, y1 + 4 / scale])
+    blue = sum(pixel == (42, 98, 201) for pixel in outline)
     assert blue > 100  # the selected region is outlined
     assert units[top]["label"] in page.locator("#top tbody").text_content()
     page.screenshot(path=str(ARTIFACTS / "viewer_regions.png"), full_page=True)
