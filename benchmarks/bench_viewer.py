@@ -2,15 +2,22 @@
 
     python benchmarks/bench_viewer.py --columns 4156     # 36 windows; 4,096 image tokens + 60 text at 1024×1024
 
+The result is a synthetic schema-2 one: one token unit per column, the image tokens on a square grid over a
+1024×1024 image (as Qwen3-VL's 64×64 merged grid is), so the image overlay is drawn too (--no-image: without).
 Prints the time from file selection to a drawn heatmap, and of one window-slider step (heatmap, strip, overlay).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
+import math
+import struct
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
@@ -19,12 +26,44 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.test_viewer import CHROMIUM, _synthetic  # noqa: E402
 
+SIDE = 1024  # image pixels
+
+
+def grey_png(size: int) -> str:
+    """A plain grey PNG of ``size``×``size``, as a data URL (the image thumbnail)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    rows = b"".join(b"\x00" + b"\xc8" * size for _ in range(size))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def with_image(path: Path, vision: range) -> None:
+    """Place the vision tokens on a square grid over one SIDE×SIDE image (token and unit boxes, thumbnail)."""
+    data = json.loads(path.read_text())
+    grid = math.ceil(math.sqrt(len(vision)))
+    cell = SIDE / grid
+    for k, p in enumerate(vision):
+        row, col = divmod(k, grid)
+        box = [col * cell, row * cell, (col + 1) * cell, (row + 1) * cell]
+        data["tokens"][p].update(row=row, col=col, box=box)
+        data["units"][p]["box"] = box
+    data["images"] = [{"path": "synthetic.png", "width": SIDE, "height": SIDE, "grid_thw": [1, 2 * grid, 2 * grid],
+                       "resized_width": SIDE, "resized_height": SIDE, "thumbnail": grey_png(256), "resize": "kept",
+                       "mode": "L", "notes": []}]
+    path.write_text(json.dumps(data))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--columns", type=int, default=4156, help="swept positions (36 windows each)")
+    parser.add_argument("--columns", type=int, default=4156, help="swept units, one token each (36 windows each)")
+    parser.add_argument("--no-image", action="store_true", help="no image: the vision tokens have no boxes, no overlay")
     args = parser.parse_args()
-    path = _synthetic(Path(tempfile.mkdtemp()) / "big.json", args.columns, range(30, args.columns - 30))
+    vision = range(30, args.columns - 30)
+    path = _synthetic(Path(tempfile.mkdtemp()) / "big.json", args.columns, vision)
+    if not args.no_image:
+        with_image(path, vision)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -32,7 +71,10 @@ def main() -> None:
         started = time.perf_counter()
         page.set_input_files("#file-input", [str(path)])
         expect(page.locator("#heatmap")).to_have_js_property("width", args.columns)
-        print(f"36 × {args.columns:,} columns: file selected to heatmap drawn {time.perf_counter() - started:.3f} s")
+        if not args.no_image:
+            page.wait_for_selector("canvas.overlay[data-painted='1']")
+        what = "heatmap drawn" if args.no_image else "heatmap and overlay drawn"
+        print(f"36 × {args.columns:,} units (schema 2): file selected to {what} {time.perf_counter() - started:.3f} s")
         for window in (17, 30):
             started = time.perf_counter()
             page.locator("#window").fill(str(window))

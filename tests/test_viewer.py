@@ -111,11 +111,11 @@ def test_hover_shows_the_right_token(page, results):
     canvas = page.locator("#heatmap")
     box = canvas.bounding_box()
     cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
-    for window, column in ((1, 0), (2, len(data["positions"]) - 1), (0, 7)):
+    for window, column in ((1, 0), (2, len(data["units"]) - 1), (0, 7)):
         page.mouse.move(box["x"] + (column + 0.5) * cell_w, box["y"] + (window + 0.5) * cell_h)
         tip = page.locator("#tooltip")
         assert tip.is_visible()
-        token = data["tokens"][data["positions"][column]]
+        token = data["tokens"][data["units"][column]["keys"][0]]
         text = tip.text_content()
         assert json.dumps(token["text"]) in text and f"position {token['index']}," in text
         first, last = data["windows"][window]
@@ -163,17 +163,19 @@ def test_hostile_prompt_renders_inertly(page, results, how):
 
 
 def _synthetic(path: Path, num_positions: int, vision: range) -> Path:
-    """A result of 36 windows × ``num_positions`` positions with random metrics."""
+    """A schema-2 result of 36 windows × ``num_positions`` token units with random metrics."""
     rng = random.Random(0)
     windows, positions = [[w, w] for w in range(36)], list(range(num_positions))
     tokens = [{"index": p, "id": p, "text": f"t{p}", "modality": "vision" if p in vision else "text",
                "image": 0 if p in vision else None, "t": 0, "row": None, "col": None, "box": None}
               for p in positions]
+    units = [{"index": p, "kind": "token", "label": tok["text"], "keys": [p], "queries": None, "queries_from": None,
+              "modality": tok["modality"], "image": tok["image"], "box": tok["box"]} for p, tok in enumerate(tokens)]
     grid = [[rng.gauss(0, 1) for _ in positions] for _ in windows]
-    data = {"schema_version": 1, "meta": {"settings": {}}, "prompt": "big", "images": [], "tokens": tokens,
+    data = {"schema_version": 2, "meta": {"settings": {}}, "prompt": "big", "images": [], "tokens": tokens,
             "baseline": {"text": "x", "token_ids": [1, 2, 3], "tokens": ["a", "b", "c"], "logprobs": [-1, -1, -1],
                          "stopped_at_eos": False},
-            "windows": windows, "positions": positions, "generations": [],
+            "windows": windows, "units": units, "generations": [],
             "metrics": {"logprob_drop": grid, "prob_change_pct": grid, "kl": grid,
                         "top1_changed": [[v > 1 for v in row] for row in grid],
                         "first_divergence": [[0 if v > 1 else None for v in row] for row in grid]}}
@@ -310,9 +312,9 @@ def test_heatmap_has_height_axis_titles_and_token_labels(page, results):
     page.goto((results / "vision.html").as_uri())
     page.wait_for_selector("#run:not(.hidden)")
     assert page.locator("#heatmap").bounding_box()["height"] >= 100  # 3 windows: before 48 px
-    assert int(page.locator("#column-labels").get_attribute("data-labels")) == len(data["positions"])
+    assert int(page.locator("#column-labels").get_attribute("data-labels")) == len(data["units"])
     assert _drawn_pixels(page, "#column-labels") > 200  # the token texts are drawn
-    assert "y: layer windows" in page.text_content("body") and "x: swept positions" in page.text_content("body")
+    assert "y: layer windows" in page.text_content("body") and "x: swept units" in page.text_content("body")
     page.screenshot(path=str(ARTIFACTS / "viewer_labels.png"), full_page=True)
 
 
@@ -329,7 +331,7 @@ def test_impact_curves_have_axes_a_legend_and_only_the_lines_drawn(page, results
 def test_one_sink_token_does_not_wash_out_the_colour_scale(page, tmp_path):
     path = _synthetic(tmp_path / "sink.json", 200, range(50, 150))
     data = json.loads(path.read_text())
-    data["tokens"][0]["modality"] = "special"  # a sink token with a huge effect
+    data["tokens"][0]["modality"] = data["units"][0]["modality"] = "special"  # a sink token with a huge effect
     for row in data["metrics"]["logprob_drop"]:
         row[0] = 500.0
     path.write_text(json.dumps(data))
@@ -368,10 +370,10 @@ def test_top_rows_open_their_knockout_and_compare_shares_one_scale(page, results
     page.goto((results / "vision.html").as_uri())
     page.wait_for_selector("#run:not(.hidden)")
     row = page.locator("#top tbody tr").nth(1)
-    layers, position = row.locator("td").nth(0).text_content(), int(row.locator("td").nth(1).text_content())
+    layers, unit = row.locator("td").nth(0).text_content(), int(row.locator("td").nth(1).text_content())
     row.click()
     assert page.locator("#window-label").text_content() == f"layers {layers}"
-    assert page.evaluate("state.selected") == position  # before: the rows could not be clicked
+    assert page.evaluate("state.selected") == unit  # before: the rows could not be clicked
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
     page.wait_for_selector("#compare:not(.hidden)")
@@ -391,3 +393,256 @@ def test_compare_has_a_colour_bar_and_hover_on_both_runs(page, results):
         page.mouse.move(box["x"] + 2, box["y"] + 2)
         assert page.locator("#tooltip").is_visible()
         assert page.locator("#tooltip").text_content().startswith(name.upper() + ": token")
+
+
+def _schema_1(data: dict) -> dict:
+    """A schema-2 token-unit result written as schema 1 wrote it: swept positions, generations by position."""
+    old = {key: value for key, value in data.items() if key != "units"}
+    old["schema_version"] = 1
+    old["positions"] = [unit["keys"][0] for unit in data["units"]]
+    old["generations"] = [{"window": g["window"], "position": data["units"][g["unit"]]["keys"][0], "text": g["text"],
+                           "token_ids": g["token_ids"]} for g in data["generations"]]
+    return old
+
+
+def test_a_schema_1_result_still_renders_and_a_newer_schema_is_refused(page, results, tmp_path):
+    data = json.loads((results / "vision.json").read_text())
+    keep = [i for i, unit in enumerate(data["units"]) if unit["modality"] != "vision"]  # as --mask-mode text sweeps
+    data["units"] = [data["units"][i] for i in keep]
+    data["metrics"] = {m: [[row[i] for i in keep] for row in grid] for m, grid in data["metrics"].items()}
+    data["generations"] = [dict(g, unit=keep.index(g["unit"])) for g in data["generations"] if g["unit"] in keep]
+    old = _schema_1(data)
+    assert old["positions"] != list(range(len(old["positions"]))) and old["generations"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "old.json")])
+    expect(page).to_have_title("old.json — mask_impact viewer")  # waits: files load async
+    cell_w = page.evaluate("Number(document.querySelector('#heatmap').dataset.cellW)")
+    assert page.locator("#heatmap").evaluate("c => c.width") == len(old["positions"]) * cell_w  # a column per position
+    assert _drawn_pixels(page, "#heatmap") > 50
+    assert f"× {len(old['positions'])} token units" in page.locator("#meta").text_content()
+    canvas = page.locator("#heatmap")
+    box = canvas.bounding_box()
+    cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
+    column = len(old["positions"]) - 2
+    page.mouse.move(box["x"] + (column + 0.5) * cell_w, box["y"] + 0.5 * cell_h)
+    token = old["tokens"][old["positions"][column]]
+    tip = page.locator("#tooltip").text_content()
+    assert tip.startswith(f"token {json.dumps(token['text'])}  (position {token['index']},")
+    rows = page.locator("#top tbody tr")
+    assert rows.count() == 1 + len(old["generations"])
+    texts = rows.evaluate_all("rows => rows.slice(1).map((r) => r.children[5].textContent)")
+    assert sorted(texts) == sorted(g["text"] for g in old["generations"])  # generations found their units
+    assert page.locator("#strip .tok[style*='background']").count() == len(old["positions"])  # swept tokens coloured
+    assert page.locator("#strip .chip[style*='background']").count() == 0  # the image was not swept
+    page.screenshot(path=str(ARTIFACTS / "viewer_schema_1.png"), full_page=True)
+
+    newer = dict(data, schema_version=3)
+    (tmp_path / "newer.json").write_text(json.dumps(newer))
+    page.set_input_files("#file-input", [str(tmp_path / "newer.json")])
+    expect(page.locator("#message")).to_contain_text("newer.json is a schema 3 result")
+    assert "reads schemas 1 and 2" in page.locator("#message").text_content()
+
+
+WORD_PROMPT = "What colour is the shapeless thingamajig?"
+
+
+@pytest.fixture(scope="module")
+def unit_results(tmp_path_factory):
+    """Schema-2 results over each kind of unit: image regions, flows, groups, words."""
+    folder = tmp_path_factory.mktemp("units")
+    common = ["--demo", "--output-dir", str(folder), "--no-progress", "--generate-top", "3"]
+    assert main([*common, "--unit", "region:2", "--output", "region"], True) == 0
+    assert main([*common, "--flow", "image->last", "--flow", "question->last", "--flow", "image->question",
+                 "--output", "flow"], True) == 0
+    assert main([*common, "--unit", "groups", "--group", "shape=32,32,64,64", "--group", "q=text:color is",
+                 "--group", "p=pos:0-3", "--output", "groups"], True) == 0
+    assert main([*common, "--unit", "word", "--mask-mode", "both", "--prompt", WORD_PROMPT, "--output", "word"], True) == 0
+    return folder
+
+
+def _hover_column(page, column: int, window: int = 0) -> str:
+    canvas = page.locator("#heatmap")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
+    page.mouse.move(box["x"] + (column + 0.5) * cell_w, box["y"] + (window + 0.5) * cell_h)
+    return page.locator("#tooltip").text_content()
+
+
+def _strip_token(page, data: dict, position: int):
+    """The token strip's span for a prompt position (an image's tokens are one chip, not spans)."""
+    assert data["tokens"][position]["modality"] != "vision"
+    return page.locator("#strip .tok").nth(sum(t["modality"] != "vision" for t in data["tokens"][:position]))
+
+
+def _ranges(positions: list[int]) -> str:
+    parts: list[list[int]] = []
+    for p in sorted(positions):
+        if parts and parts[-1][1] == p - 1:
+            parts[-1][1] = p
+        else:
+            parts.append([p, p])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def test_flows_show_a_chart_with_one_curve_per_flow_and_a_legend(page, unit_results):
+    data = json.loads((unit_results / "flow.json").read_text())
+    labels = [unit["label"] for unit in data["units"]]
+    assert labels == ["image->last", "question->last", "image->question"]
+    page.goto((unit_results / "flow.html").as_uri())
+    page.wait_for_selector("#flow-section:not(.hidden)")
+    assert page.locator("#flow-metric").input_value() == "prob_change_pct"
+    assert page.locator("#flow-legend .flow-key").all_text_contents() == labels
+    chart = page.locator("#flow-chart")
+    assert chart.get_attribute("data-series") == "3"
+    colours = page.evaluate("SERIES_COLOURS.slice(0, 3)")
+    counts = chart.evaluate("""(c, colours) => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        return colours.map((hex) => { const [r, g, b] = [1, 3, 5].map((k) => parseInt(hex.slice(k, k + 2), 16)); let n = 0;
+            for (let o = 0; o < d.length; o += 4) if (Math.abs(d[o] - r) + Math.abs(d[o + 1] - g) + Math.abs(d[o + 2] - b) < 30) n++;
+            return n; }); }""", colours)
+    assert all(n > 40 for n in counts), counts  # every curve is drawn
+    # the lowest point of the chart is a point of a flow whose value there is the lowest
+    values = data["metrics"]["prob_change_pct"]
+    lowest = min(v for row in values for v in row if v is not None)
+    w = next(w for w, row in enumerate(values) if lowest in row)
+    at = chart.evaluate("""(c, [w, n]) => { const left = 84, right = c.width - 24, bottom = c.height - 40;
+        const x = Math.round(left + w / (n - 1) * (right - left));
+        return Array.from(c.getContext('2d').getImageData(x, bottom, 1, 1).data.slice(0, 3)); }""", [w, len(data["windows"])])
+    expected = [colours[i] for i, v in enumerate(values[w]) if v == lowest]
+    assert any(sum(abs(a - int(hex_[k:k + 2], 16)) for a, k in zip(at, (1, 3, 5))) < 30 for hex_ in expected), (at, expected)
+    box = chart.bounding_box()
+    page.mouse.move(box["x"] + 84 + 2, box["y"] + 100)  # over the first window
+    tip = page.locator("#tooltip").text_content()
+    first, last = data["windows"][0]
+    assert tip.startswith(f"layers {first}–{last}") and all(label in tip for label in labels)
+    assert _drawn_pixels(page, "#heatmap") > 100  # the heatmap still shows
+    assert not page.locator("#curves-section").is_visible()  # its text/vision means say nothing about flows
+    tip = _hover_column(page, 1)
+    assert tip.startswith('flow "question->last"  (unit 1)')
+    unit = data["units"][1]
+    assert f"keys {_ranges(unit['keys'])}" in tip and f"queries {_ranges(unit['queries'])}" in tip
+    page.locator("#flow-legend .flow-key").nth(2).click()
+    assert page.evaluate("state.selected") == 2
+    page.screenshot(path=str(ARTIFACTS / "viewer_flows.png"), full_page=True)
+
+
+def _overlay_pixels(page, box: list[float]) -> list[tuple[int, int, int]]:
+    """The overlay's pixels inside ``box`` (original-image pixels), 3 px in from its edges, as (r, g, b)."""
+    data = page.evaluate("""(box) => {
+        const c = document.querySelector('canvas.overlay'), s = c.scale;
+        const [x0, y0, x1, y1] = box.map((v) => Math.round(v * s));
+        return Array.from(c.getContext('2d').getImageData(x0 + 3, y0 + 3, x1 - x0 - 6, y1 - y0 - 6).data); }""", box)
+    return [tuple(data[o:o + 3]) for o in range(0, len(data), 4)]
+
+
+def test_region_units_are_boxes_on_the_image_overlay(page, unit_results):
+    data = json.loads((unit_results / "region.json").read_text())
+    units = data["units"]
+    assert [unit["kind"] for unit in units] == ["region"] * 4
+    # colour by "max over windows" (the default): the region with the largest drop is the most red
+    peak = [max(row[i] for row in data["metrics"]["logprob_drop"]) for i in range(len(units))]
+    top, low = peak.index(max(peak)), peak.index(min(peak))
+    assert peak[top] > 1 and abs(peak[low]) < 0.01 * peak[top]
+    page.goto((unit_results / "region.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("#column-labels").get_attribute("data-labels") == "4"
+    assert page.locator("#column-labels").get_attribute("data-across") == "1"  # wide columns: labels written across
+    page.locator("#opacity").fill("100")
+    pixels = _overlay_pixels(page, units[top]["box"])
+    red, inside = sum(r >= 200 and g <= 40 and b <= 40 for r, g, b in pixels), len(pixels)
+    assert red > 0.85 * inside  # the top region's box is filled
+    changed = page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
+    page.locator("#opacity").fill("0")
+    plain = page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
+    width, scale = page.evaluate("[document.querySelector('canvas.overlay').width, document.querySelector('canvas.overlay').scale]")
+    def differing(box):
+        x0, y0, x1, y1 = (round(v * scale) for v in box)
+        return sum(changed[4 * (y * width + x)] != plain[4 * (y * width + x)] for y in range(y0 + 3, y1 - 3) for x in range(x0 + 3, x1 - 3))
+    assert differing(units[top]["box"]) > 0.5 * inside and differing(units[low]["box"]) < 0.02 * inside  # only impact tints
+    page.locator("#opacity").fill("60")
+    canvas = page.locator("canvas.overlay")
+    canvas.scroll_into_view_if_needed()
+    at = canvas.bounding_box()
+    x0, y0, x1, y1 = units[top]["box"]
+    page.mouse.move(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
+    tip = page.locator("#tooltip").text_content()
+    assert tip.startswith(f'region {json.dumps(units[top]["label"])}  (unit {top})')
+    assert f"keys {_ranges(units[top]['keys'])}  (4 tokens)" in tip and "queries every query" in tip
+    assert f"box {','.join(str(round(v)) for v in units[top]['box'])} px" in tip
+    page.mouse.click(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
+    assert page.evaluate("state.selected") == top
+    outline = _overlay_pixels(page, [x0 - 4 / scale, y0 - 4 / scale, x1 + 4 / scale, y1 + 4 / scale])
+    blue = sum(pixel == (42, 98, 201) for pixel in outline)
+    assert blue > 100  # the selected region is outlined
+    assert units[top]["label"] in page.locator("#top tbody").text_content()
+    page.screenshot(path=str(ARTIFACTS / "viewer_regions.png"), full_page=True)
+
+
+def test_groups_are_labelled_columns(page, unit_results):
+    data = json.loads((unit_results / "groups.json").read_text())
+    assert [unit["label"] for unit in data["units"]] == ["shape", "q", "p"]
+    page.goto((unit_results / "groups.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    labels = page.locator("#column-labels")
+    assert labels.get_attribute("data-labels") == "3" and labels.get_attribute("data-across") == "1"
+    ink = labels.evaluate("""(c) => { const w = Number(document.querySelector('#heatmap').dataset.cellW);
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, ink = [0, 0, 0];
+        for (let o = 0; o < d.length; o += 4) if (d[o + 3] > 100) ink[Math.floor((o / 4 % c.width) / w)]++;
+        return ink; }""")
+    assert all(n > 15 for n in ink), ink  # a label drawn in each column
+    assert ink[0] > ink[2] * 2  # "shape" is longer than "p"
+    for column, unit in enumerate(data["units"]):
+        tip = _hover_column(page, column)
+        assert tip.startswith(f'group {json.dumps(unit["label"])}  (unit {column})')
+        assert f"modality {unit['modality']}" in tip and f"keys {_ranges(unit['keys'])}" in tip
+    assert "box 32,32,64,64 px" in _hover_column(page, 0)
+    assert page.locator("#overlay-section").is_visible()  # the box group is on the image
+    q = data["units"][1]
+    _strip_token(page, data, q["keys"][0]).click()  # a token of group q selects q
+    assert page.evaluate("state.selected") == 1
+    assert page.locator("#strip .tok.selected").count() == len(q["keys"])
+    page.screenshot(path=str(ARTIFACTS / "viewer_groups.png"), full_page=True)
+
+
+def test_words_are_labelled_and_select_all_their_tokens(page, unit_results):
+    data = json.loads((unit_results / "word.json").read_text())
+    words = [i for i, unit in enumerate(data["units"]) if unit["kind"] == "word" and len(unit["keys"]) > 1]
+    assert words  # the demo tokenizer splits some of these words
+    i = max(words, key=lambda k: len(data["units"][k]["keys"]))
+    unit = data["units"][i]
+    assert unit["label"] == "thingamajig"
+    page.goto((unit_results / "word.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert int(page.locator("#column-labels").get_attribute("data-labels")) == len(data["units"])
+    assert "word units" in page.locator("#meta").text_content()  # swept: "N token, M word units"
+    tip = _hover_column(page, i)
+    keys = unit["keys"]
+    assert tip.startswith('word "thingamajig"') and f"keys {_ranges(keys)}  ({len(keys)} tokens)" in tip
+    assert _ranges(keys) == f"{keys[0]}-{keys[-1]}"
+    _strip_token(page, data, keys[1]).click()  # a subword token selects its word
+    assert page.evaluate("state.selected") == i
+    assert page.locator("#strip .tok.selected").all_text_contents() == [data["tokens"][p]["text"] for p in keys]
+    page.screenshot(path=str(ARTIFACTS / "viewer_words.png"), full_page=True)
+
+
+def test_compare_needs_the_same_units_and_says_when_they_differ(page, unit_results, tmp_path):
+    data = json.loads((unit_results / "region.json").read_text())
+    data["metrics"] = {m: [[v * 2 if isinstance(v, float) else v for v in row] for row in grid] for m, grid in data["metrics"].items()}
+    (tmp_path / "region_b.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(unit_results / "region.json"), str(tmp_path / "region_b.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    assert page.locator("#heatmap-diff").get_attribute("data-pairs") == "4"
+    assert _drawn_pixels(page, "#heatmap-diff") > 20
+    assert "every unit" in page.locator("#compare-caption").text_content()
+    assert page.locator("#diff-tokens .tok").all_text_contents() == [unit["label"] for unit in data["units"]]
+    page.set_input_files("#file-input", [str(unit_results / "region.json"), str(unit_results / "flow.json")])
+    expect(page.locator("#compare-message")).to_contain_text("cannot be compared")
+    message = page.locator("#compare-message").text_content()
+    assert "4 region units" in message and "3 flow units" in message
+    assert not page.locator("#heatmap-diff").is_visible() and page.locator("#diff-tokens .tok").count() == 0
+    assert _drawn_pixels(page, "#heatmap-a") > 20 and _drawn_pixels(page, "#heatmap-b") > 20  # each run still shows
