@@ -108,7 +108,7 @@ class Filler:
         if self.fill == "mean":
             image = self.layout.cell(rows[0])[0]
             pixels = self._shaped(self.pixel_values[list(self.layout.rows(image))].float())
-            colour = pixels.mean(dim=(0, 2))  # (C,)
+            colour = pixels.double().mean(dim=(0, 2)).float()  # (C,); in float64 so a uniform image keeps its value
             out = colour[None, :, None].expand(len(rows), -1, self._shaped(original).shape[-1])
         elif self.fill == "black":
             colour = (0.0 * self.scale - self.mean) / self.std
