@@ -37,8 +37,8 @@ from .sweep import RunResult, top_knockouts
 SCHEMA_VERSION = 2
 VIEWER = data_path("visualize_results.html")
 EMBED_SLOT = '<script id="embedded-data" type="application/json"></script>'
-CSV_COLUMNS = ["layer_start", "layer_end", "unit", "kind", "label", "keys", "queries", "modality", "image", "x0", "y0",
-               "x1", "y1", "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
+CSV_COLUMNS = ["layer_start", "layer_end", "unit", "kind", "label", "keys", "queries", "patches", "modality", "image",
+               "x0", "y0", "x1", "y1", "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs such a cell as a formula (OWASP)
 
 
@@ -101,7 +101,8 @@ def csv_text(data: dict) -> str:
 
     ``keys`` and ``queries`` are position lists written like ``--layers`` (``10-20,25``); ``queries`` is empty
     for every query, and ends with ``answer`` (``10,answer``) where the answer positions are blocked too;
-    ``image`` counts from 1 and the box is in original-image pixels."""
+    ``patches`` (``--stage pixels``) lists the rows of ``pixel_values`` replaced; ``image`` counts from 1 and the
+    box is in original-image pixels."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # RFC 4180 line ends: fields holding \r or \n get quoted
     writer.writerow(CSV_COLUMNS)
@@ -114,7 +115,7 @@ def csv_text(data: dict) -> str:
             box = unit["box"] or [None] * 4
             writer.writerow([
                 start, end, i, unit["kind"], _text_cell(unit["label"]), position_ranges(unit["keys"]), queries,
-                unit["modality"], "" if unit["image"] is None else unit["image"] + 1, *map(_blank, box),
+                position_ranges(unit.get("patches") or []), unit["modality"], "" if unit["image"] is None else unit["image"] + 1, *map(_blank, box),
                 metrics["logprob_drop"][w][i], metrics["prob_change_pct"][w][i], metrics["kl"][w][i],
                 metrics["top1_changed"][w][i], _blank(metrics["first_divergence"][w][i]),
             ])

@@ -20,8 +20,8 @@ JSON_KEYS = {"schema_version", "meta", "prompt", "images", "tokens", "baseline",
 META_KEYS = {"tool_version", "model", "model_type", "transformers", "torch", "device", "dtype", "created",
              "elapsed_s", "settings"}
 TOKEN_KEYS = {"index", "id", "text", "modality", "image", "t", "row", "col", "box"}
-CSV_COLUMNS = ["layer_start", "layer_end", "unit", "kind", "label", "keys", "queries", "modality", "image", "x0", "y0",
-               "x1", "y1", "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
+CSV_COLUMNS = ["layer_start", "layer_end", "unit", "kind", "label", "keys", "queries", "patches", "modality", "image",
+               "x0", "y0", "x1", "y1", "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
 
 
 def _run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
