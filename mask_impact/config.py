@@ -30,7 +30,7 @@ CHOICES = {
     "block_from": ("all", "answer"),
     "vision_attention": ("causal", "bidirectional"),
     "engine": ("fast", "naive"),
-    "stage": ("decoder", "pixels"),
+    "stage": ("decoder", "pixels", "deepstack"),
     "fill": ("mean", "blur", "black", "noise"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
@@ -78,7 +78,7 @@ class RunConfig:
     raw_prompt: bool = False
     allow_special_tokens: bool = False
     mask_mode: str = "text"
-    stage: str = "decoder"  # decoder | pixels
+    stage: str = "decoder"  # decoder | pixels | deepstack
     fill: str = "mean"  # --stage pixels: mean | blur | black | noise
     unit: str = "token"  # token | word | region:N | image | groups
     groups: list[str] = field(default_factory=list)  # NAME=SPEC
@@ -135,6 +135,10 @@ class RunConfig:
         if self.stage == "pixels" and (self.layers != "all" or self.window != 1 or self.block_from != "all"):
             raise UsageError("--stage pixels occludes the image before the model: it has no layers, so --layers, "
                              "--window and --block-from do not apply; drop them")
+        if self.stage == "deepstack" and (self.layers != "all" or self.window != 1 or self.block_from != "all"):
+            raise UsageError("--stage deepstack removes features where the model adds them (its rows are the "
+                             "DeepStack levels and the main embedding), so --layers, --window and --block-from do "
+                             "not apply; drop them")
         if self.prompt is None and self.prompt_file is None:
             raise UsageError("no prompt given: pass --prompt TEXT or --prompt-file FILE, or --demo")
         if self.prompt is not None and self.prompt_file is not None:
@@ -229,7 +233,8 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
         parser.add_argument("--stage", choices=CHOICES["stage"],
                             help="decoder (default): attention knockouts in the decoder; pixels: occlusion of the "
                                  "image the model sees (units: patch, the default there, token, region:N, image, "
-                                 "groups)")
+                                 "groups); deepstack: remove a unit's DeepStack features, level by level, or replace "
+                                 "its main embedding by the image's mean")
         parser.add_argument("--fill", choices=CHOICES["fill"],
                             help="--stage pixels: what replaces the occluded patches: mean (the image's mean colour, "
                                  "default), blur, black or noise (seeded)")
@@ -296,6 +301,8 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
     merged.setdefault("model", VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
     if vision and merged.get("stage") == "pixels":
         merged.setdefault("unit", "patch")
+    if vision and merged.get("stage") in ("pixels", "deepstack"):
+        merged.setdefault("mask_mode", "vision")  # these stages remove image tokens only
     if vision and isinstance(merged.get("unit"), str) and merged["unit"].startswith(("region", "image")):
         merged.setdefault("mask_mode", "vision")  # what these units group
     config = RunConfig(**merged)

@@ -126,8 +126,8 @@ def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float
     return knockouts[done:end]
 
 
-def score_knockouts(engine, windows: list[tuple[int, int]], knockouts: list, batch_size: int,
-                    progress: bool = True, store=None) -> tuple[dict[str, list[list]], int]:
+def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, progress: bool = True, store=None,
+                    labels: list[str] | None = None) -> tuple[dict[str, list[list]], int]:
     """Metrics for every (window, knockout); returns them and the batch size that finally fit.
     A knockout is a ``Knockout`` (or a bare position: that token's knockout); they are the units of the
     result, in order.
@@ -141,7 +141,7 @@ def score_knockouts(engine, windows: list[tuple[int, int]], knockouts: list, bat
     bar = tqdm(total=len(windows) * count, unit="knockout", disable=not progress, dynamic_ncols=True)
     try:
         for w, window in enumerate(windows):
-            bar.set_description(f"layers {window[0]}-{window[1]}")
+            bar.set_description(labels[w] if labels else f"layers {window[0]}-{window[1]}")
             done = 0
             while done < count:
                 saved = store.saved.get((w, done)) if store is not None else None
@@ -189,23 +189,35 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
     """Baseline → knockout sweep → generation under the top knockouts (``store``: resume state)."""
     started = time.perf_counter()
     num_layers = loaded.adapter.num_layers
-    pixels = config.stage == "pixels"
+    pixels, deepstack = config.stage == "pixels", config.stage == "deepstack"
+    rows = None  # what the engine gets for each row of the result, where that is not a layer window
     if pixels:  # occlusion has no layers: one row, the whole model
         windows = [(0, num_layers - 1)]
         labels = [f"occluded ({config.fill})"]
+    elif deepstack:
+        from .stages import deepstack_routes, route_label, route_window
+
+        levels = len(loaded.model.config.vision_config.deepstack_visual_indexes)
+        rows = deepstack_routes(levels, num_layers)
+        windows = [route_window(route, levels, num_layers) for route in rows]
+        labels = [route_label(route) for route in rows]
     else:
         windows = windows_for(parse_layers(config.layers, num_layers), config.window, num_layers)
         labels = [f"layers {a}–{b}" if a != b else f"layer {a}" for a, b in windows]
     analysis = Analysis(loaded, prompt, config.block_from, config.vision_attention)
     units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
-    knockouts = units if pixels else [unit.knockout() for unit in units]
-    if not pixels:
+    knockouts = units if pixels or deepstack else [unit.knockout() for unit in units]
+    if not (pixels or deepstack):
         check_blocks_something(analysis, units, knockouts, config)
     baseline, tf = analysis.baseline(config.num_tokens)
     if pixels:
         from .stages import NaivePixelEngine, PixelEngine
 
         engine = (PixelEngine if config.engine == "fast" else NaivePixelEngine)(analysis, tf, config.fill, units)
+    elif deepstack:
+        from .stages import DeepStackEngine, NaiveDeepStackEngine
+
+        engine = (DeepStackEngine if config.engine == "fast" else NaiveDeepStackEngine)(analysis, tf)
     else:
         engine = ENGINES[config.engine](analysis, tf)
     baseline.logprobs = engine.base_logprobs.gather(-1, tf.answer_ids[:, None].to(loaded.device))[:, 0].tolist()
@@ -215,13 +227,17 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         batch_size = store.batch_size(batch_size)
         store.start(baseline.token_ids, batch_size)
     if config.progress:
-        what = "flows" if config.flows else "units" if config.unit != "token" or pixels else "positions"
+        what = "flows" if config.flows else "units" if config.unit != "token" or pixels or deepstack else "positions"
         tqdm.write(describe_plan(loaded, engine, windows, knockouts, batch_size, what), file=sys.stderr)
-    metrics, batch_size = score_knockouts(engine, windows, knockouts, batch_size, config.progress, store)
+    metrics, batch_size = score_knockouts(engine, rows or windows, knockouts, batch_size, config.progress, store,
+                                          labels)
     generations = []
     for w, i in top_knockouts(metrics, config.generate_top):
         if pixels:
             ids, _ = analysis.generate(config.num_tokens, pixel_values=engine.occluded(units[i]))
+        elif deepstack:
+            with engine.hooked(rows[w], units[i]):
+                ids, _ = analysis.generate(config.num_tokens)
         else:
             ids, _ = analysis.generate(config.num_tokens, analysis.plan(windows[w], [knockouts[i]]))
         text = loaded.tokenizer.decode(ids, skip_special_tokens=True)

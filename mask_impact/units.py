@@ -156,19 +156,21 @@ def check_units(unit: str, groups: list[str], flows: list[str], images: int, vis
                 stage: str = "decoder") -> None:
     """Every check of the unit, group and flow options that needs no model (``images``: how many are given)."""
     choice = parse_unit(unit)
-    if stage == "pixels":
+    if stage in ("pixels", "deepstack"):
+        what = "occludes image patches" if stage == "pixels" else "removes image features"
         if not vision:
-            raise UsageError("--stage pixels occludes image patches; text-only models have none")
+            raise UsageError(f"--stage {stage} {what}; text-only models have none")
         if not images:
-            raise UsageError("--stage pixels occludes image patches, but no --image is given")
+            raise UsageError(f"--stage {stage} {what}, but no --image is given")
         if flows:
-            raise UsageError("--flow blocks attention in the decoder; it has no meaning with --stage pixels")
+            raise UsageError(f"--flow blocks attention in the decoder; it has no meaning with --stage {stage}")
         if choice.kind == "word":
-            raise UsageError("--stage pixels occludes image patches; use --unit patch, token, region:N, image or groups")
+            kinds = "patch, token, region:N, image or groups" if stage == "pixels" else "token, region:N, image or groups"
+            raise UsageError(f"--stage {stage} {what}; use --unit {kinds}")
         text = next((spec for spec in map(parse_group, groups) if spec.kind == "text"), None)
         if text is not None:
-            raise UsageError(f"--group {text.name} is a text span; --stage pixels occludes image patches only")
-    elif choice.kind == "patch":
+            raise UsageError(f"--group {text.name} is a text span; --stage {stage} {what} only")
+    if choice.kind == "patch" and stage != "pixels":
         raise UsageError("--unit patch is a 16×16-pixel patch of the image: it needs --stage pixels")
     specs = [parse_group(text) for text in groups]
     names = [spec.name for spec in specs]
@@ -345,8 +347,9 @@ def image_of(prompt, positions: list[int]) -> int | None:
 
 def _label(prompt, kind: str, positions: list[int]) -> str:
     tokens = [prompt.tokens[p] for p in positions]
-    if kind == "token":
-        return tokens[0].text
+    if kind == "token":  # an image token by its place: their texts are all the same placeholder
+        first = tokens[0]
+        return first.text if first.modality != "vision" else f"image{first.image + 1} r{first.row} c{first.col}"
     if kind == "word":
         text = "".join(tok.text for tok in tokens)
         return text.strip() or text
@@ -444,7 +447,15 @@ def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
     """The units a run sweeps, in the order their first keys come (so the engine's batches waste little)."""
     choice = parse_unit(config.unit)
     groups = {spec.name: resolve_group(spec, prompt, tokenizer) for spec in map(parse_group, config.groups)}
-    if getattr(config, "stage", "decoder") == "pixels":
+    stage = getattr(config, "stage", "decoder")
+    if stage == "deepstack":
+        vision = {tok.index for tok in prompt.tokens if tok.modality == "vision"}
+        for group in groups.values():
+            outside = [p for p in group.positions if p not in vision]
+            if outside or group.tail is not None:
+                raise UsageError(f"--group {group.name}: --stage deepstack removes image features, but the group "
+                                 f"holds position {outside[0] if outside else 'answer'}, which is not an image token")
+    if stage == "pixels":
         from .stages import pixel_units
 
         make = lambda index, kind, label, keys: _unit(  # noqa: E731

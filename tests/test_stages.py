@@ -195,3 +195,66 @@ def test_bad_occlusion_options_are_one_line(argv, message, capsys, in_tmp):
 
 def test_text_models_have_no_pixel_stage(capsys, in_tmp):
     assert "unrecognized arguments: --stage" in cli_error(capsys, ["--demo", "--stage", "pixels"], vision=False)
+
+
+# --- DeepStack ------------------------------------------------------------------------------------------------
+
+def _deepstack_units(loaded, prompt, unit="token", groups=()):
+    config = SimpleNamespace(unit=unit, groups=list(groups), flows=[], mask_mode="vision", stage="deepstack")
+    return build_units(prompt, loaded.tokenizer, config, prompt.length - 1)
+
+
+def test_deepstack_routes_fast_equal_naive_for_every_unit_kind(vl_model, images):
+    from mask_impact.stages import DeepStackEngine, NaiveDeepStackEngine, deepstack_routes
+
+    prompt = build_prompt(vl_model, PROMPT, [images["wide"], images["square"]])
+    analysis = Analysis(vl_model, prompt)
+    _, tf = analysis.baseline(2)
+    fast, naive = DeepStackEngine(analysis, tf), NaiveDeepStackEngine(analysis, tf)
+    routes = deepstack_routes(2, vl_model.adapter.num_layers)
+    assert routes == [("deepstack", 0), ("deepstack", 1), ("deepstack", None), ("main", None)]
+    for unit, groups in {"token": [], "region:2": [], "image": [], "groups": ["box=20,10,70,50@2"]}.items():
+        units = _deepstack_units(vl_model, prompt, unit, groups)
+        units = units[::5] if unit == "token" else units
+        for route in routes:
+            expected = naive.logprobs(route, units)
+            assert (fast.logprobs(route, units) - expected).abs().max() <= 2e-5, (unit, route)
+            assert (expected - naive.base_logprobs).abs().max() > 1e-5, (unit, route)  # each route moves something
+
+
+def test_removing_every_deepstack_feature_equals_the_model_with_deepstack_switched_off(vl_model, images, monkeypatch):
+    from mask_impact.stages import DeepStackEngine
+
+    prompt = build_prompt(vl_model, PROMPT, [images["wide"]])
+    analysis = Analysis(vl_model, prompt)
+    _, tf = analysis.baseline(2)
+    everything = _deepstack_units(vl_model, prompt, "image")  # one image: every image token
+    got = DeepStackEngine(analysis, tf).logprobs(("deepstack", None), everything)[0]
+    language = vl_model.model.model.language_model
+    monkeypatch.setattr(language, "_deepstack_process", lambda hidden, mask, embeds: hidden)  # no addition at all
+    with torch.no_grad():
+        logits = vl_model.model(input_ids=tf.input_ids, **tf.model_kwargs).logits[0]
+    reference = torch.log_softmax(logits[tf.answer_positions].float(), dim=-1)
+    assert (got - reference).abs().max() <= 2e-5
+    assert (reference - DeepStackEngine(analysis, tf).base_logprobs).abs().max() > 1e-3  # DeepStack matters here
+
+
+def test_a_deepstack_run_names_its_routes_and_generates_with_them(tmp_path):
+    argv = ["--demo", "--stage", "deepstack", "--output-dir", str(tmp_path), "--no-progress", "--generate-top", "1",
+            "--output", "routes"]
+    assert main(argv, True) == 0
+    data = json.loads((tmp_path / "routes.json").read_text())
+    assert data["window_labels"] == ["DeepStack after layer 0", "all DeepStack levels", "main embedding → image mean"]
+    assert data["stage"] == "deepstack" and {u["modality"] for u in data["units"]} == {"vision"}
+    top = data["generations"][0]
+    assert data["units"][top["unit"]]["label"] == "image1 r1 c2"  # the shape's token
+    assert top["text"] != data["baseline"]["text"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--demo", "--stage", "deepstack", "--window", "2"], "--stage deepstack removes features where the model adds"),
+    (["--demo", "--stage", "deepstack", "--unit", "patch"], "it needs --stage pixels"),
+    (["--demo", "--stage", "deepstack", "--unit", "groups", "--group", "a=pos:0-5"], "not an image token"),
+])
+def test_bad_deepstack_options_are_one_line(argv, message, capsys, in_tmp):
+    assert message in cli_error(capsys, argv + ["--no-progress"])

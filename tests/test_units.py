@@ -162,7 +162,8 @@ def test_token_units_are_the_positions_the_mask_mode_selects(vl_model, images):
     prompt = build_prompt(vl_model, PROMPT, [images["wide"]])
     units = _units(vl_model, prompt, mask_mode="both")
     assert [u.keys for u in units] == [[p] for p in range(prompt.length)]
-    assert [u.label for u in units] == [t.text for t in prompt.tokens]
+    assert [u.label for u in units] == [t.text if t.modality != "vision" else f"image1 r{t.row} c{t.col}"
+                                        for t in prompt.tokens]
     assert all(u.knockout().queries is None for u in units)
 
 
