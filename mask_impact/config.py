@@ -30,7 +30,7 @@ CHOICES = {
     "block_from": ("all", "answer"),
     "vision_attention": ("causal", "bidirectional"),
     "engine": ("fast", "naive"),
-    "stage": ("decoder", "pixels", "deepstack"),
+    "stage": ("decoder", "vision-encoder", "pixels", "deepstack"),
     "fill": ("mean", "blur", "black", "noise"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
@@ -78,7 +78,7 @@ class RunConfig:
     raw_prompt: bool = False
     allow_special_tokens: bool = False
     mask_mode: str = "text"
-    stage: str = "decoder"  # decoder | pixels | deepstack
+    stage: str = "decoder"  # decoder | vision-encoder | pixels | deepstack
     fill: str = "mean"  # --stage pixels: mean | blur | black | noise
     unit: str = "token"  # token | word | region:N | image | groups
     groups: list[str] = field(default_factory=list)  # NAME=SPEC
@@ -132,6 +132,9 @@ class RunConfig:
         from .units import check_units
 
         check_units(self.unit, self.groups, self.flows, len(self.images), vision, self.stage)
+        if self.stage == "vision-encoder" and self.block_from != "all":
+            raise UsageError("--block-from answer restricts decoder queries; in the vision encoder every other patch "
+                             "of the image is blocked from the unit; drop it")
         if self.stage == "pixels" and (self.layers != "all" or self.window != 1 or self.block_from != "all"):
             raise UsageError("--stage pixels occludes the image before the model: it has no layers, so --layers, "
                              "--window and --block-from do not apply; drop them")
@@ -231,9 +234,10 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
                         help="which positions to knock out (default text; special tokens are swept with text)")
     if vision:
         parser.add_argument("--stage", choices=CHOICES["stage"],
-                            help="decoder (default): attention knockouts in the decoder; pixels: occlusion of the "
-                                 "image the model sees (units: patch, the default there, token, region:N, image, "
-                                 "groups); deepstack: remove a unit's DeepStack features, level by level, or replace "
+                            help="decoder (default): attention knockouts in the decoder; vision-encoder: attention "
+                                 "knockouts between an image's patches in the ViT (--layers/--window count ViT "
+                                 "layers); pixels: occlusion of the image the model sees (units for both: patch, the "
+                                 "default there, token, region:N, image, groups); deepstack: remove a unit's DeepStack features, level by level, or replace "
                                  "its main embedding by the image's mean")
         parser.add_argument("--fill", choices=CHOICES["fill"],
                             help="--stage pixels: what replaces the occluded patches: mean (the image's mean colour, "
@@ -299,9 +303,9 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
         if vision:
             merged.setdefault("images", [str(DEMO_IMAGE)])
     merged.setdefault("model", VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
-    if vision and merged.get("stage") == "pixels":
+    if vision and merged.get("stage") in ("pixels", "vision-encoder"):
         merged.setdefault("unit", "patch")
-    if vision and merged.get("stage") in ("pixels", "deepstack"):
+    if vision and merged.get("stage") in ("pixels", "vision-encoder", "deepstack"):
         merged.setdefault("mask_mode", "vision")  # these stages remove image tokens only
     if vision and isinstance(merged.get("unit"), str) and merged["unit"].startswith(("region", "image")):
         merged.setdefault("mask_mode", "vision")  # what these units group

@@ -28,16 +28,19 @@ vision tower's output altered by a forward hook.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .engine import Analysis, FastEngine, TeacherForced, _to
 from .knockout import apply_plan, knockout_attention_installed
 
 FILLS = ("mean", "blur", "black", "noise")
-STAGES = ("decoder", "pixels", "deepstack")
+STAGES = ("decoder", "vision-encoder", "pixels", "deepstack")
 
 
 @dataclass
@@ -180,6 +183,12 @@ class _Occlusion:
     def first_affected(self, unit) -> int:
         return self.image_start[unit.image]
 
+    def knocked_out(self, window: tuple[int, int], unit):
+        """The model with ``unit``'s patches knocked out in the ViT layers of ``window`` (for generation)."""
+        images = range(len(self.layout.grids))
+        return vit_plan(self.analysis.loaded, VisionPlan(range(window[0], window[1] + 1),
+                                                         _chunk_keys(self.layout, unit, images)))
+
     def occluded(self, unit) -> torch.Tensor:
         """The model's ``pixel_values`` with ``unit``'s patches filled."""
         pixel_values = self.pixel_values.clone()
@@ -288,7 +297,7 @@ def pixel_units(prompt, choice, groups: dict, make_unit) -> list:
         for group in groups.values():
             outside = [p for p in group.positions if p not in numbers]
             if outside or group.tail is not None:
-                raise UsageError(f"--group {group.name}: --stage pixels occludes image patches, but the group holds "
+                raise UsageError(f"--group {group.name}: this stage removes image patches, but the group holds "
                                  f"position {outside[0] if outside else 'answer'}, which is not an image token")
             rows = patch_rows(prompt, layout, group.positions)
             if group.box is not None:  # a pixel box: its own patches, finer than the tokens
@@ -417,3 +426,199 @@ class NaiveDeepStackEngine(_Routes):
 
     def logprobs(self, route, units: list) -> torch.Tensor:
         return torch.cat([self._forward(route, unit) for unit in units], dim=0)
+
+
+# --- the vision encoder: attention knockouts between patches -----------------------------------------------------
+
+VIT_ATTENTION = "mask_impact_vit"
+_ACTIVE_VIT_PLAN: contextvars.ContextVar[VisionPlan | None] = contextvars.ContextVar("mask_impact_vit", default=None)
+
+
+@dataclass
+class VisionPlan:
+    """What the registered ViT attention blocks: at every ViT layer of ``layers``, in each packed image (a
+    "chunk" of the vision tower's sequence, met in order), every patch but itself is blocked from the chunk's
+    knocked-out patches (``chunks``: per chunk, (n,) True at them; None: the chunk is untouched)."""
+
+    layers: range
+    chunks: list[torch.Tensor | None]
+    reference: bool = False
+
+    def __post_init__(self) -> None:
+        self.calls: dict[int, int] = {}
+
+    def next_chunk(self, layer: int, length: int) -> torch.Tensor | None:
+        index = self.calls.get(layer, 0)
+        self.calls[layer] = index + 1
+        keys = self.chunks[index % len(self.chunks)]
+        if keys is not None and keys.shape[0] != length:
+            raise RuntimeError(f"ViT layer {layer}: chunk {index} has {length} patches, the plan {keys.shape[0]}")
+        return keys
+
+
+def vit_knockout_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, **kwargs):
+    """The vision tower's attention with the active ``VisionPlan``'s blocks; plain SDPA elsewhere."""
+    plan = _ACTIVE_VIT_PLAN.get()
+    layer = getattr(module, "mask_impact_layer", None)
+    keys = plan.next_chunk(layer, query.shape[2]) if plan is not None and layer in plan.layers else None
+    if keys is None and not (plan is not None and plan.reference):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    length = query.shape[2]
+    eye = torch.eye(length, dtype=torch.bool, device=query.device)
+    blocked = torch.zeros(length, length, dtype=torch.bool, device=query.device) if keys is None else \
+        keys.to(query.device)[None, :] & ~eye  # (Q, K): every other patch from the knocked-out ones
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if plan.reference:
+        scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (1, nh, n, n)
+        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        output = torch.matmul(weights, value)
+    else:
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=~blocked[None, None], scale=scale)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(VIT_ATTENTION, vit_knockout_attention)
+
+
+@contextlib.contextmanager
+def vit_plan(loaded, plan: VisionPlan | None):
+    """Route the vision tower's attention through ``vit_knockout_attention`` with ``plan`` active."""
+    visual = loaded.model.model.visual
+    for index, block in enumerate(visual.blocks):
+        block.attn.mask_impact_layer = index
+    config = visual.config
+    saved = config._attn_implementation_internal
+    token = _ACTIVE_VIT_PLAN.set(plan)
+    try:
+        config._attn_implementation_internal = VIT_ATTENTION
+        yield
+    finally:
+        config._attn_implementation_internal = saved
+        _ACTIVE_VIT_PLAN.reset(token)
+
+
+def _chunk_keys(layout: PatchLayout, unit, images: range) -> list[torch.Tensor | None]:
+    """Per image chunk of one forward: the unit's patches among that image's rows (None where it has none)."""
+    chunks = []
+    for image in images:
+        rows = layout.rows(image)
+        keys = torch.zeros(len(rows), dtype=torch.bool)
+        inside = [row - rows.start for row in unit.patches if row in rows]
+        keys[inside] = True
+        chunks.append(keys if inside else None)
+    return chunks
+
+
+class VisionEncoderEngine(_Occlusion):
+    """ViT knockouts: each ViT layer's input cached once; a batch of knockouts starting at ViT layer ``a`` re-runs
+    layers ``a ..`` for its rows (the units' own image only), the mergers, then the decoder from that image's first
+    position. A row whose visual features come out unchanged is the baseline row itself."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced, units: list):
+        super().__init__(analysis, tf, "mean", units)
+        self.fast = FastEngine(analysis, tf)
+        self.base_logprobs = self.fast.base_logprobs
+        visual = analysis.loaded.model.model.visual
+        self.inputs: list[tuple] = []  # per ViT layer: (hidden (N, D), the block's keyword arguments)
+
+        def record(module, args, kwargs):
+            self.inputs.append((args[0] if args else kwargs["hidden_states"], dict(kwargs)))
+
+        hooks = [block.register_forward_pre_hook(record, with_kwargs=True) for block in visual.blocks]
+        try:
+            with torch.no_grad(), vit_plan(analysis.loaded, None):
+                grid = self.grid.to(analysis.loaded.device)
+                self.features = visual(self.pixel_values.to(analysis.loaded.device, visual.dtype), grid_thw=grid,
+                                       return_dict=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    @torch.no_grad()
+    def logprobs(self, window: tuple[int, int], units: list) -> torch.Tensor:
+        out = self.base_logprobs[None].expand(len(units), -1, -1).clone()
+        for image in sorted({unit.image for unit in units}):
+            rows = [i for i, unit in enumerate(units) if unit.image == image]
+            embeds, levels = self._encode(window, image, [units[i] for i in rows])
+            span = self.token_slices[image]
+            unchanged = [torch.equal(embeds[b], self.fast.image_embeds[span].to(embeds.dtype)) and all(
+                torch.equal(level[b], cached[span].to(level.dtype)) for level, cached in
+                zip(levels, self.fast.deepstack_rows)) for b in range(len(rows))]
+            acting = [b for b, same in enumerate(unchanged) if not same]
+            if not acting:
+                continue
+            pick = torch.tensor(acting)
+            full = self.fast.image_embeds[None].expand(len(acting), -1, -1).clone()  # (B', n_vis, H)
+            full[:, span] = embeds[pick].to(full.dtype)
+            deepstack = []
+            for cached, level in zip(self.fast.deepstack_rows, levels):
+                rows_full = cached[None].expand(len(acting), -1, -1).clone()
+                rows_full[:, span] = level[pick].to(rows_full.dtype)
+                deepstack.append(rows_full)
+            computed = self.fast.visual_logprobs(self.image_start[image], full, deepstack)
+            out[torch.tensor([rows[b] for b in acting])] = computed.to(out.device)
+        return out
+
+    def _encode(self, window: tuple[int, int], image: int, units: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """ViT layers ``window[0] ..`` over ``image`` for each unit: (B, n_tok, H) embeddings and, per DeepStack
+        level, (B, n_tok, H) features."""
+        visual = self.analysis.loaded.model.model.visual
+        first = window[0]
+        rows = self.layout.rows(image)
+        batch = len(units)
+        hidden, kwargs = self.inputs[first]
+        hidden = hidden[rows.start: rows.stop].repeat(batch, 1)  # (B·n, D), one image per row
+        cos, sin = kwargs["position_embeddings"]
+        kwargs = dict(kwargs, position_embeddings=(cos[rows.start: rows.stop].repeat(batch, 1),
+                                                   sin[rows.start: rows.stop].repeat(batch, 1)),
+                      cu_seqlens=torch.arange(batch + 1, dtype=torch.int32, device=hidden.device) * len(rows),
+                      max_seqlen=len(rows))
+        kwargs.pop("hidden_states", None)
+        plan = VisionPlan(range(window[0], window[1] + 1), [_chunk_keys(self.layout, unit, range(image, image + 1))[0]
+                                                            for unit in units])
+        tokens = self.token_slices[image]
+        levels = []
+        with vit_plan(self.analysis.loaded, plan):
+            for index in range(first, len(visual.blocks)):
+                hidden = visual.blocks[index](hidden, **kwargs)
+                if index in visual.deepstack_visual_indexes:
+                    level = visual.deepstack_visual_indexes.index(index)
+                    levels.append((level, visual.deepstack_merger_list[level](hidden)))
+            embeds = visual.merger(hidden).reshape(batch, -1, hidden_size(visual))
+        computed = dict(levels)
+        deepstack = []
+        for level, cached in enumerate(self.features.deepstack_features):  # levels below the window are unchanged
+            if level in computed:
+                deepstack.append(computed[level].reshape(batch, -1, cached.shape[-1]))
+            else:
+                deepstack.append(cached[tokens][None].expand(batch, -1, -1))
+        return embeds, deepstack
+
+
+def hidden_size(visual) -> int:
+    return visual.merger.linear_fc2.out_features
+
+
+class NaiveVisionEncoderEngine(_Occlusion):
+    """The oracle: the whole model per knockout, the ViT attention written out with the plan's blocks."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced, units: list):
+        super().__init__(analysis, tf, "mean", units)
+        self.base_logprobs = self._forward(None)[0]
+
+    @torch.no_grad()
+    def _forward(self, plan: VisionPlan | None) -> torch.Tensor:
+        loaded = self.analysis.loaded
+        inputs = _to(dict(input_ids=self.tf.input_ids, **self.tf.model_kwargs), loaded.device)
+        with vit_plan(loaded, plan), knockout_attention_installed(loaded.adapter.attention_configs()), \
+                apply_plan(self.analysis.plan(reference=True)):
+            logits = loaded.model(**inputs).logits  # (1, S, V)
+        return F.log_softmax(logits[:, self.tf.answer_positions].float(), dim=-1)  # (1, T, V)
+
+    def logprobs(self, window: tuple[int, int], units: list) -> torch.Tensor:
+        images = range(len(self.layout.grids))
+        return torch.cat([self._forward(VisionPlan(range(window[0], window[1] + 1),
+                                                   _chunk_keys(self.layout, unit, images), reference=True))
+                          for unit in units], dim=0)

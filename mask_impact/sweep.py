@@ -189,11 +189,18 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
     """Baseline → knockout sweep → generation under the top knockouts (``store``: resume state)."""
     started = time.perf_counter()
     num_layers = loaded.adapter.num_layers
-    pixels, deepstack = config.stage == "pixels", config.stage == "deepstack"
+    pixels, deepstack, vit = config.stage == "pixels", config.stage == "deepstack", config.stage == "vision-encoder"
     rows = None  # what the engine gets for each row of the result, where that is not a layer window
     if pixels:  # occlusion has no layers: one row, the whole model
         windows = [(0, num_layers - 1)]
         labels = [f"occluded ({config.fill})"]
+    elif vit:  # --layers and --window count the vision tower's layers
+        depth = len(loaded.model.model.visual.blocks)
+        try:
+            windows = windows_for(parse_layers(config.layers, depth), config.window, depth)
+        except UsageError as error:
+            raise UsageError(f"{error} (with --stage vision-encoder, layers are the vision tower's {depth})") from None
+        labels = [f"ViT layers {a}–{b}" if a != b else f"ViT layer {a}" for a, b in windows]
     elif deepstack:
         from .stages import deepstack_routes, route_label, route_window
 
@@ -206,14 +213,18 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         labels = [f"layers {a}–{b}" if a != b else f"layer {a}" for a, b in windows]
     analysis = Analysis(loaded, prompt, config.block_from, config.vision_attention)
     units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
-    knockouts = units if pixels or deepstack else [unit.knockout() for unit in units]
-    if not (pixels or deepstack):
+    knockouts = units if pixels or deepstack or vit else [unit.knockout() for unit in units]
+    if not (pixels or deepstack or vit):
         check_blocks_something(analysis, units, knockouts, config)
     baseline, tf = analysis.baseline(config.num_tokens)
     if pixels:
         from .stages import NaivePixelEngine, PixelEngine
 
         engine = (PixelEngine if config.engine == "fast" else NaivePixelEngine)(analysis, tf, config.fill, units)
+    elif vit:
+        from .stages import NaiveVisionEncoderEngine, VisionEncoderEngine
+
+        engine = (VisionEncoderEngine if config.engine == "fast" else NaiveVisionEncoderEngine)(analysis, tf, units)
     elif deepstack:
         from .stages import DeepStackEngine, NaiveDeepStackEngine
 
@@ -227,7 +238,7 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         batch_size = store.batch_size(batch_size)
         store.start(baseline.token_ids, batch_size)
     if config.progress:
-        what = "flows" if config.flows else "units" if config.unit != "token" or pixels or deepstack else "positions"
+        what = "flows" if config.flows else "units" if config.unit != "token" or config.stage != "decoder" else "positions"
         tqdm.write(describe_plan(loaded, engine, windows, knockouts, batch_size, what), file=sys.stderr)
     metrics, batch_size = score_knockouts(engine, rows or windows, knockouts, batch_size, config.progress, store,
                                           labels)
@@ -237,6 +248,9 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
             ids, _ = analysis.generate(config.num_tokens, pixel_values=engine.occluded(units[i]))
         elif deepstack:
             with engine.hooked(rows[w], units[i]):
+                ids, _ = analysis.generate(config.num_tokens)
+        elif vit:
+            with engine.knocked_out(windows[w], units[i]):
                 ids, _ = analysis.generate(config.num_tokens)
         else:
             ids, _ = analysis.generate(config.num_tokens, analysis.plan(windows[w], [knockouts[i]]))

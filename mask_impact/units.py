@@ -156,8 +156,9 @@ def check_units(unit: str, groups: list[str], flows: list[str], images: int, vis
                 stage: str = "decoder") -> None:
     """Every check of the unit, group and flow options that needs no model (``images``: how many are given)."""
     choice = parse_unit(unit)
-    if stage in ("pixels", "deepstack"):
-        what = "occludes image patches" if stage == "pixels" else "removes image features"
+    if stage in ("pixels", "vision-encoder", "deepstack"):
+        what = {"pixels": "occludes image patches", "vision-encoder": "knocks out image patches in the vision encoder",
+                "deepstack": "removes image features"}[stage]
         if not vision:
             raise UsageError(f"--stage {stage} {what}; text-only models have none")
         if not images:
@@ -165,13 +166,13 @@ def check_units(unit: str, groups: list[str], flows: list[str], images: int, vis
         if flows:
             raise UsageError(f"--flow blocks attention in the decoder; it has no meaning with --stage {stage}")
         if choice.kind == "word":
-            kinds = "patch, token, region:N, image or groups" if stage == "pixels" else "token, region:N, image or groups"
+            kinds = "token, region:N, image or groups" if stage == "deepstack" else "patch, token, region:N, image or groups"
             raise UsageError(f"--stage {stage} {what}; use --unit {kinds}")
         text = next((spec for spec in map(parse_group, groups) if spec.kind == "text"), None)
         if text is not None:
             raise UsageError(f"--group {text.name} is a text span; --stage {stage} {what} only")
-    if choice.kind == "patch" and stage != "pixels":
-        raise UsageError("--unit patch is a 16×16-pixel patch of the image: it needs --stage pixels")
+    if choice.kind == "patch" and stage not in ("pixels", "vision-encoder"):
+        raise UsageError("--unit patch is a 16×16-pixel patch of the image: it needs --stage pixels or vision-encoder")
     specs = [parse_group(text) for text in groups]
     names = [spec.name for spec in specs]
     duplicate = next((name for name in names if names.count(name) > 1), None)
@@ -455,7 +456,7 @@ def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
             if outside or group.tail is not None:
                 raise UsageError(f"--group {group.name}: --stage deepstack removes image features, but the group "
                                  f"holds position {outside[0] if outside else 'answer'}, which is not an image token")
-    if stage == "pixels":
+    if stage in ("pixels", "vision-encoder"):
         from .stages import pixel_units
 
         make = lambda index, kind, label, keys: _unit(  # noqa: E731

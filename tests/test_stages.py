@@ -258,3 +258,119 @@ def test_a_deepstack_run_names_its_routes_and_generates_with_them(tmp_path):
 ])
 def test_bad_deepstack_options_are_one_line(argv, message, capsys, in_tmp):
     assert message in cli_error(capsys, argv + ["--no-progress"])
+
+
+# --- the vision encoder ---------------------------------------------------------------------------------------
+
+def _vit_units(loaded, prompt, unit="patch", groups=()):
+    config = SimpleNamespace(unit=unit, groups=list(groups), flows=[], mask_mode="vision", stage="vision-encoder")
+    return build_units(prompt, loaded.tokenizer, config, prompt.length - 1)
+
+
+def _block_inputs(loaded, prompt, plan=None) -> list[torch.Tensor]:
+    from mask_impact.stages import vit_plan
+
+    visual, seen = loaded.model.model.visual, []
+    hooks = [block.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+             for block in visual.blocks]
+    try:
+        with torch.no_grad(), vit_plan(loaded, plan):
+            out = visual(prompt.model_kwargs["pixel_values"], grid_thw=prompt.model_kwargs["image_grid_thw"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen + [out.pooler_output]
+
+
+def test_the_registered_vit_attention_without_a_knockout_is_the_native_one_and_layers_below_stay_bit_identical(
+        vl_model, images):
+    from mask_impact.stages import PatchLayout, VisionPlan, _chunk_keys
+
+    prompt = build_prompt(vl_model, PROMPT, [images["wide"], images["square"]])
+    native = _block_inputs(vl_model, prompt)
+    with torch.no_grad():
+        plain = vl_model.model.model.visual(prompt.model_kwargs["pixel_values"],
+                                            grid_thw=prompt.model_kwargs["image_grid_thw"]).pooler_output
+    assert torch.equal(native[-1], plain)
+    layout = PatchLayout.of(prompt, merge_size(prompt))
+    unit = _vit_units(vl_model, prompt, "token")[3]
+    depth = len(vl_model.model.model.visual.blocks)
+    assert depth >= 2
+    knocked = _block_inputs(vl_model, prompt, VisionPlan(range(1, depth), _chunk_keys(layout, unit, range(2))))
+    assert all(torch.equal(a, b) for a, b in zip(native[:2], knocked[:2]))  # the inputs of layers 0 and 1
+    assert not torch.equal(native[2], knocked[2])
+
+
+def test_a_vit_knockout_equals_attention_with_the_key_columns_removed_by_hand(vl_model, images):
+    """Reference written without the plan: every query row but the unit's own patches attends over the keys with
+    the unit's columns taken out; a unit patch keeps only itself among them."""
+    from transformers import AttentionInterface
+
+    from mask_impact.stages import NaiveVisionEncoderEngine
+
+    prompt = build_prompt(vl_model, PROMPT, [images["wide"]])
+    analysis = Analysis(vl_model, prompt)
+    _, tf = analysis.baseline(2)
+    unit = _vit_units(vl_model, prompt, "region:2")[0]
+    removed = set(unit.patches)
+
+    def by_hand(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        rows = []
+        for q in range(query.shape[2]):
+            keep = [k for k in range(key.shape[2]) if k not in removed or k == q]
+            scores = query[:, :, q:q + 1] @ key[:, :, keep].transpose(2, 3) * scaling  # (1, nh, 1, K')
+            rows.append(torch.softmax(scores, dim=-1) @ value[:, :, keep])
+        return torch.cat(rows, dim=2).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("by_hand", by_hand)
+    config = vl_model.model.model.visual.config
+    saved = config._attn_implementation_internal
+    try:
+        config._attn_implementation_internal = "by_hand"
+        with torch.no_grad():
+            logits = vl_model.model(input_ids=tf.input_ids, **tf.model_kwargs).logits[0]
+    finally:
+        config._attn_implementation_internal = saved
+    reference = torch.log_softmax(logits[tf.answer_positions].float(), dim=-1)
+    depth = len(vl_model.model.model.visual.blocks)
+    got = NaiveVisionEncoderEngine(analysis, tf, [unit]).logprobs((0, depth - 1), [unit])[0]
+    assert (got - reference).abs().max() <= 1e-5
+    assert (reference - NaiveVisionEncoderEngine(analysis, tf, [unit]).base_logprobs).abs().max() > 1e-4
+
+
+def test_vit_knockouts_fast_equal_naive_for_every_unit_kind(vl_model, images):
+    from mask_impact.stages import NaiveVisionEncoderEngine, VisionEncoderEngine
+
+    prompt = build_prompt(vl_model, PROMPT, [images["wide"], images["square"]])
+    analysis = Analysis(vl_model, prompt)
+    _, tf = analysis.baseline(2)
+    depth = len(vl_model.model.model.visual.blocks)
+    for unit, groups in {"patch": [], "token": [], "region:2": [], "image": [],
+                         "groups": ["box=20,10,70,50@2"]}.items():
+        units = _vit_units(vl_model, prompt, unit, groups)
+        units = units[::9] if unit in ("patch", "token") else units
+        fast, naive = VisionEncoderEngine(analysis, tf, units), NaiveVisionEncoderEngine(analysis, tf, units)
+        for window in ((0, 0), (1, depth - 1)):
+            expected = naive.logprobs(window, units)
+            assert (fast.logprobs(window, units) - expected).abs().max() <= 2e-5, (unit, window)
+            assert (expected - naive.base_logprobs).abs().max() > 1e-5, (unit, window)
+
+
+def test_the_shipped_demo_has_no_vit_attention_so_vit_knockouts_change_exactly_nothing(tmp_path):
+    argv = ["--demo", "--stage", "vision-encoder", "--unit", "token", "--output-dir", str(tmp_path), "--no-progress",
+            "--generate-top", "0", "--output", "vit"]
+    assert main(argv, True) == 0
+    data = json.loads((tmp_path / "vit.json").read_text())
+    assert data["window_labels"] == ["ViT layer 0"] and len(data["units"]) == 16
+    assert {v for row in data["metrics"]["logprob_drop"] for v in row} == {0.0}
+    assert {v for row in data["metrics"]["kl"] for v in row} == {0.0}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--demo", "--stage", "vision-encoder", "--layers", "3"], "layers are the vision tower's 1"),
+    (["--demo", "--stage", "vision-encoder", "--block-from", "answer"], "--block-from answer restricts decoder"),
+    (["--demo", "--stage", "vision-encoder", "--flow", "image->last"], "no meaning with --stage vision-encoder"),
+])
+def test_bad_vision_encoder_options_are_one_line(argv, message, capsys, in_tmp):
+    assert message in cli_error(capsys, argv + ["--no-progress"])
+    assert not (in_tmp / "output").exists()
