@@ -86,7 +86,8 @@ def tiny_text_config(tokenizer, model_type: str = "qwen3", num_layers: int = 4,
     )
 
 
-def tiny_vl_config(tokenizer, num_layers: int = 4) -> transformers.Qwen3VLConfig:
+def tiny_vl_config(tokenizer, num_layers: int = 4, moe: bool = False) -> transformers.PretrainedConfig:
+    """A tiny Qwen3-VL config; ``moe``: Qwen3-VL-MoE (4 experts, 2 per token, a sparse block in every layer)."""
     ids = _special_ids(tokenizer)
     text = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
@@ -101,7 +102,10 @@ def tiny_vl_config(tokenizer, num_layers: int = 4) -> transformers.Qwen3VLConfig
         temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
         initializer_range=0.1,
     )
-    return transformers.Qwen3VLConfig(
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                    mlp_only_layers=[])
+    return (transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig)(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
@@ -123,7 +127,7 @@ def build_vl_processor(tokenizer) -> transformers.Qwen3VLProcessor:
 
 
 def build_demo(folder: Path, vision: bool, num_layers: int = 4, seed: int = 0,
-               text_model_type: str = "qwen3", text_config: dict | None = None) -> Path:
+               text_model_type: str = "qwen3", text_config: dict | None = None, moe: bool = False) -> Path:
     """Write a tiny checkpoint folder (model, tokenizer, processor); deterministic for a given seed.
 
     ``text_config`` overrides the text model's config fields, e.g. a sliding window for Mistral
@@ -132,7 +136,9 @@ def build_demo(folder: Path, vision: bool, num_layers: int = 4, seed: int = 0,
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     if vision:
-        model = transformers.Qwen3VLForConditionalGeneration(tiny_vl_config(tokenizer, num_layers))
+        config = tiny_vl_config(tokenizer, num_layers, moe)
+        model_class = transformers.Qwen3VLMoeForConditionalGeneration if moe else transformers.Qwen3VLForConditionalGeneration
+        model = model_class(config)
         build_vl_processor(tokenizer).save_pretrained(folder)
     else:
         config = tiny_text_config(tokenizer, text_model_type, num_layers, **(text_config or {}))

@@ -34,7 +34,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from .config import UsageError, bounded, check_device, quoted
 
-VL_FAMILIES = ("qwen3_vl",)
+VL_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+VL_CLASSES = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 TEXT_FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
 
 # The layer types whose masks we rebuild, each with the transformers function that builds it.
@@ -61,6 +62,7 @@ def _declared_types(config) -> list[str]:
 # Which mask each family's decoder hands each layer (transformers 5.x modeling code).
 LAYER_TYPE_RULES: dict[str, Callable[[object], list[str]]] = {
     "qwen3_vl": _all_full,  # Qwen3VLTextModel: create_causal_mask for every layer, image tokens included
+    "qwen3_vl_moe": _all_full,  # the same decoder with a sparse MoE block for the MLP
     "llama": _all_full,
     "mistral": _mistral_types,
     "qwen2": _declared_types,  # causal_mask_mapping[config.layer_types[i]]
@@ -242,7 +244,7 @@ def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto
     if Path(name).is_dir():
         check_model_files(Path(name))
     processor, tokenizer = _load_processor(name, vision)
-    model_class = transformers.Qwen3VLForConditionalGeneration if vision else transformers.AutoModelForCausalLM
+    model_class = getattr(transformers, VL_CLASSES[model_type]) if vision else transformers.AutoModelForCausalLM
     model = _load_weights(model_class, name, torch_dtype)
     model.to(torch_device).eval()
     return LoadedModel(model, processor, tokenizer, adapter_for(model), name, torch_device, torch_dtype)

@@ -59,6 +59,11 @@ def text_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def moe_model(tmp_path_factory):
+    return _loaded(tmp_path_factory, "tiny_vl_moe", True, moe=True)
+
+
+@pytest.fixture(scope="session")
 def llama_model(tmp_path_factory):
     return _loaded(tmp_path_factory, "tiny_llama", False, text_model_type="llama")
 
