@@ -268,7 +268,7 @@ def test_token_text_is_readable_and_the_top_table_follows_the_metric(page, resul
     cells = page.locator("#top tbody tr").evaluate_all("rows => rows.slice(1).map((r) => r.children[4].textContent)")
     values = [float(v) for v in cells]
     assert values == sorted(values, reverse=True)  # ranked by the chosen metric, not logprob_drop
-    assert "vision (image 0, row" in page.locator("#top tbody").text_content()
+    assert "vision (image 1, row" in page.locator("#top tbody").text_content()  # images counted from 1
 
 
 def test_batch_links_work_from_the_batch_folder_and_are_not_dead_elsewhere(page, tmp_path, monkeypatch):
