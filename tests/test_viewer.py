@@ -102,6 +102,15 @@ def test_embedded_run_draws_heatmap_and_overlay(page, results):
     assert _drawn_pixels(page, "canvas.overlay") > 1000
     assert page.locator("#answer").text_content() == data["baseline"]["text"]
     assert page.locator("#top tbody tr").count() == 1 + len(data["generations"])
+    assert page.locator("#stage").text_content().startswith("attention knockout in the decoder")
+    assert "attention knockout in the decoder" in page.locator("#meta").text_content()
+    # images are counted from 1 on the page, as the unit labels and the CSV count them (the JSON's index is 0)
+    assert data["images"] and all(tok["image"] == 0 for tok in data["tokens"] if tok["modality"] == "vision")
+    assert page.locator(".overlay-box").text_content().startswith("image 1: ")
+    assert page.locator("#strip .chip").text_content().startswith("image 1 · ")
+    assert page.locator("#thumbs img").get_attribute("alt") == "image 1"
+    shown = page.locator("#run").inner_text()
+    assert "image 1" in shown and "image 0" not in shown
     page.screenshot(path=str(ARTIFACTS / "viewer_vision.png"), full_page=True)
 
 
@@ -119,7 +128,8 @@ def test_hover_shows_the_right_token(page, results):
         text = tip.text_content()
         assert json.dumps(token["text"]) in text and f"position {token['index']}," in text
         first, last = data["windows"][window]
-        assert f"layers {first}–{last}" in text
+        assert data["window_labels"][window] == (f"layer {first}" if first == last else f"layers {first}–{last}")
+        assert text.splitlines()[3] == data["window_labels"][window]  # the window named by the result's own label
         assert f"modality {token['modality']}" in text
     page.screenshot(path=str(ARTIFACTS / "viewer_hover.png"))
 
@@ -288,6 +298,7 @@ def test_batch_links_work_from_the_batch_folder_and_are_not_dead_elsewhere(page,
 
 
 def test_the_slider_and_a_click_show_their_window_and_the_heatmap_marks_it(page, results):
+    labels = json.loads((results / "vision.json").read_text())["window_labels"]
     dark = """() => { const c = document.querySelector('#heatmap');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
         for (let o = 0; o < d.length; o += 4) if (d[o] === 17 && d[o + 1] === 17 && d[o + 2] === 17) n++;
@@ -303,7 +314,7 @@ def test_the_slider_and_a_click_show_their_window_and_the_heatmap_marks_it(page,
     box = canvas.bounding_box()
     cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
     page.mouse.click(box["x"] + 3.5 * cell_w, box["y"] + 1.5 * cell_h)
-    assert page.locator("#window").input_value() == "1" and page.locator("#window-label").text_content() == "layers 1–1"
+    assert page.locator("#window").input_value() == "1" and page.locator("#window-label").text_content() == labels[1] == "layer 1"
     assert page.locator("#strip .tok.selected").count() == 1
 
 
@@ -372,7 +383,7 @@ def test_top_rows_open_their_knockout_and_compare_shares_one_scale(page, results
     row = page.locator("#top tbody tr").nth(1)
     layers, unit = row.locator("td").nth(0).text_content(), int(row.locator("td").nth(1).text_content())
     row.click()
-    assert page.locator("#window-label").text_content() == f"layers {layers}"
+    assert page.locator("#window-label").text_content() == layers  # the window's label, in the table and the readout
     assert page.evaluate("state.selected") == unit  # before: the rows could not be clicked
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
@@ -397,7 +408,7 @@ def test_compare_has_a_colour_bar_and_hover_on_both_runs(page, results):
 
 def _schema_1(data: dict) -> dict:
     """A schema-2 token-unit result written as schema 1 wrote it: swept positions, generations by position."""
-    old = {key: value for key, value in data.items() if key != "units"}
+    old = {key: value for key, value in data.items() if key not in ("units", "stage", "window_labels")}  # added later
     old["schema_version"] = 1
     old["positions"] = [unit["keys"][0] for unit in data["units"]]
     old["generations"] = [{"window": g["window"], "position": data["units"][g["unit"]]["keys"][0], "text": g["text"],
@@ -429,6 +440,10 @@ def test_a_schema_1_result_still_renders_and_a_newer_schema_is_refused(page, res
     token = old["tokens"][old["positions"][column]]
     tip = page.locator("#tooltip").text_content()
     assert tip.startswith(f"token {json.dumps(token['text'])}  (position {token['index']},")
+    first, last = old["windows"][0]
+    assert f"\nlayers {first}–{last}\n" in tip  # no window_labels: the window named by its layers, as before
+    assert page.locator("#row-labels div").first.text_content() == (f"{first}" if first == last else f"{first}–{last}")
+    assert page.locator("#stage").text_content().startswith("attention knockout in the decoder")  # no stage: decoder
     rows = page.locator("#top tbody tr")
     assert rows.count() == 1 + len(old["generations"])
     texts = rows.evaluate_all("rows => rows.slice(1).map((r) => r.children[5].textContent)")
@@ -515,8 +530,7 @@ def test_flows_show_a_chart_with_one_curve_per_flow_and_a_legend(page, unit_resu
     box = chart.bounding_box()
     page.mouse.move(box["x"] + 84 + 2, box["y"] + 100)  # over the first window
     tip = page.locator("#tooltip").text_content()
-    first, last = data["windows"][0]
-    assert tip.startswith(f"layers {first}–{last}") and all(label in tip for label in labels)
+    assert tip.startswith(f"{data['window_labels'][0]}  (prob_change_pct)") and all(label in tip for label in labels)
     assert _drawn_pixels(page, "#heatmap") > 100  # the heatmap still shows
     assert not page.locator("#curves-section").is_visible()  # its text/vision means say nothing about flows
     tip = _hover_column(page, 1)
@@ -646,3 +660,4 @@ def test_compare_needs_the_same_units_and_says_when_they_differ(page, unit_resul
     assert "4 region units" in message and "3 flow units" in message
     assert not page.locator("#heatmap-diff").is_visible() and page.locator("#diff-tokens .tok").count() == 0
     assert _drawn_pixels(page, "#heatmap-a") > 20 and _drawn_pixels(page, "#heatmap-b") > 20  # each run still shows
+
