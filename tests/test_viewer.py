@@ -661,3 +661,111 @@ def test_compare_needs_the_same_units_and_says_when_they_differ(page, unit_resul
     assert not page.locator("#heatmap-diff").is_visible() and page.locator("#diff-tokens .tok").count() == 0
     assert _drawn_pixels(page, "#heatmap-a") > 20 and _drawn_pixels(page, "#heatmap-b") > 20  # each run still shows
 
+
+@pytest.fixture(scope="module")
+def pixel_results(tmp_path_factory):
+    """Occlusion (--stage pixels) results: one unit per 16-px patch (fill mean), one per image token (fill blur)."""
+    folder = tmp_path_factory.mktemp("pixels")
+    common = ["--demo", "--stage", "pixels", "--output-dir", str(folder), "--no-progress", "--generate-top", "3"]
+    assert main([*common, "--output", "patch"], True) == 0
+    assert main([*common, "--unit", "token", "--fill", "blur", "--output", "token"], True) == 0
+    return folder
+
+
+def _overlay_rgb(page) -> tuple[int, list[int]]:
+    """The first overlay canvas: its width and its pixels (r, g, b, a flat)."""
+    return page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
+        return [c.width, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]; }""")
+
+
+def test_an_occlusion_run_shows_its_stage_one_labelled_row_and_no_layer_controls(page, pixel_results):
+    data = json.loads((pixel_results / "patch.json").read_text())
+    assert data["stage"] == "pixels" and data["meta"]["settings"]["fill"] == "mean"
+    assert data["windows"] == [[0, data["windows"][0][1]]] and data["window_labels"] == ["occluded (mean)"]
+    page.goto((pixel_results / "patch.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("#stage").text_content().startswith("occlusion (fill: mean): ")  # what was measured
+    assert "occlusion (fill: mean)" in page.locator("#meta").text_content()
+    assert page.locator("#heat-title").text_content() == "Occlusion × unit heatmap"
+    assert page.locator("#heatmap").evaluate("c => c.height / Number(c.dataset.cellH)") == 1  # one row
+    assert page.locator("#row-labels").inner_text() == "occluded (mean)"
+    assert _drawn_pixels(page, "#heatmap") > 100
+    # one window: no slider, play button or impact-by-layer curves, a note instead
+    assert not page.locator("#window").is_visible() and not page.locator("#play").is_visible()
+    assert not page.locator("#curves-section").is_visible()
+    assert page.locator("#window-note").is_visible()
+    assert page.locator("#window-note").text_content() == "one window: occluded (mean)"
+    drops = data["metrics"]["logprob_drop"][0]
+    top = drops.index(max(drops))
+    unit = data["units"][top]
+    tip = _hover_column(page, top).splitlines()
+    assert tip[0] == f'patch {json.dumps(unit["label"])}  (unit {top})'
+    assert tip[1] == f"occludes 1 patch of image 1  box {','.join(str(round(v)) for v in unit['box'])} px"
+    assert "occluded (mean)" in tip and not any(line.startswith("queries") for line in tip)  # nothing is blocked
+    cells = page.locator("#top tbody tr").nth(1).locator("td").all_text_contents()
+    assert cells[:3] == ["occluded (mean)", str(top), unit["label"]] and "occludes 1 patch of image 1" in cells[3]
+    assert page.locator("#top-window").text_content() == "occlusion"
+    page.screenshot(path=str(ARTIFACTS / "viewer_pixels_patch.png"), full_page=True)
+
+
+def test_each_patch_paints_its_own_16_pixel_box_on_a_patch_grid(page, pixel_results):
+    data = json.loads((pixel_results / "patch.json").read_text())
+    units, drops = data["units"], data["metrics"]["logprob_drop"][0]
+    image = data["images"][0]
+    assert image["resize"] == "kept" and image["grid_thw"] == [1, 8, 8] and len(units) == 64
+    assert sorted(tuple(u["box"]) for u in units) == sorted(
+        (16.0 * c, 16.0 * r, 16.0 * (c + 1), 16.0 * (r + 1)) for r in range(8) for c in range(8))  # a box per patch
+    top = drops.index(max(drops))
+    page.goto((pixel_results / "patch.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    scale = page.evaluate("document.querySelector('canvas.overlay').scale")
+    page.locator("#opacity").fill("100")
+    width, tinted = _overlay_rgb(page)
+    page.locator("#opacity").fill("0")
+    _, plain = _overlay_rgb(page)
+
+    def inside(box):  # the canvas pixel offsets inside a box, 3 px in from its edges (clear of the grid lines)
+        x0, y0, x1, y1 = (round(v * scale) for v in box)
+        return [4 * (y * width + x) for y in range(y0 + 3, y1 - 3) for x in range(x0 + 3, x1 - 3)]
+
+    red = [tinted[o:o + 3] == [255, 0, 0] for o in inside(units[top]["box"])]
+    assert sum(red) > 0.95 * len(red)  # the top patch: its own box, in full red at full opacity
+    far = max(range(len(units)), key=lambda i: sum((a - b) ** 2 for a, b in zip(units[i]["box"], units[top]["box"])))
+    assert abs(drops[far]) < 1e-3 * drops[top]
+    for i, unit in enumerate(units):  # every patch tints only its own box, as much as its value says
+        offsets = inside(unit["box"])
+        changed = sum(tinted[o:o + 3] != plain[o:o + 3] for o in offsets)
+        strength = abs(drops[i]) / drops[top]
+        if strength > 0.05:
+            assert changed > 0.9 * len(offsets), (unit["label"], strength, changed)
+        elif strength < 1e-3:
+            assert changed == 0, (unit["label"], strength, changed)  # the far patch among them
+    # the patch grid: a dotted line between two patches inside one decoder token (a token is 2×2 patches here)
+    grey = lambda o: sum(plain[o:o + 3]) / 3  # noqa: E731
+    x_line = round(image["width"] / 8 * scale)  # between patch columns 0 and 1
+    darker = sum(grey(4 * (y * width + x_line)) < grey(4 * (y * width + x_line + 4)) - 10 for y in range(4, 36))
+    assert darker >= 8, darker
+    legend = page.locator("#overlay-legend").text_content()
+    assert "16×16-pixel patches" in legend and "fill: mean" in legend
+    page.screenshot(path=str(ARTIFACTS / "viewer_pixels_overlay.png"), full_page=True)
+
+
+def test_an_occlusion_run_by_token_names_its_fill_and_its_units(page, pixel_results):
+    data = json.loads((pixel_results / "token.json").read_text())
+    assert data["window_labels"] == ["occluded (blur)"] and all(u["kind"] == "token" for u in data["units"])
+    drops = data["metrics"]["logprob_drop"][0]
+    top = drops.index(max(drops))
+    unit = data["units"][top]
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(pixel_results / "token.json")])
+    expect(page.locator("#stage")).to_contain_text("occlusion (fill: blur)")  # waits: files load async
+    tip = _hover_column(page, top).splitlines()
+    assert tip[0] == f'token {json.dumps(unit["label"])}  (unit {top})' and unit["label"].startswith("image1 r")
+    assert tip[1].startswith(f"occludes {len(unit['patches'])} patches of image 1") and len(unit["patches"]) == 4
+    assert tip[3] == "occluded (blur)"
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    page.locator("#opacity").fill("100")
+    red = [pixel[0] >= 200 and pixel[1] <= 60 and pixel[2] <= 60 for pixel in _overlay_pixels(page, unit["box"])]
+    assert sum(red) > 0.9 * len(red)  # the top token's 32-px box
+    assert "image 0" not in page.locator("#run").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "viewer_pixels_token.png"), full_page=True)
