@@ -769,3 +769,21 @@ def test_an_occlusion_run_by_token_names_its_fill_and_its_units(page, pixel_resu
     assert sum(red) > 0.9 * len(red)  # the top token's 32-px box
     assert "image 0" not in page.locator("#run").inner_text()
     page.screenshot(path=str(ARTIFACTS / "viewer_pixels_token.png"), full_page=True)
+
+
+def test_compare_takes_two_occlusions_but_not_an_occlusion_and_a_decoder_knockout(page, pixel_results, tmp_path):
+    data = json.loads((pixel_results / "patch.json").read_text())
+    black = dict(data, window_labels=["occluded (black)"], meta=dict(data["meta"], settings=dict(data["meta"]["settings"], fill="black")))
+    black["metrics"] = {m: [[v / 2 if isinstance(v, float) else v for v in row] for row in grid] for m, grid in data["metrics"].items()}
+    (tmp_path / "black.json").write_text(json.dumps(black))
+    decoder = {key: value for key, value in data.items() if key not in ("stage", "window_labels")}  # same units and layers
+    (tmp_path / "decoder.json").write_text(json.dumps(decoder))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(pixel_results / "patch.json"), str(tmp_path / "black.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    assert "(occlusion (fill: mean))" in page.locator("#compare-a").text_content()
+    assert "(occlusion (fill: black))" in page.locator("#compare-b").text_content()
+    assert page.locator("#heatmap-diff").get_attribute("data-pairs") == "64" and _drawn_pixels(page, "#heatmap-diff") > 20
+    page.set_input_files("#file-input", [str(pixel_results / "patch.json"), str(tmp_path / "decoder.json")])
+    expect(page.locator("#compare-message")).to_contain_text("A is an occlusion (fill: mean), B an attention knockout")
+    assert not page.locator("#heatmap-diff").is_visible() and page.locator("#diff-tokens .tok").count() == 0
