@@ -747,6 +747,7 @@ def test_each_patch_paints_its_own_16_pixel_box_on_a_patch_grid(page, pixel_resu
     assert darker >= 8, darker
     legend = page.locator("#overlay-legend").text_content()
     assert "16×16-pixel patches" in legend and "fill: mean" in legend
+    page.locator("#opacity").fill("100")  # the screenshot shows the tint
     page.screenshot(path=str(ARTIFACTS / "viewer_pixels_overlay.png"), full_page=True)
 
 
