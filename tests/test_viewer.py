@@ -102,6 +102,15 @@ def test_embedded_run_draws_heatmap_and_overlay(page, results):
     assert _drawn_pixels(page, "canvas.overlay") > 1000
     assert page.locator("#answer").text_content() == data["baseline"]["text"]
     assert page.locator("#top tbody tr").count() == 1 + len(data["generations"])
+    assert page.locator("#stage").text_content().startswith("attention knockout in the decoder")
+    assert "attention knockout in the decoder" in page.locator("#meta").text_content()
+    # images are counted from 1 on the page, as the unit labels and the CSV count them (the JSON's index is 0)
+    assert data["images"] and all(tok["image"] == 0 for tok in data["tokens"] if tok["modality"] == "vision")
+    assert page.locator(".overlay-box").text_content().startswith("image 1: ")
+    assert page.locator("#strip .chip").text_content().startswith("image 1 · ")
+    assert page.locator("#thumbs img").get_attribute("alt") == "image 1"
+    shown = page.locator("#run").inner_text()
+    assert "image 1" in shown and "image 0" not in shown
     page.screenshot(path=str(ARTIFACTS / "viewer_vision.png"), full_page=True)
 
 
@@ -119,7 +128,8 @@ def test_hover_shows_the_right_token(page, results):
         text = tip.text_content()
         assert json.dumps(token["text"]) in text and f"position {token['index']}," in text
         first, last = data["windows"][window]
-        assert f"layers {first}–{last}" in text
+        assert data["window_labels"][window] == (f"layer {first}" if first == last else f"layers {first}–{last}")
+        assert text.splitlines()[3] == data["window_labels"][window]  # the window named by the result's own label
         assert f"modality {token['modality']}" in text
     page.screenshot(path=str(ARTIFACTS / "viewer_hover.png"))
 
@@ -268,7 +278,7 @@ def test_token_text_is_readable_and_the_top_table_follows_the_metric(page, resul
     cells = page.locator("#top tbody tr").evaluate_all("rows => rows.slice(1).map((r) => r.children[4].textContent)")
     values = [float(v) for v in cells]
     assert values == sorted(values, reverse=True)  # ranked by the chosen metric, not logprob_drop
-    assert "vision (image 0, row" in page.locator("#top tbody").text_content()
+    assert "vision (image 1, row" in page.locator("#top tbody").text_content()  # images counted from 1
 
 
 def test_batch_links_work_from_the_batch_folder_and_are_not_dead_elsewhere(page, tmp_path, monkeypatch):
@@ -288,6 +298,7 @@ def test_batch_links_work_from_the_batch_folder_and_are_not_dead_elsewhere(page,
 
 
 def test_the_slider_and_a_click_show_their_window_and_the_heatmap_marks_it(page, results):
+    labels = json.loads((results / "vision.json").read_text())["window_labels"]
     dark = """() => { const c = document.querySelector('#heatmap');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
         for (let o = 0; o < d.length; o += 4) if (d[o] === 17 && d[o + 1] === 17 && d[o + 2] === 17) n++;
@@ -303,7 +314,7 @@ def test_the_slider_and_a_click_show_their_window_and_the_heatmap_marks_it(page,
     box = canvas.bounding_box()
     cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
     page.mouse.click(box["x"] + 3.5 * cell_w, box["y"] + 1.5 * cell_h)
-    assert page.locator("#window").input_value() == "1" and page.locator("#window-label").text_content() == "layers 1–1"
+    assert page.locator("#window").input_value() == "1" and page.locator("#window-label").text_content() == labels[1] == "layer 1"
     assert page.locator("#strip .tok.selected").count() == 1
 
 
@@ -372,7 +383,7 @@ def test_top_rows_open_their_knockout_and_compare_shares_one_scale(page, results
     row = page.locator("#top tbody tr").nth(1)
     layers, unit = row.locator("td").nth(0).text_content(), int(row.locator("td").nth(1).text_content())
     row.click()
-    assert page.locator("#window-label").text_content() == f"layers {layers}"
+    assert page.locator("#window-label").text_content() == layers  # the window's label, in the table and the readout
     assert page.evaluate("state.selected") == unit  # before: the rows could not be clicked
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
@@ -397,7 +408,7 @@ def test_compare_has_a_colour_bar_and_hover_on_both_runs(page, results):
 
 def _schema_1(data: dict) -> dict:
     """A schema-2 token-unit result written as schema 1 wrote it: swept positions, generations by position."""
-    old = {key: value for key, value in data.items() if key != "units"}
+    old = {key: value for key, value in data.items() if key not in ("units", "stage", "window_labels")}  # added later
     old["schema_version"] = 1
     old["positions"] = [unit["keys"][0] for unit in data["units"]]
     old["generations"] = [{"window": g["window"], "position": data["units"][g["unit"]]["keys"][0], "text": g["text"],
@@ -429,6 +440,10 @@ def test_a_schema_1_result_still_renders_and_a_newer_schema_is_refused(page, res
     token = old["tokens"][old["positions"][column]]
     tip = page.locator("#tooltip").text_content()
     assert tip.startswith(f"token {json.dumps(token['text'])}  (position {token['index']},")
+    first, last = old["windows"][0]
+    assert f"\nlayers {first}–{last}\n" in tip  # no window_labels: the window named by its layers, as before
+    assert page.locator("#row-labels div").first.text_content() == (f"{first}" if first == last else f"{first}–{last}")
+    assert page.locator("#stage").text_content().startswith("attention knockout in the decoder")  # no stage: decoder
     rows = page.locator("#top tbody tr")
     assert rows.count() == 1 + len(old["generations"])
     texts = rows.evaluate_all("rows => rows.slice(1).map((r) => r.children[5].textContent)")
@@ -515,8 +530,7 @@ def test_flows_show_a_chart_with_one_curve_per_flow_and_a_legend(page, unit_resu
     box = chart.bounding_box()
     page.mouse.move(box["x"] + 84 + 2, box["y"] + 100)  # over the first window
     tip = page.locator("#tooltip").text_content()
-    first, last = data["windows"][0]
-    assert tip.startswith(f"layers {first}–{last}") and all(label in tip for label in labels)
+    assert tip.startswith(f"{data['window_labels'][0]}  (prob_change_pct)") and all(label in tip for label in labels)
     assert _drawn_pixels(page, "#heatmap") > 100  # the heatmap still shows
     assert not page.locator("#curves-section").is_visible()  # its text/vision means say nothing about flows
     tip = _hover_column(page, 1)
@@ -646,3 +660,131 @@ def test_compare_needs_the_same_units_and_says_when_they_differ(page, unit_resul
     assert "4 region units" in message and "3 flow units" in message
     assert not page.locator("#heatmap-diff").is_visible() and page.locator("#diff-tokens .tok").count() == 0
     assert _drawn_pixels(page, "#heatmap-a") > 20 and _drawn_pixels(page, "#heatmap-b") > 20  # each run still shows
+
+
+@pytest.fixture(scope="module")
+def pixel_results(tmp_path_factory):
+    """Occlusion (--stage pixels) results: one unit per 16-px patch (fill mean), one per image token (fill blur)."""
+    folder = tmp_path_factory.mktemp("pixels")
+    common = ["--demo", "--stage", "pixels", "--output-dir", str(folder), "--no-progress", "--generate-top", "3"]
+    assert main([*common, "--output", "patch"], True) == 0
+    assert main([*common, "--unit", "token", "--fill", "blur", "--output", "token"], True) == 0
+    return folder
+
+
+def _overlay_rgb(page) -> tuple[int, list[int]]:
+    """The first overlay canvas: its width and its pixels (r, g, b, a flat)."""
+    return page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
+        return [c.width, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]; }""")
+
+
+def test_an_occlusion_run_shows_its_stage_one_labelled_row_and_no_layer_controls(page, pixel_results):
+    data = json.loads((pixel_results / "patch.json").read_text())
+    assert data["stage"] == "pixels" and data["meta"]["settings"]["fill"] == "mean"
+    assert data["windows"] == [[0, data["windows"][0][1]]] and data["window_labels"] == ["occluded (mean)"]
+    page.goto((pixel_results / "patch.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("#stage").text_content().startswith("occlusion (fill: mean): ")  # what was measured
+    assert "occlusion (fill: mean)" in page.locator("#meta").text_content()
+    assert page.locator("#heat-title").text_content() == "Occlusion × unit heatmap"
+    assert page.locator("#heatmap").evaluate("c => c.height / Number(c.dataset.cellH)") == 1  # one row
+    assert page.locator("#row-labels").inner_text() == "occluded (mean)"
+    assert _drawn_pixels(page, "#heatmap") > 100
+    # one window: no slider, play button or impact-by-layer curves, a note instead
+    assert not page.locator("#window").is_visible() and not page.locator("#play").is_visible()
+    assert not page.locator("#curves-section").is_visible()
+    assert page.locator("#window-note").is_visible()
+    assert page.locator("#window-note").text_content() == "one window: occluded (mean)"
+    drops = data["metrics"]["logprob_drop"][0]
+    top = drops.index(max(drops))
+    unit = data["units"][top]
+    tip = _hover_column(page, top).splitlines()
+    assert tip[0] == f'patch {json.dumps(unit["label"])}  (unit {top})'
+    assert tip[1] == f"occludes 1 patch of image 1  box {','.join(str(round(v)) for v in unit['box'])} px"
+    assert "occluded (mean)" in tip and not any(line.startswith("queries") for line in tip)  # nothing is blocked
+    cells = page.locator("#top tbody tr").nth(1).locator("td").all_text_contents()
+    assert cells[:3] == ["occluded (mean)", str(top), unit["label"]] and "occludes 1 patch of image 1" in cells[3]
+    assert page.locator("#top-window").text_content() == "occlusion"
+    page.screenshot(path=str(ARTIFACTS / "viewer_pixels_patch.png"), full_page=True)
+
+
+def test_each_patch_paints_its_own_16_pixel_box_on_a_patch_grid(page, pixel_results):
+    data = json.loads((pixel_results / "patch.json").read_text())
+    units, drops = data["units"], data["metrics"]["logprob_drop"][0]
+    image = data["images"][0]
+    assert image["resize"] == "kept" and image["grid_thw"] == [1, 8, 8] and len(units) == 64
+    assert sorted(tuple(u["box"]) for u in units) == sorted(
+        (16.0 * c, 16.0 * r, 16.0 * (c + 1), 16.0 * (r + 1)) for r in range(8) for c in range(8))  # a box per patch
+    top = drops.index(max(drops))
+    page.goto((pixel_results / "patch.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    scale = page.evaluate("document.querySelector('canvas.overlay').scale")
+    page.locator("#opacity").fill("100")
+    width, tinted = _overlay_rgb(page)
+    page.locator("#opacity").fill("0")
+    _, plain = _overlay_rgb(page)
+
+    def inside(box):  # the canvas pixel offsets inside a box, 3 px in from its edges (clear of the grid lines)
+        x0, y0, x1, y1 = (round(v * scale) for v in box)
+        return [4 * (y * width + x) for y in range(y0 + 3, y1 - 3) for x in range(x0 + 3, x1 - 3)]
+
+    red = [tinted[o:o + 3] == [255, 0, 0] for o in inside(units[top]["box"])]
+    assert sum(red) > 0.95 * len(red)  # the top patch: its own box, in full red at full opacity
+    far = max(range(len(units)), key=lambda i: sum((a - b) ** 2 for a, b in zip(units[i]["box"], units[top]["box"])))
+    assert abs(drops[far]) < 1e-3 * drops[top]
+    for i, unit in enumerate(units):  # every patch tints only its own box, as much as its value says
+        offsets = inside(unit["box"])
+        changed = sum(tinted[o:o + 3] != plain[o:o + 3] for o in offsets)
+        strength = abs(drops[i]) / drops[top]
+        if strength > 0.05:
+            assert changed > 0.9 * len(offsets), (unit["label"], strength, changed)
+        elif strength < 1e-3:
+            assert changed == 0, (unit["label"], strength, changed)  # the far patch among them
+    # the patch grid: a dotted line between two patches inside one decoder token (a token is 2×2 patches here)
+    grey = lambda o: sum(plain[o:o + 3]) / 3  # noqa: E731
+    x_line = round(image["width"] / 8 * scale)  # between patch columns 0 and 1
+    darker = sum(grey(4 * (y * width + x_line)) < grey(4 * (y * width + x_line + 4)) - 10 for y in range(4, 36))
+    assert darker >= 8, darker
+    legend = page.locator("#overlay-legend").text_content()
+    assert "16×16-pixel patches" in legend and "fill: mean" in legend
+    page.locator("#opacity").fill("100")  # the screenshot shows the tint
+    page.screenshot(path=str(ARTIFACTS / "viewer_pixels_overlay.png"), full_page=True)
+
+
+def test_an_occlusion_run_by_token_names_its_fill_and_its_units(page, pixel_results):
+    data = json.loads((pixel_results / "token.json").read_text())
+    assert data["window_labels"] == ["occluded (blur)"] and all(u["kind"] == "token" for u in data["units"])
+    drops = data["metrics"]["logprob_drop"][0]
+    top = drops.index(max(drops))
+    unit = data["units"][top]
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(pixel_results / "token.json")])
+    expect(page.locator("#stage")).to_contain_text("occlusion (fill: blur)")  # waits: files load async
+    tip = _hover_column(page, top).splitlines()
+    assert tip[0] == f'token {json.dumps(unit["label"])}  (unit {top})' and unit["label"].startswith("image1 r")
+    assert tip[1].startswith(f"occludes {len(unit['patches'])} patches of image 1") and len(unit["patches"]) == 4
+    assert tip[3] == "occluded (blur)"
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    page.locator("#opacity").fill("100")
+    red = [pixel[0] >= 200 and pixel[1] <= 60 and pixel[2] <= 60 for pixel in _overlay_pixels(page, unit["box"])]
+    assert sum(red) > 0.9 * len(red)  # the top token's 32-px box
+    assert "image 0" not in page.locator("#run").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "viewer_pixels_token.png"), full_page=True)
+
+
+def test_compare_takes_two_occlusions_but_not_an_occlusion_and_a_decoder_knockout(page, pixel_results, tmp_path):
+    data = json.loads((pixel_results / "patch.json").read_text())
+    black = dict(data, window_labels=["occluded (black)"], meta=dict(data["meta"], settings=dict(data["meta"]["settings"], fill="black")))
+    black["metrics"] = {m: [[v / 2 if isinstance(v, float) else v for v in row] for row in grid] for m, grid in data["metrics"].items()}
+    (tmp_path / "black.json").write_text(json.dumps(black))
+    decoder = {key: value for key, value in data.items() if key not in ("stage", "window_labels")}  # same units and layers
+    (tmp_path / "decoder.json").write_text(json.dumps(decoder))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(pixel_results / "patch.json"), str(tmp_path / "black.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    assert "(occlusion (fill: mean))" in page.locator("#compare-a").text_content()
+    assert "(occlusion (fill: black))" in page.locator("#compare-b").text_content()
+    assert page.locator("#heatmap-diff").get_attribute("data-pairs") == "64" and _drawn_pixels(page, "#heatmap-diff") > 20
+    page.set_input_files("#file-input", [str(pixel_results / "patch.json"), str(tmp_path / "decoder.json")])
+    expect(page.locator("#compare-message")).to_contain_text("A is an occlusion (fill: mean), B an attention knockout")
+    assert not page.locator("#heatmap-diff").is_visible() and page.locator("#diff-tokens .tok").count() == 0
