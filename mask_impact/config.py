@@ -126,7 +126,7 @@ class RunConfig:
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise UsageError(f"--min-pixels {self.min_pixels:,} is larger than --max-pixels {self.max_pixels:,}")
         if not vision and self.images:
-            raise UsageError("text-only models take no image; use mask_impact_vl.py with a Qwen3-VL model")
+            raise UsageError("text-only models take no image; use mask-impact-vl (mask_impact_vl.py) with a Qwen3-VL model")
         if self.mask_mode in ("vision", "both") and not self.images:
             raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
         from .units import check_units

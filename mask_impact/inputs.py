@@ -265,7 +265,7 @@ def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = F
     """
     files = [load_image(path) for path in image_paths]
     if files and not loaded.is_vl:
-        raise UsageError("text-only models take no --image; use mask_impact_vl.py with a Qwen3-VL model")
+        raise UsageError("text-only models take no --image; use mask-impact-vl (mask_impact_vl.py) with a Qwen3-VL model")
     literal = not (allow_special_tokens or raw_prompt)
     if loaded.is_vl:
         limits = pixel_limits(loaded, min_pixels, max_pixels)

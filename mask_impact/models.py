@@ -228,10 +228,10 @@ def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto
     model_type = getattr(config, "model_type", None)
     if vision and model_type not in VL_FAMILIES:
         raise UsageError(
-            f"{name} is a {model_type!r} model, not Qwen3-VL; use mask_impact_analysis.py for text-only models"
+            f"{name} is a {model_type!r} model, not Qwen3-VL; use mask-impact (mask_impact_analysis.py) for text-only models"
         )
     if not vision and model_type in VL_FAMILIES:
-        raise UsageError(f"{name} is a Qwen3-VL model; use mask_impact_vl.py for it")
+        raise UsageError(f"{name} is a Qwen3-VL model; use mask-impact-vl (mask_impact_vl.py) for it")
     if model_type not in VL_FAMILIES + TEXT_FAMILIES:
         raise UsageError(
             f"{name}: model type {model_type!r} is not supported; "
