@@ -83,6 +83,10 @@ def normalise(entry: dict, where: str, base: Path, vision: bool) -> dict:
         if field in ("images", "flows", "groups") and isinstance(value, str):
             value = [value]
         if field == "groups" and isinstance(value, dict):  # NAME: SPEC
+            empty = next((name for name, spec in value.items() if not isinstance(spec, (str, int, float))), None)
+            if empty is not None:
+                raise UsageError(f"{where}: group {quoted(empty)} has no SPEC (write {empty}: x0,y0,x1,y1 or pos:... "
+                                 "or text:...)")
             value = [f"{name}={spec}" for name, spec in value.items()]
         if field == "layers" and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # `layers: 3` means layer 3

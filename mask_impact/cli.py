@@ -171,9 +171,10 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
         entry = {"name": run.name, "status": "pending" if run.config else "error", "error": run.error}
         if run.config:
             entry.update(prompt=run.config.prompt, prompt_file=run.config.prompt_file, images=run.config.images,
-                         mask_mode=run.config.mask_mode)
+                         mask_mode=run.config.mask_mode, stage=run.config.stage, unit=run.config.unit,
+                         flows=run.config.flows)
         index["runs"].append(entry)
-    html = any(config.html for config in configs)
+    html = any(config.html for config in configs) if configs else options.get("html", True)
     write_index(index, folder, html)
     batch = BatchState(vision)
     for run, entry in zip(runs, index["runs"]):

@@ -37,7 +37,7 @@ from .sweep import RunResult, top_knockouts
 SCHEMA_VERSION = 2
 VIEWER = data_path("visualize_results.html")
 EMBED_SLOT = '<script id="embedded-data" type="application/json"></script>'
-CSV_COLUMNS = ["layer_start", "layer_end", "unit", "kind", "label", "keys", "queries", "patches", "modality", "image",
+CSV_COLUMNS = ["layer_start", "layer_end", "window_label", "unit", "kind", "label", "keys", "queries", "patches", "modality", "image",
                "x0", "y0", "x1", "y1", "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs such a cell as a formula (OWASP)
 
@@ -107,6 +107,7 @@ def csv_text(data: dict) -> str:
     writer = csv.writer(buffer)  # RFC 4180 line ends: fields holding \r or \n get quoted
     writer.writerow(CSV_COLUMNS)
     metrics = data["metrics"]
+    labels = data.get("window_labels") or [f"layers {a}–{b}" for a, b in data["windows"]]
     for w, (start, end) in enumerate(data["windows"]):
         for i, unit in enumerate(data["units"]):
             queries = "" if unit["queries"] is None else ",".join(
@@ -114,7 +115,8 @@ def csv_text(data: dict) -> str:
                 + (["answer"] if unit["queries_from"] is not None else []))
             box = unit["box"] or [None] * 4
             writer.writerow([
-                start, end, i, unit["kind"], _text_cell(unit["label"]), position_ranges(unit["keys"]), queries,
+                start, end, _text_cell(labels[w]), i, unit["kind"], _text_cell(unit["label"]),
+                position_ranges(unit["keys"]), queries,
                 position_ranges(unit.get("patches") or []), unit["modality"], "" if unit["image"] is None else unit["image"] + 1, *map(_blank, box),
                 metrics["logprob_drop"][w][i], metrics["prob_change_pct"][w][i], metrics["kl"][w][i],
                 metrics["top1_changed"][w][i], _blank(metrics["first_divergence"][w][i]),

@@ -85,12 +85,15 @@ class Knockout:
         Causal attention: a query sees only keys at or before it, so nothing before the first key can
         change (the key's own position is counted, conservatively: it never loses itself). With
         bidirectional image blocks (``groups``: image index per position, -1 elsewhere) a query also
-        sees the later keys of its own image.
+        sees the later keys of its own image. A knockout whose every blocked query could see no key but
+        itself (``last->last``) changes nothing.
         """
         if not self.keys:
             return None
         listed, tail = self._query_set()
         lowest = min(self.keys)
+        if not self._blocks_a_pair(listed, tail, lowest, groups):
+            return None
         candidates = [q for q in listed if q >= lowest]
         if tail is not None:
             candidates.append(max(tail, lowest))
@@ -101,3 +104,15 @@ class Knockout:
                 members = (groups == group).nonzero()[:, 0].tolist()
                 candidates += [q for q in members if q in queries or (tail is not None and q >= tail)]
         return min(candidates) if candidates else None
+
+    def _blocks_a_pair(self, listed, tail, lowest: int, groups: torch.Tensor | None) -> bool:
+        """Whether some blocked query q could attend to some key k != q (the diagonal is never blocked)."""
+        if tail is not None or any(q > lowest for q in listed):  # the open tail always reaches past ``lowest``
+            return True
+        if groups is None:
+            return False
+        key_groups: dict[int, set[int]] = {}
+        for k in self.keys:
+            if k < len(groups) and groups[k] >= 0:
+                key_groups.setdefault(int(groups[k]), set()).add(k)
+        return any(q < len(groups) and key_groups.get(int(groups[q]), set()) - {q} for q in listed)

@@ -263,20 +263,20 @@ def merge_size(prompt) -> int:
     return round((t * h * w / tokens) ** 0.5)
 
 
-def patch_box(prompt, layout: PatchLayout, row: int) -> list[float]:
-    """A patch's box in original-image pixels."""
+def patch_box(prompt, layout: PatchLayout, row: int, exact: bool = False) -> list[float]:
+    """A patch's box in original-image pixels (rounded to 0.01 for reading, unless ``exact``)."""
     image, _, patch_row, patch_col = layout.cell(row)
     info = prompt.images[image]
     _, h, w = layout.grids[image]
     side_x, side_y = info.width / w, info.height / h  # a patch's size, mapped back by the resize ratio
-    return [round(patch_col * side_x, 2), round(patch_row * side_y, 2), round((patch_col + 1) * side_x, 2),
-            round((patch_row + 1) * side_y, 2)]
+    box = [patch_col * side_x, patch_row * side_y, (patch_col + 1) * side_x, (patch_row + 1) * side_y]
+    return box if exact else [round(v, 2) for v in box]
 
 
 def pixel_units(prompt, choice, groups: dict, make_unit) -> list:
     """The units of an occlusion run: patches, tokens (their patches), regions, images or groups."""
     from .config import UsageError
-    from .units import regions
+    from .units import overlaps, regions
 
     layout = PatchLayout.of(prompt, merge_size(prompt))
     vision = [tok.index for tok in prompt.tokens if tok.modality == "vision"]
@@ -299,11 +299,12 @@ def pixel_units(prompt, choice, groups: dict, make_unit) -> list:
             if outside or group.tail is not None:
                 raise UsageError(f"--group {group.name}: this stage removes image patches, but the group holds "
                                  f"position {outside[0] if outside else 'answer'}, which is not an image token")
+            if len({numbers[p][0] for p in group.positions}) > 1:
+                raise UsageError(f"--group {group.name} holds tokens of several images; this stage removes the patches "
+                                 "of one image at a time: give one group per image")
             rows = patch_rows(prompt, layout, group.positions)
             if group.box is not None:  # a pixel box: its own patches, finer than the tokens
-                x0, y0, x1, y1 = group.box
-                rows = [row for row in rows if (box := patch_box(prompt, layout, row))[0] < x1 and box[2] > x0
-                        and box[1] < y1 and box[3] > y0]
+                rows = [row for row in rows if overlaps(patch_box(prompt, layout, row, exact=True), group.box)]
             parts.append(("group", group.name, group.positions, rows, group.box))
     else:
         size = None if choice.kind == "image" else choice.size if choice.kind == "region" else 1  # token: 1×1

@@ -213,6 +213,10 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         labels = [f"layers {a}–{b}" if a != b else f"layer {a}" for a, b in windows]
     analysis = Analysis(loaded, prompt, config.block_from, config.vision_attention)
     units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+    if config.block_from == "answer" and config.stage == "decoder":  # the units say what really runs
+        for unit in units:
+            restricted = analysis.knockout(unit.knockout())
+            unit.queries, unit.queries_from = list(restricted.queries), restricted.queries_from
     knockouts = units if pixels or deepstack or vit else [unit.knockout() for unit in units]
     if not (pixels or deepstack or vit):
         check_blocks_something(analysis, units, knockouts, config)

@@ -34,6 +34,7 @@ from .config import UsageError, quoted
 
 UNIT_KINDS = ("token", "word", "region", "image", "group", "flow")
 MAX_REGION = 1024
+MAX_POSITIONS = 1 << 20  # positions a pos: group may list
 GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 IMAGE_GROUP = re.compile(r"image([1-9][0-9]{0,3})")
 BUILTIN_GROUPS = ("image", "question", "last", "answer", "prompt")  # and image1, image2, ...
@@ -53,7 +54,8 @@ class UnitChoice:
 
 
 def parse_unit(text: str) -> UnitChoice:
-    """``token``, ``word``, ``region:N``, ``image`` or ``groups``."""
+    """``token``, ``word``, ``region:N``, ``image``, ``groups`` or ``patch``."""
+    text = text.strip() if isinstance(text, str) else text
     if text in ("token", "word", "image", "groups", "patch"):
         return UnitChoice(text)
     match = re.fullmatch(r"region:(\d{1,6})", text.strip())
@@ -63,7 +65,7 @@ def parse_unit(text: str) -> UnitChoice:
             raise UsageError(f"--unit region:{size}: the block side must be between 1 and {MAX_REGION} tokens")
         return UnitChoice("region", size)
     raise UsageError(f"--unit {quoted(text)} is not understood; use token, word, region:N (e.g. region:2), image, "
-                     "groups, or patch (with --stage pixels)")
+                     "groups, or patch (with --stage pixels or vision-encoder)")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ def _positions(text: str, what: str) -> tuple[int, ...]:
         first, last = int(match[1]), int(match[2] or match[1])
         if last < first:
             raise UsageError(f"{what}: the range {first}-{last} runs backwards; write it as {last}-{first}")
+        if last - first + len(positions) >= MAX_POSITIONS:
+            raise UsageError(f"{what}: more than {MAX_POSITIONS:,} positions; no prompt is that long")
         positions.extend(range(first, last + 1))
     return tuple(sorted(set(positions)))
 
@@ -207,6 +211,10 @@ def check_units(unit: str, groups: list[str], flows: list[str], images: int, vis
     repeated = next((label for label in labels if labels.count(label) > 1), None)
     if repeated:
         raise UsageError(f"--flow {repeated} is given twice")
+    used = {name for text in flows for name in (parse_flow(text).source, parse_flow(text).target)}
+    unused = next((name for name in names if name not in used), None) if choice.kind != "groups" else None
+    if unused:
+        raise UsageError(f"--group {unused} is not used: sweep the groups with --unit groups, or name it in a --flow")
 
 
 def check_group_name(name: str, groups: list[str], images: int, vision: bool, what: str) -> None:
@@ -329,9 +337,24 @@ def regions(prompt, positions: list[int], size: int | None) -> list[list[int]]:
     return [blocks[key] for key in sorted(blocks)]
 
 
+def exact_box(prompt, tok) -> tuple[float, float, float, float]:
+    """A vision token's box in original-image pixels, unrounded (``tok.box`` is rounded to 0.01 for reading)."""
+    info = prompt.images[tok.image]
+    rows = 1 + max(t.row for t in prompt.tokens if t.image == tok.image and t.row is not None)
+    cols = 1 + max(t.col for t in prompt.tokens if t.image == tok.image and t.col is not None)
+    return (tok.col * info.width / cols, tok.row * info.height / rows, (tok.col + 1) * info.width / cols,
+            (tok.row + 1) * info.height / rows)
+
+
+def overlaps(box, other) -> bool:
+    """Whether two boxes ``[x0, y0, x1, y1]`` share some area."""
+    return box[0] < other[2] and box[2] > other[0] and box[1] < other[3] and box[3] > other[1]
+
+
 def union_box(prompt, positions: list[int]) -> list[float] | None:
+    """The union of the tokens' boxes, for tokens of one image (None if they span several, or none has a box)."""
     boxes = [prompt.tokens[p].box for p in positions if prompt.tokens[p].box is not None]
-    if not boxes:
+    if not boxes or len({prompt.tokens[p].image for p in positions}) > 1:
         return None
     return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
 
@@ -346,13 +369,13 @@ def image_of(prompt, positions: list[int]) -> int | None:
     return images.pop() if len(images) == 1 else None
 
 
-def _label(prompt, kind: str, positions: list[int]) -> str:
+def _label(prompt, kind: str, positions: list[int], tokenizer=None) -> str:
     tokens = [prompt.tokens[p] for p in positions]
     if kind == "token":  # an image token by its place: their texts are all the same placeholder
         first = tokens[0]
         return first.text if first.modality != "vision" else f"image{first.image + 1} r{first.row} c{first.col}"
-    if kind == "word":
-        text = "".join(tok.text for tok in tokens)
+    if kind == "word":  # decoded together: a character split over tokens comes out whole
+        text = tokenizer.decode([tok.id for tok in tokens]) if tokenizer is not None else "".join(t.text for t in tokens)
         return text.strip() or text
     first = tokens[0]
     if kind == "image":
@@ -386,14 +409,14 @@ def resolve_group(spec: GroupSpec, prompt, tokenizer) -> Group:
                              f"(0-{prompt.length - 1})")
         return Group(spec.name, list(spec.value))
     if spec.kind == "text":
-        question = question_positions(prompt, tokenizer)
         ids = prompt.input_ids[0].tolist()
-        text, spans = token_spans(tokenizer, [ids[p] for p in question])
-        start = text.find(spec.value[0])
-        if start < 0:
-            raise UsageError(f"{what}: the text {quoted(spec.value[0])} does not occur in the prompt's text")
-        end = start + len(spec.value[0])
-        return Group(spec.name, [p for p, (s, e) in zip(question, spans) if s < end and e > start])
+        for run in _runs(question_positions(prompt, tokenizer)):  # never across an image or a control token
+            text, spans = token_spans(tokenizer, [ids[p] for p in run])
+            start = text.find(spec.value[0])
+            if start >= 0:
+                end = start + len(spec.value[0])
+                return Group(spec.name, [p for p, (s, e) in zip(run, spans) if s < end and e > start])
+        raise UsageError(f"{what}: the text {quoted(spec.value[0])} does not occur in the prompt's text")
     image = (spec.image or 1) - 1
     info = prompt.images[image]
     x0, y0, x1, y1 = spec.value
@@ -401,7 +424,7 @@ def resolve_group(spec: GroupSpec, prompt, tokenizer) -> Group:
         raise UsageError(f"{what}: the box {','.join(f'{v:g}' for v in spec.value)} lies outside image {image + 1} "
                          f"({info.width}×{info.height} pixels)")
     covered = [tok.index for tok in prompt.tokens if tok.image == image and tok.box is not None
-               and tok.box[0] < x1 and tok.box[2] > x0 and tok.box[1] < y1 and tok.box[3] > y0]
+               and overlaps(exact_box(prompt, tok), spec.value)]
     if not covered:
         raise UsageError(f"{what}: the box covers no image token")
     return Group(spec.name, covered, box=[max(0.0, x0), max(0.0, y0), min(info.width, x1), min(info.height, y1)],
@@ -496,4 +519,5 @@ def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
         parts = [part for part in parts if prompt.tokens[part[1][0]].modality != "vision"]
         parts += [(choice.kind, group) for group in grouped]
     parts.sort(key=lambda part: part[1][0])
-    return [_unit(prompt, index, kind, _label(prompt, kind, keys), keys) for index, (kind, keys) in enumerate(parts)]
+    return [_unit(prompt, index, kind, _label(prompt, kind, keys, tokenizer), keys)
+            for index, (kind, keys) in enumerate(parts)]

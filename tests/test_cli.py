@@ -20,7 +20,7 @@ JSON_KEYS = {"schema_version", "meta", "prompt", "images", "tokens", "baseline",
 META_KEYS = {"tool_version", "model", "model_type", "transformers", "torch", "device", "dtype", "created",
              "elapsed_s", "settings"}
 TOKEN_KEYS = {"index", "id", "text", "modality", "image", "t", "row", "col", "box"}
-CSV_COLUMNS = ["layer_start", "layer_end", "unit", "kind", "label", "keys", "queries", "patches", "modality", "image",
+CSV_COLUMNS = ["layer_start", "layer_end", "window_label", "unit", "kind", "label", "keys", "queries", "patches", "modality", "image",
                "x0", "y0", "x1", "y1", "logprob_drop", "prob_change_pct", "kl", "top1_changed", "first_divergence"]
 
 
@@ -136,4 +136,4 @@ def test_csv_keeps_one_row_per_knockout_when_tokens_hold_line_breaks():
                "top1_changed": [[False, True, False]], "first_divergence": [[None, 0, None]]}
     text = csv_text({"windows": [[0, 0]], "units": units, "metrics": metrics})
     rows = list(csv.reader(io.StringIO(text, newline="")))
-    assert [row[4] for row in rows[1:]] == ["0\r", "a\nb", "plain"] and len(rows) == 4
+    assert [row[5] for row in rows[1:]] == ["0\r", "a\nb", "plain"] and len(rows) == 4

@@ -215,7 +215,7 @@ def test_results_list_units_and_the_csv_has_a_row_per_window_and_unit(tmp_path):
     assert data["units"][top["unit"]]["label"] == top["label"]
     rows = (tmp_path / "region.csv").read_text().splitlines()
     assert len(rows) == 1 + len(data["windows"]) * 4
-    assert rows[1].startswith('0,0,0,region,image1 r0-1 c0-1,"4-5,8-9",,,vision,1,0.0,0.0,64.0,64.0,')
+    assert rows[1].startswith('0,0,layer 0,0,region,image1 r0-1 c0-1,"4-5,8-9",,,vision,1,0.0,0.0,64.0,64.0,')
     assert main(["--flow", "image->last", "--flow", "question->answer", "--output", "flow", *common], True) == 0
     flows = json.loads((tmp_path / "flow.json").read_text())["units"]
     assert [(u["label"], u["queries"], u["queries_from"]) for u in flows] == [
