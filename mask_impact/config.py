@@ -303,6 +303,8 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
         if vision:
             merged.setdefault("images", [str(DEMO_IMAGE)])
     merged.setdefault("model", VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
+    if isinstance(merged.get("unit"), str):
+        merged["unit"] = merged["unit"].strip()
     if vision and merged.get("stage") in ("pixels", "vision-encoder"):
         merged.setdefault("unit", "patch")
     if vision and merged.get("stage") in ("pixels", "vision-encoder", "deepstack"):

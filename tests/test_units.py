@@ -290,3 +290,65 @@ def test_check_units_needs_no_model():
     imports = subprocess.run([sys.executable, "-c", "import sys, mask_impact.units; print('torch' in sys.modules)"],
                              capture_output=True, text=True, cwd=ROOT, check=True)
     assert imports.stdout.strip() == "False"  # the early checks run before torch is imported
+
+
+# --- defects found by a hostile pass, each with the case that showed it ---------------------------------------------
+
+def test_a_flow_whose_queries_see_only_themselves_is_refused(capsys, in_tmp):
+    assert "--flow last->last blocks nothing" in cli_error(capsys, ["--demo", "--flow", "last->last", "--no-progress"])
+    err = cli_error(capsys, ["--demo", "--group", "a=pos:5", "--flow", "a->a", "--no-progress"])
+    assert "--flow a->a blocks nothing" in err
+
+
+def test_block_from_answer_is_written_into_each_unit(tmp_path):
+    argv = ["--demo", "--unit", "word", "--block-from", "answer", "--output-dir", str(tmp_path), "--no-progress",
+            "--generate-top", "0", "--output", "answer"]
+    assert main(argv, False) == 0
+    data = json.loads((tmp_path / "answer.json").read_text())
+    last = len(data["tokens"]) - 1
+    assert all(u["queries"] == [] and u["queries_from"] == last for u in data["units"])
+    assert all(row.split(",")[7] == "answer" for row in (tmp_path / "answer.csv").read_text().splitlines()[1:]
+               if '"' not in row)
+
+
+def test_box_groups_and_text_spans_are_exact(vl_model, images, tmp_path):
+    prompt = build_prompt(vl_model, PROMPT, [images["odd"]])  # 300 pixels over 9 columns: 33.33... each
+    unit, = _units(vl_model, prompt, "groups", ["a=0,0,33.332,29.999"])
+    assert [(prompt.tokens[p].row, prompt.tokens[p].col) for p in unit.keys] == [(0, 0)]  # not column 1 at 33.333...
+    with pytest.raises(UsageError, match="does not occur"):  # raw markup: text is never matched across the image
+        _units(vl_model, build_prompt(vl_model, "Look at<|vision_start|><|image_pad|><|vision_end|>this.",
+                                      [images["wide"]], raw_prompt=True), "groups", ['x=text:"atthis"'])
+
+
+def test_word_labels_decode_split_characters_whole(text_model):
+    prompt = build_prompt(text_model, "café naïve 🙂🙂", [])
+    labels = [u.label for u in _units(text_model, prompt, "word") if u.keys[0] in prompt.user_positions]
+    assert labels == ["café", "naïve", "🙂🙂"]
+
+
+def test_units_over_several_images_have_no_box_and_patch_stages_refuse_them(vl_model, images, capsys, in_tmp):
+    prompt = build_prompt(vl_model, PROMPT, [images["wide"], images["square"]])
+    unit, = _units(vl_model, prompt, flows=["image->last"])
+    assert unit.box is None and unit.image is None
+    vision = [t.index for t in prompt.tokens if t.modality == "vision"]
+    err = cli_error(capsys, ["--demo", "--image", images["wide"], "--image", images["square"], "--stage", "pixels",
+                             "--unit", "groups", "--group", f"g=pos:{vision[0]},{vision[-1]}", "--no-progress"])
+    assert "holds tokens of several images" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--demo", "--group", "a=pos:3"], "--group a is not used"),
+    (["--demo", "--group", "a=pos:0-9999999", "--unit", "groups"], "more than 1,048,576 positions"),
+    (["--demo", "--unit", " region:2"], None),  # spaces around the unit are not part of it
+])
+def test_more_options_found_wanting(argv, message, capsys, in_tmp):
+    if message is None:
+        assert main(argv + ["--no-progress", "--generate-top", "0"], True) == 0
+        return
+    assert message in cli_error(capsys, argv + ["--no-progress"])
+
+
+def test_a_yaml_group_without_spec_is_one_line(tmp_path, capsys):
+    config = tmp_path / "b.yaml"
+    config.write_text("defaults: {demo: true}\nruns:\n  - {unit: groups, group: {a: }}\n")
+    assert "group 'a' has no SPEC" in cli_error(capsys, ["--config", str(config), "--output-dir", str(tmp_path)])
