@@ -1,3 +1,12 @@
 """mask_impact: which input tokens does a model need, at which layers, to produce its answer?"""
 
 __version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    """``from mask_impact import Analyzer, KnockoutResult, MaskImpactError`` without importing torch up front."""
+    if name in ("Analyzer", "KnockoutResult", "MaskImpactError"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'mask_impact' has no attribute {name!r}")

@@ -30,14 +30,15 @@ NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "prompt", "prompt_file", 
                    "overwrite", "resume", "html")
 
 
-def analyze(loaded, config: RunConfig, prompt_text: str, store=None) -> dict:
+def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: tuple | None = None) -> dict:
     """One analysis of ``prompt_text`` under ``config``: the result as the JSON the command line writes
-    (``store``: the run's resume state, see resume.py)."""
+    (``store``: the run's resume state, see resume.py; ``prepared``: ``cli.prepare``'s prompt and fingerprint,
+    if the caller has them already)."""
     from . import report
     from .cli import prepare
     from .sweep import run
 
-    prompt, parts = prepare(loaded, config, prompt_text)
+    prompt, parts = prepared or prepare(loaded, config, prompt_text)
     result = run(loaded, prompt, config, store)
     return report.result_json(loaded, prompt, config, result, parts)
 
@@ -95,19 +96,16 @@ class Analyzer:
             layer = dict(options, prompt=prompt, images=paths, model=self.loaded.name, progress=progress,
                          output="api")
             config = make_config([layer], self.vision)
-            from .cli import precheck
-
-            prompt_text = precheck_prompt(config)
-            data = analyze(self.loaded, config, prompt_text)
+            data = analyze(self.loaded, config, read_inputs(config))
         for info, name in zip(data["images"], given):  # not the temporary files: what the caller gave
             info["path"] = name
         data["meta"]["settings"]["images"] = given
         data["meta"]["settings"]["output"] = None
-        del precheck
         return KnockoutResult(data)
 
 
-def precheck_prompt(config: RunConfig) -> str:
+def read_inputs(config: RunConfig) -> str:
+    """The prompt text of ``config``, its images checked readable (before any work)."""
     from .inputs import load_image, read_prompt
 
     text = read_prompt(config)

@@ -133,20 +133,19 @@ def prepare(loaded, config: RunConfig, prompt_text: str):
 def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = None) -> dict:
     """One analysis, written atomically; returns the paths written and the terminal summary."""
     from . import report
+    from .api import analyze
     from .resume import PartialStore
-    from .sweep import run
 
     stage = stage or Stage()
     paths = output_paths(config)
     stage.now = "preparing the prompt"
-    prompt, parts = prepare(loaded, config, prompt_text)
-    store = PartialStore(partial_path(config), parts)
+    prepared = prepare(loaded, config, prompt_text)
+    store = PartialStore(partial_path(config), prepared[1])
     with report.output_folder(paths["json"].parent), store.open(config.resume):  # the lock: until results are in
         report.check_writable(paths, config.overwrite)  # again: a run holding the lock before may have written them
         stage.now, stage.store = "running the sweep", store
-        result = run(loaded, prompt, config, store)
+        data = analyze(loaded, config, prompt_text, store, prepared)  # what the Python API runs too
         stage.now = "writing the results"
-        data = report.result_json(loaded, prompt, config, result, store.parts)
         report.check_writable(paths, config.overwrite)
 
         def finished() -> None:  # runs with the renames, before a held-back signal can arrive
