@@ -20,10 +20,10 @@ def test_the_moe_checkpoint_loads_as_the_moe_class_with_its_sparse_blocks(moe_mo
 
 
 def test_no_knockout_is_native_and_fast_equals_naive_on_moe(moe_model, images):
-    prompt = _prompt(moe_model, images, ("wide", "square"))
-    assert_no_knockout_is_native(moe_model, prompt)
-    for block_from in ("all", "answer"):
-        _assert_engines_agree(moe_model, prompt, "both", block_from, 2, "causal")
+    assert_no_knockout_is_native(moe_model, _prompt(moe_model, images, ("wide", "square")))
+    prompt = _prompt(moe_model, images, ("wide",))
+    _assert_engines_agree(moe_model, prompt, "both", "all", 2, "causal")
+    _assert_engines_agree(moe_model, prompt, "vision", "answer", 4, "causal")
 
 
 def test_knockout_at_all_layers_equals_deleting_the_token_on_moe(moe_model, images):
