@@ -94,10 +94,12 @@ def schedule(step: int, steps: int, warmup: int = 100) -> float:
 
 
 class VLData:
-    """Chat-formatted shape questions; pixels come from the real processor."""
+    """Chat-formatted shape questions; pixels come from the real processor. ``draw`` makes one example,
+    ``questions`` are the kinds asked when a batch does not name one."""
 
-    def __init__(self, processor, rng: random.Random, empty: float = 0.0):
-        self.processor, self.rng, self.empty = processor, rng, empty
+    def __init__(self, processor, rng: random.Random, empty: float = 0.0, draw=draw_shape_example,
+                 questions: tuple[str, ...] = ("colour", "shape", "shape", "where")):
+        self.processor, self.rng, self.empty, self.draw, self.questions = processor, rng, empty, draw, questions
         self.eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def prompt_ids(self, question: str, image):
@@ -108,8 +110,8 @@ class VLData:
 
     def batch(self, size: int, question: str | None = None) -> dict:
         # the kind of shape is the slowest to learn: ask it twice as often
-        question = question or self.rng.choice(["colour", "shape", "shape", "where"])
-        examples = [draw_shape_example(self.rng) for _ in range(size)]
+        question = question or self.rng.choice(list(self.questions))
+        examples = [self.draw(self.rng) for _ in range(size)]
         texts = [ex.answer(question) for ex in examples]
         if self.empty:  # some pictures without a shape, answered "none" (see EMPTY)
             for k in range(size):
@@ -232,14 +234,17 @@ def train(model, next_batch, evaluate, steps: int, lr: float, log_every: int = 1
     return steps, history
 
 
-def write_card(folder: Path, card: dict, description: str) -> None:
+def write_card(folder: Path, card: dict, description: str, only: str = "", extra: list[str] = ()) -> None:
     (folder / "card.json").write_text(json.dumps(card, indent=1) + "\n")
     lines = [f"# {card['name']}", "", description, "", "| | |", "|---|---|"]
     for key in ("task", "data", "architecture", "seed", "steps", "batch_size", "learning_rate", "train_seconds"):
         lines.append(f"| {key} | {card[key]} |")
-    lines.append(f"| held-out accuracy ({card['eval_examples']} examples per question type) | "
+    note = card.get("eval_note", f"{card['eval_examples']} examples per question type")
+    lines.append(f"| held-out accuracy ({note}) | "
                  + ", ".join(f"{k}: {v:.1%}" for k, v in card["accuracy"].items()) + " |")
-    lines += ["", "Reproduce: `python tools/train_demo_models.py` (fixed seed, 2 CPU cores)."]
+    lines += list(extra)
+    command = "python tools/train_demo_models.py" + (f" {only}" if only else "")
+    lines += ["", f"Reproduce: `{command}` (fixed seed, 2 CPU cores)."]
     (folder / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
