@@ -110,3 +110,17 @@ def tokenizer_corpus() -> list[str]:
     lines += [f"{row} {col}" for row in ROWS for col in COLUMNS] + ["none"]
     lines += ["A=3, B=7, C=1. What is B?", "user", "assistant", "system", "What's in this image?"]
     return lines
+
+
+# --- the ViT variant (models/demo-vl-vit) -----------------------------------------------------------------------
+
+READ_CELL = (0, 0)  # the one image token whose features the ViT variant's decoder was trained to read
+
+
+def draw_shape_example_off(rng: random.Random, cell: tuple[int, int] = READ_CELL) -> ShapeExample:
+    """``draw_shape_example``, never in ``cell`` (redrawn until it is elsewhere). For the ViT variant, whose
+    decoder reads only the top-left token: a shape inside that token would need no route through the encoder."""
+    while True:
+        example = draw_shape_example(rng)
+        if (example.row, example.col) != cell:
+            return example
