@@ -12,7 +12,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 # Relative to ROOT; each lands at mask_impact/data/<the same path>.
-SHIPPED_FILES = ("visualize_results.html", "testimg.png", "models/demo-vl", "models/demo-text")
+SHIPPED_FILES = ("visualize_results.html", "testimg.png", "models/demo-vl", "models/demo-text", "models/demo-vl-vit")
 
 
 class BuildWithData(build_py):
