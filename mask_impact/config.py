@@ -127,11 +127,11 @@ class RunConfig:
             raise UsageError(f"--min-pixels {self.min_pixels:,} is larger than --max-pixels {self.max_pixels:,}")
         if not vision and self.images:
             raise UsageError("text-only models take no image; use mask-impact-vl (mask_impact_vl.py) with a Qwen3-VL model")
-        if self.mask_mode in ("vision", "both") and not self.images:
-            raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
         from .units import check_units
 
-        check_units(self.unit, self.groups, self.flows, len(self.images), vision, self.stage)
+        check_units(self.unit, self.groups, self.flows, len(self.images), vision, self.stage)  # says what needs images
+        if self.mask_mode in ("vision", "both") and not self.images:
+            raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
         if self.stage == "vision-encoder" and self.block_from != "all":
             raise UsageError("--block-from answer restricts decoder queries; in the vision encoder every other patch "
                              "of the image is blocked from the unit; drop it")

@@ -228,7 +228,7 @@ def test_a_batch_names_groups_and_flows_in_yaml(tmp_path):
     config.write_text("defaults: {demo: true, no_progress: true, generate_top: 0}\n"
                       "runs:\n"
                       "  - {name: objects, unit: groups, group: {shape: '64,0,128,64', corner: 'pos:4'}}\n"
-                      "  - {name: flows, flow: 'image->last', group: ['q=text:color']}\n"
+                      "  - {name: flows, flow: 'image->last'}\n"
                       "  - {name: two, flow: ['image->last', 'q->last'], group: 'q=text:\"What color\"'}\n")
     assert main(["--config", str(config), "--output-dir", str(tmp_path)], True) == 0
     folder = tmp_path / "batch"
@@ -280,7 +280,7 @@ def test_image_groups_on_a_text_model_are_refused(argv, message, capsys, in_tmp)
 
 
 def test_check_units_needs_no_model():
-    check_units("region:3", ["a=1,2,3,4@2", "b=pos:1-3", "c=text:x y"], [], 2, True)
+    check_units("groups", ["a=1,2,3,4@2", "b=pos:1-3", "c=text:x y"], [], 2, True)
     check_units("token", ["a=1,2,3,4@2"], ["a->last", "image2->a"], 2, True)
     with pytest.raises(UsageError, match="say which one the box is on with @N"):
         check_units("token", ["a=1,2,3,4"], [], 2, True)
