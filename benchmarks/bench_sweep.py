@@ -1,25 +1,39 @@
 """Side-by-side sweep benchmark: naive reference vs fast engine, same model, same input, one process.
 
     python benchmarks/bench_sweep.py --arch tiny                         # CPU, demo-sized prompt + image
+    python benchmarks/bench_sweep.py --arch medium --threads 2           # CPU, hidden 1024, 4 layers, fp32
+    python benchmarks/bench_sweep.py --arch qwen3-vl-4b --num-layers 2 --image-size 256 --device cpu
     python benchmarks/bench_sweep.py --arch qwen3-vl-4b --image-size 1024 --device cuda
 
 ``--arch qwen3-vl-4b`` builds ../shared/configs/qwen3-vl-4b-instruct.json with random weights (weights do not
-matter for speed). The naive engine (one full forward per knockout) runs on a sample of knockouts spread over
-windows and units; the fast engine runs the whole sweep. Both must agree on the sample before a ratio is
-printed. ``--unit region:2`` and ``--flow 'image->last'`` measure those sweeps too, on the same input, next to the
-token sweep. Also printed: knockouts/s, peak memory, time per layer window, the FLOPs the sweep really needs, the
-achieved TFLOP/s and the time the sweep would take at the GPU's peak bf16 rate.
+matter for speed); ``--arch medium`` is the same family at a width that fits a few CPU cores (hidden 1024,
+intermediate 3072, 8 query / 2 key-value heads of 128, 4 layers, a 3-block vision tower, float32).
+
+Timings on a shared machine are noisy, so every figure is measured side by side: each repeat runs the naive
+engine on a sample of knockouts spread over windows and units, then the fast engine on the whole sweep (then the
+fast engine with each ``--without`` saving switched off), then the plain matmul of the model's MLP shapes at the
+row counts the sweep used. Min and median over the repeats are printed for each, and the ratios come from the
+same repeats. Both engines must agree on the sample before a ratio is printed.
+
+Also printed: knockouts/s, peak memory, time per layer window, the FLOPs the sweep needs (decoder layers as the
+fast engine must compute them, and the head), the FLOP/s achieved, the machine's own measured matmul rate for
+the same shapes and dtype, and the fraction of it achieved; on a GPU also the time at the data sheet's peak.
+``--unit region:2`` and ``--flow 'image->last'`` measure those sweeps too, on the same input, next to the token
+sweep. Every size option is honoured or refused with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,11 +50,19 @@ from mask_impact.demo import build_demo  # noqa: E402
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine  # noqa: E402
 from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
-from mask_impact.sweep import auto_batch_size, score_knockouts, sweep_flops  # noqa: E402
+from mask_impact.sweep import auto_batch_size, score_knockouts  # noqa: E402
 from mask_impact.units import build_units  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
 CONFIG_4B = ROOT.parent / "shared" / "configs" / "qwen3-vl-4b-instruct.json"
+# --arch medium: the 4B configuration at a width a few CPU cores can sweep in a minute
+MEDIUM_TEXT = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=8, num_key_value_heads=2,
+                   head_dim=128, num_hidden_layers=4)
+MEDIUM_VISION = dict(depth=3, hidden_size=256, intermediate_size=1024, num_heads=4,
+                     deepstack_visual_indexes=[0, 1, 2], out_hidden_size=1024)
+DEFAULT_IMAGE = {"tiny": 128, "medium": 256, "qwen3-vl-4b": 1024}
+DEFAULT_DTYPE = {"tiny": "float32", "medium": "float32", "qwen3-vl-4b": "bfloat16"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class IdTokenizer:
@@ -55,10 +77,15 @@ class IdTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def build_4b(device: torch.device, dtype: torch.dtype, num_layers: int | None = None) -> LoadedModel:
-    config = transformers.Qwen3VLConfig(**json.loads(CONFIG_4B.read_text()))
-    if num_layers:  # a shallower copy, to check the set-up quickly
-        config.text_config.num_hidden_layers = num_layers
+def build_from_4b(device: torch.device, dtype: torch.dtype, num_layers: int | None, text: dict | None = None,
+                  vision: dict | None = None, name: str = "qwen3-vl-4b") -> LoadedModel:
+    """The 4B configuration (its sizes overridden by ``text``/``vision``), random weights."""
+    raw = json.loads(CONFIG_4B.read_text())
+    raw["text_config"].update(text or {})
+    raw["vision_config"].update(vision or {})
+    if num_layers:
+        raw["text_config"]["num_hidden_layers"] = num_layers
+    config = transformers.Qwen3VLConfig(**raw)
     config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -66,7 +93,7 @@ def build_4b(device: torch.device, dtype: torch.dtype, num_layers: int | None = 
         model = transformers.Qwen3VLForConditionalGeneration(config).to(dtype).eval()
     eos = config.text_config.eos_token_id
     model.generation_config.eos_token_id = eos
-    return LoadedModel(model, None, IdTokenizer(eos), adapter_for(model), "qwen3-vl-4b (random)", device, dtype)
+    return LoadedModel(model, None, IdTokenizer(eos), adapter_for(model), f"{name} (random)", device, dtype)
 
 
 def prompt_4b(loaded: LoadedModel, image_size: int) -> Prompt:
@@ -95,17 +122,47 @@ def prompt_4b(loaded: LoadedModel, image_size: int) -> Prompt:
     return Prompt("benchmark", input_ids, kwargs, tokens, [])
 
 
-def build_tiny(image_size: int, num_layers: int | None) -> tuple[LoadedModel, Prompt]:
+def build_tiny(image_size: int, num_layers: int | None, device: torch.device,
+               dtype: str) -> tuple[LoadedModel, Prompt]:
     """The tiny random-weight VL model; the image is given to the model at ``image_size`` (not shrunk)."""
     from mask_impact.inputs import build_prompt
 
     folder = build_demo(Path(tempfile.mkdtemp()) / "tiny", True, num_layers=num_layers or 4)
-    loaded = load_model(str(folder), True, "cpu", "float32")
+    loaded = load_model(str(folder), True, str(device), dtype)
     image = Path(tempfile.mkdtemp()) / "image.png"
     pixels = np.random.default_rng(0).integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(image)
     return loaded, build_prompt(loaded, "What's in this image? Describe the picture.", [str(image)],
                                 max_pixels=max(image_size * image_size, 64 * 64))
+
+
+def build(args, device: torch.device) -> tuple[LoadedModel, Prompt]:
+    image_size = args.image_size or DEFAULT_IMAGE[args.arch]
+    dtype = args.dtype or DEFAULT_DTYPE[args.arch]
+    if args.arch == "tiny":
+        loaded, prompt = build_tiny(image_size, args.num_layers, device, dtype)
+    else:
+        text, vision = (MEDIUM_TEXT, MEDIUM_VISION) if args.arch == "medium" else (None, None)
+        loaded = build_from_4b(device, DTYPES[dtype], args.num_layers, text, vision, args.arch)
+        prompt = prompt_4b(loaded, image_size)
+    grid = prompt.model_kwargs["image_grid_thw"][0].tolist()
+    if grid[1:] != [image_size // 16] * 2:  # the sizes were checked; this is the processor agreeing
+        raise UsageError(f"the processor gave a {grid[1] * 16}x{grid[2] * 16} image for --image-size {image_size}")
+    return loaded, prompt
+
+
+def check_sizes(args) -> None:
+    """Every size option is honoured exactly or refused here, in one line."""
+    image_size = args.image_size or DEFAULT_IMAGE[args.arch]
+    if image_size % 32 or not 64 <= image_size <= (2048 if args.arch != "tiny" else 4096):
+        raise UsageError(f"--image-size {image_size}: the model takes square images of 64.. pixels in steps of 32 "
+                         "(one merged token is 32x32 pixels); anything else would be resized, not honoured")
+    for name in ("num_layers", "num_tokens", "naive_sample", "repeat", "window", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.arch == "medium" and args.num_layers is None:
+        args.num_layers = MEDIUM_TEXT["num_hidden_layers"]
 
 
 class CountingEngine:
@@ -122,19 +179,41 @@ class CountingEngine:
         return self.engine.logprobs(window, units)
 
 
+class LayerRows:
+    """Records the rows (batch × positions) entering every decoder layer: the M of the layer's matmuls."""
+
+    def __init__(self, layers):
+        self.rows: list[int] = []
+        self.handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in layers]
+
+    def _hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.rows.append(hidden.shape[0] * hidden.shape[1])
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("tiny", "qwen3-vl-4b"), default="tiny")
-    parser.add_argument("--image-size", type=int, default=None, help="square image side (tiny: 128, 4b: 1024)")
+    parser.add_argument("--arch", choices=("tiny", "medium", "qwen3-vl-4b"), default="tiny")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square image side, a multiple of 32 (tiny: 128, medium: 256, 4b: 1024)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="tiny, medium: float32; qwen3-vl-4b: bfloat16")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own setting, printed)")
     parser.add_argument("--num-tokens", type=int, default=5)
     parser.add_argument("--naive-sample", type=int, default=12, help="knockouts run by the naive engine")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--block-from", choices=("all", "answer"), default="all")
-    parser.add_argument("--num-layers", type=int, default=None, help="override the decoder depth (quick checks)")
-    parser.add_argument("--repeat", type=int, default=3, help="fast sweeps to run; the median is reported")
+    parser.add_argument("--num-layers", type=int, default=None, help="override the decoder depth (medium: 4)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="interleaved repeats of naive, fast (and ablated) runs; min and median are reported")
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
-                        help="stop the fast sweep after this long and extrapolate the rest")
+                        help="stop each fast sweep after this long and extrapolate the rest by FLOPs")
     parser.add_argument("--mask-mode", choices=("text", "vision", "both"), default="both")
     parser.add_argument("--unit", default="token",
                         help="token (default), or region:N / image / word: measured next to token units")
@@ -142,24 +221,32 @@ def main() -> None:
                         help="also measure a flow sweep (repeatable), next to token units")
     parser.add_argument("--window", type=int, default=1, help="layers per window (default 1)")
     args = parser.parse_args()
+    check_sizes(args)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     device = torch.device(args.device)
-    if args.arch == "tiny":
-        loaded, prompt = build_tiny(args.image_size or 128, args.num_layers)
-    else:
-        loaded = build_4b(device, torch.bfloat16, args.num_layers)
-        prompt = prompt_4b(loaded, args.image_size or 1024)
+    default_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded, prompt = build(args, device)
     cuda = device.type == "cuda"
     analysis = Analysis(loaded, prompt, block_from=args.block_from)
-    baseline, tf = analysis.baseline(args.num_tokens)
+    _, tf = analysis.baseline(args.num_tokens)
     num_layers = loaded.adapter.num_layers
     windows = windows_for(list(range(num_layers)), args.window, num_layers)
+    text = loaded.adapter.decoder.config
     print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}  model {loaded.name}  "
           f"dtype {str(loaded.dtype).replace('torch.', '')}  torch {torch.__version__}  "
           f"transformers {transformers.__version__}")
-    print(f"sequence {tf.input_ids.shape[1]} tokens ({sum(t.modality == 'vision' for t in prompt.tokens)} image), "
-          f"answer {len(tf.answer_ids)} tokens, windows {len(windows)} of {args.window} layer(s)")
+    print(f"threads {torch.get_num_threads()} ({'--threads' if args.threads else 'torch default'}; torch default "
+          f"{default_threads}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start)")
+    print(f"decoder: {num_layers} layers, hidden {text.hidden_size}, intermediate {text.intermediate_size}, heads "
+          f"{text.num_attention_heads}/{text.num_key_value_heads} of {text.head_dim}, vocabulary {text.vocab_size:,}")
+    image_tokens = sum(t.modality == "vision" for t in prompt.tokens)
+    side = args.image_size or DEFAULT_IMAGE[args.arch]
+    stopped = f", stopped at EOS (asked {args.num_tokens})" if len(tf.answer_ids) < args.num_tokens else ""
+    print(f"sequence {tf.input_ids.shape[1]} tokens ({image_tokens} image, from a {side}-pixel square), answer "
+          f"{len(tf.answer_ids)} tokens{stopped}, windows {len(windows)} of {args.window} layer(s)")
     sweeps = [("token", dict(unit="token"))]
     if args.unit != "token":
         sweeps.append((args.unit, dict(unit=args.unit)))
@@ -181,29 +268,24 @@ def main() -> None:
         sys.exit(1)
 
 
-def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple[tuple[float, float], bool]:
-    """One sweep timed both ways: (fast knockouts/s, fast/naive ratio) and whether the engines agree."""
-    device = loaded.device
-    rng = random.Random(0)
-    sample = sorted({(rng.randrange(len(windows)), rng.randrange(len(knockouts))) for _ in range(args.naive_sample)})
-    naive = NaiveEngine(analysis, tf)
-    naive.logprobs(windows[0], [knockouts[0]])  # warm-up: first-call costs are not the engine's speed
-    naive_rows = []
-    _sync(cuda)
-    started = time.perf_counter()
-    for w, i in sample:
-        naive_rows.append(naive.logprobs(windows[w], [knockouts[i]]))
-    _sync(cuda)
-    naive_per_knockout = (time.perf_counter() - started) / len(sample)
+@dataclass
+class FastRun:
+    seconds: float  # the whole sweep, engine set-up included (extrapolated if stopped early)
+    window_times: dict
+    metrics: dict
+    batch: int
+    rows_per_call: float
+    layer_rows: list[int] = field(default_factory=list)
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+
+def fast_sweep(args, loaded, analysis, tf, windows, knockouts, cuda: bool, record_rows: bool = False,
+               **engine_options) -> FastRun:
     order = sorted(range(len(windows)), key=lambda w: (w % 6, w))  # a spread of depths first
-    runs = []
-    for _ in range(args.repeat):
+    recorder = LayerRows(loaded.adapter.layers) if record_rows else None
+    try:
         _sync(cuda)
         started = time.perf_counter()
-        fast = CountingEngine(FastEngine(analysis, tf))
+        fast = CountingEngine(FastEngine(analysis, tf, **engine_options))
         batch = args.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
         window_times, metrics, done = {}, {}, []
         for w in order:
@@ -215,49 +297,174 @@ def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple
             done.append(w)
             if time.perf_counter() - started > args.max_seconds:
                 break
-        runs.append((time.perf_counter() - started, window_times, metrics, done, batch,
-                     fast.rows / max(1, fast.calls)))
-    fast_total, window_times, metrics, done, batch, rows_per_call = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+        seconds = time.perf_counter() - started
+    finally:
+        if recorder is not None:
+            recorder.remove()
+    if len(done) < len(windows):  # extrapolate by the work each window needs (layers a..L-1)
+        length = tf.input_ids.shape[1]
+        seconds *= (needed_flops(loaded, windows, knockouts, length, analysis, tf)[0]
+                    / needed_flops(loaded, [windows[w] for w in done], knockouts, length, analysis, tf)[0])
+    return FastRun(seconds, window_times, metrics, batch, fast.rows / max(1, fast.calls),
+                   recorder.rows if recorder else [])
+
+
+def time_naive(naive, windows, knockouts, sample, cuda: bool) -> tuple[float, list]:
+    rows = []
+    _sync(cuda)
+    started = time.perf_counter()
+    for w, i in sample:
+        rows.append(naive.logprobs(windows[w], [knockouts[i]]))
+    _sync(cuda)
+    return (time.perf_counter() - started) / len(sample), rows
+
+
+def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple[tuple[float, float], bool]:
+    """One sweep timed both ways, interleaved: (fast knockouts/s, fast/naive ratio) and whether they agree."""
+    device = loaded.device
+    rng = random.Random(0)
+    sample = sorted({(rng.randrange(len(windows)), rng.randrange(len(knockouts))) for _ in range(args.naive_sample)})
+    naive = NaiveEngine(analysis, tf)
+    naive.logprobs(windows[0], [knockouts[0]])  # warm-ups: first-call costs are not the engines' speed
+    fast_sweep(args, loaded, analysis, tf, windows[:1], knockouts[:4], cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    gemm = GemmProbe(loaded)
+    naive_times, fast_runs, gemm_rates = [], [], []
+    for repeat in range(args.repeat):  # interleaved: a burst of load on the shared host hits every engine alike
+        per_knockout, naive_rows = time_naive(naive, windows, knockouts, sample, cuda)
+        naive_times.append(per_knockout)
+        fast_runs.append(fast_sweep(args, loaded, analysis, tf, windows, knockouts, cuda, record_rows=repeat == 0))
+        if repeat == 0:
+            gemm.choose(fast_runs[0].layer_rows)
+        gemm_rates.append(gemm.rate(cuda))
     if cuda:
         peak = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     else:  # ru_maxrss is in KiB on Linux: the whole process, model and naive engine included
         peak = f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-    length = tf.input_ids.shape[1]
-    if len(done) < len(windows):  # extrapolate by the work each window needs (layers a..L-1)
-        done_flops = sweep_flops(loaded, [windows[w] for w in done], knockouts, length, analysis.first_affected)
-        all_flops = sweep_flops(loaded, windows, knockouts, length, analysis.first_affected)
-        fast_total *= all_flops / done_flops
-        print(f"stopped after {len(done)} of {len(windows)} windows (--max-seconds {args.max_seconds}); "
-              f"the whole-sweep figures below are extrapolated by FLOPs")
+    fast_times = [run.seconds for run in fast_runs]
+    median_run = sorted(fast_runs, key=lambda run: run.seconds)[len(fast_runs) // 2]
 
-    worst = 0.0
-    for (w, i), row in zip(sample, naive_rows):
-        if w not in metrics:
-            continue
-        fast_row = fast.logprobs(windows[w], [knockouts[i]])
-        drop_naive = float((naive.base_logprobs - row[0]).gather(-1, tf.answer_ids[:, None].to(row.device)).sum())
-        worst = max(worst, abs(drop_naive - metrics[w]["logprob_drop"][i]))
-        worst = max(worst, float((fast_row - row).abs().max()) if loaded.dtype == torch.float32 else 0.0)
+    worst = agreement(loaded, analysis, tf, windows, knockouts, sample, naive, naive_rows, median_run)
     tolerance = 1e-3 if loaded.dtype == torch.float32 else 0.25
     total = len(windows) * len(knockouts)
-    flops = sweep_flops(loaded, windows, knockouts, length, analysis.first_affected)
+    length = tf.input_ids.shape[1]
+    layer_flops, head_flops = needed_flops(loaded, windows, knockouts, length, analysis, tf)
+    flops = layer_flops + head_flops
+    naive_min, naive_med = min(naive_times), statistics.median(naive_times)
+    fast_min, fast_med = min(fast_times), statistics.median(fast_times)
     print(f"agreement on {len(sample)} sampled knockouts: max |Δ| = {worst:.2e} (tolerance {tolerance:g}) -> "
           f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
-    print(f"naive: {1 / naive_per_knockout:10.2f} knockouts/s  ({naive_per_knockout * 1e3:.1f} ms each; "
-          f"whole sweep {naive_per_knockout * total:,.0f} s)")
-    print(f"fast:  {total / fast_total:10.2f} knockouts/s  (whole sweep {fast_total:,.2f} s, batch limit "
-          f"{batch}, {rows_per_call:.1f} rows per forward on average, {peak})")
-    ratio = naive_per_knockout * total / fast_total
+    print(f"{args.repeat} interleaved repeats (naive sample, fast sweep, matmul probe), min / median:")
+    print(f"  naive: {1 / naive_min:10.2f} / {1 / naive_med:10.2f} knockouts/s  ({naive_min * 1e3:.1f} / "
+          f"{naive_med * 1e3:.1f} ms each; whole sweep {naive_med * total:,.0f} s)")
+    print(f"  fast:  {total / fast_min:10.2f} / {total / fast_med:10.2f} knockouts/s  (whole sweep {fast_min:,.2f} / "
+          f"{fast_med:,.2f} s; batch limit {median_run.batch}, {median_run.rows_per_call:.1f} rows per forward)")
+    ratio = naive_med * total / fast_med
+    ratios = sorted(n * total / f for n, f in zip(naive_times, fast_times))
     if worst <= tolerance:
-        print(f"ratio fast/naive: {ratio:.1f}x")
-    print("seconds per window: " + " ".join(f"{w}:{window_times[w]:.2f}" for w in sorted(window_times)))
-    print(f"needed matmul work {flops / 1e12:.4g} TFLOP; achieved {flops / fast_total / 1e12:.4g} TFLOP/s")
+        print(f"ratio fast/naive: {ratio:.1f}x (medians; per repeat {', '.join(f'{r:.1f}' for r in ratios)})")
+    print(f"  {peak}")
+    print("seconds per window (median run): " + " ".join(f"{w}:{median_run.window_times[w]:.2f}"
+                                                         for w in sorted(median_run.window_times)))
+    achieved = flops / fast_med
+    gemm_med = statistics.median(gemm_rates)
+    print(f"needed matmul work {flops / 1e12:.4g} TFLOP (decoder layers {layer_flops / 1e12:.4g}, head "
+          f"{head_flops / 1e12:.4g}); achieved {achieved / 1e12:.4g} TFLOP/s")
+    print(f"measured matmul rate for the MLP's {gemm.describe()}: {gemm_med / 1e12:.4g} TFLOP/s (median; min "
+          f"{min(gemm_rates) / 1e12:.4g}, max {max(gemm_rates) / 1e12:.4g}) -> fraction of that limit achieved "
+          f"{achieved / gemm_med:.2f}; the sweep at that rate: {flops / gemm_med:.3g} s")
     if cuda:
         name = torch.cuda.get_device_name(device)
         peak_rate = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         if peak_rate:
             print(f"FLOP-limit time at {peak_rate:.0f} TFLOP/s (dense bf16 peak): {flops / peak_rate / 1e12:.1f} s")
-    return (total / fast_total, ratio), worst <= tolerance
+    return (total / fast_med, ratio), worst <= tolerance
+
+
+def agreement(loaded, analysis, tf, windows, knockouts, sample, naive, naive_rows, run: FastRun) -> float:
+    """Largest difference between the engines on the naive sample (log-prob drop, and every log-prob in fp32)."""
+    fast = FastEngine(analysis, tf)
+    worst = 0.0
+    for (w, i), row in zip(sample, naive_rows):
+        if w not in run.metrics:
+            continue
+        fast_row = fast.logprobs(windows[w], [knockouts[i]])
+        drop_naive = float((naive.base_logprobs - row[0]).gather(-1, tf.answer_ids[:, None].to(row.device)).sum())
+        worst = max(worst, abs(drop_naive - run.metrics[w]["logprob_drop"][i]))
+        worst = max(worst, float((fast_row - row).abs().max()) if loaded.dtype == torch.float32 else 0.0)
+    return worst
+
+
+def needed_flops(loaded, windows, knockouts, length: int, analysis, tf) -> tuple[float, float]:
+    """Matmul FLOPs the sweep needs, (decoder layers, head): per knockout, layers a..L-2 over the positions it
+    can change; the last layer's keys/values over those positions and its queries, attention and MLP over the
+    answer positions only (nothing else of it is read); the final norm's head over the answer positions."""
+    config = loaded.adapter.decoder.config
+    h, i, nh, nkv, hd = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                         config.num_key_value_heads, config.head_dim)
+    kv_linear = 2 * 2 * h * nkv * hd
+    per_token_linear = 2 * 2 * h * nh * hd + kv_linear + 2 * 3 * h * i  # q,o + k,v + mlp
+    answer = tf.answer_start
+    num_layers = loaded.adapter.num_layers
+    layers, head = 0.0, 0.0
+    for a, _ in windows:
+        for unit in knockouts:
+            start = analysis.first_affected(unit)
+            if start is None:
+                continue
+            queries = length - start
+            keys = queries * (start + length + 1) / 2  # Σ over queries q of (q + 1) keys
+            layers += (num_layers - 1 - a) * (queries * per_token_linear + 4 * nh * hd * keys)
+            last = max(start, answer)  # the last layer's query rows
+            last_keys = (length - last) * (last + length + 1) / 2
+            layers += (last - start) * kv_linear + (length - last) * per_token_linear + 4 * nh * hd * last_keys
+            head += 2 * len(tf.answer_ids) * h * config.vocab_size
+    return layers, head
+
+
+class GemmProbe:
+    """The machine's own matmul rate on the MLP's shapes — (M, hidden) @ (hidden, intermediate) and back — in the
+    model's dtype, at the row counts M the sweep's layers really took. Four M, each standing for a quarter of
+    the sweep's MLP work (work-weighted quantiles); the rate is the one that does all four quarters in the time
+    they take (a harmonic mean)."""
+
+    def __init__(self, loaded: LoadedModel):
+        config = loaded.adapter.decoder.config
+        self.hidden, self.intermediate = config.hidden_size, config.intermediate_size
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.rows: list[int] = []
+
+    def choose(self, layer_rows: list[int]) -> None:
+        ordered = sorted(layer_rows)
+        total, running, marks = sum(ordered), 0, [1 / 8, 3 / 8, 5 / 8, 7 / 8]
+        for m in ordered:
+            running += m
+            while marks and running >= marks[0] * total:
+                self.rows.append(m)
+                marks.pop(0)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        self.up = torch.randn(self.intermediate, self.hidden, generator=generator).to(self.device, self.dtype)
+        self.down = torch.randn(self.hidden, self.intermediate, generator=generator).to(self.device, self.dtype)
+        self.inputs = {m: torch.randn(m, self.hidden, generator=generator).to(self.device, self.dtype)
+                       for m in set(self.rows)}
+
+    def describe(self) -> str:
+        return f"{self.hidden}x{self.intermediate} matmuls at M = {', '.join(str(m) for m in self.rows)} rows"
+
+    def rate(self, cuda: bool) -> float:
+        seconds_per_flop = 0.0
+        for m in self.rows:
+            x = self.inputs[m]
+            best = float("inf")
+            for _ in range(3):
+                _sync(cuda)
+                started = time.perf_counter()
+                torch.matmul(torch.matmul(x, self.up.t()), self.down.t())  # (M, H) -> (M, I) -> (M, H)
+                _sync(cuda)
+                best = min(best, time.perf_counter() - started)
+            seconds_per_flop += best / (2 * 2 * m * self.hidden * self.intermediate)
+        return len(self.rows) / seconds_per_flop
 
 
 def _sync(cuda: bool) -> None:
