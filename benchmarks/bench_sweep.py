@@ -1,7 +1,7 @@
 """Side-by-side sweep benchmark: naive reference vs fast engine, same model, same input, one process.
 
     python benchmarks/bench_sweep.py --arch tiny                         # CPU, demo-sized prompt + image
-    python benchmarks/bench_sweep.py --arch medium --threads 2           # CPU, hidden 1024, 4 layers, fp32
+    python benchmarks/bench_sweep.py --arch medium                       # CPU, hidden 1024, 4 layers, fp32
     python benchmarks/bench_sweep.py --arch qwen3-vl-4b --num-layers 2 --image-size 256 --device cpu
     python benchmarks/bench_sweep.py --arch qwen3-vl-4b --image-size 1024 --device cuda
 
@@ -33,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,10 +47,11 @@ sys.path.insert(0, str(ROOT))
 
 from mask_impact.config import UsageError, windows_for  # noqa: E402
 from mask_impact.demo import build_demo  # noqa: E402
-from mask_impact.engine import Analysis, FastEngine, NaiveEngine  # noqa: E402
+from mask_impact.engine import Analysis, FastEngine, NaiveEngine, Savings  # noqa: E402
 from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
-from mask_impact.sweep import auto_batch_size, score_knockouts  # noqa: E402
+from mask_impact.metrics import METRICS, compute_all  # noqa: E402
+from mask_impact.sweep import auto_batch_size, is_out_of_memory, next_batch  # noqa: E402
 from mask_impact.units import build_units  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
@@ -161,32 +162,36 @@ def check_sizes(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if any(n < 1 for n in args.also_threads):
+        raise UsageError(f"--also-threads {min(args.also_threads)}: must be at least 1")
     if args.arch == "medium" and args.num_layers is None:
         args.num_layers = MEDIUM_TEXT["num_hidden_layers"]
 
 
-class CountingEngine:
-    """Counts the engine's forwards and their rows, so the batch really used is reported."""
+def thread_policy() -> tuple[int, str]:
+    """Threads that do not collapse on a shared host: the CPUs the other processes leave idle (the 1-minute load
+    average, read as this process starts), at most torch's own count, at least 1.
 
-    def __init__(self, engine):
-        self.engine, self.calls, self.rows = engine, 0, 0
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def logprobs(self, window, units):
-        self.calls, self.rows = self.calls + 1, self.rows + len(units)
-        return self.engine.logprobs(window, units)
+    torch's intra-op threads meet at the end of every op; when another process deschedules one of them, the
+    others wait. On 2 CPUs under a load of 6, 1 thread ran the medium sweep in 0.49 of the time 2 threads took
+    (measured side by side with ``--also-threads 1``)."""
+    cpus = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]
+    threads = max(1, min(torch.get_num_threads(), round(cpus - load)))
+    return threads, f"{cpus} CPUs, load average {load:.1f} at start -> {threads}"
 
 
 class LayerRows:
-    """Records the rows (batch × positions) entering every decoder layer: the M of the layer's matmuls."""
+    """Records the rows (batch × positions) entering every decoder layer, while ``active``: the M of its matmuls."""
 
     def __init__(self, layers):
         self.rows: list[int] = []
+        self.active = False
         self.handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in layers]
 
     def _hook(self, module, args, kwargs):
+        if not self.active:
+            return
         hidden = args[0] if args else kwargs["hidden_states"]
         self.rows.append(hidden.shape[0] * hidden.shape[1])
 
@@ -204,7 +209,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="tiny, medium: float32; qwen3-vl-4b: bfloat16")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's own setting, printed)")
+                        help="torch.set_num_threads (default: the CPUs other processes leave idle, at least 1)")
     parser.add_argument("--num-tokens", type=int, default=5)
     parser.add_argument("--naive-sample", type=int, default=12, help="knockouts run by the naive engine")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -220,14 +225,17 @@ def main() -> None:
     parser.add_argument("--flow", dest="flows", action="append", default=[], metavar="SRC->DST",
                         help="also measure a flow sweep (repeatable), next to token units")
     parser.add_argument("--window", type=int, default=1, help="layers per window (default 1)")
+    parser.add_argument("--without", action="append", default=[], choices=[f.name for f in fields(Savings)],
+                        help="also time the fast engine with this saving off, in the same repeats (repeatable)")
+    parser.add_argument("--also-threads", type=int, action="append", default=[], metavar="N",
+                        help="also time the fast engine on N threads, in the same repeats (repeatable)")
     args = parser.parse_args()
     check_sizes(args)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     device = torch.device(args.device)
-    default_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch_threads, (threads, why) = torch.get_num_threads(), thread_policy()
+    torch.set_num_threads(args.threads or threads)
     loaded, prompt = build(args, device)
     cuda = device.type == "cuda"
     analysis = Analysis(loaded, prompt, block_from=args.block_from)
@@ -238,8 +246,8 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}  model {loaded.name}  "
           f"dtype {str(loaded.dtype).replace('torch.', '')}  torch {torch.__version__}  "
           f"transformers {transformers.__version__}")
-    print(f"threads {torch.get_num_threads()} ({'--threads' if args.threads else 'torch default'}; torch default "
-          f"{default_threads}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start)")
+    print(f"threads {torch.get_num_threads()} ({'--threads' if args.threads else 'default'}; the default: {why}; "
+          f"torch's own {torch_threads})")
     print(f"decoder: {num_layers} layers, hidden {text.hidden_size}, intermediate {text.intermediate_size}, heads "
           f"{text.num_attention_heads}/{text.num_key_value_heads} of {text.head_dim}, vocabulary {text.vocab_size:,}")
     image_tokens = sum(t.modality == "vision" for t in prompt.tokens)
@@ -269,101 +277,164 @@ def main() -> None:
 
 
 @dataclass
-class FastRun:
-    seconds: float  # the whole sweep, engine set-up included (extrapolated if stopped early)
-    window_times: dict
-    metrics: dict
+class Repeat:
+    """One repeat: every engine over the same batches, in lockstep (seconds per engine, set-up included)."""
+
+    seconds: dict[str, float]  # "fast", "without NAME" per switched-off saving, "on N thread(s)"
+    naive_per_knockout: float
+    naive_rows: dict  # (window index, unit index) -> (1, T, V) log-probs
+    metrics: dict  # engine -> window index -> metric -> [value per unit]
+    window_times: dict  # window index -> seconds of the fast engine
     batch: int
-    rows_per_call: float
-    layer_rows: list[int] = field(default_factory=list)
+    rows_per_forward: float
 
 
-def fast_sweep(args, loaded, analysis, tf, windows, knockouts, cuda: bool, record_rows: bool = False,
-               **engine_options) -> FastRun:
-    order = sorted(range(len(windows)), key=lambda w: (w % 6, w))  # a spread of depths first
-    recorder = LayerRows(loaded.adapter.layers) if record_rows else None
-    try:
-        _sync(cuda)
-        started = time.perf_counter()
-        fast = CountingEngine(FastEngine(analysis, tf, **engine_options))
-        batch = args.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
-        window_times, metrics, done = {}, {}, []
-        for w in order:
-            t0 = time.perf_counter()
-            part, batch = score_knockouts(fast, [windows[w]], knockouts, batch, progress=False)
-            _sync(cuda)
-            window_times[w] = time.perf_counter() - t0
-            metrics[w] = {name: grid[0] for name, grid in part.items()}
-            done.append(w)
-            if time.perf_counter() - started > args.max_seconds:
-                break
-        seconds = time.perf_counter() - started
-    finally:
-        if recorder is not None:
-            recorder.remove()
-    if len(done) < len(windows):  # extrapolate by the work each window needs (layers a..L-1)
-        length = tf.input_ids.shape[1]
-        seconds *= (needed_flops(loaded, windows, knockouts, length, analysis, tf)[0]
-                    / needed_flops(loaded, [windows[w] for w in done], knockouts, length, analysis, tf)[0])
-    return FastRun(seconds, window_times, metrics, batch, fast.rows / max(1, fast.calls),
-                   recorder.rows if recorder else [])
-
-
-def time_naive(naive, windows, knockouts, sample, cuda: bool) -> tuple[float, list]:
-    rows = []
+def _timed(cuda: bool, function, *args):
     _sync(cuda)
     started = time.perf_counter()
-    for w, i in sample:
-        rows.append(naive.logprobs(windows[w], [knockouts[i]]))
+    result = function(*args)
     _sync(cuda)
-    return (time.perf_counter() - started) / len(sample), rows
+    return result, time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A fast engine to time: its savings, and the threads it runs on."""
+
+    savings: Savings
+    threads: int
+
+
+def lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants: dict[str, Variant], naive,
+             cuda: bool, recorder: LayerRows | None = None) -> Repeat:
+    """The sweep once for every engine variant, batch by batch in turn (each batch started by the next variant),
+    and the naive sample window by window: a burst of load on a shared host lands on all of them alike. Batches
+    are the sweep's own (``next_batch``)."""
+    seconds, engines, threads = {}, {}, torch.get_num_threads()
+    for name, variant in variants.items():
+        torch.set_num_threads(variant.threads)
+        engines[name], seconds[name] = _timed(cuda, FastEngine, analysis, tf, variant.savings)
+    torch.set_num_threads(threads)
+    batch = args.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
+    metrics = {name: {} for name in variants}
+    window_times, naive_rows, naive_seconds, forwards, rows = {}, {}, 0.0, 0, 0
+    order = sorted(range(len(windows)), key=lambda w: (w % 6, w))  # a spread of depths first
+    started = time.perf_counter()
+    for w in order:
+        for name in variants:
+            metrics[name][w] = {metric: [None] * len(knockouts) for metric in METRICS}
+        window_times[w], done = 0.0, 0
+        while done < len(knockouts):
+            chunk = next_batch(engines["fast"], knockouts, done, batch)
+            spent, names = {}, list(engines)
+            try:
+                for name in names[forwards % len(names):] + names[: forwards % len(names)]:  # each goes first in turn
+                    engine = engines[name]
+                    if recorder is not None:
+                        recorder.active = name == "fast"
+                    torch.set_num_threads(variants[name].threads)
+                    values, spent[name] = _timed(cuda, lambda e=engine: compute_all(
+                        e.base_logprobs, e.logprobs(windows[w], chunk), tf.answer_ids))
+                    for metric, column in values.items():
+                        metrics[name][w][metric][done: done + len(chunk)] = column
+            except (RuntimeError, MemoryError) as error:  # the sweep's own rule: halve the batch, retry
+                if not is_out_of_memory(error) or batch == 1:
+                    raise
+                batch //= 2
+                continue
+            finally:
+                torch.set_num_threads(threads)
+            for name, value in spent.items():
+                seconds[name] += value
+            window_times[w] += spent["fast"]
+            forwards, rows, done = forwards + 1, rows + len(chunk), done + len(chunk)
+        for s_w, i in sample:
+            if s_w == w:
+                naive_rows[(s_w, i)], spent = _timed(cuda, naive.logprobs, windows[s_w], [knockouts[i]])
+                naive_seconds += spent
+        if time.perf_counter() - started > args.max_seconds:
+            break
+    if recorder is not None:
+        recorder.active = False
+    if len(window_times) < len(windows):  # extrapolate by the work each window needs (layers a..L-1)
+        length = tf.input_ids.shape[1]
+        scale = (sum(needed_flops(loaded, windows, knockouts, length, analysis, tf))
+                 / sum(needed_flops(loaded, [windows[w] for w in window_times], knockouts, length, analysis, tf)))
+        seconds = {name: value * scale for name, value in seconds.items()}
+    for s_w, i in sample:  # the naive sample is timed whole, whatever --max-seconds cut
+        if (s_w, i) not in naive_rows:
+            naive_rows[(s_w, i)], spent = _timed(cuda, naive.logprobs, windows[s_w], [knockouts[i]])
+            naive_seconds += spent
+    return Repeat(seconds, naive_seconds / len(sample), naive_rows, metrics, window_times, batch,
+                  rows / max(1, forwards))
 
 
 def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple[tuple[float, float], bool]:
-    """One sweep timed both ways, interleaved: (fast knockouts/s, fast/naive ratio) and whether they agree."""
+    """One sweep timed every way, interleaved: (fast knockouts/s, fast/naive ratio) and whether they agree."""
     device = loaded.device
     rng = random.Random(0)
     sample = sorted({(rng.randrange(len(windows)), rng.randrange(len(knockouts))) for _ in range(args.naive_sample)})
+    threads = torch.get_num_threads()
+    variants = {"fast": Variant(Savings(), threads),
+                **{f"without {name}": Variant(Savings(**{name: False}), threads) for name in args.without},
+                **{f"on {n} thread(s)": Variant(Savings(), n) for n in args.also_threads if n != threads}}
     naive = NaiveEngine(analysis, tf)
     naive.logprobs(windows[0], [knockouts[0]])  # warm-ups: first-call costs are not the engines' speed
-    fast_sweep(args, loaded, analysis, tf, windows[:1], knockouts[:4], cuda)
+    for variant in variants.values():
+        torch.set_num_threads(variant.threads)
+        FastEngine(analysis, tf, variant.savings).logprobs(windows[0], knockouts[:4])
+    torch.set_num_threads(threads)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    gemm = GemmProbe(loaded)
-    naive_times, fast_runs, gemm_rates = [], [], []
-    for repeat in range(args.repeat):  # interleaved: a burst of load on the shared host hits every engine alike
-        per_knockout, naive_rows = time_naive(naive, windows, knockouts, sample, cuda)
-        naive_times.append(per_knockout)
-        fast_runs.append(fast_sweep(args, loaded, analysis, tf, windows, knockouts, cuda, record_rows=repeat == 0))
-        if repeat == 0:
-            gemm.choose(fast_runs[0].layer_rows)
-        gemm_rates.append(gemm.rate(cuda))
+    gemm, recorder = GemmProbe(loaded), LayerRows(loaded.adapter.layers)
+    repeats, gemm_rates = [], []
+    try:
+        for repeat in range(args.repeat):
+            repeats.append(lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants, naive, cuda,
+                                    recorder if repeat == 0 else None))
+            if repeat == 0:
+                gemm.choose(recorder.rows)
+            gemm_rates.append(gemm.rate(cuda))
+    finally:
+        recorder.remove()
     if cuda:
         peak = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     else:  # ru_maxrss is in KiB on Linux: the whole process, model and naive engine included
         peak = f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-    fast_times = [run.seconds for run in fast_runs]
-    median_run = sorted(fast_runs, key=lambda run: run.seconds)[len(fast_runs) // 2]
 
-    worst = agreement(loaded, analysis, tf, windows, knockouts, sample, naive, naive_rows, median_run)
+    first = repeats[0]
+    worst = agreement(loaded, tf, windows, knockouts, naive, first)
     tolerance = 1e-3 if loaded.dtype == torch.float32 else 0.25
     total = len(windows) * len(knockouts)
     length = tf.input_ids.shape[1]
     layer_flops, head_flops = needed_flops(loaded, windows, knockouts, length, analysis, tf)
     flops = layer_flops + head_flops
+    naive_times = [r.naive_per_knockout for r in repeats]
+    fast_times = [r.seconds["fast"] for r in repeats]
+    median_run = sorted(repeats, key=lambda r: r.seconds["fast"])[len(repeats) // 2]
     naive_min, naive_med = min(naive_times), statistics.median(naive_times)
     fast_min, fast_med = min(fast_times), statistics.median(fast_times)
     print(f"agreement on {len(sample)} sampled knockouts: max |Δ| = {worst:.2e} (tolerance {tolerance:g}) -> "
           f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
-    print(f"{args.repeat} interleaved repeats (naive sample, fast sweep, matmul probe), min / median:")
+    print(f"{args.repeat} repeats, each running {', '.join(variants)} batch by batch in turn and the naive sample "
+          f"window by window, then the matmul probe; min / median:")
     print(f"  naive: {1 / naive_min:10.2f} / {1 / naive_med:10.2f} knockouts/s  ({naive_min * 1e3:.1f} / "
           f"{naive_med * 1e3:.1f} ms each; whole sweep {naive_med * total:,.0f} s)")
     print(f"  fast:  {total / fast_min:10.2f} / {total / fast_med:10.2f} knockouts/s  (whole sweep {fast_min:,.2f} / "
-          f"{fast_med:,.2f} s; batch limit {median_run.batch}, {median_run.rows_per_call:.1f} rows per forward)")
+          f"{fast_med:,.2f} s; batch limit {median_run.batch}, {median_run.rows_per_forward:.1f} rows per forward)")
     ratio = naive_med * total / fast_med
     ratios = sorted(n * total / f for n, f in zip(naive_times, fast_times))
     if worst <= tolerance:
         print(f"ratio fast/naive: {ratio:.1f}x (medians; per repeat {', '.join(f'{r:.1f}' for r in ratios)})")
+    for name in list(variants)[1:]:
+        times = [r.seconds[name] for r in repeats]
+        gains = ", ".join(f"{off / on:.2f}" for off, on in zip(times, fast_times))
+        drift = max(abs(a - b) for w in first.metrics[name] for a, b in
+                    zip(first.metrics[name][w]["logprob_drop"], first.metrics["fast"][w]["logprob_drop"]))
+        print(f"  fast {name}: {total / min(times):.2f} / {total / statistics.median(times):.2f} knockouts/s "
+              f"(whole sweep {min(times):,.2f} / {statistics.median(times):,.2f} s); its time / fast's "
+              f"{statistics.median(times) / fast_med:.2f} (medians; per repeat {gains}); max |Δ logprob_drop| "
+              f"against fast {drift:.1e}")
     print(f"  {peak}")
     print("seconds per window (median run): " + " ".join(f"{w}:{median_run.window_times[w]:.2f}"
                                                          for w in sorted(median_run.window_times)))
@@ -382,17 +453,17 @@ def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple
     return (total / fast_med, ratio), worst <= tolerance
 
 
-def agreement(loaded, analysis, tf, windows, knockouts, sample, naive, naive_rows, run: FastRun) -> float:
-    """Largest difference between the engines on the naive sample (log-prob drop, and every log-prob in fp32)."""
-    fast = FastEngine(analysis, tf)
+def agreement(loaded, tf, windows, knockouts, naive, run: Repeat) -> float:
+    """Largest difference between the engines on the naive sample: the log-prob drop, and in fp32 every log-prob."""
+    fast = FastEngine(naive.analysis, tf)
     worst = 0.0
-    for (w, i), row in zip(sample, naive_rows):
-        if w not in run.metrics:
+    for (w, i), row in run.naive_rows.items():
+        if w not in run.metrics["fast"]:
             continue
-        fast_row = fast.logprobs(windows[w], [knockouts[i]])
         drop_naive = float((naive.base_logprobs - row[0]).gather(-1, tf.answer_ids[:, None].to(row.device)).sum())
-        worst = max(worst, abs(drop_naive - run.metrics[w]["logprob_drop"][i]))
-        worst = max(worst, float((fast_row - row).abs().max()) if loaded.dtype == torch.float32 else 0.0)
+        worst = max(worst, abs(drop_naive - run.metrics["fast"][w]["logprob_drop"][i]))
+        if loaded.dtype == torch.float32:
+            worst = max(worst, float((fast.logprobs(windows[w], [knockouts[i]]) - row).abs().max()))
     return worst
 
 
