@@ -29,7 +29,7 @@ Neither engine touches files or argparse.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache, GenerationConfig
@@ -229,9 +229,11 @@ class Savings:
     """Exact savings of the fast engine beyond the reuses (all on; the benchmark switches them off one by one).
 
     last_layer: the last decoder layer computes queries, attention and MLP for the answer rows only.
+    gqa:        SDPA shares each key/value head among its query heads instead of copies (``AttentionPlan.gqa``).
     """
 
     last_layer: bool = True
+    gqa: bool = True
 
 
 class FastEngine:
@@ -248,8 +250,11 @@ class FastEngine:
         self.deepstack = [self._scatter(inputs.visual_mask, rows) for rows in inputs.deepstack]  # (S, H) each
         self.layer_inputs: list[torch.Tensor] = []  # (1, S, H) entering each layer
         self.kv = _RecordKV()
-        self.base_logprobs = self._run(inputs.hidden, 0, 0, self.kv, analysis.plan(), record=True)[0]  # (T, V)
+        self.base_logprobs = self._run(inputs.hidden, 0, 0, self.kv, self._plan(), record=True)[0]  # (T, V)
         self.answer_rows_only = savings.last_layer and self._keys_values_exact()
+
+    def _plan(self, window: tuple[int, int] | None = None, knockouts: list[Knockout] | None = None) -> AttentionPlan:
+        return replace(self.analysis.plan(window, knockouts), gqa=self.savings.gqa)
 
     @torch.no_grad()
     def _keys_values_exact(self) -> bool:
@@ -310,7 +315,7 @@ class FastEngine:
         batch = len(acting)
         hidden = self.layer_inputs[window[0]][:, start:].expand(batch, -1, -1)  # (B', S - start, H)
         kv = _PrefixKV(self.kv, start, batch)
-        computed = self._run(hidden, window[0], start, kv, self.analysis.plan(window, acting))  # (B', T, V)
+        computed = self._run(hidden, window[0], start, kv, self._plan(window, acting))  # (B', T, V)
         if batch == len(units):
             return computed
         rows = torch.tensor([i for i, acts in enumerate(flags) if acts], device=computed.device)

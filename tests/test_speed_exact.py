@@ -11,11 +11,14 @@ from dataclasses import fields
 
 import pytest
 import torch
+from torch.nn import functional as F
+from transformers.integrations.sdpa_attention import repeat_kv
 
 from mask_impact.config import windows_for
 from mask_impact.demo import build_demo
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine, Savings
 from mask_impact.inputs import build_prompt
+from mask_impact.knockout import _gqa_in_sdpa
 from mask_impact.models import load_model
 from mask_impact.spec import Knockout
 
@@ -102,3 +105,25 @@ def test_the_last_layer_runs_only_the_answer_rows(vl_model, images):
         handle.remove()
     assert seen == [(2, len(tf.answer_ids)),  # the saving: the answer rows only
                     (2, tf.input_ids.shape[1] - 1)]  # without it: every position from the first knocked one
+
+
+def test_grouped_query_sdpa_equals_copied_heads():
+    """SDPA's grouped-query path with a boolean (B, 1, Q, K) mask == the heads copied by ``repeat_kv``."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, q_len, k_len, dim = 3, 8, 2, 5, 11, 16
+    query = torch.randn(batch, heads, q_len, dim)
+    key, value = torch.randn(batch, kv_heads, k_len, dim), torch.randn(batch, kv_heads, k_len, dim)
+    q_pos = torch.arange(k_len - q_len, k_len)
+    allowed = (torch.arange(k_len)[None, :] <= q_pos[:, None])[None, None].repeat(batch, 1, 1, 1)  # (B, 1, Q, K)
+    allowed[0, 0, :, 3] = False
+    allowed[1, 0, 2:, :4] = False
+    grouped = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, enable_gqa=True)
+    copied = F.scaled_dot_product_attention(query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=allowed)
+    assert (grouped - copied).abs().max() <= 1e-6
+
+
+def test_grouped_query_sdpa_only_where_it_keeps_the_fast_kernel():
+    cpu, other = torch.empty(1), torch.empty(1, device="meta")  # "meta" stands for any accelerator
+    assert _gqa_in_sdpa(cpu, None) and _gqa_in_sdpa(cpu, torch.ones(1, dtype=torch.bool))
+    assert _gqa_in_sdpa(other, None)
+    assert not _gqa_in_sdpa(other, torch.ones(1, dtype=torch.bool, device="meta"))  # a mask: math kernel on CUDA
