@@ -9,11 +9,13 @@
 matter for speed); ``--arch medium`` is the same family at a width that fits a few CPU cores (hidden 1024,
 intermediate 3072, 8 query / 2 key-value heads of 128, 4 layers, a 3-block vision tower, float32).
 
-Timings on a shared machine are noisy, so every figure is measured side by side: each repeat runs the naive
-engine on a sample of knockouts spread over windows and units, then the fast engine on the whole sweep (then the
-fast engine with each ``--without`` saving switched off), then the plain matmul of the model's MLP shapes at the
-row counts the sweep used. Min and median over the repeats are printed for each, and the ratios come from the
-same repeats. Both engines must agree on the sample before a ratio is printed.
+Timings on a shared machine are noisy, so every figure is measured side by side: each repeat runs the whole
+sweep batch by batch, every batch once with each fast-engine variant (the engine as it is; ``--without SAVING``:
+one of ``engine.Savings`` off; ``--also-threads N``), a different variant going first each batch; the naive engine
+runs its sample of knockouts window by window in between, and the plain matmul of the model's MLP shapes at the
+row counts the sweep used ends the repeat. Min and median over the repeats are
+printed for each, and every ratio comes from the same repeats. Both engines must agree on the sample before a
+ratio is printed. Threads: ``--threads``, or by default the CPUs other processes leave idle (printed).
 
 Also printed: knockouts/s, peak memory, time per layer window, the FLOPs the sweep needs (decoder layers as the
 fast engine must compute them, and the head), the FLOP/s achieved, the machine's own measured matmul rate for
