@@ -418,8 +418,9 @@ def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple
     fast_min, fast_med = min(fast_times), statistics.median(fast_times)
     print(f"agreement on {len(sample)} sampled knockouts: max |Δ| = {worst:.2e} (tolerance {tolerance:g}) -> "
           f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
-    print(f"{args.repeat} repeats, each running {', '.join(variants)} batch by batch in turn and the naive sample "
-          f"window by window, then the matmul probe; min / median:")
+    engines = "the fast sweep" if len(variants) == 1 else f"the sweep batch by batch with {', '.join(variants)}"
+    print(f"{args.repeat} repeats, each running {engines}, the naive sample window by window, then the matmul "
+          f"probe; min / median:")
     print(f"  naive: {1 / naive_min:10.2f} / {1 / naive_med:10.2f} knockouts/s  ({naive_min * 1e3:.1f} / "
           f"{naive_med * 1e3:.1f} ms each; whole sweep {naive_med * total:,.0f} s)")
     print(f"  fast:  {total / fast_min:10.2f} / {total / fast_med:10.2f} knockouts/s  (whole sweep {fast_min:,.2f} / "
