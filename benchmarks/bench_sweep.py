@@ -1,25 +1,41 @@
 """Side-by-side sweep benchmark: naive reference vs fast engine, same model, same input, one process.
 
     python benchmarks/bench_sweep.py --arch tiny                         # CPU, demo-sized prompt + image
+    python benchmarks/bench_sweep.py --arch medium                       # CPU, hidden 1024, 4 layers, fp32
+    python benchmarks/bench_sweep.py --arch qwen3-vl-4b --num-layers 2 --image-size 256 --device cpu
     python benchmarks/bench_sweep.py --arch qwen3-vl-4b --image-size 1024 --device cuda
 
 ``--arch qwen3-vl-4b`` builds ../shared/configs/qwen3-vl-4b-instruct.json with random weights (weights do not
-matter for speed). The naive engine (one full forward per knockout) runs on a sample of knockouts spread over
-windows and units; the fast engine runs the whole sweep. Both must agree on the sample before a ratio is
-printed. ``--unit region:2`` and ``--flow 'image->last'`` measure those sweeps too, on the same input, next to the
-token sweep. Also printed: knockouts/s, peak memory, time per layer window, the FLOPs the sweep really needs, the
-achieved TFLOP/s and the time the sweep would take at the GPU's peak bf16 rate.
+matter for speed); ``--arch medium`` is the same family at a width that fits a few CPU cores (hidden 1024,
+intermediate 3072, 8 query / 2 key-value heads of 128, 4 layers, a 3-block vision tower, float32).
+
+Timings on a shared machine are noisy, so every figure is measured side by side: each repeat runs the whole
+sweep batch by batch, every batch once with each fast-engine variant (the engine as it is; ``--without SAVING``:
+one of ``engine.Savings`` off; ``--also-threads N``), a different variant going first each batch; the naive engine
+runs its sample of knockouts window by window in between, and the plain matmul of the model's MLP shapes at the
+row counts the sweep used ends the repeat. Min and median over the repeats are
+printed for each, and every ratio comes from the same repeats. Both engines must agree on the sample before a
+ratio is printed. Threads: ``--threads``, or by default the CPUs other processes leave idle (printed).
+
+Also printed: knockouts/s, peak memory, time per layer window, the FLOPs the sweep needs (decoder layers as the
+fast engine must compute them, and the head), the FLOP/s achieved, the machine's own measured matmul rate for
+the same shapes and dtype, and the fraction of it achieved; on a GPU also the time at the data sheet's peak.
+``--unit region:2`` and ``--flow 'image->last'`` measure those sweeps too, on the same input, next to the token
+sweep. Every size option is honoured or refused with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,14 +49,23 @@ sys.path.insert(0, str(ROOT))
 
 from mask_impact.config import UsageError, windows_for  # noqa: E402
 from mask_impact.demo import build_demo  # noqa: E402
-from mask_impact.engine import Analysis, FastEngine, NaiveEngine  # noqa: E402
+from mask_impact.engine import Analysis, FastEngine, NaiveEngine, Savings  # noqa: E402
 from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
-from mask_impact.sweep import auto_batch_size, score_knockouts, sweep_flops  # noqa: E402
+from mask_impact.metrics import METRICS, compute_all  # noqa: E402
+from mask_impact.sweep import auto_batch_size, is_out_of_memory, next_batch  # noqa: E402
 from mask_impact.units import build_units  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
 CONFIG_4B = ROOT.parent / "shared" / "configs" / "qwen3-vl-4b-instruct.json"
+# --arch medium: the 4B configuration at a width a few CPU cores can sweep in a minute
+MEDIUM_TEXT = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=8, num_key_value_heads=2,
+                   head_dim=128, num_hidden_layers=4)
+MEDIUM_VISION = dict(depth=3, hidden_size=256, intermediate_size=1024, num_heads=4,
+                     deepstack_visual_indexes=[0, 1, 2], out_hidden_size=1024)
+DEFAULT_IMAGE = {"tiny": 128, "medium": 256, "qwen3-vl-4b": 1024}
+DEFAULT_DTYPE = {"tiny": "float32", "medium": "float32", "qwen3-vl-4b": "bfloat16"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class IdTokenizer:
@@ -55,10 +80,15 @@ class IdTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def build_4b(device: torch.device, dtype: torch.dtype, num_layers: int | None = None) -> LoadedModel:
-    config = transformers.Qwen3VLConfig(**json.loads(CONFIG_4B.read_text()))
-    if num_layers:  # a shallower copy, to check the set-up quickly
-        config.text_config.num_hidden_layers = num_layers
+def build_from_4b(device: torch.device, dtype: torch.dtype, num_layers: int | None, text: dict | None = None,
+                  vision: dict | None = None, name: str = "qwen3-vl-4b") -> LoadedModel:
+    """The 4B configuration (its sizes overridden by ``text``/``vision``), random weights."""
+    raw = json.loads(CONFIG_4B.read_text())
+    raw["text_config"].update(text or {})
+    raw["vision_config"].update(vision or {})
+    if num_layers:
+        raw["text_config"]["num_hidden_layers"] = num_layers
+    config = transformers.Qwen3VLConfig(**raw)
     config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -66,7 +96,7 @@ def build_4b(device: torch.device, dtype: torch.dtype, num_layers: int | None = 
         model = transformers.Qwen3VLForConditionalGeneration(config).to(dtype).eval()
     eos = config.text_config.eos_token_id
     model.generation_config.eos_token_id = eos
-    return LoadedModel(model, None, IdTokenizer(eos), adapter_for(model), "qwen3-vl-4b (random)", device, dtype)
+    return LoadedModel(model, None, IdTokenizer(eos), adapter_for(model), f"{name} (random)", device, dtype)
 
 
 def prompt_4b(loaded: LoadedModel, image_size: int) -> Prompt:
@@ -95,12 +125,13 @@ def prompt_4b(loaded: LoadedModel, image_size: int) -> Prompt:
     return Prompt("benchmark", input_ids, kwargs, tokens, [])
 
 
-def build_tiny(image_size: int, num_layers: int | None) -> tuple[LoadedModel, Prompt]:
+def build_tiny(image_size: int, num_layers: int | None, device: torch.device,
+               dtype: str) -> tuple[LoadedModel, Prompt]:
     """The tiny random-weight VL model; the image is given to the model at ``image_size`` (not shrunk)."""
     from mask_impact.inputs import build_prompt
 
     folder = build_demo(Path(tempfile.mkdtemp()) / "tiny", True, num_layers=num_layers or 4)
-    loaded = load_model(str(folder), True, "cpu", "float32")
+    loaded = load_model(str(folder), True, str(device), dtype)
     image = Path(tempfile.mkdtemp()) / "image.png"
     pixels = np.random.default_rng(0).integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(image)
@@ -108,58 +139,124 @@ def build_tiny(image_size: int, num_layers: int | None) -> tuple[LoadedModel, Pr
                                 max_pixels=max(image_size * image_size, 64 * 64))
 
 
-class CountingEngine:
-    """Counts the engine's forwards and their rows, so the batch really used is reported."""
+def build(args, device: torch.device) -> tuple[LoadedModel, Prompt]:
+    image_size = args.image_size or DEFAULT_IMAGE[args.arch]
+    dtype = args.dtype or DEFAULT_DTYPE[args.arch]
+    if args.arch == "tiny":
+        loaded, prompt = build_tiny(image_size, args.num_layers, device, dtype)
+    else:
+        text, vision = (MEDIUM_TEXT, MEDIUM_VISION) if args.arch == "medium" else (None, None)
+        loaded = build_from_4b(device, DTYPES[dtype], args.num_layers, text, vision, args.arch)
+        prompt = prompt_4b(loaded, image_size)
+    grid = prompt.model_kwargs["image_grid_thw"][0].tolist()
+    if grid[1:] != [image_size // 16] * 2:  # the sizes were checked; this is the processor agreeing
+        raise UsageError(f"the processor gave a {grid[1] * 16}x{grid[2] * 16} image for --image-size {image_size}")
+    return loaded, prompt
 
-    def __init__(self, engine):
-        self.engine, self.calls, self.rows = engine, 0, 0
 
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
+def check_sizes(args) -> None:
+    """Every size option is honoured exactly or refused here, in one line."""
+    image_size = args.image_size or DEFAULT_IMAGE[args.arch]
+    if image_size % 32 or not 64 <= image_size <= (2048 if args.arch != "tiny" else 4096):
+        raise UsageError(f"--image-size {image_size}: the model takes square images of 64.. pixels in steps of 32 "
+                         "(one merged token is 32x32 pixels); anything else would be resized, not honoured")
+    for name in ("num_layers", "num_tokens", "naive_sample", "repeat", "window", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if any(n < 1 for n in args.also_threads):
+        raise UsageError(f"--also-threads {min(args.also_threads)}: must be at least 1")
+    if args.arch == "medium" and args.num_layers is None:
+        args.num_layers = MEDIUM_TEXT["num_hidden_layers"]
 
-    def logprobs(self, window, units):
-        self.calls, self.rows = self.calls + 1, self.rows + len(units)
-        return self.engine.logprobs(window, units)
+
+def thread_policy() -> tuple[int, str]:
+    """Threads that do not collapse on a shared host: the CPUs the other processes leave idle (the 1-minute load
+    average, read as this process starts), at most torch's own count, at least 1.
+
+    torch's intra-op threads meet at the end of every op; when another process deschedules one of them, the
+    others wait. On 2 CPUs under a load of 6, 1 thread ran the medium sweep in 0.49 of the time 2 threads took
+    (measured side by side with ``--also-threads 1``)."""
+    cpus = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]
+    threads = max(1, min(torch.get_num_threads(), round(cpus - load)))
+    return threads, f"{cpus} CPUs, load average {load:.1f} at start -> {threads}"
+
+
+class LayerRows:
+    """Records the rows (batch × positions) entering every decoder layer, while ``active``: the M of its matmuls."""
+
+    def __init__(self, layers):
+        self.rows: list[int] = []
+        self.active = False
+        self.handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in layers]
+
+    def _hook(self, module, args, kwargs):
+        if not self.active:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.rows.append(hidden.shape[0] * hidden.shape[1])
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("tiny", "qwen3-vl-4b"), default="tiny")
-    parser.add_argument("--image-size", type=int, default=None, help="square image side (tiny: 128, 4b: 1024)")
+    parser.add_argument("--arch", choices=("tiny", "medium", "qwen3-vl-4b"), default="tiny")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square image side, a multiple of 32 (tiny: 128, medium: 256, 4b: 1024)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="tiny, medium: float32; qwen3-vl-4b: bfloat16")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: the CPUs other processes leave idle, at least 1)")
     parser.add_argument("--num-tokens", type=int, default=5)
     parser.add_argument("--naive-sample", type=int, default=12, help="knockouts run by the naive engine")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--block-from", choices=("all", "answer"), default="all")
-    parser.add_argument("--num-layers", type=int, default=None, help="override the decoder depth (quick checks)")
-    parser.add_argument("--repeat", type=int, default=3, help="fast sweeps to run; the median is reported")
+    parser.add_argument("--num-layers", type=int, default=None, help="override the decoder depth (medium: 4)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="interleaved repeats of naive, fast (and ablated) runs; min and median are reported")
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
-                        help="stop the fast sweep after this long and extrapolate the rest")
+                        help="stop each fast sweep after this long and extrapolate the rest by FLOPs")
     parser.add_argument("--mask-mode", choices=("text", "vision", "both"), default="both")
     parser.add_argument("--unit", default="token",
                         help="token (default), or region:N / image / word: measured next to token units")
     parser.add_argument("--flow", dest="flows", action="append", default=[], metavar="SRC->DST",
                         help="also measure a flow sweep (repeatable), next to token units")
     parser.add_argument("--window", type=int, default=1, help="layers per window (default 1)")
+    parser.add_argument("--without", action="append", default=[], choices=[f.name for f in fields(Savings)],
+                        help="also time the fast engine with this saving off, in the same repeats (repeatable)")
+    parser.add_argument("--also-threads", type=int, action="append", default=[], metavar="N",
+                        help="also time the fast engine on N threads, in the same repeats (repeatable)")
     args = parser.parse_args()
+    check_sizes(args)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     device = torch.device(args.device)
-    if args.arch == "tiny":
-        loaded, prompt = build_tiny(args.image_size or 128, args.num_layers)
-    else:
-        loaded = build_4b(device, torch.bfloat16, args.num_layers)
-        prompt = prompt_4b(loaded, args.image_size or 1024)
+    torch_threads, (threads, why) = torch.get_num_threads(), thread_policy()
+    torch.set_num_threads(args.threads or threads)
+    loaded, prompt = build(args, device)
     cuda = device.type == "cuda"
     analysis = Analysis(loaded, prompt, block_from=args.block_from)
-    baseline, tf = analysis.baseline(args.num_tokens)
+    _, tf = analysis.baseline(args.num_tokens)
     num_layers = loaded.adapter.num_layers
     windows = windows_for(list(range(num_layers)), args.window, num_layers)
+    text = loaded.adapter.decoder.config
     print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}  model {loaded.name}  "
           f"dtype {str(loaded.dtype).replace('torch.', '')}  torch {torch.__version__}  "
           f"transformers {transformers.__version__}")
-    print(f"sequence {tf.input_ids.shape[1]} tokens ({sum(t.modality == 'vision' for t in prompt.tokens)} image), "
-          f"answer {len(tf.answer_ids)} tokens, windows {len(windows)} of {args.window} layer(s)")
+    print(f"threads {torch.get_num_threads()} ({'--threads' if args.threads else 'default'}; the default: {why}; "
+          f"torch's own {torch_threads})")
+    print(f"decoder: {num_layers} layers, hidden {text.hidden_size}, intermediate {text.intermediate_size}, heads "
+          f"{text.num_attention_heads}/{text.num_key_value_heads} of {text.head_dim}, vocabulary {text.vocab_size:,}")
+    image_tokens = sum(t.modality == "vision" for t in prompt.tokens)
+    side = args.image_size or DEFAULT_IMAGE[args.arch]
+    stopped = f", stopped at EOS (asked {args.num_tokens})" if len(tf.answer_ids) < args.num_tokens else ""
+    print(f"sequence {tf.input_ids.shape[1]} tokens ({image_tokens} image, from a {side}-pixel square), answer "
+          f"{len(tf.answer_ids)} tokens{stopped}, windows {len(windows)} of {args.window} layer(s)")
     sweeps = [("token", dict(unit="token"))]
     if args.unit != "token":
         sweeps.append((args.unit, dict(unit=args.unit)))
@@ -181,83 +278,267 @@ def main() -> None:
         sys.exit(1)
 
 
+@dataclass
+class Repeat:
+    """One repeat: every engine over the same batches, in lockstep (seconds per engine, set-up included)."""
+
+    seconds: dict[str, float]  # "fast", "without NAME" per switched-off saving, "on N thread(s)"
+    naive_per_knockout: float
+    naive_rows: dict  # (window index, unit index) -> (1, T, V) log-probs
+    metrics: dict  # engine -> window index -> metric -> [value per unit]
+    window_times: dict  # window index -> seconds of the fast engine
+    batch: int
+    rows_per_forward: float
+
+
+def _timed(cuda: bool, function, *args):
+    _sync(cuda)
+    started = time.perf_counter()
+    result = function(*args)
+    _sync(cuda)
+    return result, time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A fast engine to time: its savings, and the threads it runs on."""
+
+    savings: Savings
+    threads: int
+
+
+def lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants: dict[str, Variant], naive,
+             cuda: bool, recorder: LayerRows | None = None) -> Repeat:
+    """The sweep once for every engine variant, batch by batch in turn (each batch started by the next variant),
+    and the naive sample window by window: a burst of load on a shared host lands on all of them alike. Batches
+    are the sweep's own (``next_batch``)."""
+    seconds, engines, threads = {}, {}, torch.get_num_threads()
+    for name, variant in variants.items():
+        torch.set_num_threads(variant.threads)
+        engines[name], seconds[name] = _timed(cuda, FastEngine, analysis, tf, variant.savings)
+    torch.set_num_threads(threads)
+    batch = args.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
+    metrics = {name: {} for name in variants}
+    window_times, naive_rows, naive_seconds, forwards, rows = {}, {}, 0.0, 0, 0
+    order = sorted(range(len(windows)), key=lambda w: (w % 6, w))  # a spread of depths first
+    started = time.perf_counter()
+    for w in order:
+        for name in variants:
+            metrics[name][w] = {metric: [None] * len(knockouts) for metric in METRICS}
+        window_times[w], done = 0.0, 0
+        while done < len(knockouts):
+            chunk = next_batch(engines["fast"], knockouts, done, batch)
+            spent, names = {}, list(engines)
+            try:
+                for name in names[forwards % len(names):] + names[: forwards % len(names)]:  # each goes first in turn
+                    engine = engines[name]
+                    if recorder is not None:
+                        recorder.active = name == "fast"
+                    torch.set_num_threads(variants[name].threads)
+                    values, spent[name] = _timed(cuda, lambda e=engine: compute_all(
+                        e.base_logprobs, e.logprobs(windows[w], chunk), tf.answer_ids))
+                    for metric, column in values.items():
+                        metrics[name][w][metric][done: done + len(chunk)] = column
+            except (RuntimeError, MemoryError) as error:  # the sweep's own rule: halve the batch, retry
+                if not is_out_of_memory(error) or batch == 1:
+                    raise
+                batch //= 2
+                continue
+            finally:
+                torch.set_num_threads(threads)
+            for name, value in spent.items():
+                seconds[name] += value
+            window_times[w] += spent["fast"]
+            forwards, rows, done = forwards + 1, rows + len(chunk), done + len(chunk)
+        for s_w, i in sample:
+            if s_w == w:
+                naive_rows[(s_w, i)], spent = _timed(cuda, naive.logprobs, windows[s_w], [knockouts[i]])
+                naive_seconds += spent
+        if time.perf_counter() - started > args.max_seconds:
+            break
+    if recorder is not None:
+        recorder.active = False
+    if len(window_times) < len(windows):  # extrapolate by the work each window needs (layers a..L-1)
+        length = tf.input_ids.shape[1]
+        scale = (sum(needed_flops(loaded, windows, knockouts, length, analysis, tf))
+                 / sum(needed_flops(loaded, [windows[w] for w in window_times], knockouts, length, analysis, tf)))
+        seconds = {name: value * scale for name, value in seconds.items()}
+    for s_w, i in sample:  # the naive sample is timed whole, whatever --max-seconds cut
+        if (s_w, i) not in naive_rows:
+            naive_rows[(s_w, i)], spent = _timed(cuda, naive.logprobs, windows[s_w], [knockouts[i]])
+            naive_seconds += spent
+    return Repeat(seconds, naive_seconds / len(sample), naive_rows, metrics, window_times, batch,
+                  rows / max(1, forwards))
+
+
 def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple[tuple[float, float], bool]:
-    """One sweep timed both ways: (fast knockouts/s, fast/naive ratio) and whether the engines agree."""
+    """One sweep timed every way, interleaved: (fast knockouts/s, fast/naive ratio) and whether they agree."""
     device = loaded.device
     rng = random.Random(0)
     sample = sorted({(rng.randrange(len(windows)), rng.randrange(len(knockouts))) for _ in range(args.naive_sample)})
+    threads = torch.get_num_threads()
+    variants = {"fast": Variant(Savings(), threads),
+                **{f"without {name}": Variant(Savings(**{name: False}), threads) for name in args.without},
+                **{f"on {n} thread(s)": Variant(Savings(), n) for n in args.also_threads if n != threads}}
     naive = NaiveEngine(analysis, tf)
-    naive.logprobs(windows[0], [knockouts[0]])  # warm-up: first-call costs are not the engine's speed
-    naive_rows = []
-    _sync(cuda)
-    started = time.perf_counter()
-    for w, i in sample:
-        naive_rows.append(naive.logprobs(windows[w], [knockouts[i]]))
-    _sync(cuda)
-    naive_per_knockout = (time.perf_counter() - started) / len(sample)
-
+    naive.logprobs(windows[0], [knockouts[0]])  # warm-ups: first-call costs are not the engines' speed
+    for variant in variants.values():
+        torch.set_num_threads(variant.threads)
+        FastEngine(analysis, tf, variant.savings).logprobs(windows[0], knockouts[:4])
+    torch.set_num_threads(threads)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    order = sorted(range(len(windows)), key=lambda w: (w % 6, w))  # a spread of depths first
-    runs = []
-    for _ in range(args.repeat):
-        _sync(cuda)
-        started = time.perf_counter()
-        fast = CountingEngine(FastEngine(analysis, tf))
-        batch = args.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
-        window_times, metrics, done = {}, {}, []
-        for w in order:
-            t0 = time.perf_counter()
-            part, batch = score_knockouts(fast, [windows[w]], knockouts, batch, progress=False)
-            _sync(cuda)
-            window_times[w] = time.perf_counter() - t0
-            metrics[w] = {name: grid[0] for name, grid in part.items()}
-            done.append(w)
-            if time.perf_counter() - started > args.max_seconds:
-                break
-        runs.append((time.perf_counter() - started, window_times, metrics, done, batch,
-                     fast.rows / max(1, fast.calls)))
-    fast_total, window_times, metrics, done, batch, rows_per_call = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+    gemm, recorder = GemmProbe(loaded), LayerRows(loaded.adapter.layers)
+    repeats, gemm_rates = [], []
+    try:
+        for repeat in range(args.repeat):
+            repeats.append(lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants, naive, cuda,
+                                    recorder if repeat == 0 else None))
+            if repeat == 0:
+                gemm.choose(recorder.rows)
+            gemm_rates.append(gemm.rate(cuda))
+    finally:
+        recorder.remove()
     if cuda:
         peak = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     else:  # ru_maxrss is in KiB on Linux: the whole process, model and naive engine included
         peak = f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-    length = tf.input_ids.shape[1]
-    if len(done) < len(windows):  # extrapolate by the work each window needs (layers a..L-1)
-        done_flops = sweep_flops(loaded, [windows[w] for w in done], knockouts, length, analysis.first_affected)
-        all_flops = sweep_flops(loaded, windows, knockouts, length, analysis.first_affected)
-        fast_total *= all_flops / done_flops
-        print(f"stopped after {len(done)} of {len(windows)} windows (--max-seconds {args.max_seconds}); "
-              f"the whole-sweep figures below are extrapolated by FLOPs")
 
-    worst = 0.0
-    for (w, i), row in zip(sample, naive_rows):
-        if w not in metrics:
-            continue
-        fast_row = fast.logprobs(windows[w], [knockouts[i]])
-        drop_naive = float((naive.base_logprobs - row[0]).gather(-1, tf.answer_ids[:, None].to(row.device)).sum())
-        worst = max(worst, abs(drop_naive - metrics[w]["logprob_drop"][i]))
-        worst = max(worst, float((fast_row - row).abs().max()) if loaded.dtype == torch.float32 else 0.0)
+    first = repeats[0]
+    worst = agreement(loaded, tf, windows, knockouts, naive, first)
     tolerance = 1e-3 if loaded.dtype == torch.float32 else 0.25
     total = len(windows) * len(knockouts)
-    flops = sweep_flops(loaded, windows, knockouts, length, analysis.first_affected)
+    length = tf.input_ids.shape[1]
+    layer_flops, head_flops = needed_flops(loaded, windows, knockouts, length, analysis, tf)
+    flops = layer_flops + head_flops
+    naive_times = [r.naive_per_knockout for r in repeats]
+    fast_times = [r.seconds["fast"] for r in repeats]
+    median_run = sorted(repeats, key=lambda r: r.seconds["fast"])[len(repeats) // 2]
+    naive_min, naive_med = min(naive_times), statistics.median(naive_times)
+    fast_min, fast_med = min(fast_times), statistics.median(fast_times)
     print(f"agreement on {len(sample)} sampled knockouts: max |Δ| = {worst:.2e} (tolerance {tolerance:g}) -> "
           f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
-    print(f"naive: {1 / naive_per_knockout:10.2f} knockouts/s  ({naive_per_knockout * 1e3:.1f} ms each; "
-          f"whole sweep {naive_per_knockout * total:,.0f} s)")
-    print(f"fast:  {total / fast_total:10.2f} knockouts/s  (whole sweep {fast_total:,.2f} s, batch limit "
-          f"{batch}, {rows_per_call:.1f} rows per forward on average, {peak})")
-    ratio = naive_per_knockout * total / fast_total
+    engines = "the fast sweep" if len(variants) == 1 else f"the sweep batch by batch with {', '.join(variants)}"
+    print(f"{args.repeat} repeats, each running {engines}, the naive sample window by window, then the matmul "
+          f"probe; min / median:")
+    print(f"  naive: {1 / naive_min:10.2f} / {1 / naive_med:10.2f} knockouts/s  ({naive_min * 1e3:.1f} / "
+          f"{naive_med * 1e3:.1f} ms each; whole sweep {naive_med * total:,.0f} s)")
+    print(f"  fast:  {total / fast_min:10.2f} / {total / fast_med:10.2f} knockouts/s  (whole sweep {fast_min:,.2f} / "
+          f"{fast_med:,.2f} s; batch limit {median_run.batch}, {median_run.rows_per_forward:.1f} rows per forward)")
+    ratio = naive_med * total / fast_med
+    ratios = sorted(n * total / f for n, f in zip(naive_times, fast_times))
     if worst <= tolerance:
-        print(f"ratio fast/naive: {ratio:.1f}x")
-    print("seconds per window: " + " ".join(f"{w}:{window_times[w]:.2f}" for w in sorted(window_times)))
-    print(f"needed matmul work {flops / 1e12:.4g} TFLOP; achieved {flops / fast_total / 1e12:.4g} TFLOP/s")
+        print(f"ratio fast/naive: {ratio:.1f}x (medians; per repeat {', '.join(f'{r:.1f}' for r in ratios)})")
+    for name in list(variants)[1:]:
+        times = [r.seconds[name] for r in repeats]
+        gains = ", ".join(f"{off / on:.2f}" for off, on in zip(times, fast_times))
+        drift = max(abs(a - b) for w in first.metrics[name] for a, b in
+                    zip(first.metrics[name][w]["logprob_drop"], first.metrics["fast"][w]["logprob_drop"]))
+        print(f"  fast {name}: {total / min(times):.2f} / {total / statistics.median(times):.2f} knockouts/s "
+              f"(whole sweep {min(times):,.2f} / {statistics.median(times):,.2f} s); its time / fast's "
+              f"{statistics.median(times) / fast_med:.2f} (medians; per repeat {gains}); max |Δ logprob_drop| "
+              f"against fast {drift:.1e}")
+    print(f"  {peak}")
+    print("seconds per window (median run): " + " ".join(f"{w}:{median_run.window_times[w]:.2f}"
+                                                         for w in sorted(median_run.window_times)))
+    achieved = flops / fast_med
+    gemm_med = statistics.median(gemm_rates)
+    print(f"needed matmul work {flops / 1e12:.4g} TFLOP (decoder layers {layer_flops / 1e12:.4g}, head "
+          f"{head_flops / 1e12:.4g}); achieved {achieved / 1e12:.4g} TFLOP/s")
+    print(f"measured matmul rate for the MLP's {gemm.describe()}: {gemm_med / 1e12:.4g} TFLOP/s (median; min "
+          f"{min(gemm_rates) / 1e12:.4g}, max {max(gemm_rates) / 1e12:.4g}) -> fraction of that limit achieved "
+          f"{achieved / gemm_med:.2f}; the sweep at that rate: {flops / gemm_med:.3g} s")
     if cuda:
         name = torch.cuda.get_device_name(device)
         peak_rate = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         if peak_rate:
             print(f"FLOP-limit time at {peak_rate:.0f} TFLOP/s (dense bf16 peak): {flops / peak_rate / 1e12:.1f} s")
-    return (total / fast_total, ratio), worst <= tolerance
+    return (total / fast_med, ratio), worst <= tolerance
+
+
+def agreement(loaded, tf, windows, knockouts, naive, run: Repeat) -> float:
+    """Largest difference between the engines on the naive sample: the log-prob drop, and in fp32 every log-prob."""
+    fast = FastEngine(naive.analysis, tf)
+    worst = 0.0
+    for (w, i), row in run.naive_rows.items():
+        if w not in run.metrics["fast"]:
+            continue
+        drop_naive = float((naive.base_logprobs - row[0]).gather(-1, tf.answer_ids[:, None].to(row.device)).sum())
+        worst = max(worst, abs(drop_naive - run.metrics["fast"][w]["logprob_drop"][i]))
+        if loaded.dtype == torch.float32:
+            worst = max(worst, float((fast.logprobs(windows[w], [knockouts[i]]) - row).abs().max()))
+    return worst
+
+
+def needed_flops(loaded, windows, knockouts, length: int, analysis, tf) -> tuple[float, float]:
+    """Matmul FLOPs the sweep needs, (decoder layers, head): per knockout, layers a..L-2 over the positions it
+    can change; the last layer's keys/values over those positions and its queries, attention and MLP over the
+    answer positions only (nothing else of it is read); the final norm's head over the answer positions."""
+    config = loaded.adapter.decoder.config
+    h, i, nh, nkv, hd = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                         config.num_key_value_heads, config.head_dim)
+    kv_linear = 2 * 2 * h * nkv * hd
+    per_token_linear = 2 * 2 * h * nh * hd + kv_linear + 2 * 3 * h * i  # q,o + k,v + mlp
+    answer = tf.answer_start
+    num_layers = loaded.adapter.num_layers
+    layers, head = 0.0, 0.0
+    for a, _ in windows:
+        for unit in knockouts:
+            start = analysis.first_affected(unit)
+            if start is None:
+                continue
+            queries = length - start
+            keys = queries * (start + length + 1) / 2  # Σ over queries q of (q + 1) keys
+            layers += (num_layers - 1 - a) * (queries * per_token_linear + 4 * nh * hd * keys)
+            last = max(start, answer)  # the last layer's query rows
+            last_keys = (length - last) * (last + length + 1) / 2
+            layers += (last - start) * kv_linear + (length - last) * per_token_linear + 4 * nh * hd * last_keys
+            head += 2 * len(tf.answer_ids) * h * config.vocab_size
+    return layers, head
+
+
+class GemmProbe:
+    """The machine's own matmul rate on the MLP's shapes — (M, hidden) @ (hidden, intermediate) and back — in the
+    model's dtype, at the row counts M the sweep's layers really took. Four M, each standing for a quarter of
+    the sweep's MLP work (work-weighted quantiles); the rate is the one that does all four quarters in the time
+    they take (a harmonic mean)."""
+
+    def __init__(self, loaded: LoadedModel):
+        config = loaded.adapter.decoder.config
+        self.hidden, self.intermediate = config.hidden_size, config.intermediate_size
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.rows: list[int] = []
+
+    def choose(self, layer_rows: list[int]) -> None:
+        ordered = sorted(layer_rows)
+        total, running, marks = sum(ordered), 0, [1 / 8, 3 / 8, 5 / 8, 7 / 8]
+        for m in ordered:
+            running += m
+            while marks and running >= marks[0] * total:
+                self.rows.append(m)
+                marks.pop(0)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        self.up = torch.randn(self.intermediate, self.hidden, generator=generator).to(self.device, self.dtype)
+        self.down = torch.randn(self.hidden, self.intermediate, generator=generator).to(self.device, self.dtype)
+        self.inputs = {m: torch.randn(m, self.hidden, generator=generator).to(self.device, self.dtype)
+                       for m in set(self.rows)}
+
+    def describe(self) -> str:
+        return f"{self.hidden}x{self.intermediate} matmuls at M = {', '.join(str(m) for m in self.rows)} rows"
+
+    def rate(self, cuda: bool) -> float:
+        seconds_per_flop = 0.0
+        for m in self.rows:
+            x = self.inputs[m]
+            best = float("inf")
+            for _ in range(3):
+                _sync(cuda)
+                started = time.perf_counter()
+                torch.matmul(torch.matmul(x, self.up.t()), self.down.t())  # (M, H) -> (M, I) -> (M, H)
+                _sync(cuda)
+                best = min(best, time.perf_counter() - started)
+            seconds_per_flop += best / (2 * 2 * m * self.hidden * self.intermediate)
+        return len(self.rows) / seconds_per_flop
 
 
 def _sync(cuda: bool) -> None:

@@ -17,12 +17,19 @@ position before ``p`` (causal attention):
 3. only positions ``>= min p`` of the batch are recomputed: the keys/values before it are the
    cached ones; only the answer positions go through the final norm and the head.
 
+``Savings`` lists the further exact savings, each on by default and switchable so the benchmark can
+measure it. The last layer's output is read only at the answer positions, so it computes queries,
+attention and MLP for those rows only; the keys/values of the positions before them are made by the
+layer's own norm, projections, k-norm and rotary (checked bit for bit against the layer's own at set-up,
+else the layer runs whole).
+
 Neither engine touches files or argparse.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache, GenerationConfig
@@ -188,22 +195,59 @@ class _RecordKV:
 
 
 class _PrefixKV:
-    """Stands in for the KV cache during a suffix pass: cached K/V before ``start``, fresh after."""
+    """Stands in for the KV cache during a suffix pass: cached K/V before ``start``, fresh after. A layer that
+    runs only its last rows finds the K/V of the rows it skips in ``skipped`` (made by ``_keys_values``)."""
 
     def __init__(self, record: _RecordKV, start: int, batch: int) -> None:
         self.record, self.start, self.batch = record, start, batch
+        self.skipped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         cached_k = self.record.keys[layer_idx][:, :, : self.start].expand(self.batch, -1, -1, -1)
         cached_v = self.record.values[layer_idx][:, :, : self.start].expand(self.batch, -1, -1, -1)
-        return torch.cat([cached_k, key], dim=2), torch.cat([cached_v, value], dim=2)  # (B, nkv, S, hs)
+        skipped_k, skipped_v = self.skipped.get(layer_idx, (key[:, :, :0], value[:, :, :0]))
+        return (torch.cat([cached_k, skipped_k, key], dim=2),  # (B, nkv, S, hs)
+                torch.cat([cached_v, skipped_v, value], dim=2))
+
+
+def _keys_values(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The K/V a decoder layer's attention makes of ``hidden`` (B, Q, H) entering the layer, without its
+    queries: the layer's own input norm, k/v projections, k-norm (if any) and its family's rotary function.
+    None for a layer not built that way (``FastEngine`` also checks the result against the layer's own)."""
+    attention = getattr(layer, "self_attn", None)
+    rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    if not all(hasattr(obj, name) for obj, name in ((layer, "input_layernorm"), (attention, "k_proj"),
+                                                     (attention, "v_proj"), (attention, "head_dim"))) or rotary is None:
+        return None
+    normed = layer.input_layernorm(hidden)
+    shape = (*hidden.shape[:-1], -1, attention.head_dim)
+    key = attention.k_proj(normed).view(shape)
+    if getattr(attention, "k_norm", None) is not None:
+        key = attention.k_norm(key)
+    value = attention.v_proj(normed).view(shape).transpose(1, 2)  # (B, nkv, Q, hs)
+    key = key.transpose(1, 2)
+    _, key = rotary(key, key, cos, sin)  # (B, nkv, Q, hs)
+    return key, value
+
+
+@dataclass(frozen=True)
+class Savings:
+    """Exact savings of the fast engine beyond the reuses (all on; the benchmark switches them off one by one).
+
+    last_layer: the last decoder layer computes queries, attention and MLP for the answer rows only.
+    gqa:        SDPA shares each key/value head among its query heads instead of copies (``AttentionPlan.gqa``).
+    """
+
+    last_layer: bool = True
+    gqa: bool = True
 
 
 class FastEngine:
     """Same numbers as ``NaiveEngine``, computing only what a knockout can change."""
 
-    def __init__(self, analysis: Analysis, tf: TeacherForced):
-        self.analysis, self.tf = analysis, tf
+    def __init__(self, analysis: Analysis, tf: TeacherForced, savings: Savings = Savings()):
+        self.analysis, self.tf, self.savings = analysis, tf, savings
         adapter, device = analysis.loaded.adapter, analysis.loaded.device
         with torch.no_grad():
             inputs = adapter.layer_inputs(tf.input_ids.to(device), _to(tf.model_kwargs, device))
@@ -216,7 +260,19 @@ class FastEngine:
         self.deepstack_rows = list(inputs.deepstack)  # per level: (n_vis, H)
         self.layer_inputs: list[torch.Tensor] = []  # (1, S, H) entering each layer
         self.kv = _RecordKV()
-        self.base_logprobs = self._run(inputs.hidden, 0, 0, self.kv, analysis.plan(), record=True)[0]  # (T, V)
+        self.base_logprobs = self._run(inputs.hidden, 0, 0, self.kv, self._plan(), record=True)[0]  # (T, V)
+        self.answer_rows_only = savings.last_layer and self._keys_values_exact()
+
+    def _plan(self, window: tuple[int, int] | None = None, knockouts: list[Knockout] | None = None) -> AttentionPlan:
+        return replace(self.analysis.plan(window, knockouts), gqa=self.savings.gqa)
+
+    @torch.no_grad()
+    def _keys_values_exact(self) -> bool:
+        """Whether ``_keys_values`` makes the last layer's K/V exactly as the layer itself did in the unmasked pass."""
+        last = self.analysis.loaded.adapter.num_layers - 1
+        made = _keys_values(self.analysis.loaded.adapter.layers[last], self.layer_inputs[last], self.cos, self.sin)
+        return made is not None and torch.equal(made[0], self.kv.keys[last]) and torch.equal(made[1],
+                                                                                            self.kv.values[last])
 
     @staticmethod
     def _scatter(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -231,14 +287,21 @@ class FastEngine:
         """Layers ``first_layer ..`` over positions ``start ..``; returns (B, T, V) answer log-probs.
         ``deepstack``: per level, (B, S, H) features of each row in place of the prompt's own."""
         adapter = self.analysis.loaded.adapter
-        cos, sin = self.cos[:, start:], self.sin[:, start:]
-        # the queries are positions start.., the keys all positions: the mask rows of the queries
-        masks = [None if mask is None else mask[:, :, start:] for mask in self.masks]  # (1, 1, S - start, S)
+        last, answer_start = adapter.num_layers - 1, self.tf.answer_start
         with knockout_attention_installed(adapter.attention_configs()), apply_plan(plan):
             for index in range(first_layer, adapter.num_layers):
                 if record:
                     self.layer_inputs.append(hidden)
-                hidden = adapter.layers[index](hidden, attention_mask=masks[index], position_ids=None,
+                if index == last and not record and self.answer_rows_only and start < answer_start:
+                    # only the answer rows of the last layer are read: the rows before them give keys/values only
+                    skip = answer_start - start
+                    kv.skipped[index] = _keys_values(adapter.layers[index], hidden[:, :skip],
+                                                     self.cos[:, start:answer_start], self.sin[:, start:answer_start])
+                    hidden, start = hidden[:, skip:], answer_start  # (B, T, H)
+                # the queries are positions start.., the keys all positions: the mask rows of the queries
+                mask = None if self.masks[index] is None else self.masks[index][:, :, start:]  # (1, 1, S - start, S)
+                cos, sin = self.cos[:, start:], self.sin[:, start:]
+                hidden = adapter.layers[index](hidden, attention_mask=mask, position_ids=None,
                                                past_key_values=kv, position_embeddings=(cos, sin))
                 if index < len(self.deepstack):
                     added = self.deepstack[index][start:] if deepstack is None else deepstack[index][:, start:]
@@ -267,7 +330,7 @@ class FastEngine:
         batch = len(acting)
         hidden = self.layer_inputs[window[0]][:, start:].expand(batch, -1, -1)  # (B', S - start, H)
         kv = _PrefixKV(self.kv, start, batch)
-        computed = self._run(hidden, window[0], start, kv, self.analysis.plan(window, acting))  # (B', T, V)
+        computed = self._run(hidden, window[0], start, kv, self._plan(window, acting))  # (B', T, V)
         if batch == len(units):
             return computed
         rows = torch.tensor([i for i, acts in enumerate(flags) if acts], device=computed.device)
