@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--flow", dest="flows", action="append", default=[], metavar="SRC->DST",
                         help="also measure a flow sweep (repeatable), next to token units")
     parser.add_argument("--window", type=int, default=1, help="layers per window (default 1)")
+    parser.add_argument("--stage", action="append", default=[], choices=("vision-encoder", "pixels", "deepstack"),
+                        help="also measure a sweep of this stage (repeatable), fast vs naive, next to token units")
     parser.add_argument("--without", action="append", default=[], choices=[f.name for f in fields(Savings)],
                         help="also time the fast engine with this saving off, in the same repeats (repeatable)")
     parser.add_argument("--also-threads", type=int, action="append", default=[], metavar="N",
@@ -269,11 +271,15 @@ def main() -> None:
         print(f"\n== {name}: {len(units)} units x {len(windows)} windows = {len(units) * len(windows):,} knockouts")
         figures[name], ok = measure(args, loaded, analysis, tf, windows, [unit.knockout() for unit in units], cuda)
         agree = agree and ok
+    for stage in args.stage:
+        print(f"\n== --stage {stage}")
+        figures[f"--stage {stage}"], ok = measure_stage(args, loaded, analysis, tf, stage, cuda)
+        agree = agree and ok
     if len(figures) > 1:
         token = figures["token"]
         print("\nside by side (fast knockouts/s, fast/naive ratio):")
         for name, (rate, ratio) in figures.items():
-            print(f"  {name:<12} {rate:10.2f} knockouts/s  ({rate / token[0]:.2f}x token units)  ratio {ratio:.1f}x")
+            print(f"  {name:<24} {rate:10.2f} knockouts/s  ({rate / token[0]:.2f}x token units)  ratio {ratio:.1f}x")
     if not agree:
         sys.exit(1)
 
@@ -289,6 +295,46 @@ class Repeat:
     window_times: dict  # window index -> seconds of the fast engine
     batch: int
     rows_per_forward: float
+
+
+def measure_stage(args, loaded, analysis, tf, stage: str, cuda: bool) -> tuple[tuple[float, float], bool]:
+    """A sweep of a stage before the decoder (units: patches; DeepStack: tokens), the fast engine over every cell,
+    the naive one over a sample: (fast cells/s, fast/naive ratio) and whether they agree on the sample."""
+    from mask_impact import stages
+
+    unit = "token" if stage == "deepstack" else "patch"
+    config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage=stage)
+    units = build_units(analysis.prompt, loaded.tokenizer, config, analysis.answer_start)
+    if stage == "vision-encoder":
+        depth = len(loaded.model.model.visual.blocks)
+        rows = windows_for(list(range(depth)), 1, depth)
+        fast, naive = stages.VisionEncoderEngine(analysis, tf, units), stages.NaiveVisionEncoderEngine(analysis, tf, units)
+    elif stage == "pixels":
+        rows = [(0, loaded.adapter.num_layers - 1)]
+        fast, naive = stages.PixelEngine(analysis, tf, "mean", units), stages.NaivePixelEngine(analysis, tf, "mean", units)
+    else:
+        rows = stages.deepstack_routes(len(loaded.model.config.vision_config.deepstack_visual_indexes),
+                                       loaded.adapter.num_layers)
+        fast, naive = stages.DeepStackEngine(analysis, tf), stages.NaiveDeepStackEngine(analysis, tf)
+    cells = len(rows) * len(units)
+    print(f"{len(units)} {unit} units x {len(rows)} rows = {cells:,} cells")
+    rng = random.Random(0)
+    sample = sorted({(rng.randrange(len(rows)), rng.randrange(len(units))) for _ in range(args.naive_sample)})
+    naive.logprobs(rows[0], units[:1])  # warm-up, both engines
+    fast.logprobs(rows[0], units[:1])
+    naive_rows, naive_seconds = _timed(cuda, lambda: [naive.logprobs(rows[w], [units[i]]) for w, i in sample])
+    batch = args.batch_size or 16
+    computed, fast_seconds = _timed(cuda, lambda: {w: torch.cat([fast.logprobs(row, units[s: s + batch])
+                                                                 for s in range(0, len(units), batch)])
+                                                   for w, row in enumerate(rows)})
+    worst = max(float((computed[w][i] - got[0]).abs().max()) for (w, i), got in zip(sample, naive_rows))
+    tolerance = 1e-3 if loaded.dtype == torch.float32 else 0.25
+    ratio = naive_seconds / len(sample) * cells / fast_seconds
+    print(f"agreement on {len(sample)} sampled cells: max |Δ log p| = {worst:.2e} (tolerance {tolerance:g}) -> "
+          f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
+    print(f"naive: {len(sample) / naive_seconds:10.2f} cells/s;  fast: {cells / fast_seconds:10.2f} cells/s "
+          f"(whole sweep {fast_seconds:.2f} s);  ratio fast/naive {ratio:.1f}x")
+    return (cells / fast_seconds, ratio), worst <= tolerance
 
 
 def _timed(cuda: bool, function, *args):
