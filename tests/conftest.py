@@ -92,3 +92,20 @@ def images(tmp_path_factory):
 def images_fixture(images):
     """The same pictures, under a name that does not clash with hypothesis' arguments."""
     return images
+
+
+def shape_pictures(loaded, seed: int, count: int, question: str = "colour"):
+    """Fresh pictures of the demo's shape task, drawn with a seeded rng: (example, prompt) pairs."""
+    import random
+    import tempfile
+
+    from mask_impact.demo_tasks import QUESTIONS, draw_shape_example
+    from mask_impact.inputs import build_prompt
+
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        for number in range(count):
+            example = draw_shape_example(rng)
+            path = Path(folder) / f"{number}.png"
+            example.image.save(path)
+            yield example, build_prompt(loaded, QUESTIONS[question], [str(path)])

@@ -5,8 +5,6 @@ the planted shape, and bad input."""
 from __future__ import annotations
 
 import json
-import random
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +18,7 @@ from mask_impact.engine import Analysis
 from mask_impact.inputs import build_prompt
 from mask_impact.stages import FILLS, Filler, NaivePixelEngine, PatchLayout, PixelEngine, merge_size
 from mask_impact.units import build_units
-from tests.conftest import cli_error
+from tests.conftest import cli_error, shape_pictures
 
 PROMPT = "What's in this image?"
 
@@ -137,26 +135,20 @@ def test_occluding_the_shape_ranks_first_on_fresh_pictures():
     """On fresh pictures of the demo task, occluding the 2×2 patches of the token that holds the shape costs the
     answer most."""
     from mask_impact.demo import demo_model_path
-    from mask_impact.demo_tasks import QUESTIONS, draw_shape_example
     from mask_impact.metrics import compute_all
     from mask_impact.models import load_model
 
     loaded = load_model(str(demo_model_path(True)), True, "cpu", "float32")
-    rng, count, first = random.Random(9090), 20, 0
-    with tempfile.TemporaryDirectory() as folder:
-        for number in range(count):
-            example = draw_shape_example(rng)
-            path = Path(folder) / f"{number}.png"
-            example.image.save(path)
-            prompt = build_prompt(loaded, QUESTIONS["colour"], [str(path)])
-            analysis = Analysis(loaded, prompt)
-            _, tf = analysis.baseline(3)
-            units = _units(loaded, prompt, "token")
-            engine = PixelEngine(analysis, tf, "mean", units)
-            drops = compute_all(engine.base_logprobs, engine.logprobs(None, units), tf.answer_ids)["logprob_drop"]
-            holder = next(i for i, u in enumerate(units) if (prompt.tokens[u.keys[0]].row,
-                                                              prompt.tokens[u.keys[0]].col) == (example.row, example.col))
-            first += max(range(len(drops)), key=drops.__getitem__) == holder
+    count, first = 20, 0
+    for example, prompt in shape_pictures(loaded, 9090, count):
+        analysis = Analysis(loaded, prompt)
+        _, tf = analysis.baseline(3)
+        units = _units(loaded, prompt, "token")
+        engine = PixelEngine(analysis, tf, "mean", units)
+        drops = compute_all(engine.base_logprobs, engine.logprobs(None, units), tf.answer_ids)["logprob_drop"]
+        holder = next(i for i, u in enumerate(units) if (prompt.tokens[u.keys[0]].row,
+                                                          prompt.tokens[u.keys[0]].col) == (example.row, example.col))
+        first += max(range(len(drops)), key=drops.__getitem__) == holder
     assert first >= 0.9 * count, first
 
 

@@ -4,11 +4,8 @@ engine equals the reference for each kind, the planted answer, and bad input."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +15,7 @@ from mask_impact.config import UsageError
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.units import WORD, build_units, check_units, parse_group
-from tests.conftest import ROOT, cli_error
+from tests.conftest import ROOT, cli_error, shape_pictures
 from tests.test_spec import _explicit_mask_logits
 
 PROMPT = "What's in this image? Describe the picture."
@@ -171,34 +168,27 @@ def test_planted_region_ranks_first_and_image_to_last_destroys_the_answer():
     """On fresh pictures of the demo task: the 2×2 block holding the shape is the most needed region, and
     blocking the last position from the image at every layer loses the colour."""
     from mask_impact.demo import demo_model_path
-    from mask_impact.demo_tasks import QUESTIONS, draw_shape_example
     from mask_impact.metrics import compute_all
     from mask_impact.models import load_model
 
     loaded = load_model(str(demo_model_path(True)), True, "cpu", "float32")
     every_layer = (0, loaded.adapter.num_layers - 1)
-    rng, count, first, changed, drops = random.Random(4242), 30, 0, 0, []
-
-    with tempfile.TemporaryDirectory() as folder:
-        for number in range(count):
-            example = draw_shape_example(rng)
-            path = Path(folder) / f"{number}.png"
-            example.image.save(path)
-            prompt = build_prompt(loaded, QUESTIONS["colour"], [str(path)])
-            analysis = Analysis(loaded, prompt)
-            baseline, tf = analysis.baseline(3)
-            engine = FastEngine(analysis, tf)
-            regions = _units(loaded, prompt, "region:2", mask_mode="vision")
-            values = compute_all(engine.base_logprobs, engine.logprobs(every_layer, [u.knockout() for u in regions]),
-                                 tf.answer_ids)["logprob_drop"]
-            holder = next(i for i, u in enumerate(regions) if any(
-                (prompt.tokens[p].row, prompt.tokens[p].col) == (example.row, example.col) for p in u.keys))
-            first += max(range(len(values)), key=values.__getitem__) == holder
-            flow = _units(loaded, prompt, flows=["image->last"])[0].knockout()
-            drops.append(compute_all(engine.base_logprobs, engine.logprobs(every_layer, [flow]),
-                                     tf.answer_ids)["prob_change_pct"][0])
-            ids, _ = analysis.generate(3, analysis.plan(every_layer, [flow]))
-            changed += loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() != baseline.text.strip()
+    count, first, changed, drops = 30, 0, 0, []
+    for example, prompt in shape_pictures(loaded, 4242, count):
+        analysis = Analysis(loaded, prompt)
+        baseline, tf = analysis.baseline(3)
+        engine = FastEngine(analysis, tf)
+        regions = _units(loaded, prompt, "region:2", mask_mode="vision")
+        values = compute_all(engine.base_logprobs, engine.logprobs(every_layer, [u.knockout() for u in regions]),
+                             tf.answer_ids)["logprob_drop"]
+        holder = next(i for i, u in enumerate(regions) if any(
+            (prompt.tokens[p].row, prompt.tokens[p].col) == (example.row, example.col) for p in u.keys))
+        first += max(range(len(values)), key=values.__getitem__) == holder
+        flow = _units(loaded, prompt, flows=["image->last"])[0].knockout()
+        drops.append(compute_all(engine.base_logprobs, engine.logprobs(every_layer, [flow]),
+                                 tf.answer_ids)["prob_change_pct"][0])
+        ids, _ = analysis.generate(3, analysis.plan(every_layer, [flow]))
+        changed += loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() != baseline.text.strip()
     assert first >= 0.9 * count, first
     assert changed >= 0.9 * count and sum(drops) / count <= -80, (changed, drops)
 
