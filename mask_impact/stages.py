@@ -159,8 +159,10 @@ class Filler:
         return back.reshape(rows.shape)
 
 
-class _Occlusion:
-    """What both occlusion engines share: the patch layout, the fill, where each image starts."""
+class _Patches:
+    """What the patch-level engines share (occlusion and the vision encoder): the patch layout, the fill, where each
+    image starts and its tokens lie among the visual features, and the decoder run with one image's features
+    replaced."""
 
     def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
         self.analysis, self.tf = analysis, tf
@@ -189,6 +191,19 @@ class _Occlusion:
         return vit_plan(self.analysis.loaded, VisionPlan(range(window[0], window[1] + 1),
                                                          _chunk_keys(self.layout, unit, images)))
 
+    def _decode(self, image: int, embeds: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
+        """(B, T, V) answer log-probs with ``image``'s features replaced per row: ``embeds`` (B, n_tok, H) and, per
+        DeepStack level, (B, n_tok, H); the other images keep theirs (``self.fast``: the decoder's cache)."""
+        span, batch = self.token_slices[image], embeds.shape[0]
+        full = self.fast.image_embeds[None].expand(batch, -1, -1).clone()  # (B, n_vis, H)
+        full[:, span] = embeds.to(full.dtype)
+        deepstack = []
+        for cached, level in zip(self.fast.deepstack_rows, levels):
+            rows = cached[None].expand(batch, -1, -1).clone()
+            rows[:, span] = level.to(rows.dtype)
+            deepstack.append(rows)
+        return self.fast.visual_logprobs(self.image_start[image], full, deepstack)
+
     def occluded(self, unit) -> torch.Tensor:
         """The model's ``pixel_values`` with ``unit``'s patches filled."""
         pixel_values = self.pixel_values.clone()
@@ -196,7 +211,7 @@ class _Occlusion:
         return pixel_values
 
 
-class PixelEngine(_Occlusion):
+class PixelEngine(_Patches):
     """Occlusion through the vision tower, then the decoder from the image's first position."""
 
     def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
@@ -222,20 +237,11 @@ class PixelEngine(_Occlusion):
             features = inner.get_image_features(batch, grid, return_dict=True)
             embeds = torch.stack(features.pooler_output)  # (B', n_tok, H)
             levels = [level.reshape(len(acting), -1, level.shape[-1]) for level in features.deepstack_features]
-            span = self.token_slices[image]
-            full = self.fast.image_embeds[None].expand(len(acting), -1, -1).clone()  # (B', n_vis, H)
-            full[:, span] = embeds.to(full.dtype)
-            deepstack = []
-            for cached, level in zip(self.fast.deepstack_rows, levels):
-                rows_full = cached[None].expand(len(acting), -1, -1).clone()
-                rows_full[:, span] = level.to(rows_full.dtype)
-                deepstack.append(rows_full)
-            computed = self.fast.visual_logprobs(self.image_start[image], full, deepstack)
-            out[torch.tensor(acting)] = computed.to(out.device)
+            out[torch.tensor(acting)] = self._decode(image, embeds, levels).to(out.device)
         return out
 
 
-class NaivePixelEngine(_Occlusion):
+class NaivePixelEngine(_Patches):
     """The oracle: one full forward of the whole model per unit, with the occluded pixels as its input."""
 
     def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
@@ -512,7 +518,7 @@ def _chunk_keys(layout: PatchLayout, unit, images: range) -> list[torch.Tensor |
     return chunks
 
 
-class VisionEncoderEngine(_Occlusion):
+class VisionEncoderEngine(_Patches):
     """ViT knockouts: each ViT layer's input cached once; a batch of knockouts starting at ViT layer ``a`` re-runs
     layers ``a ..`` for its rows (the units' own image only), the mergers, then the decoder from that image's first
     position. A row whose visual features come out unchanged is the baseline row itself."""
@@ -551,14 +557,7 @@ class VisionEncoderEngine(_Occlusion):
             if not acting:
                 continue
             pick = torch.tensor(acting)
-            full = self.fast.image_embeds[None].expand(len(acting), -1, -1).clone()  # (B', n_vis, H)
-            full[:, span] = embeds[pick].to(full.dtype)
-            deepstack = []
-            for cached, level in zip(self.fast.deepstack_rows, levels):
-                rows_full = cached[None].expand(len(acting), -1, -1).clone()
-                rows_full[:, span] = level[pick].to(rows_full.dtype)
-                deepstack.append(rows_full)
-            computed = self.fast.visual_logprobs(self.image_start[image], full, deepstack)
+            computed = self._decode(image, embeds[pick], [level[pick] for level in levels])
             out[torch.tensor([rows[b] for b in acting])] = computed.to(out.device)
         return out
 
@@ -602,7 +601,7 @@ def hidden_size(visual) -> int:
     return visual.merger.linear_fc2.out_features
 
 
-class NaiveVisionEncoderEngine(_Occlusion):
+class NaiveVisionEncoderEngine(_Patches):
     """The oracle: the whole model per knockout, the ViT attention written out with the plan's blocks."""
 
     def __init__(self, analysis: Analysis, tf: TeacherForced, units: list):
