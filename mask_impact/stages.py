@@ -622,3 +622,64 @@ class NaiveVisionEncoderEngine(_Patches):
         return torch.cat([self._forward(VisionPlan(range(window[0], window[1] + 1),
                                                    _chunk_keys(self.layout, unit, images), reference=True))
                           for unit in units], dim=0)
+
+
+# --- how each stage's sweep runs ----------------------------------------------------------------------------------
+
+@dataclass
+class StagePlan:
+    """A stage's sweep: what its engine gets for each row of the result (a layer window, or a DeepStack route),
+    the rows as windows and as names, how to make its engine, and how to generate under one of its cells."""
+
+    rows: list
+    windows: list[tuple[int, int]]
+    labels: list[str]
+    make_engine: object  # (analysis, tf, units) -> engine
+    generate: object  # (analysis, engine, row index, unit, knockout, num_tokens) -> token ids
+
+
+def stage_plan(loaded, config) -> StagePlan:
+    """The plan of ``config.stage``; the layer options are checked here, before any work."""
+    from .config import UsageError, parse_layers, windows_for
+    from .engine import NaiveEngine
+
+    num_layers = loaded.adapter.num_layers
+    fast = config.engine == "fast"
+    if config.stage == "pixels":  # occlusion has no layers: one row, the whole model
+        windows = [(0, num_layers - 1)]
+        return StagePlan(windows, windows, [f"occluded ({config.fill})"],
+                         lambda analysis, tf, units: (PixelEngine if fast else NaivePixelEngine)(
+                             analysis, tf, config.fill, units),
+                         lambda analysis, engine, w, unit, knockout, n: analysis.generate(
+                             n, pixel_values=engine.occluded(unit))[0])
+    if config.stage == "vision-encoder":  # --layers and --window count the vision tower's layers
+        depth = len(loaded.model.model.visual.blocks)
+        try:
+            windows = windows_for(parse_layers(config.layers, depth), config.window, depth)
+        except UsageError as error:
+            raise UsageError(f"{error} (with --stage vision-encoder, layers are the vision tower's {depth})") from None
+
+        def generate_vit(analysis, engine, w, unit, knockout, n):
+            with engine.knocked_out(windows[w], unit):
+                return analysis.generate(n)[0]
+
+        return StagePlan(windows, windows, [f"ViT layers {a}–{b}" if a != b else f"ViT layer {a}" for a, b in windows],
+                         lambda analysis, tf, units: (VisionEncoderEngine if fast else NaiveVisionEncoderEngine)(
+                             analysis, tf, units), generate_vit)
+    if config.stage == "deepstack":
+        levels = len(loaded.model.config.vision_config.deepstack_visual_indexes)
+        routes = deepstack_routes(levels, num_layers)
+
+        def generate_route(analysis, engine, w, unit, knockout, n):
+            with engine.hooked(routes[w], unit):
+                return analysis.generate(n)[0]
+
+        return StagePlan(routes, [route_window(route, levels, num_layers) for route in routes],
+                         [route_label(route) for route in routes],
+                         lambda analysis, tf, units: (DeepStackEngine if fast else NaiveDeepStackEngine)(analysis, tf),
+                         generate_route)
+    windows = windows_for(parse_layers(config.layers, num_layers), config.window, num_layers)
+    return StagePlan(windows, windows, [f"layers {a}–{b}" if a != b else f"layer {a}" for a, b in windows],
+                     lambda analysis, tf, units: (FastEngine if fast else NaiveEngine)(analysis, tf),
+                     lambda analysis, engine, w, unit, knockout, n: analysis.generate(
+                         n, analysis.plan(windows[w], [knockout]))[0])

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .config import RunConfig, UsageError, parse_layers, windows_for
-from .engine import Analysis, Baseline, FastEngine, NaiveEngine
+from .config import RunConfig, UsageError
+from .engine import Analysis, Baseline
 from .inputs import Prompt
 from .metrics import METRICS, PRIMARY, compute_all
 from .models import LoadedModel
 from .units import Unit, build_units
 
-ENGINES = {"fast": FastEngine, "naive": NaiveEngine}
 
 
 @dataclass
@@ -188,53 +187,21 @@ def top_knockouts(metrics: dict[str, list[list]], k: int) -> list[tuple[int, int
 def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> RunResult:
     """Baseline → knockout sweep → generation under the top knockouts (``store``: resume state)."""
     started = time.perf_counter()
-    num_layers = loaded.adapter.num_layers
-    pixels, deepstack, vit = config.stage == "pixels", config.stage == "deepstack", config.stage == "vision-encoder"
-    rows = None  # what the engine gets for each row of the result, where that is not a layer window
-    if pixels:  # occlusion has no layers: one row, the whole model
-        windows = [(0, num_layers - 1)]
-        labels = [f"occluded ({config.fill})"]
-    elif vit:  # --layers and --window count the vision tower's layers
-        depth = len(loaded.model.model.visual.blocks)
-        try:
-            windows = windows_for(parse_layers(config.layers, depth), config.window, depth)
-        except UsageError as error:
-            raise UsageError(f"{error} (with --stage vision-encoder, layers are the vision tower's {depth})") from None
-        labels = [f"ViT layers {a}–{b}" if a != b else f"ViT layer {a}" for a, b in windows]
-    elif deepstack:
-        from .stages import deepstack_routes, route_label, route_window
+    from .stages import stage_plan
 
-        levels = len(loaded.model.config.vision_config.deepstack_visual_indexes)
-        rows = deepstack_routes(levels, num_layers)
-        windows = [route_window(route, levels, num_layers) for route in rows]
-        labels = [route_label(route) for route in rows]
-    else:
-        windows = windows_for(parse_layers(config.layers, num_layers), config.window, num_layers)
-        labels = [f"layers {a}–{b}" if a != b else f"layer {a}" for a, b in windows]
+    plan = stage_plan(loaded, config)  # the rows of the result, its engine, generation under a cell
+    decoder = config.stage == "decoder"
     analysis = Analysis(loaded, prompt, config.block_from, config.vision_attention)
     units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
-    if config.block_from == "answer" and config.stage == "decoder":  # the units say what really runs
+    if config.block_from == "answer" and decoder:  # the units say what really runs
         for unit in units:
             restricted = analysis.knockout(unit.knockout())
             unit.queries, unit.queries_from = list(restricted.queries), restricted.queries_from
-    knockouts = units if pixels or deepstack or vit else [unit.knockout() for unit in units]
-    if not (pixels or deepstack or vit):
+    knockouts = [unit.knockout() for unit in units] if decoder else units  # the stages take units as they are
+    if decoder:
         check_blocks_something(analysis, units, knockouts, config)
     baseline, tf = analysis.baseline(config.num_tokens)
-    if pixels:
-        from .stages import NaivePixelEngine, PixelEngine
-
-        engine = (PixelEngine if config.engine == "fast" else NaivePixelEngine)(analysis, tf, config.fill, units)
-    elif vit:
-        from .stages import NaiveVisionEncoderEngine, VisionEncoderEngine
-
-        engine = (VisionEncoderEngine if config.engine == "fast" else NaiveVisionEncoderEngine)(analysis, tf, units)
-    elif deepstack:
-        from .stages import DeepStackEngine, NaiveDeepStackEngine
-
-        engine = (DeepStackEngine if config.engine == "fast" else NaiveDeepStackEngine)(analysis, tf)
-    else:
-        engine = ENGINES[config.engine](analysis, tf)
+    engine = plan.make_engine(analysis, tf, units)
     baseline.logprobs = engine.base_logprobs.gather(-1, tf.answer_ids[:, None].to(loaded.device))[:, 0].tolist()
     batch_size = config.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
     if store is not None:
@@ -242,27 +209,18 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         batch_size = store.batch_size(batch_size)
         store.start(baseline.token_ids, batch_size)
     if config.progress:
-        what = "flows" if config.flows else "units" if config.unit != "token" or config.stage != "decoder" else "positions"
-        tqdm.write(describe_plan(loaded, engine, windows, knockouts, batch_size, what), file=sys.stderr)
-    metrics, batch_size = score_knockouts(engine, rows or windows, knockouts, batch_size, config.progress, store,
-                                          labels)
+        what = "flows" if config.flows else "units" if config.unit != "token" or not decoder else "positions"
+        tqdm.write(describe_plan(loaded, engine, plan.windows, knockouts, batch_size, what), file=sys.stderr)
+    metrics, batch_size = score_knockouts(engine, plan.rows, knockouts, batch_size, config.progress, store,
+                                          plan.labels)
     generations = []
     for w, i in top_knockouts(metrics, config.generate_top):
-        if pixels:
-            ids, _ = analysis.generate(config.num_tokens, pixel_values=engine.occluded(units[i]))
-        elif deepstack:
-            with engine.hooked(rows[w], units[i]):
-                ids, _ = analysis.generate(config.num_tokens)
-        elif vit:
-            with engine.knocked_out(windows[w], units[i]):
-                ids, _ = analysis.generate(config.num_tokens)
-        else:
-            ids, _ = analysis.generate(config.num_tokens, analysis.plan(windows[w], [knockouts[i]]))
+        ids = plan.generate(analysis, engine, w, units[i], knockouts[i], config.num_tokens)
         text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
-        generations.append({"window": list(windows[w]), "unit": i, "label": units[i].label, "text": text,
+        generations.append({"window": list(plan.windows[w]), "unit": i, "label": units[i].label, "text": text,
                             "token_ids": ids})
-    return RunResult(baseline, windows, units, metrics, labels, generations, batch_size,
-                     time.perf_counter() - started, num_layers, analysis.answer_start)
+    return RunResult(baseline, plan.windows, units, metrics, plan.labels, generations, batch_size,
+                     time.perf_counter() - started, loaded.adapter.num_layers, analysis.answer_start)
 
 
 def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: list, config: RunConfig) -> None:
