@@ -20,6 +20,14 @@ def _setup(loaded, image):
     return prompt, Analysis(loaded, prompt)
 
 
+def _family(family: str, vl_model, text_model, images):
+    """The VL model with the wide picture, or the text model: its prompt, analysis, teacher-forced input, groups."""
+    loaded = vl_model if family == "vl" else text_model
+    prompt, analysis = _setup(loaded, images["wide"] if family == "vl" else None)
+    _, tf = analysis.baseline(3)
+    return loaded, prompt, analysis, tf, _groups(prompt)
+
+
 def _groups(prompt) -> dict[str, list[int]]:
     """Position groups of a prompt: its image tokens, the user's words, the last prompt position."""
     vision = [t.index for t in prompt.tokens if t.modality == "vision"]
@@ -58,10 +66,7 @@ def test_first_affected_follows_the_spec():
 
 @pytest.mark.parametrize("family", ["vl", "text"])
 def test_group_knockout_at_all_layers_equals_deleting_the_group(family, vl_model, text_model, images):
-    loaded = vl_model if family == "vl" else text_model
-    prompt, analysis = _setup(loaded, images["wide"] if family == "vl" else None)
-    _, tf = analysis.baseline(3)
-    groups = _groups(prompt)
+    loaded, prompt, analysis, tf, groups = _family(family, vl_model, text_model, images)
     every_layer = (0, loaded.adapter.num_layers - 1)
     cases = [groups["question"][:3], groups["question"][1::2]]  # a word-like run, and a scattered group
     if family == "vl":
@@ -100,10 +105,7 @@ def _explicit_mask_logits(loaded, tf, window, keys: list[int], queries: list[int
 
 @pytest.mark.parametrize("family", ["vl", "text"])
 def test_a_flow_equals_the_model_run_with_a_hand_built_mask(family, vl_model, text_model, images):
-    loaded = vl_model if family == "vl" else text_model
-    prompt, analysis = _setup(loaded, images["wide"] if family == "vl" else None)
-    _, tf = analysis.baseline(3)
-    groups = _groups(prompt)
+    loaded, prompt, analysis, tf, groups = _family(family, vl_model, text_model, images)
     answer = tf.answer_positions.tolist()
     flows = [("question", groups["last"]), ("question", answer)]
     if family == "vl":

@@ -68,36 +68,33 @@ VIT_DEPTH = 2
 
 
 def vl_config(tokenizer) -> transformers.Qwen3VLConfig:
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    text = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4],
-                                 "mrope_interleaved": True},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                initializer_range=INIT)
-    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=96, num_position_embeddings=64, deepstack_visual_indexes=[0],
-                  initializer_range=INIT)
-    return transformers.Qwen3VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
+    return _vl_config(tokenizer, dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, head_dim=24,
+                                      mrope_section=[4, 4, 4]),
+                      dict(depth=1, hidden_size=64, intermediate_size=128, out_hidden_size=96,
+                           deepstack_visual_indexes=[0]))
 
 
 def vl_vit_config(tokenizer) -> transformers.Qwen3VLConfig:
     """The ViT variant: smaller all round, a vision tower of VIT_DEPTH layers whose attention is trained."""
+    return _vl_config(tokenizer, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                                      mrope_section=[4, 2, 2]),
+                      dict(depth=VIT_DEPTH, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                           deepstack_visual_indexes=[VIT_DEPTH - 1]))
+
+
+def _vl_config(tokenizer, text_sizes: dict, vision_sizes: dict) -> transformers.Qwen3VLConfig:
+    """A Qwen3-VL config with the tokenizer's special ids and the sizes given (the rest shared by both demos)."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
            ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+    text_sizes = dict(text_sizes)
+    mrope_section = text_sizes.pop("mrope_section")
+    text = dict(vocab_size=len(tokenizer), num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section,
                                  "mrope_interleaved": True},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                initializer_range=INIT)
-    vision = dict(depth=VIT_DEPTH, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
-                  deepstack_visual_indexes=[VIT_DEPTH - 1], initializer_range=INIT)
+                initializer_range=INIT, **text_sizes)
+    vision = dict(num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  initializer_range=INIT, **vision_sizes)
     return transformers.Qwen3VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
