@@ -32,7 +32,8 @@ NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "prompt", "prompt_file", 
 
 def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: tuple | None = None) -> dict:
     """One analysis of ``prompt_text`` under ``config``: the result as the JSON the command line writes
-    (``store``: the run's resume state, see resume.py; ``prepared``: ``cli.prepare``'s prompt and fingerprint,
+    (``store``: the run's resume state, see resume.py;
+    None in a launched process other than the main one, which computes only its part; ``prepared``: ``cli.prepare``'s prompt and fingerprint,
     if the caller has them already)."""
     from . import report
     from .cli import prepare
@@ -40,6 +41,8 @@ def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: t
 
     prompt, parts = prepared or prepare(loaded, config, prompt_text)
     result = run(loaded, prompt, config, store)
+    if result is None:  # a launched process other than the main one: its part is in its partial file
+        return None
     return report.result_json(loaded, prompt, config, result, parts)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths
 from .inputs import load_image, read_prompt
+from .shard import is_main_process
 from .stopping import stop_signals_raise, stop_status
 
 
@@ -43,6 +44,10 @@ class Stage:
         return "nothing was written"
 
 
+def quiet(*args, **kwargs) -> None:
+    """``print`` in a launched process other than the main one, which says everything."""
+
+
 def one_line(error: Exception) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
@@ -50,6 +55,8 @@ def one_line(error: Exception) -> str:
 
 def main(argv: list[str] | None, vision: bool) -> int:
     stage = Stage()
+    # in a launch, the main process says what went wrong; the others stop with the same status, quietly
+    say = print if is_main_process() else quiet
     with stop_signals_raise():
         try:
             options = cli_options(argv, vision)
@@ -62,18 +69,18 @@ def main(argv: list[str] | None, vision: bool) -> int:
             loaded = load(config, vision)
             paths = run_one(loaded, config, prompt_text, stage)
         except UsageError as error:
-            print(f"error: {one_line(error)}", file=sys.stderr)
+            say(f"error: {one_line(error)}", file=sys.stderr)
             return 2
         except OSError as error:  # a path the system refuses (a name too long, ...): the user's to fix
             if error.filename is None:
                 raise
-            print(f"error: {error.strerror or error}: {bounded(str(error.filename))}", file=sys.stderr)
+            say(f"error: {error.strerror or error}: {bounded(str(error.filename))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as stop:
             name, status = stop_status(stop)
-            print(f"interrupted ({name}) while {stage.now}; {stage.kept()}", file=sys.stderr)
+            say(f"interrupted ({name}) while {stage.now}; {stage.kept()}", file=sys.stderr)
             return status
-    print(paths.pop("summary"))
+    say(paths.pop("summary"))
     return 0
 
 
@@ -87,13 +94,13 @@ def precheck(config: RunConfig) -> str:
     for path in config.images:
         load_image(path)
     from .report import check_writable
-    from .resume import check_unlocked
+    from .resume import check_unlocked, unfinished
 
     paths = output_paths(config)
     check_writable(paths, config.overwrite)
     partial = partial_path(config)
     check_unlocked(partial)
-    if partial.exists() and not (config.resume or config.overwrite):
+    if unfinished(partial) and not (config.resume or config.overwrite):
         raise UsageError(f"{partial} holds an unfinished run; pass --resume to continue it, or --overwrite to "
                          "start over")
     return prompt_text
@@ -108,8 +115,11 @@ def load(config: RunConfig, vision: bool):
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", module="transformers")
+    from .shard import Shard, launched
+
     name = str(demo_model_path(vision)) if config.demo else config.model
-    loaded = load_model(name, vision, config.device, config.dtype)
+    device = Shard.current().device if config.device == "auto" and launched() else config.device  # one per process
+    loaded = load_model(name, vision, device, config.dtype)
     if config.demo:
         loaded.name = f"demo ({name})"
     return loaded
@@ -125,7 +135,7 @@ def prepare(loaded, config: RunConfig, prompt_text: str):
     for path, image in zip(config.images, prompt.images):
         area_ratio = image.resized_width * image.resized_height / (image.width * image.height)
         resized = [f"{image.resize} ({image.width}×{image.height} → {image.resized_width}×{image.resized_height})"]
-        for note in image.notes + (resized if not 0.8 <= area_ratio <= 1.25 else []):
+        for note in image.notes + (resized if not 0.8 <= area_ratio <= 1.25 else []) if is_main_process() else ():
             print(f"note: image {path}: {note}", file=sys.stderr)
     return prompt, fingerprint_parts(loaded, config, prompt)
 
@@ -135,16 +145,19 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
     from . import report
     from .api import analyze
     from .resume import PartialStore
+    from .shard import Shard
 
     stage = stage or Stage()
     paths = output_paths(config)
     stage.now = "preparing the prompt"
     prepared = prepare(loaded, config, prompt_text)
-    store = PartialStore(partial_path(config), prepared[1])
+    store = PartialStore(partial_path(config), prepared[1], Shard.current())
     with report.output_folder(paths["json"].parent), store.open(config.resume):  # the lock: until results are in
         report.check_writable(paths, config.overwrite)  # again: a run holding the lock before may have written them
         stage.now, stage.store = "running the sweep", store
         data = analyze(loaded, config, prompt_text, store, prepared)  # what the Python API runs too
+        if data is None:  # a launched process other than the main one: its part is done
+            return {**paths, "summary": "", "answer": ""}
         stage.now = "writing the results"
         report.check_writable(paths, config.overwrite)
 
@@ -160,7 +173,10 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     """Every run of a YAML batch with one model load; exit status 1 if any run failed."""
     from .batch import load_batch
     from .report import write_index
-
+    if not is_main_process():  # a launched batch: the main process keeps the index and says how it went
+        def write_index(*args):
+            return None
+    say = print if is_main_process() else quiet
     name, folder, runs = load_batch(options["config"], options, vision)
     configs = [run.config for run in runs if run.config]
     check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite for c in configs))
@@ -178,7 +194,7 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     batch = BatchState(vision)
     for run, entry in zip(runs, index["runs"]):
         if run.config is None:
-            print(f"{run.name}: error: {run.error}", file=sys.stderr)
+            say(f"{run.name}: error: {run.error}", file=sys.stderr)
             continue
         stage.now, stage.store, stage.written = f"running {run.name} of batch {name}", None, ""
         started = time.perf_counter()
@@ -186,23 +202,23 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
             entry.update(batch.run(run.config, stage), error=None)
             if "note" not in entry:
                 entry["elapsed_s"] = round(time.perf_counter() - started, 3)
-            print(f"{run.name}: {entry.get('note', 'done')} ({folder / entry['json']})")
+            say(f"{run.name}: {entry.get('note', 'done')} ({folder / entry['json']})")
         except UsageError as error:
             entry.update(status="error", error=one_line(error))
             if batch.model_error:  # no run can go on without the model: the batch ends with this one line
                 raise
-            print(f"{run.name}: error: {one_line(error)}", file=sys.stderr)
+            say(f"{run.name}: error: {one_line(error)}", file=sys.stderr)
         except KeyboardInterrupt as stop:
             entry.update(status="interrupted", error=f"{stop_status(stop)[0]}: {stage.kept()}")
             raise
         except Exception as error:  # a defect in one run must not cost the others theirs
             entry.update(status="failed", error=one_line(f"{type(error).__name__}: {error}"))
-            print(f"{run.name}: failed: {entry['error']}", file=sys.stderr)
+            say(f"{run.name}: failed: {entry['error']}", file=sys.stderr)
         finally:  # also on the way out: the index always shows the latest status
             write_index(index, folder, html)
     failed = [entry["name"] for entry in index["runs"] if entry["status"] != "done"]
     done = len(index["runs"]) - len(failed)
-    print(f"batch {name}: {done} done, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else "")
+    say(f"batch {name}: {done} done, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else "")
           + f"; index {folder / 'index.json'}")
     return 1 if failed else 0
 

@@ -74,6 +74,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
             "num_layers": result.num_layers,
             "answer_start": result.answer_start,
             "batch_size": result.batch_size,
+            "processes": result.processes,
             "settings": config.settings(),
             "fingerprint": fingerprint,
         },

@@ -40,6 +40,7 @@ from .inputs import Prompt
 from .metrics import METRICS
 from .models import WEIGHT_SUFFIXES
 from .report import WriteError
+from .shard import NOT_LAUNCHED, Shard
 
 WHOLE_FILE_LIMIT = 2 << 30  # hash checkpoints up to this size completely; larger ones by header and samples
 SAMPLE = 16 << 20
@@ -270,7 +271,7 @@ def valid_record(record, run: str) -> bool:
     if not (_index(record.get("window")) and _index(record.get("start")) and _index(record.get("batch_size"))
             and record["batch_size"] >= 1):
         return False
-    if not isinstance(units, list) or not units or not all(_index(u) for u in units):
+    if not isinstance(units, list) or not units or not all(_index(u) for u in units) or len(set(units)) < len(units):
         return False
     if not isinstance(metrics, dict) or set(metrics) != set(METRICS):
         return False
@@ -285,30 +286,76 @@ def read_lines(path: Path) -> tuple[list[bytes], int]:
     return lines[:-1], len(lines[-1])
 
 
+def rank_file(path: Path, rank: int) -> Path:
+    """The partial file of process ``rank`` of a launched run (rank 0 writes ``path`` itself)."""
+    return path if rank == 0 else path.with_name(f"{path.name.removesuffix('.jsonl')}.rank{rank}.jsonl")
+
+
+def rank_files(path: Path) -> list[Path]:
+    """The other processes' partial files of ``path`` that exist, from this run or a killed one."""
+    prefix = f"{path.name.removesuffix('.jsonl')}.rank"
+    try:
+        names = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".jsonl")
+                 and p.name[len(prefix): -len(".jsonl")].isdigit()]
+    except FileNotFoundError:
+        return []
+    return sorted(names)
+
+
+def unfinished(path: Path) -> bool:
+    """Whether a killed run left finished knockouts for ``--resume`` (in any process's file)."""
+    return path.exists() or bool(rank_files(path))
+
+
 class PartialStore:
     """Appends finished batches to the partial file; reads them back on ``--resume``.
 
-    Use as ``with store.open(resume):`` around the whole run (sweep and result writing): it holds the
-    run's lock, and turns a failed write (disk full, ...) into one line that says what was kept.
+    Use as ``with store.open(resume):`` around the whole run (sweep and result writing): the main process
+    holds the run's lock, and a failed write (disk full, ...) becomes one line that says what was kept.
+    A finished knockout is a *cell* (row, unit); ``saved`` holds every cell finished so far, however the runs
+    that made them were split into batches or processes, so a run resumes with any number of processes.
+    In a launched run (shard.py) each process appends to its own file; the main one reads the others'
+    (``follow``) and, on ``--resume``, first gathers every file's cells into its own (``_gather``).
     """
 
-    def __init__(self, path: Path, parts: dict):
-        self.path, self.parts = path, parts
-        self.saved: dict[tuple[int, int], dict] = {}  # (window index, start index) → record
+    def __init__(self, path: Path, parts: dict, shard: Shard = NOT_LAUNCHED):
+        self.main_path, self.parts, self.shard = path, parts, shard
+        self.path = rank_file(path, shard.index)
+        self.saved: dict[tuple[int, int], dict] = {}  # (row, unit) → metric → value
         self.header: dict | None = None
         self.run = uuid.uuid4().hex[:16]
         self.lock = RunLock(path)
+        self.followed: dict[Path, tuple[int, dict | None]] = {}  # another process's file → (bytes read, header)
 
     def open(self, resume: bool) -> PartialStore:
+        """Take the lock, start over or read what earlier runs finished; in a launch, tell the other processes."""
+        if not self.shard.is_main:
+            return self._receive()
         self.lock.acquire()
         try:
-            if self.path.exists() and not resume:
-                self.path.unlink()
-            if resume and self.path.exists():
+            if not resume:
+                for path in (self.path, *rank_files(self.path)):
+                    path.unlink(missing_ok=True)
+            elif unfinished(self.path):
                 self._read()
-        except BaseException:
+                self._gather()
+        except BaseException as error:
             self.lock.release()
+            if isinstance(error, UsageError):
+                self.shard.broadcast({"error": str(error)})
             raise
+        self.shard.broadcast({"saved": self.saved, "batch_size": self.header and self.header["batch_size"]})
+        return self
+
+    def _receive(self) -> PartialStore:
+        """A process other than the main one: what the main one read, or the error it stopped on."""
+        message = self.shard.broadcast(None)
+        if "error" in message:
+            raise UsageError(message["error"])
+        self.saved = message["saved"]
+        if message["batch_size"]:
+            self.header = {"batch_size": message["batch_size"]}  # read by batch_size(); this file gets its own
+        self.path.unlink(missing_ok=True)
         return self
 
     def __enter__(self) -> PartialStore:
@@ -322,64 +369,124 @@ class PartialStore:
                              "rerun with --resume") from None
 
     def kept(self) -> int:
-        return sum(len(record["units"]) for record in self.saved.values())
+        return len(self.saved)
 
     def _read(self) -> None:
-        lines, cut = read_lines(self.path)
+        header, cells = self._read_file(self.path) if self.path.exists() else (None, {})
+        if header is not None:
+            self.header, self.run = header, header["run"]
+        self.saved.update(cells)
+
+    def _read_file(self, path: Path) -> tuple[dict | None, dict]:
+        """A partial file's header and finished cells (a line cut short by a kill is cut off first)."""
+        lines, cut = read_lines(path)
         if cut:  # the kill cut the last line short: drop it, so the next append starts on a fresh line
-            with self.path.open("r+b") as file:
-                file.truncate(self.path.stat().st_size - cut)
+            with path.open("r+b") as file:
+                file.truncate(path.stat().st_size - cut)
         if not lines:
-            return
+            return None, {}
         header = _parse(lines[0])
         problem = header_problem(header)
         if problem:
-            raise UsageError(f"{self.path} has no valid header ({problem}); rerun without --resume and with "
+            raise UsageError(f"{path} has no valid header ({problem}); rerun without --resume and with "
                              "--overwrite to start over")
         differs = differing_parts(header["parts"], self.parts)
         if differs:
-            raise UsageError(f"{self.path} was made with a different {', '.join(differs)}; rerun without "
+            raise UsageError(f"{path} was made with a different {', '.join(differs)}; rerun without "
                              "--resume (and with --overwrite) to start over")
-        self.header, self.run = header, header["run"]
+        if self.header is not None and header["baseline"] != self.header["baseline"]:
+            raise UsageError(f"{path}: the baseline answer differs from the one in {self.path} (non-deterministic "
+                             "hardware?); rerun with --overwrite to start over")
+        cells = {}
         for line in lines[1:]:
             record = _parse(line)
-            if valid_record(record, self.run):
-                self.saved[(record["window"], record["start"])] = record
+            if valid_record(record, header["run"]):
+                cells.update(_cells(record))
+        return header, cells
+
+    def _gather(self) -> None:
+        """Every process's finished cells into this one file, written whole before the others are removed."""
+        others = rank_files(self.path)
+        if not others:
+            return
+        for path in others:
+            header, cells = self._read_file(path)
+            if header is not None and self.header is None:
+                self.header = dict(header, run=self.run, pid=os.getpid())
+            self.saved.update(cells)
+        if self.header is not None:
+            self.header["run"] = self.run
+            temporary = self.path.with_name(f".{self.path.name}.gather")
+            lines = [self.header, *(_record(self.run, w, units, values, self.header["batch_size"])
+                                    for w, units, values in _rows(self.saved))]
+            try:
+                temporary.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+                os.replace(temporary, self.path)
+            except OSError as error:
+                temporary.unlink(missing_ok=True)
+                raise WriteError(error, self.path) from None
+        for path in others:
+            path.unlink(missing_ok=True)
+
+    def follow(self) -> dict[tuple[int, int], dict]:
+        """The cells the other processes of this launch finished since the last call (main process only)."""
+        new = {}
+        for path in rank_files(self.path):
+            done, header = self.followed.get(path, (0, None))
+            try:
+                with path.open("rb") as file:
+                    file.seek(done)
+                    data = file.read()
+            except FileNotFoundError:
+                continue
+            complete = data[: data.rfind(b"\n") + 1]
+            for line in complete.split(b"\n")[:-1]:
+                record = _parse(line)
+                if header is None:
+                    problem = header_problem(record)
+                    if problem or differing_parts(record["parts"], self.parts) or (
+                            self.header is not None and record["baseline"] != self.header["baseline"]):
+                        raise UsageError(f"{path} does not belong to this run ({problem or 'another fingerprint or baseline'}); "
+                                         "rerun with --overwrite to start over")
+                    header = record
+                elif valid_record(record, header["run"]):
+                    new.update(_cells(record))
+            self.followed[path] = (done + len(complete), header)
+        self.saved.update(new)
+        return new
 
     def check_baseline(self, token_ids: list[int]) -> None:
-        if self.header is not None and self.header["baseline"] != token_ids:
+        if self.header is not None and "baseline" in self.header and self.header["baseline"] != token_ids:
             raise UsageError(f"{self.path}: the baseline answer differs from the one the partial run had "
                              "(non-deterministic hardware?); rerun with --overwrite to start over")
 
     def batch_size(self, default: int) -> int:
-        """The batch size the partial run used last, so the remaining batches fall where they would have.
+        """The batch size the partial run was made with, so the remaining batches fall where they would have.
 
         Batch boundaries do not change what a knockout measures, only how the float sums are grouped; keeping
-        them makes the resumed result equal, bit for bit, to an uninterrupted run. A different ``--batch-size``
-        is therefore not an error: it is set aside, with a note.
+        them makes a resumed one-process result equal, bit for bit, to an uninterrupted run. A different
+        ``--batch-size`` is therefore not an error: it is set aside, with a note.
         """
-        if self.saved:
-            size = list(self.saved.values())[-1]["batch_size"]
-        elif self.header:
-            size = self.header["batch_size"]
-        else:
+        if not self.header:
             return default
-        if size != default:
+        size = self.header["batch_size"]
+        if size != default and self.shard.is_main:
             print(f"note: resuming {self.path.name} with the batch size it was made with ({size}, not {default}), "
                   "so the result equals an uninterrupted run", file=sys.stderr)
         return size
 
     def start(self, token_ids: list[int], batch_size: int) -> None:
-        if self.header is None:
+        if self.header is None or not self.shard.is_main:
             self.header = {"run": self.run, "pid": os.getpid(), "parts": self.parts, "baseline": token_ids,
                            "batch_size": batch_size}
             self._append(self.header, mode="w")
+        if self.saved and self.shard.is_main:
+            print(f"note: resuming {self.path.name}: {len(self.saved)} finished knockouts kept", file=sys.stderr)
 
-    def record(self, window: int, start: int, units: list[int], values: dict, batch_size: int) -> None:
-        record = {"run": self.run, "window": window, "start": start, "units": units, "metrics": values,
-                  "batch_size": batch_size}
+    def record(self, window: int, units: list[int], values: dict, batch_size: int) -> None:
+        record = _record(self.run, window, units, values, batch_size)
         self._append(record)
-        self.saved[(window, start)] = record
+        self.saved.update(_cells(record))
 
     def _append(self, record: dict, mode: str = "a") -> None:
         """One whole line, flushed to disk; on failure the file is cut back to what it was."""
@@ -401,7 +508,26 @@ class PartialStore:
             os.close(fd)
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        for path in (self.path, *rank_files(self.path)):
+            path.unlink(missing_ok=True)
+
+
+def _record(run: str, window: int, units: list[int], values: dict, batch_size: int) -> dict:
+    return {"run": run, "window": window, "start": units[0], "units": units, "metrics": values,
+            "batch_size": batch_size}
+
+
+def _cells(record: dict) -> dict[tuple[int, int], dict]:
+    """A valid record's cells: (row, unit) → metric → value."""
+    return {(record["window"], unit): {name: values[k] for name, values in record["metrics"].items()}
+            for k, unit in enumerate(record["units"])}
+
+
+def _rows(cells: dict[tuple[int, int], dict]):
+    """``cells`` as (row, units, metric → values), one per row, units in order."""
+    for w in sorted({w for w, _ in cells}):
+        units = sorted(i for row, i in cells if row == w)
+        yield w, units, {name: [cells[(w, i)][name] for i in units] for name in METRICS}
 
 
 def _parse(line: bytes):

@@ -22,6 +22,7 @@ from .engine import Analysis, Baseline
 from .inputs import Prompt
 from .metrics import METRICS, PRIMARY, compute_all
 from .models import LoadedModel
+from .shard import NOT_LAUNCHED
 from .units import Unit, build_units
 
 
@@ -38,6 +39,7 @@ class RunResult:
     elapsed_s: float = 0.0
     num_layers: int = 0
     answer_start: int = 0
+    processes: int = 1  # that computed the cells (accelerate launch); the numbers do not depend on it
 
 
 def bytes_per_row(loaded: LoadedModel, sequence_length: int) -> int:
@@ -80,6 +82,19 @@ def sweep_flops(loaded: LoadedModel, windows: list[tuple[int, int]], units: list
             keys = queries * (start + length) / 2  # Σ over queries of (q + 1)
             total += layers * (queries * per_token_linear + 4 * nh * hd * keys)
     return total
+
+
+def cell_cost(loaded: LoadedModel, engine, rows: list, knockouts: list, decoder: bool):
+    """Relative cost of a (row, unit) cell, to give each process of a launch an equal part: the layers from the
+    decoder window's first on (1 in the other stages), times the positions the knockout recomputes."""
+    length = engine.tf.input_ids.shape[1]
+    firsts = [engine.first_affected(knockout) for knockout in knockouts]
+
+    def cost(w: int, i: int) -> float:
+        layers = loaded.adapter.num_layers - rows[w][0] if decoder else 1
+        return layers * (1 + length - (length if firsts[i] is None else firsts[i]))
+
+    return cost
 
 
 def describe_plan(loaded: LoadedModel, engine, windows: list, knockouts: list, batch_size: int, what: str) -> str:
@@ -126,33 +141,47 @@ def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float
 
 
 def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, progress: bool = True, store=None,
-                    labels: list[str] | None = None) -> tuple[dict[str, list[list]], int]:
-    """Metrics for every (window, knockout); returns them and the batch size that finally fit.
+                    labels: list[str] | None = None, costs=None) -> tuple[dict[str, list[list]], int]:
+    """Metrics for every (window, knockout) cell; returns them and the batch size that finally fit.
     A knockout is a ``Knockout`` (or a bare position: that token's knockout); they are the units of the
     result, in order.
 
-    With a ``store`` (see resume.py), batches it already holds are taken from it and every newly
-    finished batch is saved to it before the next one starts.
+    With a ``store`` (see resume.py), the cells it already holds are taken from it and every newly finished
+    batch is saved to it before the next one starts. In a launched run (shard.py) this process computes only
+    its part of the missing cells (``costs(w, i)`` weighs the parts); the main process follows the others'
+    files, and returns when every cell is in; the other processes return theirs only.
     """
     answer = engine.tf.answer_ids
     count = len(knockouts)
+    shard = store.shard if store is not None else NOT_LAUNCHED
     metrics = {name: [[None] * count for _ in windows] for name in METRICS}
-    bar = tqdm(total=len(windows) * count, unit="knockout", disable=not progress, dynamic_ncols=True)
+    missing = set()
+
+    def fill(cells: dict) -> int:  # how many of them were missing
+        before = len(missing)
+        for (w, i), values in cells.items():
+            if (w, i) in missing:
+                missing.discard((w, i))
+                for name, value in values.items():
+                    metrics[name][w][i] = value
+        return before - len(missing)
+
+    missing.update((w, i) for w in range(len(windows)) for i in range(count))
+    fill(store.saved if store is not None else {})
+    todo = sorted(missing)
+    mine = shard.part(todo, [costs(w, i) if costs else 1.0 for w, i in todo])
+    bar = tqdm(total=len(windows) * count, initial=len(windows) * count - len(missing), unit="knockout",
+               disable=not progress or not shard.is_main, dynamic_ncols=True)
     try:
-        for w, window in enumerate(windows):
-            bar.set_description(labels[w] if labels else f"layers {window[0]}-{window[1]}")
+        for w in sorted({w for w, _ in mine}):
+            bar.set_description(labels[w] if labels else f"layers {windows[w][0]}-{windows[w][1]}")
+            indices = [i for row, i in mine if row == w]
+            pending = [knockouts[i] for i in indices]
             done = 0
-            while done < count:
-                saved = store.saved.get((w, done)) if store is not None else None
-                if saved and saved["units"] == list(range(done, min(count, done + len(saved["units"])))):
-                    for name, values in saved["metrics"].items():
-                        metrics[name][w][done: done + len(values)] = values
-                    done += len(saved["units"])
-                    bar.update(len(saved["units"]))
-                    continue
-                chunk = next_batch(engine, knockouts, done, batch_size)
+            while done < len(indices):
+                chunk = next_batch(engine, pending, done, batch_size)
                 try:
-                    knocked = engine.logprobs(window, chunk)  # (B, T, V)
+                    knocked = engine.logprobs(windows[w], chunk)  # (B, T, V)
                 except (RuntimeError, MemoryError) as error:
                     if not is_out_of_memory(error):
                         raise
@@ -164,12 +193,19 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                         torch.cuda.empty_cache()
                     continue
                 values = compute_all(engine.base_logprobs, knocked, answer)
+                cells = indices[done: done + len(chunk)]
                 for name, column in values.items():
-                    metrics[name][w][done: done + len(chunk)] = column
+                    for i, value in zip(cells, column):
+                        metrics[name][w][i] = value
+                missing.difference_update((w, i) for i in cells)
                 if store is not None:
-                    store.record(w, done, list(range(done, done + len(chunk))), values, batch_size)
+                    store.record(w, cells, values, batch_size)
                 done += len(chunk)
-                bar.update(len(chunk))
+                bar.update(len(chunk) + (fill(store.follow()) if shard.count > 1 and shard.is_main else 0))
+        while shard.count > 1 and shard.is_main and missing:  # the other processes' parts
+            bar.update(fill(store.follow()))
+            if missing:
+                time.sleep(0.2)
     finally:
         bar.close()
     return metrics, batch_size
@@ -208,11 +244,13 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         store.check_baseline(baseline.token_ids)
         batch_size = store.batch_size(batch_size)
         store.start(baseline.token_ids, batch_size)
-    if config.progress:
+    if config.progress and (store is None or store.shard.is_main):
         what = "flows" if config.flows else "units" if config.unit != "token" or not decoder else "positions"
         tqdm.write(describe_plan(loaded, engine, plan.windows, knockouts, batch_size, what), file=sys.stderr)
     metrics, batch_size = score_knockouts(engine, plan.rows, knockouts, batch_size, config.progress, store,
-                                          plan.labels)
+                                          plan.labels, cell_cost(loaded, engine, plan.rows, knockouts, decoder))
+    if store is not None and not store.shard.is_main:
+        return None  # its part is in its partial file; the main process writes the result
     generations = []
     for w, i in top_knockouts(metrics, config.generate_top):
         ids = plan.generate(analysis, engine, w, units[i], knockouts[i], config.num_tokens)
@@ -220,7 +258,8 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         generations.append({"window": list(plan.windows[w]), "unit": i, "label": units[i].label, "text": text,
                             "token_ids": ids})
     return RunResult(baseline, plan.windows, units, metrics, plan.labels, generations, batch_size,
-                     time.perf_counter() - started, loaded.adapter.num_layers, analysis.answer_start)
+                     time.perf_counter() - started, loaded.adapter.num_layers, analysis.answer_start,
+                     store.shard.count if store is not None else 1)
 
 
 def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: list, config: RunConfig) -> None:

@@ -157,7 +157,7 @@ def _count_new_records(monkeypatch, stop_after: int | None = None) -> list:
 
     def record(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        computed.append(args[:2])
+        computed.append((args[0], args[1][0]))  # (window, first unit): where the batch starts
         if stop_after is not None and len(computed) >= stop_after:
             raise KeyboardInterrupt
 
@@ -390,3 +390,21 @@ def test_disk_full_is_one_line_keeps_the_finished_work_and_resumes(small_disk, t
     assert _text_main(output, "--resume") == 0
     _same_result(output / "run.json", text_reference)
     assert sorted(p.name for p in output.iterdir()) == ["run.csv", "run.json"]
+
+
+def test_the_files_of_a_killed_launch_are_gathered_and_only_missing_cells_computed(tmp_path, text_reference,
+                                                                                   monkeypatch):
+    """Process 0's file and process 1's (another run id, cells of its own part) resume in one process."""
+    records = _records(text_reference)
+    _write_partial(tmp_path, [_header(text_reference), *records[:2]])
+    rank1 = tmp_path / "run.partial.rank1.jsonl"
+    rank1.write_text("".join(json.dumps(line) + "\n" for line in [_header(text_reference, "r2"),
+                                                                   *_records(text_reference, "r2")[5:7]]))
+    stale = tmp_path / "run.partial.rank2.jsonl"  # a process that died before its header: nothing to gather
+    stale.write_text("")
+    computed = _count_new_records(monkeypatch)
+    assert _text_main(tmp_path, "--resume") == 0
+    assert len(computed) == len(records) - 4  # the four batches of both files are not computed again
+    assert (records[5]["window"], records[5]["start"]) not in computed
+    _same_result(tmp_path / "run.json", text_reference)
+    assert not any(tmp_path.glob("run.partial*"))
