@@ -26,7 +26,7 @@ import numpy as np
 from .config import RunConfig, UsageError, make_config
 
 MaskImpactError = UsageError  # the library's error: bad input, said in one line
-NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "prompt", "prompt_file", "images", "output", "output_dir",
+NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "device_map", "max_memory", "offload_folder", "prompt", "prompt_file", "images", "output", "output_dir",
                    "overwrite", "resume", "html")
 
 
@@ -53,16 +53,20 @@ class Analyzer:
         self.loaded, self.vision = loaded, vision
 
     @classmethod
-    def from_pretrained(cls, name: str, device: str = "auto", dtype: str = "auto") -> Analyzer:
-        """A Qwen3-VL (text + images) or text-only checkpoint: a hub id or a local folder."""
-        from .config import check_device
+    def from_pretrained(cls, name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
+                        max_memory: str | None = None, offload_folder: str | None = None) -> Analyzer:
+        """A Qwen3-VL (text + images) or text-only checkpoint: a hub id or a local folder. ``device_map``
+        (``"auto"``, ``"balanced"``, ``"sequential"``; with ``max_memory`` like ``"0=70GiB,cpu=200GiB"``)
+        spreads a model too large for one device over the GPUs and the CPU."""
+        from .config import check_device, check_device_map
         from .models import VL_FAMILIES, _load_config, load_model, locate_model
 
         if not isinstance(name, (str, Path)):
             raise MaskImpactError(f"the model name must be a string or a path, not {type(name).__name__}")
         check_device(device)
+        check_device_map(device_map, max_memory, offload_folder, device)
         vision = getattr(_load_config(locate_model(str(name))), "model_type", None) in VL_FAMILIES
-        return cls(load_model(str(name), vision, device, dtype), vision)
+        return cls(load_model(str(name), vision, device, dtype, device_map, max_memory, offload_folder), vision)
 
     @classmethod
     def demo(cls, vision: bool = True) -> Analyzer:

@@ -118,8 +118,11 @@ def load(config: RunConfig, vision: bool):
     from .shard import Shard, launched
 
     name = str(demo_model_path(vision)) if config.demo else config.model
-    device = Shard.current().device if config.device == "auto" and launched() else config.device  # one per process
-    loaded = load_model(name, vision, device, config.dtype)
+    device = config.device
+    if config.device == "auto" and config.device_map is None and launched():
+        device = Shard.current().device  # one device per process
+    loaded = load_model(name, vision, device, config.dtype, config.device_map, config.max_memory,
+                        config.offload_folder)
     if config.demo:
         loaded.name = f"demo ({name})"
     return loaded

@@ -34,12 +34,15 @@ CHOICES = {
     "fill": ("mean", "blur", "black", "noise"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
+# accelerate's ways of spreading a model's layers over the devices (``from_pretrained(device_map=...)``)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # What a YAML value must be, per RunConfig field.
 FIELD_TYPES = {
     "model": str, "prompt": str, "prompt_file": str, "images": list, "demo": bool, "raw_prompt": bool,
     "allow_special_tokens": bool, "mask_mode": str, "unit": str, "groups": list, "flows": list, "stage": str, "fill": str,
     "num_tokens": int, "layers": str, "window": int, "block_from": str, "vision_attention": str,
-    "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "output": str,
+    "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "device_map": str,
+    "max_memory": str, "offload_folder": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
     "min_pixels": int,
 }
@@ -50,7 +53,7 @@ MAX_NUM_TOKENS = 1 << 20
 MAX_LAYER_INDEX = 1 << 16
 MAX_ECHO = 160  # characters of a user's value quoted back in an error message
 # Set once for a whole batch (one model load, one folder): allowed in ``defaults:`` and on the command line.
-BATCH_KEYS = ("model", "demo", "device", "dtype", "output_dir")
+BATCH_KEYS = ("model", "demo", "device", "dtype", "device_map", "max_memory", "offload_folder", "output_dir")
 
 
 class UsageError(Exception):
@@ -93,6 +96,9 @@ class RunConfig:
     engine: str = "fast"
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  # None: the whole model on --device; else accelerate's big-model placement
+    max_memory: str | None = None  # with device_map: "0=70GiB,cpu=200GiB"
+    offload_folder: str | None = None  # with device_map: where weights that fit nowhere go (default: a temporary one)
     output: str | None = None
     output_dir: str = "output"
     overwrite: bool = False
@@ -149,6 +155,7 @@ class RunConfig:
         if self.output is not None:
             check_name(self.output, "--output")
         check_device(self.device)
+        check_device_map(self.device_map, self.max_memory, self.offload_folder, self.device)
         parse_layers(self.layers, None)
 
 
@@ -172,6 +179,49 @@ def check_device(device: str) -> None:
             raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
         if match[2] is not None and int(match[2]) >= count:
             raise UsageError(f"--device {device}: this machine has CUDA devices 0-{count - 1}")
+
+
+def check_device_map(device_map: str | None, max_memory: str | None, offload_folder: str | None,
+                     device: str) -> None:
+    """``--device-map``, ``--max-memory`` and ``--offload-folder`` go together and name what exists."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise UsageError(f"--{'max-memory' if max_memory is not None else 'offload-folder'} places the model "
+                             "with accelerate: give it with --device-map auto (or balanced, sequential)")
+        return
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"--device-map {quoted(device_map)} is not one of accelerate's: {', '.join(DEVICE_MAPS)}")
+    if device != "auto":
+        raise UsageError("--device-map places every layer itself; drop --device (or drop --device-map)")
+    if max_memory is not None:
+        parse_max_memory(max_memory)
+
+
+def parse_max_memory(text: str) -> dict:
+    """``0=70GiB,1=70GiB,cpu=200GiB`` → accelerate's ``max_memory`` ({0: bytes, 'cpu': bytes, 'disk': bytes})."""
+    import torch
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for part in text.split(","):
+        device, _, size = (piece.strip() for piece in part.partition("="))
+        match = re.fullmatch(r"(?:cuda:)?(\d{1,3})|cpu|disk", device)
+        if not match or not size:
+            raise UsageError(f"--max-memory {quoted(text)}: write DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=200GiB "
+                             "(DEVICE: a GPU number, cpu or disk)")
+        key = int(match[1]) if match[1] is not None else device
+        if isinstance(key, int) and key >= count:
+            raise UsageError(f"--max-memory names GPU {key}, but this machine has "
+                             + (f"GPUs 0-{count - 1}" if count else "no GPU"))
+        try:
+            out[key] = int(size) if size.isdigit() else convert_file_size_to_int(size)  # digits: bytes
+        except ValueError:
+            raise UsageError(f"--max-memory {quoted(part.strip())}: {quoted(size)} is not a size like 70GiB, "
+                             "512MB or 2000000") from None
+        if out[key] <= 0:
+            raise UsageError(f"--max-memory {quoted(part.strip())}: the size must be more than 0")
+    return out
 
 
 def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
@@ -271,6 +321,12 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
                         help="fast (default), or naive: one full forward per knockout (the reference, slow)")
     parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=CHOICES["dtype"], help="default auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device-map", metavar="|".join(DEVICE_MAPS),
+                        help="spread a model too large for one device over the GPUs and the CPU (accelerate)")
+    parser.add_argument("--max-memory", metavar="DEV=SIZE,...",
+                        help="with --device-map: memory each device may hold, e.g. 0=70GiB,cpu=200GiB")
+    parser.add_argument("--offload-folder", help="with --device-map: where weights that fit nowhere else go "
+                                                 "(default: a temporary folder)")
     parser.add_argument("--output", help="result name (a batch: its folder name) under OUTPUT_DIR")
     parser.add_argument("--output-dir", help="where results go (default output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing result of the same name")

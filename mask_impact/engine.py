@@ -227,7 +227,7 @@ def _keys_values(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor
         key = attention.k_norm(key)
     value = attention.v_proj(normed).view(shape).transpose(1, 2)  # (B, nkv, Q, hs)
     key = key.transpose(1, 2)
-    _, key = rotary(key, key, cos, sin)  # (B, nkv, Q, hs)
+    _, key = rotary(key, key, cos.to(key.device), sin.to(key.device))  # (B, nkv, Q, hs); a device map moves layers
     return key, value
 
 
@@ -305,7 +305,7 @@ class FastEngine:
                                                past_key_values=kv, position_embeddings=(cos, sin))
                 if index < len(self.deepstack):
                     added = self.deepstack[index][start:] if deepstack is None else deepstack[index][:, start:]
-                    hidden = hidden + added.to(hidden.dtype)
+                    hidden = hidden + added.to(hidden.device, hidden.dtype)
         answer = hidden[:, self.tf.answer_positions - start]  # (B, T, H)
         logits = adapter.lm_head(adapter.norm(answer))  # (B, T, V)
         return torch.log_softmax(logits.float(), dim=-1)
@@ -342,13 +342,13 @@ class FastEngine:
         before ``start`` (at most the first image position whose features differ) are the cached ones."""
         start = min(start, self.analysis.answer_start)
         batch = embeds.shape[0]
-        mask = self.visual_mask.to(embeds.device)
         hidden = self.layer_inputs[0].expand(batch, -1, -1).clone()  # (B, S, H)
-        hidden[:, mask] = embeds.to(hidden.dtype)
+        mask = self.visual_mask.to(hidden.device)
+        hidden[:, mask] = embeds.to(hidden.device, hidden.dtype)
         rows = []
         for level in deepstack:
             full = level.new_zeros(batch, mask.shape[0], level.shape[-1])  # adding 0.0 elsewhere is exact
-            full[:, mask] = level
+            full[:, mask.to(level.device)] = level
             rows.append(full)
         kv = _PrefixKV(self.kv, start, batch)
         return self._run(hidden[:, start:], 0, start, kv, self.analysis.plan(), deepstack=rows)

@@ -18,8 +18,11 @@ real checkpoint (see ``demo.py``).
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,8 +222,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a checkpoint (hub id or local folder) through ``from_pretrained``; errors say what is wrong."""
+def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
+               max_memory: str | None = None, offload_folder: str | None = None) -> LoadedModel:
+    """Load a checkpoint (hub id or local folder) through ``from_pretrained``; errors say what is wrong.
+    ``device_map`` (with ``max_memory``, ``offload_folder``): accelerate spreads the layers over the devices."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     name = locate_model(name)
@@ -245,9 +250,48 @@ def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto
         check_model_files(Path(name))
     processor, tokenizer = _load_processor(name, vision)
     model_class = getattr(transformers, VL_CLASSES[model_type]) if vision else transformers.AutoModelForCausalLM
-    model = _load_weights(model_class, name, torch_dtype)
-    model.to(torch_device).eval()
+    if device_map is None:
+        model = _load_weights(model_class, name, torch_dtype)
+        model.to(torch_device).eval()
+    else:
+        placement = placement_for(model_class, config, torch_dtype, device_map, max_memory, offload_folder)
+        model = _load_weights(model_class, name, torch_dtype, **placement).eval()
+        torch_device = input_device(model)
     return LoadedModel(model, processor, tokenizer, adapter_for(model), name, torch_device, torch_dtype)
+
+
+def placement_for(model_class, config, dtype: torch.dtype, device_map: str, max_memory: str | None,
+                  offload_folder: str | None) -> dict:
+    """``from_pretrained``'s big-model arguments, after checking that some device can hold one decoder layer
+    (accelerate never splits one): a too small ``--max-memory`` would otherwise put everything on disk."""
+    from accelerate import init_empty_weights
+
+    from .config import parse_max_memory
+
+    placement = {"device_map": device_map}
+    if max_memory is not None:
+        budgets = parse_max_memory(max_memory)
+        with init_empty_weights():
+            empty = (model_class.from_config if hasattr(model_class, "from_config") else model_class._from_config)(
+                config, dtype=dtype)
+        layer = sum(p.numel() * p.element_size() for p in adapter_for(empty).layers[0].parameters())
+        room = max((size for device, size in budgets.items() if device != "disk"), default=0)
+        if room < layer:
+            raise UsageError(f"--max-memory {max_memory} holds no decoder layer of this model ({layer / 2**20:.3g} "
+                             "MiB each in this dtype; accelerate never splits one); give some device at least that")
+        placement["max_memory"] = budgets
+    if offload_folder is None:
+        offload_folder = tempfile.mkdtemp(prefix="mask_impact_offload_")
+        atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
+    placement["offload_folder"] = offload_folder
+    return placement
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model spread by a device map takes its inputs: its first GPU, else the CPU (accelerate's hooks
+    move every layer's inputs to that layer's device, and offloaded weights in for the call)."""
+    gpus = sorted(d for d in getattr(model, "hf_device_map", {}).values() if isinstance(d, int))
+    return torch.device(f"cuda:{gpus[0]}") if gpus else torch.device("cpu")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -345,12 +389,12 @@ def _load_processor(name: str, vision: bool) -> tuple[object, object]:
                          "tokenizer.json / tokenizer_config.json" + (" and processor_config.json" if vision else ""))
 
 
-def _load_weights(model_class, name: str, dtype: torch.dtype) -> nn.Module:
+def _load_weights(model_class, name: str, dtype: torch.dtype, **placement) -> nn.Module:
     """``from_pretrained``, refusing a checkpoint whose weights do not fill the model its config describes
     (transformers would initialise the missing ones randomly and only log it)."""
     try:
         model, info = model_class.from_pretrained(name, dtype=dtype, attn_implementation="sdpa",
-                                                  output_loading_info=True)
+                                                  output_loading_info=True, **placement)
     except (OSError, RuntimeError, ValueError) as error:
         raise UsageError(f"the weights of {name} do not load ({_short_reason(error)}); does config.json match "
                          "the checkpoint?") from None

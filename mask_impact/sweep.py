@@ -52,11 +52,14 @@ def bytes_per_row(loaded: LoadedModel, sequence_length: int) -> int:
 
 
 def auto_batch_size(loaded: LoadedModel, sequence_length: int) -> int:
-    """Rows per forward that fit comfortably: half the free GPU memory, or 1 GiB on the CPU."""
+    """Rows per forward that fit comfortably: half the free memory of the tightest GPU a layer runs on (one, or
+    those of a device map), or 1 GiB on the CPU."""
     per_row = bytes_per_row(loaded, sequence_length)
-    if loaded.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(loaded.device)
-        budget = free // 2
+    placed = getattr(loaded.model, "hf_device_map", None)
+    gpus = ({torch.device("cuda", d) for d in placed.values() if isinstance(d, int)} if placed
+            else {loaded.device} if loaded.device.type == "cuda" else set())
+    if gpus:
+        budget = min(torch.cuda.mem_get_info(gpu)[0] for gpu in gpus) // 2
     else:
         budget = 1 << 30
     return int(max(1, min(256, budget // per_row)))
