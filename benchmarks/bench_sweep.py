@@ -21,7 +21,15 @@ Also printed: knockouts/s, peak memory, time per layer window, the FLOPs the swe
 fast engine must compute them, and the head), the FLOP/s achieved, the machine's own measured matmul rate for
 the same shapes and dtype, and the fraction of it achieved; on a GPU also the time at the data sheet's peak.
 ``--unit region:2`` and ``--flow 'image->last'`` measure those sweeps too, on the same input, next to the token
-sweep. Every size option is honoured or refused with one line.
+sweep. ``--stage vision-encoder|pixels|deepstack`` measures that stage's sweep (patch units; DeepStack: token units)
+in the command line's own batches, the naive sample and the fast sweep in turn over the repeats (min and median),
+with the matmul work it needs (ViT layers, mergers, decoder, head). ``--flops-only`` (with ``--arch qwen3-vl-4b``)
+computes each ``--stage`` sweep's TFLOP for the 4B configuration and its time at the H200's dense bf16 peak
+without building anything:
+
+    python benchmarks/bench_sweep.py --arch qwen3-vl-4b --image-size 1024 --flops-only --stage vision-encoder
+
+Every size option is honoured or refused with one line.
 """
 
 from __future__ import annotations
@@ -229,12 +237,18 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1, help="layers per window (default 1)")
     parser.add_argument("--stage", action="append", default=[], choices=("vision-encoder", "pixels", "deepstack"),
                         help="also measure a sweep of this stage (repeatable), fast vs naive, next to token units")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="with --arch qwen3-vl-4b: print each --stage sweep's needed TFLOP and its time at the "
+                             "H200's dense bf16 peak, computed from the configuration (nothing is built or run)")
     parser.add_argument("--without", action="append", default=[], choices=[f.name for f in fields(Savings)],
                         help="also time the fast engine with this saving off, in the same repeats (repeatable)")
     parser.add_argument("--also-threads", type=int, action="append", default=[], metavar="N",
                         help="also time the fast engine on N threads, in the same repeats (repeatable)")
     args = parser.parse_args()
     check_sizes(args)
+    if args.flops_only:
+        flops_only(args)
+        return
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     device = torch.device(args.device)
@@ -298,8 +312,65 @@ class Repeat:
 
 
 def measure_stage(args, loaded, analysis, tf, stage: str, cuda: bool) -> tuple[tuple[float, float], bool]:
-    """A sweep of a stage before the decoder (units: patches; DeepStack: tokens), the fast engine over every cell,
-    the naive one over a sample: (fast cells/s, fast/naive ratio) and whether they agree on the sample."""
+    """A sweep of a stage before the decoder (units: patches; DeepStack: tokens), the fast engine over every cell
+    in the sweep's own batches (``next_batch`` under the command line's batch size), the naive one over a sample,
+    interleaved over ``--repeat`` repeats (a different engine first each repeat): (fast cells/s, fast/naive ratio
+    from the medians) and whether they agree on the sample."""
+    rows, units, fast, naive = stage_engines(loaded, analysis, tf, stage)
+    cells = len(rows) * len(units)
+    unit = units[0].kind
+    length = tf.input_ids.shape[1]
+    batch = args.batch_size or auto_batch_size(loaded, length)
+    print(f"{len(units)} {unit} units x {len(rows)} rows = {cells:,} cells; batches: the sweep's own, up to {batch} rows")
+    rng = random.Random(0)
+    sample = sorted({(rng.randrange(len(rows)), rng.randrange(len(units))) for _ in range(args.naive_sample)})
+    naive.logprobs(rows[0], units[:1])  # warm-up, both engines
+    fast.logprobs(rows[0], units[:1])
+
+    def sweep() -> dict:
+        out = {}
+        for w, row in enumerate(rows):
+            done, parts = 0, []
+            while done < len(units):
+                chunk = next_batch(fast, units, done, batch)
+                parts.append(fast.logprobs(row, chunk))
+                done += len(chunk)
+            out[w] = torch.cat(parts)
+        return out
+
+    naive_times, fast_times = [], []
+    for repeat in range(args.repeat):
+        steps = [("naive", lambda: [naive.logprobs(rows[w], [units[i]]) for w, i in sample]), ("fast", sweep)]
+        for name, step in steps if repeat % 2 == 0 else steps[::-1]:
+            result, seconds = _timed(cuda, step)
+            if name == "naive":
+                naive_rows = result
+                naive_times.append(seconds / len(sample))
+            else:
+                computed = result
+                fast_times.append(seconds)
+    worst = max(float((computed[w][i] - got[0]).abs().max()) for (w, i), got in zip(sample, naive_rows))
+    tolerance = 1e-3 if loaded.dtype == torch.float32 else 0.25
+    naive_med, fast_med = statistics.median(naive_times), statistics.median(fast_times)
+    ratio = naive_med * cells / fast_med
+    ratios = sorted(n * cells / f for n, f in zip(naive_times, fast_times))
+    print(f"agreement on {len(sample)} sampled cells: max |Δ log p| = {worst:.2e} (tolerance {tolerance:g}) -> "
+          f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
+    print(f"{args.repeat} repeats, the naive sample and the fast sweep in turn (each repeat the other first); min / "
+          f"median:")
+    print(f"  naive: {1 / min(naive_times):10.2f} / {1 / naive_med:10.2f} cells/s  ({min(naive_times) * 1e3:.1f} / "
+          f"{naive_med * 1e3:.1f} ms each)")
+    print(f"  fast:  {cells / min(fast_times):10.2f} / {cells / fast_med:10.2f} cells/s  (whole sweep "
+          f"{min(fast_times):.3f} / {fast_med:.3f} s)")
+    print(f"ratio fast/naive: {ratio:.1f}x (medians; per repeat {', '.join(f'{r:.1f}' for r in ratios)})")
+    vision = [tok.index for tok in analysis.prompt.tokens if tok.modality == "vision"]
+    work = stage_flops(loaded.model.config, stage, rows, units, len(vision), min(vision), length, len(tf.answer_ids))
+    print(f"needed matmul work {describe_work(work)}; achieved {sum(work.values()) / fast_med / 1e12:.4g} TFLOP/s")
+    return (cells / fast_med, ratio), worst <= tolerance
+
+
+def stage_engines(loaded, analysis, tf, stage: str):
+    """The rows, units, fast and naive engines of a stage's sweep, as the command line makes them."""
     from mask_impact import stages
 
     unit = "token" if stage == "deepstack" else "patch"
@@ -308,33 +379,89 @@ def measure_stage(args, loaded, analysis, tf, stage: str, cuda: bool) -> tuple[t
     if stage == "vision-encoder":
         depth = len(loaded.model.model.visual.blocks)
         rows = windows_for(list(range(depth)), 1, depth)
-        fast, naive = stages.VisionEncoderEngine(analysis, tf, units), stages.NaiveVisionEncoderEngine(analysis, tf, units)
-    elif stage == "pixels":
+        return rows, units, stages.VisionEncoderEngine(analysis, tf, units), stages.NaiveVisionEncoderEngine(
+            analysis, tf, units)
+    if stage == "pixels":
         rows = [(0, loaded.adapter.num_layers - 1)]
-        fast, naive = stages.PixelEngine(analysis, tf, "mean", units), stages.NaivePixelEngine(analysis, tf, "mean", units)
-    else:
-        rows = stages.deepstack_routes(len(loaded.model.config.vision_config.deepstack_visual_indexes),
-                                       loaded.adapter.num_layers)
-        fast, naive = stages.DeepStackEngine(analysis, tf), stages.NaiveDeepStackEngine(analysis, tf)
-    cells = len(rows) * len(units)
-    print(f"{len(units)} {unit} units x {len(rows)} rows = {cells:,} cells")
-    rng = random.Random(0)
-    sample = sorted({(rng.randrange(len(rows)), rng.randrange(len(units))) for _ in range(args.naive_sample)})
-    naive.logprobs(rows[0], units[:1])  # warm-up, both engines
-    fast.logprobs(rows[0], units[:1])
-    naive_rows, naive_seconds = _timed(cuda, lambda: [naive.logprobs(rows[w], [units[i]]) for w, i in sample])
-    batch = args.batch_size or 16
-    computed, fast_seconds = _timed(cuda, lambda: {w: torch.cat([fast.logprobs(row, units[s: s + batch])
-                                                                 for s in range(0, len(units), batch)])
-                                                   for w, row in enumerate(rows)})
-    worst = max(float((computed[w][i] - got[0]).abs().max()) for (w, i), got in zip(sample, naive_rows))
-    tolerance = 1e-3 if loaded.dtype == torch.float32 else 0.25
-    ratio = naive_seconds / len(sample) * cells / fast_seconds
-    print(f"agreement on {len(sample)} sampled cells: max |Δ log p| = {worst:.2e} (tolerance {tolerance:g}) -> "
-          f"{'AGREE' if worst <= tolerance else 'DISAGREE'}")
-    print(f"naive: {len(sample) / naive_seconds:10.2f} cells/s;  fast: {cells / fast_seconds:10.2f} cells/s "
-          f"(whole sweep {fast_seconds:.2f} s);  ratio fast/naive {ratio:.1f}x")
-    return (cells / fast_seconds, ratio), worst <= tolerance
+        return rows, units, stages.PixelEngine(analysis, tf, "mean", units), stages.NaivePixelEngine(
+            analysis, tf, "mean", units)
+    rows = stages.deepstack_routes(len(loaded.model.config.vision_config.deepstack_visual_indexes),
+                                   loaded.adapter.num_layers)
+    return rows, units, stages.DeepStackEngine(analysis, tf), stages.NaiveDeepStackEngine(analysis, tf)
+
+
+def stage_flops(config, stage: str, rows: list, units: list, tokens: int, start: int, length: int, answer: int) -> dict:
+    """Matmul FLOPs a stage's fast sweep needs (one image; from the configuration alone): per cell, the ViT layers
+    it re-runs over the image's patches (``vision-encoder``: layers a.. of its window; ``pixels``: all), the mergers
+    of the levels those layers reach, the decoder from the image's first position (``deepstack``: from the unit's
+    first position, no ViT), and the head at the answer positions. ``tokens``: the image's decoder tokens, from
+    ``start`` on; ``length``: the teacher-forced sequence; ``answer``: its answer positions."""
+    v, t = config.vision_config, config.text_config
+    d, inner, depth, merge = v.hidden_size, v.intermediate_size, v.depth, v.spatial_merge_size ** 2
+    n = tokens * merge  # the image's patches
+    vit_layer = n * 2 * (4 * d * d + 2 * d * inner) + 4 * n * n * d  # qkv + proj + MLP; scores + weighted sum
+    merger = tokens * 2 * ((d * merge) ** 2 + d * merge * v.out_hidden_size)
+    h, nh, nkv = t.hidden_size, t.num_attention_heads, t.num_key_value_heads
+    hd = getattr(t, "head_dim", None) or h // nh
+    per_token = 2 * (h * nh * hd * 2 + 2 * h * nkv * hd + 3 * h * t.intermediate_size)
+
+    def decoder(first: int) -> float:
+        queries = length - first
+        return t.num_hidden_layers * (queries * per_token + 4 * nh * hd * queries * (first + length) / 2)
+
+    head = 2 * answer * h * t.vocab_size
+    work = {"ViT layers": 0.0, "mergers": 0.0, "decoder layers": 0.0, "head": 0.0}
+    levels = list(v.deepstack_visual_indexes)
+    for row in rows:
+        for unit in units:
+            if stage == "deepstack":
+                work["decoder layers"] += decoder(min(unit.keys))
+            else:
+                first = row[0] if stage == "vision-encoder" else 0
+                work["ViT layers"] += (depth - first) * vit_layer
+                work["mergers"] += (1 + sum(level >= first for level in levels)) * merger
+                work["decoder layers"] += decoder(start)
+            work["head"] += head
+    return work
+
+
+def describe_work(work: dict) -> str:
+    return f"{sum(work.values()) / 1e12:.4g} TFLOP (" + ", ".join(f"{k} {v / 1e12:.4g}" for k, v in work.items()) + ")"
+
+
+def flops_only(args) -> None:
+    """``--flops-only``: the needed TFLOP of each ``--stage`` sweep and its time at a GPU's dense bf16 peak, from the
+    configuration alone (no weights, nothing run): one square image of ``--image-size``, the benchmark's prompt."""
+    from mask_impact.stages import deepstack_routes
+
+    if args.arch != "qwen3-vl-4b":
+        raise UsageError("--flops-only computes the 4B configuration's figures: give --arch qwen3-vl-4b")
+    raw = json.loads(CONFIG_4B.read_text())
+    if args.num_layers:
+        raw["text_config"]["num_hidden_layers"] = args.num_layers
+    config = transformers.Qwen3VLConfig(**raw)
+    side = args.image_size or DEFAULT_IMAGE[args.arch]
+    grid = side // config.vision_config.patch_size
+    tokens = grid * grid // config.vision_config.spatial_merge_size ** 2
+    start, answer = 4, args.num_tokens  # prompt_4b: <|im_start|> user \n <|vision_start|>, then the image
+    length = start + tokens + 1 + 6 + 5 + answer - 1  # teacher-forced: the prompt and all but the last answer token
+    peak = PEAK_BF16_TFLOPS["H200"]
+    print(f"{CONFIG_4B.name}: ViT {config.vision_config.depth} layers (hidden {config.vision_config.hidden_size}), "
+          f"decoder {config.text_config.num_hidden_layers} layers (hidden {config.text_config.hidden_size}); a "
+          f"{side}x{side} image = {grid * grid:,} patches, {tokens:,} image tokens; sequence {length} tokens")
+    for stage in args.stage or ["vision-encoder"]:
+        if stage == "deepstack":
+            rows = deepstack_routes(len(config.vision_config.deepstack_visual_indexes), config.text_config.num_hidden_layers)
+            units = [SimpleNamespace(kind="token", keys=[start + n], patches=None) for n in range(tokens)]
+        else:
+            depth = config.vision_config.depth
+            rows = windows_for(list(range(depth)), 1, depth) if stage == "vision-encoder" else [(0, 0)]
+            units = [SimpleNamespace(kind="patch", keys=[start], patches=[n]) for n in range(grid * grid)]
+        work = stage_flops(config, stage, rows, units, tokens, start, length, answer)
+        total = sum(work.values())
+        print(f"--stage {stage}: {len(units):,} {units[0].kind} units x {len(rows)} rows = {len(units) * len(rows):,} "
+              f"cells; needed {describe_work(work)}; FLOP-limit time at {peak:.0f} TFLOP/s (H200, dense bf16 peak): "
+              f"{total / peak / 1e12:,.0f} s ({total / peak / 1e12 / 3600:.2f} h)")
 
 
 def _timed(cuda: bool, function, *args):

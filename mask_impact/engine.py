@@ -351,7 +351,7 @@ class FastEngine:
             full[:, mask.to(level.device)] = level
             rows.append(full)
         kv = _PrefixKV(self.kv, start, batch)
-        return self._run(hidden[:, start:], 0, start, kv, self.analysis.plan(), deepstack=rows)
+        return self._run(hidden[:, start:], 0, start, kv, self._plan(), deepstack=rows)
 
     def _acting(self, window: tuple[int, int], knockouts: list[Knockout], firsts: list[int | None]) -> list[bool]:
         """Per knockout: whether some layer of the window allows a pair it blocks (else it changes nothing)."""

@@ -445,11 +445,16 @@ _ACTIVE_VIT_PLAN: contextvars.ContextVar[VisionPlan | None] = contextvars.Contex
 class VisionPlan:
     """What the registered ViT attention blocks: at every ViT layer of ``layers``, in each packed image (a
     "chunk" of the vision tower's sequence, met in order), every patch but itself is blocked from the chunk's
-    knocked-out patches (``chunks``: per chunk, (n,) True at them; None: the chunk is untouched)."""
+    knocked-out patches (``chunks``: per chunk, (n,) True at them; None: the chunk is untouched).
+
+    ``stacked``: the vision tower is given one chunk of ``len(chunks)`` equal images of ``stacked`` patches each (a
+    batch of knockouts of one image); the attention splits it into a batch of images and runs them in one SDPA call,
+    at every ViT layer, each image among its own patches only (a plain layer: as if they were separate chunks)."""
 
     layers: range
     chunks: list[torch.Tensor | None]
     reference: bool = False
+    stacked: int | None = None  # the fast engine's batch: one chunk holding len(chunks) copies of an image this long
 
     def __post_init__(self) -> None:
         self.calls: dict[int, int] = {}
@@ -468,6 +473,8 @@ def vit_knockout_attention(module, query, key, value, attention_mask, dropout: f
     """The vision tower's attention with the active ``VisionPlan``'s blocks; plain SDPA elsewhere."""
     plan = _ACTIVE_VIT_PLAN.get()
     layer = getattr(module, "mask_impact_layer", None)
+    if plan is not None and plan.stacked is not None:
+        return _stacked_attention(plan, layer in plan.layers, query, key, value, scaling)
     keys = plan.next_chunk(layer, query.shape[2]) if plan is not None and layer in plan.layers else None
     if keys is None and not (plan is not None and plan.reference):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -484,6 +491,25 @@ def vit_knockout_attention(module, query, key, value, attention_mask, dropout: f
     else:
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=~blocked[None, None], scale=scale)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _stacked_attention(plan: VisionPlan, knocks: bool, query, key, value, scaling: float | None):
+    """A stacked chunk (1, nh, B·n, hs) as B images of n patches: one SDPA call, each image's own blocks."""
+    batch, length = len(plan.chunks), plan.stacked
+    heads, dim = query.shape[1], query.shape[-1]
+
+    def split(states: torch.Tensor) -> torch.Tensor:
+        return states[0].reshape(heads, batch, length, dim).transpose(0, 1)  # (B, nh, n, hs)
+
+    mask = None
+    if knocks:
+        eye = torch.eye(length, dtype=torch.bool, device=query.device)
+        keys = torch.stack([torch.zeros(length, dtype=torch.bool) if chunk is None else chunk
+                            for chunk in plan.chunks]).to(query.device)  # (B, n)
+        mask = ~(keys[:, None, None, :] & ~eye)  # (B, 1, n, n) allowed: every other patch loses the row's keys
+    scale = scaling if scaling is not None else dim ** -0.5
+    output = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask, scale=scale)
+    return output.transpose(1, 2).reshape(1, batch * length, heads, dim), None  # (1, B·n, nh, hs)
 
 
 AttentionInterface.register(VIT_ATTENTION, vit_knockout_attention)
@@ -573,11 +599,11 @@ class VisionEncoderEngine(_Patches):
         cos, sin = kwargs["position_embeddings"]
         kwargs = dict(kwargs, position_embeddings=(cos[rows.start: rows.stop].repeat(batch, 1),
                                                    sin[rows.start: rows.stop].repeat(batch, 1)),
-                      cu_seqlens=torch.arange(batch + 1, dtype=torch.int32, device=hidden.device) * len(rows),
-                      max_seqlen=len(rows))
+                      cu_seqlens=torch.tensor([0, batch * len(rows)], dtype=torch.int32, device=hidden.device),
+                      max_seqlen=batch * len(rows))  # one stacked chunk: the attention splits it per row
         kwargs.pop("hidden_states", None)
         plan = VisionPlan(range(window[0], window[1] + 1), [_chunk_keys(self.layout, unit, range(image, image + 1))[0]
-                                                            for unit in units])
+                                                            for unit in units], stacked=len(rows))
         tokens = self.token_slices[image]
         levels = []
         with vit_plan(self.analysis.loaded, plan):

@@ -218,8 +218,13 @@ def test_runs_are_named_and_files_that_cannot_be_shown_are_said(page, results, t
     assert "vision.csv is not a JSON file" in message and "Unexpected" not in message  # before: a raw JS error
     files = [str(results / f"{name}.json") for name in ("vision", "no_image", "text")]
     page.set_input_files("#file-input", files)
-    expect(page.locator("#message")).to_contain_text("3 files were given")  # before: the third silently ignored
+    expect(page.locator("#message")).to_contain_text("3 runs: vision.json in full, compared with no_image.json")
     assert page.title() == "vision.json — mask_impact viewer"
+    for n in range(7):
+        (tmp_path / f"copy{n}.json").write_text((results / "vision.json").read_text())
+    page.set_input_files("#file-input", [str(tmp_path / f"copy{n}.json") for n in range(7)])
+    expect(page.locator("#message")).to_contain_text("7 files were given; the viewer shows up to 6")
+    assert "copy5.json" in page.locator("#message").text_content() and "copy6.json" not in page.locator("#message").text_content()
 
 
 def test_one_sided_metrics_and_an_unchanged_answer_are_labelled_truly(page, results, tmp_path):
@@ -788,3 +793,233 @@ def test_compare_takes_two_occlusions_but_not_an_occlusion_and_a_decoder_knockou
     page.set_input_files("#file-input", [str(pixel_results / "patch.json"), str(tmp_path / "decoder.json")])
     expect(page.locator("#compare-message")).to_contain_text("A is an occlusion (fill: mean), B an attention knockout")
     assert not page.locator("#heatmap-diff").is_visible() and page.locator("#diff-tokens .tok").count() == 0
+
+
+@pytest.fixture(scope="module")
+def stage_results(tmp_path_factory):
+    """One image, one answer, every stage: the demo's decoder (image tokens swept), vision encoder (its ViT attention
+    output is zero), occlusion and DeepStack runs (by token and by image), and the ViT demo's vision-encoder runs."""
+    folder = tmp_path_factory.mktemp("stages")
+    common = ["--output-dir", str(folder), "--no-progress", "--generate-top", "2"]
+    demo = ["--demo", *common]
+    assert main([*demo, "--mask-mode", "vision", "--output", "decoder"], True) == 0
+    assert main([*demo, "--stage", "vision-encoder", "--output", "vit"], True) == 0
+    assert main([*demo, "--stage", "pixels", "--unit", "token", "--output", "pixels"], True) == 0
+    assert main([*demo, "--stage", "deepstack", "--output", "deepstack"], True) == 0
+    assert main([*demo, "--stage", "deepstack", "--unit", "image", "--output", "deepstack_image"], True) == 0
+    live = ["--model", str(ROOT / "models" / "demo-vl-vit"), "--image", str(ROOT / "testimg.png"), "--prompt",
+            "What color is the shape?", "--stage", "vision-encoder", *common]
+    assert main([*live, "--output", "vit_live"], True) == 0
+    assert main([*live, "--unit", "token", "--output", "vit_live_token"], True) == 0
+    return folder
+
+
+def _peak(data: dict, metric: str = "logprob_drop") -> list[float]:
+    """Each unit's largest value over the rows (what the overlay shows by default, "max over windows")."""
+    return [max(row[i] for row in data["metrics"][metric]) for i in range(len(data["units"]))]
+
+
+def test_a_vit_run_shows_a_vit_layer_by_patch_heatmap_and_each_patch_on_its_16_pixel_box(page, stage_results):
+    data = json.loads((stage_results / "vit_live.json").read_text())
+    assert data["stage"] == "vision-encoder" and data["window_labels"] == ["ViT layer 0", "ViT layer 1"]
+    units, peak = data["units"], _peak(data)
+    top = peak.index(max(peak))
+    assert len(units) == 64 and peak[top] > 1 and sum(v == 0.0 for v in peak) > 30
+    page.goto((stage_results / "vit_live.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("#stage").text_content().startswith("attention knockout in the vision encoder: ")
+    assert page.locator("#heat-title").text_content() == "ViT layer × patch heatmap"
+    assert page.locator("#heatmap").evaluate("c => c.height / Number(c.dataset.cellH)") == 2
+    assert page.locator("#row-labels").inner_text().split("\n") == ["ViT layer 0", "ViT layer 1"]
+    assert "y: ViT layer windows" in page.locator("#heat-y").text_content()
+    assert page.locator("#top-window").text_content() == "ViT layers"
+    tip = _hover_column(page, top).splitlines()
+    assert tip[0] == f'patch {json.dumps(units[top]["label"])}  (unit {top})'
+    assert tip[1] == ("knocks out 1 patch of image 1 (the image's other patches cannot attend to them)  box "
+                      + ",".join(str(round(v)) for v in units[top]["box"]) + " px")
+    assert "ViT layer 0" in tip and not any(line.startswith("queries") for line in tip)  # no decoder attention
+    scale = page.evaluate("document.querySelector('canvas.overlay').scale")
+    page.locator("#opacity").fill("100")
+    width, tinted = _overlay_rgb(page)
+    page.locator("#opacity").fill("0")
+    _, plain = _overlay_rgb(page)
+
+    def inside(box):  # canvas offsets 3 px in from a box's edges
+        x0, y0, x1, y1 = (round(v * scale) for v in box)
+        return [4 * (y * width + x) for y in range(y0 + 3, y1 - 3) for x in range(x0 + 3, x1 - 3)]
+
+    assert units[top]["box"][2] - units[top]["box"][0] == 16  # one 16-px patch, not its 32-px token
+    red = [tinted[o:o + 3] == [255, 0, 0] for o in inside(units[top]["box"])]
+    assert sum(red) > 0.95 * len(red)
+    for i, unit in enumerate(units):  # a patch whose knockout changes nothing leaves its box untouched
+        if peak[i] == 0.0:
+            assert all(tinted[o:o + 3] == plain[o:o + 3] for o in inside(unit["box"])), unit["label"]
+    grey = lambda o: sum(plain[o:o + 3]) / 3  # noqa: E731
+    x_line = round(data["images"][0]["width"] / 8 * scale)  # the patch grid: between patch columns 0 and 1
+    assert sum(grey(4 * (y * width + x_line)) < grey(4 * (y * width + x_line + 4)) - 10 for y in range(4, 36)) >= 8
+    assert "16×16-pixel patches" in page.locator("#overlay-legend").text_content()
+    page.locator("#opacity").fill("100")
+    page.screenshot(path=str(ARTIFACTS / "viewer_vit_patch.png"), full_page=True)
+
+
+def test_a_vit_run_by_token_tints_the_32_pixel_token(page, stage_results):
+    data = json.loads((stage_results / "vit_live_token.json").read_text())
+    units, peak = data["units"], _peak(data)
+    top = peak.index(max(peak))
+    assert units[top]["kind"] == "token" and len(units[top]["patches"]) == 4 and peak[top] > 1
+    x0, y0, x1, y1 = units[top]["box"]
+    assert (x1 - x0, y1 - y0) == (32, 32)
+    page.goto((stage_results / "vit_live_token.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("#heat-title").text_content() == "ViT layer × unit heatmap"
+    assert _hover_column(page, top).splitlines()[1].startswith("knocks out 4 patches of image 1")
+    page.locator("#opacity").fill("100")
+    red = [r >= 200 and g <= 60 and b <= 60 for r, g, b in _overlay_pixels(page, units[top]["box"])]
+    assert sum(red) > 0.9 * len(red)
+    page.screenshot(path=str(ARTIFACTS / "viewer_vit_token.png"), full_page=True)
+
+
+def _chart_colour_pixels(page, selector: str, colours: list[str]) -> list[int]:
+    return page.locator(selector).evaluate("""(c, colours) => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        return colours.map((hex) => { const [r, g, b] = [1, 3, 5].map((k) => parseInt(hex.slice(k, k + 2), 16)); let n = 0;
+            for (let o = 0; o < d.length; o += 4) if (d[o] === r && d[o + 1] === g && d[o + 2] === b) n++;
+            return n; }); }""", colours)
+
+
+def test_a_deepstack_run_draws_each_route_per_unit_with_a_legend_and_says_which_route_carries_it(page, stage_results):
+    data = json.loads((stage_results / "deepstack.json").read_text())
+    labels = data["window_labels"]
+    assert labels == ["DeepStack after layer 0", "all DeepStack levels", "main embedding → image mean"]
+    drops = data["metrics"]["logprob_drop"]
+    peak = _peak(data)
+    shape = peak.index(max(peak))
+    assert data["units"][shape]["label"] == "image1 r1 c2" and drops[1][shape] > 10 * drops[2][shape] > 0
+    page.goto((stage_results / "deepstack.html").as_uri())
+    page.wait_for_selector("#deepstack-section:not(.hidden)")
+    assert page.locator("#stage").text_content().startswith("DeepStack routes: ")
+    assert page.locator("#heat-title").text_content() == "Route × unit heatmap"
+    assert page.locator("#top-window").text_content() == "route"
+    assert not page.locator("#curves-section").is_visible()  # routes are not layers
+    assert page.locator("#deepstack-legend .flow-key").all_text_contents() == labels
+    chart = page.locator("#deepstack-chart")
+    shown = int(chart.get_attribute("data-units"))
+    assert shown == 12 and int(chart.get_attribute("data-bars")) == shown * len(labels)  # 12 of 16 units, every route
+    colours = page.evaluate("routeColours(state.runs[0])")
+    assert len(set(colours)) == 3
+    counts = _chart_colour_pixels(page, "#deepstack-chart", colours)
+    assert all(n > 20 for n in counts), counts  # a bar of every route is drawn
+    assert counts[1] > 5 * counts[2]  # the shape's DeepStack bars are taller than its main-embedding bar
+    rows = page.locator("#deepstack-table tbody tr")
+    assert rows.count() == shown
+    first = rows.first.locator("td").all_text_contents()
+    assert first[:2] == ["image1 r1 c2", "1 image token of image 1"] and first[4] == "DeepStack"
+    assert float(first[2]) == pytest.approx(drops[1][shape], rel=1e-3) and float(first[3]) == pytest.approx(drops[2][shape], rel=1e-2)
+    assert "all DeepStack levels (logprob_drop)" == page.locator("#deepstack-all").text_content()
+    assert "--unit image" in page.locator("#deepstack-note").text_content()
+    box = chart.bounding_box()
+    group = (box["width"] - 84 - 16) / shown
+    page.mouse.move(box["x"] + 84 + 0.5 * group, box["y"] + 100)  # the first group: the shape's token
+    tip = page.locator("#tooltip").text_content()
+    assert tip.startswith('token "image1 r1 c2"') and all(label in tip for label in labels)
+    page.mouse.click(box["x"] + 84 + 1.5 * group, box["y"] + 100)
+    assert page.evaluate("state.selected") == page.evaluate("chartUnits(state.runs[0], 'logprob_drop')[1]")
+    page.screenshot(path=str(ARTIFACTS / "viewer_deepstack.png"), full_page=True)
+
+
+def test_a_deepstack_run_by_image_shows_all_vision_tokens_at_once(page, stage_results):
+    data = json.loads((stage_results / "deepstack_image.json").read_text())
+    (drop_all, ), (drop_main, ) = data["metrics"]["logprob_drop"][1], data["metrics"]["logprob_drop"][2]
+    assert [u["kind"] for u in data["units"]] == ["image"] and drop_all > drop_main > 0
+    page.goto((stage_results / "deepstack_image.html").as_uri())
+    page.wait_for_selector("#deepstack-section:not(.hidden)")
+    assert page.locator("#deepstack-chart").get_attribute("data-bars") == "3"
+    cells = page.locator("#deepstack-table tbody tr").first.locator("td").all_text_contents()
+    assert cells[1] == "all 16 vision tokens of image 1" and cells[4] == "DeepStack"
+    assert "all of its image's vision tokens" in page.locator("#deepstack-note").text_content()
+
+
+def _panel_rgb(page, n: int) -> tuple[int, list[int]]:
+    return page.evaluate("""(n) => { const c = document.querySelectorAll('#maps canvas.overlay')[n];
+        return [c.width, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]; }""", n)
+
+
+def test_decoder_vit_and_occlusion_maps_of_one_image_side_by_side(page, stage_results):
+    names = ("decoder", "vit", "pixels")
+    data = {name: json.loads((stage_results / f"{name}.json").read_text()) for name in names}
+    assert {d["baseline"]["text"] for d in data.values()} == {"red"}
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(stage_results / f"{name}.json") for name in names])
+    page.wait_for_selector("#maps-section:not(.hidden)")
+    expect(page.locator("#maps canvas.overlay[data-painted='1']")).to_have_count(3)
+    assert page.locator("#maps").get_attribute("data-panels") == "3" and page.locator("#maps-message").text_content() == ""
+    assert "3 runs" in page.locator("#message").text_content()
+    titles = page.locator("#maps .map-title").all_text_contents()
+    assert titles == ["attention knockout in the decoder · max over layer 0 … layer 2",
+                      "attention knockout in the vision encoder · ViT layer 0", "occlusion (fill: mean) · occluded (mean)"]
+    panels = page.locator("#maps .map-panel")
+    for n, name in enumerate(names):
+        text = panels.nth(n).text_content()
+        assert f"{name}.json · image 1" in text and "logprob_drop: " in text  # its run, and its labelled scale
+    # each panel paints its own run: the decoder's and the occlusion's shape token red, the ViT's nothing at all
+    decoder_top, pixels_top = (max(range(len(d["units"])), key=lambda i: _peak(d)[i]) for d in (data["decoder"], data["pixels"]))
+    assert data["decoder"]["units"][decoder_top]["box"] == data["pixels"]["units"][pixels_top]["box"]
+    scale = page.evaluate("document.querySelector('#maps canvas.overlay').scale")
+    x0, y0, x1, y1 = (round(v * scale) for v in data["decoder"]["units"][decoder_top]["box"])
+    page.locator("#opacity").fill("0")
+    plain = [_panel_rgb(page, n)[1] for n in range(3)]
+    page.locator("#opacity").fill("100")
+    reds = []
+    for n in range(3):
+        width, pixels = _panel_rgb(page, n)
+        offsets = [4 * (y * width + x) for y in range(y0 + 3, y1 - 3) for x in range(x0 + 3, x1 - 3)]
+        reds.append(sum(pixels[o] >= 200 and pixels[o + 1] <= 60 and pixels[o + 2] <= 60 for o in offsets) / len(offsets))
+        assert (pixels == plain[n]) == (n == 1), n  # the ViT knockouts change exactly nothing: no tint anywhere
+    assert reds[0] > 0.9 and reds[2] > 0.9, reds
+    maxima = page.locator("#maps canvas.overlay").evaluate_all("cs => cs.map((c) => Number(c.dataset.max))")
+    assert len(set(maxima)) == 3  # each panel its own scale (the default)
+    page.select_option("#maps-scale", "shared")
+    maxima = page.locator("#maps canvas.overlay").evaluate_all("cs => cs.map((c) => Number(c.dataset.max))")
+    assert len(set(maxima)) == 1 and "(one scale for every panel)" in panels.nth(0).text_content()
+    page.locator("#maps .map-panel select").first.select_option(label="layer 1")
+    assert page.locator("#maps .map-title").first.text_content() == "attention knockout in the decoder · layer 1"
+    page.screenshot(path=str(ARTIFACTS / "viewer_maps.png"), full_page=True)
+
+
+def test_maps_of_another_image_or_answer_are_left_out_with_a_reason_and_no_stale_map(page, stage_results, tmp_path):
+    data = json.loads((stage_results / "pixels.json").read_text())
+    other_answer = dict(data, baseline=dict(data["baseline"], text="green", token_ids=[7, 2]))
+    (tmp_path / "green.json").write_text(json.dumps(other_answer))
+    fingerprint = dict(data["meta"]["fingerprint"], **{"inputs.pixel_values": "0" * 64})
+    (tmp_path / "other_image.json").write_text(json.dumps(dict(data, meta=dict(data["meta"], fingerprint=fingerprint))))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(stage_results / "decoder.json"), str(stage_results / "vit.json"),
+                                         str(tmp_path / "green.json")])
+    expect(page.locator("#maps canvas.overlay")).to_have_count(2)
+    message = page.locator("#maps-message").text_content()
+    assert 'green.json: a different answer ("green", not "red")' in message and "left out" in message
+    page.set_input_files("#file-input", [str(stage_results / "decoder.json"), str(tmp_path / "other_image.json")])
+    expect(page.locator("#maps-message")).to_contain_text("other_image.json: a different image")
+    assert page.locator("#maps canvas").count() == 0  # before: nothing to say, and no stale panels
+    assert page.locator("#maps-message").text_content().startswith("no maps side by side")
+    page.set_input_files("#file-input", [str(stage_results / "decoder.json")])
+    expect(page.locator("#maps-section")).to_be_hidden()
+
+
+def test_hostile_labels_in_the_deepstack_chart_and_the_maps_render_inertly(page, stage_results, tmp_path):
+    data = json.loads((stage_results / "deepstack.json").read_text())
+    data["window_labels"][0] = XSS_PROMPT
+    for i, unit in enumerate(data["units"]):
+        unit["label"] = f"{XSS_PROMPT} {i}"
+    hostile = tmp_path / "<img src=x onerror=alert(3)>.json"
+    hostile.write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(hostile), str(stage_results / "pixels.json")])
+    expect(page.locator("#maps canvas.overlay")).to_have_count(2)
+    page.wait_for_timeout(300)
+    assert page.dialogs == [] and page.locator("img[src='x']").count() == 0
+    assert page.locator("script").count() == 2
+    assert XSS_PROMPT in page.locator("#deepstack-legend").text_content()
+    assert f"{XSS_PROMPT} " in page.locator("#deepstack-table").text_content()
+    assert XSS_PROMPT in page.locator("#maps .map-title").first.text_content()
+    assert hostile.name in page.locator("#maps .map-panel").first.text_content()
