@@ -4,6 +4,7 @@
     python benchmarks/bench_sweep.py --arch medium                       # CPU, hidden 1024, 4 layers, fp32
     python benchmarks/bench_sweep.py --arch qwen3-vl-4b --num-layers 2 --image-size 256 --device cpu
     python benchmarks/bench_sweep.py --arch qwen3-vl-4b --image-size 1024 --device cuda
+    python benchmarks/bench_sweep.py --processes 1,2 --plan 8             # processes: see bench_processes.py
 
 ``--arch qwen3-vl-4b`` builds ../shared/configs/qwen3-vl-4b-instruct.json with random weights (weights do not
 matter for speed); ``--arch medium`` is the same family at a width that fits a few CPU cores (hidden 1024,
@@ -720,6 +721,12 @@ def _sync(cuda: bool) -> None:
 
 
 if __name__ == "__main__":
+    if any(arg.split("=")[0] in ("--processes", "--plan") for arg in sys.argv[1:]):  # a sweep split between processes
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_processes import main as processes_main
+
+        processes_main(sys.argv[1:])
+        sys.exit(0)
     try:
         main()
     except UsageError as error:  # a size the model cannot take: said, not silently shrunk

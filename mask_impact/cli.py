@@ -118,6 +118,9 @@ def load(config: RunConfig, vision: bool):
     from .shard import Shard, launched
 
     name = str(demo_model_path(vision)) if config.demo else config.model
+    if config.device_map is not None and launched():
+        raise UsageError("--device-map spreads one model over several devices, but a launched process takes one "
+                         "GPU; drop --device-map, or run one process")
     device = config.device
     if config.device == "auto" and config.device_map is None and launched():
         device = Shard.current().device  # one device per process

@@ -208,7 +208,7 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
         while shard.count > 1 and shard.is_main and missing:  # the other processes' parts
             bar.update(fill(store.follow()))
             if missing:
-                time.sleep(0.2)
+                time.sleep(0.05)
     finally:
         bar.close()
     return metrics, batch_size
