@@ -11,23 +11,91 @@
 
 Every option of the command line is a keyword of ``run`` (its long name with underscores: ``mask_mode``,
 ``block_from``, ``groups``, ``flows``, ``stage``, ...); the command line and YAML batches go through the same
-``analyze`` function. Bad input raises ``MaskImpactError`` (the command line prints the same message as one line).
+``analyze`` function. Bad input raises a ``MaskImpactError`` (errors.py) worded for Python: a wrong type or an
+unknown keyword an ``InvalidType`` (also a ``TypeError``), a value that cannot be meant an ``InvalidArgument``
+(also a ``ValueError``) naming the keyword (``unit='region:0'``) where the command line names its flag.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import numbers
 import tempfile
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .config import RunConfig, UsageError, make_config
+from .config import FIELD_TYPES, RunConfig, UsageError, make_config
+from .errors import (InvalidArgument, InvalidType, MaskImpactError, MissingDependency, NotAResult, WriteFailed,
+                     python_wording)
 
-MaskImpactError = UsageError  # the library's error: bad input, said in one line
+__all__ = ["Analyzer", "KnockoutResult", "MaskImpactError", "InvalidArgument", "InvalidType", "NotAResult",
+           "MissingDependency", "WriteFailed", "analyze"]
 NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "prompt", "prompt_file", "images", "output", "output_dir",
-                   "overwrite", "resume", "html")
+                   "overwrite", "resume", "html", "progress", "figures")
+RUN_OPTIONS = sorted({f.name for f in fields(RunConfig)} - set(NOT_RUN_OPTIONS))
+TYPE_WORDS = {str: "a str", int: "an int", bool: "True or False"}
+SCHEMAS = (1, 2)
+
+
+@contextmanager
+def python_errors() -> Iterator[None]:
+    """The shared checks' ``UsageError`` (worded for the command line) raised again worded for Python."""
+    try:
+        yield
+    except UsageError as error:
+        from .report import WriteError
+
+        kind = WriteFailed if isinstance(error, WriteError) else InvalidArgument
+        raise kind(python_wording(str(error))) from None
+
+
+def check_options(options: dict) -> dict:
+    """``run``'s keyword options, type-checked, in the command line's form (lists of strings)."""
+    out = {}
+    for name, value in options.items():
+        if name not in RUN_OPTIONS:
+            close = difflib.get_close_matches(name, RUN_OPTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidType(f"run() got an unexpected keyword argument {name!r}{hint}; its keywords: "
+                              f"{', '.join(RUN_OPTIONS)}")
+        out[name] = _option_value(name, value)
+    return out
+
+
+def _option_value(name: str, value):
+    if name in ("groups", "flows"):
+        if name == "groups" and isinstance(value, dict):  # {name: spec}, as in a YAML batch
+            value = [f"{key}={spec}" for key, spec in value.items()]
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            form = "'NAME=SPEC' strings or a dict {NAME: SPEC}" if name == "groups" else "'SRC->DST' strings"
+            raise InvalidType(f"{name} must be a list of {form}, not {type(value).__name__}")
+        return list(value)
+    if name == "layers" and not isinstance(value, (str, bool)):  # layers=3, layers=range(0, 12), layers=[0, 5]
+        layers = [value] if isinstance(value, numbers.Integral) else value
+        try:
+            layers = list(layers)
+        except TypeError:
+            layers = None
+        if layers is None or not all(isinstance(l, numbers.Integral) and not isinstance(l, bool) for l in layers):
+            raise InvalidType(f"layers must be 'all', a str like '0-11,20', an int or a list of ints, not "
+                              f"{type(value).__name__}")
+        if not layers:
+            raise InvalidArgument("layers is empty; give at least one layer, or 'all'")
+        return ",".join(str(int(layer)) for layer in layers)
+    expected = FIELD_TYPES[name]
+    if value is None and name in ("batch_size", "max_pixels", "min_pixels"):
+        return None
+    if expected is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if expected is not int and isinstance(value, expected):
+        return value
+    raise InvalidType(f"{name} must be {TYPE_WORDS[expected]}, not {type(value).__name__} ({value!r:.40})")
 
 
 def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: tuple | None = None) -> dict:
@@ -55,11 +123,14 @@ class Analyzer:
         from .config import check_device
         from .models import VL_FAMILIES, _load_config, load_model, locate_model
 
-        if not isinstance(name, (str, Path)):
-            raise MaskImpactError(f"the model name must be a string or a path, not {type(name).__name__}")
-        check_device(device)
-        vision = getattr(_load_config(locate_model(str(name))), "model_type", None) in VL_FAMILIES
-        return cls(load_model(str(name), vision, device, dtype), vision)
+        for what, value in (("name", name), ("device", device), ("dtype", dtype)):
+            if not isinstance(value, (str, Path) if what == "name" else str):
+                kind = "a str or a path" if what == "name" else "a str"
+                raise InvalidType(f"from_pretrained(): {what} must be {kind}, not {type(value).__name__}")
+        with python_errors():
+            check_device(device)
+            vision = getattr(_load_config(locate_model(str(name))), "model_type", None) in VL_FAMILIES
+            return cls(load_model(str(name), vision, device, dtype), vision)
 
     @classmethod
     def demo(cls, vision: bool = True) -> Analyzer:
@@ -72,29 +143,26 @@ class Analyzer:
         return cls(loaded, vision)
 
     def run(self, prompt: str, images=(), progress: bool = True, **options) -> KnockoutResult:
-        """Analyse ``prompt`` (with ``images``: paths or PIL images); ``options`` are the command line's."""
+        """Analyse ``prompt`` (with ``images``: paths or PIL images); ``options`` are the command line's, by their
+        long names (``unit``, ``groups``, ``flows``, ``layers``, ``window``, ``stage``, ...)."""
         if not isinstance(prompt, str):
-            raise MaskImpactError(f"the prompt must be a string, not {type(prompt).__name__}")
-        known = {f.name for f in fields(RunConfig)} - set(NOT_RUN_OPTIONS)
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise MaskImpactError(f"run() got an unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}")
-        images = [images] if isinstance(images, (str, Path)) or hasattr(images, "save") else list(images)
-        with tempfile.TemporaryDirectory() as folder:
+            raise InvalidType(f"prompt must be a str, not {type(prompt).__name__}")
+        if not isinstance(progress, bool):
+            raise InvalidType(f"progress must be True or False, not {type(progress).__name__}")
+        options = check_options(options)
+        one = isinstance(images, (str, Path)) or hasattr(images, "save") or hasattr(images, "__array__")
+        images = [images] if one else images
+        try:
+            images = list(images)
+        except TypeError:
+            raise InvalidType(f"images must be a list of paths or PIL images, not {type(images).__name__}") from None
+        with tempfile.TemporaryDirectory() as folder, python_errors():
             paths, given = [], []
-            for number, image in enumerate(images, start=1):
-                if isinstance(image, (str, Path)):
-                    paths.append(str(image))
-                    given.append(str(image))
-                elif hasattr(image, "save") and hasattr(image, "size"):  # a PIL image: the model reads it as a PNG
-                    path = Path(folder) / f"image{number}.png"
-                    image.save(path, format="PNG")
-                    paths.append(str(path))
-                    given.append(f"<PIL image {number}>")
-                else:
-                    raise MaskImpactError(f"image {number} is a {type(image).__name__}; give a path or a PIL image")
-            layer = dict(options, prompt=prompt, images=paths, model=self.loaded.name, progress=progress,
-                         output="api")
+            for number, image in enumerate(images):
+                paths.append(image_file(image, number, Path(folder)))
+                given.append(str(image) if isinstance(image, (str, Path)) else f"<PIL image {number + 1}>")
+            layer = dict(options, prompt=prompt, images=paths, model=self.loaded.name, output="api",
+                         progress=progress is True)
             config = make_config([layer], self.vision)
             data = analyze(self.loaded, config, read_inputs(config))
         for info, name in zip(data["images"], given):  # not the temporary files: what the caller gave
@@ -102,6 +170,28 @@ class Analyzer:
         data["meta"]["settings"]["images"] = given
         data["meta"]["settings"]["output"] = None
         return KnockoutResult(data)
+
+
+def image_file(image, number: int, folder: Path) -> str:
+    """A path for ``images[number]``: a path as given; a PIL image written losslessly into ``folder``."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None
+    if Image is None or not isinstance(image, Image.Image):
+        hint = " (PIL.Image.fromarray makes one of an array)" if hasattr(image, "__array__") else ""
+        raise InvalidType(f"images[{number}] is a {type(image).__name__}; give a path or a PIL image{hint}")
+    path = folder / f"image{number + 1}"
+    for format in ("PNG", "TIFF"):  # TIFF keeps the modes PNG cannot (CMYK, 32-bit float, ...)
+        try:
+            image.save(path.with_suffix(f".{format.lower()}"), format=format)
+            return str(path.with_suffix(f".{format.lower()}"))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            problem = error
+    raise InvalidArgument(f"images[{number}] is a PIL image that cannot be read ({type(problem).__name__}: "
+                          f"{str(problem)[:120]})")
 
 
 def read_inputs(config: RunConfig) -> str:
@@ -114,12 +204,27 @@ def read_inputs(config: RunConfig) -> str:
     return text
 
 
+def result_problem(data) -> str | None:
+    """Why ``data`` is not a result this version reads (None if it is one)."""
+    if not isinstance(data, dict):
+        return f"its top level is a {type(data).__name__}, not an object"
+    version = data.get("schema_version")
+    if version not in SCHEMAS or isinstance(version, bool):
+        return f"schema_version is {version!r}, not 1 or 2"
+    if data.get("kind") == "batch":
+        return "it is a batch index; load one of its runs"
+    needed = ("windows", "metrics", "baseline", "tokens", "units" if version == 2 else "positions")
+    missing = [key for key in needed if key not in data]
+    return f"it has no {', '.join(missing)}" if missing else None
+
+
 class KnockoutResult:
     """A finished analysis: the result JSON of the command line (``data``), with arrays and tables over it."""
 
     def __init__(self, data: dict):
-        if not isinstance(data, dict) or data.get("schema_version") not in (1, 2) or "metrics" not in data:
-            raise MaskImpactError("not a mask_impact result (schema 1 or 2)")
+        problem = result_problem(data)
+        if problem:
+            raise NotAResult(f"not a mask_impact result: {problem}")
         self.data = data
 
     @property
@@ -150,12 +255,17 @@ class KnockoutResult:
     def metric(self, name: str = "logprob_drop") -> np.ndarray:
         """(windows, units) array of one metric (NaN where a value is missing)."""
         if name not in self.data["metrics"]:
-            raise MaskImpactError(f"no metric {name!r}; metrics: {', '.join(self.metric_names)}")
+            raise InvalidArgument(f"metric={name!r} is not a metric of this result; metrics: "
+                                  f"{', '.join(self.metric_names)}")
         grid = self.data["metrics"][name]
         return np.array([[np.nan if v is None else float(v) for v in row] for row in grid])
 
     def top(self, k: int = 10, metric: str = "logprob_drop") -> list[dict]:
         """The ``k`` (window, unit) cells with the largest ``metric``, largest first."""
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+            raise InvalidType(f"top(): k must be an int, not {type(k).__name__}")
+        if k < 0:
+            raise InvalidArgument(f"top(): k must be 0 or more (got {k})")
         values = self.metric(metric)
         order = np.argsort(-np.nan_to_num(values, nan=-np.inf), axis=None, kind="stable")[:k]
         cells = []
@@ -171,7 +281,7 @@ class KnockoutResult:
         try:
             import pandas as pd
         except ImportError:
-            raise MaskImpactError("to_pandas() needs pandas: pip install pandas") from None
+            raise MissingDependency("to_pandas() needs pandas: pip install pandas") from None
         rows = []
         for w, (start, end) in enumerate(self.windows):
             for u, unit in enumerate(self.units):
@@ -186,25 +296,38 @@ class KnockoutResult:
         """``PATH.json``, ``.csv`` and (``html``) ``.html``, written as one set like the command line's."""
         from .report import check_writable, output_folder, write_results
 
+        if not isinstance(path, (str, Path)):
+            raise InvalidType(f"save(): path must be a str or a path, not {type(path).__name__}")
         base = Path(path)
         base = base.with_suffix("") if base.suffix == ".json" else base
         paths = {kind: base.with_name(f"{base.name}.{kind}") for kind in (("json", "csv", "html") if html else
                                                                           ("json", "csv"))}
-        check_writable(paths, overwrite)
-        with output_folder(base.parent):
-            write_results(self.data, paths)
+        with python_errors():
+            check_writable(paths, overwrite)
+            with output_folder(base.parent):
+                write_results(self.data, paths)
         return paths
 
     @classmethod
     def load(cls, path: str | Path) -> KnockoutResult:
         """A result the command line or ``save`` wrote (schema 1 or 2)."""
+        if not isinstance(path, (str, Path)):
+            raise InvalidType(f"load(): path must be a str or a path, not {type(path).__name__}")
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise MaskImpactError(f"{path} cannot be read as a result ({error.__class__.__name__})") from None
+        except OSError as error:
+            raise NotAResult(f"{path} cannot be read ({error.strerror or error.__class__.__name__})") from None
+        except ValueError as error:
+            raise NotAResult(f"{path} is not a mask_impact result: not JSON text ({error.__class__.__name__})") from None
         version = data.get("schema_version") if isinstance(data, dict) else None
-        if isinstance(version, int) and version > 2:
-            raise MaskImpactError(f"{path} is a schema {version} result; this version reads schemas 1 and 2")
+        if isinstance(version, int) and not isinstance(version, bool) and version > max(SCHEMAS):
+            from . import __version__
+
+            raise NotAResult(f"{path} is a schema {version} result, written by a newer mask_impact; this version "
+                             f"({__version__}) reads schemas 1 and 2: pip install --upgrade mask-impact")
+        problem = result_problem(data)
+        if problem:
+            raise NotAResult(f"{path} is not a mask_impact result: {problem}")
         return cls(data)
 
     def show(self, top: int = 10):

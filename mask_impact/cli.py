@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths
+from .errors import MaskImpactError
 from .inputs import load_image, read_prompt
 from .stopping import stop_signals_raise, stop_status
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None, vision: bool) -> int:
             stage.now = "loading the model"
             loaded = load(config, vision)
             paths = run_one(loaded, config, prompt_text, stage)
-        except UsageError as error:
+        except MaskImpactError as error:  # a UsageError, worded for the command line, or another library error
             print(f"error: {one_line(error)}", file=sys.stderr)
             return 2
         except OSError as error:  # a path the system refuses (a name too long, ...): the user's to fix

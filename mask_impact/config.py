@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from .errors import MaskImpactError
 from .resources import data_path
 
 VL_DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
@@ -53,8 +54,9 @@ MAX_ECHO = 160  # characters of a user's value quoted back in an error message
 BATCH_KEYS = ("model", "demo", "device", "dtype", "output_dir")
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr with exit status 2."""
+class UsageError(MaskImpactError):
+    """Bad input, worded for the command line (``--unit``): reported as one line on stderr with exit status 2.
+    The API raises it again worded for Python (errors.py)."""
 
 
 def quoted(value: object) -> str:
