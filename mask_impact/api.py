@@ -98,16 +98,17 @@ def _option_value(name: str, value):
     raise InvalidType(f"{name} must be {TYPE_WORDS[expected]}, not {type(value).__name__} ({value!r:.40})")
 
 
-def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: tuple | None = None) -> dict:
+def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: tuple | None = None,
+            on_progress: Callable[[int, int], None] | None = None) -> dict:
     """One analysis of ``prompt_text`` under ``config``: the result as the JSON the command line writes
     (``store``: the run's resume state, see resume.py; ``prepared``: ``cli.prepare``'s prompt and fingerprint,
-    if the caller has them already)."""
+    if the caller has them already; ``on_progress(done, total)``: cells finished)."""
     from . import report
     from .cli import prepare
     from .sweep import run
 
     prompt, parts = prepared or prepare(loaded, config, prompt_text)
-    result = run(loaded, prompt, config, store)
+    result = run(loaded, prompt, config, store, on_progress)
     return report.result_json(loaded, prompt, config, result, parts)
 
 
@@ -142,13 +143,16 @@ class Analyzer:
         loaded.name = f"demo ({loaded.name})"
         return cls(loaded, vision)
 
-    def run(self, prompt: str, images=(), progress: bool = True, **options) -> KnockoutResult:
+    def run(self, prompt: str, images=(), progress: bool | Callable[[int, int], None] = True,
+            **options) -> KnockoutResult:
         """Analyse ``prompt`` (with ``images``: paths or PIL images); ``options`` are the command line's, by their
-        long names (``unit``, ``groups``, ``flows``, ``layers``, ``window``, ``stage``, ...)."""
+        long names (``unit``, ``groups``, ``flows``, ``layers``, ``window``, ``stage``, ...). ``progress``: a
+        tqdm bar (True, the default; a notebook bar in Jupyter), none (False), or a callable called with
+        ``(done, total)`` (window, unit) cells after every batch of the sweep."""
         if not isinstance(prompt, str):
             raise InvalidType(f"prompt must be a str, not {type(prompt).__name__}")
-        if not isinstance(progress, bool):
-            raise InvalidType(f"progress must be True or False, not {type(progress).__name__}")
+        if not (isinstance(progress, bool) or callable(progress)):
+            raise InvalidType(f"progress must be True, False or a callable(done, total), not {type(progress).__name__}")
         options = check_options(options)
         one = isinstance(images, (str, Path)) or hasattr(images, "save") or hasattr(images, "__array__")
         images = [images] if one else images
@@ -164,7 +168,8 @@ class Analyzer:
             layer = dict(options, prompt=prompt, images=paths, model=self.loaded.name, output="api",
                          progress=progress is True)
             config = make_config([layer], self.vision)
-            data = analyze(self.loaded, config, read_inputs(config))
+            data = analyze(self.loaded, config, read_inputs(config), on_progress=None if isinstance(progress, bool)
+                           else progress)
         for info, name in zip(data["images"], given):  # not the temporary files: what the caller gave
             info["path"] = name
         data["meta"]["settings"]["images"] = given

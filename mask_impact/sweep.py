@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -126,10 +127,12 @@ def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float
 
 
 def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, progress: bool = True, store=None,
-                    labels: list[str] | None = None) -> tuple[dict[str, list[list]], int]:
+                    labels: list[str] | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, list[list]], int]:
     """Metrics for every (window, knockout); returns them and the batch size that finally fit.
     A knockout is a ``Knockout`` (or a bare position: that token's knockout); they are the units of the
-    result, in order.
+    result, in order. ``progress`` shows a tqdm bar; ``on_progress(done, total)`` is called with the
+    (window, knockout) cells finished after every batch (``done`` grows to ``total``).
 
     With a ``store`` (see resume.py), batches it already holds are taken from it and every newly
     finished batch is saved to it before the next one starts.
@@ -138,6 +141,14 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
     count = len(knockouts)
     metrics = {name: [[None] * count for _ in windows] for name in METRICS}
     bar = tqdm(total=len(windows) * count, unit="knockout", disable=not progress, dynamic_ncols=True)
+    finished = 0
+
+    def advance(cells: int) -> None:
+        nonlocal finished
+        finished += cells
+        bar.update(cells)
+        if on_progress is not None:
+            on_progress(finished, len(windows) * count)
     try:
         for w, window in enumerate(windows):
             bar.set_description(labels[w] if labels else f"layers {window[0]}-{window[1]}")
@@ -148,7 +159,7 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                     for name, values in saved["metrics"].items():
                         metrics[name][w][done: done + len(values)] = values
                     done += len(saved["units"])
-                    bar.update(len(saved["units"]))
+                    advance(len(saved["units"]))
                     continue
                 chunk = next_batch(engine, knockouts, done, batch_size)
                 try:
@@ -169,7 +180,7 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                 if store is not None:
                     store.record(w, done, list(range(done, done + len(chunk))), values, batch_size)
                 done += len(chunk)
-                bar.update(len(chunk))
+                advance(len(chunk))
     finally:
         bar.close()
     return metrics, batch_size
@@ -184,8 +195,10 @@ def top_knockouts(metrics: dict[str, list[list]], k: int) -> list[tuple[int, int
     return [(w, i) for _, w, i in scored[:k]]
 
 
-def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> RunResult:
-    """Baseline → knockout sweep → generation under the top knockouts (``store``: resume state)."""
+def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
+        on_progress: Callable[[int, int], None] | None = None) -> RunResult:
+    """Baseline → knockout sweep → generation under the top knockouts (``store``: resume state;
+    ``on_progress(done, total)``: see ``score_knockouts``)."""
     started = time.perf_counter()
     from .stages import stage_plan
 
@@ -212,7 +225,7 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         what = "flows" if config.flows else "units" if config.unit != "token" or not decoder else "positions"
         tqdm.write(describe_plan(loaded, engine, plan.windows, knockouts, batch_size, what), file=sys.stderr)
     metrics, batch_size = score_knockouts(engine, plan.rows, knockouts, batch_size, config.progress, store,
-                                          plan.labels)
+                                          plan.labels, on_progress)
     generations = []
     for w, i in top_knockouts(metrics, config.generate_top):
         ids = plan.generate(analysis, engine, w, units[i], knockouts[i], config.num_tokens)

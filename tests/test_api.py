@@ -72,7 +72,7 @@ def test_pil_images_and_schema_1_results(analyzer, tmp_path):
     (lambda a: a.run("hi", groups=[("cat", "0,0,9,9")]), InvalidType, "groups must be a list of 'NAME=SPEC'"),
     (lambda a: a.run("hi", layers=[0, "1"]), InvalidType, "layers must be 'all', a str like"),
     (lambda a: a.run("hi", layers=[]), InvalidArgument, "layers is empty"),
-    (lambda a: a.run("hi", progress="yes"), InvalidType, "progress must be True or False"),
+    (lambda a: a.run("hi", progress="yes"), InvalidType, "progress must be True, False or a callable"),
     (lambda a: a.run("hi", images=[3.5]), InvalidType, "images\\[0\\] is a float; give a path or a PIL image"),
     (lambda a: a.run("hi", images=np.zeros((8, 8, 3))), InvalidType, "images\\[0\\] is a ndarray.*fromarray"),
     (lambda a: a.run("hi", images=5), InvalidType, "images must be a list of paths or PIL images, not int"),
@@ -131,6 +131,17 @@ def test_saving_over_a_result_names_the_keyword(analyzer, tmp_path):
                                               "path$"):
         result.save(tmp_path / "a")
     assert result.save(tmp_path / "a", overwrite=True)["json"].exists()
+
+
+def test_progress_callback_sees_every_cell_once_in_order(analyzer):
+    seen = []
+    result = analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], mask_mode="both", batch_size=5,
+                          progress=lambda done, total: seen.append((done, total)))
+    total = len(result.windows) * len(result.units)
+    assert total == 3 * 32 and len(seen) > 3  # batches of at most 5 cells
+    assert all(t == total for _, t in seen) and seen[-1][0] == total
+    assert all(0 < a < b for (a, _), (b, _) in zip(seen, seen[1:]))
+    assert result.data["meta"]["settings"]["progress"] is False  # no bar beside the callback
 
 
 def test_loading_what_is_not_a_result(analyzer, tmp_path):
