@@ -30,8 +30,15 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .config import FIELD_TYPES, RunConfig, UsageError, make_config
-from .errors import (InvalidArgument, InvalidType, MaskImpactError, MissingDependency, NotAResult, WriteFailed,
-                     python_wording)
+from .errors import (
+    InvalidArgument,
+    InvalidType,
+    MaskImpactError,
+    MissingDependency,
+    NotAResult,
+    WriteFailed,
+    python_wording,
+)
 
 __all__ = ["Analyzer", "KnockoutResult", "MaskImpactError", "InvalidArgument", "InvalidType", "NotAResult",
            "MissingDependency", "WriteFailed", "analyze"]
@@ -110,6 +117,14 @@ def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: t
     prompt, parts = prepared or prepare(loaded, config, prompt_text)
     result = run(loaded, prompt, config, store, on_progress)
     return report.result_json(loaded, prompt, config, result, parts)
+
+
+def _base(path, method: str) -> Path:
+    """``output/cat`` from ``output/cat`` or ``output/cat.json``."""
+    if not isinstance(path, (str, Path)):
+        raise InvalidType(f"{method}(): path must be a str or a path, not {type(path).__name__}")
+    base = Path(path)
+    return base.with_suffix("") if base.suffix == ".json" else base
 
 
 class Analyzer:
@@ -297,21 +312,75 @@ class KnockoutResult:
                 rows.append(row)
         return pd.DataFrame(rows)
 
-    def save(self, path: str | Path, html: bool = True, overwrite: bool = False) -> dict[str, Path]:
-        """``PATH.json``, ``.csv`` and (``html``) ``.html``, written as one set like the command line's."""
-        from .report import check_writable, output_folder, write_results
+    def save(self, path: str | Path, html: bool = True, overwrite: bool = False,
+             figures: str | None = None) -> dict[str, Path]:
+        """``PATH.json``, ``.csv``, (``html``) ``.html`` and (``figures="png"|"svg"|"pdf"``) the figures, written as
+        one set like the command line's."""
+        from .report import write_results
 
-        if not isinstance(path, (str, Path)):
-            raise InvalidType(f"save(): path must be a str or a path, not {type(path).__name__}")
-        base = Path(path)
-        base = base.with_suffix("") if base.suffix == ".json" else base
+        base = _base(path, "save")
         paths = {kind: base.with_name(f"{base.name}.{kind}") for kind in (("json", "csv", "html") if html else
                                                                           ("json", "csv"))}
+        pictures = self._figure_files(base, figures, "logprob_drop", None, None) if figures is not None else {}
+        self._write({**paths, **{kind: path for kind, (path, _) in pictures.items()}}, overwrite,
+                    lambda: write_results(self.data, paths, figures=dict(pictures.values())))
+        return {**paths, **{kind: path for kind, (path, _) in pictures.items()}}
+
+    def plot(self, path: str | Path | None = None, format: str = "png", metric: str = "logprob_drop",
+             windows=None, kinds=None, overwrite: bool = False) -> dict:
+        """Publication figures (figures.py): the window × unit ``heatmap``; the ``overlay`` of the units' boxes on
+        the image for the chosen ``windows`` (indices or labels; default up to six, evenly spaced); the ``flows``
+        curves of a flow run. ``kinds`` picks some. With ``path`` (``output/cat`` or ``output/cat.json``) writes
+        ``PATH.KIND.FORMAT`` (png, svg or pdf) and returns their paths; without, returns matplotlib Figures."""
+        from . import figures
+
+        if path is None:
+            self._check_figures(format, metric)
+            return figures.draw(self.data, metric, windows, self._kinds(kinds))
+        base = _base(path, "plot")
+        pictures = self._figure_files(base, format, metric, windows, kinds)
+        from .report import write_set
+
+        files = {kind: file for kind, (file, _) in pictures.items()}
+        self._write(files, overwrite, lambda: write_set(dict(pictures.values())))
+        return files
+
+    def _check_figures(self, fmt, metric: str) -> None:
+        from . import figures
+
+        figures.require()
+        if fmt not in figures.FORMATS:
+            raise InvalidArgument(f"format={fmt!r} is not one of: {', '.join(figures.FORMATS)}")
+        self.metric(metric)
+
+    def _kinds(self, kinds) -> list[str]:
+        from .figures import kinds_for
+
+        have = kinds_for(self.data)
+        asked = have if kinds is None else [kinds] if isinstance(kinds, str) else list(kinds)
+        for kind in asked:
+            if kind not in have:
+                raise InvalidArgument(f"kinds={kind!r} is not a figure of this result; its figures: {', '.join(have)}")
+        return asked
+
+    def _figure_files(self, base: Path, fmt, metric: str, windows, kinds) -> dict[str, tuple[Path, bytes]]:
+        from . import figures
+        from .config import figure_paths
+
+        self._check_figures(fmt, metric)
+        asked = self._kinds(kinds)
+        paths = figure_paths(base, fmt, asked)
+        return {kind: (paths[kind], content) for kind, content in
+                figures.render(self.data, fmt, metric, windows, asked).items()}
+
+    @staticmethod
+    def _write(paths: dict[str, Path], overwrite: bool, write: Callable[[], None]) -> None:
+        from .report import check_writable, output_folder
+
         with python_errors():
             check_writable(paths, overwrite)
-            with output_folder(base.parent):
-                write_results(self.data, paths)
-        return paths
+            with output_folder(next(iter(paths.values())).parent):
+                write()
 
     @classmethod
     def load(cls, path: str | Path) -> KnockoutResult:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mask_impact import (Analyzer, InvalidArgument, InvalidType, KnockoutResult, MaskImpactError, NotAResult)
+from mask_impact import Analyzer, InvalidArgument, InvalidType, KnockoutResult, MaskImpactError, NotAResult
 from mask_impact.cli import main
 from mask_impact.config import DEMO_IMAGE, UsageError
 from mask_impact.demo import demo_model_path
