@@ -108,7 +108,8 @@ def test_wheel_carries_the_package_and_its_data(wheel):
     extras = {extra: {line.split()[1].split(">")[0].split(";")[0] for line in requires
                       if line.startswith("Requires-Dist:") and f'extra == "{extra}"' in line}
               for extra in ("figures", "test")}
-    assert extras["figures"] == {"matplotlib"} and {"matplotlib", "pytest", "pandas"} <= extras["test"]
+    assert extras["figures"] == {"matplotlib"}
+    assert {"matplotlib", "pytest", "pandas", "nbclient", "nbformat", "ipykernel"} <= extras["test"]
 
 
 def test_installed_package_reads_its_own_data(venv, elsewhere):
