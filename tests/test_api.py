@@ -39,6 +39,9 @@ def test_the_readme_example_end_to_end(analyzer, tmp_path):
     assert loaded.data == json.loads(json.dumps(result.data)) and np.array_equal(loaded.metric(), drops)
     with pytest.raises(InvalidArgument, match="already exists"):
         result.save(tmp_path / "cat")
+    figures = result.plot(tmp_path / "cat")
+    assert sorted(p.name for p in figures.values()) == ["cat.heatmap.png", "cat.overlay.png"]
+    assert all(np.asarray(Image.open(p).convert("L"), dtype=float).std() > 20 for p in figures.values())
 
 
 def test_the_api_gives_the_command_lines_numbers(analyzer, tmp_path):
