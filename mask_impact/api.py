@@ -11,39 +11,123 @@
 
 Every option of the command line is a keyword of ``run`` (its long name with underscores: ``mask_mode``,
 ``block_from``, ``groups``, ``flows``, ``stage``, ...); the command line and YAML batches go through the same
-``analyze`` function. Bad input raises ``MaskImpactError`` (the command line prints the same message as one line).
+``analyze`` function. Bad input raises a ``MaskImpactError`` (errors.py) worded for Python: a wrong type or an
+unknown keyword an ``InvalidType`` (also a ``TypeError``), a value that cannot be meant an ``InvalidArgument``
+(also a ``ValueError``) naming the keyword (``unit='region:0'``) where the command line names its flag.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import numbers
 import tempfile
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .config import RunConfig, UsageError, make_config
+from .config import FIELD_TYPES, RunConfig, UsageError, make_config
+from .errors import (
+    InvalidArgument,
+    InvalidType,
+    MaskImpactError,
+    MissingDependency,
+    NotAResult,
+    WriteFailed,
+    python_wording,
+)
 
-MaskImpactError = UsageError  # the library's error: bad input, said in one line
+__all__ = ["Analyzer", "KnockoutResult", "MaskImpactError", "InvalidArgument", "InvalidType", "NotAResult",
+           "MissingDependency", "WriteFailed", "analyze"]
 NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "device_map", "max_memory", "offload_folder", "prompt", "prompt_file", "images", "output", "output_dir",
-                   "overwrite", "resume", "html")
+                   "overwrite", "resume", "html", "progress", "figures")
+RUN_OPTIONS = sorted({f.name for f in fields(RunConfig)} - set(NOT_RUN_OPTIONS))
+TYPE_WORDS = {str: "a str", int: "an int", bool: "True or False"}
+SCHEMAS = (1, 2)
 
 
-def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: tuple | None = None) -> dict:
+@contextmanager
+def python_errors() -> Iterator[None]:
+    """The shared checks' ``UsageError`` (worded for the command line) raised again worded for Python."""
+    try:
+        yield
+    except UsageError as error:
+        from .report import WriteError
+
+        kind = WriteFailed if isinstance(error, WriteError) else InvalidArgument
+        raise kind(python_wording(str(error))) from None
+
+
+def check_options(options: dict) -> dict:
+    """``run``'s keyword options, type-checked, in the command line's form (lists of strings)."""
+    out = {}
+    for name, value in options.items():
+        if name not in RUN_OPTIONS:
+            close = difflib.get_close_matches(name, RUN_OPTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidType(f"run() got an unexpected keyword argument {name!r}{hint}; its keywords: "
+                              f"{', '.join(RUN_OPTIONS)}")
+        out[name] = _option_value(name, value)
+    return out
+
+
+def _option_value(name: str, value):
+    if name in ("groups", "flows"):
+        if name == "groups" and isinstance(value, dict):  # {name: spec}, as in a YAML batch
+            value = [f"{key}={spec}" for key, spec in value.items()]
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            form = "'NAME=SPEC' strings or a dict {NAME: SPEC}" if name == "groups" else "'SRC->DST' strings"
+            raise InvalidType(f"{name} must be a list of {form}, not {type(value).__name__}")
+        return list(value)
+    if name == "layers" and not isinstance(value, (str, bool)):  # layers=3, layers=range(0, 12), layers=[0, 5]
+        layers = [value] if isinstance(value, numbers.Integral) else value
+        try:
+            layers = list(layers)
+        except TypeError:
+            layers = None
+        if layers is None or not all(isinstance(l, numbers.Integral) and not isinstance(l, bool) for l in layers):
+            raise InvalidType(f"layers must be 'all', a str like '0-11,20', an int or a list of ints, not "
+                              f"{type(value).__name__}")
+        if not layers:
+            raise InvalidArgument("layers is empty; give at least one layer, or 'all'")
+        return ",".join(str(int(layer)) for layer in layers)
+    expected = FIELD_TYPES[name]
+    if value is None and name in ("batch_size", "max_pixels", "min_pixels"):
+        return None
+    if expected is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if expected is not int and isinstance(value, expected):
+        return value
+    raise InvalidType(f"{name} must be {TYPE_WORDS[expected]}, not {type(value).__name__} ({value!r:.40})")
+
+
+def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: tuple | None = None,
+            on_progress: Callable[[int, int], None] | None = None) -> dict:
     """One analysis of ``prompt_text`` under ``config``: the result as the JSON the command line writes
-    (``store``: the run's resume state, see resume.py;
-    None in a launched process other than the main one, which computes only its part; ``prepared``: ``cli.prepare``'s prompt and fingerprint,
-    if the caller has them already)."""
+    (``store``: the run's resume state, see resume.py, None in a launched process other than the main one, which
+    computes only its part; ``prepared``: ``cli.prepare``'s prompt and fingerprint, if the caller has them already;
+    ``on_progress(done, total)``: cells finished)."""
     from . import report
     from .cli import prepare
     from .sweep import run
 
     prompt, parts = prepared or prepare(loaded, config, prompt_text)
-    result = run(loaded, prompt, config, store)
+    result = run(loaded, prompt, config, store, on_progress)
     if result is None:  # a launched process other than the main one: its part is in its partial file
         return None
     return report.result_json(loaded, prompt, config, result, parts)
+
+
+def _base(path, method: str) -> Path:
+    """``output/cat`` from ``output/cat`` or ``output/cat.json``."""
+    if not isinstance(path, (str, Path)):
+        raise InvalidType(f"{method}(): path must be a str or a path, not {type(path).__name__}")
+    base = Path(path)
+    return base.with_suffix("") if base.suffix == ".json" else base
 
 
 class Analyzer:
@@ -61,12 +145,16 @@ class Analyzer:
         from .config import check_device, check_device_map
         from .models import VL_FAMILIES, _load_config, load_model, locate_model
 
-        if not isinstance(name, (str, Path)):
-            raise MaskImpactError(f"the model name must be a string or a path, not {type(name).__name__}")
-        check_device(device)
-        check_device_map(device_map, max_memory, offload_folder, device)
-        vision = getattr(_load_config(locate_model(str(name))), "model_type", None) in VL_FAMILIES
-        return cls(load_model(str(name), vision, device, dtype, device_map, max_memory, offload_folder), vision)
+        for what, value in (("name", name), ("device", device), ("dtype", dtype)):
+            if not isinstance(value, (str, Path) if what == "name" else str):
+                kind = "a str or a path" if what == "name" else "a str"
+                raise InvalidType(f"from_pretrained(): {what} must be {kind}, not {type(value).__name__}")
+        with python_errors():
+            check_device(device)
+            check_device_map(device_map, max_memory, offload_folder, device)
+            vision = getattr(_load_config(locate_model(str(name))), "model_type", None) in VL_FAMILIES
+            return cls(load_model(str(name), vision, device, dtype, device_map, max_memory,
+                                  offload_folder), vision)
 
     @classmethod
     def demo(cls, vision: bool = True) -> Analyzer:
@@ -78,37 +166,60 @@ class Analyzer:
         loaded.name = f"demo ({loaded.name})"
         return cls(loaded, vision)
 
-    def run(self, prompt: str, images=(), progress: bool = True, **options) -> KnockoutResult:
-        """Analyse ``prompt`` (with ``images``: paths or PIL images); ``options`` are the command line's."""
+    def run(self, prompt: str, images=(), progress: bool | Callable[[int, int], None] = True,
+            **options) -> KnockoutResult:
+        """Analyse ``prompt`` (with ``images``: paths or PIL images); ``options`` are the command line's, by their
+        long names (``unit``, ``groups``, ``flows``, ``layers``, ``window``, ``stage``, ...). ``progress``: a
+        tqdm bar (True, the default; a notebook bar in Jupyter), none (False), or a callable called with
+        ``(done, total)`` (window, unit) cells after every batch of the sweep."""
         if not isinstance(prompt, str):
-            raise MaskImpactError(f"the prompt must be a string, not {type(prompt).__name__}")
-        known = {f.name for f in fields(RunConfig)} - set(NOT_RUN_OPTIONS)
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise MaskImpactError(f"run() got an unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}")
-        images = [images] if isinstance(images, (str, Path)) or hasattr(images, "save") else list(images)
-        with tempfile.TemporaryDirectory() as folder:
+            raise InvalidType(f"prompt must be a str, not {type(prompt).__name__}")
+        if not (isinstance(progress, bool) or callable(progress)):
+            raise InvalidType(f"progress must be True, False or a callable(done, total), not {type(progress).__name__}")
+        options = check_options(options)
+        one = isinstance(images, (str, Path)) or hasattr(images, "save") or hasattr(images, "__array__")
+        images = [images] if one else images
+        try:
+            images = list(images)
+        except TypeError:
+            raise InvalidType(f"images must be a list of paths or PIL images, not {type(images).__name__}") from None
+        with tempfile.TemporaryDirectory() as folder, python_errors():
             paths, given = [], []
-            for number, image in enumerate(images, start=1):
-                if isinstance(image, (str, Path)):
-                    paths.append(str(image))
-                    given.append(str(image))
-                elif hasattr(image, "save") and hasattr(image, "size"):  # a PIL image: the model reads it as a PNG
-                    path = Path(folder) / f"image{number}.png"
-                    image.save(path, format="PNG")
-                    paths.append(str(path))
-                    given.append(f"<PIL image {number}>")
-                else:
-                    raise MaskImpactError(f"image {number} is a {type(image).__name__}; give a path or a PIL image")
-            layer = dict(options, prompt=prompt, images=paths, model=self.loaded.name, progress=progress,
-                         output="api")
+            for number, image in enumerate(images):
+                paths.append(image_file(image, number, Path(folder)))
+                given.append(str(image) if isinstance(image, (str, Path)) else f"<PIL image {number + 1}>")
+            layer = dict(options, prompt=prompt, images=paths, model=self.loaded.name, output="api",
+                         progress=progress is True)
             config = make_config([layer], self.vision)
-            data = analyze(self.loaded, config, read_inputs(config))
+            data = analyze(self.loaded, config, read_inputs(config), on_progress=None if isinstance(progress, bool)
+                           else progress)
         for info, name in zip(data["images"], given):  # not the temporary files: what the caller gave
             info["path"] = name
         data["meta"]["settings"]["images"] = given
         data["meta"]["settings"]["output"] = None
         return KnockoutResult(data)
+
+
+def image_file(image, number: int, folder: Path) -> str:
+    """A path for ``images[number]``: a path as given; a PIL image written losslessly into ``folder``."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None
+    if Image is None or not isinstance(image, Image.Image):
+        hint = " (PIL.Image.fromarray makes one of an array)" if hasattr(image, "__array__") else ""
+        raise InvalidType(f"images[{number}] is a {type(image).__name__}; give a path or a PIL image{hint}")
+    path = folder / f"image{number + 1}"
+    for format in ("PNG", "TIFF"):  # TIFF keeps the modes PNG cannot (CMYK, 32-bit float, ...)
+        try:
+            image.save(path.with_suffix(f".{format.lower()}"), format=format)
+            return str(path.with_suffix(f".{format.lower()}"))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            problem = error
+    raise InvalidArgument(f"images[{number}] is a PIL image that cannot be read ({type(problem).__name__}: "
+                          f"{str(problem)[:120]})")
 
 
 def read_inputs(config: RunConfig) -> str:
@@ -121,12 +232,27 @@ def read_inputs(config: RunConfig) -> str:
     return text
 
 
+def result_problem(data) -> str | None:
+    """Why ``data`` is not a result this version reads (None if it is one)."""
+    if not isinstance(data, dict):
+        return f"its top level is a {type(data).__name__}, not an object"
+    version = data.get("schema_version")
+    if version not in SCHEMAS or isinstance(version, bool):
+        return f"schema_version is {version!r}, not 1 or 2"
+    if data.get("kind") == "batch":
+        return "it is a batch index; load one of its runs"
+    needed = ("windows", "metrics", "baseline", "tokens", "units" if version == 2 else "positions")
+    missing = [key for key in needed if key not in data]
+    return f"it has no {', '.join(missing)}" if missing else None
+
+
 class KnockoutResult:
     """A finished analysis: the result JSON of the command line (``data``), with arrays and tables over it."""
 
     def __init__(self, data: dict):
-        if not isinstance(data, dict) or data.get("schema_version") not in (1, 2) or "metrics" not in data:
-            raise MaskImpactError("not a mask_impact result (schema 1 or 2)")
+        problem = result_problem(data)
+        if problem:
+            raise NotAResult(f"not a mask_impact result: {problem}")
         self.data = data
 
     @property
@@ -157,12 +283,17 @@ class KnockoutResult:
     def metric(self, name: str = "logprob_drop") -> np.ndarray:
         """(windows, units) array of one metric (NaN where a value is missing)."""
         if name not in self.data["metrics"]:
-            raise MaskImpactError(f"no metric {name!r}; metrics: {', '.join(self.metric_names)}")
+            raise InvalidArgument(f"metric={name!r} is not a metric of this result; metrics: "
+                                  f"{', '.join(self.metric_names)}")
         grid = self.data["metrics"][name]
         return np.array([[np.nan if v is None else float(v) for v in row] for row in grid])
 
     def top(self, k: int = 10, metric: str = "logprob_drop") -> list[dict]:
         """The ``k`` (window, unit) cells with the largest ``metric``, largest first."""
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+            raise InvalidType(f"top(): k must be an int, not {type(k).__name__}")
+        if k < 0:
+            raise InvalidArgument(f"top(): k must be 0 or more (got {k})")
         values = self.metric(metric)
         order = np.argsort(-np.nan_to_num(values, nan=-np.inf), axis=None, kind="stable")[:k]
         cells = []
@@ -178,7 +309,7 @@ class KnockoutResult:
         try:
             import pandas as pd
         except ImportError:
-            raise MaskImpactError("to_pandas() needs pandas: pip install pandas") from None
+            raise MissingDependency("to_pandas() needs pandas: pip install pandas") from None
         rows = []
         for w, (start, end) in enumerate(self.windows):
             for u, unit in enumerate(self.units):
@@ -189,29 +320,96 @@ class KnockoutResult:
                 rows.append(row)
         return pd.DataFrame(rows)
 
-    def save(self, path: str | Path, html: bool = True, overwrite: bool = False) -> dict[str, Path]:
-        """``PATH.json``, ``.csv`` and (``html``) ``.html``, written as one set like the command line's."""
-        from .report import check_writable, output_folder, write_results
+    def save(self, path: str | Path, html: bool = True, overwrite: bool = False,
+             figures: str | None = None) -> dict[str, Path]:
+        """``PATH.json``, ``.csv``, (``html``) ``.html`` and (``figures="png"|"svg"|"pdf"``) the figures, written as
+        one set like the command line's."""
+        from .report import write_results
 
-        base = Path(path)
-        base = base.with_suffix("") if base.suffix == ".json" else base
+        base = _base(path, "save")
         paths = {kind: base.with_name(f"{base.name}.{kind}") for kind in (("json", "csv", "html") if html else
                                                                           ("json", "csv"))}
-        check_writable(paths, overwrite)
-        with output_folder(base.parent):
-            write_results(self.data, paths)
-        return paths
+        pictures = self._figure_files(base, figures, "logprob_drop", None, None) if figures is not None else {}
+        self._write({**paths, **{kind: path for kind, (path, _) in pictures.items()}}, overwrite,
+                    lambda: write_results(self.data, paths, figures=dict(pictures.values())))
+        return {**paths, **{kind: path for kind, (path, _) in pictures.items()}}
+
+    def plot(self, path: str | Path | None = None, format: str = "png", metric: str = "logprob_drop",
+             windows=None, kinds=None, overwrite: bool = False) -> dict:
+        """Publication figures (figures.py): the window × unit ``heatmap``; the ``overlay`` of the units' boxes on
+        the image for the chosen ``windows`` (indices or labels; default up to six, evenly spaced); the ``flows``
+        curves of a flow run. ``kinds`` picks some. With ``path`` (``output/cat`` or ``output/cat.json``) writes
+        ``PATH.KIND.FORMAT`` (png, svg or pdf) and returns their paths; without, returns matplotlib Figures."""
+        from . import figures
+
+        if path is None:
+            self._check_figures(format, metric)
+            return figures.draw(self.data, metric, windows, self._kinds(kinds))
+        base = _base(path, "plot")
+        pictures = self._figure_files(base, format, metric, windows, kinds)
+        from .report import write_set
+
+        files = {kind: file for kind, (file, _) in pictures.items()}
+        self._write(files, overwrite, lambda: write_set(dict(pictures.values())))
+        return files
+
+    def _check_figures(self, fmt, metric: str) -> None:
+        from . import figures
+
+        figures.require()
+        if fmt not in figures.FORMATS:
+            raise InvalidArgument(f"format={fmt!r} is not one of: {', '.join(figures.FORMATS)}")
+        self.metric(metric)
+
+    def _kinds(self, kinds) -> list[str]:
+        from .figures import kinds_for
+
+        have = kinds_for(self.data)
+        asked = have if kinds is None else [kinds] if isinstance(kinds, str) else list(kinds)
+        for kind in asked:
+            if kind not in have:
+                raise InvalidArgument(f"kinds={kind!r} is not a figure of this result; its figures: {', '.join(have)}")
+        return asked
+
+    def _figure_files(self, base: Path, fmt, metric: str, windows, kinds) -> dict[str, tuple[Path, bytes]]:
+        from . import figures
+        from .config import figure_paths
+
+        self._check_figures(fmt, metric)
+        asked = self._kinds(kinds)
+        paths = figure_paths(base, fmt, asked)
+        return {kind: (paths[kind], content) for kind, content in
+                figures.render(self.data, fmt, metric, windows, asked).items()}
+
+    @staticmethod
+    def _write(paths: dict[str, Path], overwrite: bool, write: Callable[[], None]) -> None:
+        from .report import check_writable, output_folder
+
+        with python_errors():
+            check_writable(paths, overwrite)
+            with output_folder(next(iter(paths.values())).parent):
+                write()
 
     @classmethod
     def load(cls, path: str | Path) -> KnockoutResult:
         """A result the command line or ``save`` wrote (schema 1 or 2)."""
+        if not isinstance(path, (str, Path)):
+            raise InvalidType(f"load(): path must be a str or a path, not {type(path).__name__}")
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise MaskImpactError(f"{path} cannot be read as a result ({error.__class__.__name__})") from None
+        except OSError as error:
+            raise NotAResult(f"{path} cannot be read ({error.strerror or error.__class__.__name__})") from None
+        except ValueError as error:
+            raise NotAResult(f"{path} is not a mask_impact result: not JSON text ({error.__class__.__name__})") from None
         version = data.get("schema_version") if isinstance(data, dict) else None
-        if isinstance(version, int) and version > 2:
-            raise MaskImpactError(f"{path} is a schema {version} result; this version reads schemas 1 and 2")
+        if isinstance(version, int) and not isinstance(version, bool) and version > max(SCHEMAS):
+            from . import __version__
+
+            raise NotAResult(f"{path} is a schema {version} result, written by a newer mask_impact; this version "
+                             f"({__version__}) reads schemas 1 and 2: pip install --upgrade mask-impact")
+        problem = result_problem(data)
+        if problem:
+            raise NotAResult(f"{path} is not a mask_impact result: {problem}")
         return cls(data)
 
     def show(self, top: int = 10):

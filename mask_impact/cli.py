@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths
+from .config import RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths, possible_figures
+from .errors import MaskImpactError
 from .inputs import load_image, read_prompt
 from .shard import is_main_process
 from .stopping import stop_signals_raise, stop_status
-
 
 MAX_MESSAGE = 400  # characters: an error message never echoes an unbounded value
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None, vision: bool) -> int:
             stage.now = "loading the model"
             loaded = load(config, vision)
             paths = run_one(loaded, config, prompt_text, stage)
-        except UsageError as error:
+        except MaskImpactError as error:  # a UsageError, worded for the command line, or another library error
             say(f"error: {one_line(error)}", file=sys.stderr)
             return 2
         except OSError as error:  # a path the system refuses (a name too long, ...): the user's to fix
@@ -97,7 +97,7 @@ def precheck(config: RunConfig) -> str:
     from .resume import check_unlocked, unfinished
 
     paths = output_paths(config)
-    check_writable(paths, config.overwrite)
+    check_writable({**paths, **possible_figures(config)}, config.overwrite)
     partial = partial_path(config)
     check_unlocked(partial)
     if unfinished(partial) and not (config.resume or config.overwrite):
@@ -155,30 +155,39 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
 
     stage = stage or Stage()
     paths = output_paths(config)
+    possible = possible_figures(config)
     stage.now = "preparing the prompt"
     prepared = prepare(loaded, config, prompt_text)
     store = PartialStore(partial_path(config), prepared[1], Shard.current())
     with report.output_folder(paths["json"].parent), store.open(config.resume):  # the lock: until results are in
-        report.check_writable(paths, config.overwrite)  # again: a run holding the lock before may have written them
+        report.check_writable({**paths, **possible}, config.overwrite)  # again: a run holding the lock may have written them
         stage.now, stage.store = "running the sweep", store
         data = analyze(loaded, config, prompt_text, store, prepared)  # what the Python API runs too
         if data is None:  # a launched process other than the main one: its part is done
             return {**paths, "summary": "", "answer": ""}
+        pictures = {}
+        if config.figures:
+            from .figures import render
+
+            stage.now = "drawing the figures"
+            pictures = {possible[kind]: content for kind, content in render(data, config.figures).items()}
         stage.now = "writing the results"
-        report.check_writable(paths, config.overwrite)
+        written = {**paths, **{kind: possible[kind] for kind in possible if possible[kind] in pictures}}
+        report.check_writable(written, config.overwrite)
 
         def finished() -> None:  # runs with the renames, before a held-back signal can arrive
             store.remove()
-            stage.written = ", ".join(str(path) for path in paths.values())
+            stage.written = ", ".join(str(path) for path in written.values())
 
-        report.write_results(data, paths, then=finished)
-    return {**paths, "summary": report.summary(data, paths), "answer": data["baseline"]["text"]}
+        report.write_results(data, paths, then=finished, figures=pictures)
+    return {**written, "summary": report.summary(data, written), "answer": data["baseline"]["text"]}
 
 
 def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     """Every run of a YAML batch with one model load; exit status 1 if any run failed."""
     from .batch import load_batch
     from .report import write_index
+
     if not is_main_process():  # a launched batch: the main process keeps the index and says how it went
         def write_index(*args):
             return None
@@ -263,7 +272,8 @@ class BatchState:
             return {"status": "done", "json": finished.name, "note": "kept from an earlier run"}
         prompt_text = precheck(config)
         paths = run_one(self.model(config, stage), config, prompt_text, stage)
-        return {"status": "done", "answer": paths["answer"],
+        figures = [Path(path).name for kind, path in paths.items() if kind in ("heatmap", "overlay", "flows")]
+        return {"status": "done", "answer": paths["answer"], **({"figures": figures} if figures else {}),
                 **{kind: Path(path).name for kind, path in paths.items() if kind in ("json", "csv", "html")}}
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from .errors import MaskImpactError
 from .resources import data_path
 
 VL_DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
@@ -44,7 +45,7 @@ FIELD_TYPES = {
     "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "device_map": str,
     "max_memory": str, "offload_folder": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
-    "min_pixels": int,
+    "min_pixels": int, "figures": str,
 }
 # Options that name the prompt: a layer of settings that gives one replaces the other from lower layers.
 PROMPT_SOURCES = ("prompt", "prompt_file")
@@ -56,8 +57,9 @@ MAX_ECHO = 160  # characters of a user's value quoted back in an error message
 BATCH_KEYS = ("model", "demo", "device", "dtype", "device_map", "max_memory", "offload_folder", "output_dir")
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr with exit status 2."""
+class UsageError(MaskImpactError):
+    """Bad input, worded for the command line (``--unit``): reported as one line on stderr with exit status 2.
+    The API raises it again worded for Python (errors.py)."""
 
 
 def quoted(value: object) -> str:
@@ -107,6 +109,7 @@ class RunConfig:
     progress: bool = True
     max_pixels: int | None = None  # None: the processor's own limit
     min_pixels: int | None = None  # None: the processor's own limit
+    figures: str | None = None  # png | svg | pdf: figures beside the results (figures.py); None: none
 
     def settings(self) -> dict:
         return asdict(self)
@@ -154,6 +157,8 @@ class RunConfig:
             raise UsageError("give --prompt or --prompt-file, not both")
         if self.output is not None:
             check_name(self.output, "--output")
+        if self.figures is not None:
+            check_figures(self.figures)
         check_device(self.device)
         check_device_map(self.device_map, self.max_memory, self.offload_folder, self.device)
         parse_layers(self.layers, None)
@@ -164,6 +169,17 @@ def check_name(name: str, what: str) -> None:
     if not re.fullmatch(r"[\w\-][\w.\-]{0,199}", name):
         raise UsageError(f"{what} {quoted(name)} must be a plain name of letters, digits, '.', '_', '-' (not "
                          "starting with '.', at most 200 characters)")
+
+
+def check_figures(fmt: str) -> None:
+    """``--figures``: a format matplotlib writes, and matplotlib installed (checked before the model loads)."""
+    from .errors import FIGURES_INSTALL
+    from .figures import FORMATS, available
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--figures {quoted(fmt)} is not one of: {', '.join(FORMATS)}")
+    if not available():
+        raise UsageError(f"--figures needs matplotlib, which is not installed: {FIGURES_INSTALL}")
 
 
 def check_device(device: str) -> None:
@@ -331,6 +347,9 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help="where results go (default output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing result of the same name")
     parser.add_argument("--resume", action="store_true", help="continue a killed run (or batch) where it stopped")
+    parser.add_argument("--figures", metavar="png|svg|pdf",
+                        help="also write figures beside the results: OUTPUT_DIR/NAME.heatmap.FORMAT, .overlay (units "
+                             "on the image) or .flows (with --flow); needs matplotlib")
     parser.add_argument("--no-html", dest="html", action="store_false",
                         help="skip OUTPUT_DIR/NAME.html (the viewer with this result embedded)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -377,6 +396,19 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
 def output_paths(config: RunConfig) -> dict[str, Path]:
     kinds = ("json", "csv", "html") if config.html else ("json", "csv")
     return {ext: output_dir(config.output_dir) / f"{config.output}.{ext}" for ext in kinds}
+
+
+def figure_paths(base: Path, fmt: str, kinds) -> dict[str, Path]:
+    """``BASE.KIND.FORMAT`` for each figure kind (``output/cat`` → ``output/cat.heatmap.png``)."""
+    return {kind: base.with_name(f"{base.name}.{kind}.{fmt}") for kind in kinds}
+
+
+def possible_figures(config: RunConfig) -> dict[str, Path]:
+    """The figures a run may write (which ones it does depends on its units: figures.kinds_for)."""
+    if config.figures is None:
+        return {}
+    kinds = ["heatmap"] + (["flows"] if config.flows else ["overlay"] if config.images else [])
+    return figure_paths(output_dir(config.output_dir) / config.output, config.figures, kinds)
 
 
 def output_dir(value: str) -> Path:

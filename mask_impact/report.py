@@ -199,9 +199,10 @@ def _remove_empty(folders: list[Path]) -> None:
         folder.rmdir()
 
 
-def _temporary(path: Path, text: str) -> Path:
-    """``text`` in a new file beside ``path``, flushed to disk, with the mode ``open()`` would give it."""
-    data = memoryview(text.encode("utf-8"))
+def _temporary(path: Path, text: str | bytes) -> Path:
+    """``text`` (UTF-8) or bytes in a new file beside ``path``, flushed to disk, with the mode ``open()`` would
+    give it."""
+    data = memoryview(text.encode("utf-8") if isinstance(text, str) else text)
     while True:
         temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -225,7 +226,7 @@ def _temporary(path: Path, text: str) -> Path:
     return temp
 
 
-def write_set(texts: dict[Path, str], then: Callable[[], None] | None = None) -> None:
+def write_set(texts: dict[Path, str | bytes], then: Callable[[], None] | None = None) -> None:
     """Write every file of ``texts`` or none: temporary files first, then the renames, in order, with signals
     held back; then ``then()`` (e.g. removing the partial file). A failure leaves no temporary file."""
     temps: dict[Path, Path] = {}
@@ -288,12 +289,14 @@ def viewer_html(data: dict) -> str:
     return template.replace(EMBED_SLOT, EMBED_SLOT.replace("></script>", f">{payload}</script>"), 1)
 
 
-def write_results(data: dict, paths: dict[str, Path], then: Callable[[], None] | None = None) -> None:
-    """JSON, CSV and (if asked) HTML as one set, the JSON renamed into place last; then ``then()``."""
+def write_results(data: dict, paths: dict[str, Path], then: Callable[[], None] | None = None,
+                  figures: dict[Path, bytes] | None = None) -> None:
+    """JSON, CSV, (if asked) HTML and ``figures`` as one set, the JSON renamed into place last; then ``then()``."""
     data = _finite(data)
-    texts = {paths["csv"]: csv_text(data)}
+    texts: dict[Path, str | bytes] = {paths["csv"]: csv_text(data)}
     if "html" in paths:
         texts[paths["html"]] = viewer_html(data)
+    texts.update(figures or {})
     texts[paths["json"]] = json.dumps(data, ensure_ascii=False, indent=1)
     write_set(texts, then)
 

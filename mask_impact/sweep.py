@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -144,10 +145,12 @@ def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float
 
 
 def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, progress: bool = True, store=None,
-                    labels: list[str] | None = None, costs=None) -> tuple[dict[str, list[list]], int]:
+                    labels: list[str] | None = None, costs=None,
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, list[list]], int]:
     """Metrics for every (window, knockout) cell; returns them and the batch size that finally fit.
     A knockout is a ``Knockout`` (or a bare position: that token's knockout); they are the units of the
-    result, in order.
+    result, in order. ``progress`` shows a tqdm bar; ``on_progress(done, total)`` is called with the
+    (window, knockout) cells finished after every batch (``done`` grows to ``total``).
 
     With a ``store`` (see resume.py), the cells it already holds are taken from it and every newly finished
     batch is saved to it before the next one starts. In a launched run (shard.py) this process computes only
@@ -173,8 +176,17 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
     fill(store.saved if store is not None else {})
     todo = sorted(missing)
     mine = shard.part(todo, [costs(w, i) if costs else 1.0 for w, i in todo])
-    bar = tqdm(total=len(windows) * count, initial=len(windows) * count - len(missing), unit="knockout",
-               disable=not progress or not shard.is_main, dynamic_ncols=True)
+    total = len(windows) * count
+    finished = total - len(missing)
+    bar = tqdm(total=total, initial=finished, unit="knockout", disable=not progress or not shard.is_main,
+               dynamic_ncols=True)
+
+    def advance(cells: int) -> None:
+        nonlocal finished
+        finished += cells
+        bar.update(cells)
+        if on_progress is not None and cells:
+            on_progress(finished, total)
     try:
         for w in sorted({w for w, _ in mine}):
             bar.set_description(labels[w] if labels else f"layers {windows[w][0]}-{windows[w][1]}")
@@ -204,9 +216,9 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                 if store is not None:
                     store.record(w, cells, values, batch_size)
                 done += len(chunk)
-                bar.update(len(chunk) + (fill(store.follow()) if shard.count > 1 and shard.is_main else 0))
+                advance(len(chunk) + (fill(store.follow()) if shard.count > 1 and shard.is_main else 0))
         while shard.count > 1 and shard.is_main and missing:  # the other processes' parts
-            bar.update(fill(store.follow()))
+            advance(fill(store.follow()))
             if missing:
                 time.sleep(0.05)
     finally:
@@ -223,8 +235,10 @@ def top_knockouts(metrics: dict[str, list[list]], k: int) -> list[tuple[int, int
     return [(w, i) for _, w, i in scored[:k]]
 
 
-def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> RunResult:
-    """Baseline → knockout sweep → generation under the top knockouts (``store``: resume state)."""
+def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
+        on_progress: Callable[[int, int], None] | None = None) -> RunResult:
+    """Baseline → knockout sweep → generation under the top knockouts (``store``: resume state;
+    ``on_progress(done, total)``: see ``score_knockouts``)."""
     started = time.perf_counter()
     from .stages import stage_plan
 
@@ -251,7 +265,8 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None) -> R
         what = "flows" if config.flows else "units" if config.unit != "token" or not decoder else "positions"
         tqdm.write(describe_plan(loaded, engine, plan.windows, knockouts, batch_size, what), file=sys.stderr)
     metrics, batch_size = score_knockouts(engine, plan.rows, knockouts, batch_size, config.progress, store,
-                                          plan.labels, cell_cost(loaded, engine, plan.rows, knockouts, decoder))
+                                          plan.labels, cell_cost(loaded, engine, plan.rows, knockouts, decoder),
+                                          on_progress)
     if store is not None and not store.shard.is_main:
         return None  # its part is in its partial file; the main process writes the result
     generations = []

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mask_impact import Analyzer, KnockoutResult, MaskImpactError
+from mask_impact import Analyzer, InvalidArgument, InvalidType, KnockoutResult, MaskImpactError, NotAResult
 from mask_impact.cli import main
-from mask_impact.config import DEMO_IMAGE
+from mask_impact.config import DEMO_IMAGE, UsageError
+from mask_impact.demo import demo_model_path
+from mask_impact.errors import python_wording
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,11 @@ def test_the_readme_example_end_to_end(analyzer, tmp_path):
     assert sorted(p.name for p in paths.values()) == ["cat.csv", "cat.html", "cat.json"]
     loaded = KnockoutResult.load(paths["json"])
     assert loaded.data == json.loads(json.dumps(result.data)) and np.array_equal(loaded.metric(), drops)
-    with pytest.raises(MaskImpactError, match="already exists"):
+    with pytest.raises(InvalidArgument, match="already exists"):
         result.save(tmp_path / "cat")
+    figures = result.plot(tmp_path / "cat")
+    assert sorted(p.name for p in figures.values()) == ["cat.heatmap.png", "cat.overlay.png"]
+    assert all(np.asarray(Image.open(p).convert("L"), dtype=float).std() > 20 for p in figures.values())
 
 
 def test_the_api_gives_the_command_lines_numbers(analyzer, tmp_path):
@@ -60,24 +66,108 @@ def test_pil_images_and_schema_1_results(analyzer, tmp_path):
     assert [u["keys"] for u in loaded.units] == [u["keys"] for u in result.units]
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda a: a.run(42), "the prompt must be a string, not int"),
-    (lambda a: a.run("hi", colour="red"), "unknown option 'colour'"),
-    (lambda a: a.run("hi", images=[3.5]), "image 1 is a float"),
-    (lambda a: a.run("hi", images=[str(DEMO_IMAGE)], unit="region:0"), "between 1 and"),
-    (lambda a: Analyzer.from_pretrained(17), "must be a string or a path"),
+@pytest.mark.parametrize("call,kind,message", [
+    (lambda a: a.run(42), InvalidType, "prompt must be a str, not int"),
+    (lambda a: a.run("hi", units="word"), InvalidType, "unexpected keyword argument 'units' \\(did you mean 'unit'"),
+    (lambda a: a.run("hi", output="x"), InvalidType, "unexpected keyword argument 'output'"),
+    (lambda a: a.run("hi", num_tokens="5"), InvalidType, "num_tokens must be an int, not str"),
+    (lambda a: a.run("hi", num_tokens=True), InvalidType, "num_tokens must be an int, not bool"),
+    (lambda a: a.run("hi", groups=[("cat", "0,0,9,9")]), InvalidType, "groups must be a list of 'NAME=SPEC'"),
+    (lambda a: a.run("hi", layers=[0, "1"]), InvalidType, "layers must be 'all', a str like"),
+    (lambda a: a.run("hi", layers=[]), InvalidArgument, "layers is empty"),
+    (lambda a: a.run("hi", progress="yes"), InvalidType, "progress must be True, False or a callable"),
+    (lambda a: a.run("hi", images=[3.5]), InvalidType, "images\\[0\\] is a float; give a path or a PIL image"),
+    (lambda a: a.run("hi", images=np.zeros((8, 8, 3))), InvalidType, "images\\[0\\] is a ndarray.*fromarray"),
+    (lambda a: a.run("hi", images=5), InvalidType, "images must be a list of paths or PIL images, not int"),
+    (lambda a: a.run("hi", images=[_closed_picture()]), InvalidArgument,
+     "images\\[0\\] is a PIL image that cannot be read \\(ValueError: Operation on closed image\\)"),
+    (lambda a: Analyzer.from_pretrained(17), InvalidType, "name must be a str or a path, not int"),
+    (lambda a: Analyzer.from_pretrained("demo", device=0), InvalidType, "device must be a str, not int"),
+    (lambda a: Analyzer.from_pretrained("/no/such/model"), InvalidArgument, "check the model path"),
 ])
-def test_bad_api_input_raises_the_librarys_error(analyzer, call, message):
-    with pytest.raises(MaskImpactError, match=message):
+def test_bad_api_input_raises_the_librarys_types(analyzer, call, kind, message):
+    with pytest.raises(kind, match=message) as caught:
         call(analyzer)
+    assert isinstance(caught.value, MaskImpactError) and not isinstance(caught.value, UsageError)
+    assert isinstance(caught.value, TypeError if kind is InvalidType else ValueError)
+    assert "--" not in str(caught.value)
 
 
-def test_loading_what_is_not_a_result(tmp_path):
-    (tmp_path / "a.json").write_text("[1, 2]")
-    (tmp_path / "b.json").write_text(json.dumps({"schema_version": 3, "metrics": {}}))
-    with pytest.raises(MaskImpactError, match="not a mask_impact result"):
-        KnockoutResult.load(tmp_path / "a.json")
-    with pytest.raises(MaskImpactError, match="schema 3"):
-        KnockoutResult.load(tmp_path / "b.json")
-    with pytest.raises(MaskImpactError, match="cannot be read"):
-        KnockoutResult.load(tmp_path / "missing.json")
+def _closed_picture():
+    picture = Image.open(DEMO_IMAGE)
+    picture.load()
+    picture.close()
+    return picture
+
+
+# The same bad setting given to the API and to the command line: the API's message is the command line's with
+# each flag written as the keyword (errors.python_wording), and names no flag.
+@pytest.mark.parametrize("options,flags,keyword,flag", [
+    ({"unit": "region:0"}, ["--unit", "region:0"], "unit='region:0'", "--unit region:0"),
+    ({"num_tokens": 0}, ["--num-tokens", "0"], "num_tokens=", "--num-tokens"),
+    ({"stage": "pixels", "layers": "1"}, ["--stage", "pixels", "--layers", "1"], "stage='pixels'", "--stage pixels"),
+    ({"layers": "7"}, ["--layers", "7"], "layers=", "--layers"),
+    ({"unit": "groups", "groups": ["cat=200,200,300,300"]}, ["--unit", "groups", "--group", "cat=200,200,300,300"],
+     "group cat", "--group cat"),
+    ({"flows": ["image->nowhere"]}, ["--flow", "image->nowhere"], "flow image->nowhere", "--flow image->nowhere"),
+    ({"images": ["no-such-picture.png"]}, ["--image", "no-such-picture.png"], "images=", "--image"),
+])
+def test_api_errors_name_keywords_where_the_command_line_names_flags(analyzer, tmp_path, capsys, options, flags,
+                                                                       keyword, flag):
+    images = options.pop("images", [str(DEMO_IMAGE)])
+    with pytest.raises(InvalidArgument) as caught:
+        analyzer.run("What color is the shape?", images=images, progress=False, **options)
+    api = str(caught.value)
+    assert keyword in api and flag not in api and not re.search(r"--[a-z]", api)
+    prompt = ["--prompt", "What color is the shape?"] + ([] if "--image" in flags else ["--image", str(DEMO_IMAGE)])
+    status = main(["--model", str(demo_model_path(True)), *prompt, *flags, "--output-dir", str(tmp_path),
+                   "--no-progress", "--device", "cpu"], True)
+    cli = capsys.readouterr().err
+    assert status == 2 and cli.count("\n") == 1 and flag in cli and not list(tmp_path.iterdir())
+    assert api == python_wording(cli.removeprefix("error: ").strip())
+
+
+def test_saving_over_a_result_names_the_keyword(analyzer, tmp_path):
+    result = analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], layers="2", progress=False)
+    result.save(tmp_path / "a")
+    with pytest.raises(InvalidArgument, match="already exists; pass overwrite=True to replace it, or choose another "
+                                              "path$"):
+        result.save(tmp_path / "a")
+    assert result.save(tmp_path / "a", overwrite=True)["json"].exists()
+
+
+def test_progress_callback_sees_every_cell_once_in_order(analyzer):
+    seen = []
+    result = analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], mask_mode="both", batch_size=5,
+                          progress=lambda done, total: seen.append((done, total)))
+    total = len(result.windows) * len(result.units)
+    assert total == 3 * 32 and len(seen) > 3  # batches of at most 5 cells
+    assert all(t == total for _, t in seen) and seen[-1][0] == total
+    assert all(0 < a < b for (a, _), (b, _) in zip(seen, seen[1:]))
+    assert result.data["meta"]["settings"]["progress"] is False  # no bar beside the callback
+
+
+def test_loading_what_is_not_a_result(analyzer, tmp_path):
+    result = analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], layers="2", progress=False)
+    paths = result.save(tmp_path / "run")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "newer.json").write_text(json.dumps(dict(result.data, schema_version=3)))
+    (tmp_path / "index.json").write_text(json.dumps({"schema_version": 1, "kind": "batch", "runs": []}))
+    (tmp_path / "cut.json").write_text(json.dumps({k: v for k, v in result.data.items() if k != "units"}))
+    for name, message in [("list.json", "not a mask_impact result: its top level is a list"),
+                          ("newer.json", "schema 3 result, written by a newer mask_impact; this version .* reads "
+                                         "schemas 1 and 2"),
+                          ("index.json", "is a batch index; load one of its runs"),
+                          ("cut.json", "not a mask_impact result: it has no units"),
+                          (paths["csv"].name, "not a mask_impact result: not JSON text"),
+                          ("missing.json", "cannot be read \\(No such file or directory\\)")]:
+        with pytest.raises(NotAResult, match=message):
+            KnockoutResult.load(tmp_path / name)
+    with pytest.raises(NotAResult, match="schema_version is 7"):
+        KnockoutResult({"schema_version": 7})
+    with pytest.raises(InvalidType, match="path must be a str or a path, not int"):
+        KnockoutResult.load(3)
+    with pytest.raises(InvalidArgument, match="metric='loss' is not a metric of this result; metrics: logprob_drop"):
+        result.metric("loss")
+    with pytest.raises(InvalidArgument, match="k must be 0 or more"):
+        result.top(-1)

@@ -94,12 +94,22 @@ def test_wheel_carries_the_package_and_its_data(wheel):
             assert archive.read(f"mask_impact/data/{name}") == (ROOT / name).read_bytes(), name
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = archive.read(entry_points).decode()
+        (metadata_file,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [line for line in archive.read(metadata_file).decode().splitlines()
+                    if line.startswith(("Provides-Extra:", "Requires-Dist:"))]
     assert {"models/demo-vl/model.safetensors", "models/demo-text/model.safetensors"} <= set(SHIPPED)
     assert {n for n in names if n.count("/") == 1 and n.endswith(".py")} == {
         f"mask_impact/{p.name}" for p in (ROOT / "mask_impact").glob("*.py")}
     assert {n.split("/")[0] for n in names} == {"mask_impact", f"mask_impact-{__version__}.dist-info"}
     for command, target in COMMANDS.items():
         assert f"{command} = {target}" in scripts
+    # the figures extra is matplotlib, and the test extra has it too (plus what runs the example notebook)
+    assert {"Provides-Extra: figures", "Provides-Extra: test"} <= set(requires)
+    extras = {extra: {line.split()[1].split(">")[0].split(";")[0] for line in requires
+                      if line.startswith("Requires-Dist:") and f'extra == "{extra}"' in line}
+              for extra in ("figures", "test")}
+    assert extras["figures"] == {"matplotlib"}
+    assert {"matplotlib", "pytest", "pandas", "nbclient", "nbformat", "ipykernel"} <= extras["test"]
 
 
 def test_installed_package_reads_its_own_data(venv, elsewhere):

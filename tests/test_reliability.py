@@ -142,10 +142,10 @@ def test_batch_run_that_raises_is_reported_and_the_others_run(in_tmp, capsys, mo
 
     real_run = sweep.run
 
-    def flaky(loaded, prompt, config, store=None):
+    def flaky(loaded, prompt, config, store=None, on_progress=None):
         if config.output == "breaks":
             raise RuntimeError("a defect inside one run")
-        return real_run(loaded, prompt, config, store)
+        return real_run(loaded, prompt, config, store, on_progress)
 
     monkeypatch.setattr(sweep, "run", flaky)
     (in_tmp / "b.yaml").write_text("defaults:\n  demo: true\n  layers: '0'\n  generate_top: 0\nruns:\n"

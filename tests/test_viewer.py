@@ -289,12 +289,13 @@ def test_token_text_is_readable_and_the_top_table_follows_the_metric(page, resul
 def test_batch_links_work_from_the_batch_folder_and_are_not_dead_elsewhere(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "b.yaml").write_text("defaults:\n  demo: true\n  layers: '0'\n  generate_top: 0\nruns:\n"
-                                     "  - name: one\n    prompt: hi\n")
+                                     "  - name: one\n    prompt: hi\n    figures: png\n")
     assert main(["--config", "b.yaml", "--no-progress"], False) == 0
     folder = tmp_path / "output" / "b"
     page.goto((folder / "index.html").as_uri())
-    href = page.locator("#batch-runs a").first.evaluate("a => a.href")
-    assert href == (folder / "one.html").as_uri()  # resolves to the run's page, which exists
+    hrefs = page.locator("#batch-runs a").evaluate_all("links => links.map(a => a.href)")
+    assert hrefs == [(folder / name).as_uri() for name in ("one.html", "one.heatmap.png")]  # the run's page, its figure
+    assert all((folder / name).exists() for name in ("one.html", "one.heatmap.png"))
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(folder / "index.json")])
     expect(page.locator("#message")).to_contain_text("open index.html in the batch folder")

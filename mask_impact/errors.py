@@ -1,0 +1,118 @@
+"""The library's exceptions, and the one place that words a command-line error for a Python caller.
+
+Every check of the input is written once, in the command line's words (``--unit region:0``), because the
+command line, YAML batches and the API share it (config.py, units.py, inputs.py, ...). The command line
+prints such a ``UsageError`` as one line and exits 2; the API (api.py) raises it again as one of the types
+below, its flags rewritten by ``python_wording`` into the keywords a caller wrote (``unit='region:0'``).
+
+    MaskImpactError                     the base: every error the library raises on bad input
+    ├── InvalidArgument (ValueError)    a value that cannot be meant
+    ├── InvalidType (TypeError)         a wrong type, or a keyword ``run`` does not take
+    ├── NotAResult (ValueError)         ``KnockoutResult.load`` of a file that is not a result it can read
+    ├── MissingDependency (ImportError) an optional package is needed (matplotlib for figures, pandas)
+    └── WriteFailed (OSError)           a result file could not be written (disk full, ...)
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class MaskImpactError(Exception):
+    """Bad input, said in one sentence."""
+
+
+class InvalidArgument(MaskImpactError, ValueError):
+    """An argument whose value cannot be meant (a layer the model lacks, a group outside its image, ...)."""
+
+
+class InvalidType(MaskImpactError, TypeError):
+    """An argument of the wrong type, or an unknown keyword."""
+
+
+class NotAResult(MaskImpactError, ValueError):
+    """A file that is not a mask_impact result this version can read."""
+
+
+class MissingDependency(MaskImpactError, ImportError):
+    """An optional package that the call needs is not installed; the message says how to install it."""
+
+
+class WriteFailed(MaskImpactError, OSError):
+    """A result file could not be written; the message names it and says why."""
+
+
+FIGURES_INSTALL = 'pip install "mask-impact[figures]" (or pip install matplotlib)'
+
+# Choice values a flag may be followed by in a message: rendered as the keyword with a quoted value.
+_CHOICES = {
+    "mask-mode": ("text", "vision", "both"),
+    "stage": ("decoder", "vision-encoder", "pixels", "deepstack"),
+    "fill": ("mean", "blur", "black", "noise"),
+    "block-from": ("all", "answer"),
+    "vision-attention": ("causal", "bidirectional"),
+    "engine": ("fast", "naive"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "figures": ("png", "svg", "pdf"),
+}
+_UNIT_VALUE = r"(?:token|word|image|groups|patch|region:\d+)\b"
+_DEVICE_VALUE = r"(?:auto|cpu|cuda(?::\d+)?)\b"
+# Flags whose Python form is not ``name=``: switches, and what the API asks for in another way.
+_PHRASES = {
+    "overwrite": "overwrite=True", "raw-prompt": "raw_prompt=True", "allow-special-tokens": "allow_special_tokens=True",
+    "no-html": "html=False", "no-progress": "progress=False", "demo": "Analyzer.demo()", "help": "help(Analyzer.run)",
+    "model": "model", "prompt": "the prompt", "prompt-file": "the prompt file", "output": "path",
+    "output-dir": "folder", "resume": "resume", "config": "the YAML file",
+}
+_KEYWORDS = {"image": "images", "group": "groups", "flow": "flows"}  # repeatable flags: one list keyword
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z-]*)")
+
+
+def python_wording(message: str) -> str:
+    """A command-line error message with every ``--flag`` written as the keyword a Python caller gives:
+    ``--unit region:0`` → ``unit='region:0'``, ``--num-tokens`` → ``num_tokens=``, ``--image PATH`` →
+    ``images=[PATH]``, ``--group cat`` → ``group cat``, ``--overwrite`` → ``overwrite=True``."""
+    out, last = [], 0
+    for match in _FLAG.finditer(message):
+        flag = match[1]
+        out.append(message[last:match.start()])
+        rest = message[match.end():]
+        phrase, used = _flag_phrase(flag, rest)
+        if phrase.endswith("s=") and out[-1].endswith(" a "):  # "name it in a --flow" → "name it in flows="
+            out[-1] = out[-1][:-2]
+        out.append(phrase)
+        last = match.end() + used
+    out.append(message[last:])
+    return "".join(out)
+
+
+def _flag_phrase(flag: str, rest: str) -> tuple[str, int]:
+    """The Python form of ``--flag`` and how many characters of ``rest`` (its value) it took along."""
+    keyword = _KEYWORDS.get(flag, flag.replace("-", "_"))
+    if flag in ("group", "flow"):
+        spec = re.match(r" (\w+=\S+|SRC->DST|NAME=SPEC)", rest)
+        if spec:
+            return f'{keyword}=["{spec[1]}"]', spec.end()
+        name = re.match(r" ([\w'][^\s:;,)]*)", rest)
+        return (f"{flag} {name[1]}", name.end()) if name else (f"{keyword}=", 0)
+    if flag == "image":
+        path = re.match(r" (PATH)\b", rest)
+        return (f"{keyword}=[PATH]", path.end()) if path else (f"{keyword}=", 0)
+    if flag in _PHRASES:
+        return _PHRASES[flag], 0
+    patterns = [r"'[^']*'|\"[^\"]*\"", r"\d[\d,]*\b(?!-)"]
+    if flag in _CHOICES:
+        patterns.append("(?:" + "|".join(map(re.escape, _CHOICES[flag])) + r")(?![\w-])")
+    elif flag == "unit":
+        patterns.append(_UNIT_VALUE)
+    elif flag == "device":
+        patterns.append(_DEVICE_VALUE)
+    value = re.match(r" (" + "|".join(patterns) + ")", rest)
+    if not value:
+        return f"{keyword}=", 0
+    text = value[1]
+    if text[0].isdigit():
+        text = text.replace(",", "")
+    elif text[0] not in "'\"":
+        text = repr(text)
+    return f"{keyword}={text}", value.end()

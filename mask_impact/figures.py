@@ -1,0 +1,313 @@
+"""Figures of a result without a browser (``--figures png|svg|pdf``, ``KnockoutResult.plot``).
+
+Drawn from the result JSON alone (DESIGN.md §5), so a saved result can be drawn again later:
+
+- ``heatmap``: window × unit, one cell per knockout, rows named by ``window_labels`` (decoder or ViT layers,
+  the occlusion, the DeepStack routes), columns by the units' labels (every one up to ``ALL_LABELS`` columns,
+  every k-th up to ``SOME_LABELS``, none beyond), label colour by modality, and a colour bar;
+- ``overlay``: each unit's box (original-image pixels) tinted by its value over the picture (the result's
+  thumbnail), small multiples: one row per image, one column per chosen window;
+- ``flows``: one curve per flow over the layer windows (runs with ``--flow``; they get no overlay).
+
+The colours are the viewer's: red where the knockout hurts the answer, blue where it helps, a robust scale (the
+99th percentile of the non-special units' values; values past it are drawn saturated and the bar says so),
+one-sided metrics from "no change" up. matplotlib is optional (``pip install "mask-impact[figures]"``) and
+imported only here, only when a figure is asked for; figures are drawn on their own Agg canvas, so the caller's
+pyplot state (a notebook's inline backend) is left alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import math
+import re
+import warnings
+
+import numpy as np
+
+from .errors import FIGURES_INSTALL, MissingDependency
+
+FORMATS = ("png", "svg", "pdf")
+KINDS = ("heatmap", "overlay", "flows")
+ALL_LABELS = 80  # columns up to which every unit is labelled
+SOME_LABELS = 600  # columns up to which every k-th unit is labelled (about 60 labels); beyond: unit indices
+MAX_PANELS = 6  # windows shown in the overlay unless chosen
+DPI = 200
+METRICS = {  # title, harm sign (+1: larger hurts), one-sided
+    "logprob_drop": ("log-prob drop of the answer (nats)", 1, False),
+    "prob_change_pct": ("change of p(first answer token) (%)", -1, False),
+    "kl": ("mean KL divergence (nats)", 1, True),
+    "top1_changed": ("top-1 token changed", 1, True),
+    "first_divergence": ("first diverging answer step", 1, True),
+}
+ROW_TITLES = {"decoder": "decoder layers", "vision-encoder": "ViT layers", "pixels": "occlusion",
+              "deepstack": "route removed"}
+MODALITY_COLOURS = {"vision": "#1f5fa8", "special": "#7a7a7a"}
+
+
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def require() -> None:
+    """The API's check: ``MissingDependency`` saying how to install matplotlib."""
+    if not available():
+        raise MissingDependency(f"figures need matplotlib, which is not installed: {FIGURES_INSTALL}")
+
+
+def kinds_for(data: dict) -> list[str]:
+    """The figures a result gets: always the heatmap; the flow curves for flows, else the overlay where a
+    unit has a box on an image."""
+    units = data.get("units") or []
+    if any(unit["kind"] == "flow" for unit in units):
+        return ["heatmap", "flows"]
+    boxed = data.get("images") and any(unit.get("box") and unit.get("image") is not None for unit in units)
+    return ["heatmap", "overlay"] if boxed else ["heatmap"]
+
+
+def render(data: dict, fmt: str, metric: str = "logprob_drop", windows=None, kinds=None) -> dict[str, bytes]:
+    """Each figure of ``data`` (``kinds``, default ``kinds_for``) as the bytes of a ``fmt`` file."""
+    return {kind: to_bytes(figure, fmt) for kind, figure in draw(data, metric, windows, kinds).items()}
+
+
+def draw(data: dict, metric: str = "logprob_drop", windows=None, kinds=None) -> dict:
+    """The matplotlib ``Figure`` of each kind."""
+    require()
+    drawers = {"heatmap": heatmap, "overlay": overlay, "flows": flow_curves}
+    return {kind: drawers[kind](data, metric, windows) for kind in (kinds or kinds_for(data))}
+
+
+def to_bytes(figure, fmt: str) -> bytes:
+    """The figure as a file; in SVG and PDF the text stays text (searchable, editable in a drawing program)."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)  # the figure's own canvas: pyplot's backend is not touched
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from")  # drawn as a box, said once here
+        figure.savefig(buffer, format=fmt, dpi=DPI, metadata=_metadata(fmt))
+    return buffer.getvalue()
+
+
+def _metadata(fmt: str) -> dict:
+    # no creation date: the same result gives the same file
+    return {"svg": {"Date": None}, "pdf": {"CreationDate": None}, "png": {}}[fmt]
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def values(data: dict, metric: str) -> np.ndarray:
+    """(windows, units) array of ``metric``, NaN where a value is missing."""
+    grid = data["metrics"][metric]
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in grid], dtype=float).reshape(
+        len(data["windows"]), -1)
+
+
+def units_of(data: dict) -> list[dict]:
+    if "units" in data:
+        return data["units"]
+    tokens = data["tokens"]  # schema 1: one token unit per swept position
+    return [{"kind": "token", "label": tokens[p]["text"], "modality": tokens[p]["modality"],
+             "image": tokens[p]["image"], "box": tokens[p]["box"]} for p in data["positions"]]
+
+
+def window_labels(data: dict) -> list[str]:
+    return data.get("window_labels") or [f"layers {a}–{b}" for a, b in data["windows"]]
+
+
+def colour_scale(data: dict, metric: str, grid: np.ndarray):
+    """(colormap, norm, extend): the viewer's robust scale, red where a knockout hurts the answer; ``extend``
+    says which ends of the colour bar values run past."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    _, harm, one_sided = METRICS.get(metric, (metric, 1, False))
+    units = units_of(data)
+    keep = [u for u, unit in enumerate(units) if unit["modality"] != "special"] or list(range(len(units)))
+    finite = np.abs(grid[:, keep][np.isfinite(grid[:, keep])])
+    largest = float(finite.max()) if finite.size else 0.0
+    limit = float(np.percentile(finite, 99)) if finite.size else 0.0
+    limit = limit if limit > 0 else largest if largest > 0 else 1.0
+    if one_sided:
+        cmap, norm = colormaps["Reds"], Normalize(0.0, limit)
+    else:
+        cmap, norm = colormaps["RdBu_r" if harm > 0 else "RdBu"], Normalize(-limit, limit)
+    present = grid[np.isfinite(grid)]
+    above = present.size and present.max() > norm.vmax * (1 + 1e-9)
+    below = present.size and present.min() < norm.vmin * (1 + 1e-9) and norm.vmin < 0
+    extend = {(True, True): "both", (True, False): "max", (False, True): "min"}.get((bool(above), bool(below)),
+                                                                                    "neither")
+    return cmap.with_extremes(bad="#d9d9d9"), norm, extend
+
+
+def chosen_windows(data: dict, windows) -> list[int]:
+    """Row indices: ``windows`` given as indices or labels, else up to ``MAX_PANELS`` evenly spaced ones."""
+    labels = window_labels(data)
+    if windows is None:
+        count = len(labels)
+        return sorted({round(x) for x in np.linspace(0, count - 1, min(count, MAX_PANELS))})
+    from .errors import InvalidArgument, InvalidType
+
+    chosen = []
+    for window in ([windows] if isinstance(windows, (int, str)) else list(windows)):
+        if isinstance(window, str):
+            if window not in labels:
+                raise InvalidArgument(f"windows={window!r} is not a window of this result; windows: "
+                                      f"{', '.join(labels)}")
+            chosen.append(labels.index(window))
+        elif isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+            if not -len(labels) <= window < len(labels):
+                raise InvalidArgument(f"windows={window} is out of range: this result has {len(labels)} windows")
+            chosen.append(int(window) % len(labels))
+        else:
+            raise InvalidType(f"windows must hold window indices or labels, not {type(window).__name__}")
+    return chosen
+
+
+def tick_label(text: str, width: int = 18) -> str:
+    """A unit's label as plain text for matplotlib: whitespace shown, ``$`` not read as maths, cut to ``width``."""
+    shown = text.strip() or repr(text)
+    shown = shown.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    shown = re.sub(r"[\x00-\x1f\x7f]", "?", shown)
+    shown = shown if len(shown) <= width else shown[: width - 1] + "…"
+    return shown.replace("$", r"\$")
+
+
+def _title(data: dict) -> str:
+    answer = data["baseline"]["text"]
+    answer = answer if len(answer) <= 40 else answer[:39] + "…"
+    return f"answer {tick_label(repr(answer), 42)}  ·  {tick_label(str(data['meta']['model']), 60)}"
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def heatmap(data: dict, metric: str, windows=None):
+    """Window × unit, labelled, with a colour bar."""
+    from matplotlib.figure import Figure
+
+    grid = values(data, metric)
+    units = units_of(data)
+    rows, count = grid.shape
+    labels = window_labels(data)
+    cmap, norm, extend = colour_scale(data, metric, grid)
+    labelled = count <= SOME_LABELS
+    width = min(18.0, max(6.0, 2.8 + 0.17 * min(count, 90)))
+    longest = max((len(tick_label(unit["label"])) for unit in units), default=4) if labelled else 4
+    height = min(14.0, max(2.8, 1.3 + 0.28 * rows + 0.075 * longest))
+    figure = Figure(figsize=(width, height), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    axes.set_yticks(range(rows), [tick_label(label, 28) for label in labels], fontsize=8)
+    kinds = sorted({unit["kind"] for unit in units})
+    if labelled:
+        step = 1 if count <= ALL_LABELS else math.ceil(count / 60)
+        shown = list(range(0, count, step))
+        size = 8 if count <= 40 else 6.5
+        axes.set_xticks(shown, [tick_label(units[u]["label"]) for u in shown], rotation=90, fontsize=size)
+        for tick, u in zip(axes.get_xticklabels(), shown):
+            tick.set_color(MODALITY_COLOURS.get(units[u]["modality"], "black"))
+        unit_title = f"unit ({', '.join(kinds)})" + (f", every {step}th labelled" if step > 1 else "")
+    else:
+        unit_title = f"unit index ({', '.join(kinds)}; {count:,} units)"
+    axes.set_xlabel(unit_title)
+    axes.set_ylabel(ROW_TITLES.get(data.get("stage", "decoder"), "window"))
+    axes.set_title(_title(data), fontsize=9, loc="left")
+    axes.tick_params(length=2)
+    bar = figure.colorbar(image, ax=axes, extend=extend, fraction=0.04, pad=0.01)
+    bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return figure
+
+
+def picture(info: dict) -> np.ndarray | None:
+    """The image as the result holds it (its thumbnail), or from its path; None if neither can be read."""
+    from PIL import Image
+
+    try:
+        if str(info.get("thumbnail", "")).startswith("data:image/png;base64,"):
+            raw = base64.b64decode(info["thumbnail"].split(",", 1)[1])
+            return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+        with Image.open(info["path"]) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def overlay(data: dict, metric: str, windows=None):
+    """Each unit's box tinted by its value over its image: one row per image, one column per chosen window."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    grid = values(data, metric)
+    units = units_of(data)
+    cmap, norm, extend = colour_scale(data, metric, grid)
+    columns = chosen_windows(data, windows)
+    labels = window_labels(data)
+    images = sorted({unit["image"] for unit in units if unit.get("box") and unit.get("image") is not None})
+    aspect = max(data["images"][i]["height"] / data["images"][i]["width"] for i in images)
+    panel = 2.4
+    figure = Figure(figsize=(0.9 + panel * len(columns), 0.7 + panel * aspect * len(images)), layout="constrained")
+    axes = np.atleast_2d(figure.subplots(len(images), len(columns), squeeze=False))
+    for r, i in enumerate(images):
+        info = data["images"][i]
+        width, height = info["width"], info["height"]
+        mine = [u for u, unit in enumerate(units) if unit.get("image") == i and unit.get("box")]
+        mine.sort(key=lambda u: -_area(units[u]["box"]))  # large boxes first, so smaller ones stay visible
+        pixels = picture(info)
+        for c, w in enumerate(columns):
+            ax = axes[r, c]
+            if pixels is not None:
+                ax.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
+            boxes = [Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1]) for b in (units[u]["box"] for u in mine)]
+            shaded = PatchCollection(boxes, cmap=cmap, norm=norm, alpha=0.6, edgecolor="white", linewidth=0.3)
+            shaded.set_array(np.ma.masked_invalid(grid[w, mine]))
+            ax.add_collection(shaded)
+            ax.set_xlim(0, width)
+            ax.set_ylim(height, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(tick_label(labels[w], 28), fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"image {i + 1} ({width}×{height} px)", fontsize=8)
+    figure.suptitle(_title(data), fontsize=9, x=0.01, ha="left")
+    from matplotlib.cm import ScalarMappable
+
+    bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, extend=extend,
+                          fraction=0.05, pad=0.02, shrink=0.9)
+    bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return figure
+
+
+def _area(box: list[float]) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def flow_curves(data: dict, metric: str, windows=None):
+    """One curve per flow over the layer windows (x: the window's centre layer), with a legend."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    grid = values(data, metric)
+    units = units_of(data)
+    centres = [(a + b) / 2 for a, b in data["windows"]]
+    figure = Figure(figsize=(6.4, 3.8), layout="constrained")
+    axes = figure.add_subplot()
+    for u, unit in enumerate(units):
+        axes.plot(centres, grid[:, u], marker="o", markersize=3, linewidth=1.4, label=tick_label(unit["label"], 32))
+    axes.axhline(0, color="#999999", linewidth=0.8, zorder=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    spans = {b - a + 1 for a, b in data["windows"]}
+    axes.set_xlabel("decoder layer" if spans == {1} else f"decoder layer (centre of a {max(spans)}-layer window)")
+    axes.set_ylabel(METRICS.get(metric, (metric,))[0])
+    axes.set_title(_title(data), fontsize=9, loc="left")
+    axes.legend(title="flow", fontsize=8, title_fontsize=8, frameon=False, loc="best")
+    axes.grid(alpha=0.3, linewidth=0.5)
+    return figure
