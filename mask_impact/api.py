@@ -130,11 +130,43 @@ def _base(path, method: str) -> Path:
     return base.with_suffix("") if base.suffix == ".json" else base
 
 
+def _wrap(model, processor):
+    """A transformers model the caller loaded, and its processor or tokenizer, as the engine's ``LoadedModel``."""
+    import torch
+
+    from .models import VL_FAMILIES, LoadedModel, adapter_for, input_device
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise InvalidType(f"Analyzer(): model must be a transformers model, not {type(model).__name__}")
+    vision = getattr(model.config, "model_type", None) in VL_FAMILIES
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if processor is None or not callable(getattr(tokenizer, "decode", None)) or (
+            vision and not hasattr(processor, "image_processor")):
+        need = "processor (AutoProcessor.from_pretrained)" if vision else "tokenizer"
+        raise InvalidType(f"Analyzer(): give the model's {need} as the second argument, not "
+                          f"{type(processor).__name__}")
+    with python_errors():
+        adapter = adapter_for(model)  # a family the tool serves, or the one-line refusal
+    model.eval()
+    placed = getattr(model, "hf_device_map", None)
+    device = input_device(model) if placed else next(model.parameters()).device
+    return LoadedModel(model, processor, tokenizer, adapter, str(getattr(model, "name_or_path", "") or "model"),
+                       device, model.dtype)
+
+
 class Analyzer:
     """A loaded model and what it needs to analyse prompts; one model serves many runs."""
 
-    def __init__(self, loaded, vision: bool):
-        self.loaded, self.vision = loaded, vision
+    def __init__(self, model, processor=None):
+        """``Analyzer(model, processor)`` around a model already loaded with transformers (a Qwen3-VL model and its
+        processor, or a causal LM and its tokenizer); ``from_pretrained`` and ``demo`` load one for you."""
+        from .models import LoadedModel, VL_FAMILIES
+
+        if isinstance(model, LoadedModel):  # what from_pretrained and demo hand over
+            self.loaded = model
+        else:
+            self.loaded = _wrap(model, processor)
+        self.vision = self.loaded.model.config.model_type in VL_FAMILIES
 
     @classmethod
     def from_pretrained(cls, name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
@@ -153,8 +185,7 @@ class Analyzer:
             check_device(device)
             check_device_map(device_map, max_memory, offload_folder, device)
             vision = getattr(_load_config(locate_model(str(name))), "model_type", None) in VL_FAMILIES
-            return cls(load_model(str(name), vision, device, dtype, device_map, max_memory,
-                                  offload_folder), vision)
+            return cls(load_model(str(name), vision, device, dtype, device_map, max_memory, offload_folder))
 
     @classmethod
     def demo(cls, vision: bool = True) -> Analyzer:
@@ -164,7 +195,7 @@ class Analyzer:
 
         loaded = load_model(str(demo_model_path(vision)), vision, "cpu", "float32")
         loaded.name = f"demo ({loaded.name})"
-        return cls(loaded, vision)
+        return cls(loaded)
 
     def run(self, prompt: str, images=(), progress: bool | Callable[[int, int], None] = True,
             **options) -> KnockoutResult:

@@ -171,3 +171,22 @@ def test_loading_what_is_not_a_result(analyzer, tmp_path):
         result.metric("loss")
     with pytest.raises(InvalidArgument, match="k must be 0 or more"):
         result.top(-1)
+
+
+def test_an_analyzer_around_a_model_the_caller_loaded(analyzer):
+    """``Analyzer(model, processor)``: a model loaded with transformers directly gives the demo's very numbers."""
+    import torch
+    import transformers
+
+    folder = str(demo_model_path(True))
+    model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    own = Analyzer(model, processor)
+    assert own.vision and own.loaded.device.type == "cpu"
+    options = dict(images=[str(DEMO_IMAGE)], mask_mode="both", num_tokens=2, progress=False)
+    mine, demo = own.run("What color is the shape?", **options), analyzer.run("What color is the shape?", **options)
+    assert mine.data["metrics"] == demo.data["metrics"] and mine.answer == demo.answer == "red"
+    with pytest.raises(InvalidType, match="give the model's processor"):
+        Analyzer(model, processor.tokenizer)  # a VL model needs the image processor too
+    with pytest.raises(InvalidType, match="model must be a transformers model, not str"):
+        Analyzer("Qwen/Qwen3-VL-4B-Instruct")
