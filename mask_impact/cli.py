@@ -55,8 +55,7 @@ def one_line(error: Exception) -> str:
 
 def main(argv: list[str] | None, vision: bool) -> int:
     stage = Stage()
-    # in a launch, the main process says what went wrong; the others stop with the same status, quietly
-    say = print if is_main_process() else quiet
+    say = print if is_main_process() else quiet  # in a launch, the main process speaks for the run
     with stop_signals_raise():
         try:
             options = cli_options(argv, vision)
@@ -69,12 +68,12 @@ def main(argv: list[str] | None, vision: bool) -> int:
             loaded = load(config, vision)
             paths = run_one(loaded, config, prompt_text, stage)
         except MaskImpactError as error:  # a UsageError, worded for the command line, or another library error
-            say(f"error: {one_line(error)}", file=sys.stderr)
+            speak(stage)(f"error: {one_line(error)}", file=sys.stderr)
             return 2
         except OSError as error:  # a path the system refuses (a name too long, ...): the user's to fix
             if error.filename is None:
                 raise
-            say(f"error: {error.strerror or error}: {bounded(str(error.filename))}", file=sys.stderr)
+            speak(stage)(f"error: {error.strerror or error}: {bounded(str(error.filename))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as stop:
             name, status = stop_status(stop)
@@ -84,12 +83,30 @@ def main(argv: list[str] | None, vision: bool) -> int:
     return 0
 
 
+def speak(stage: Stage):
+    """How an error is said. In a launch every process checks the input alike, and the main one says what is wrong;
+    a process other than the main one that fails later (its GPU, its part of the sweep) says so itself, by rank."""
+    if is_main_process():
+        return print
+    if stage.now in ("reading the options", "checking the input"):
+        return quiet
+    rank = os.environ.get("RANK", "?")
+    return lambda text, **kwargs: print(f"process {rank}: {text}", **kwargs)
+
+
 def partial_path(config: RunConfig) -> Path:
     return output_dir(config.output_dir) / f"{config.output}.partial.jsonl"
 
 
 def precheck(config: RunConfig) -> str:
-    """Everything about a run's input that can be checked before the model loads; returns the prompt text."""
+    """Everything about a run's input that can be checked before the model loads; returns the prompt text (in a
+    launch: the main process's verdict, on every process)."""
+    from .shard import Shard
+
+    return Shard.current().agree(lambda: _precheck(config))
+
+
+def _precheck(config: RunConfig) -> str:
     prompt_text = read_prompt(config)
     for path in config.images:
         load_image(path)
@@ -187,6 +204,7 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     """Every run of a YAML batch with one model load; exit status 1 if any run failed."""
     from .batch import load_batch
     from .report import write_index
+    from .shard import Shard
 
     if not is_main_process():  # a launched batch: the main process keeps the index and says how it went
         def write_index(*args):
@@ -194,7 +212,8 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     say = print if is_main_process() else quiet
     name, folder, runs = load_batch(options["config"], options, vision)
     configs = [run.config for run in runs if run.config]
-    check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite for c in configs))
+    Shard.current().agree(lambda: check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite
+                                                                                   for c in configs)))
     index = {"schema_version": 1, "kind": "batch", "batch": name, "config": str(options["config"]),
              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": []}
     for run in runs:

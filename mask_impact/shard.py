@@ -71,6 +71,26 @@ class Shard:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def agree(self, decide):
+        """``decide()`` run by the main process, its value (or the error it raised) on every process: checks of the
+        output folder must not race with the main process's writing, and every process must go on alike."""
+        if self.count == 1:
+            return decide()
+        from .config import UsageError
+
+        if not self.is_main:
+            kind, value = self.broadcast(None)
+            if kind == "error":
+                raise UsageError(value)
+            return value
+        try:
+            value = decide()
+        except (UsageError, OSError) as error:
+            self.broadcast(("error", str(error)))
+            raise
+        self.broadcast(("ok", value))
+        return value
+
     def part(self, cells: list, costs: list[float]) -> list:
         """This process's contiguous part of ``cells``, the parts of equal total cost (within one cell)."""
         if self.count == 1:
