@@ -396,19 +396,42 @@ def test_top_rows_open_their_knockout_and_compare_shares_one_scale(page, results
     assert page.locator("#heatmap-a").get_attribute("data-scale") == page.locator("#heatmap-b").get_attribute("data-scale")
 
 
-def test_compare_has_a_colour_bar_and_hover_on_both_runs(page, results):
+def _panel_bar_pixels(page, selector: str) -> int:
+    """Saturated red or blue pixels in a heatmap panel's colour bar (24 px above its cells, 160 px wide)."""
+    return page.evaluate("""(selector) => {
+        const c = document.querySelector(selector), { x, y } = c.layout;
+        const d = c.getContext('2d').getImageData(x, y - 24, 160, 10).data; let n = 0;
+        for (let o = 0; o < d.length; o += 4) if (Math.max(d[o], d[o + 2]) > 200 && d[o + 1] < 60) n++;
+        return n; }""", selector)
+
+
+def test_compare_has_a_colour_bar_labels_and_hover_on_each_panel(page, results):
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
     page.wait_for_selector("#compare:not(.hidden)")
     assert "A and B on one scale" in page.locator("#compare-scale").text_content()
-    assert _drawn_pixels(page, "#compare-colorbar") > 100
+    for selector in ("#heatmap-a", "#heatmap-b", "#heatmap-diff"):  # before: no colour bar on any, no labels
+        assert _panel_bar_pixels(page, selector) > 100
+        labels = page.evaluate("""(s) => { const c = document.querySelector(s), l = c.layout;
+            const dark = (x, y, w, h) => { const d = c.getContext('2d').getImageData(x, y, w, h).data; let n = 0;
+                for (let o = 0; o < d.length; o += 4) if (d[o] < 120 && d[o + 1] < 120 && d[o + 2] < 120) n++; return n; };
+            return [dark(0, l.y, l.x - 4, l.labelsY - 8 - l.y), dark(l.x, l.labelsY, c.width - l.x, c.height - l.labelsY)]; }""",
+                               selector)
+        assert labels[0] > 30 and labels[1] > 100  # window labels left of the cells, unit labels and x title below
     for name in ("a", "b"):
         canvas = page.locator(f"#heatmap-{name}")
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
-        page.mouse.move(box["x"] + 2, box["y"] + 2)
+        x, y, cell_w, cell_h = canvas.evaluate("c => [c.layout.x, c.layout.y, c.layout.cellW, c.layout.cellH]")
+        page.mouse.move(box["x"] + x + cell_w / 2, box["y"] + y + cell_h / 2)
         assert page.locator("#tooltip").is_visible()
         assert page.locator("#tooltip").text_content().startswith(name.upper() + ": token")
+    diff = page.locator("#heatmap-diff")
+    diff.scroll_into_view_if_needed()
+    box = diff.bounding_box()
+    x, y, cell_w, cell_h = diff.evaluate("c => [c.layout.x, c.layout.y, c.layout.cellW, c.layout.cellH]")
+    page.mouse.move(box["x"] + x + cell_w / 2, box["y"] + y + cell_h / 2)
+    assert "A − B " in page.locator("#tooltip").text_content()
 
 
 def _schema_1(data: dict) -> dict:
@@ -1023,3 +1046,84 @@ def test_hostile_labels_in_the_deepstack_chart_and_the_maps_render_inertly(page,
     assert f"{XSS_PROMPT} " in page.locator("#deepstack-table").text_content()
     assert XSS_PROMPT in page.locator("#maps .map-title").first.text_content()
     assert hostile.name in page.locator("#maps .map-panel").first.text_content()
+
+
+# ---------- figure export ----------
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _export(page, panel: str, fmt: str, folder: Path) -> Path:
+    """Clicks a panel's export button and keeps the download."""
+    with page.expect_download() as download:
+        page.locator(f"button[data-export='{panel}'][data-format='{fmt}']").click()
+    path = folder / download.value.suggested_filename
+    download.value.save_as(path)
+    return path
+
+
+def _svg_texts(path: Path) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()  # well-formed XML: every text from the result escaped
+    assert root.tag == f"{SVG}svg"
+    assert not [node for node in root.iter() if node.tag.split("}")[-1] in ("script", "foreignObject", "img")]
+    return ["".join(node.itertext()) for node in root.iter(f"{SVG}text")] + [root.find(f"{SVG}title").text]
+
+
+def _png_colours(path: Path) -> tuple[tuple[int, int], int]:
+    """A PNG's size and how many of its pixels are neither white nor grey (the painted cells, the colour bar)."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    coloured = sum(1 for r, g, b in image.get_flattened_data() if max(r, g, b) - min(r, g, b) > 60)
+    return image.size, coloured
+
+
+def test_each_panel_exports_png_and_svg_with_title_labels_and_colour_bar(page, results, tmp_path):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    peak = data["generations"][0]["label"]  # the unit of the largest knockout
+    for panel, words in [("heatmap", [peak, *data["window_labels"], "layer window", "(hurts)", "vision — attention knockout"]),
+                         ("overlay", ["image 1", "max over windows", "(hurts)"]),
+                         ("overlay-grid", ["image 1", *data["window_labels"], "(hurts)"]),
+                         ("curves", ["vision units (mean)", "text units (mean)", "layer window", data["window_labels"][-1]])]:
+        svg = _export(page, panel, "svg", tmp_path)
+        assert svg.name == f"vision-{panel}.svg"
+        texts = _svg_texts(svg)
+        for word in words:
+            assert any(word in text for text in texts), (panel, word)
+        if panel != "curves":
+            assert '<image ' in svg.read_text()  # the cells or the tinted picture, as a raster
+        png = _export(page, panel, "png", tmp_path)
+        size, coloured = _png_colours(png)
+        assert size[0] >= 400 and coloured > 500, (panel, size, coloured)
+    assert texts and any("layer window" in text for text in texts)
+
+
+def test_compare_and_flows_export_and_hostile_labels_stay_text_in_svg(page, results, unit_results, tmp_path):
+    data = json.loads((results / "text.json").read_text())
+    data["window_labels"][0] = XSS_PROMPT
+    for i, unit in enumerate(data["units"]):
+        unit["label"] = f"{XSS_PROMPT} {i}"
+    (tmp_path / "hostile.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "hostile.json"), str(results / "text.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    texts = _svg_texts(_export(page, "compare", "svg", tmp_path))
+    assert any(text.startswith("A: hostile.json") for text in texts) and any(text.startswith("B: text.json") for text in texts)
+    assert any(text.startswith("A − B") for text in texts)
+    assert XSS_PROMPT in texts  # the hostile window label, written as text (A's rows and A − B's)
+    assert sum(text.startswith("<img src=x") for text in texts) >= len(data["units"])  # the unit labels
+    size, coloured = _png_colours(_export(page, "compare", "png", tmp_path))
+    assert coloured > 300
+    heatmap = _svg_texts(_export(page, "heatmap", "svg", tmp_path))
+    assert XSS_PROMPT in heatmap and any(text.startswith("<img src=x") for text in heatmap)
+    assert page.dialogs == [] and page.locator("img[src='x']").count() == 0
+    flows = json.loads((unit_results / "flow.json").read_text())
+    page.set_input_files("#file-input", [str(unit_results / "flow.json")])
+    page.wait_for_selector("#flow-section:not(.hidden)")
+    texts = _svg_texts(_export(page, "flows", "svg", tmp_path))
+    for unit in flows["units"]:
+        assert unit["label"] in texts  # the legend: one entry per flow
