@@ -7,6 +7,7 @@ unless MASK_IMPACT_REQUIRE_BROWSER=1 (as in CI), where that is an error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -1127,3 +1128,63 @@ def test_compare_and_flows_export_and_hostile_labels_stay_text_in_svg(page, resu
     texts = _svg_texts(_export(page, "flows", "svg", tmp_path))
     for unit in flows["units"]:
         assert unit["label"] in texts  # the legend: one entry per flow
+
+
+# ---------- colour scale ----------
+
+def _cell_rgb(page, window: int, column: int, selector: str = "#heatmap") -> list[int]:
+    return page.evaluate("""([s, w, i]) => { const c = document.querySelector(s);
+        const x = Math.floor((i + 0.5) * Number(c.dataset.cellW)), y = Math.floor((w + 0.5) * Number(c.dataset.cellH));
+        return [...c.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3)]; }""", [selector, window, column])
+
+
+def _graded(tmp_path: Path) -> tuple[Path, list[float]]:
+    """36 windows × 200 token units; unit 0 a special sink at 500, unit i (1..199) at i/100 nats in every window."""
+    path = _synthetic(tmp_path / "graded.json", 200, range(0))
+    data = json.loads(path.read_text())
+    data["tokens"][0]["modality"] = data["units"][0]["modality"] = "special"
+    values = [500.0] + [i / 100 for i in range(1, 200)]
+    data["metrics"]["logprob_drop"] = [list(values) for _ in data["windows"]]
+    path.write_text(json.dumps(data))
+    return path, values
+
+
+def test_scale_controls_percentile_fixed_log_noise_floor_and_hidden_special_tokens(page, tmp_path):
+    path, values = _graded(tmp_path)
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    expect(page.locator("#colorbar-labels")).to_contain_text("≥ 1.980")  # the 99th percentile of units 1..199 over all windows
+    red = lambda rgb: rgb[0] == 255 and rgb[1] == rgb[2]  # noqa: E731
+    def green(column):  # the green channel of a red cell: 255 (white) … 0 (saturated)
+        rgb = _cell_rgb(page, 5, column)
+        assert red(rgb), rgb
+        return rgb[1]
+    assert green(198) <= 1 and abs(green(99) - round(255 * (1 - 0.99 / 1.98))) <= 1
+    page.fill("#percentile", "50")
+    page.dispatch_event("#percentile", "change")
+    others = sorted(values[1:])
+    assert page.locator("#colorbar-labels").text_content().startswith(f"≤ -{others[len(others) // 2]:.3f}")
+    page.select_option("#scale", "fixed")
+    page.fill("#fixed", "4")
+    page.dispatch_event("#fixed", "change")
+    assert "-4.000 (helps)" in page.locator("#colorbar-labels").text_content()
+    assert abs(green(100) - round(255 * (1 - 1 / 4))) <= 1  # 1 nat on ±4: a quarter of the way
+    linear = green(4)
+    page.check("#log")
+    assert "log scale" in page.locator("#colorbar-labels").text_content()
+    t = math.log1p(0.04 / 0.004) / math.log1p(4 / 0.004)  # e = max/1000
+    assert abs(green(4) - round(255 * (1 - t))) <= 1 and green(4) < linear - 80  # small effects become visible
+    page.uncheck("#log")
+    page.fill("#floor", "0.5")
+    page.dispatch_event("#floor", "change")
+    assert _cell_rgb(page, 5, 49) == [255, 255, 255] and green(50) < 255  # under the floor: white
+    assert "noise floor" in page.locator("#colorbar-labels").text_content()
+    bar = page.evaluate("""() => { const c = document.querySelector('#colorbar');
+        return [...c.getContext('2d').getImageData(c.width / 2 + 5, 5, 1, 1).data.slice(0, 3)]; }""")
+    assert bar == [255, 255, 255]  # the floor's band on the colour bar
+    page.select_option("#scale", "full")
+    assert "500.0 (hurts)" in page.locator("#colorbar-labels").text_content()
+    page.check("#hide-special")
+    assert "500.0" not in page.locator("#colorbar-labels").text_content()  # the sink left out of the scale
+    assert _cell_rgb(page, 5, 0) == [235, 235, 235]  # and drawn grey
+    assert " 1.990 (hurts)" in page.locator("#colorbar-labels").text_content()
