@@ -1188,3 +1188,77 @@ def test_scale_controls_percentile_fixed_log_noise_floor_and_hidden_special_toke
     assert "500.0" not in page.locator("#colorbar-labels").text_content()  # the sink left out of the scale
     assert _cell_rgb(page, 5, 0) == [235, 235, 235]  # and drawn grey
     assert " 1.990 (hurts)" in page.locator("#colorbar-labels").text_content()
+
+
+# ---------- heatmap navigation ----------
+
+def test_column_groups_zoom_and_pan_for_a_long_prompt(page, results, tmp_path):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert json.loads(page.locator("#column-groups").get_attribute("data-groups")) == ["text", "image 1", "text"]
+    assert _drawn_pixels(page, "#column-groups") > 50
+    path = _synthetic(tmp_path / "long.json", 1600, range(400, 800))  # 1,600 units: one pixel per column to fit
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    expect(page.locator("#heatmap")).to_have_js_property("width", 1600)
+    assert page.locator("#column-labels").get_attribute("data-labels") == "0"  # no room for labels
+    page.select_option("#zoom", "12")
+    assert page.locator("#heatmap").evaluate("c => c.width") == 1600 * 12
+    assert page.locator("#column-labels").get_attribute("data-labels") == "1600"  # labels, turned, once zoomed in
+    assert page.locator("#column-labels").get_attribute("data-across") == "0"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # the heatmap pans inside its box
+    scroller = page.locator("#heat-scroll")
+    assert scroller.evaluate("s => s.scrollWidth > s.clientWidth")
+    page.locator("#heatmap").click(position={"x": 5, "y": 5})
+    page.keyboard.press("End")  # the last unit, scrolled into view
+    assert page.evaluate("state.selected") == 1599 and scroller.evaluate("s => s.scrollLeft") > 1600 * 12 - 2 * 1280
+    page.keyboard.press("-")
+    assert page.locator("#zoom").input_value() == "8" and page.locator("#heatmap").evaluate("c => c.width") == 1600 * 8
+    assert json.loads(page.locator("#column-groups").get_attribute("data-groups")) == ["text", "image 1", "text"]
+
+
+def test_keyboard_moves_the_selected_cell_and_says_what_it_is(page, results):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    page.locator("#heatmap").focus()
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")
+    assert page.evaluate("state.selected") == 2
+    token = data["tokens"][data["units"][2]["keys"][0]]
+    assert json.dumps(token["text"]) in page.locator("#heat-readout").text_content()
+    page.keyboard.press("Shift+ArrowRight")
+    assert page.evaluate("state.selected") == 12
+    page.keyboard.press("ArrowDown")
+    assert page.locator("#window").input_value() == "1" and page.locator("#aggregate").input_value() == "window"
+    assert data["window_labels"][1] in page.locator("#heat-readout").text_content()
+    page.keyboard.press("Escape")
+    assert page.evaluate("state.selected") is None and page.locator("#heat-readout").text_content() == ""
+
+
+def test_hovering_a_vision_column_outlines_its_patch_and_hovering_the_image_its_column(page, results):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    column = next(i for i, unit in enumerate(data["units"]) if unit["modality"] == "vision" and unit["box"][0] > 0)
+    box = data["units"][column]["box"]
+    _hover_column(page, column)
+    brush = page.locator("#overlays .brush")
+    assert brush.is_visible()
+    scale = page.evaluate("document.querySelector('canvas.overlay').scale")
+    left, top, width = brush.evaluate("b => [b.offsetLeft, b.offsetTop, b.offsetWidth]")
+    assert abs(left - (box[0] * scale - 1)) <= 1 and abs(top - (box[1] * scale - 1)) <= 1
+    assert abs(width - ((box[2] - box[0]) * scale + 4)) <= 1
+    page.mouse.move(0, 0)
+    assert not brush.is_visible() and not page.locator("#heat-cursor").is_visible()
+    other = next(i for i, unit in enumerate(data["units"]) if unit["modality"] == "vision" and i != column)
+    x0, y0, x1, y1 = data["units"][other]["box"]
+    canvas = page.locator("canvas.overlay")
+    canvas.scroll_into_view_if_needed()
+    at = canvas.bounding_box()
+    page.mouse.move(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
+    cursor = page.locator("#heat-cursor")
+    assert cursor.is_visible()
+    left = cursor.evaluate("c => c.offsetLeft")
+    heat_left, cell_w = page.locator("#heatmap").evaluate("c => [c.offsetLeft, Number(c.dataset.cellW)]")
+    assert left == heat_left + other * cell_w - 1
