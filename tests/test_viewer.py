@@ -1262,3 +1262,33 @@ def test_hovering_a_vision_column_outlines_its_patch_and_hovering_the_image_its_
     left = cursor.evaluate("c => c.offsetLeft")
     heat_left, cell_w = page.locator("#heatmap").evaluate("c => [c.offsetLeft, Number(c.dataset.cellW)]")
     assert left == heat_left + other * cell_w - 1
+
+
+def test_the_url_fragment_restores_metric_window_unit_and_scale(page, results):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    page.select_option("#metric", "kl")
+    page.locator("#window").fill("2")
+    page.locator("#strip .tok").nth(4).click()
+    page.select_option("#scale", "fixed")
+    page.fill("#fixed", "0.5")
+    page.dispatch_event("#fixed", "change")
+    page.check("#log")
+    page.select_option("#zoom", "24")
+    view = page.evaluate("[state.metric, state.window, state.aggregate, state.selected]")
+    labels, readout = page.locator("#colorbar-labels").text_content(), page.locator("#heat-readout").text_content()
+    url = page.url
+    assert "metric=kl" in url and "window=2" in url and "scale=fixed" in url and "log=1" in url
+    fresh = page.context.new_page()
+    fresh.goto(url)
+    fresh.wait_for_selector("#run:not(.hidden)")
+    assert fresh.evaluate("[state.metric, state.window, state.aggregate, state.selected]") == view
+    assert fresh.locator("#metric").input_value() == "kl" and fresh.locator("#window").input_value() == "2"
+    assert fresh.locator("#scale").input_value() == "fixed" and fresh.locator("#log").is_checked()
+    assert fresh.locator("#colorbar-labels").text_content() == labels and fresh.locator("#heat-readout").text_content() == readout
+    assert fresh.locator("#heatmap").evaluate("c => Number(c.dataset.cellW)") == 24
+    fresh.goto("about:blank")
+    fresh.goto((results / "vision.html").as_uri() + "#metric=nope&window=99&unit=-1&scale=%3Cb%3E&zoom=7")
+    fresh.wait_for_selector("#run:not(.hidden)")  # nonsense is ignored, never shown
+    assert fresh.evaluate("[state.metric, state.window, state.selected, state.scale, state.zoom]") == ["logprob_drop", 0, None, "robust", 0]
+    fresh.close()
