@@ -1292,3 +1292,101 @@ def test_the_url_fragment_restores_metric_window_unit_and_scale(page, results):
     fresh.wait_for_selector("#run:not(.hidden)")  # nonsense is ignored, never shown
     assert fresh.evaluate("[state.metric, state.window, state.selected, state.scale, state.zoom]") == ["logprob_drop", 0, None, "robust", 0]
     fresh.close()
+
+
+def test_answer_steps_show_each_baseline_token_and_where_a_knockout_changes_the_answer(page, results):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    steps = page.locator("#steps .step")
+    assert steps.count() == len(data["baseline"]["tokens"])
+    for t, (text, logprob) in enumerate(zip(data["baseline"]["tokens"], data["baseline"]["logprobs"])):
+        assert steps.nth(t).text_content() == f"{text.replace(chr(10), '⏎')} {100 * math.exp(logprob):.3g}%"
+    assert "per-step changes under a knockout are not in the result" in page.locator("#steps-note").text_content()
+    g = next(g for g in data["generations"] if data["metrics"]["first_divergence"][data["windows"].index(g["window"])][g["unit"]] is not None)
+    w = data["windows"].index(g["window"])
+    step = data["metrics"]["first_divergence"][w][g["unit"]]
+    page.evaluate("([w, i]) => { state.window = w; state.selected = i; showWindow(); }", [w, g["unit"]])
+    assert page.locator("#steps .diverges").count() == 1
+    assert steps.nth(step).evaluate("s => s.classList.contains('diverges')")
+    note = page.locator("#steps-note").text_content()
+    assert f"first changes at step {step + 1}" in note and json.dumps(g["text"]) in note
+
+
+# ---------- batch overview ----------
+
+def _top(data: dict) -> tuple[int, int]:
+    """The (window, unit) of a result's largest logprob_drop, special tokens left out, as the overview finds it."""
+    best = None
+    for w, row in enumerate(data["metrics"]["logprob_drop"]):
+        for i, v in enumerate(row):
+            if data["units"][i]["modality"] != "special" and v is not None and (best is None or v > best[0]):
+                best = (v, w, i)
+    return best[1], best[2]
+
+
+def test_a_batch_overview_shows_each_runs_answer_and_top_unit_and_opens_runs_in_place(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.yaml").write_text("defaults:\n  demo: true\n  layers: '0-1'\n  generate_top: 0\nruns:\n"
+                                     "  - name: one\n    prompt: 'A=3, B=7. What is B?'\n"
+                                     "  - name: two\n    prompt: 'The capital of France is'\n"
+                                     "  - name: bad\n    prompt: hi\n    layers: '0-99'\n")
+    main(["--config", "b.yaml", "--no-progress"], False)
+    folder = tmp_path / "output" / "b"
+    index = json.loads((folder / "index.json").read_text())
+    assert [entry["status"] for entry in index["runs"]][:2] == ["done", "done"] and index["runs"][2]["status"] != "done"
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(folder / name) for name in ("index.json", "one.json", "two.json")])
+    expect(page.locator("#batch-runs")).to_have_attribute("data-results", "2")
+    rows = page.locator("#batch-runs tbody tr")
+    assert rows.count() == 3
+    for n, name in enumerate(("one", "two")):
+        data = json.loads((folder / f"{name}.json").read_text())
+        w, i = _top(data)
+        cells = rows.nth(n).locator("td")
+        assert cells.nth(4).text_content() == data["baseline"]["text"]
+        assert cells.nth(5).text_content() == data["units"][i]["label"].replace("\n", "⏎")
+        assert cells.nth(6).text_content() == data["window_labels"][w]
+    assert index["runs"][2]["error"] and index["runs"][2]["error"] in rows.nth(2).text_content()  # the failed run says why
+    rows.nth(1).get_by_role("button", name="open here").click()  # in place: no link to follow
+    expect(page.locator("#run")).to_be_visible()
+    assert page.title() == "two.json — mask_impact viewer" and page.url.startswith((ROOT / "visualize_results.html").as_uri())
+    page.locator("#batch-back").click()
+    expect(page.locator("#batch")).to_be_visible()
+    assert rows.count() == 3
+    page.goto((folder / "index.html").as_uri())  # the batch's own page: its links, and results dropped onto it
+    assert page.locator("#batch-runs a").count() == 2
+    page.set_input_files("#file-input", [str(folder / "one.json")])
+    expect(page.locator("#batch-runs")).to_have_attribute("data-results", "1")
+    assert rows.nth(1).locator("td").nth(5).text_content() == "(drop its JSON here)"
+    rows.nth(0).get_by_role("button", name="open here").click()
+    expect(page).to_have_title("one.json — mask_impact viewer")
+
+
+def test_hostile_text_in_the_new_views_renders_inertly(page, results, tmp_path):
+    data = json.loads((results / "text.json").read_text())
+    data["baseline"]["tokens"] = [XSS_PROMPT, *data["baseline"]["tokens"][1:]]
+    for i, unit in enumerate(data["units"]):
+        unit["label"] = data["tokens"][unit["keys"][0]]["text"] = f"{XSS_PROMPT} {i}"
+    data["generations"] = [dict(g, text=XSS_PROMPT) for g in data["generations"]]
+    (tmp_path / "hostile.json").write_text(json.dumps(data))
+    index = {"schema_version": 1, "kind": "batch", "batch": XSS_PROMPT, "runs": [
+        {"name": XSS_PROMPT, "status": "done", "prompt": XSS_PROMPT, "stage": XSS_PROMPT, "mask_mode": "text",
+         "json": "hostile.json", "html": "hostile.html", "answer": XSS_PROMPT},
+        {"name": "x", "status": "failed", "error": XSS_PROMPT, "json": "<img src=x>.json"}]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "index.json"), str(tmp_path / "hostile.json")])
+    expect(page.locator("#batch-runs")).to_have_attribute("data-results", "1")
+    row = page.locator("#batch-runs tbody tr").first
+    assert row.locator("td").nth(0).text_content() == XSS_PROMPT
+    assert row.locator("td").nth(5).text_content().startswith(XSS_PROMPT)  # the top unit's label
+    assert XSS_PROMPT in page.locator("#batch-runs tbody tr").nth(1).text_content()
+    row.get_by_role("button", name="open here").click()
+    g = data["generations"][0]
+    page.evaluate("([w, i]) => { state.window = w; state.selected = i; showWindow(); }", [data["windows"].index(g["window"]), g["unit"]])
+    assert page.locator("#steps .step").first.text_content().startswith(XSS_PROMPT)
+    assert json.dumps(XSS_PROMPT) in page.locator("#steps-note").text_content()
+    assert XSS_PROMPT in page.locator("#heat-readout").text_content()
+    page.wait_for_timeout(300)
+    assert page.dialogs == [] and page.locator("img[src='x']").count() == 0 and page.locator("script").count() == 2
