@@ -4,7 +4,8 @@
 
 The result is a synthetic schema-2 one: one token unit per column, the image tokens on a square grid over a
 1024×1024 image (as Qwen3-VL's 64×64 merged grid is), so the image overlay is drawn too (--no-image: without).
-Prints the time from file selection to a drawn heatmap, and of one window-slider step (heatmap, strip, overlay).
+Prints the time from file selection to a drawn heatmap, of one window-slider step (heatmap, strip, overlay), and of
+drawing each exported figure (heatmap, overlay, overlay per window, curves) as PNG or SVG.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def main() -> None:
             page.locator("#window").fill(str(window))
             print(f"window slider step to {window}: {time.perf_counter() - started:.3f} s")
         print(f"page width {page.evaluate('document.documentElement.scrollWidth')} px (window 1280)")
+        for panel, fmt in (("heatmap", "png"), ("heatmap", "svg"), ("overlay", "png"), ("overlay-grid", "png"),
+                           ("overlay-grid", "svg"), ("curves", "svg")):
+            if args.no_image and panel.startswith("overlay"):
+                continue
+            seconds = page.evaluate("""([panel, fmt]) => { const started = performance.now();
+                const made = figure(panel, fmt); if (fmt === 'png') made.toDataURL('image/png');
+                return (performance.now() - started) / 1000; }""", [panel, fmt])
+            print(f"figure {panel}.{fmt} drawn and encoded in the page: {seconds:.3f} s")
         browser.close()
 
 

@@ -7,6 +7,7 @@ unless MASK_IMPACT_REQUIRE_BROWSER=1 (as in CI), where that is an error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -397,19 +398,42 @@ def test_top_rows_open_their_knockout_and_compare_shares_one_scale(page, results
     assert page.locator("#heatmap-a").get_attribute("data-scale") == page.locator("#heatmap-b").get_attribute("data-scale")
 
 
-def test_compare_has_a_colour_bar_and_hover_on_both_runs(page, results):
+def _panel_bar_pixels(page, selector: str) -> int:
+    """Saturated red or blue pixels in a heatmap panel's colour bar (24 px above its cells, 160 px wide)."""
+    return page.evaluate("""(selector) => {
+        const c = document.querySelector(selector), { x, y } = c.layout;
+        const d = c.getContext('2d').getImageData(x, y - 24, 160, 10).data; let n = 0;
+        for (let o = 0; o < d.length; o += 4) if (Math.max(d[o], d[o + 2]) > 200 && d[o + 1] < 60) n++;
+        return n; }""", selector)
+
+
+def test_compare_has_a_colour_bar_labels_and_hover_on_each_panel(page, results):
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
     page.wait_for_selector("#compare:not(.hidden)")
     assert "A and B on one scale" in page.locator("#compare-scale").text_content()
-    assert _drawn_pixels(page, "#compare-colorbar") > 100
+    for selector in ("#heatmap-a", "#heatmap-b", "#heatmap-diff"):  # before: no colour bar on any, no labels
+        assert _panel_bar_pixels(page, selector) > 100
+        labels = page.evaluate("""(s) => { const c = document.querySelector(s), l = c.layout;
+            const dark = (x, y, w, h) => { const d = c.getContext('2d').getImageData(x, y, w, h).data; let n = 0;
+                for (let o = 0; o < d.length; o += 4) if (d[o] < 120 && d[o + 1] < 120 && d[o + 2] < 120) n++; return n; };
+            return [dark(0, l.y, l.x - 4, l.labelsY - 8 - l.y), dark(l.x, l.labelsY, c.width - l.x, c.height - l.labelsY)]; }""",
+                               selector)
+        assert labels[0] > 30 and labels[1] > 100  # window labels left of the cells, unit labels and x title below
     for name in ("a", "b"):
         canvas = page.locator(f"#heatmap-{name}")
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
-        page.mouse.move(box["x"] + 2, box["y"] + 2)
+        x, y, cell_w, cell_h = canvas.evaluate("c => [c.layout.x, c.layout.y, c.layout.cellW, c.layout.cellH]")
+        page.mouse.move(box["x"] + x + cell_w / 2, box["y"] + y + cell_h / 2)
         assert page.locator("#tooltip").is_visible()
         assert page.locator("#tooltip").text_content().startswith(name.upper() + ": token")
+    diff = page.locator("#heatmap-diff")
+    diff.scroll_into_view_if_needed()
+    box = diff.bounding_box()
+    x, y, cell_w, cell_h = diff.evaluate("c => [c.layout.x, c.layout.y, c.layout.cellW, c.layout.cellH]")
+    page.mouse.move(box["x"] + x + cell_w / 2, box["y"] + y + cell_h / 2)
+    assert "A − B " in page.locator("#tooltip").text_content()
 
 
 def _schema_1(data: dict) -> dict:
@@ -1024,3 +1048,346 @@ def test_hostile_labels_in_the_deepstack_chart_and_the_maps_render_inertly(page,
     assert f"{XSS_PROMPT} " in page.locator("#deepstack-table").text_content()
     assert XSS_PROMPT in page.locator("#maps .map-title").first.text_content()
     assert hostile.name in page.locator("#maps .map-panel").first.text_content()
+
+
+# ---------- figure export ----------
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _export(page, panel: str, fmt: str, folder: Path) -> Path:
+    """Clicks a panel's export button and keeps the download."""
+    with page.expect_download() as download:
+        page.locator(f"button[data-export='{panel}'][data-format='{fmt}']").click()
+    path = folder / download.value.suggested_filename
+    download.value.save_as(path)
+    return path
+
+
+def _svg_texts(path: Path) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()  # well-formed XML: every text from the result escaped
+    assert root.tag == f"{SVG}svg"
+    assert not [node for node in root.iter() if node.tag.split("}")[-1] in ("script", "foreignObject", "img")]
+    return ["".join(node.itertext()) for node in root.iter(f"{SVG}text")] + [root.find(f"{SVG}title").text]
+
+
+def _png_colours(path: Path) -> tuple[tuple[int, int], int]:
+    """A PNG's size and how many of its pixels are neither white nor grey (the painted cells, the colour bar)."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    coloured = sum(1 for r, g, b in image.get_flattened_data() if max(r, g, b) - min(r, g, b) > 60)
+    return image.size, coloured
+
+
+def test_each_panel_exports_png_and_svg_with_title_labels_and_colour_bar(page, results, tmp_path):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    peak = data["generations"][0]["label"]  # the unit of the largest knockout
+    for panel, words in [("heatmap", [peak, *data["window_labels"], "layer window", "(hurts)", "vision — attention knockout"]),
+                         ("overlay", ["image 1", "max over windows", "(hurts)"]),
+                         ("overlay-grid", ["image 1", *data["window_labels"], "(hurts)"]),
+                         ("curves", ["vision units (mean)", "text units (mean)", "layer window", data["window_labels"][-1]])]:
+        svg = _export(page, panel, "svg", tmp_path)
+        assert svg.name == f"vision-{panel}.svg"
+        texts = _svg_texts(svg)
+        for word in words:
+            assert any(word in text for text in texts), (panel, word)
+        if panel != "curves":
+            assert '<image ' in svg.read_text()  # the cells or the tinted picture, as a raster
+        png = _export(page, panel, "png", tmp_path)
+        size, coloured = _png_colours(png)
+        assert size[0] >= 400 and coloured > 500, (panel, size, coloured)
+    assert texts and any("layer window" in text for text in texts)
+
+
+def test_compare_and_flows_export_and_hostile_labels_stay_text_in_svg(page, results, unit_results, tmp_path):
+    data = json.loads((results / "text.json").read_text())
+    data["window_labels"][0] = XSS_PROMPT
+    for i, unit in enumerate(data["units"]):
+        unit["label"] = f"{XSS_PROMPT} {i}"
+    (tmp_path / "hostile.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "hostile.json"), str(results / "text.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    texts = _svg_texts(_export(page, "compare", "svg", tmp_path))
+    assert any(text.startswith("A: hostile.json") for text in texts) and any(text.startswith("B: text.json") for text in texts)
+    assert any(text.startswith("A − B") for text in texts)
+    assert XSS_PROMPT in texts  # the hostile window label, written as text (A's rows and A − B's)
+    assert sum(text.startswith("<img src=x") for text in texts) >= len(data["units"])  # the unit labels
+    size, coloured = _png_colours(_export(page, "compare", "png", tmp_path))
+    assert coloured > 300
+    heatmap = _svg_texts(_export(page, "heatmap", "svg", tmp_path))
+    assert XSS_PROMPT in heatmap and any(text.startswith("<img src=x") for text in heatmap)
+    assert page.dialogs == [] and page.locator("img[src='x']").count() == 0
+    flows = json.loads((unit_results / "flow.json").read_text())
+    page.set_input_files("#file-input", [str(unit_results / "flow.json")])
+    page.wait_for_selector("#flow-section:not(.hidden)")
+    texts = _svg_texts(_export(page, "flows", "svg", tmp_path))
+    for unit in flows["units"]:
+        assert unit["label"] in texts  # the legend: one entry per flow
+
+
+# ---------- colour scale ----------
+
+def _cell_rgb(page, window: int, column: int, selector: str = "#heatmap") -> list[int]:
+    return page.evaluate("""([s, w, i]) => { const c = document.querySelector(s);
+        const x = Math.floor((i + 0.5) * Number(c.dataset.cellW)), y = Math.floor((w + 0.5) * Number(c.dataset.cellH));
+        return [...c.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3)]; }""", [selector, window, column])
+
+
+def _graded(tmp_path: Path) -> tuple[Path, list[float]]:
+    """36 windows × 200 token units; unit 0 a special sink at 500, unit i (1..199) at i/100 nats in every window."""
+    path = _synthetic(tmp_path / "graded.json", 200, range(0))
+    data = json.loads(path.read_text())
+    data["tokens"][0]["modality"] = data["units"][0]["modality"] = "special"
+    values = [500.0] + [i / 100 for i in range(1, 200)]
+    data["metrics"]["logprob_drop"] = [list(values) for _ in data["windows"]]
+    path.write_text(json.dumps(data))
+    return path, values
+
+
+def test_scale_controls_percentile_fixed_log_noise_floor_and_hidden_special_tokens(page, tmp_path):
+    path, values = _graded(tmp_path)
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    expect(page.locator("#colorbar-labels")).to_contain_text("≥ 1.980")  # the 99th percentile of units 1..199 over all windows
+    red = lambda rgb: rgb[0] == 255 and rgb[1] == rgb[2]  # noqa: E731
+    def green(column):  # the green channel of a red cell: 255 (white) … 0 (saturated)
+        rgb = _cell_rgb(page, 5, column)
+        assert red(rgb), rgb
+        return rgb[1]
+    assert green(198) <= 1 and abs(green(99) - round(255 * (1 - 0.99 / 1.98))) <= 1
+    page.fill("#percentile", "50")
+    page.dispatch_event("#percentile", "change")
+    others = sorted(values[1:])
+    assert page.locator("#colorbar-labels").text_content().startswith(f"≤ -{others[len(others) // 2]:.3f}")
+    page.select_option("#scale", "fixed")
+    page.fill("#fixed", "4")
+    page.dispatch_event("#fixed", "change")
+    assert "-4.000 (helps)" in page.locator("#colorbar-labels").text_content()
+    assert abs(green(100) - round(255 * (1 - 1 / 4))) <= 1  # 1 nat on ±4: a quarter of the way
+    linear = green(4)
+    page.check("#log")
+    assert "log scale" in page.locator("#colorbar-labels").text_content()
+    t = math.log1p(0.04 / 0.004) / math.log1p(4 / 0.004)  # e = max/1000
+    assert abs(green(4) - round(255 * (1 - t))) <= 1 and green(4) < linear - 80  # small effects become visible
+    page.uncheck("#log")
+    page.fill("#floor", "0.5")
+    page.dispatch_event("#floor", "change")
+    assert _cell_rgb(page, 5, 49) == [255, 255, 255] and green(50) < 255  # under the floor: white
+    assert "noise floor" in page.locator("#colorbar-labels").text_content()
+    bar = page.evaluate("""() => { const c = document.querySelector('#colorbar');
+        return [...c.getContext('2d').getImageData(c.width / 2 + 5, 5, 1, 1).data.slice(0, 3)]; }""")
+    assert bar == [255, 255, 255]  # the floor's band on the colour bar
+    page.select_option("#scale", "full")
+    assert "500.0 (hurts)" in page.locator("#colorbar-labels").text_content()
+    page.check("#hide-special")
+    assert "500.0" not in page.locator("#colorbar-labels").text_content()  # the sink left out of the scale
+    assert _cell_rgb(page, 5, 0) == [235, 235, 235]  # and drawn grey
+    assert " 1.990 (hurts)" in page.locator("#colorbar-labels").text_content()
+
+
+# ---------- heatmap navigation ----------
+
+def test_column_groups_zoom_and_pan_for_a_long_prompt(page, results, tmp_path):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert json.loads(page.locator("#column-groups").get_attribute("data-groups")) == ["text", "image 1", "text"]
+    assert _drawn_pixels(page, "#column-groups") > 50
+    path = _synthetic(tmp_path / "long.json", 1600, range(400, 800))  # 1,600 units: one pixel per column to fit
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    expect(page.locator("#heatmap")).to_have_js_property("width", 1600)
+    assert page.locator("#column-labels").get_attribute("data-labels") == "0"  # no room for labels
+    page.select_option("#zoom", "12")
+    assert page.locator("#heatmap").evaluate("c => c.width") == 1600 * 12
+    assert page.locator("#column-labels").get_attribute("data-labels") == "1600"  # labels, turned, once zoomed in
+    assert page.locator("#column-labels").get_attribute("data-across") == "0"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # the heatmap pans inside its box
+    scroller = page.locator("#heat-scroll")
+    assert scroller.evaluate("s => s.scrollWidth > s.clientWidth")
+    page.locator("#heatmap").click(position={"x": 5, "y": 5})
+    page.keyboard.press("End")  # the last unit, scrolled into view
+    assert page.evaluate("state.selected") == 1599 and scroller.evaluate("s => s.scrollLeft") > 1600 * 12 - 2 * 1280
+    page.keyboard.press("-")
+    assert page.locator("#zoom").input_value() == "8" and page.locator("#heatmap").evaluate("c => c.width") == 1600 * 8
+    assert json.loads(page.locator("#column-groups").get_attribute("data-groups")) == ["text", "image 1", "text"]
+
+
+def test_keyboard_moves_the_selected_cell_and_says_what_it_is(page, results):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    page.locator("#heatmap").focus()
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")
+    assert page.evaluate("state.selected") == 2
+    token = data["tokens"][data["units"][2]["keys"][0]]
+    assert json.dumps(token["text"]) in page.locator("#heat-readout").text_content()
+    page.keyboard.press("Shift+ArrowRight")
+    assert page.evaluate("state.selected") == 12
+    page.keyboard.press("ArrowDown")
+    assert page.locator("#window").input_value() == "1" and page.locator("#aggregate").input_value() == "window"
+    assert data["window_labels"][1] in page.locator("#heat-readout").text_content()
+    page.keyboard.press("Escape")
+    assert page.evaluate("state.selected") is None and page.locator("#heat-readout").text_content() == ""
+
+
+def test_hovering_a_vision_column_outlines_its_patch_and_hovering_the_image_its_column(page, results):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    column = next(i for i, unit in enumerate(data["units"]) if unit["modality"] == "vision" and unit["box"][0] > 0)
+    box = data["units"][column]["box"]
+    _hover_column(page, column)
+    brush = page.locator("#overlays .brush")
+    assert brush.is_visible()
+    scale = page.evaluate("document.querySelector('canvas.overlay').scale")
+    left, top, width = brush.evaluate("b => [b.offsetLeft, b.offsetTop, b.offsetWidth]")
+    assert abs(left - (box[0] * scale - 1)) <= 1 and abs(top - (box[1] * scale - 1)) <= 1
+    assert abs(width - ((box[2] - box[0]) * scale + 4)) <= 1
+    page.mouse.move(0, 0)
+    assert not brush.is_visible() and not page.locator("#heat-cursor").is_visible()
+    other = next(i for i, unit in enumerate(data["units"]) if unit["modality"] == "vision" and i != column)
+    x0, y0, x1, y1 = data["units"][other]["box"]
+    canvas = page.locator("canvas.overlay")
+    canvas.scroll_into_view_if_needed()
+    at = canvas.bounding_box()
+    page.mouse.move(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
+    cursor = page.locator("#heat-cursor")
+    assert cursor.is_visible()
+    left = cursor.evaluate("c => c.offsetLeft")
+    heat_left, cell_w = page.locator("#heatmap").evaluate("c => [c.offsetLeft, Number(c.dataset.cellW)]")
+    assert left == heat_left + other * cell_w - 1
+
+
+def test_the_url_fragment_restores_metric_window_unit_and_scale(page, results):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    page.select_option("#metric", "kl")
+    page.locator("#window").fill("2")
+    page.locator("#strip .tok").nth(4).click()
+    page.select_option("#scale", "fixed")
+    page.fill("#fixed", "0.5")
+    page.dispatch_event("#fixed", "change")
+    page.check("#log")
+    page.select_option("#zoom", "24")
+    view = page.evaluate("[state.metric, state.window, state.aggregate, state.selected]")
+    labels, readout = page.locator("#colorbar-labels").text_content(), page.locator("#heat-readout").text_content()
+    url = page.url
+    assert "metric=kl" in url and "window=2" in url and "scale=fixed" in url and "log=1" in url
+    fresh = page.context.new_page()
+    fresh.goto(url)
+    fresh.wait_for_selector("#run:not(.hidden)")
+    assert fresh.evaluate("[state.metric, state.window, state.aggregate, state.selected]") == view
+    assert fresh.locator("#metric").input_value() == "kl" and fresh.locator("#window").input_value() == "2"
+    assert fresh.locator("#scale").input_value() == "fixed" and fresh.locator("#log").is_checked()
+    assert fresh.locator("#colorbar-labels").text_content() == labels and fresh.locator("#heat-readout").text_content() == readout
+    assert fresh.locator("#heatmap").evaluate("c => Number(c.dataset.cellW)") == 24
+    fresh.goto("about:blank")
+    fresh.goto((results / "vision.html").as_uri() + "#metric=nope&window=99&unit=-1&scale=%3Cb%3E&zoom=7")
+    fresh.wait_for_selector("#run:not(.hidden)")  # nonsense is ignored, never shown
+    assert fresh.evaluate("[state.metric, state.window, state.selected, state.scale, state.zoom]") == ["logprob_drop", 0, None, "robust", 0]
+    fresh.close()
+
+
+def test_answer_steps_show_each_baseline_token_and_where_a_knockout_changes_the_answer(page, results):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    steps = page.locator("#steps .step")
+    assert steps.count() == len(data["baseline"]["tokens"])
+    for t, (text, logprob) in enumerate(zip(data["baseline"]["tokens"], data["baseline"]["logprobs"])):
+        assert steps.nth(t).text_content() == f"{text.replace(chr(10), '⏎')} {100 * math.exp(logprob):.3g}%"
+    assert "per-step changes under a knockout are not in the result" in page.locator("#steps-note").text_content()
+    g = next(g for g in data["generations"] if data["metrics"]["first_divergence"][data["windows"].index(g["window"])][g["unit"]] is not None)
+    w = data["windows"].index(g["window"])
+    step = data["metrics"]["first_divergence"][w][g["unit"]]
+    page.evaluate("([w, i]) => { state.window = w; state.selected = i; showWindow(); }", [w, g["unit"]])
+    assert page.locator("#steps .diverges").count() == 1
+    assert steps.nth(step).evaluate("s => s.classList.contains('diverges')")
+    note = page.locator("#steps-note").text_content()
+    assert f"first changes at step {step + 1}" in note and json.dumps(g["text"]) in note
+
+
+# ---------- batch overview ----------
+
+def _top(data: dict) -> tuple[int, int]:
+    """The (window, unit) of a result's largest logprob_drop, special tokens left out, as the overview finds it."""
+    best = None
+    for w, row in enumerate(data["metrics"]["logprob_drop"]):
+        for i, v in enumerate(row):
+            if data["units"][i]["modality"] != "special" and v is not None and (best is None or v > best[0]):
+                best = (v, w, i)
+    return best[1], best[2]
+
+
+def test_a_batch_overview_shows_each_runs_answer_and_top_unit_and_opens_runs_in_place(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.yaml").write_text("defaults:\n  demo: true\n  layers: '0-1'\n  generate_top: 0\nruns:\n"
+                                     "  - name: one\n    prompt: 'A=3, B=7. What is B?'\n"
+                                     "  - name: two\n    prompt: 'The capital of France is'\n"
+                                     "  - name: bad\n    prompt: hi\n    layers: '0-99'\n")
+    main(["--config", "b.yaml", "--no-progress"], False)
+    folder = tmp_path / "output" / "b"
+    index = json.loads((folder / "index.json").read_text())
+    assert [entry["status"] for entry in index["runs"]][:2] == ["done", "done"] and index["runs"][2]["status"] != "done"
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(folder / name) for name in ("index.json", "one.json", "two.json")])
+    expect(page.locator("#batch-runs")).to_have_attribute("data-results", "2")
+    rows = page.locator("#batch-runs tbody tr")
+    assert rows.count() == 3
+    for n, name in enumerate(("one", "two")):
+        data = json.loads((folder / f"{name}.json").read_text())
+        w, i = _top(data)
+        cells = rows.nth(n).locator("td")
+        assert cells.nth(4).text_content() == data["baseline"]["text"]
+        assert cells.nth(5).text_content() == data["units"][i]["label"].replace("\n", "⏎")
+        assert cells.nth(6).text_content() == data["window_labels"][w]
+    assert index["runs"][2]["error"] and index["runs"][2]["error"] in rows.nth(2).text_content()  # the failed run says why
+    rows.nth(1).get_by_role("button", name="open here").click()  # in place: no link to follow
+    expect(page.locator("#run")).to_be_visible()
+    assert page.title() == "two.json — mask_impact viewer" and page.url.startswith((ROOT / "visualize_results.html").as_uri())
+    page.locator("#batch-back").click()
+    expect(page.locator("#batch")).to_be_visible()
+    assert rows.count() == 3
+    page.goto((folder / "index.html").as_uri())  # the batch's own page: its links, and results dropped onto it
+    assert page.locator("#batch-runs a").count() == 2
+    page.set_input_files("#file-input", [str(folder / "one.json")])
+    expect(page.locator("#batch-runs")).to_have_attribute("data-results", "1")
+    assert rows.nth(1).locator("td").nth(5).text_content() == "(drop its JSON here)"
+    rows.nth(0).get_by_role("button", name="open here").click()
+    expect(page).to_have_title("one.json — mask_impact viewer")
+
+
+def test_hostile_text_in_the_new_views_renders_inertly(page, results, tmp_path):
+    data = json.loads((results / "text.json").read_text())
+    data["baseline"]["tokens"] = [XSS_PROMPT, *data["baseline"]["tokens"][1:]]
+    for i, unit in enumerate(data["units"]):
+        unit["label"] = data["tokens"][unit["keys"][0]]["text"] = f"{XSS_PROMPT} {i}"
+    data["generations"] = [dict(g, text=XSS_PROMPT) for g in data["generations"]]
+    (tmp_path / "hostile.json").write_text(json.dumps(data))
+    index = {"schema_version": 1, "kind": "batch", "batch": XSS_PROMPT, "runs": [
+        {"name": XSS_PROMPT, "status": "done", "prompt": XSS_PROMPT, "stage": XSS_PROMPT, "mask_mode": "text",
+         "json": "hostile.json", "html": "hostile.html", "answer": XSS_PROMPT},
+        {"name": "x", "status": "failed", "error": XSS_PROMPT, "json": "<img src=x>.json"}]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "index.json"), str(tmp_path / "hostile.json")])
+    expect(page.locator("#batch-runs")).to_have_attribute("data-results", "1")
+    row = page.locator("#batch-runs tbody tr").first
+    assert row.locator("td").nth(0).text_content() == XSS_PROMPT
+    assert row.locator("td").nth(5).text_content().startswith(XSS_PROMPT)  # the top unit's label
+    assert XSS_PROMPT in page.locator("#batch-runs tbody tr").nth(1).text_content()
+    row.get_by_role("button", name="open here").click()
+    g = data["generations"][0]
+    page.evaluate("([w, i]) => { state.window = w; state.selected = i; showWindow(); }", [data["windows"].index(g["window"]), g["unit"]])
+    assert page.locator("#steps .step").first.text_content().startswith(XSS_PROMPT)
+    assert json.dumps(XSS_PROMPT) in page.locator("#steps-note").text_content()
+    assert XSS_PROMPT in page.locator("#heat-readout").text_content()
+    page.wait_for_timeout(300)
+    assert page.dialogs == [] and page.locator("img[src='x']").count() == 0 and page.locator("script").count() == 2
