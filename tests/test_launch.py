@@ -129,3 +129,30 @@ def test_a_launch_killed_mid_sweep_resumes_with_one_process(tmp_path):
     data = json.loads((tmp_path / "output" / "run.json").read_text())
     _assert_same_numbers(json.loads((tmp_path / "output" / "reference.json").read_text()), data)
     assert data["meta"]["processes"] == 1
+
+
+def test_a_launched_batch_equals_the_one_process_batch(tmp_path):
+    batch = tmp_path / "batch.yaml"
+    batch.write_text("defaults:\n  demo: true\n  num_tokens: 2\n  html: false\nruns:\n"
+                     "  - name: one\n    prompt: \"A=3, B=7, C=1. What is B?\"\n"
+                     "  - name: two\n    prompt: \"A=5, B=2, C=9. What is C?\"\n")
+    single = _single(tmp_path, "mask_impact_analysis.py", ["--config", str(batch), "--output", "single",
+                                                           "--no-progress"])
+    assert single.returncode == 0, single.stderr
+    launched = _launch(tmp_path, 2, "mask_impact_analysis.py", ["--config", str(batch), "--output", "two",
+                                                                "--no-progress"])
+    out, err = launched.communicate(timeout=600)
+    assert launched.returncode == 0, err
+    assert out.count("batch two: 2 done, 0 failed") == 1  # said once, by the main process
+    for name in ("one", "two"):
+        _assert_same_numbers(json.loads((tmp_path / "output" / "single" / f"{name}.json").read_text()),
+                             json.loads((tmp_path / "output" / "two" / f"{name}.json").read_text()))
+    index = json.loads((tmp_path / "output" / "two" / "index.json").read_text())
+    assert [run["status"] for run in index["runs"]] == ["done", "done"]
+
+    # bad input in a launch: the main process says it in one line, the other stops quietly, nothing is written
+    again = _launch(tmp_path, 2, "mask_impact_analysis.py", ["--config", str(batch), "--output", "two",
+                                                             "--no-progress"])
+    _, err = again.communicate(timeout=600)
+    assert again.returncode != 0
+    assert err.count("error: ") == 1 and "holds an earlier batch" in err
