@@ -319,6 +319,17 @@ class KnockoutResult:
         grid = self.data["metrics"][name]
         return np.array([[np.nan if v is None else float(v) for v in row] for row in grid])
 
+    def steps(self, name: str = "logprob_drop") -> np.ndarray:
+        """(windows, units, answer steps) array of a per-step metric (NaN where a cell was not computed): what each
+        answer token contributes; summed over the steps, ``logprob_drop`` is ``metric("logprob_drop")``."""
+        grids = self.data.get("steps") or {}
+        if name not in grids:
+            raise InvalidArgument(f"steps(): this result has no per-step {name!r}"
+                                  + (f"; it has {', '.join(grids)}" if grids else " (made before version 0.3)"))
+        length = len(self.data["baseline"]["token_ids"])
+        return np.array([[cell if cell is not None else [np.nan] * length for cell in row] for row in grids[name]],
+                        dtype=float).reshape(len(grids[name]), -1, length)
+
     def top(self, k: int = 10, metric: str = "logprob_drop") -> list[dict]:
         """The ``k`` (window, unit) cells with the largest ``metric``, largest first."""
         if not isinstance(k, numbers.Integral) or isinstance(k, bool):

@@ -3,6 +3,8 @@
 Every metric has one signature: ``(base, knocked, answer) -> (B,)`` with ``base`` the (T, V)
 answer log-probs without knockout, ``knocked`` the (B, T, V) log-probs under B knockouts and
 ``answer`` the (T,) greedy answer ids. ``METRICS`` is the registry; ``PRIMARY`` ranks knockouts.
+``STEPS`` are the per-step metrics, ``(base, knocked, answer) -> (B, T)``: what each answer step
+contributes (the result's ``steps``; the viewer's answer-steps view).
 """
 
 from __future__ import annotations
@@ -62,6 +64,19 @@ METRICS: dict[str, Metric] = {
     "first_divergence": first_divergence,
 }
 PRIMARY = "logprob_drop"
+
+
+def step_logprob_drop(base: torch.Tensor, knocked: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """(B, T): log p_base(y_t) − log p_ko(y_t) per answer step; summed over t it is ``logprob_drop``."""
+    return _answer_logprobs(base, answer)[None] - _answer_logprobs(knocked, answer)
+
+
+STEPS: dict[str, Metric] = {"logprob_drop": step_logprob_drop}
+
+
+def compute_steps(base: torch.Tensor, knocked: torch.Tensor, answer: torch.Tensor) -> dict[str, list[list[float]]]:
+    """Every per-step metric for a batch: name → one list of T floats per knockout."""
+    return {name: metric(base, knocked, answer).cpu().tolist() for name, metric in STEPS.items()}
 
 
 def compute_all(base: torch.Tensor, knocked: torch.Tensor, answer: torch.Tensor) -> dict[str, list]:

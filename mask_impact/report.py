@@ -93,6 +93,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
         "window_labels": result.window_labels,
         "units": [unit.as_dict() for unit in result.units],
         "metrics": result.metrics,
+        "steps": result.steps,
         "generations": result.generations,
     }
 

@@ -37,7 +37,7 @@ import transformers
 from . import __version__
 from .config import RunConfig, UsageError
 from .inputs import Prompt
-from .metrics import METRICS
+from .metrics import METRICS, STEPS
 from .models import WEIGHT_SUFFIXES
 from .report import WriteError
 from .shard import NOT_LAUNCHED, Shard
@@ -275,6 +275,12 @@ def valid_record(record, run: str) -> bool:
         return False
     if not isinstance(metrics, dict) or set(metrics) != set(METRICS):
         return False
+    steps = record.get("steps")
+    if not isinstance(steps, dict) or set(steps) != set(STEPS) or not all(
+            isinstance(rows, list) and len(rows) == len(units) and all(
+                isinstance(row, list) and row and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in row) for row in rows) for rows in steps.values()):
+        return False
     return all(isinstance(values, list) and len(values) == len(units) and all(_scalar(v) for v in values)
                for values in metrics.values())
 
@@ -417,8 +423,8 @@ class PartialStore:
         if self.header is not None:
             self.header["run"] = self.run
             temporary = self.path.with_name(f".{self.path.name}.gather")
-            lines = [self.header, *(_record(self.run, w, units, values, self.header["batch_size"])
-                                    for w, units, values in _rows(self.saved))]
+            lines = [self.header, *(_record(self.run, w, units, values, self.header["batch_size"], steps)
+                                    for w, units, values, steps in _rows(self.saved))]
             try:
                 temporary.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
                 os.replace(temporary, self.path)
@@ -483,8 +489,8 @@ class PartialStore:
         if self.saved and self.shard.is_main:
             print(f"note: resuming {self.path.name}: {len(self.saved)} finished knockouts kept", file=sys.stderr)
 
-    def record(self, window: int, units: list[int], values: dict, batch_size: int) -> None:
-        record = _record(self.run, window, units, values, batch_size)
+    def record(self, window: int, units: list[int], values: dict, batch_size: int, steps: dict) -> None:
+        record = _record(self.run, window, units, values, batch_size, steps)
         self._append(record)
         self.saved.update(_cells(record))
 
@@ -512,22 +518,24 @@ class PartialStore:
             path.unlink(missing_ok=True)
 
 
-def _record(run: str, window: int, units: list[int], values: dict, batch_size: int) -> dict:
-    return {"run": run, "window": window, "start": units[0], "units": units, "metrics": values,
+def _record(run: str, window: int, units: list[int], values: dict, batch_size: int, steps: dict) -> dict:
+    return {"run": run, "window": window, "start": units[0], "units": units, "metrics": values, "steps": steps,
             "batch_size": batch_size}
 
 
 def _cells(record: dict) -> dict[tuple[int, int], dict]:
-    """A valid record's cells: (row, unit) → metric → value."""
-    return {(record["window"], unit): {name: values[k] for name, values in record["metrics"].items()}
+    """A valid record's cells: (row, unit) → metric → value (per-step metrics as ``steps.NAME`` → values)."""
+    return {(record["window"], unit): {**{name: values[k] for name, values in record["metrics"].items()},
+                                       **{f"steps.{name}": rows[k] for name, rows in record["steps"].items()}}
             for k, unit in enumerate(record["units"])}
 
 
 def _rows(cells: dict[tuple[int, int], dict]):
-    """``cells`` as (row, units, metric → values), one per row, units in order."""
+    """``cells`` as (row, units, metric → values, per-step metric → values), one per row, units in order."""
     for w in sorted({w for w, _ in cells}):
         units = sorted(i for row, i in cells if row == w)
-        yield w, units, {name: [cells[(w, i)][name] for i in units] for name in METRICS}
+        yield (w, units, {name: [cells[(w, i)][name] for i in units] for name in METRICS},
+               {name: [cells[(w, i)][f"steps.{name}"] for i in units] for name in STEPS})
 
 
 def _parse(line: bytes):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import RunConfig, UsageError
 from .engine import Analysis, Baseline
 from .inputs import Prompt
-from .metrics import METRICS, PRIMARY, compute_all
+from .metrics import METRICS, PRIMARY, STEPS, compute_all, compute_steps
 from .models import LoadedModel
 from .shard import NOT_LAUNCHED
 from .units import Unit, build_units
@@ -34,6 +34,7 @@ class RunResult:
     windows: list[tuple[int, int]]
     units: list[Unit]
     metrics: dict[str, list[list]]  # name → [window][unit]
+    steps: dict[str, list[list]] = field(default_factory=dict)  # name → [window][unit][answer step]
     window_labels: list[str] = field(default_factory=list)
     generations: list[dict] = field(default_factory=list)
     batch_size: int = 0
@@ -146,8 +147,9 @@ def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float
 
 def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, progress: bool = True, store=None,
                     labels: list[str] | None = None, costs=None,
-                    on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, list[list]], int]:
-    """Metrics for every (window, knockout) cell; returns them and the batch size that finally fit.
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict, int]:
+    """Metrics for every (window, knockout) cell; returns them (name → [window][unit]), the per-step ones
+    (name → [window][unit][step]) and the batch size that finally fit.
     A knockout is a ``Knockout`` (or a bare position: that token's knockout); they are the units of the
     result, in order. ``progress`` shows a tqdm bar; ``on_progress(done, total)`` is called with the
     (window, knockout) cells finished after every batch (``done`` grows to ``total``).
@@ -161,6 +163,7 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
     count = len(knockouts)
     shard = store.shard if store is not None else NOT_LAUNCHED
     metrics = {name: [[None] * count for _ in windows] for name in METRICS}
+    steps = {name: [[None] * count for _ in windows] for name in STEPS}
     missing = set()
 
     def fill(cells: dict) -> int:  # how many of them were missing
@@ -169,7 +172,8 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
             if (w, i) in missing:
                 missing.discard((w, i))
                 for name, value in values.items():
-                    metrics[name][w][i] = value
+                    grids = steps if name in STEP_NAMES else metrics
+                    grids[name.removeprefix("steps.")][w][i] = value
         return before - len(missing)
 
     missing.update((w, i) for w in range(len(windows)) for i in range(count))
@@ -208,13 +212,15 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                         torch.cuda.empty_cache()
                     continue
                 values = compute_all(engine.base_logprobs, knocked, answer)
+                per_step = compute_steps(engine.base_logprobs, knocked, answer)
                 cells = indices[done: done + len(chunk)]
-                for name, column in values.items():
-                    for i, value in zip(cells, column):
-                        metrics[name][w][i] = value
+                for grids, computed in ((metrics, values), (steps, per_step)):
+                    for name, column in computed.items():
+                        for i, value in zip(cells, column):
+                            grids[name][w][i] = value
                 missing.difference_update((w, i) for i in cells)
                 if store is not None:
-                    store.record(w, cells, values, batch_size)
+                    store.record(w, cells, values, batch_size, per_step)
                 done += len(chunk)
                 advance(len(chunk) + (fill(store.follow()) if shard.count > 1 and shard.is_main else 0))
         while shard.count > 1 and shard.is_main and missing:  # the other processes' parts
@@ -223,7 +229,10 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                 time.sleep(0.05)
     finally:
         bar.close()
-    return metrics, batch_size
+    return metrics, steps, batch_size
+
+
+STEP_NAMES = {f"steps.{name}" for name in STEPS}  # how a saved cell names its per-step values (resume.py)
 
 
 def top_knockouts(metrics: dict[str, list[list]], k: int) -> list[tuple[int, int]]:
@@ -264,7 +273,7 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
     if config.progress and (store is None or store.shard.is_main):
         what = "flows" if config.flows else "units" if config.unit != "token" or not decoder else "positions"
         tqdm.write(describe_plan(loaded, engine, plan.windows, knockouts, batch_size, what), file=sys.stderr)
-    metrics, batch_size = score_knockouts(engine, plan.rows, knockouts, batch_size, config.progress, store,
+    metrics, steps, batch_size = score_knockouts(engine, plan.rows, knockouts, batch_size, config.progress, store,
                                           plan.labels, cell_cost(loaded, engine, plan.rows, knockouts, decoder),
                                           on_progress)
     if store is not None and not store.shard.is_main:
@@ -275,7 +284,7 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
         text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
         generations.append({"window": list(plan.windows[w]), "unit": i, "label": units[i].label, "text": text,
                             "token_ids": ids})
-    return RunResult(baseline, plan.windows, units, metrics, plan.labels, generations, batch_size,
+    return RunResult(baseline, plan.windows, units, metrics, steps, plan.labels, generations, batch_size,
                      time.perf_counter() - started, loaded.adapter.num_layers, analysis.answer_start,
                      store.shard.count if store is not None else 1)
 

@@ -190,3 +190,14 @@ def test_an_analyzer_around_a_model_the_caller_loaded(analyzer):
         Analyzer(model, processor.tokenizer)  # a VL model needs the image processor too
     with pytest.raises(InvalidType, match="model must be a transformers model, not str"):
         Analyzer("Qwen/Qwen3-VL-4B-Instruct")
+
+
+def test_per_step_drops_add_up_to_the_summed_drop(analyzer):
+    result = analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], unit="region:2", num_tokens=3,
+                          progress=False)
+    steps = result.steps()
+    assert steps.shape == (*result.metric().shape, len(result.data["baseline"]["token_ids"]))
+    assert np.allclose(steps.sum(-1), result.metric(), atol=1e-5)
+    assert (steps != 0).any()  # not a grid of zeros
+    with pytest.raises(InvalidArgument, match="no per-step 'kl'"):
+        result.steps("kl")

@@ -137,8 +137,9 @@ def _records(reference: dict, run: str = "r1") -> list[dict]:
     for w in range(len(reference["windows"])):
         for start in range(0, len(units), BATCH):
             metrics = {name: grid[w][start: start + BATCH] for name, grid in reference["metrics"].items()}
+            steps = {name: grid[w][start: start + BATCH] for name, grid in reference["steps"].items()}
             out.append({"run": run, "window": w, "start": start, "units": units[start: start + BATCH],
-                        "metrics": metrics, "batch_size": BATCH})
+                        "metrics": metrics, "steps": steps, "batch_size": BATCH})
     return out
 
 

@@ -39,12 +39,17 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_result(engine, monkeypat
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     positions = positions_for(engine.analysis.prompt, "both")
     windows = [(0, 0), (2, 3)]
-    expected, _ = score_knockouts(engine, windows, positions, 64, progress=False)
+    expected, expected_steps, _ = score_knockouts(engine, windows, positions, 64, progress=False)
     failing = RunsOutOfMemory(engine, limit=5)
-    got, batch_size = score_knockouts(failing, windows, positions, 40, progress=False)
+    got, got_steps, batch_size = score_knockouts(failing, windows, positions, 40, progress=False)
     first_fit = next(i for i, rows in enumerate(failing.calls) if rows <= 5)
     assert batch_size == 5 and first_fit >= 2  # 40 → 20 → 10 → 5 (batches also stop at the waste bound)
     assert max(failing.calls[first_fit:]) <= 5
+    for w in range(len(windows)):  # the per-step drops add up to the summed one, whatever the batches
+        for i in range(len(positions)):
+            assert sum(got_steps["logprob_drop"][w][i]) == pytest.approx(got["logprob_drop"][w][i], abs=1e-5)
+            assert got_steps["logprob_drop"][w][i] == pytest.approx(expected_steps["logprob_drop"][w][i], abs=1e-4)
+            assert len(got_steps["logprob_drop"][w][i]) == len(engine.tf.answer_ids)
     for name in expected:
         for want_row, got_row in zip(expected[name], got[name]):
             assert got_row == pytest.approx(want_row, abs=1e-4) if name not in ("top1_changed", "first_divergence") \
