@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import statistics
@@ -62,6 +61,7 @@ from mask_impact.engine import Analysis, FastEngine, NaiveEngine, Savings  # noq
 from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
 from mask_impact.metrics import METRICS, compute_all  # noqa: E402
+from mask_impact.threads import idle_threads  # noqa: E402
 from mask_impact.sweep import auto_batch_size, is_out_of_memory, next_batch  # noqa: E402
 from mask_impact.units import build_units  # noqa: E402
 
@@ -179,19 +179,6 @@ def check_sizes(args) -> None:
         args.num_layers = MEDIUM_TEXT["num_hidden_layers"]
 
 
-def thread_policy() -> tuple[int, str]:
-    """Threads that do not collapse on a shared host: the CPUs the other processes leave idle (the 1-minute load
-    average, read as this process starts), at most torch's own count, at least 1.
-
-    torch's intra-op threads meet at the end of every op; when another process deschedules one of them, the
-    others wait. On 2 CPUs under a load of 6, 1 thread ran the medium sweep in 0.49 of the time 2 threads took
-    (measured side by side with ``--also-threads 1``)."""
-    cpus = len(os.sched_getaffinity(0))
-    load = os.getloadavg()[0]
-    threads = max(1, min(torch.get_num_threads(), round(cpus - load)))
-    return threads, f"{cpus} CPUs, load average {load:.1f} at start -> {threads}"
-
-
 class LayerRows:
     """Records the rows (batch × positions) entering every decoder layer, while ``active``: the M of its matmuls."""
 
@@ -253,7 +240,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     device = torch.device(args.device)
-    torch_threads, (threads, why) = torch.get_num_threads(), thread_policy()
+    torch_threads, (threads, why) = torch.get_num_threads(), idle_threads()
     torch.set_num_threads(args.threads or threads)
     loaded, prompt = build(args, device)
     cuda = device.type == "cuda"

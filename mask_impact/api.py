@@ -42,7 +42,7 @@ from .errors import (
 
 __all__ = ["Analyzer", "KnockoutResult", "MaskImpactError", "InvalidArgument", "InvalidType", "NotAResult",
            "MissingDependency", "WriteFailed", "analyze"]
-NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "device_map", "max_memory", "offload_folder", "prompt", "prompt_file", "images", "output", "output_dir",
+NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "threads", "device_map", "max_memory", "offload_folder", "prompt", "prompt_file", "images", "output", "output_dir",
                    "overwrite", "resume", "html", "progress", "figures")
 RUN_OPTIONS = sorted({f.name for f in fields(RunConfig)} - set(NOT_RUN_OPTIONS))
 TYPE_WORDS = {str: "a str", int: "an int", bool: "True or False"}

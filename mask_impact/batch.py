@@ -88,8 +88,8 @@ def normalise(entry: dict, where: str, base: Path, vision: bool) -> dict:
                 raise UsageError(f"{where}: group {quoted(empty)} has no SPEC (write {empty}: x0,y0,x1,y1 or pos:... "
                                  "or text:...)")
             value = [f"{name}={spec}" for name, spec in value.items()]
-        if field == "layers" and isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)  # `layers: 3` means layer 3
+        if field in ("layers", "threads") and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # `layers: 3` means layer 3, `threads: 2` two threads
         expected = FIELD_TYPES[field]
         good = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         good = good and (expected is not list or all(isinstance(item, str) for item in value))

@@ -134,6 +134,11 @@ def load(config: RunConfig, vision: bool):
     warnings.filterwarnings("ignore", module="transformers")
     from .shard import Shard, launched
 
+    from .threads import set_threads
+
+    chosen = set_threads(config.threads)
+    if chosen and config.progress and is_main_process():
+        print(f"note: {chosen}", file=sys.stderr)
     name = str(demo_model_path(vision)) if config.demo else config.model
     if config.device_map is not None and launched():
         raise UsageError("--device-map spreads one model over several devices, but a launched process takes one "

@@ -42,7 +42,7 @@ FIELD_TYPES = {
     "model": str, "prompt": str, "prompt_file": str, "images": list, "demo": bool, "raw_prompt": bool,
     "allow_special_tokens": bool, "mask_mode": str, "unit": str, "groups": list, "flows": list, "stage": str, "fill": str,
     "num_tokens": int, "layers": str, "window": int, "block_from": str, "vision_attention": str,
-    "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "device_map": str,
+    "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "threads": str, "device_map": str,
     "max_memory": str, "offload_folder": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
     "min_pixels": int, "figures": str,
@@ -54,7 +54,7 @@ MAX_NUM_TOKENS = 1 << 20
 MAX_LAYER_INDEX = 1 << 16
 MAX_ECHO = 160  # characters of a user's value quoted back in an error message
 # Set once for a whole batch (one model load, one folder): allowed in ``defaults:`` and on the command line.
-BATCH_KEYS = ("model", "demo", "device", "dtype", "device_map", "max_memory", "offload_folder", "output_dir")
+BATCH_KEYS = ("model", "demo", "device", "dtype", "threads", "device_map", "max_memory", "offload_folder", "output_dir")
 
 
 class UsageError(MaskImpactError):
@@ -98,6 +98,7 @@ class RunConfig:
     engine: str = "fast"
     device: str = "auto"
     dtype: str = "auto"
+    threads: str | int | None = None  # CPU threads: None (torch's own count), "auto" (the idle CPUs) or N
     device_map: str | None = None  # None: the whole model on --device; else accelerate's big-model placement
     max_memory: str | None = None  # with device_map: "0=70GiB,cpu=200GiB"
     offload_folder: str | None = None  # with device_map: where weights that fit nowhere go (default: a temporary one)
@@ -160,6 +161,9 @@ class RunConfig:
         if self.figures is not None:
             check_figures(self.figures)
         check_device(self.device)
+        if self.threads is not None and str(self.threads) != "auto" and not (
+                str(self.threads).isdigit() and 1 <= int(self.threads) <= 4096):
+            raise UsageError(f"--threads {quoted(self.threads)} is not understood; use auto or a count from 1")
         check_device_map(self.device_map, self.max_memory, self.offload_folder, self.device)
         parse_layers(self.layers, None)
 
@@ -337,6 +341,8 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
                         help="fast (default), or naive: one full forward per knockout (the reference, slow)")
     parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=CHOICES["dtype"], help="default auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--threads", metavar="N|auto",
+                        help="CPU threads (default: torch's own count; auto: the CPUs other processes leave idle)")
     parser.add_argument("--device-map", metavar="|".join(DEVICE_MAPS),
                         help="spread a model too large for one device over the GPUs and the CPU (accelerate)")
     parser.add_argument("--max-memory", metavar="DEV=SIZE,...",

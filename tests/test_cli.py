@@ -137,3 +137,27 @@ def test_csv_keeps_one_row_per_knockout_when_tokens_hold_line_breaks():
     text = csv_text({"windows": [[0, 0]], "units": units, "metrics": metrics})
     rows = list(csv.reader(io.StringIO(text, newline="")))
     assert [row[5] for row in rows[1:]] == ["0\r", "a\nb", "plain"] and len(rows) == 4
+
+
+def test_threads_set_the_cpu_threads_and_leave_the_numbers(tmp_path, capsys):
+    import torch
+
+    from mask_impact.cli import main
+
+    before = torch.get_num_threads()
+    common = ["--demo", "--num-tokens", "2", "--no-progress", "--no-html", "--output-dir", str(tmp_path)]
+    try:
+        assert main([*common, "--output", "default"], False) == 0
+        assert main([*common, "--output", "one", "--threads", "1"], False) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    default = json.loads((tmp_path / "default.json").read_text())
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["meta"]["settings"]["threads"] == "1" and default["baseline"] == one["baseline"]
+    for row_a, row_b in zip(default["metrics"]["logprob_drop"], one["metrics"]["logprob_drop"]):
+        assert row_b == pytest.approx(row_a, abs=1e-6)
+    capsys.readouterr()
+    for bad in ("0", "x", "-1"):
+        assert main([*common, "--output", "bad", "--threads", bad], False) == 2
+        assert "--threads" in capsys.readouterr().err
