@@ -133,7 +133,6 @@ def load(config: RunConfig, vision: bool):
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", module="transformers")
     from .shard import Shard, launched
-
     from .threads import set_threads
 
     chosen = set_threads(config.threads)
@@ -160,10 +159,10 @@ def prepare(loaded, config: RunConfig, prompt_text: str):
 
     prompt = build_prompt(loaded, prompt_text, config.images, config.raw_prompt, config.max_pixels,
                           config.min_pixels, config.allow_special_tokens, config.num_tokens)
-    for path, image in zip(config.images, prompt.images):
+    for path, image in zip(config.images, prompt.images) if is_main_process() else ():  # said once in a launch
         area_ratio = image.resized_width * image.resized_height / (image.width * image.height)
         resized = [f"{image.resize} ({image.width}×{image.height} → {image.resized_width}×{image.resized_height})"]
-        for note in image.notes + (resized if not 0.8 <= area_ratio <= 1.25 else []) if is_main_process() else ():
+        for note in image.notes + (resized if not 0.8 <= area_ratio <= 1.25 else []):
             print(f"note: image {path}: {note}", file=sys.stderr)
     return prompt, fingerprint_parts(loaded, config, prompt)
 

@@ -325,7 +325,7 @@ class PartialStore:
     """
 
     def __init__(self, path: Path, parts: dict, shard: Shard = NOT_LAUNCHED):
-        self.main_path, self.parts, self.shard = path, parts, shard
+        self.parts, self.shard = parts, shard
         self.path = rank_file(path, shard.index)
         self.saved: dict[tuple[int, int], dict] = {}  # (row, unit) → metric → value
         self.header: dict | None = None
@@ -334,9 +334,17 @@ class PartialStore:
         self.followed: dict[Path, tuple[int, dict | None]] = {}  # another process's file → (bytes read, header)
 
     def open(self, resume: bool) -> PartialStore:
-        """Take the lock, start over or read what earlier runs finished; in a launch, tell the other processes."""
+        """Take the lock, start over or read what earlier runs finished; in a launch, the main process does that
+        and the others take what it found (or stop on the error it stopped on) before anyone writes."""
+        found = self.shard.agree(lambda: self._open(resume))
         if not self.shard.is_main:
-            return self._receive()
+            self.saved = found["saved"]
+            if found["batch_size"]:
+                self.header = {"batch_size": found["batch_size"]}  # read by batch_size(); this file gets its own
+            self.path.unlink(missing_ok=True)
+        return self
+
+    def _open(self, resume: bool) -> dict:
         self.lock.acquire()
         try:
             if not resume:
@@ -345,24 +353,10 @@ class PartialStore:
             elif unfinished(self.path):
                 self._read()
                 self._gather()
-        except BaseException as error:
+        except BaseException:
             self.lock.release()
-            if isinstance(error, UsageError):
-                self.shard.broadcast({"error": str(error)})
             raise
-        self.shard.broadcast({"saved": self.saved, "batch_size": self.header and self.header["batch_size"]})
-        return self
-
-    def _receive(self) -> PartialStore:
-        """A process other than the main one: what the main one read, or the error it stopped on."""
-        message = self.shard.broadcast(None)
-        if "error" in message:
-            raise UsageError(message["error"])
-        self.saved = message["saved"]
-        if message["batch_size"]:
-            self.header = {"batch_size": message["batch_size"]}  # read by batch_size(); this file gets its own
-        self.path.unlink(missing_ok=True)
-        return self
+        return {"saved": self.saved, "batch_size": self.header and self.header["batch_size"]}
 
     def __enter__(self) -> PartialStore:
         return self

@@ -85,7 +85,7 @@ class Shard:
             return value
         try:
             value = decide()
-        except (UsageError, OSError) as error:
+        except (UsageError, OSError) as error:  # bad input, a failed write, a path the system refuses
             self.broadcast(("error", str(error)))
             raise
         self.broadcast(("ok", value))
