@@ -1,10 +1,9 @@
 """Prompt and images → model inputs and the token table (DESIGN.md §5).
 
 Every position of the prompt gets a row: its token, its modality (``text``, ``vision`` or
-``special``) and, for vision tokens, which image, the merged-grid cell (t, row, col) and the pixel
-box it covers in the *original* image. Qwen3-VL orders an image's tokens t, then row, then column
-over the merged grid; one token covers ``patch_size * merge_size`` pixels square of the resized
-image, which we map back by the resize ratio.
+``special``) and, for vision tokens, which image, the grid cell (t, row, col) and the pixel box it
+covers in the *original* image; the family's adapter knows that geometry (``token_cell``) and the
+image markup of a raw prompt.
 """
 
 from __future__ import annotations
@@ -229,9 +228,8 @@ class PixelLimits:
 
 def pixel_limits(loaded, min_pixels: int | None, max_pixels: int | None) -> PixelLimits:
     size = loaded.processor.image_processor.size
-    vision = loaded.model.config.vision_config
     limits = PixelLimits(min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"],
-                         vision.patch_size * vision.spatial_merge_size)
+                         loaded.adapter.cell_pixels)
     if limits.min_pixels > limits.max_pixels:
         if min_pixels is None:
             raise UsageError(f"--max-pixels {limits.max_pixels:,} is below the processor's minimum of "
@@ -270,8 +268,8 @@ def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = F
     if loaded.is_vl:
         limits = pixel_limits(loaded, min_pixels, max_pixels)
         sizes = [limits.resized(f.image.width, f.image.height, path) for f, path in zip(files, image_paths)]
-        merged = loaded.model.config.vision_config.spatial_merge_size * loaded.model.config.vision_config.patch_size
-        check_fits(loaded, sum(w * h // merged ** 2 for w, h in sizes), num_tokens, "the images alone")
+        cell = loaded.adapter.cell_pixels
+        check_fits(loaded, sum(w * h // cell ** 2 for w, h in sizes), num_tokens, "the images alone")
         input_ids, model_kwargs, after = _encode_vl(loaded, text, [f.image for f in files], raw_prompt, literal,
                                                     limits)
     else:
@@ -281,7 +279,7 @@ def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = F
     grids = model_kwargs.get("image_grid_thw")
     image_infos = [_image_info(path, file, grid.tolist(), loaded, limits) for path, file, grid
                    in zip(image_paths, files, grids if grids is not None else [])]
-    tokens = token_table(input_ids[0].tolist(), loaded.tokenizer, loaded.model.config, image_infos)
+    tokens = token_table(input_ids[0].tolist(), loaded.tokenizer, loaded.adapter, image_infos)
     user = None if after is None else user_positions(loaded.tokenizer, input_ids[0].tolist(), text, after, literal)
     return Prompt(text, input_ids, model_kwargs, tokens, image_infos, user)
 
@@ -345,7 +343,7 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
     image_pad, video_pad = (loaded.tokenizer.convert_ids_to_tokens(i) for i in (config.image_token_id,
                                                                                 config.video_token_id))
     if raw_prompt:
-        markup = "<|vision_start|>" + image_pad + "<|vision_end|>"
+        markup = loaded.adapter.image_markup(loaded.tokenizer)
         template = text if image_pad in text else markup * len(images) + USER_TEXT
     else:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": USER_TEXT}]
@@ -374,7 +372,7 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
 
 
 def _image_info(path: str, file: ImageFile, grid_thw: list[int], loaded, limits: PixelLimits) -> ImageInfo:
-    patch = loaded.model.config.vision_config.patch_size
+    patch = loaded.adapter.patch_size
     image = file.image
     resized_width, resized_height = grid_thw[2] * patch, grid_thw[1] * patch
     if (resized_width, resized_height) != limits.resized(image.width, image.height, path):
@@ -389,12 +387,12 @@ def _image_info(path: str, file: ImageFile, grid_thw: list[int], loaded, limits:
                      file.mode, file.notes())
 
 
-def token_table(ids: list[int], tokenizer, config, images: list[ImageInfo]) -> list[TokenInfo]:
-    """One row per position; vision rows carry image index, merged-grid cell and original-pixel box."""
+def token_table(ids: list[int], tokenizer, adapter, images: list[ImageInfo]) -> list[TokenInfo]:
+    """One row per position; vision rows carry image index, grid cell and original-pixel box (the family's
+    geometry: ``adapter.token_cell``)."""
+    config = adapter.model.config
     vision_ids = {getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)} - {None}
     special_ids = {i for i, added in tokenizer.added_tokens_decoder.items() if added.special} - vision_ids
-    merge = config.vision_config.spatial_merge_size if images else 1
-    patch = config.vision_config.patch_size if images else 1
     image_index, seen = -1, 0
     rows = []
     for index, token_id in enumerate(ids):
@@ -403,21 +401,9 @@ def token_table(ids: list[int], tokenizer, config, images: list[ImageInfo]) -> l
             modality = "special" if token_id in special_ids else "text"
             rows.append(TokenInfo(index, token_id, text, modality))
             continue
-        if image_index < 0 or seen == _token_count(images[image_index], merge):
+        if image_index < 0 or seen == adapter.tokens_per_image(images[image_index].grid_thw):
             image_index, seen = image_index + 1, 0
-        info = images[image_index]
-        grid_h, grid_w = info.grid_thw[1] // merge, info.grid_thw[2] // merge
-        t, rest = divmod(seen, grid_h * grid_w)
-        row, col = divmod(rest, grid_w)
-        cell = patch * merge
-        sx, sy = info.width / info.resized_width, info.height / info.resized_height
-        box = [round(col * cell * sx, 2), round(row * cell * sy, 2),
-               round((col + 1) * cell * sx, 2), round((row + 1) * cell * sy, 2)]
+        t, row, col, box = adapter.token_cell(images[image_index], seen)
         rows.append(TokenInfo(index, token_id, text, "vision", image_index, t, row, col, box))
         seen += 1
     return rows
-
-
-def _token_count(image: ImageInfo, merge: int) -> int:
-    t, h, w = image.grid_thw
-    return t * h * w // (merge * merge)
