@@ -51,7 +51,7 @@ class Analyzer:
 
     @classmethod
     def from_pretrained(cls, name: str, device: str = "auto", dtype: str = "auto") -> Analyzer:
-        """A Qwen3-VL (text + images) or text-only checkpoint: a hub id or a local folder."""
+        """A checkpoint of a supported family (vision-language or text-only): a hub id or a local folder."""
         from .config import check_device
         from .models import VL_FAMILIES, _load_config, load_model, locate_model
 

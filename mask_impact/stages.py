@@ -647,10 +647,9 @@ def stage_plan(loaded, config) -> StagePlan:
     num_layers = loaded.adapter.num_layers
     fast = config.engine == "fast"
     if config.stage not in loaded.adapter.stages:
-        why = {"deepstack": "it has no DeepStack", "vision-encoder": "its ViT knockout is not defined for it"}
-        raise UsageError(f"--stage {config.stage} is not available for {loaded.adapter.name} models "
-                         f"({why.get(config.stage, 'not supported')}); it supports --stage "
-                         f"{', '.join(loaded.adapter.stages)}")
+        why = {"deepstack": " (it has no DeepStack)", "vision-encoder": " (its ViT knockout is not defined for it)"}
+        raise UsageError(f"--stage {config.stage} is not available for {loaded.adapter.name} models"
+                         f"{why.get(config.stage, '')}; it supports --stage {', '.join(loaded.adapter.stages)}")
     if config.stage == "pixels":  # occlusion has no layers: one row, the whole model
         windows = [(0, num_layers - 1)]
         return StagePlan(windows, windows, [f"occluded ({config.fill})"],

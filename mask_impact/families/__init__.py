@@ -115,6 +115,14 @@ class DecoderAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
+    def crop(self, grid_thw: list[int], resized_width: int, resized_height: int) -> list[int] | None:
+        """[left, top, width, height] of the resized picture the vision tower sees, None when it sees all of it."""
+        return None
+
+    def geometry(self) -> str | None:
+        """How vision tokens map to pixels, for the result's ``meta`` (None: the family takes no images)."""
+        return None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits of the last layer's output ``hidden`` (B, T, H), as the model's forward makes them."""
         logits = self.lm_head(self.norm(hidden))

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import UsageError
+from ..inputs import PixelLimits
 from . import DecoderAdapter, LayerInputs, all_full, declared_types, register
 
 
@@ -61,6 +63,31 @@ class QwenVL(DecoderAdapter):
         start, pad, end = (tokenizer.convert_ids_to_tokens(i) for i in (
             config.vision_start_token_id, config.image_token_id, config.vision_end_token_id))
         return start + pad + end
+
+    def pixel_limits(self, image_processor, min_pixels: int | None, max_pixels: int | None) -> PixelLimits:
+        """The processor resizes every image to sides that are multiples of ``cell_pixels``, its area within
+        [min_pixels, max_pixels] (``smart_resize``); the options replace the processor's bounds."""
+        size = image_processor.size
+        limits = PixelLimits(min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"], self.cell_pixels)
+        if limits.min_pixels > limits.max_pixels:
+            if min_pixels is None:
+                raise UsageError(f"--max-pixels {limits.max_pixels:,} is below the processor's minimum of "
+                                 f"{limits.min_pixels:,} pixels; raise it, or lower --min-pixels too")
+            raise UsageError(f"--min-pixels {limits.min_pixels:,} is larger than the maximum of "
+                             f"{limits.max_pixels:,} pixels; lower it or raise --max-pixels")
+        return limits
+
+    def image_grids(self, model_kwargs: dict, count: int) -> list[list[int]]:
+        """Each image's (t, h, w) in patches, as the processor reports it."""
+        return model_kwargs["image_grid_thw"].tolist()
+
+    def resized_size(self, grid_thw: list[int], limits: PixelLimits, width: int, height: int,
+                     path: str) -> tuple[int, int]:
+        """The size the processor resized the image to (width, height), read from its grid and checked."""
+        resized = grid_thw[2] * self.patch_size, grid_thw[1] * self.patch_size
+        if resized != limits.resized(width, height, path):
+            raise RuntimeError(f"the processor resized {path} differently from smart_resize")  # a transformers change
+        return resized
 
     @property
     def patch_size(self) -> int:
