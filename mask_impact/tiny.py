@@ -73,6 +73,29 @@ def _gemma_config(tokenizer, model_type: str) -> transformers.PretrainedConfig:
     return transformers.Gemma3TextConfig(**common, rope_parameters=rope)
 
 
+LLAVA_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+
+
+def _llava(tokenizer):
+    """LLaVA-1.5 in small: a 2-layer CLIP tower over 64×64 crops of 16-px patches (a 4×4 grid), a Llama decoder."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=64, patch_size=16)
+    text = dict(_text(tokenizer, head_dim=16), model_type="llama",
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                      image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                      image_seq_length=16, tie_word_embeddings=False)
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                            chat_template=LLAVA_TEMPLATE)
+    return transformers.LlavaForConditionalGeneration(config), processor
+
+
 def build_tiny(folder: Path, model_type: str, seed: int = 0) -> Path:
     """A tiny random-weight checkpoint of ``model_type`` in ``folder``; deterministic for a given seed."""
     if model_type in ("qwen3_vl", "qwen3_vl_moe"):
@@ -91,6 +114,9 @@ def build_tiny(folder: Path, model_type: str, seed: int = 0) -> Path:
             transformers.Qwen2VLForConditionalGeneration
         model = model_class(config)
         _qwen2_vl_processor(tokenizer, windowed).save_pretrained(folder)
+    elif model_type == "llava":
+        model, processor = _llava(tokenizer)
+        processor.save_pretrained(folder)
     elif model_type in ("gemma2", "gemma3_text"):
         config = _gemma_config(tokenizer, model_type)
         model = transformers.AutoModelForCausalLM.from_config(config)

@@ -36,6 +36,7 @@ TABLE = {
     "qwen3_vl_moe": ("word", "region:2"),
     "qwen2_vl": ("word", "region:2", "image"),
     "qwen2_5_vl": ("word", "region:2", "image"),
+    "llava": ("word", "region:2", "image"),
     "qwen3": ("word",),
     "qwen2": ("word",),
     "llama": ("word",),
@@ -280,6 +281,7 @@ def test_a_vl_family_run_records_its_model_type(checkpoints, picture, in_tmp, ca
     ("qwen2_vl", "deepstack", "--stage deepstack is not available for qwen2_vl models (it has no DeepStack)"),
     ("qwen2_5_vl", "deepstack", "it has no DeepStack"),
     ("qwen2_5_vl", "vision-encoder", "--stage vision-encoder is not available for qwen2_5_vl"),
+    ("llava", "pixels", "--stage pixels is not available for llava models; it supports --stage decoder"),
 ])
 def test_a_stage_the_family_lacks_is_one_line(checkpoints, picture, in_tmp, capsys, model_type, stage, message):
     err = cli_error(capsys, _argv(checkpoints.folder(model_type), "--image", picture, "--stage", stage, "--output",
