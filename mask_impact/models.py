@@ -38,7 +38,7 @@ def layer_types_for(model_type: str, text_config) -> list[str]:
 @dataclass
 class LoadedModel:
     model: nn.Module
-    processor: object  # Qwen3VLProcessor for VL, the tokenizer for text models
+    processor: object  # the family's processor for VL, the tokenizer for text models
     tokenizer: object
     adapter: DecoderAdapter
     name: str
