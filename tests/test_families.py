@@ -269,11 +269,14 @@ def _argv(folder, *extra) -> list[str]:
             "--no-progress", "--generate-top", "0", *extra]
 
 
-def test_a_vl_family_run_records_its_model_type(checkpoints, picture, in_tmp, capsys):
-    assert main(_argv(checkpoints.folder("qwen2_5_vl"), "--image", picture, "--unit", "region:2", "--layers", "0",
+@pytest.mark.parametrize("model_type,crop", [("qwen2_5_vl", None), ("llava", [32, 0, 64, 64])])
+def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, picture, in_tmp, capsys, model_type, crop):
+    assert main(_argv(checkpoints.folder(model_type), "--image", picture, "--unit", "region:2", "--layers", "0",
                       "--output", "r"), True) == 0, capsys.readouterr().err
     data = json.loads((in_tmp / "output" / "r.json").read_text())
-    assert data["meta"]["model_type"] == "qwen2_5_vl"
+    assert data["meta"]["model_type"] == model_type and data["meta"]["geometry"].startswith(
+        "merged grid" if crop is None else "fixed grid")
+    assert data["images"][0]["crop"] == crop  # the 128×64 picture: LLaVA sees its centre 64×64 of 128×64
     assert {u["kind"] for u in data["units"]} == {"region"} and all(u["box"] for u in data["units"])
 
 
