@@ -1,4 +1,5 @@
-"""Attention-knockout analysis for Qwen3-VL: which tokens (text or image patches) the answer needs.
+"""Attention-knockout analysis for vision-language models (Qwen3-VL, Qwen2-VL, Qwen2.5-VL, LLaVA-1.5): which tokens
+(text or image patches) the answer needs.
 
     python mask_impact_vl.py --demo
     python mask_impact_vl.py --image cat.png --prompt "What's in this image?" --mask-mode vision

@@ -171,7 +171,7 @@ class Analyzer:
     @classmethod
     def from_pretrained(cls, name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
                         max_memory: str | None = None, offload_folder: str | None = None) -> Analyzer:
-        """A Qwen3-VL (text + images) or text-only checkpoint: a hub id or a local folder. ``device_map``
+        """A checkpoint of a supported family (vision-language or text-only): a hub id or a local folder. ``device_map``
         (``"auto"``, ``"balanced"``, ``"sequential"``; with ``max_memory`` like ``"0=70GiB,cpu=200GiB"``)
         spreads a model too large for one device over the GPUs and the CPU."""
         from .config import check_device, check_device_map

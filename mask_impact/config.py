@@ -136,7 +136,7 @@ class RunConfig:
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise UsageError(f"--min-pixels {self.min_pixels:,} is larger than --max-pixels {self.max_pixels:,}")
         if not vision and self.images:
-            raise UsageError("text-only models take no image; use mask-impact-vl (mask_impact_vl.py) with a Qwen3-VL model")
+            raise UsageError("text-only models take no image; use mask-impact-vl (mask_impact_vl.py) with a vision-language model")
         from .units import check_units
 
         check_units(self.unit, self.groups, self.flows, len(self.images), vision, self.stage)  # says what needs images
@@ -280,7 +280,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(vision: bool) -> argparse.ArgumentParser:
     """Options left out of the command line are absent from the parsed namespace (not defaulted), so
     a YAML batch can tell what the user really gave; ``RunConfig`` holds the defaults."""
-    what = "Qwen3-VL (text + images)" if vision else "text-only causal LMs (Qwen3, Llama, ...)"
+    what = ("vision-language models (Qwen3-VL, Qwen2-VL, Qwen2.5-VL, LLaVA-1.5; text + images)" if vision
+            else "text-only causal LMs (Qwen3, Qwen2, Llama, Mistral, Gemma 2, Gemma 3)")
     parser = _Parser(description=f"Attention-knockout analysis for {what}: which input tokens the model "
                      "needs, at which layers, to produce its answer.", argument_default=argparse.SUPPRESS)
     default_model = VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL
@@ -332,7 +333,7 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
                         help="which queries are blocked from the token: all (default), or only the answer positions")
     if vision:
         parser.add_argument("--vision-attention", choices=CHOICES["vision_attention"],
-                            help="causal (default) is what Qwen3-VL computes; bidirectional reproduces the original "
+                            help="causal (default) is what the model computes; bidirectional reproduces the original "
                                  "tool's mask (image tokens of one image see each other both ways)")
     parser.add_argument("--generate-top", type=int,
                         help="run real greedy generation under the K most impactful knockouts (default 10)")

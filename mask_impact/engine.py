@@ -251,7 +251,8 @@ class FastEngine:
         adapter, device = analysis.loaded.adapter, analysis.loaded.device
         with torch.no_grad():
             inputs = adapter.layer_inputs(tf.input_ids.to(device), _to(tf.model_kwargs, device))
-            self.cos, self.sin = adapter.rotary(inputs.hidden, inputs.rope_position_ids.to(device))  # (1, S, hs)
+            # (cos, sin) of each layer, each (1, S, hs): one rotary embedding for all, or one per layer type
+            self.rope = adapter.position_embeddings(inputs.hidden, inputs.rope_position_ids.to(device))
             with knockout_attention_installed(adapter.attention_configs()):  # masks as built for our attention
                 self.masks = adapter.layer_masks(inputs.hidden)  # (1, 1, S, S) or None (plain causal) per layer
         self.visual_mask = inputs.visual_mask  # (S,) or None
@@ -270,7 +271,7 @@ class FastEngine:
     def _keys_values_exact(self) -> bool:
         """Whether ``_keys_values`` makes the last layer's K/V exactly as the layer itself did in the unmasked pass."""
         last = self.analysis.loaded.adapter.num_layers - 1
-        made = _keys_values(self.analysis.loaded.adapter.layers[last], self.layer_inputs[last], self.cos, self.sin)
+        made = _keys_values(self.analysis.loaded.adapter.layers[last], self.layer_inputs[last], *self.rope[last])
         return made is not None and torch.equal(made[0], self.kv.keys[last]) and torch.equal(made[1],
                                                                                             self.kv.values[last])
 
@@ -295,19 +296,20 @@ class FastEngine:
                 if index == last and not record and self.answer_rows_only and start < answer_start:
                     # only the answer rows of the last layer are read: the rows before them give keys/values only
                     skip = answer_start - start
+                    cos, sin = self.rope[index]
                     kv.skipped[index] = _keys_values(adapter.layers[index], hidden[:, :skip],
-                                                     self.cos[:, start:answer_start], self.sin[:, start:answer_start])
+                                                     cos[:, start:answer_start], sin[:, start:answer_start])
                     hidden, start = hidden[:, skip:], answer_start  # (B, T, H)
                 # the queries are positions start.., the keys all positions: the mask rows of the queries
                 mask = None if self.masks[index] is None else self.masks[index][:, :, start:]  # (1, 1, S - start, S)
-                cos, sin = self.cos[:, start:], self.sin[:, start:]
+                cos, sin = (part[:, start:] for part in self.rope[index])
                 hidden = adapter.layers[index](hidden, attention_mask=mask, position_ids=None,
                                                past_key_values=kv, position_embeddings=(cos, sin))
                 if index < len(self.deepstack):
                     added = self.deepstack[index][start:] if deepstack is None else deepstack[index][:, start:]
                     hidden = hidden + added.to(hidden.device, hidden.dtype)
         answer = hidden[:, self.tf.answer_positions - start]  # (B, T, H)
-        logits = adapter.lm_head(adapter.norm(answer))  # (B, T, V)
+        logits = adapter.logits(answer)  # (B, T, V): final norm, head and the family's soft-capping
         return torch.log_softmax(logits.float(), dim=-1)
 
     def first_affected(self, unit: int | Knockout) -> int | None:

@@ -1,10 +1,9 @@
 """Prompt and images → model inputs and the token table (DESIGN.md §5).
 
 Every position of the prompt gets a row: its token, its modality (``text``, ``vision`` or
-``special``) and, for vision tokens, which image, the merged-grid cell (t, row, col) and the pixel
-box it covers in the *original* image. Qwen3-VL orders an image's tokens t, then row, then column
-over the merged grid; one token covers ``patch_size * merge_size`` pixels square of the resized
-image, which we map back by the resize ratio.
+``special``) and, for vision tokens, which image, the grid cell (t, row, col) and the pixel box it
+covers in the *original* image; the family's adapter knows that geometry (``token_cell``) and the
+image markup of a raw prompt.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ class ImageInfo:
     resize: str = "kept"  # how the processor changed the size: kept | rounded ... | downscaled ... | upscaled ...
     mode: str = "RGB"  # the file's pixel mode before conversion to 8-bit RGB
     notes: list[str] = field(default_factory=list)  # frames dropped, bit depth scaled, transparency
+    crop: list[int] | None = None  # [left, top, width, height] of the resized picture the tower sees; None: all
 
 
 @dataclass
@@ -226,19 +226,18 @@ class PixelLimits:
             return f"upscaled to reach min_pixels {self.min_pixels:,}"
         return f"rounded to multiples of {self.factor} pixels"
 
+    def tokens(self, width: int, height: int, path: str) -> int:
+        """Decoder tokens of an image of this size (one per ``factor``² pixels of the resized image)."""
+        new_width, new_height = self.resized(width, height, path)
+        return new_width * new_height // self.factor ** 2
 
-def pixel_limits(loaded, min_pixels: int | None, max_pixels: int | None) -> PixelLimits:
-    size = loaded.processor.image_processor.size
-    vision = loaded.model.config.vision_config
-    limits = PixelLimits(min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"],
-                         vision.patch_size * vision.spatial_merge_size)
-    if limits.min_pixels > limits.max_pixels:
-        if min_pixels is None:
-            raise UsageError(f"--max-pixels {limits.max_pixels:,} is below the processor's minimum of "
-                             f"{limits.min_pixels:,} pixels; raise it, or lower --min-pixels too")
-        raise UsageError(f"--min-pixels {limits.min_pixels:,} is larger than the maximum of {limits.max_pixels:,} "
-                         "pixels; lower it or raise --max-pixels")
-    return limits
+    def processor_kwargs(self) -> dict:
+        return {"size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
+
+
+def pixel_limits(loaded, min_pixels: int | None, max_pixels: int | None):
+    """How the family's processor resizes images (``PixelLimits`` for the Qwen VL families), with the bounds given."""
+    return loaded.adapter.pixel_limits(loaded.processor.image_processor, min_pixels, max_pixels)
 
 
 def context_length(loaded) -> int | None:
@@ -265,23 +264,21 @@ def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = F
     """
     files = [load_image(path) for path in image_paths]
     if files and not loaded.is_vl:
-        raise UsageError("text-only models take no --image; use mask-impact-vl (mask_impact_vl.py) with a Qwen3-VL model")
+        raise UsageError("text-only models take no --image; use mask-impact-vl (mask_impact_vl.py) with a vision-language model")
     literal = not (allow_special_tokens or raw_prompt)
     if loaded.is_vl:
         limits = pixel_limits(loaded, min_pixels, max_pixels)
-        sizes = [limits.resized(f.image.width, f.image.height, path) for f, path in zip(files, image_paths)]
-        merged = loaded.model.config.vision_config.spatial_merge_size * loaded.model.config.vision_config.patch_size
-        check_fits(loaded, sum(w * h // merged ** 2 for w, h in sizes), num_tokens, "the images alone")
+        check_fits(loaded, sum(limits.tokens(f.image.width, f.image.height, path) for f, path in zip(files, image_paths)),
+                   num_tokens, "the images alone")
         input_ids, model_kwargs, after = _encode_vl(loaded, text, [f.image for f in files], raw_prompt, literal,
                                                     limits)
     else:
         limits = None
         (input_ids, after), model_kwargs = _encode_text_model(loaded, text, raw_prompt, literal), {}
     check_fits(loaded, input_ids.shape[1], num_tokens)
-    grids = model_kwargs.get("image_grid_thw")
-    image_infos = [_image_info(path, file, grid.tolist(), loaded, limits) for path, file, grid
-                   in zip(image_paths, files, grids if grids is not None else [])]
-    tokens = token_table(input_ids[0].tolist(), loaded.tokenizer, loaded.model.config, image_infos)
+    grids = loaded.adapter.image_grids(model_kwargs, len(files)) if files else []
+    image_infos = [_image_info(path, file, grid, loaded, limits) for path, file, grid in zip(image_paths, files, grids)]
+    tokens = token_table(input_ids[0].tolist(), loaded.tokenizer, loaded.adapter, image_infos)
     user = None if after is None else user_positions(loaded.tokenizer, input_ids[0].tolist(), text, after, literal)
     return Prompt(text, input_ids, model_kwargs, tokens, image_infos, user)
 
@@ -338,14 +335,15 @@ def _encode_text_model(loaded, text: str, raw_prompt: bool, literal: bool) -> tu
 
 
 def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, literal: bool,
-               limits: PixelLimits) -> tuple[torch.Tensor, dict, str | None]:
+               limits) -> tuple[torch.Tensor, dict, str | None]:
     """The prompt's ids, the model's other inputs and the template text after the user's text (None with
     ``raw_prompt``)."""
     processor, config = loaded.processor, loaded.model.config
-    image_pad, video_pad = (loaded.tokenizer.convert_ids_to_tokens(i) for i in (config.image_token_id,
-                                                                                config.video_token_id))
+    image_pad = loaded.tokenizer.convert_ids_to_tokens(config.image_token_id)
+    video_id = getattr(config, "video_token_id", None)
+    video_pad = None if video_id is None else loaded.tokenizer.convert_ids_to_tokens(video_id)
     if raw_prompt:
-        markup = "<|vision_start|>" + image_pad + "<|vision_end|>"
+        markup = loaded.adapter.image_markup(loaded.tokenizer)
         template = text if image_pad in text else markup * len(images) + USER_TEXT
     else:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": USER_TEXT}]
@@ -353,32 +351,29 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
                                                  tokenize=False)
     pieces = _encode_pieces(loaded.tokenizer, template, text, literal)
     full_text = template.replace(USER_TEXT, text) if pieces is None else template.split(USER_TEXT)[0]
-    if video_pad in full_text:
+    if video_pad is not None and video_pad in full_text:
         raise UsageError(f"the prompt holds the video placeholder {video_pad}; video input is not supported")
     if full_text.count(image_pad) != len(images):
         count = full_text.count(image_pad)
         raise UsageError(f"the prompt has {count} image placeholder{'s' if count != 1 else ''} ({image_pad}) for "
                          f"{len(images)} image{'s' if len(images) != 1 else ''}; give one --image per placeholder")
-    size = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
-    encoded = processor(text=[full_text], images=images or None, return_tensors="pt", size=size)
+    encoded = processor(text=[full_text], images=images or None, return_tensors="pt", **limits.processor_kwargs())
     model_kwargs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")
                     if key in encoded}
     input_ids = encoded["input_ids"]
     if pieces is not None:  # the user's text and the template after it, both plain text tokens
         tail = torch.tensor([pieces[1] + pieces[2]], dtype=input_ids.dtype)
         input_ids = torch.cat([input_ids, tail], dim=1)
-        types = model_kwargs["mm_token_type_ids"]
-        model_kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(tail.shape)], dim=1)
+        if "mm_token_type_ids" in model_kwargs:
+            types = model_kwargs["mm_token_type_ids"]
+            model_kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(tail.shape)], dim=1)
     after = None if raw_prompt else template.split(USER_TEXT)[1]
     return input_ids, model_kwargs, after
 
 
-def _image_info(path: str, file: ImageFile, grid_thw: list[int], loaded, limits: PixelLimits) -> ImageInfo:
-    patch = loaded.model.config.vision_config.patch_size
+def _image_info(path: str, file: ImageFile, grid_thw: list[int], loaded, limits) -> ImageInfo:
     image = file.image
-    resized_width, resized_height = grid_thw[2] * patch, grid_thw[1] * patch
-    if (resized_width, resized_height) != limits.resized(image.width, image.height, path):
-        raise RuntimeError(f"the processor resized {path} differently from smart_resize")  # a transformers change
+    resized_width, resized_height = loaded.adapter.resized_size(grid_thw, limits, image.width, image.height, path)
     resize = limits.describe(image.width, image.height, resized_width, resized_height)
     thumb = image.copy()
     thumb.thumbnail((256, 256))
@@ -386,15 +381,15 @@ def _image_info(path: str, file: ImageFile, grid_thw: list[int], loaded, limits:
     thumb.save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
     return ImageInfo(path, image.width, image.height, grid_thw, resized_width, resized_height, url, resize,
-                     file.mode, file.notes())
+                     file.mode, file.notes(), loaded.adapter.crop(grid_thw, resized_width, resized_height))
 
 
-def token_table(ids: list[int], tokenizer, config, images: list[ImageInfo]) -> list[TokenInfo]:
-    """One row per position; vision rows carry image index, merged-grid cell and original-pixel box."""
+def token_table(ids: list[int], tokenizer, adapter, images: list[ImageInfo]) -> list[TokenInfo]:
+    """One row per position; vision rows carry image index, grid cell and original-pixel box (the family's
+    geometry: ``adapter.token_cell``)."""
+    config = adapter.model.config
     vision_ids = {getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)} - {None}
     special_ids = {i for i, added in tokenizer.added_tokens_decoder.items() if added.special} - vision_ids
-    merge = config.vision_config.spatial_merge_size if images else 1
-    patch = config.vision_config.patch_size if images else 1
     image_index, seen = -1, 0
     rows = []
     for index, token_id in enumerate(ids):
@@ -403,21 +398,9 @@ def token_table(ids: list[int], tokenizer, config, images: list[ImageInfo]) -> l
             modality = "special" if token_id in special_ids else "text"
             rows.append(TokenInfo(index, token_id, text, modality))
             continue
-        if image_index < 0 or seen == _token_count(images[image_index], merge):
+        if image_index < 0 or seen == adapter.tokens_per_image(images[image_index].grid_thw):
             image_index, seen = image_index + 1, 0
-        info = images[image_index]
-        grid_h, grid_w = info.grid_thw[1] // merge, info.grid_thw[2] // merge
-        t, rest = divmod(seen, grid_h * grid_w)
-        row, col = divmod(rest, grid_w)
-        cell = patch * merge
-        sx, sy = info.width / info.resized_width, info.height / info.resized_height
-        box = [round(col * cell * sx, 2), round(row * cell * sy, 2),
-               round((col + 1) * cell * sx, 2), round((row + 1) * cell * sy, 2)]
+        t, row, col, box = adapter.token_cell(images[image_index], seen)
         rows.append(TokenInfo(index, token_id, text, "vision", image_index, t, row, col, box))
         seen += 1
     return rows
-
-
-def _token_count(image: ImageInfo, merge: int) -> int:
-    t, h, w = image.grid_thw
-    return t * h * w // (merge * merge)

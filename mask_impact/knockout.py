@@ -9,7 +9,9 @@ The attention function is registered under ``ATTENTION_NAME`` in transformers' `
 (and ``sdpa_mask`` under the same name in ``AttentionMaskInterface``, without which
 ``create_causal_mask`` would hand it no mask at all). The model's own attention modules call it, so
 the projections, q/k norms and rotary embeddings stay exactly the model's. What it blocks comes from
-the ``AttentionPlan`` made active with ``apply_plan``; with no active plan it is plain SDPA.
+the ``AttentionPlan`` made active with ``apply_plan``; with no active plan it is plain SDPA. Scores that the
+family soft-caps (Gemma 2: ``softcap`` from its attention module) are always written out the way eager attention
+computes them (scale, ``tanh(s / c) · c``, mask, float32 softmax), since SDPA has no soft-capping.
 
 Query positions are absolute: for ``Q`` queries over ``K`` keys the queries sit at ``K-Q .. K-1``.
 That holds for a full forward, for cached decoding with a full-length cache (``Analysis.generate``
@@ -137,19 +139,25 @@ def knockout_attention(
     if attention_mask is None and window is not None and key.shape[2] > window:
         raise RuntimeError(f"layer {module.layer_idx}: sliding window {window} but no mask over {key.shape[2]} keys")
     plan = _ACTIVE_PLAN.get()
+    softcap = kwargs.get("softcap")  # Gemma 2's attention-score soft-capping; SDPA cannot apply it
     if plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        if softcap is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        plan = AttentionPlan()
     base = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
     if attention_mask is not None and base is None:
         raise TypeError("mask_impact attention expects a boolean attention mask (sdpa_mask)")
     allowed = plan.allowed(module.layer_idx, query.shape[2], key.shape[2], base, query.device)
     groups = getattr(module, "num_key_value_groups", 1)
-    gqa = groups > 1 and plan.gqa and not plan.reference and _gqa_in_sdpa(query, allowed)
+    written_out = plan.reference or softcap is not None
+    gqa = groups > 1 and plan.gqa and not written_out and _gqa_in_sdpa(query, allowed)
     if not gqa:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, nh, K, hs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if plan.reference:
+    if written_out:
         scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (B, nh, Q, K)
+        if softcap is not None:  # as eager attention does it, before the mask
+            scores = torch.tanh(scores / softcap) * softcap
         if allowed is None:
             allowed = _causal(query.shape[2], key.shape[2], query.device)
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)

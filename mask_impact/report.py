@@ -65,6 +65,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
             "tool_version": __version__,
             "model": loaded.name,
             "model_type": loaded.model.config.model_type,
+            "geometry": loaded.adapter.geometry(),
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "device": str(loaded.device),

@@ -236,7 +236,7 @@ class PixelEngine(_Patches):
             grid = self.grid[image: image + 1].repeat(len(acting), 1).to(device)
             features = inner.get_image_features(batch, grid, return_dict=True)
             embeds = torch.stack(features.pooler_output)  # (B', n_tok, H)
-            levels = [level.reshape(len(acting), -1, level.shape[-1]) for level in features.deepstack_features]
+            levels = [level.reshape(len(acting), -1, level.shape[-1]) for level in deepstack_of(features)]
             out[torch.tensor(acting)] = self._decode(image, embeds, levels).to(out.device)
         return out
 
@@ -609,13 +609,13 @@ class VisionEncoderEngine(_Patches):
         with vit_plan(self.analysis.loaded, plan):
             for index in range(first, len(visual.blocks)):
                 hidden = visual.blocks[index](hidden, **kwargs)
-                if index in visual.deepstack_visual_indexes:
+                if index in getattr(visual, "deepstack_visual_indexes", ()):
                     level = visual.deepstack_visual_indexes.index(index)
                     levels.append((level, visual.deepstack_merger_list[level](hidden)))
-            embeds = visual.merger(hidden).reshape(batch, -1, hidden_size(visual))
+            embeds = visual.merger(hidden).reshape(batch, -1, self.fast.image_embeds.shape[-1])
         computed = dict(levels)
         deepstack = []
-        for level, cached in enumerate(self.features.deepstack_features):  # levels below the window are unchanged
+        for level, cached in enumerate(deepstack_of(self.features)):  # levels below the window are unchanged
             if level in computed:
                 deepstack.append(computed[level].reshape(batch, -1, cached.shape[-1]))
             else:
@@ -623,8 +623,9 @@ class VisionEncoderEngine(_Patches):
         return embeds, deepstack
 
 
-def hidden_size(visual) -> int:
-    return visual.merger.linear_fc2.out_features
+def deepstack_of(features) -> list[torch.Tensor]:
+    """The vision tower's DeepStack features, per level (none for a family without DeepStack)."""
+    return list(getattr(features, "deepstack_features", None) or [])
 
 
 class NaiveVisionEncoderEngine(_Patches):
@@ -671,6 +672,10 @@ def stage_plan(loaded, config) -> StagePlan:
 
     num_layers = loaded.adapter.num_layers
     fast = config.engine == "fast"
+    if config.stage not in loaded.adapter.stages:
+        why = {"deepstack": " (it has no DeepStack)", "vision-encoder": " (its ViT knockout is not defined for it)"}
+        raise UsageError(f"--stage {config.stage} is not available for {loaded.adapter.name} models"
+                         f"{why.get(config.stage, '')}; it supports --stage {', '.join(loaded.adapter.stages)}")
     if config.stage == "pixels":  # occlusion has no layers: one row, the whole model
         windows = [(0, num_layers - 1)]
         return StagePlan(windows, windows, [f"occluded ({config.fill})"],

@@ -342,8 +342,13 @@ def exact_box(prompt, tok) -> tuple[float, float, float, float]:
     info = prompt.images[tok.image]
     rows = 1 + max(t.row for t in prompt.tokens if t.image == tok.image and t.row is not None)
     cols = 1 + max(t.col for t in prompt.tokens if t.image == tok.image and t.col is not None)
-    return (tok.col * info.width / cols, tok.row * info.height / rows, (tok.col + 1) * info.width / cols,
-            (tok.row + 1) * info.height / rows)
+    if info.crop is None:  # the grid tiles the whole picture
+        return (tok.col * info.width / cols, tok.row * info.height / rows, (tok.col + 1) * info.width / cols,
+                (tok.row + 1) * info.height / rows)
+    left, top, width, height = info.crop  # the grid tiles the crop, in resized pixels
+    sx, sy = info.width / info.resized_width, info.height / info.resized_height
+    return ((left + tok.col * width / cols) * sx, (top + tok.row * height / rows) * sy,
+            (left + (tok.col + 1) * width / cols) * sx, (top + (tok.row + 1) * height / rows) * sy)
 
 
 def overlaps(box, other) -> bool:

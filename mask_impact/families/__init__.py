@@ -1,0 +1,191 @@
+"""One adapter per model family, registered by ``model_type``: everything the engine needs to know about a model.
+
+The engine never reaches into a model by hard-coded attribute paths. It asks the family's adapter for:
+
+- the model class to load, and the attention implementation the model is run with natively (Gemma 2 needs
+  ``eager``: transformers' SDPA path drops its attention soft-capping);
+- the decoder layers, the final norm, the head, and the logits (``logits``: norm, head and soft-capping);
+- the inputs of layer 0 for one sequence (``layer_inputs``: embeddings with the visual features placed, rotary
+  position ids) and what the model adds along the way (DeepStack features);
+- the rotary embedding each layer gets (``position_embeddings``: Gemma 3 has a local and a global one);
+- the attention mask each layer gets (``layer_masks``, from the layer types the family's modeling code follows);
+- for vision-language families (``takes_images``), the image markup of a raw prompt and the geometry that maps
+  each vision token to its box of original-image pixels (``token_cells``);
+- which stages (``--stage``) it supports.
+
+Adding a family is one file that defines a subclass decorated with ``@register``, imported at the bottom of this
+module, and one row in the test table (tests/test_families.py). A ``model_type`` with no adapter is refused with
+one line naming the supported families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from ..config import UsageError
+
+# The layer types whose masks we rebuild, each with the transformers function that builds it.
+LAYER_MASKS: dict[str, Callable] = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+
+def all_full(config) -> list[str]:
+    """One plain causal mask for every layer (Llama, Qwen3-VL: ``create_causal_mask``, image tokens included)."""
+    return ["full_attention"] * config.num_hidden_layers
+
+
+def declared_types(config) -> list[str]:
+    """``causal_mask_mapping[config.layer_types[i]]`` (Qwen2, Qwen3, Qwen2-VL, Gemma 2/3)."""
+    return list(config.layer_types)
+
+
+@dataclass
+class LayerInputs:
+    """What enters decoder layer 0 for one sequence, and what the model adds along the way."""
+
+    hidden: torch.Tensor  # (1, S, H) embeddings, image features scattered in
+    rope_position_ids: torch.Tensor  # (3, 1, S) MRoPE ids for VL, (1, S) for text
+    visual_mask: torch.Tensor | None = None  # (S,) True at image positions
+    deepstack: list[torch.Tensor] = field(default_factory=list)  # per layer: (n_visual, H), added after it
+
+
+class DecoderAdapter:
+    """A model family: where it keeps its decoder, how it masks and feeds it. Subclasses fill in the class
+    attributes and ``layer_inputs``; a family whose modeling code differs overrides the method that differs."""
+
+    model_types: tuple[str, ...] = ()
+    model_class: str = "AutoModelForCausalLM"  # the transformers class ``from_pretrained`` loads
+    label: str = ""  # the family's name in messages and the README
+    takes_images: bool = False
+    stages: tuple[str, ...] = ("decoder",)
+    native_attention: str = "sdpa"  # the attention the model runs with outside a knockout
+    layer_type_rule: Callable[[object], list[str]] = staticmethod(all_full)
+
+    def __init__(self, model: nn.Module, decoder: nn.Module):
+        self.model = model
+        self.decoder = decoder  # the module holding layers / norm / rotary_emb
+        self.layer_types = self.checked_layer_types(model.config.model_type, decoder.config)
+        if model.config._attn_implementation != self.native_attention:
+            model.set_attn_implementation(self.native_attention)
+
+    @classmethod
+    def checked_layer_types(cls, model_type: str, text_config) -> list[str]:
+        """The mask type of each decoder layer; raises ``UsageError`` for masks we cannot rebuild exactly."""
+        if not getattr(text_config, "is_causal", True) or getattr(text_config, "use_bidirectional_attention", False):
+            raise UsageError(f"this {model_type} checkpoint is configured bidirectional; knockouts here assume a "
+                             "causal decoder")
+        types = cls.layer_type_rule(text_config)
+        unknown = sorted(set(types) - set(LAYER_MASKS))
+        if unknown:
+            raise UsageError(f"{model_type} layer types {', '.join(unknown)} are not supported (only "
+                             f"{', '.join(LAYER_MASKS)} masks are reproduced exactly)")
+        if "sliding_attention" in types and not getattr(text_config, "sliding_window", None):
+            raise UsageError(f"this {model_type} checkpoint has sliding_attention layers but no sliding_window")
+        return types
+
+    @classmethod
+    def class_name(cls, model_type: str) -> str:
+        """The transformers class that loads a checkpoint of ``model_type``."""
+        return cls.model_class
+
+    @property
+    def name(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.decoder.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def crop(self, grid_thw: list[int], resized_width: int, resized_height: int) -> list[int] | None:
+        """[left, top, width, height] of the resized picture the vision tower sees, None when it sees all of it."""
+        return None
+
+    def geometry(self) -> str | None:
+        """How vision tokens map to pixels, for the result's ``meta`` (None: the family takes no images)."""
+        return None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits of the last layer's output ``hidden`` (B, T, H), as the model's forward makes them."""
+        logits = self.lm_head(self.norm(hidden))
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:  # the ops of Gemma's *ForCausalLM.forward, in its order
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def rotary(self, hidden: torch.Tensor, rope_position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.rotary_emb(hidden, rope_position_ids)
+
+    def position_embeddings(self, hidden: torch.Tensor,
+                            rope_position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (cos, sin) each layer gets, each (1, S, hs); one rotary embedding for every layer by default."""
+        shared = self.rotary(hidden, rope_position_ids)
+        return [shared] * self.num_layers
+
+    def attention_configs(self) -> list:
+        """The config objects the decoder's attention modules read ``_attn_implementation`` from."""
+        configs = {id(self.decoder.config): self.decoder.config}
+        for layer in self.layers:
+            configs[id(layer.self_attn.config)] = layer.self_attn.config
+        return list(configs.values())
+
+    def layer_inputs(self, input_ids: torch.Tensor, model_kwargs: dict) -> LayerInputs:
+        raise NotImplementedError
+
+    def layer_masks(self, hidden: torch.Tensor) -> list[torch.Tensor | None]:
+        """The mask each layer gets in the model's own forward of one whole sequence (no padding, no cache).
+
+        ``hidden`` (1, S, H) only sizes them. With our attention installed (or SDPA) each is a boolean
+        (1, 1, S, S) mask of allowed scores, or None where it is plain causal (``sdpa_mask`` skips it:
+        full layers, and sliding layers whose window covers the whole sequence).
+        """
+        built = {kind: LAYER_MASKS[kind](config=self.decoder.config, inputs_embeds=hidden, attention_mask=None,
+                                         past_key_values=None)
+                 for kind in set(self.layer_types)}
+        return [built[kind] for kind in self.layer_types]
+
+
+REGISTRY: dict[str, type[DecoderAdapter]] = {}
+
+
+def register(cls: type[DecoderAdapter]) -> type[DecoderAdapter]:
+    """Class decorator: the family serves each of its ``model_types``."""
+    for model_type in cls.model_types:
+        REGISTRY[model_type] = cls
+    return cls
+
+
+def supported(images: bool | None = None) -> tuple[str, ...]:
+    """The registered model types (only the vision-language ones, or only the text ones, when ``images`` says)."""
+    return tuple(t for t, cls in REGISTRY.items() if images is None or cls.takes_images == images)
+
+
+def family_class(model_type: str | None) -> type[DecoderAdapter]:
+    if model_type not in REGISTRY:
+        raise UsageError(f"model type {model_type!r} is not supported; supported: {', '.join(supported())}")
+    return REGISTRY[model_type]
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    return family_class(model.config.model_type)(model)
+
+
+from . import gemma, llava, qwen_vl, text  # noqa: E402,F401  (each registers its families)

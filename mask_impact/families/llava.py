@@ -1,0 +1,148 @@
+"""LLaVA-1.5 (``llava``): a CLIP vision tower, a projector, and a Llama-shaped language model.
+
+The decoder is ``model.model.language_model``: its masks are those of its own family (``text_config.model_type``,
+e.g. Llama: one causal mask), its positions plain 0..S-1. Layer 0's input: the token embeddings with the projected
+CLIP features of ViT layer ``vision_feature_layer`` (the CLS feature dropped, ``vision_feature_select_strategy:
+default``) scattered into the ``<image>`` placeholders. No DeepStack; only the decoder stage.
+
+Geometry: the processor resizes the image so that its shorter side is ``size.shortest_edge`` (the longer one
+``int(edge · long / short)``), crops the centre ``crop_size`` square (top and left ``int((side − crop) / 2)``) and
+the tower cuts it into ``patch_size`` patches: a fixed grid (24×24 of 14 px in LLaVA-1.5), one decoder token per
+patch in row, column order. A token's box is its patch in the resized picture, shifted by the crop and mapped back
+by the resize ratio; the strips the crop cuts off belong to no token. ``--min-pixels``/``--max-pixels`` are refused:
+the processor's size is fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import UsageError, bounded
+from . import REGISTRY, DecoderAdapter, LayerInputs, register
+
+
+@dataclass
+class FixedResize:
+    """Shorter side to ``shortest_edge`` (or a fixed ``size``), then the centre ``crop`` (width, height)."""
+
+    shortest_edge: int | None
+    size: tuple[int, int] | None  # (width, height) when the processor resizes to a fixed size
+    crop: tuple[int, int] | None  # (width, height); None: no crop
+    patch: int
+
+    def resized(self, width: int, height: int, path: str) -> tuple[int, int]:
+        if self.shortest_edge is None:
+            return self.size
+        if min(width, height) < 1:
+            raise UsageError(f"image {bounded(path)} is empty")
+        short, long = sorted((width, height))
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def seen(self, width: int, height: int, path: str) -> tuple[int, int, int, int]:
+        """(left, top, width, height) of the part of the resized picture the tower sees."""
+        resized_width, resized_height = self.resized(width, height, path)
+        if self.crop is None:
+            return 0, 0, resized_width, resized_height
+        crop_width, crop_height = self.crop
+        return int((resized_width - crop_width) / 2.0), int((resized_height - crop_height) / 2.0), crop_width, \
+            crop_height
+
+    def describe(self, width: int, height: int, new_width: int, new_height: int) -> str:
+        if self.crop is None:
+            return f"resized to {new_width}×{new_height}"
+        return f"resized to {new_width}×{new_height}, the centre {self.crop[0]}×{self.crop[1]} cropped"
+
+    def tokens(self, width: int, height: int, path: str) -> int:
+        _, _, seen_width, seen_height = self.seen(width, height, path)
+        return (seen_width // self.patch) * (seen_height // self.patch)
+
+    def processor_kwargs(self) -> dict:
+        return {}
+
+
+@register
+class Llava(DecoderAdapter):
+    model_types = ("llava",)
+    model_class = "LlavaForConditionalGeneration"
+    label = "LLaVA-1.5"
+    takes_images = True
+
+    def __init__(self, model: nn.Module):
+        if model.config.vision_feature_select_strategy != "default":
+            raise UsageError("this llava checkpoint keeps the CLS feature (vision_feature_select_strategy: full); "
+                             "only the patch grid of LLaVA-1.5 ('default') is supported")
+        super().__init__(model, model.model.language_model)
+
+    @classmethod
+    def checked_layer_types(cls, model_type: str, text_config) -> list[str]:
+        text_family = REGISTRY.get(text_config.model_type)
+        if text_family is None or text_family.takes_images:
+            raise UsageError(f"llava with a {text_config.model_type!r} language model is not supported")
+        return text_family.checked_layer_types(text_config.model_type, text_config)
+
+    def layer_inputs(self, input_ids: torch.Tensor, model_kwargs: dict) -> LayerInputs:
+        inner = self.model.model
+        hidden = inner.get_input_embeddings()(input_ids)  # (1, S, H)
+        visual_mask = None
+        if model_kwargs.get("pixel_values") is not None:
+            features = inner.get_image_features(pixel_values=model_kwargs["pixel_values"], return_dict=True)
+            image_embeds = torch.cat(features.pooler_output, dim=0).to(hidden.device, hidden.dtype)
+            visual_mask = (input_ids[0] == self.model.config.image_token_id)  # (S,)
+            hidden = hidden.masked_scatter(visual_mask[None, :, None].expand_as(hidden), image_embeds)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, S)
+        return LayerInputs(hidden, positions, visual_mask)
+
+    # --- prompt markup and geometry --------------------------------------------------------------------------------
+
+    def image_markup(self, tokenizer) -> str:
+        return tokenizer.convert_ids_to_tokens(self.model.config.image_token_id)
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.vision_config.patch_size
+
+    def pixel_limits(self, image_processor, min_pixels: int | None, max_pixels: int | None) -> FixedResize:
+        if min_pixels is not None or max_pixels is not None:
+            raise UsageError("--min-pixels/--max-pixels: a llava processor resizes every image to a fixed size")
+        size, crop = image_processor.size, image_processor.crop_size
+        crop = (crop["width"], crop["height"]) if image_processor.do_center_crop else None
+        if size.get("shortest_edge"):
+            return FixedResize(size["shortest_edge"], None, crop, self.patch_size)
+        return FixedResize(None, (size["width"], size["height"]), crop, self.patch_size)
+
+    def image_grids(self, model_kwargs: dict, count: int) -> list[list[int]]:
+        _, _, height, width = model_kwargs["pixel_values"].shape  # (n, C, H, W)
+        return [[1, height // self.patch_size, width // self.patch_size]] * count
+
+    def resized_size(self, grid_thw: list[int], limits: FixedResize, width: int, height: int,
+                     path: str) -> tuple[int, int]:
+        seen = limits.seen(width, height, path)
+        if (seen[2], seen[3]) != (grid_thw[2] * self.patch_size, grid_thw[1] * self.patch_size):
+            raise RuntimeError(f"the processor cropped {path} differently from its size and crop_size")
+        return limits.resized(width, height, path)
+
+    def tokens_per_image(self, grid_thw: list[int]) -> int:
+        return grid_thw[1] * grid_thw[2]
+
+    def crop(self, grid_thw: list[int], resized_width: int, resized_height: int) -> list[int]:
+        """The centre crop of the resized picture, as the processor cuts it (top and left ``int((side − crop) / 2)``)."""
+        width, height = grid_thw[2] * self.patch_size, grid_thw[1] * self.patch_size
+        return [int((resized_width - width) / 2.0), int((resized_height - height) / 2.0), width, height]
+
+    def token_cell(self, image, n: int) -> tuple[int, int, int, list[float]]:
+        row, col = divmod(n, image.grid_thw[2])
+        left, top = image.crop[:2]
+        sx, sy = image.width / image.resized_width, image.height / image.resized_height
+        p = self.patch_size
+        box = [round((left + col * p) * sx, 2), round((top + row * p) * sy, 2),
+               round((left + (col + 1) * p) * sx, 2), round((top + (row + 1) * p) * sy, 2)]
+        return 0, row, col, box
+
+    def geometry(self) -> str:
+        p = self.patch_size
+        return (f"fixed grid: the shorter side resized, the centre cropped, one token per {p}×{p} patch of the crop, "
+                "ordered row, column; the cropped-off strips have no token")

@@ -1,0 +1,154 @@
+"""Qwen vision-language families: Qwen3-VL (and its MoE), Qwen2.5-VL, Qwen2-VL.
+
+All three keep the decoder at ``model.model.language_model`` and the vision tower at ``model.model.visual``,
+scatter the tower's merged features into the image placeholder positions, and give image tokens (t, row, col)
+MRoPE positions (``get_rope_index``, from the processor's ``mm_token_type_ids``). Every decoder layer gets the
+mask of ``config.layer_types[i]`` for Qwen2-VL/Qwen2.5-VL (``use_sliding_window`` checkpoints slide), one causal
+mask for Qwen3-VL.
+
+Differences:
+
+- Qwen3-VL adds DeepStack: features of ViT blocks ``deepstack_visual_indexes`` added at the image positions after
+  decoder layers 0, 1, 2 (``--stage deepstack``). Qwen2-VL and Qwen2.5-VL have none.
+- Qwen2.5-VL's ViT attends within windows on most blocks (patches reordered into windows, ``fullatt_block_indexes``
+  global); the reorder is undone after the merger, so its decoder tokens come in the same order as the others', but
+  the ViT knockout (``--stage vision-encoder``, which names patches by their place in each image's sequence) is
+  refused for it.
+
+Geometry (``token_cell``): an image of ``grid_thw = (t, h, w)`` patches becomes ``t·h·w / merge²`` decoder tokens,
+ordered t, row, column over the merged grid; one token covers ``patch_size · merge_size`` pixels square of the
+resized image, mapped back to the original picture by the resize ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import UsageError
+from ..inputs import PixelLimits
+from . import DecoderAdapter, LayerInputs, all_full, declared_types, register
+
+
+class QwenVL(DecoderAdapter):
+    takes_images = True
+    stages = ("decoder", "vision-encoder", "pixels")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, model.model.language_model)
+
+    # --- the decoder's inputs --------------------------------------------------------------------------------------
+
+    def layer_inputs(self, input_ids: torch.Tensor, model_kwargs: dict) -> LayerInputs:
+        inner = self.model.model
+        hidden = inner.get_input_embeddings()(input_ids)  # (1, S, H)
+        grid = model_kwargs.get("image_grid_thw")
+        visual_mask, deepstack = None, []
+        if model_kwargs.get("pixel_values") is not None:
+            features = inner.get_image_features(model_kwargs["pixel_values"], grid, return_dict=True)
+            image_embeds = torch.cat(features.pooler_output, dim=0).to(hidden.device, hidden.dtype)
+            visual_mask = (input_ids[0] == self.model.config.image_token_id)  # (S,)
+            hidden = hidden.masked_scatter(visual_mask[None, :, None].expand_as(hidden), image_embeds)
+            deepstack = list(getattr(features, "deepstack_features", None) or [])
+        rope_position_ids, _ = inner.get_rope_index(
+            input_ids, mm_token_type_ids=model_kwargs["mm_token_type_ids"], image_grid_thw=grid
+        )  # (3, 1, S)
+        return LayerInputs(hidden, rope_position_ids, visual_mask, deepstack)
+
+    # --- prompt markup and geometry --------------------------------------------------------------------------------
+
+    def image_markup(self, tokenizer) -> str:
+        """One image's placeholder in a raw prompt (the processor expands the pad token to the image's tokens)."""
+        config = self.model.config
+        start, pad, end = (tokenizer.convert_ids_to_tokens(i) for i in (
+            config.vision_start_token_id, config.image_token_id, config.vision_end_token_id))
+        return start + pad + end
+
+    def pixel_limits(self, image_processor, min_pixels: int | None, max_pixels: int | None) -> PixelLimits:
+        """The processor resizes every image to sides that are multiples of ``cell_pixels``, its area within
+        [min_pixels, max_pixels] (``smart_resize``); the options replace the processor's bounds."""
+        size = image_processor.size
+        limits = PixelLimits(min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"], self.cell_pixels)
+        if limits.min_pixels > limits.max_pixels:
+            if min_pixels is None:
+                raise UsageError(f"--max-pixels {limits.max_pixels:,} is below the processor's minimum of "
+                                 f"{limits.min_pixels:,} pixels; raise it, or lower --min-pixels too")
+            raise UsageError(f"--min-pixels {limits.min_pixels:,} is larger than the maximum of "
+                             f"{limits.max_pixels:,} pixels; lower it or raise --max-pixels")
+        return limits
+
+    def image_grids(self, model_kwargs: dict, count: int) -> list[list[int]]:
+        """Each image's (t, h, w) in patches, as the processor reports it."""
+        return model_kwargs["image_grid_thw"].tolist()
+
+    def resized_size(self, grid_thw: list[int], limits: PixelLimits, width: int, height: int,
+                     path: str) -> tuple[int, int]:
+        """The size the processor resized the image to (width, height), read from its grid and checked."""
+        resized = grid_thw[2] * self.patch_size, grid_thw[1] * self.patch_size
+        if resized != limits.resized(width, height, path):
+            raise RuntimeError(f"the processor resized {path} differently from smart_resize")  # a transformers change
+        return resized
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.vision_config.patch_size
+
+    @property
+    def merge_size(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
+
+    @property
+    def cell_pixels(self) -> int:
+        """The side, in pixels of the resized image, of the square one decoder token covers."""
+        return self.patch_size * self.merge_size
+
+    def tokens_per_image(self, grid_thw: list[int]) -> int:
+        t, h, w = grid_thw
+        return t * h * w // (self.merge_size * self.merge_size)
+
+    def token_cell(self, image, n: int) -> tuple[int, int, int, list[float]]:
+        """(t, row, col, box) of ``image``'s ``n``-th decoder token: its merged-grid cell and its box
+        ``[x0, y0, x1, y1]`` in original-image pixels (``image`` is an ``inputs.ImageInfo``)."""
+        grid_h, grid_w = image.grid_thw[1] // self.merge_size, image.grid_thw[2] // self.merge_size
+        t, rest = divmod(n, grid_h * grid_w)
+        row, col = divmod(rest, grid_w)
+        cell = self.cell_pixels
+        sx, sy = image.width / image.resized_width, image.height / image.resized_height
+        box = [round(col * cell * sx, 2), round(row * cell * sy, 2),
+               round((col + 1) * cell * sx, 2), round((row + 1) * cell * sy, 2)]
+        return t, row, col, box
+
+    def geometry(self) -> str:
+        """How vision tokens map to pixels, for the result's ``meta``."""
+        return (f"merged grid: one token per {self.cell_pixels}×{self.cell_pixels} pixels of the resized image, "
+                "ordered t, row, column")
+
+
+@register
+class Qwen3VL(QwenVL):
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    label = "Qwen3-VL (and MoE)"
+    stages = ("decoder", "vision-encoder", "pixels", "deepstack")
+    layer_type_rule = staticmethod(all_full)  # Qwen3VLTextModel: create_causal_mask for every layer
+
+    @classmethod
+    def class_name(cls, model_type: str) -> str:
+        return "Qwen3VLMoeForConditionalGeneration" if model_type == "qwen3_vl_moe" else \
+            "Qwen3VLForConditionalGeneration"
+
+
+@register
+class Qwen2VL(QwenVL):
+    model_types = ("qwen2_vl",)
+    model_class = "Qwen2VLForConditionalGeneration"
+    label = "Qwen2-VL"
+    layer_type_rule = staticmethod(declared_types)
+
+
+@register
+class Qwen25VL(QwenVL):
+    model_types = ("qwen2_5_vl",)
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    label = "Qwen2.5-VL"
+    stages = ("decoder", "pixels")  # its windowed ViT reorders patches: the ViT knockout is not defined for it
+    layer_type_rule = staticmethod(declared_types)

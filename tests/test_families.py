@@ -1,0 +1,365 @@
+"""Every registered family's identities (DESIGN.md §2) in one table: a tiny random-weight checkpoint of each, built
+offline with the real classes and processors (``tiny.build_tiny``) and loaded through ``from_pretrained``.
+
+The checkpoints make each family's special features act: sliding windows of 4 tokens on a prompt several windows
+long (Mistral, Qwen2/Qwen3, Qwen2-VL/Qwen2.5-VL, Gemma), soft-capping caps small enough to bend random scores
+(Gemma 2's attention and both Gemmas' logits), a local rotary base beside the global one (Gemma 3), ViT windows
+smaller than the image (Qwen2.5-VL), DeepStack (Qwen3-VL).
+
+Adding a family: its file in ``mask_impact/families/``, its tiny checkpoint in ``tiny.build_tiny``, its row here.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mask_impact.cli import main
+from mask_impact.engine import Analysis, FastEngine, NaiveEngine
+from mask_impact.families import REGISTRY
+from mask_impact.inputs import build_prompt
+from mask_impact.knockout import apply_plan, knockout_attention_installed
+from mask_impact.models import load_model
+from mask_impact.tiny import WINDOW, build_tiny
+from mask_impact.units import build_units, positions_for
+from tests.conftest import cli_error, draw_image
+from tests.test_identities import _plan_logits, assert_no_knockout_is_native
+
+PROMPT = "A=3, B=7, C=1. What is B?"
+
+# model_type: the group units swept beside the tokens (VL families: image regions and whole images too)
+TABLE = {
+    "qwen3_vl": ("word", "region:2", "image"),
+    "qwen3_vl_moe": ("word", "region:2"),
+    "qwen2_vl": ("word", "region:2", "image"),
+    "qwen2_5_vl": ("word", "region:2", "image"),
+    "llava": ("word", "region:2", "image"),
+    "qwen3": ("word",),
+    "qwen2": ("word",),
+    "llama": ("word",),
+    "mistral": ("word",),
+    "gemma2": ("word",),
+    "gemma3_text": ("word",),
+}
+
+
+def test_the_table_has_a_row_for_every_registered_family():
+    assert set(TABLE) == set(REGISTRY)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    return str(draw_image(tmp_path_factory.mktemp("families") / "wide.png", 128, 64))
+
+
+class Checkpoints:
+    """Each family's tiny checkpoint folder and loaded model, built on first use."""
+
+    def __init__(self, tmp_path_factory):
+        self.factory, self.folders, self.models = tmp_path_factory, {}, {}
+
+    def folder(self, model_type: str):
+        if model_type not in self.folders:
+            self.folders[model_type] = build_tiny(self.factory.mktemp(model_type), model_type)
+        return self.folders[model_type]
+
+    def loaded(self, model_type: str):
+        if model_type not in self.models:
+            self.models[model_type] = load_model(str(self.folder(model_type)), REGISTRY[model_type].takes_images,
+                                                 device="cpu", dtype="float32")
+        return self.models[model_type]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return Checkpoints(tmp_path_factory)
+
+
+@pytest.fixture(params=list(TABLE))
+def case(request, checkpoints, picture):
+    """(loaded model, prompt) of one family: the prompt with one picture for a VL family, longer than any window."""
+    loaded = checkpoints.loaded(request.param)
+    prompt = build_prompt(loaded, PROMPT, [picture] if loaded.adapter.takes_images else [])
+    assert prompt.length > 4 * WINDOW
+    return loaded, prompt
+
+
+def test_registered_attention_without_a_knockout_is_the_native_forward(case):
+    assert_no_knockout_is_native(*case)
+
+
+def test_baseline_is_native_greedy_generation(case):
+    loaded, prompt = case
+    analysis = Analysis(loaded, prompt)
+    ids, _ = analysis.generate(6)  # decoding runs past the window
+    kwargs = dict(input_ids=prompt.input_ids, attention_mask=torch.ones_like(prompt.input_ids), **prompt.model_kwargs)
+    with torch.no_grad():
+        native = loaded.model.generate(**kwargs, max_new_tokens=6, do_sample=False,
+                                       suppress_tokens=analysis.placeholder_ids() or None)[0, prompt.length:]
+    assert ids == native.tolist()[: len(ids)]
+
+
+@pytest.mark.parametrize("block_from", ["all", "answer"])
+def test_fast_equals_naive_for_token_and_group_units(case, block_from):
+    loaded, prompt = case
+    analysis = Analysis(loaded, prompt, block_from)
+    _, tf = analysis.baseline(3)
+    mode = "both" if prompt.images else "text"
+    positions = positions_for(prompt, mode)
+    positions = sorted(set(positions[::3] + positions[-4:]))  # a spread, and the keys nearest the answer
+    knockouts = [analysis.knockout(p) for p in positions]
+    for unit in TABLE[loaded.model.config.model_type]:
+        config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode=mode)
+        knockouts += [u.knockout() for u in build_units(prompt, loaded.tokenizer, config, analysis.answer_start)]
+    naive, fast = NaiveEngine(analysis, tf), FastEngine(analysis, tf)
+    assert (naive.base_logprobs - fast.base_logprobs).abs().max() <= 1e-5
+    last = loaded.adapter.num_layers - 1
+    largest = 0.0
+    for window in ((0, 0), (1, 2), (last, last)):
+        expected = naive.logprobs(window, knockouts)
+        for chunk in (slice(0, 7), slice(7, None)):  # batches that start at different positions
+            got = fast.logprobs(window, knockouts[chunk])
+            assert (got - expected[chunk]).abs().max() <= 2e-5, (window, chunk)
+        largest = max(largest, (expected - naive.base_logprobs).abs().max().item())
+    assert largest > 0.05  # the knockouts really moved the answer
+
+
+def _kept_masks(loaded, length: int, keep: torch.Tensor):
+    """The decoder's ``attention_mask`` argument giving each kept row the keys of its original mask (its original
+    sliding window included), restricted to the kept positions: None where every layer is plain causal."""
+    hidden = torch.zeros(1, length, loaded.adapter.decoder.config.hidden_size)
+    with knockout_attention_installed(loaded.adapter.attention_configs()):
+        masks = loaded.adapter.layer_masks(hidden)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    by_type = {}
+    for kind, mask in zip(loaded.adapter.layer_types, masks):
+        full = (causal if mask is None else mask[0, 0])[keep][:, keep][None, None]  # (1, 1, S', S')
+        if loaded.model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+            full = torch.zeros(full.shape).masked_fill(~full, torch.finfo(torch.float32).min)
+        by_type[kind] = full
+    if set(by_type) == {"full_attention"}:
+        return None
+    if loaded.model.config.model_type == "mistral":  # one mask for every layer
+        return next(iter(by_type.values()))
+    return by_type  # per layer type (causal_mask_mapping)
+
+
+def _deleted_logits(loaded, tf, deleted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native decoder with position ``deleted`` removed, every other token keeping its position ids and its
+    original window; logits by the model's own head and soft-capping."""
+    length = tf.input_ids.shape[1]
+    keep = torch.tensor([i for i in range(length) if i != deleted])
+    with torch.no_grad():
+        inputs = loaded.adapter.layer_inputs(tf.input_ids, tf.model_kwargs)
+        kwargs = dict(inputs_embeds=inputs.hidden[:, keep], position_ids=inputs.rope_position_ids[..., keep],
+                      attention_mask=_kept_masks(loaded, length, keep))
+        if inputs.deepstack:  # Qwen3-VL: the kept image rows' DeepStack features
+            visual_rank = torch.cumsum(inputs.visual_mask.long(), 0) - 1
+            rows = visual_rank[keep][inputs.visual_mask[keep]]
+            kwargs.update(visual_pos_masks=inputs.visual_mask[keep][None],
+                          deepstack_visual_embeds=[level[rows] for level in inputs.deepstack])
+        hidden = loaded.adapter.decoder(**kwargs).last_hidden_state
+        logits = loaded.model.lm_head(hidden)[0]  # (S - 1, V)
+        cap = getattr(loaded.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+    return logits, keep
+
+
+def test_knockout_at_all_layers_equals_deletion_with_kept_positions(case):
+    loaded, prompt = case
+    analysis = Analysis(loaded, prompt)
+    _, tf = analysis.baseline(3)
+    every_layer = (0, loaded.adapter.num_layers - 1)
+    vision = [t.index for t in prompt.tokens if t.modality == "vision"]
+    for p in sorted({1, 3, prompt.length // 2, prompt.length - 4, *vision[1:3]}):
+        knocked = _plan_logits(loaded, tf.input_ids, tf.model_kwargs, analysis.plan(every_layer, [p], reference=True))
+        deleted, keep = _deleted_logits(loaded, tf, p)
+        after = keep > p
+        assert (knocked[keep[after]] - deleted[after]).abs().max() <= 1e-4, p
+
+
+def test_knockout_leaves_earlier_positions_and_lower_layers_bit_identical(case):
+    loaded, prompt = case
+    analysis = Analysis(loaded, prompt)
+    _, tf = analysis.baseline(3)
+    inputs = dict(input_ids=tf.input_ids, **tf.model_kwargs)
+    configs = loaded.adapter.attention_configs()
+    sparse = getattr(loaded.model.config.get_text_config(), "num_experts", None) is not None  # MoE blocks
+    for window, p in (((0, 0), 2), ((1, 2), prompt.length // 2), ((3, 3), prompt.length - 2)):
+        states = []
+        for plan in (analysis.plan(reference=True), analysis.plan(window, [p], reference=True)):
+            with torch.no_grad(), knockout_attention_installed(configs), apply_plan(plan):
+                states.append(loaded.model(**inputs, output_hidden_states=True).hidden_states)
+        base, knocked = states
+        for layer in range(len(base)):
+            if layer <= window[0]:  # hidden_states[l] enters layer l: untouched below the window
+                assert torch.equal(base[layer], knocked[layer])
+            if sparse:  # a token's expert matmuls run over the rows routed with it: its last bits may move
+                assert (base[layer][:, :p] - knocked[layer][:, :p]).abs().max() <= 1e-6
+            else:
+                assert torch.equal(base[layer][:, :p], knocked[layer][:, :p])
+        assert not torch.equal(base[-1][:, p + 1:], knocked[-1][:, p + 1:])
+
+
+
+# --- what only some families have ------------------------------------------------------------------------------
+
+def test_gemma2_attention_soft_capping_is_applied_and_acts(checkpoints):
+    """SDPA drops Gemma 2's attention soft-capping: the model must run eager natively, and the cap must matter (so
+    the identities above, which pass, really test the knockout attention's own cap)."""
+    import transformers
+
+    loaded = checkpoints.loaded("gemma2")
+    assert loaded.model.config._attn_implementation == "eager"
+    prompt = build_prompt(loaded, PROMPT, [])
+    uncapped = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoints.folder("gemma2")),
+                                                                 attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():
+        capped_logits = loaded.model(input_ids=prompt.input_ids).logits
+        sdpa_logits = uncapped(input_ids=prompt.input_ids).logits
+    assert (capped_logits - sdpa_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_final_logit_soft_capping_bounds_the_engine_logits(checkpoints, model_type):
+    loaded = checkpoints.loaded(model_type)
+    cap = loaded.model.config.final_logit_softcapping
+    hidden = torch.randn(1, 3, loaded.model.config.hidden_size) * 10  # (1, T, H)
+    with torch.no_grad():
+        logits = loaded.adapter.logits(hidden)
+        raw = loaded.model.lm_head(loaded.adapter.norm(hidden))
+    assert torch.equal(logits, torch.tanh(raw / cap) * cap)
+    assert logits.abs().max() < cap and (logits - raw).abs().max() > 0.1  # the cap really bends these logits
+
+
+VL_STAGES = [(t, stage) for t, cls in REGISTRY.items() if cls.takes_images for stage in cls.stages
+             if stage in ("pixels", "vision-encoder")]
+
+
+@pytest.mark.parametrize("model_type,stage", VL_STAGES, ids=[f"{t}-{s}" for t, s in VL_STAGES])
+def test_stages_fast_equal_naive(checkpoints, picture, model_type, stage):
+    from mask_impact.stages import NaivePixelEngine, NaiveVisionEncoderEngine, PixelEngine, VisionEncoderEngine
+
+    loaded = checkpoints.loaded(model_type)
+    prompt = build_prompt(loaded, "What is in the picture?", [picture])
+    analysis = Analysis(loaded, prompt)
+    _, tf = analysis.baseline(2)
+    depth = len(loaded.model.model.visual.blocks)
+    for unit in ("token", "region:2", "image"):
+        config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage=stage)
+        units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+        if stage == "pixels":
+            fast, naive, windows = PixelEngine(analysis, tf, "mean", units), NaivePixelEngine(analysis, tf, "mean",
+                                                                                          units), [None]
+        else:
+            fast, naive = VisionEncoderEngine(analysis, tf, units), NaiveVisionEncoderEngine(analysis, tf, units)
+            windows = [(0, 0), (1, depth - 1)]
+        for window in windows:
+            expected = naive.logprobs(window, units)
+            assert (fast.logprobs(window, units) - expected).abs().max() <= 2e-5, (unit, window)
+            assert (expected - naive.base_logprobs).abs().max() > 1e-5, (unit, window)
+
+
+def _argv(folder, *extra) -> list[str]:
+    return ["--model", str(folder), "--prompt", PROMPT, "--device", "cpu", "--dtype", "float32", "--num-tokens", "2",
+            "--no-progress", "--generate-top", "0", *extra]
+
+
+@pytest.mark.parametrize("model_type,crop", [("qwen2_5_vl", None), ("llava", [32, 0, 64, 64])])
+def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, picture, in_tmp, capsys, model_type, crop):
+    assert main(_argv(checkpoints.folder(model_type), "--image", picture, "--unit", "region:2", "--layers", "0",
+                      "--output", "r"), True) == 0, capsys.readouterr().err
+    data = json.loads((in_tmp / "output" / "r.json").read_text())
+    assert data["meta"]["model_type"] == model_type and data["meta"]["geometry"].startswith(
+        "merged grid" if crop is None else "fixed grid")
+    assert data["images"][0]["crop"] == crop  # the 128×64 picture: LLaVA sees its centre 64×64 of 128×64
+    assert {u["kind"] for u in data["units"]} == {"region"} and all(u["box"] for u in data["units"])
+
+
+@pytest.mark.parametrize("model_type,stage,message", [
+    ("qwen2_vl", "deepstack", "--stage deepstack is not available for qwen2_vl models (it has no DeepStack)"),
+    ("qwen2_5_vl", "deepstack", "it has no DeepStack"),
+    ("qwen2_5_vl", "vision-encoder", "--stage vision-encoder is not available for qwen2_5_vl"),
+    ("llava", "pixels", "--stage pixels is not available for llava models; it supports --stage decoder"),
+])
+def test_a_stage_the_family_lacks_is_one_line(checkpoints, picture, in_tmp, capsys, model_type, stage, message):
+    err = cli_error(capsys, _argv(checkpoints.folder(model_type), "--image", picture, "--stage", stage, "--output",
+                                  "s"))
+    assert message in err
+    assert not (in_tmp / "output").exists() or not any((in_tmp / "output").iterdir())
+
+
+def test_a_model_type_without_an_adapter_is_one_line_naming_the_families(tmp_path, in_tmp, capsys):
+    import transformers
+
+    from mask_impact.demo import build_tokenizer
+
+    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    build_tokenizer().save_pretrained(tmp_path / "gpt2")
+    err = cli_error(capsys, _argv(tmp_path / "gpt2", "--output", "g"), vision=False)
+    assert "model type 'gpt2' is not supported" in err and all(t in err for t in REGISTRY)
+
+
+# --- token geometry: the box of the token that holds a marker -------------------------------------------------
+
+MARKERS = [(40, 50), (100, 10), (140, 80), (5, 90)]  # top-left corners of 4×4 red squares in a 150×100 picture
+
+
+def _marked_picture(path, corner) -> str:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (150, 100), (128, 128, 128))  # resized to 160×96: the boxes map back by the ratio
+    ImageDraw.Draw(image).rectangle([corner[0], corner[1], corner[0] + 3, corner[1] + 3], fill=(255, 0, 0))
+    image.save(path)
+    return str(path)
+
+
+def _redness(loaded, prompt) -> torch.Tensor:
+    """(n_vis,) red minus green of the pixels each vision token is made of, in ``pixel_values`` (what the vision
+    tower sees): a Qwen token's merge × merge patches, a LLaVA token's patch of the crop."""
+    from mask_impact.stages import PatchLayout, token_numbers
+
+    processor = loaded.processor.image_processor
+    mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
+    values = prompt.model_kwargs["pixel_values"].float()
+    vision = [t for t in prompt.tokens if t.modality == "vision"]
+    if loaded.model.config.model_type == "llava":  # (n, C, H, W): the crop itself
+        pixels = values * std[None, :, None, None] + mean[None, :, None, None]
+        p = loaded.adapter.patch_size
+        cells = [pixels[t.image, :, t.row * p:(t.row + 1) * p, t.col * p:(t.col + 1) * p].reshape(3, -1) for t in vision]
+    else:  # rows of patches, each (C, T·P·P)
+        pixels = values.reshape(values.shape[0], 3, -1) * std[:, None] + mean[:, None]
+        layout, numbers = PatchLayout.of(prompt, loaded.adapter.merge_size), token_numbers(prompt)
+        cells = [pixels[layout.token_rows(*numbers[t.index])].transpose(0, 1).reshape(3, -1) for t in vision]
+    return torch.stack([(cell[0] - cell[1]).mean() for cell in cells])
+
+
+@pytest.mark.parametrize("model_type", [t for t, cls in REGISTRY.items() if cls.takes_images])
+def test_the_token_whose_box_holds_a_marker_is_the_one_whose_pixels_show_it(checkpoints, tmp_path, model_type):
+    """Markers in known places: the one token whose box holds a marker is the token whose pixels are red. A marker
+    that no box holds (LLaVA's centre crop cuts off the side strips) is in no token's pixels."""
+    loaded = checkpoints.loaded(model_type)
+    held = 0
+    for number, corner in enumerate(MARKERS):
+        prompt = build_prompt(loaded, "Where is the red dot?", [_marked_picture(tmp_path / f"{number}.png", corner)])
+        vision = [t for t in prompt.tokens if t.modality == "vision"]
+        holding = [t for t in vision if t.box[0] <= corner[0] and corner[0] + 4 <= t.box[2]
+                   and t.box[1] <= corner[1] and corner[1] + 4 <= t.box[3]]
+        redness = _redness(loaded, prompt)
+        if holding:
+            assert len(holding) == 1, corner  # boxes do not overlap
+            assert vision.index(holding[0]) == int(redness.argmax()), corner
+            held += 1
+        else:
+            centre = (corner[0] + 2, corner[1] + 2)
+            assert not any(t.box[0] <= centre[0] <= t.box[2] and t.box[1] <= centre[1] <= t.box[3] for t in vision)
+            assert redness.max() < 0.01, corner
+        if model_type != "llava":  # the Qwen grid tiles the whole picture: resized 150×100 → 160×96
+            boxes = torch.tensor([t.box for t in vision])
+            assert (prompt.images[0].resized_width, prompt.images[0].resized_height) == (160, 96)
+            assert boxes[:, 2].max() == 150 and boxes[:, 3].max() == 100 and boxes[:, :2].min() == 0
+    assert held >= 2
