@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator
@@ -135,8 +136,10 @@ def layer_changes(analysis: Analysis, tf: TeacherForced, knockouts: list, streng
 
 @dataclass
 class Triage:
-    """The estimated map and the cells the exact engine computes: the top ``top_k`` by estimate, then ``sample``
-    random other cells (seeded)."""
+    """The estimated map and the cells the exact engine computes: the ``top_k`` with the largest estimated effect
+    (|estimated logprob_drop|: a knockout that helps the answer is as much worth a look, and the sign of a large,
+    saturated effect is the least reliable part of a first-order estimate), then ``sample`` random other cells
+    (seeded)."""
 
     drops: list[list[float]]  # [window][unit] estimated logprob_drop
     top: list[tuple[int, int]]
@@ -146,6 +149,13 @@ class Triage:
     seconds: float
     flops: float
     notes: list[str] = field(default_factory=list)
+
+    def describe(self, what: str) -> str:
+        """One line: what the estimate cost and what the exact engine computes now."""
+        return (f"estimate: every one of {len(self.drops) * len(self.drops[0]):,} knockouts ({len(self.drops)} windows"
+                f" × {len(self.drops[0])} {what}) from one forward and backward pass, about {self.flops / 1e12:.3g} "
+                f"TFLOP, {self.seconds:.2f} s; now exactly: the {len(self.top)} largest and {len(self.sample)} random "
+                "others")
 
     @property
     def cells(self) -> list[tuple[int, int]]:
@@ -173,12 +183,23 @@ class Triage:
         }
 
     def recall(self, exact: list[list]) -> float | None:
-        """Of the ``top_k`` exact cells with the largest exact drop, the share the estimate put in its top ``top_k``
-        (None when there is no sample to compare with)."""
+        """Of the ``top_k`` exact cells with the largest exact |drop|, the share the estimate put in its top ``top_k``
+        (None when there is no sample to compare with). Cells never computed are unknown, so this is an upper bound
+        of the recall over the whole map."""
         if not self.sample or not self.top:
             return None
-        ranked = sorted(self.cells, key=lambda cell: (-exact[cell[0]][cell[1]], cell))[: len(self.top)]
+        ranked = sorted(self.cells, key=lambda cell: (-abs(exact[cell[0]][cell[1]]), cell))[: len(self.top)]
         return len(set(ranked) & set(self.top)) / len(self.top)
+
+
+def triage_cells(analysis: Analysis, tf: TeacherForced, knockouts: list, windows: list[tuple[int, int]],
+                 config) -> Triage:
+    """``triage`` with a run's settings (``--estimate``, ``--estimate-sample``, ``--estimate-seed``); what was clamped
+    is said on stderr."""
+    chosen = triage(analysis, tf, knockouts, windows, config.estimate, config.estimate_sample, config.estimate_seed)
+    for note in chosen.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return chosen
 
 
 def triage(analysis: Analysis, tf: TeacherForced, knockouts: list, windows: list[tuple[int, int]], top_k: int,
@@ -193,7 +214,7 @@ def triage(analysis: Analysis, tf: TeacherForced, knockouts: list, windows: list
     notes = []
     if top_k >= len(every):
         notes.append(f"--estimate {top_k} is at least the {len(every)} cells: every cell is computed exactly")
-    ranked = sorted(every, key=lambda cell: (-drops[cell[0]][cell[1]], cell))
+    ranked = sorted(every, key=lambda cell: (-abs(drops[cell[0]][cell[1]]), cell))
     top = sorted(ranked[:top_k])
     rest = sorted(set(every) - set(top))
     wanted = len(top) if sample is None else sample
