@@ -96,7 +96,7 @@ def _option_value(name: str, value):
             raise InvalidArgument("layers is empty; give at least one layer, or 'all'")
         return ",".join(str(int(layer)) for layer in layers)
     expected = FIELD_TYPES[name]
-    if value is None and name in ("batch_size", "max_pixels", "min_pixels"):
+    if value is None and name in ("batch_size", "max_pixels", "min_pixels", "estimate", "estimate_sample"):
         return None
     if expected is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
@@ -311,8 +311,18 @@ class KnockoutResult:
     def metric_names(self) -> list[str]:
         return list(self.data["metrics"])
 
+    @property
+    def estimate(self) -> np.ndarray | None:
+        """(windows, units) estimated ``logprob_drop`` of an ``estimate=K`` run (None otherwise); its quality against
+        the exact cells is in ``data["estimate"]`` (``spearman``, ``top_k_recall``)."""
+        block = self.data.get("estimate")
+        if not block:
+            return None
+        return np.array([[np.nan if v is None else float(v) for v in row] for row in block["logprob_drop"]])
+
     def metric(self, name: str = "logprob_drop") -> np.ndarray:
-        """(windows, units) array of one metric (NaN where a value is missing)."""
+        """(windows, units) array of one metric (NaN where a value is missing: in an ``estimate=K`` run, the cells
+        not computed exactly)."""
         if name not in self.data["metrics"]:
             raise InvalidArgument(f"metric={name!r} is not a metric of this result; metrics: "
                                   f"{', '.join(self.metric_names)}")
@@ -347,18 +357,22 @@ class KnockoutResult:
         return cells
 
     def to_pandas(self):
-        """Long format: one row per (window, unit), with the unit's kind, label, keys and every metric."""
+        """Long format: one row per (window, unit), with the unit's kind, label, keys and every metric (and the
+        estimate, ``estimated_logprob_drop``, in an ``estimate=K`` run)."""
         try:
             import pandas as pd
         except ImportError:
             raise MissingDependency("to_pandas() needs pandas: pip install pandas") from None
         rows = []
+        estimated = (self.data.get("estimate") or {}).get("logprob_drop")
         for w, (start, end) in enumerate(self.windows):
             for u, unit in enumerate(self.units):
                 row = {"layer_start": start, "layer_end": end, "window_label": self.window_labels[w], "unit": u,
                        "kind": unit["kind"], "label": unit["label"], "keys": unit["keys"],
                        "modality": unit["modality"], "image": unit["image"]}
                 row.update({name: self.data["metrics"][name][w][u] for name in self.metric_names})
+                if estimated is not None:
+                    row["estimated_logprob_drop"] = estimated[w][u]
                 rows.append(row)
         return pd.DataFrame(rows)
 

@@ -142,6 +142,9 @@ def load(config: RunConfig, vision: bool):
     if config.device_map is not None and launched():
         raise UsageError("--device-map spreads one model over several devices, but a launched process takes one "
                          "GPU; drop --device-map, or run one process")
+    if config.estimate is not None and launched():
+        raise UsageError("--estimate computes few cells exactly, chosen by one process's estimate; run it as one "
+                         "process, not under accelerate launch")
     device = config.device
     if config.device == "auto" and config.device_map is None and launched():
         device = Shard.current().device  # one device per process

@@ -45,7 +45,7 @@ FIELD_TYPES = {
     "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "threads": str, "device_map": str,
     "max_memory": str, "offload_folder": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
-    "min_pixels": int, "figures": str,
+    "min_pixels": int, "figures": str, "estimate": int, "estimate_sample": int, "estimate_seed": int,
 }
 # Options that name the prompt: a layer of settings that gives one replaces the other from lower layers.
 PROMPT_SOURCES = ("prompt", "prompt_file")
@@ -111,6 +111,9 @@ class RunConfig:
     max_pixels: int | None = None  # None: the processor's own limit
     min_pixels: int | None = None  # None: the processor's own limit
     figures: str | None = None  # png | svg | pdf: figures beside the results (figures.py); None: none
+    estimate: int | None = None  # K: estimate every cell (estimate.py), compute only the K largest exactly; None: all
+    estimate_sample: int | None = None  # with estimate: random other cells computed exactly too (None: K of them)
+    estimate_seed: int = 0  # with estimate: the seed of that sample
 
     def settings(self) -> dict:
         return asdict(self)
@@ -152,6 +155,7 @@ class RunConfig:
             raise UsageError("--stage deepstack removes features where the model adds them (its rows are the "
                              "DeepStack levels and the main embedding), so --layers, --window and --block-from do "
                              "not apply; drop them")
+        check_estimate(self)
         if self.prompt is None and self.prompt_file is None:
             raise UsageError("no prompt given: pass --prompt TEXT or --prompt-file FILE, or --demo")
         if self.prompt is not None and self.prompt_file is not None:
@@ -166,6 +170,26 @@ class RunConfig:
             raise UsageError(f"--threads {quoted(self.threads)} is not understood; use auto or a count from 1")
         check_device_map(self.device_map, self.max_memory, self.offload_folder, self.device)
         parse_layers(self.layers, None)
+
+
+def check_estimate(config: RunConfig) -> None:
+    """``--estimate K`` (with ``--estimate-sample``, ``--estimate-seed``): decoder knockouts only."""
+    if config.estimate is None:
+        for name in ("estimate_sample", "estimate_seed"):
+            if getattr(config, name) not in (None, 0):
+                raise UsageError(f"--{name.replace('_', '-')} belongs to an --estimate run; give --estimate too, or "
+                                 "drop it")
+        return
+    if config.estimate < 1:
+        raise UsageError(f"--estimate must be at least 1: the number of cells computed exactly (got "
+                         f"{quoted(config.estimate)})")
+    if config.estimate_sample is not None and config.estimate_sample < 0:
+        raise UsageError(f"--estimate-sample must be 0 or more (got {quoted(config.estimate_sample)})")
+    if config.estimate_seed < 0:
+        raise UsageError(f"--estimate-seed must be 0 or more (got {quoted(config.estimate_seed)})")
+    if config.stage != "decoder":
+        raise UsageError(f"--estimate estimates attention knockouts in the decoder; --stage {config.stage} has no "
+                         "such estimate: drop --estimate, or use --stage decoder")
 
 
 def check_name(name: str, what: str) -> None:
@@ -338,6 +362,13 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     parser.add_argument("--generate-top", type=int,
                         help="run real greedy generation under the K most impactful knockouts (default 10)")
     parser.add_argument("--batch-size", type=int, help="knockouts per forward (default: automatic)")
+    parser.add_argument("--estimate", type=int, metavar="K",
+                        help="estimate every knockout from one forward and backward pass (first order), then compute "
+                             "exactly only the K cells with the largest estimated effect and a random sample of "
+                             "others (the estimate's quality is reported); default: every cell exactly")
+    parser.add_argument("--estimate-sample", type=int, metavar="R",
+                        help="with --estimate: how many random other cells to compute exactly (default K)")
+    parser.add_argument("--estimate-seed", type=int, metavar="N", help="with --estimate: the sample's seed (default 0)")
     parser.add_argument("--engine", choices=CHOICES["engine"],
                         help="fast (default), or naive: one full forward per knockout (the reference, slow)")
     parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.nn import functional as F
@@ -59,6 +59,9 @@ class AttentionPlan:
     reference:     compute attention the slow, obvious way (explicit scores, masked_fill, softmax).
     gqa:           let SDPA share each key/value head among its query heads (``enable_gqa``) instead of
                    copying them (``repeat_kv``), where that keeps SDPA's fast kernel (see ``_gqa_in_sdpa``).
+    on_weights:    with ``reference``: called as ``on_weights(layer, weights)`` with each layer's attention
+                   probabilities (B, nh, Q, K) in float32, after the softmax; what it returns is used instead
+                   (estimate.py reads them and their gradients; its tests re-weight them).
     """
 
     layers: range | None = None
@@ -68,6 +71,7 @@ class AttentionPlan:
     vision_groups: torch.Tensor | None = None
     reference: bool = False
     gqa: bool = True
+    on_weights: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def for_knockouts(cls, window: tuple[int, int], knockouts: list[Knockout], length: int,
@@ -161,7 +165,10 @@ def knockout_attention(
         if allowed is None:
             allowed = _causal(query.shape[2], key.shape[2], query.device)
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, nh, Q, K)
+        if plan.on_weights is not None:
+            weights = plan.on_weights(module.layer_idx, weights)
+        weights = weights.to(query.dtype)
         output = torch.matmul(weights, value)  # (B, nh, Q, hs)
     else:
         output = F.scaled_dot_product_attention(

@@ -4,6 +4,9 @@ For each example the model answers greedily, every candidate position is knocked
 and we record the rank (1 = largest ``logprob_drop``) of the position that really holds the answer:
 the image token whose cell contains the shape, or the queried value in the recall prompt.
 ``python tools/planted_signal.py`` prints these figures for the shipped demo models.
+
+With ``estimate=True`` the drops are the first-order estimate (estimate.py) instead of the exact sweep, and
+the rank is by the estimate's magnitude, as ``--estimate`` chooses its cells.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from .demo_tasks import QUESTIONS, draw_recall_example, draw_shape_example
 from .engine import Analysis, FastEngine
+from .estimate import layer_changes
 from .inputs import build_prompt
 from .metrics import logprob_drop
 
@@ -33,13 +37,21 @@ class PlantedReport:
     def top1_rate(self) -> float:
         return sum(rank == 1 for rank in self.ranks) / len(self.ranks)
 
+    def within(self, k: int) -> float:
+        """How often the planted token ranks among the first ``k``."""
+        return sum(rank <= k for rank in self.ranks) / len(self.ranks)
+
     @property
     def mean_rank(self) -> float:
         return sum(self.ranks) / len(self.ranks)
 
 
-def _drops(analysis: Analysis, num_tokens: int, windows: list[tuple[int, int]], positions: list[int]):
+def _drops(analysis: Analysis, num_tokens: int, windows: list[tuple[int, int]], positions: list[int],
+           estimate: bool = False):
     baseline, tf = analysis.baseline(num_tokens)
+    if estimate:
+        changes = layer_changes(analysis, tf, positions)  # (L, P)
+        return baseline, torch.stack([-changes[a: b + 1].sum(0) for a, b in windows]).abs().float()  # (W, P)
     engine = FastEngine(analysis, tf)
     rows = [logprob_drop(engine.base_logprobs, engine.logprobs(w, positions), tf.answer_ids) for w in windows]
     return baseline, torch.stack(rows)  # (W, P)
@@ -64,7 +76,7 @@ def _finish(report: PlantedReport) -> PlantedReport:
     return report
 
 
-def vl_planted(loaded, question: str, count: int = 50, seed: int = 777) -> PlantedReport:
+def vl_planted(loaded, question: str, count: int = 50, seed: int = 777, estimate: bool = False) -> PlantedReport:
     """Rank of the shape's image token among all image tokens, window = every layer."""
     rng = random.Random(seed)
     layers = loaded.adapter.num_layers
@@ -77,13 +89,13 @@ def vl_planted(loaded, question: str, count: int = 50, seed: int = 777) -> Plant
             example.image.save(path)
             prompt = build_prompt(loaded, QUESTIONS[question], [str(path)])
             vision = [tok.index for tok in prompt.tokens if tok.modality == "vision"]
-            baseline, drops = _drops(Analysis(loaded, prompt), 3, windows, vision)
+            baseline, drops = _drops(Analysis(loaded, prompt), 3, windows, vision, estimate)
             report.correct_answers += baseline.text.strip() == example.answer(question)
             _accumulate(report, drops, example.token_index)
     return _finish(report)
 
 
-def text_planted(loaded, count: int = 50, seed: int = 777) -> PlantedReport:
+def text_planted(loaded, count: int = 50, seed: int = 777, estimate: bool = False) -> PlantedReport:
     """Rank of the queried value's token among all prompt tokens, window = every layer."""
     rng = random.Random(seed)
     layers = loaded.adapter.num_layers
@@ -98,7 +110,7 @@ def text_planted(loaded, count: int = 50, seed: int = 777) -> PlantedReport:
         target = text.index(example.prompt) + example.value_char_index
         value_position = next(i for i, (start, end) in enumerate(offsets) if start <= target < end)
         positions = list(range(prompt.length))
-        baseline, drops = _drops(Analysis(loaded, prompt), 2, windows, positions)
+        baseline, drops = _drops(Analysis(loaded, prompt), 2, windows, positions, estimate)
         report.correct_answers += baseline.text.strip() == example.answer
         _accumulate(report, drops, value_position)
     return _finish(report)

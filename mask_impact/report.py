@@ -96,6 +96,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
         "metrics": result.metrics,
         "steps": result.steps,
         "generations": result.generations,
+        **({"estimate": result.estimate} if result.estimate is not None else {}),
     }
 
 
@@ -105,10 +106,12 @@ def csv_text(data: dict) -> str:
     ``keys`` and ``queries`` are position lists written like ``--layers`` (``10-20,25``); ``queries`` is empty
     for every query, and ends with ``answer`` (``10,answer``) where the answer positions are blocked too;
     ``patches`` (``--stage pixels``) lists the rows of ``pixel_values`` replaced; ``image`` counts from 1 and the
-    box is in original-image pixels."""
+    box is in original-image pixels. A result with an estimate (``--estimate``) has one more column,
+    ``estimated_logprob_drop``; its metrics are empty where no exact value was computed."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # RFC 4180 line ends: fields holding \r or \n get quoted
-    writer.writerow(CSV_COLUMNS)
+    estimated = (data.get("estimate") or {}).get("logprob_drop")
+    writer.writerow(CSV_COLUMNS + (["estimated_logprob_drop"] if estimated else []))
     metrics = data["metrics"]
     labels = data.get("window_labels") or [f"layers {a}–{b}" for a, b in data["windows"]]
     for w, (start, end) in enumerate(data["windows"]):
@@ -123,6 +126,7 @@ def csv_text(data: dict) -> str:
                 position_ranges(unit.get("patches") or []), unit["modality"], "" if unit["image"] is None else unit["image"] + 1, *map(_blank, box),
                 metrics["logprob_drop"][w][i], metrics["prob_change_pct"][w][i], metrics["kl"][w][i],
                 metrics["top1_changed"][w][i], _blank(metrics["first_divergence"][w][i]),
+                *([estimated[w][i]] if estimated else []),
             ])
     return buffer.getvalue()
 
@@ -328,5 +332,11 @@ def summary(data: dict, paths: dict[str, Path], top: int = 10) -> str:
         lines.append(f"{windows[w][0]:>4}-{windows[w][1]:<4}  {keys:>9}  {label:<20} {unit['modality']:<8} "
                      f"{_figure(metrics['logprob_drop'][w][i], 12, 4)} {_figure(metrics['prob_change_pct'][w][i], 10, 2)} "
                      f"{_figure(metrics['kl'][w][i], 8, 4)}")
+    if data.get("estimate"):
+        block = data["estimate"]
+        figure = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines += ["", f"estimate: {block['top_k']} largest and {block['sample']} random cells computed exactly; "
+                      f"Spearman {figure(block['spearman'])} (random cells: {figure(block['spearman_sample'])}), "
+                      f"top-{block['top_k']} recall {figure(block['top_k_recall'])}"]
     lines += ["", "wrote " + ", ".join(str(path) for path in paths.values())]
     return "\n".join(lines)

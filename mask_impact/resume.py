@@ -49,6 +49,7 @@ WEIGHT_LIKE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf",
 # Every setting that decides a number in the partial file or the result (batch size does not: see batch_size).
 RESULT_SETTINGS = ("mask_mode", "stage", "fill", "unit", "groups", "flows", "num_tokens", "layers", "window", "block_from", "vision_attention", "raw_prompt",
                    "engine", "generate_top")
+ESTIMATE_SETTINGS = ("estimate", "estimate_sample", "estimate_seed")
 
 
 def file_digest(path: Path, whole: bool) -> str:
@@ -126,6 +127,8 @@ def fingerprint_parts(loaded, config: RunConfig, prompt: Prompt) -> dict:
         "images": images,
         **inputs,
         **{f"settings.{name}": getattr(config, name) for name in RESULT_SETTINGS},
+        # which cells are exact (only in an --estimate run, so other fingerprints stay as they were)
+        **({f"settings.{name}": getattr(config, name) for name in ESTIMATE_SETTINGS} if config.estimate else {}),
     }
 
 

@@ -42,6 +42,7 @@ class RunResult:
     num_layers: int = 0
     answer_start: int = 0
     processes: int = 1  # that computed the cells (accelerate launch); the numbers do not depend on it
+    estimate: dict | None = None  # --estimate: the estimated map and its quality (estimate.Triage.block)
 
 
 def bytes_per_row(loaded: LoadedModel, sequence_length: int) -> int:
@@ -147,9 +148,10 @@ def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float
 
 def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, progress: bool = True, store=None,
                     labels: list[str] | None = None, costs=None,
-                    on_progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict, int]:
-    """Metrics for every (window, knockout) cell; returns them (name → [window][unit]), the per-step ones
-    (name → [window][unit][step]) and the batch size that finally fit.
+                    on_progress: Callable[[int, int], None] | None = None,
+                    cells: list[tuple[int, int]] | None = None) -> tuple[dict, dict, int]:
+    """Metrics for every (window, knockout) cell (or only ``cells``); returns them (name → [window][unit], None
+    where not computed), the per-step ones (name → [window][unit][step]) and the batch size that finally fit.
     A knockout is a ``Knockout`` (or a bare position: that token's knockout); they are the units of the
     result, in order. ``progress`` shows a tqdm bar; ``on_progress(done, total)`` is called with the
     (window, knockout) cells finished after every batch (``done`` grows to ``total``).
@@ -158,6 +160,8 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
     batch is saved to it before the next one starts. In a launched run (shard.py) this process computes only
     its part of the missing cells (``costs(w, i)`` weighs the parts); the main process follows the others'
     files, and returns when every cell is in; the other processes return theirs only.
+
+    ``cells``: only these (window, knockout) cells are computed (``--estimate``); the others stay None.
     """
     answer = engine.tf.answer_ids
     count = len(knockouts)
@@ -166,9 +170,9 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
     steps = {name: [[None] * count for _ in windows] for name in STEPS}
     missing = set()
 
-    def fill(cells: dict) -> int:  # how many of them were missing
+    def fill(finished_cells: dict) -> int:  # how many of them were missing
         before = len(missing)
-        for (w, i), values in cells.items():
+        for (w, i), values in finished_cells.items():
             if (w, i) in missing:
                 missing.discard((w, i))
                 for name, value in values.items():
@@ -176,11 +180,11 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                     grids[name.removeprefix("steps.")][w][i] = value
         return before - len(missing)
 
-    missing.update((w, i) for w in range(len(windows)) for i in range(count))
+    missing.update(cells if cells is not None else ((w, i) for w in range(len(windows)) for i in range(count)))
+    total = len(missing)
     fill(store.saved if store is not None else {})
     todo = sorted(missing)
     mine = shard.part(todo, [costs(w, i) if costs else 1.0 for w, i in todo])
-    total = len(windows) * count
     finished = total - len(missing)
     bar = tqdm(total=total, initial=finished, unit="knockout", disable=not progress or not shard.is_main,
                dynamic_ncols=True)
@@ -270,12 +274,18 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
         store.check_baseline(baseline.token_ids)
         batch_size = store.batch_size(batch_size)
         store.start(baseline.token_ids, batch_size)
+    triage = None
+    if config.estimate is not None:
+        from .estimate import triage_cells
+
+        triage = triage_cells(analysis, tf, knockouts, plan.windows, config)
     if config.progress and (store is None or store.shard.is_main):
         what = "flows" if config.flows else "units" if config.unit != "token" or not decoder else "positions"
-        tqdm.write(describe_plan(loaded, engine, plan.windows, knockouts, batch_size, what), file=sys.stderr)
+        tqdm.write(describe_plan(loaded, engine, plan.windows, knockouts, batch_size, what) if triage is None
+                   else triage.describe(what), file=sys.stderr)
     metrics, steps, batch_size = score_knockouts(engine, plan.rows, knockouts, batch_size, config.progress, store,
                                           plan.labels, cell_cost(loaded, engine, plan.rows, knockouts, decoder),
-                                          on_progress)
+                                          on_progress, None if triage is None else triage.cells)
     if store is not None and not store.shard.is_main:
         return None  # its part is in its partial file; the main process writes the result
     generations = []
@@ -286,7 +296,7 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
                             "token_ids": ids})
     return RunResult(baseline, plan.windows, units, metrics, steps, plan.labels, generations, batch_size,
                      time.perf_counter() - started, loaded.adapter.num_layers, analysis.answer_start,
-                     store.shard.count if store is not None else 1)
+                     store.shard.count if store is not None else 1, None if triage is None else triage.block(metrics))
 
 
 def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: list, config: RunConfig) -> None:
