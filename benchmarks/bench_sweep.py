@@ -62,7 +62,7 @@ from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
 from mask_impact.metrics import METRICS, compute_all  # noqa: E402
 from mask_impact.threads import idle_threads  # noqa: E402
-from mask_impact.sweep import auto_batch_size, is_out_of_memory, next_batch  # noqa: E402
+from mask_impact.sweep import auto_batch_size, is_out_of_memory, next_batch, sweep_flops  # noqa: E402
 from mask_impact.units import build_units  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
@@ -632,30 +632,10 @@ def agreement(loaded, tf, windows, knockouts, naive, run: Repeat) -> float:
 
 
 def needed_flops(loaded, windows, knockouts, length: int, analysis, tf) -> tuple[float, float]:
-    """Matmul FLOPs the sweep needs, (decoder layers, head): per knockout, layers a..L-2 over the positions it
-    can change; the last layer's keys/values over those positions and its queries, attention and MLP over the
-    answer positions only (nothing else of it is read); the final norm's head over the answer positions."""
-    config = loaded.adapter.decoder.config
-    h, i, nh, nkv, hd = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                         config.num_key_value_heads, config.head_dim)
-    kv_linear = 2 * 2 * h * nkv * hd
-    per_token_linear = 2 * 2 * h * nh * hd + kv_linear + 2 * 3 * h * i  # q,o + k,v + mlp
-    answer = tf.answer_start
-    num_layers = loaded.adapter.num_layers
-    layers, head = 0.0, 0.0
-    for a, _ in windows:
-        for unit in knockouts:
-            start = analysis.first_affected(unit)
-            if start is None:
-                continue
-            queries = length - start
-            keys = queries * (start + length + 1) / 2  # Σ over queries q of (q + 1) keys
-            layers += (num_layers - 1 - a) * (queries * per_token_linear + 4 * nh * hd * keys)
-            last = max(start, answer)  # the last layer's query rows
-            last_keys = (length - last) * (last + length + 1) / 2
-            layers += (last - start) * kv_linear + (length - last) * per_token_linear + 4 * nh * hd * last_keys
-            head += 2 * len(tf.answer_ids) * h * config.vocab_size
-    return layers, head
+    """Matmul FLOPs the sweep needs, (decoder layers, head): ``sweep.sweep_flops``, which the command line prints."""
+    linear, attention, head = sweep_flops(loaded, windows, knockouts, length, analysis.first_affected,
+                                          tf.answer_start, len(tf.answer_ids))
+    return linear + attention, head
 
 
 class GemmProbe:

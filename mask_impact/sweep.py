@@ -68,26 +68,35 @@ def auto_batch_size(loaded: LoadedModel, sequence_length: int) -> int:
     return int(max(1, min(256, budget // per_row)))
 
 
-def sweep_flops(loaded: LoadedModel, windows: list[tuple[int, int]], units: list, length: int,
-                first_affected) -> float:
-    """Matmul FLOPs the sweep really needs: per knockout, layers a.. over the positions it can change
-    (``first_affected(unit)``: where that is, None if nowhere)."""
+def sweep_flops(loaded: LoadedModel, windows: list[tuple[int, int]], units: list, length: int, first_affected,
+                answer_start: int, answer_length: int) -> tuple[float, float, float]:
+    """Matmul FLOPs the fast engine needs, (the layers' projections and MLPs, their attention, the head): per
+    knockout, layers a..L-2 over the positions it can change (``first_affected(unit)``: where that is, None if
+    nowhere); the last layer's keys/values over those positions and its queries, attention and MLP over the answer
+    positions only (nothing else of it is read); the head over the answer positions. Attention counts the causal
+    (query, key) pairs. The first and last parts equal what torch's FLOP counter sees the engine run (a test)."""
     config = loaded.adapter.decoder.config
     h, i, nh, nkv = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
                      config.num_key_value_heads)
     hd = getattr(config, "head_dim", None) or h // nh
-    per_token_linear = 2 * (h * nh * hd * 2 + 2 * h * nkv * hd + 3 * h * i)  # q,o + k,v + mlp
-    total = 0.0
+    kv_linear = 2 * 2 * h * nkv * hd
+    per_token_linear = 2 * 2 * h * nh * hd + kv_linear + 2 * 3 * h * i  # q,o + k,v + mlp
+    num_layers = loaded.adapter.num_layers
+    linear, attention, head = 0.0, 0.0, 0.0
     for a, _ in windows:
-        layers = loaded.adapter.num_layers - a
         for unit in units:
             start = first_affected(unit)
             if start is None:
                 continue
             queries = length - start
-            keys = queries * (start + length) / 2  # Σ over queries of (q + 1)
-            total += layers * (queries * per_token_linear + 4 * nh * hd * keys)
-    return total
+            keys = queries * (start + length + 1) / 2  # Σ over queries q of (q + 1) keys
+            last = max(start, answer_start)  # the last layer's query rows
+            last_keys = (length - last) * (last + length + 1) / 2
+            linear += (num_layers - 1 - a) * queries * per_token_linear
+            linear += (last - start) * kv_linear + (length - last) * per_token_linear
+            attention += 4 * nh * hd * ((num_layers - 1 - a) * keys + last_keys)
+            head += 2 * answer_length * h * config.vocab_size
+    return linear, attention, head
 
 
 def cell_cost(loaded: LoadedModel, engine, rows: list, knockouts: list, decoder: bool):
@@ -106,7 +115,8 @@ def cell_cost(loaded: LoadedModel, engine, rows: list, knockouts: list, decoder:
 def describe_plan(loaded: LoadedModel, engine, windows: list, knockouts: list, batch_size: int, what: str) -> str:
     """One line saying how much work the sweep is, before it starts (``what``: the units, named)."""
     length = engine.tf.input_ids.shape[1]
-    flops = sweep_flops(loaded, windows, knockouts, length, engine.first_affected)
+    flops = sum(sweep_flops(loaded, windows, knockouts, length, engine.first_affected, engine.tf.answer_start,
+                            len(engine.tf.answer_ids)))
     rows = min(batch_size, len(knockouts))
     memory = bytes_per_row(loaded, length) * rows
     return (f"sweep: {len(windows)} windows × {len(knockouts)} {what} = {len(windows) * len(knockouts):,} "

@@ -80,3 +80,23 @@ def test_batches_are_consecutive_and_bound_their_wasted_work(engine):
 def test_top_knockouts_rank_by_logprob_drop():
     metrics = {"logprob_drop": [[0.1, 3.0, -1.0], [2.0, 0.0, 5.0]]}
     assert top_knockouts(metrics, 3) == [(1, 2), (0, 1), (1, 0)]  # (window, unit) indices
+
+
+def test_the_flops_said_before_a_sweep_are_the_ones_the_engine_runs(engine):
+    """``sweep_flops``'s projections, MLPs and head equal torch's FLOP counter over the fast engine's calls, exactly
+    (the counter does not see the CPU's attention kernel; the attention term counts the causal pairs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mask_impact.spec import Knockout
+    from mask_impact.sweep import sweep_flops
+
+    analysis, tf = engine.analysis, engine.tf
+    length, last = tf.input_ids.shape[1], analysis.answer_start
+    for window, units in [((0, 0), [Knockout.token(3)]), ((1, 2), [Knockout.token(4), Knockout.token(4)]),
+                          ((0, 0), [Knockout.token(last - 1)]), ((2, 2), [Knockout.token(last)])]:
+        with FlopCounterMode(display=False) as counter:
+            engine.logprobs(window, units)
+        linear, attention, head = sweep_flops(analysis.loaded, [window], units, length, analysis.first_affected,
+                                              tf.answer_start, len(tf.answer_ids))
+        assert counter.get_total_flops() == linear + head, window
+        assert attention > 0
