@@ -318,6 +318,7 @@ def test_the_slider_and_a_click_show_their_window_and_the_heatmap_marks_it(page,
     assert page.locator("#aggregate").input_value() == "window"
     assert page.locator("#strip").inner_html() != strip_before and page.evaluate(dark) > 0
     canvas = page.locator("#heatmap")
+    canvas.scroll_into_view_if_needed()  # the slider lies below the answer steps: the page scrolled to it
     box = canvas.bounding_box()
     cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
     page.mouse.click(box["x"] + 3.5 * cell_w, box["y"] + 1.5 * cell_h)
@@ -1311,6 +1312,103 @@ def test_hovering_a_vision_column_outlines_its_patch_and_hovering_the_image_its_
     left = cursor.evaluate("c => c.offsetLeft")
     heat_left, cell_w = page.locator("#heatmap").evaluate("c => [c.offsetLeft, Number(c.dataset.cellW)]")
     assert left == heat_left + other * cell_w - 1
+
+
+def _brush_box(page, selector: str) -> list[int] | None:
+    """A brush outline's [left, top, width] (None when hidden)."""
+    return page.locator(selector).evaluate("b => b.style.display === 'block' ? [b.offsetLeft, b.offsetTop, b.offsetWidth] : null")
+
+
+def test_hovering_a_map_side_by_side_brushes_the_heatmap_overlay_and_every_map_and_back(page, stage_results):
+    data = json.loads((stage_results / "decoder.json").read_text())
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(stage_results / f"{name}.json") for name in ("decoder", "vit", "pixels")])
+    expect(page.locator("#maps canvas.overlay[data-painted='1']")).to_have_count(3)
+    vision = [i for i, unit in enumerate(data["units"]) if unit["modality"] == "vision"]
+    unit, other = vision[5], vision[10]
+    x0, y0, x1, y1 = data["units"][unit]["box"]
+    panel = page.locator("#maps canvas.overlay").nth(2)  # the occlusion's map: its patches lie on the decoder's tokens
+    panel.scroll_into_view_if_needed()
+    scale, at = panel.evaluate("c => c.scale"), panel.bounding_box()
+    page.mouse.move(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
+    heat_left, cell_w = page.locator("#heatmap").evaluate("c => [c.offsetLeft, Number(c.dataset.cellW)]")
+    assert _brush_box(page, "#heat-cursor")[0] == heat_left + unit * cell_w - 1  # the decoder's column for those pixels
+    assert page.locator("#tooltip").text_content().startswith("pixels.json: occlusion")
+    overlay_scale = page.evaluate("document.querySelector('#overlays canvas.overlay').scale")
+    left, top, _ = _brush_box(page, "#overlays .brush")
+    assert abs(left - (x0 * overlay_scale - 1)) <= 1 and abs(top - (y0 * overlay_scale - 1)) <= 1
+    for n in range(3):  # the same area outlined on every map
+        left, top, width = _brush_box(page, f"#maps .map-panel >> nth={n} >> .brush")
+        assert abs(left - (x0 * scale - 1)) <= 1 and abs(top - (y0 * scale - 1)) <= 1 and abs(width - ((x1 - x0) * scale + 4)) <= 1
+    _hover_column(page, other)  # and back: a heatmap column outlines its area on every map
+    ox0, oy0 = data["units"][other]["box"][:2]
+    for n in range(3):
+        left, top, _ = _brush_box(page, f"#maps .map-panel >> nth={n} >> .brush")
+        assert abs(left - (ox0 * scale - 1)) <= 1 and abs(top - (oy0 * scale - 1)) <= 1
+    page.mouse.move(0, 0)
+    assert [_brush_box(page, f"#maps .map-panel >> nth={n} >> .brush") for n in range(3)] == [None] * 3
+    assert _brush_box(page, "#heat-cursor") is None
+
+
+def test_hovering_compare_brushes_the_matching_unit_in_every_panel_and_back(page, results):
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    pairs = page.evaluate("state.comparePairs")
+    k = next(k for k, (i, j) in enumerate(pairs) if i != j)  # a shared text token at different positions in A and B
+    i, j = pairs[k]
+
+    def column(selector):
+        left = _brush_box(page, f"{selector} + .panel-cursor")
+        return None if left is None else page.locator(selector).evaluate(
+            "(c, left) => Math.round((left + 2 - c.offsetLeft - c.layout.x) / c.layout.cellW)", left[0])
+
+    canvas = page.locator("#heatmap-b")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    x, y, cell_w, cell_h = canvas.evaluate("c => [c.layout.x, c.layout.y, c.layout.cellW, c.layout.cellH]")
+    page.mouse.move(box["x"] + x + (j + 0.5) * cell_w, box["y"] + y + cell_h / 2)
+    heat_left, heat_w = page.locator("#heatmap").evaluate("c => [c.offsetLeft, Number(c.dataset.cellW)]")
+    assert _brush_box(page, "#heat-cursor")[0] == heat_left + i * heat_w - 1  # B's token is A's unit i
+    assert (column("#heatmap-a"), column("#heatmap-b"), column("#heatmap-diff")) == (i, j, k)
+    diff = page.locator("#heatmap-diff")
+    diff.scroll_into_view_if_needed()
+    box = diff.bounding_box()
+    x, y, cell_w, cell_h = diff.evaluate("c => [c.layout.x, c.layout.y, c.layout.cellW, c.layout.cellH]")
+    page.mouse.move(box["x"] + x + (k + 0.5) * cell_w, box["y"] + y + cell_h / 2)
+    assert (column("#heatmap-a"), column("#heatmap-b"), column("#heatmap-diff")) == (i, j, k)
+    _hover_column(page, i)  # and back: the main heatmap's column brushes compare
+    assert (column("#heatmap-a"), column("#heatmap-b"), column("#heatmap-diff")) == (i, j, k)
+    vision = page.evaluate("state.runs[0].units.findIndex((u) => u.modality === 'vision')")
+    _hover_column(page, vision)  # a unit B does not have: only A's column
+    assert (column("#heatmap-a"), column("#heatmap-b"), column("#heatmap-diff")) == (vision, None, None)
+    page.mouse.move(0, 0)
+    assert column("#heatmap-a") is None
+
+
+def test_dragging_the_zoomed_heatmap_pans_it_and_does_not_select(page, tmp_path):
+    path = _synthetic(tmp_path / "long.json", 1600, range(400, 800))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    page.select_option("#zoom", "12")
+    scroller, canvas = page.locator("#heat-scroll"), page.locator("#heatmap")
+    scroller.evaluate("s => { s.scrollLeft = 3000; }")
+    box = scroller.bounding_box()
+    y = canvas.bounding_box()["y"] + 5
+    page.mouse.move(box["x"] + 700, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 500, y, steps=5)
+    page.mouse.move(box["x"] + 300, y, steps=5)
+    page.mouse.up()
+    assert scroller.evaluate("s => s.scrollLeft") == 3400  # dragged 400 px to the left: 400 px further right
+    assert page.evaluate("state.selected") is None  # a drag is not a click
+    page.mouse.move(box["x"] + 700, y, steps=5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 1000, y, steps=5)
+    page.mouse.up()
+    assert scroller.evaluate("s => s.scrollLeft") == 3100 and page.evaluate("state.selected") is None
+    page.mouse.click(box["x"] + 700, y)  # a click that does not move still selects
+    assert page.evaluate("state.selected") == (3100 + 700) // 12
 
 
 def test_the_url_fragment_restores_metric_window_unit_and_scale(page, results):
