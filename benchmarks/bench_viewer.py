@@ -2,10 +2,10 @@
 
     python benchmarks/bench_viewer.py --columns 4156     # 36 windows; 4,096 image tokens + 60 text at 1024×1024
 
-The result is a synthetic schema-2 one: one token unit per column, the image tokens on a square grid over a
+The result is a synthetic schema-2 one with per-step drops (3 answer steps): one token unit per column, the image tokens on a square grid over a
 1024×1024 image (as Qwen3-VL's 64×64 merged grid is), so the image overlay is drawn too (--no-image: without).
 Prints the time from file selection to a drawn heatmap, of one window-slider step (heatmap, strip, overlay), and of
-drawing each exported figure (heatmap, overlay, overlay per window, curves) as PNG or SVG.
+drawing each exported figure (heatmap, overlay, overlay per window, curves, answer steps) as PNG or SVG.
 """
 
 from __future__ import annotations
@@ -56,6 +56,13 @@ def with_image(path: Path, vision: range) -> None:
     path.write_text(json.dumps(data))
 
 
+def with_steps(path: Path) -> None:
+    """Per-step drops for 3 answer steps, summing to each cell's logprob_drop (as results since 0.3 carry)."""
+    data = json.loads(path.read_text())
+    data["steps"] = {"logprob_drop": [[[v / 3] * 3 for v in row] for row in data["metrics"]["logprob_drop"]]}
+    path.write_text(json.dumps(data))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--columns", type=int, default=4156, help="swept units, one token each (36 windows each)")
@@ -63,6 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     vision = range(30, args.columns - 30)
     path = _synthetic(Path(tempfile.mkdtemp()) / "big.json", args.columns, vision)
+    with_steps(path)
     if not args.no_image:
         with_image(path, vision)
     with sync_playwright() as playwright:
@@ -82,7 +90,7 @@ def main() -> None:
             print(f"window slider step to {window}: {time.perf_counter() - started:.3f} s")
         print(f"page width {page.evaluate('document.documentElement.scrollWidth')} px (window 1280)")
         for panel, fmt in (("heatmap", "png"), ("heatmap", "svg"), ("overlay", "png"), ("overlay-grid", "png"),
-                           ("overlay-grid", "svg"), ("curves", "svg")):
+                           ("overlay-grid", "svg"), ("curves", "svg"), ("steps", "png")):
             if args.no_image and panel.startswith("overlay"):
                 continue
             seconds = page.evaluate("""([panel, fmt]) => { const started = performance.now();

@@ -318,6 +318,7 @@ def test_the_slider_and_a_click_show_their_window_and_the_heatmap_marks_it(page,
     assert page.locator("#aggregate").input_value() == "window"
     assert page.locator("#strip").inner_html() != strip_before and page.evaluate(dark) > 0
     canvas = page.locator("#heatmap")
+    canvas.scroll_into_view_if_needed()  # the slider lies below the answer steps: the page scrolled to it
     box = canvas.bounding_box()
     cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
     page.mouse.click(box["x"] + 3.5 * cell_w, box["y"] + 1.5 * cell_h)
@@ -1048,6 +1049,11 @@ def test_hostile_labels_in_the_deepstack_chart_and_the_maps_render_inertly(page,
     assert f"{XSS_PROMPT} " in page.locator("#deepstack-table").text_content()
     assert XSS_PROMPT in page.locator("#maps .map-title").first.text_content()
     assert hostile.name in page.locator("#maps .map-panel").first.text_content()
+    legend = _svg_texts(_export(page, "deepstack", "svg", tmp_path))  # the figures keep them as text
+    assert XSS_PROMPT in legend and any(text.startswith(hostile.name) for text in legend)
+    maps = _svg_texts(_export(page, "maps", "svg", tmp_path))
+    assert f"{hostile.name} · image 1" in maps and f"max over {XSS_PROMPT[:24]}" in " ".join(maps)  # the window label, cut to fit
+    assert page.dialogs == [] and page.locator("img[src='x']").count() == 0
 
 
 # ---------- figure export ----------
@@ -1129,6 +1135,49 @@ def test_compare_and_flows_export_and_hostile_labels_stay_text_in_svg(page, resu
     texts = _svg_texts(_export(page, "flows", "svg", tmp_path))
     for unit in flows["units"]:
         assert unit["label"] in texts  # the legend: one entry per flow
+
+
+def test_answer_steps_deepstack_and_maps_export_png_and_svg_with_title_labels_and_colour_bar(page, results, stage_results, tmp_path):
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    page.evaluate("state.window = 1; state.selected = 20; showWindow()")
+    drops = data["steps"]["logprob_drop"][1][20]
+    svg = _export(page, "steps", "svg", tmp_path)
+    assert svg.name == "vision-steps.svg"
+    texts = _svg_texts(svg)
+    label = page.evaluate("unitName(state.runs[0], 20)")
+    assert any(text.startswith("vision — answer steps · ") and label in text and data["window_labels"][1] in text for text in texts)
+    for token, value in zip(data["baseline"]["tokens"], drops):
+        assert token.replace("\n", "⏎") in texts and f"drop {page.evaluate('(v) => signed(v)', value)}" in texts
+    assert any(text.startswith("drop log p(y_t) − log p_KO(y_t): ") and "(hurts)" in text for text in texts)  # its colour bar
+    size, coloured = _png_colours(_export(page, "steps", "png", tmp_path))
+    assert size[0] >= 400 and coloured > 500, (size, coloured)
+
+    routes = json.loads((stage_results / "deepstack.json").read_text())
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(stage_results / f"{name}.json") for name in ("deepstack", "decoder", "pixels")])
+    expect(page.locator("#maps canvas.overlay[data-painted='1']")).to_have_count(3)
+    texts = _svg_texts(_export(page, "deepstack", "svg", tmp_path))
+    assert "deepstack.json — DeepStack routes · logprob_drop" in texts
+    for label in routes["window_labels"]:
+        assert label in texts  # the legend: one entry per route
+    assert "logprob drop (nats)" in texts and any(text.startswith("unit (") for text in texts)
+    size, coloured = _png_colours(_export(page, "deepstack", "png", tmp_path))
+    assert size[0] >= 900 and coloured > 500, (size, coloured)
+
+    svg = _export(page, "maps", "svg", tmp_path)
+    texts = _svg_texts(svg)
+    assert svg.name == "deepstack-maps.svg" and "deepstack.json — maps side by side · logprob_drop" in texts
+    for name, stage in (("deepstack", "DeepStack routes"), ("decoder", "attention knockout in the decoder"), ("pixels", "occlusion (fill: mean)")):
+        assert stage in texts and f"{name}.json · image 1" in texts
+    assert sum(text.startswith("logprob_drop: ") and "(hurts)" in text for text in texts) == 3  # each panel its colour bar
+    assert svg.read_text().count("<image ") >= 3 + 3  # three tinted pictures, three colour bars
+    page.select_option("#maps-scale", "shared")
+    texts = _svg_texts(_export(page, "maps", "svg", tmp_path))
+    assert sum(text.startswith("logprob_drop, every panel: ") for text in texts) == 1
+    size, coloured = _png_colours(_export(page, "maps", "png", tmp_path))
+    assert size[0] >= 900 and coloured > 1000, (size, coloured)
 
 
 # ---------- colour scale ----------
@@ -1265,6 +1314,103 @@ def test_hovering_a_vision_column_outlines_its_patch_and_hovering_the_image_its_
     assert left == heat_left + other * cell_w - 1
 
 
+def _brush_box(page, selector: str) -> list[int] | None:
+    """A brush outline's [left, top, width] (None when hidden)."""
+    return page.locator(selector).evaluate("b => b.style.display === 'block' ? [b.offsetLeft, b.offsetTop, b.offsetWidth] : null")
+
+
+def test_hovering_a_map_side_by_side_brushes_the_heatmap_overlay_and_every_map_and_back(page, stage_results):
+    data = json.loads((stage_results / "decoder.json").read_text())
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(stage_results / f"{name}.json") for name in ("decoder", "vit", "pixels")])
+    expect(page.locator("#maps canvas.overlay[data-painted='1']")).to_have_count(3)
+    vision = [i for i, unit in enumerate(data["units"]) if unit["modality"] == "vision"]
+    unit, other = vision[5], vision[10]
+    x0, y0, x1, y1 = data["units"][unit]["box"]
+    panel = page.locator("#maps canvas.overlay").nth(2)  # the occlusion's map: its patches lie on the decoder's tokens
+    panel.scroll_into_view_if_needed()
+    scale, at = panel.evaluate("c => c.scale"), panel.bounding_box()
+    page.mouse.move(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
+    heat_left, cell_w = page.locator("#heatmap").evaluate("c => [c.offsetLeft, Number(c.dataset.cellW)]")
+    assert _brush_box(page, "#heat-cursor")[0] == heat_left + unit * cell_w - 1  # the decoder's column for those pixels
+    assert page.locator("#tooltip").text_content().startswith("pixels.json: occlusion")
+    overlay_scale = page.evaluate("document.querySelector('#overlays canvas.overlay').scale")
+    left, top, _ = _brush_box(page, "#overlays .brush")
+    assert abs(left - (x0 * overlay_scale - 1)) <= 1 and abs(top - (y0 * overlay_scale - 1)) <= 1
+    for n in range(3):  # the same area outlined on every map
+        left, top, width = _brush_box(page, f"#maps .map-panel >> nth={n} >> .brush")
+        assert abs(left - (x0 * scale - 1)) <= 1 and abs(top - (y0 * scale - 1)) <= 1 and abs(width - ((x1 - x0) * scale + 4)) <= 1
+    _hover_column(page, other)  # and back: a heatmap column outlines its area on every map
+    ox0, oy0 = data["units"][other]["box"][:2]
+    for n in range(3):
+        left, top, _ = _brush_box(page, f"#maps .map-panel >> nth={n} >> .brush")
+        assert abs(left - (ox0 * scale - 1)) <= 1 and abs(top - (oy0 * scale - 1)) <= 1
+    page.mouse.move(0, 0)
+    assert [_brush_box(page, f"#maps .map-panel >> nth={n} >> .brush") for n in range(3)] == [None] * 3
+    assert _brush_box(page, "#heat-cursor") is None
+
+
+def test_hovering_compare_brushes_the_matching_unit_in_every_panel_and_back(page, results):
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
+    page.wait_for_selector("#compare:not(.hidden)")
+    pairs = page.evaluate("state.comparePairs")
+    k = next(k for k, (i, j) in enumerate(pairs) if i != j)  # a shared text token at different positions in A and B
+    i, j = pairs[k]
+
+    def column(selector):
+        left = _brush_box(page, f"{selector} + .panel-cursor")
+        return None if left is None else page.locator(selector).evaluate(
+            "(c, left) => Math.round((left + 2 - c.offsetLeft - c.layout.x) / c.layout.cellW)", left[0])
+
+    canvas = page.locator("#heatmap-b")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    x, y, cell_w, cell_h = canvas.evaluate("c => [c.layout.x, c.layout.y, c.layout.cellW, c.layout.cellH]")
+    page.mouse.move(box["x"] + x + (j + 0.5) * cell_w, box["y"] + y + cell_h / 2)
+    heat_left, heat_w = page.locator("#heatmap").evaluate("c => [c.offsetLeft, Number(c.dataset.cellW)]")
+    assert _brush_box(page, "#heat-cursor")[0] == heat_left + i * heat_w - 1  # B's token is A's unit i
+    assert (column("#heatmap-a"), column("#heatmap-b"), column("#heatmap-diff")) == (i, j, k)
+    diff = page.locator("#heatmap-diff")
+    diff.scroll_into_view_if_needed()
+    box = diff.bounding_box()
+    x, y, cell_w, cell_h = diff.evaluate("c => [c.layout.x, c.layout.y, c.layout.cellW, c.layout.cellH]")
+    page.mouse.move(box["x"] + x + (k + 0.5) * cell_w, box["y"] + y + cell_h / 2)
+    assert (column("#heatmap-a"), column("#heatmap-b"), column("#heatmap-diff")) == (i, j, k)
+    _hover_column(page, i)  # and back: the main heatmap's column brushes compare
+    assert (column("#heatmap-a"), column("#heatmap-b"), column("#heatmap-diff")) == (i, j, k)
+    vision = page.evaluate("state.runs[0].units.findIndex((u) => u.modality === 'vision')")
+    _hover_column(page, vision)  # a unit B does not have: only A's column
+    assert (column("#heatmap-a"), column("#heatmap-b"), column("#heatmap-diff")) == (vision, None, None)
+    page.mouse.move(0, 0)
+    assert column("#heatmap-a") is None
+
+
+def test_dragging_the_zoomed_heatmap_pans_it_and_does_not_select(page, tmp_path):
+    path = _synthetic(tmp_path / "long.json", 1600, range(400, 800))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    page.select_option("#zoom", "12")
+    scroller, canvas = page.locator("#heat-scroll"), page.locator("#heatmap")
+    scroller.evaluate("s => { s.scrollLeft = 3000; }")
+    box = scroller.bounding_box()
+    y = canvas.bounding_box()["y"] + 5
+    page.mouse.move(box["x"] + 700, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 500, y, steps=5)
+    page.mouse.move(box["x"] + 300, y, steps=5)
+    page.mouse.up()
+    assert scroller.evaluate("s => s.scrollLeft") == 3400  # dragged 400 px to the left: 400 px further right
+    assert page.evaluate("state.selected") is None  # a drag is not a click
+    page.mouse.move(box["x"] + 700, y, steps=5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 1000, y, steps=5)
+    page.mouse.up()
+    assert scroller.evaluate("s => s.scrollLeft") == 3100 and page.evaluate("state.selected") is None
+    page.mouse.click(box["x"] + 700, y)  # a click that does not move still selects
+    assert page.evaluate("state.selected") == (3100 + 700) // 12
+
+
 def test_the_url_fragment_restores_metric_window_unit_and_scale(page, results):
     page.goto((results / "vision.html").as_uri())
     page.wait_for_selector("#run:not(.hidden)")
@@ -1295,23 +1441,68 @@ def test_the_url_fragment_restores_metric_window_unit_and_scale(page, results):
     fresh.close()
 
 
-def test_answer_steps_show_each_baseline_token_and_where_a_knockout_changes_the_answer(page, results):
+def _steps_shown(page) -> list[dict]:
+    """What the answer-steps view shows per step: its values (data-*) and its text."""
+    return page.locator("#steps .step[data-step]").evaluate_all("""cs => cs.map((c) => ({
+        p: c.dataset.p, drop: c.dataset.drop, pko: c.dataset.pko, token: c.querySelector('.step-token').textContent,
+        text: c.querySelector('.step-drop').textContent, bar: getComputedStyle(c.querySelector('.step-bar span')).backgroundColor,
+        diverges: c.classList.contains('diverges')}))""")
+
+
+def test_answer_steps_show_each_steps_drop_for_the_selected_knockout(page, results):
     data = json.loads((results / "vision.json").read_text())
+    tokens, logprobs = data["baseline"]["tokens"], data["baseline"]["logprobs"]
+    assert len(tokens) >= 2
     page.goto((results / "vision.html").as_uri())
     page.wait_for_selector("#run:not(.hidden)")
-    steps = page.locator("#steps .step")
-    assert steps.count() == len(data["baseline"]["tokens"])
-    for t, (text, logprob) in enumerate(zip(data["baseline"]["tokens"], data["baseline"]["logprobs"])):
-        assert steps.nth(t).text_content() == f"{text.replace(chr(10), '⏎')} {100 * math.exp(logprob):.3g}%"
-    assert "per-step changes under a knockout are not in the result" in page.locator("#steps-note").text_content()
     g = next(g for g in data["generations"] if data["metrics"]["first_divergence"][data["windows"].index(g["window"])][g["unit"]] is not None)
-    w = data["windows"].index(g["window"])
-    step = data["metrics"]["first_divergence"][w][g["unit"]]
-    page.evaluate("([w, i]) => { state.window = w; state.selected = i; showWindow(); }", [w, g["unit"]])
-    assert page.locator("#steps .diverges").count() == 1
-    assert steps.nth(step).evaluate("s => s.classList.contains('diverges')")
-    note = page.locator("#steps-note").text_content()
-    assert f"first changes at step {step + 1}" in note and json.dumps(g["text"]) in note
+    w, i = data["windows"].index(g["window"]), g["unit"]
+    page.evaluate("([w, i]) => { state.window = w; state.selected = i; showWindow(); }", [w, i])
+    drops = data["steps"]["logprob_drop"][w][i]
+    shown = _steps_shown(page)
+    assert [s["token"] for s in shown] == [t.replace("\n", "⏎") for t in tokens]
+    for t, step in enumerate(shown):
+        assert float(step["drop"]) == drops[t]  # the JSON's value, exactly
+        assert math.isclose(float(step["p"]), math.exp(logprobs[t]), rel_tol=1e-12)
+        assert math.isclose(float(step["pko"]), math.exp(logprobs[t] - drops[t]), rel_tol=1e-12)
+        assert math.isclose(float(step["text"].split()[-1]), drops[t], rel_tol=5e-3, abs_tol=1e-9)  # drop +8.622
+        red, green, blue = (int(v) for v in step["bar"][4:-1].split(",")[:3])
+        if drops[t] > 0.05 * abs(max(drops, key=abs)):
+            assert red == 255 and green < 255 and blue < 255  # red: this step's token got less likely
+    assert [s["diverges"] for s in shown] == [t == data["metrics"]["first_divergence"][w][i] for t in range(len(tokens))]
+    total = data["metrics"]["logprob_drop"][w][i]
+    assert math.isclose(sum(drops), total, rel_tol=1e-5, abs_tol=1e-6)  # the steps sum to the knockout's logprob_drop
+    summed = page.locator("#steps .step-sum").text_content()
+    assert f"logprob_drop +{page.evaluate('(v) => fmt(v)', total)}" in summed
+    assert page.locator("#steps-title").text_content().endswith(f"knocked out in {data['window_labels'][w]}")
+    assert f'answer generated under it: {json.dumps(g["text"])}' in page.locator("#steps-note").text_content()
+    # another cell, clicked in the heatmap: the view follows it
+    other = next(j for j in range(len(data["units"])) if j != i and data["steps"]["logprob_drop"][0][j] != drops)
+    canvas = page.locator("#heatmap")
+    box = canvas.bounding_box()
+    cell_w, cell_h = canvas.evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
+    page.mouse.click(box["x"] + (other + 0.5) * cell_w, box["y"] + 0.5 * cell_h)
+    assert [float(s["drop"]) for s in _steps_shown(page)] == data["steps"]["logprob_drop"][0][other]
+    page.locator("#steps").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "viewer_steps.png"))
+
+
+def test_answer_steps_of_a_result_without_per_step_data_say_so(page, results, tmp_path):
+    data = json.loads((results / "vision.json").read_text())
+    del data["steps"]  # a result written before per-step data
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "old.json")])
+    page.wait_for_selector("#run:not(.hidden)")
+    page.evaluate("state.selected = 3; showWindow()")
+    shown = _steps_shown(page)
+    assert len(shown) == len(data["baseline"]["tokens"]) and all(s["drop"] == "" and s["pko"] == "" for s in shown)
+    for step, logprob in zip(shown, data["baseline"]["logprobs"]):
+        assert math.isclose(float(step["p"]), math.exp(logprob), rel_tol=1e-12)  # the baseline's probabilities stay
+    assert page.locator("#steps .step-sum").count() == 0
+    assert "this result has no per-step data" in page.locator("#steps-note").text_content()
+    svg = _svg_texts(_export(page, "steps", "svg", tmp_path))
+    assert any("no per-step data" in text for text in svg)
 
 
 # ---------- batch overview ----------
@@ -1389,5 +1580,9 @@ def test_hostile_text_in_the_new_views_renders_inertly(page, results, tmp_path):
     assert page.locator("#steps .step").first.text_content().startswith(XSS_PROMPT)
     assert json.dumps(XSS_PROMPT) in page.locator("#steps-note").text_content()
     assert XSS_PROMPT in page.locator("#heat-readout").text_content()
+    assert XSS_PROMPT in page.locator("#steps-title").text_content()
+    steps = _svg_texts(_export(page, "steps", "svg", tmp_path))
+    assert any(text.startswith("hostile.json — answer steps · ") and XSS_PROMPT in text for text in steps)  # the unit label
+    assert f"{XSS_PROMPT[:15]}…" in steps  # the first answer token, cut to its cell
     page.wait_for_timeout(300)
     assert page.dialogs == [] and page.locator("img[src='x']").count() == 0 and page.locator("script").count() == 2
