@@ -341,13 +341,15 @@ class KnockoutResult:
                         dtype=float).reshape(len(grids[name]), -1, length)
 
     def top(self, k: int = 10, metric: str = "logprob_drop") -> list[dict]:
-        """The ``k`` (window, unit) cells with the largest ``metric``, largest first."""
+        """The ``k`` (window, unit) cells with the largest ``metric``, largest first; cells with no value (not
+        computed exactly in an ``estimate`` run; a ``first_divergence`` that never came) are left out."""
         if not isinstance(k, numbers.Integral) or isinstance(k, bool):
             raise InvalidType(f"top(): k must be an int, not {type(k).__name__}")
         if k < 0:
             raise InvalidArgument(f"top(): k must be 0 or more (got {k})")
         values = self.metric(metric)
-        order = np.argsort(-np.nan_to_num(values, nan=-np.inf), axis=None, kind="stable")[:k]
+        order = np.argsort(-np.nan_to_num(values, nan=-np.inf), axis=None, kind="stable")
+        order = [flat for flat in order if not np.isnan(values.flat[flat])][:k]
         cells = []
         for flat in order:
             w, u = divmod(int(flat), values.shape[1])
