@@ -1714,3 +1714,60 @@ def test_hostile_estimate_notes_and_method_render_inertly(page, estimate_results
     assert page.locator("#estimate-method").text_content() == f"method: {XSS_PROMPT}"
     page.wait_for_timeout(300)
     assert page.dialogs == [] and page.locator("img[src='x']").count() == 0 and page.locator("script").count() == 2
+
+
+# ---------- DeepStack chart labels ----------
+
+def _corners(box: dict) -> list[tuple[float, float]]:
+    """A label's outline on the canvas: its measured width, ascent and descent, turned by its angle about its anchor."""
+    x0 = -box["width"] if box["align"] == "right" else -box["width"] / 2
+    x1 = x0 + box["width"]
+    y0, y1 = box.get("dy", 0) - box["ascent"], box.get("dy", 0) + box["descent"]
+    a = math.radians(box["angle"])
+    return [(box["x"] + x * math.cos(a) - y * math.sin(a), box["y"] + x * math.sin(a) + y * math.cos(a))
+            for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]
+
+
+def _overlap(p: list, q: list) -> bool:
+    """Two convex outlines overlap unless an edge's normal separates them (separating axis theorem)."""
+    for poly in (p, q):
+        for k in range(len(poly)):
+            (ax, ay), (bx, by) = poly[k], poly[(k + 1) % len(poly)]
+            nx, ny = ay - by, bx - ax
+            sp, sq = [nx * x + ny * y for x, y in p], [nx * x + ny * y for x, y in q]
+            if max(sp) <= min(sq) or max(sq) <= min(sp):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_the_deepstack_chart_labels_do_not_overlap_on_the_page_or_in_its_figure(page, stage_results, tmp_path, width):
+    data = json.loads((stage_results / "deepstack.json").read_text())
+    assert len(data["units"]) >= 12
+    page.set_viewport_size({"width": width, "height": 900})
+    page.goto((stage_results / "deepstack.html").as_uri())
+    page.wait_for_selector("#deepstack-section:not(.hidden)")
+    chart = page.locator("#deepstack-chart")
+    assert chart.get_attribute("data-units") == "12"
+    boxes = chart.evaluate("c => c.labelBoxes")
+    shown = page.evaluate("chartUnits(state.runs[0], 'logprob_drop')")
+    assert [b["text"] for b in boxes] == [data["units"][i]["label"] for i in shown]  # every label whole, none cut
+    outlines = [_corners(b) for b in boxes]
+    height = chart.evaluate("c => c.height")
+    for k, outline in enumerate(outlines):
+        assert all(0 <= y <= height for _, y in outline), boxes[k]  # inside the canvas
+        for other in outlines[k + 1:]:
+            assert not _overlap(outline, other), boxes[k]
+    # the figure: its SVG opened in the browser, each label's rendered box (getBBox, turned by its transform)
+    svg = _export(page, "deepstack", "svg", tmp_path)
+    viewer = page.context.new_page()
+    viewer.goto(svg.as_uri())
+    rendered = viewer.evaluate("""() => [...document.querySelectorAll('text')].filter((t) => t.getAttribute('style').includes('monospace'))
+        .map((t) => { const b = t.getBBox(), m = t.getCTM();
+            return [t.textContent, [[b.x, b.y], [b.x + b.width, b.y], [b.x + b.width, b.y + b.height], [b.x, b.y + b.height]]
+                .map(([x, y]) => [m.a * x + m.c * y + m.e, m.b * x + m.d * y + m.f])]; })""")
+    viewer.close()
+    assert [text for text, _ in rendered] == [data["units"][i]["label"] for i in shown]
+    for k, (text, outline) in enumerate(rendered):
+        for other_text, other in rendered[k + 1:]:
+            assert not _overlap(outline, other), (text, other_text)
