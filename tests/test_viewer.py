@@ -1586,3 +1586,188 @@ def test_hostile_text_in_the_new_views_renders_inertly(page, results, tmp_path):
     assert f"{XSS_PROMPT[:15]}…" in steps  # the first answer token, cut to its cell
     page.wait_for_timeout(300)
     assert page.dialogs == [] and page.locator("img[src='x']").count() == 0 and page.locator("script").count() == 2
+
+
+# ---------- --estimate K ----------
+
+@pytest.fixture(scope="module")
+def estimate_results(tmp_path_factory):
+    """A text and a VL demo run triaged by gradient: the estimated map, exact cells (top K and a random sample)."""
+    folder = tmp_path_factory.mktemp("estimate")
+    common = ["--demo", "--output-dir", str(folder), "--no-progress"]
+    assert main([*common, "--estimate", "5", "--num-tokens", "2", "--output", "est"], False) == 0
+    assert main([*common, "--mask-mode", "both", "--estimate", "8", "--output", "estvl"], True) == 0
+    return folder
+
+
+def _pixel(page, x: float, y: float) -> list[int]:
+    return page.evaluate("""([x, y]) => [...document.querySelector('#heatmap').getContext('2d')
+        .getImageData(Math.floor(x), Math.floor(y), 1, 1).data.slice(0, 3)]""", [x, y])
+
+
+@pytest.mark.parametrize("name", ["est", "estvl"])
+def test_an_estimate_run_shows_the_estimated_map_marks_the_exact_cells_and_its_quality(page, estimate_results, name):
+    data = json.loads((estimate_results / f"{name}.json").read_text())
+    est, exact = data["estimate"], data["metrics"]["logprob_drop"]
+    top = {tuple(c) for c in est["exact_cells"]["top"]}
+    sample = {tuple(c) for c in est["exact_cells"]["sample"]}
+    W, U = len(data["windows"]), len(data["units"])
+    computed = {(w, i) for w in range(W) for i in range(U) if exact[w][i] is not None}
+    assert top and sample and computed == top | sample and len(computed) < W * U  # the rest was only estimated
+    page.goto((estimate_results / f"{name}.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert page.locator("#estimate").is_visible()
+    options = page.locator("#metric option").evaluate_all("os => os.map((o) => o.value)")
+    assert "estimated_logprob_drop" in options
+    cw, ch = page.locator("#heatmap").evaluate("c => [Number(c.dataset.cellW), Number(c.dataset.cellH)]")
+    assert cw >= 8 and ch >= 8
+
+    # the exact map: computed cells coloured, every other cell grey; top-K cells outlined, sample cells dotted
+    black = lambda rgb: max(rgb) < 40  # noqa: E731
+    for w in range(W):
+        for i in range(U):
+            x0, y0 = i * cw, w * ch
+            edge, centre, inner = _pixel(page, x0 + 0.5, y0 + ch / 2), _pixel(page, x0 + cw / 2, y0 + ch / 2), _pixel(page, x0 + cw / 4, y0 + ch / 4)
+            assert black(edge) == ((w, i) in top), (w, i, edge)
+            assert black(centre) == ((w, i) in sample), (w, i, centre)
+            if (w, i) not in computed:
+                assert inner == [235, 235, 235], (w, i, inner)
+    text = page.locator("#estimate-cells").text_content()
+    assert f"{len(computed)} of {W * U} cells were computed exactly" in text and "estimated, not computed" in text
+    assert "every grey cell was estimated, not computed" in text
+
+    # the quality line: the JSON's figures
+    import re
+    quality = page.locator("#estimate-quality").text_content()
+    found = re.search(r"Spearman ρ (\S+) over all (\d+) exact cells, (\S+) over the random sample alone \((\d+) cells\); "
+                      r"top-K recall (\S+); K = (\d+), sample = (\d+), seed (\d+)", quality)
+    assert found, quality
+    rho, n, rho_sample, n_sample, recall, k, r, seed = found.groups()
+    assert float(rho) == pytest.approx(est["spearman"], abs=5e-4) and int(n) == len(computed)
+    assert float(rho_sample) == pytest.approx(est["spearman_sample"], abs=5e-4) and int(n_sample) == len(sample - top)
+    assert float(recall) == pytest.approx(est["top_k_recall"], abs=5e-4)
+    assert (int(k), int(r), int(seed)) == (est["top_k"], est["sample"], est["seed"])
+    assert page.locator("#estimate-method").text_content() == f"method: {est['method']}"
+
+    # the estimated map: every cell painted from estimate.logprob_drop (full range: ±the largest |estimate|)
+    page.select_option("#scale", "full")
+    page.select_option("#metric", "estimated_logprob_drop")
+    grid = est["logprob_drop"]
+    top_value = max(abs(v) for row in grid for v in row)
+    for w in range(W):
+        for i in range(U):
+            t = max(-1.0, min(1.0, grid[w][i] / top_value))
+            want = [255, 255 * (1 - t), 255 * (1 - t)] if t >= 0 else [255 * (1 + t), 255 * (1 + t), 255]
+            got = _pixel(page, i * cw + cw / 4, w * ch + ch / 4)
+            assert all(abs(a - b) <= 1 for a, b in zip(got, want)), (w, i, got, want)
+    assert "This map shows the estimate of every cell" in page.locator("#estimate-cells").text_content()
+    assert page.evaluate("fragment => location.hash.includes('metric=estimated_logprob_drop')", None)
+    tip = _hover_column(page, 0, 0)
+    assert f"estimated_logprob_drop {page.evaluate('(v) => fmt(v)', grid[0][0])}" in " ".join(tip.split())
+
+
+def test_the_estimated_map_tints_the_overlay_and_unestimated_units_stay_untinted_on_the_exact_map(page, estimate_results):
+    data = json.loads((estimate_results / "estvl.json").read_text())
+    grid, exact = data["estimate"]["logprob_drop"], data["metrics"]["logprob_drop"]
+    units = data["units"]
+    vision = [i for i, u in enumerate(units) if u["modality"] == "vision"]
+    peak = max(vision, key=lambda i: max(row[i] for row in grid))
+    unseen = next(i for i in vision if all(row[i] is None for row in exact) and max(abs(row[i]) for row in grid) > 0)
+    page.goto((estimate_results / "estvl.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    page.locator("#opacity").fill("0")
+    plain_unseen = _overlay_pixels(page, units[unseen]["box"])
+    page.locator("#opacity").fill("100")
+    assert _overlay_pixels(page, units[unseen]["box"]) == plain_unseen  # no exact value: the picture shows through
+    assert "estimated, not computed" in page.locator("#overlay-legend").text_content()
+    page.select_option("#metric", "estimated_logprob_drop")
+    red = [r >= 200 and g <= 60 and b <= 60 for r, g, b in _overlay_pixels(page, units[peak]["box"])]
+    assert sum(red) > 0.9 * len(red)
+    page.locator("#log").check()  # its estimate is small beside the peak's: the signed log shows it
+    assert _overlay_pixels(page, units[unseen]["box"]) != plain_unseen  # the estimate tints it
+    assert page.locator("#overlay-scale").text_content().startswith("estimated_logprob_drop (max over windows)")
+    page.screenshot(path=str(ARTIFACTS / "viewer_estimate.png"), full_page=True)
+
+
+def test_a_result_without_an_estimate_is_unchanged_and_compare_with_one_works(page, results, estimate_results):
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    assert not page.locator("#estimate").is_visible()
+    assert "estimated_logprob_drop" not in page.locator("#metric").inner_text()
+    assert "estimated" not in page.locator("#overlay-legend").text_content()
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(estimate_results / "estvl.json"), str(results / "vision.json")])
+    expect(page.locator("#compare")).to_be_visible()
+    page.select_option("#metric", "estimated_logprob_drop")  # B has no estimate: its cells are grey, nothing breaks
+    assert page.locator("#compare-scale").text_content().startswith("A and B on one scale, estimated_logprob_drop")
+
+
+def test_hostile_estimate_notes_and_method_render_inertly(page, estimate_results, tmp_path):
+    data = json.loads((estimate_results / "est.json").read_text())
+    data["estimate"]["notes"] = [XSS_PROMPT, "second"]
+    data["estimate"]["method"] = XSS_PROMPT
+    (tmp_path / "hostile.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "hostile.json")])
+    expect(page.locator("#estimate")).to_be_visible()
+    assert page.locator("#estimate-notes li").all_text_contents() == [XSS_PROMPT, "second"]
+    assert page.locator("#estimate-method").text_content() == f"method: {XSS_PROMPT}"
+    page.wait_for_timeout(300)
+    assert page.dialogs == [] and page.locator("img[src='x']").count() == 0 and page.locator("script").count() == 2
+
+
+# ---------- DeepStack chart labels ----------
+
+def _corners(box: dict) -> list[tuple[float, float]]:
+    """A label's outline on the canvas: its measured width, ascent and descent, turned by its angle about its anchor."""
+    x0 = -box["width"] if box["align"] == "right" else -box["width"] / 2
+    x1 = x0 + box["width"]
+    y0, y1 = box.get("dy", 0) - box["ascent"], box.get("dy", 0) + box["descent"]
+    a = math.radians(box["angle"])
+    return [(box["x"] + x * math.cos(a) - y * math.sin(a), box["y"] + x * math.sin(a) + y * math.cos(a))
+            for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]
+
+
+def _overlap(p: list, q: list) -> bool:
+    """Two convex outlines overlap unless an edge's normal separates them (separating axis theorem)."""
+    for poly in (p, q):
+        for k in range(len(poly)):
+            (ax, ay), (bx, by) = poly[k], poly[(k + 1) % len(poly)]
+            nx, ny = ay - by, bx - ax
+            sp, sq = [nx * x + ny * y for x, y in p], [nx * x + ny * y for x, y in q]
+            if max(sp) <= min(sq) or max(sq) <= min(sp):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_the_deepstack_chart_labels_do_not_overlap_on_the_page_or_in_its_figure(page, stage_results, tmp_path, width):
+    data = json.loads((stage_results / "deepstack.json").read_text())
+    assert len(data["units"]) >= 12
+    page.set_viewport_size({"width": width, "height": 900})
+    page.goto((stage_results / "deepstack.html").as_uri())
+    page.wait_for_selector("#deepstack-section:not(.hidden)")
+    chart = page.locator("#deepstack-chart")
+    assert chart.get_attribute("data-units") == "12"
+    boxes = chart.evaluate("c => c.labelBoxes")
+    shown = page.evaluate("chartUnits(state.runs[0], 'logprob_drop')")
+    assert [b["text"] for b in boxes] == [data["units"][i]["label"] for i in shown]  # every label whole, none cut
+    outlines = [_corners(b) for b in boxes]
+    height = chart.evaluate("c => c.height")
+    for k, outline in enumerate(outlines):
+        assert all(0 <= y <= height for _, y in outline), boxes[k]  # inside the canvas
+        for other in outlines[k + 1:]:
+            assert not _overlap(outline, other), boxes[k]
+    # the figure: its SVG opened in the browser, each label's rendered box (getBBox, turned by its transform)
+    svg = _export(page, "deepstack", "svg", tmp_path)
+    viewer = page.context.new_page()
+    viewer.goto(svg.as_uri())
+    rendered = viewer.evaluate("""() => [...document.querySelectorAll('text')].filter((t) => t.getAttribute('style').includes('monospace'))
+        .map((t) => { const b = t.getBBox(), m = t.getCTM();
+            return [t.textContent, [[b.x, b.y], [b.x + b.width, b.y], [b.x + b.width, b.y + b.height], [b.x, b.y + b.height]]
+                .map(([x, y]) => [m.a * x + m.c * y + m.e, m.b * x + m.d * y + m.f])]; })""")
+    viewer.close()
+    assert [text for text, _ in rendered] == [data["units"][i]["label"] for i in shown]
+    for k, (text, outline) in enumerate(rendered):
+        for other_text, other in rendered[k + 1:]:
+            assert not _overlap(outline, other), (text, other_text)
