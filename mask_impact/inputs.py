@@ -37,6 +37,7 @@ class ImageInfo:
     mode: str = "RGB"  # the file's pixel mode before conversion to 8-bit RGB
     notes: list[str] = field(default_factory=list)  # frames dropped, bit depth scaled, transparency
     crop: list[int] | None = None  # [left, top, width, height] of the resized picture the tower sees; None: all
+    layout: dict | None = None  # the family's tile arithmetic (LLaVA-NeXT's anyres views); None: one grid
 
 
 @dataclass
@@ -50,6 +51,7 @@ class TokenInfo:
     row: int | None = None
     col: int | None = None
     box: list[float] | None = None  # [x0, y0, x1, y1] in original-image pixels
+    part: str | None = None  # which view or kind of vision token (LLaVA-NeXT: base, tiles, newline, padding)
 
 
 @dataclass
@@ -358,8 +360,8 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
         raise UsageError(f"the prompt has {count} image placeholder{'s' if count != 1 else ''} ({image_pad}) for "
                          f"{len(images)} image{'s' if len(images) != 1 else ''}; give one --image per placeholder")
     encoded = processor(text=[full_text], images=images or None, return_tensors="pt", **limits.processor_kwargs())
-    model_kwargs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-                    if key in encoded}
+    model_kwargs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "image_sizes",
+                                                      "mm_token_type_ids") if key in encoded}
     input_ids = encoded["input_ids"]
     if pieces is not None:  # the user's text and the template after it, both plain text tokens
         tail = torch.tensor([pieces[1] + pieces[2]], dtype=input_ids.dtype)
@@ -381,7 +383,8 @@ def _image_info(path: str, file: ImageFile, grid_thw: list[int], loaded, limits)
     thumb.save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
     return ImageInfo(path, image.width, image.height, grid_thw, resized_width, resized_height, url, resize,
-                     file.mode, file.notes(), loaded.adapter.crop(grid_thw, resized_width, resized_height))
+                     file.mode, file.notes(), loaded.adapter.crop(grid_thw, resized_width, resized_height),
+                     loaded.adapter.layout(limits, image.width, image.height, path))
 
 
 def token_table(ids: list[int], tokenizer, adapter, images: list[ImageInfo]) -> list[TokenInfo]:
@@ -398,9 +401,9 @@ def token_table(ids: list[int], tokenizer, adapter, images: list[ImageInfo]) -> 
             modality = "special" if token_id in special_ids else "text"
             rows.append(TokenInfo(index, token_id, text, modality))
             continue
-        if image_index < 0 or seen == adapter.tokens_per_image(images[image_index].grid_thw):
+        if image_index < 0 or seen == adapter.image_tokens(images[image_index]):
             image_index, seen = image_index + 1, 0
-        t, row, col, box = adapter.token_cell(images[image_index], seen)
-        rows.append(TokenInfo(index, token_id, text, "vision", image_index, t, row, col, box))
+        t, row, col, box, *part = adapter.token_cell(images[image_index], seen)
+        rows.append(TokenInfo(index, token_id, text, "vision", image_index, t, row, col, box, *part))
         seen += 1
     return rows

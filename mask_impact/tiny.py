@@ -96,6 +96,32 @@ def _llava(tokenizer):
     return transformers.LlavaForConditionalGeneration(config), processor
 
 
+PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]  # LLaVA-NeXT's 336-px list, scaled to 64 px
+
+
+def _llava_next(tokenizer):
+    """LLaVA-NeXT in small: the base image and "anyres" tiles of 64×64 (a 4×4 grid of 16-px patches each), best fit
+    among ``PINPOINTS``, a learned image newline after each row of the tiles' unpadded feature map; a Llama decoder."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=64, patch_size=16)
+    text = dict(_text(tokenizer, head_dim=16), model_type="llama",
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config = transformers.LlavaNextConfig(vision_config=vision, text_config=text,
+                                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                          image_grid_pinpoints=PINPOINTS, image_seq_length=16,
+                                          tie_word_embeddings=False)
+    image_processor = transformers.LlavaNextImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_grid_pinpoints=PINPOINTS,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+                                                vision_feature_select_strategy="default",
+                                                num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    return transformers.LlavaNextForConditionalGeneration(config), processor
+
+
 def build_tiny(folder: Path, model_type: str, seed: int = 0) -> Path:
     """A tiny random-weight checkpoint of ``model_type`` in ``folder``; deterministic for a given seed."""
     if model_type in ("qwen3_vl", "qwen3_vl_moe"):
@@ -114,8 +140,8 @@ def build_tiny(folder: Path, model_type: str, seed: int = 0) -> Path:
             transformers.Qwen2VLForConditionalGeneration
         model = model_class(config)
         _qwen2_vl_processor(tokenizer, windowed).save_pretrained(folder)
-    elif model_type == "llava":
-        model, processor = _llava(tokenizer)
+    elif model_type in ("llava", "llava_next"):
+        model, processor = (_llava if model_type == "llava" else _llava_next)(tokenizer)
         processor.save_pretrained(folder)
     elif model_type in ("gemma2", "gemma3_text"):
         config = _gemma_config(tokenizer, model_type)

@@ -327,11 +327,14 @@ def words(prompt, tokenizer, positions: list[int]) -> list[list[int]]:
 
 
 def regions(prompt, positions: list[int], size: int | None) -> list[list[int]]:
-    """Vision ``positions`` grouped by image, then by ``size``×``size`` block of the merged grid (raster order);
-    ``size`` None: one group per image."""
+    """Vision ``positions`` grouped by image, then by ``size``×``size`` block of the merged grid (raster order; each
+    view of LLaVA-NeXT, ``t``, on its own; tokens without a box, its image newlines, in no block); ``size`` None:
+    one group per image."""
     blocks: dict[tuple, list[int]] = {}
     for p in positions:
         tok = prompt.tokens[p]
+        if size is not None and tok.box is None:
+            continue
         key = (tok.image,) if size is None else (tok.image, tok.t, tok.row // size, tok.col // size)
         blocks.setdefault(key, []).append(p)
     return [blocks[key] for key in sorted(blocks)]
@@ -340,6 +343,10 @@ def regions(prompt, positions: list[int], size: int | None) -> list[list[int]]:
 def exact_box(prompt, tok) -> tuple[float, float, float, float]:
     """A vision token's box in original-image pixels, unrounded (``tok.box`` is rounded to 0.01 for reading)."""
     info = prompt.images[tok.image]
+    if info.layout is not None:  # LLaVA-NeXT's views
+        from .families.llava_next import layout_cell
+
+        return layout_cell(info.layout, info.width, info.height, _rank_in_image(prompt, tok))[4]
     rows = 1 + max(t.row for t in prompt.tokens if t.image == tok.image and t.row is not None)
     cols = 1 + max(t.col for t in prompt.tokens if t.image == tok.image and t.col is not None)
     if info.crop is None:  # the grid tiles the whole picture
@@ -349,6 +356,11 @@ def exact_box(prompt, tok) -> tuple[float, float, float, float]:
     sx, sy = info.width / info.resized_width, info.height / info.resized_height
     return ((left + tok.col * width / cols) * sx, (top + tok.row * height / rows) * sy,
             (left + (tok.col + 1) * width / cols) * sx, (top + (tok.row + 1) * height / rows) * sy)
+
+
+def _rank_in_image(prompt, tok) -> int:
+    """Which of its image's vision tokens ``tok`` is (0 for the first; an image's tokens are one run)."""
+    return tok.index - next(t.index for t in prompt.tokens if t.image == tok.image)
 
 
 def overlaps(box, other) -> bool:
@@ -378,7 +390,10 @@ def _label(prompt, kind: str, positions: list[int], tokenizer=None) -> str:
     tokens = [prompt.tokens[p] for p in positions]
     if kind == "token":  # an image token by its place: their texts are all the same placeholder
         first = tokens[0]
-        return first.text if first.modality != "vision" else f"image{first.image + 1} r{first.row} c{first.col}"
+        if first.modality != "vision":
+            return first.text
+        part = f" {first.part}" if first.part else ""
+        return f"image{first.image + 1}{part} r{first.row}" + ("" if first.col is None else f" c{first.col}")
     if kind == "word":  # decoded together: a character split over tokens comes out whole
         text = tokenizer.decode([tok.id for tok in tokens]) if tokenizer is not None else "".join(t.text for t in tokens)
         return text.strip() or text
@@ -388,7 +403,7 @@ def _label(prompt, kind: str, positions: list[int], tokenizer=None) -> str:
     rows = sorted({tok.row for tok in tokens})
     cols = sorted({tok.col for tok in tokens})
     span = lambda values: f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"  # noqa: E731
-    frame = f" t{first.t}" if first.t else ""
+    frame = f" {first.part}" if first.part else (f" t{first.t}" if first.t else "")
     return f"image{first.image + 1}{frame} r{span(rows)} c{span(cols)}"
 
 

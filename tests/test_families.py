@@ -24,7 +24,7 @@ from mask_impact.inputs import build_prompt
 from mask_impact.knockout import apply_plan, knockout_attention_installed
 from mask_impact.models import load_model
 from mask_impact.tiny import WINDOW, build_tiny
-from mask_impact.units import build_units, positions_for
+from mask_impact.units import build_units, overlaps, positions_for
 from tests.conftest import cli_error, draw_image
 from tests.test_identities import _plan_logits, assert_no_knockout_is_native
 
@@ -37,6 +37,7 @@ TABLE = {
     "qwen2_vl": ("word", "region:2", "image"),
     "qwen2_5_vl": ("word", "region:2", "image"),
     "llava": ("word", "region:2", "image"),
+    "llava_next": ("word", "region:2", "image"),
     "qwen3": ("word",),
     "qwen2": ("word",),
     "llama": ("word",),
@@ -285,6 +286,7 @@ def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, pictur
     ("qwen2_5_vl", "deepstack", "it has no DeepStack"),
     ("qwen2_5_vl", "vision-encoder", "--stage vision-encoder is not available for qwen2_5_vl"),
     ("llava", "pixels", "--stage pixels is not available for llava models; it supports --stage decoder"),
+    ("llava_next", "vision-encoder", "--stage vision-encoder is not available for llava_next models"),
 ])
 def test_a_stage_the_family_lacks_is_one_line(checkpoints, picture, in_tmp, capsys, model_type, stage, message):
     err = cli_error(capsys, _argv(checkpoints.folder(model_type), "--image", picture, "--stage", stage, "--output",
@@ -327,7 +329,20 @@ def _redness(loaded, prompt) -> torch.Tensor:
     mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
     values = prompt.model_kwargs["pixel_values"].float()
     vision = [t for t in prompt.tokens if t.modality == "vision"]
-    if loaded.model.config.model_type == "llava":  # (n, C, H, W): the crop itself
+    if loaded.model.config.model_type == "llava_next":  # (1, views, C, H, W): the base view, then the tiles
+        pixels = values[0] * std[None, :, None, None] + mean[None, :, None, None]
+        layout, p = prompt.images[0].layout, loaded.adapter.patch_size
+        grid, across = layout["base_grid"], layout["tiles"][0]
+        cells = []
+        for t in vision:
+            if t.box is None:  # an image newline: no pixels
+                cells.append(torch.zeros(3, 1))
+                continue
+            r, c = (t.row, t.col) if t.t == 0 else (layout["rows"][t.row], layout["cols"][t.col])
+            view = 0 if t.t == 0 else 1 + (r // grid) * across + c // grid
+            r, c = r % grid, c % grid
+            cells.append(pixels[view, :, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(3, -1))
+    elif loaded.model.config.model_type == "llava":  # (n, C, H, W): the crop itself
         pixels = values * std[None, :, None, None] + mean[None, :, None, None]
         p = loaded.adapter.patch_size
         cells = [pixels[t.image, :, t.row * p:(t.row + 1) * p, t.col * p:(t.col + 1) * p].reshape(3, -1) for t in vision]
@@ -341,25 +356,83 @@ def _redness(loaded, prompt) -> torch.Tensor:
 @pytest.mark.parametrize("model_type", [t for t, cls in REGISTRY.items() if cls.takes_images])
 def test_the_token_whose_box_holds_a_marker_is_the_one_whose_pixels_show_it(checkpoints, tmp_path, model_type):
     """Markers in known places: the one token whose box holds a marker is the token whose pixels are red. A marker
-    that no box holds (LLaVA's centre crop cuts off the side strips) is in no token's pixels."""
+    that no box holds (LLaVA's centre crop cuts off the side strips) is in no token's pixels. LLaVA-NeXT sees the
+    picture twice, in its base view and in its tiles: one token of each view holds the marker, the reddest of that
+    view; its newline tokens have no box and no pixels."""
     loaded = checkpoints.loaded(model_type)
     held = 0
     for number, corner in enumerate(MARKERS):
         prompt = build_prompt(loaded, "Where is the red dot?", [_marked_picture(tmp_path / f"{number}.png", corner)])
-        vision = [t for t in prompt.tokens if t.modality == "vision"]
-        holding = [t for t in vision if t.box[0] <= corner[0] and corner[0] + 4 <= t.box[2]
-                   and t.box[1] <= corner[1] and corner[1] + 4 <= t.box[3]]
-        redness = _redness(loaded, prompt)
-        if holding:
-            assert len(holding) == 1, corner  # boxes do not overlap
-            assert vision.index(holding[0]) == int(redness.argmax()), corner
-            held += 1
-        else:
-            centre = (corner[0] + 2, corner[1] + 2)
-            assert not any(t.box[0] <= centre[0] <= t.box[2] and t.box[1] <= centre[1] <= t.box[3] for t in vision)
-            assert redness.max() < 0.01, corner
+        every = [t for t in prompt.tokens if t.modality == "vision"]
+        redness_of_all = _redness(loaded, prompt)
+        for view in sorted({t.t for t in every}):
+            vision = [t for t in every if t.t == view and t.box is not None]
+            redness = redness_of_all[[every.index(t) for t in vision]]
+            holding = [t for t in vision if t.box[0] <= corner[0] and corner[0] + 4 <= t.box[2]
+                       and t.box[1] <= corner[1] and corner[1] + 4 <= t.box[3]]
+            if holding:
+                assert len(holding) == 1, (corner, view)  # boxes of one view do not overlap
+                assert vision.index(holding[0]) == int(redness.argmax()), (corner, view)
+                held += 1
+            else:  # a marker across a box edge (LLaVA-NeXT's tiles): the reddest token is one it overlaps
+                square = [corner[0], corner[1], corner[0] + 4, corner[1] + 4]
+                touched = [vision.index(t) for t in vision if overlaps(t.box, square)]
+                if touched:
+                    assert int(redness.argmax()) in touched, (corner, view)
+                    held += 1
+                else:  # outside every box (LLaVA's centre crop): in no token's pixels
+                    assert redness.max() < 0.01, corner
+        if model_type == "llava_next":  # both views tile the whole picture; newlines end each row of the tiles
+            assert {t.part for t in every} == {"base", "tiles", "newline"}
+            assert all((t.box is None) == (t.part == "newline") for t in every)
+            for view in (0, 1):
+                boxes = torch.tensor([t.box for t in every if t.t == view and t.box is not None])
+                assert boxes[:, 2].max() == 150 and boxes[:, 3].max() == 100 and boxes[:, :2].min() == 0
+            continue
         if model_type != "llava":  # the Qwen grid tiles the whole picture: resized 150×100 → 160×96
             boxes = torch.tensor([t.box for t in vision])
             assert (prompt.images[0].resized_width, prompt.images[0].resized_height) == (160, 96)
             assert boxes[:, 2].max() == 150 and boxes[:, 3].max() == 100 and boxes[:, :2].min() == 0
     assert held >= 2
+
+
+# --- LLaVA-NeXT: anyres tiles and image newlines -----------------------------------------------------------------
+
+SIZES = [(128, 64), (150, 100), (100, 150), (64, 64), (300, 70), (37, 200), (200, 37), (1000, 30), (30, 1000),
+         (500, 333)]
+
+
+def test_llava_next_lays_out_exactly_the_tokens_the_processor_inserts(checkpoints, tmp_path):
+    """For every aspect ratio: the geometry's token count == the ``<image>`` placeholders the processor inserts ==
+    its ``_get_number_of_features`` (less the CLS) == the features the model scatters (its forward checks that)."""
+    from PIL import Image
+
+    loaded = checkpoints.loaded("llava_next")
+    processor = loaded.processor
+    for width, height in SIZES:
+        path = tmp_path / f"{width}x{height}.png"
+        Image.new("RGB", (width, height), (90, 30, 200)).save(path)
+        prompt = build_prompt(loaded, "What is it?", [str(path)])
+        vision = [t for t in prompt.tokens if t.modality == "vision"]
+        placeholders = int((prompt.input_ids == loaded.model.config.image_token_id).sum())
+        features = processor._get_number_of_features(height, width, 64, 64) - 1
+        assert len(vision) == placeholders == features == loaded.adapter.image_tokens(prompt.images[0]), (width, height)
+        layout = prompt.images[0].layout
+        rows, cols = len(layout["rows"]), len(layout["cols"])
+        assert [t.part for t in vision] == ["base"] * 16 + (["tiles"] * cols + ["newline"]) * rows, (width, height)
+        with torch.no_grad():
+            loaded.model(input_ids=prompt.input_ids, **prompt.model_kwargs)
+
+
+def test_llava_next_run_records_its_geometry_and_regions_skip_the_newlines(checkpoints, in_tmp, capsys, tmp_path):
+    path = str(draw_image(tmp_path / "tall.png", 100, 150))
+    assert main(_argv(checkpoints.folder("llava_next"), "--image", path, "--unit", "region:2", "--layers", "0",
+                      "--output", "r"), True) == 0, capsys.readouterr().err
+    data = json.loads((in_tmp / "output" / "r.json").read_text())
+    assert data["meta"]["model_type"] == "llava_next" and data["meta"]["geometry"].startswith("anyres")
+    assert data["images"][0]["layout"]["cols"] == [1, 2, 3, 4, 5, 6]  # the padding's columns unpadded away
+    newlines = [t["index"] for t in data["tokens"] if t["part"] == "newline"]
+    assert len(newlines) == 8 and all(t["box"] is None for t in data["tokens"] if t["part"] == "newline")
+    assert {u["kind"] for u in data["units"]} == {"region"} and all(u["box"] for u in data["units"])
+    assert not any(set(u["keys"]) & set(newlines) for u in data["units"])
+    assert {u["label"].split(" ")[1] for u in data["units"]} == {"base", "tiles"}

@@ -119,6 +119,14 @@ class DecoderAdapter:
         """[left, top, width, height] of the resized picture the vision tower sees, None when it sees all of it."""
         return None
 
+    def layout(self, limits, width: int, height: int, path: str) -> dict | None:
+        """The image's tile arithmetic for ``ImageInfo.layout`` (None: one grid, ``token_cell`` needs no more)."""
+        return None
+
+    def image_tokens(self, image) -> int:
+        """Decoder tokens of one image (an ``inputs.ImageInfo``)."""
+        return self.tokens_per_image(image.grid_thw)
+
     def geometry(self) -> str | None:
         """How vision tokens map to pixels, for the result's ``meta`` (None: the family takes no images)."""
         return None
@@ -188,4 +196,4 @@ def adapter_for(model: nn.Module) -> DecoderAdapter:
     return family_class(model.config.model_type)(model)
 
 
-from . import gemma, llava, qwen_vl, text  # noqa: E402,F401  (each registers its families)
+from . import gemma, llava, llava_next, qwen_vl, text  # noqa: E402,F401  (each registers its families)

@@ -1,0 +1,180 @@
+"""LLaVA-NeXT (``llava_next``): LLaVA-1.5's tower, projector and decoder, with "anyres" tiles and image newlines.
+
+Decoder inputs as LLaVA-1.5 (``llava.py``): projected CLIP features scattered into the ``<image>`` placeholders,
+plain 1-D positions, the language model's own masks; the features come from ``get_image_features(pixel_values,
+image_sizes)``. Only the decoder stage.
+
+Geometry (what ``LlavaNextImageProcessor`` and ``pack_image_features`` do, with transformers' own functions):
+
+- the **base** view: the whole image squashed to ``crop_size`` (e.g. 336²), a g×g grid of patches (g = crop / patch,
+  24 in the 7B models), one token per patch, row by row (``t = 0``, ``part = "base"``); a token's box is its share
+  of the whole picture;
+- the **tiles**: the best resolution among ``image_grid_pinpoints`` (``select_best_resolution``), the image resized
+  into it keeping its aspect (``get_patch_output_size``) and padded to it centred (left/top ``(target − size) // 2``),
+  cut into crop-size tiles; their features form one map of (tiles down · g) × (tiles across · g) cells of ``patch``
+  pixels of that canvas, from which ``unpad_image`` drops the rows (or columns) that are padding. The kept cells
+  come row by row (``t = 1``, ``part = "tiles"``), each row followed by one **image newline** token (``part =
+  "newline"``, no column, no box: it is a learned vector, not pixels). A tile token's box is its cell on the canvas,
+  less the padding offset, scaled back to the original picture and clipped to it; a kept cell wholly in the
+  padding (``unpad_image`` keeps whole rows) has no box (``part = "padding"``).
+
+``ImageInfo.layout`` records the arithmetic (canvas, resized size, padding offset, kept rows and columns), so
+``units.exact_box`` and the viewer get the same boxes. ``--unit region:N`` groups N×N blocks of each view's grid
+and leaves out tokens without a box; ``image`` includes every token of the image, newlines too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+from transformers.image_utils import ChannelDimension
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from ..config import UsageError, bounded
+from . import LayerInputs, register
+from .llava import Llava
+
+
+def anyres_layout(width: int, height: int, pinpoints: list, tile: int, patch: int) -> dict:
+    """The tile arithmetic for an image of ``width``×``height`` (``tile``: crop size = the tower's image size)."""
+    canvas_h, canvas_w = select_best_resolution((height, width), pinpoints)
+    tiles_down, tiles_across = get_anyres_image_grid_shape((height, width), pinpoints, tile)
+    shape = torch.empty(()).expand(1, height, width)  # only its shape is read
+    resized_h, resized_w = get_patch_output_size(shape, (canvas_h, canvas_w), ChannelDimension.FIRST)
+    grid = tile // patch
+    rows, cols = tiles_down * grid, tiles_across * grid
+    index = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"))  # (2, rows, cols)
+    kept = unpad_image(index, [height, width])  # what pack_image_features keeps of the feature map
+    # unpad_image cuts one axis; a strip so thin that it keeps none of it leaves the other axis whole
+    kept_rows = kept[0, :, 0].tolist() if kept.shape[2] else list(range(kept.shape[1]))
+    kept_cols = kept[1, 0, :].tolist() if kept.shape[1] else list(range(kept.shape[2]))
+    return {"base_grid": grid, "patch": patch, "canvas": [canvas_w, canvas_h], "tiles": [tiles_across, tiles_down],
+            "resized": [resized_w, resized_h], "offset": [(canvas_w - resized_w) // 2, (canvas_h - resized_h) // 2],
+            "rows": kept_rows, "cols": kept_cols}
+
+
+def layout_tokens(layout: dict) -> int:
+    """Decoder tokens of one image: base grid, kept cells, one newline per kept row."""
+    return layout["base_grid"] ** 2 + len(layout["rows"]) * (len(layout["cols"]) + 1)
+
+
+def layout_cell(layout: dict, width: int, height: int, n: int) -> tuple[int, int, int | None, str, tuple | None]:
+    """(t, row, col, part, box) of an image's ``n``-th token; box unrounded ``(x0, y0, x1, y1)`` or None."""
+    grid = layout["base_grid"]
+    if n < grid * grid:
+        row, col = divmod(n, grid)
+        return 0, row, col, "base", (col * width / grid, row * height / grid, (col + 1) * width / grid,
+                                     (row + 1) * height / grid)
+    row, col = divmod(n - grid * grid, len(layout["cols"]) + 1)
+    if col == len(layout["cols"]):
+        return 1, row, None, "newline", None
+    p, (ox, oy), (rw, rh) = layout["patch"], layout["offset"], layout["resized"]
+    r, c = layout["rows"][row], layout["cols"][col]
+    sx, sy = width / rw, height / rh
+    x0, y0 = max(0.0, (c * p - ox) * sx), max(0.0, (r * p - oy) * sy)
+    x1, y1 = min(float(width), ((c + 1) * p - ox) * sx), min(float(height), ((r + 1) * p - oy) * sy)
+    if x1 <= x0 or y1 <= y0:
+        return 1, row, col, "padding", None
+    return 1, row, col, "tiles", (x0, y0, x1, y1)
+
+
+class AnyresLimits:
+    """The processor's fixed sizes: nothing to set (``--min-pixels``/``--max-pixels`` are refused)."""
+
+    def __init__(self, pinpoints: list, tile: int, patch: int):
+        self.pinpoints, self.tile, self.patch = pinpoints, tile, patch
+
+    def layout(self, width: int, height: int, path: str) -> dict:
+        if min(width, height) < 1:
+            raise UsageError(f"image {bounded(path)} is empty")
+        return anyres_layout(width, height, self.pinpoints, self.tile, self.patch)
+
+    def resized(self, width: int, height: int, path: str) -> tuple[int, int]:
+        return tuple(self.layout(width, height, path)["resized"])
+
+    def tokens(self, width: int, height: int, path: str) -> int:
+        return layout_tokens(self.layout(width, height, path))
+
+    def describe(self, width: int, height: int, new_width: int, new_height: int) -> str:
+        layout = self.layout(width, height, "")
+        (cw, ch), (across, down) = layout["canvas"], layout["tiles"]
+        return (f"base view squashed to {self.tile}×{self.tile}; tiles: resized to {new_width}×{new_height}, "
+                f"padded to {cw}×{ch} ({across}×{down} tiles of {self.tile} px)")
+
+    def processor_kwargs(self) -> dict:
+        return {}
+
+
+@register
+class LlavaNext(Llava):
+    model_types = ("llava_next",)
+    model_class = "LlavaNextForConditionalGeneration"
+    label = "LLaVA-NeXT"
+
+    def layer_inputs(self, input_ids: torch.Tensor, model_kwargs: dict) -> LayerInputs:
+        inner = self.model.model
+        hidden = inner.get_input_embeddings()(input_ids)  # (1, S, H)
+        visual_mask = None
+        if model_kwargs.get("pixel_values") is not None:
+            features = inner.get_image_features(pixel_values=model_kwargs["pixel_values"],
+                                                image_sizes=model_kwargs["image_sizes"], return_dict=True)
+            image_embeds = torch.cat(features.pooler_output, dim=0).to(hidden.device, hidden.dtype)
+            visual_mask = (input_ids[0] == self.model.config.image_token_id)  # (S,)
+            hidden = hidden.masked_scatter(visual_mask[None, :, None].expand_as(hidden), image_embeds)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, S)
+        return LayerInputs(hidden, positions, visual_mask)
+
+    @property
+    def tile(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def pixel_limits(self, image_processor, min_pixels: int | None, max_pixels: int | None) -> AnyresLimits:
+        if min_pixels is not None or max_pixels is not None:
+            raise UsageError("--min-pixels/--max-pixels: a llava_next processor resizes every image to fixed sizes")
+        size, crop = image_processor.size, image_processor.crop_size
+        edge = size.get("shortest_edge") or (size.get("height") if size.get("height") == size.get("width") else None)
+        if edge != self.tile or (crop["height"], crop["width"]) != (self.tile, self.tile):
+            raise UsageError(f"this llava_next processor's size {dict(size)} / crop_size {dict(crop)} differ from the "
+                             f"vision tower's {self.tile}×{self.tile} input; only matching sizes are supported")
+        pinpoints = [list(p) for p in image_processor.image_grid_pinpoints]
+        if pinpoints != [list(p) for p in self.model.config.image_grid_pinpoints]:
+            raise UsageError("this llava_next processor's image_grid_pinpoints differ from the model's")
+        return AnyresLimits(pinpoints, self.tile, self.patch_size)
+
+    def image_grids(self, model_kwargs: dict, count: int) -> list[list[int]]:
+        """Per image ``[views, g, g]``: the base view plus its tiles, each a g×g patch grid."""
+        grid = self.tile // self.patch_size
+        grids = []
+        for height, width in model_kwargs["image_sizes"].tolist():
+            down, across = get_anyres_image_grid_shape((height, width), self.model.config.image_grid_pinpoints,
+                                                       self.tile)
+            grids.append([1 + down * across, grid, grid])
+        return grids
+
+    def resized_size(self, grid_thw: list[int], limits: AnyresLimits, width: int, height: int,
+                     path: str) -> tuple[int, int]:
+        """The size the tiles' view was resized to (before its padding)."""
+        layout = limits.layout(width, height, path)
+        if grid_thw[0] != 1 + layout["tiles"][0] * layout["tiles"][1]:
+            raise RuntimeError(f"the processor tiled {path} differently from select_best_resolution")
+        return tuple(layout["resized"])
+
+    def crop(self, grid_thw: list[int], resized_width: int, resized_height: int) -> None:
+        return None
+
+    def layout(self, limits: AnyresLimits, width: int, height: int, path: str) -> dict:
+        return limits.layout(width, height, path)
+
+    def image_tokens(self, image) -> int:
+        return layout_tokens(image.layout)
+
+    def token_cell(self, image, n: int):
+        t, row, col, part, box = layout_cell(image.layout, image.width, image.height, n)
+        return t, row, col, None if box is None else [round(v, 2) for v in box], part
+
+    def geometry(self) -> str:
+        p, g = self.patch_size, self.tile // self.patch_size
+        return (f"anyres: t 0 the base view (whole image squashed to {self.tile}×{self.tile}, {g}×{g} patches of "
+                f"{p} px), t 1 the tiles' unpadded map of {p}-px cells, row by row, each row ended by an image "
+                "newline token (part 'newline': no column, no box); boxes in original-image pixels (images[].layout)")
