@@ -1771,3 +1771,20 @@ def test_the_deepstack_chart_labels_do_not_overlap_on_the_page_or_in_its_figure(
     for k, (text, outline) in enumerate(rendered):
         for other_text, other in rendered[k + 1:]:
             assert not _overlap(outline, other), (text, other_text)
+
+
+def test_tiled_views_and_newline_tokens_are_named_not_shown_as_null(page, results, tmp_path):
+    """LLaVA-NeXT tokens carry ``part`` (base, tiles, newline, padding); a newline token has no column."""
+    data = json.loads((results / "vision.json").read_text())
+    columns = [i for i, unit in enumerate(data["units"]) if unit["modality"] == "vision"][:2]
+    newline, tile = (data["tokens"][data["units"][i]["keys"][0]] for i in columns)
+    newline.update(part="newline", col=None, box=None)
+    tile.update(part="tiles")
+    (tmp_path / "tiled.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "tiled.json")])
+    expect(page).to_have_title("tiled.json — mask_impact viewer")
+    first = _hover_column(page, columns[0])
+    assert f"newline after row {newline['row']}" in first and "null" not in first
+    second = _hover_column(page, columns[1])
+    assert f"tiles row {tile['row']}, col {tile['col']}" in second

@@ -26,7 +26,6 @@ and leaves out tokens without a box; ``image`` includes every token of the image
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
