@@ -42,8 +42,9 @@ from .errors import (
 
 __all__ = ["Analyzer", "KnockoutResult", "MaskImpactError", "InvalidArgument", "InvalidType", "NotAResult",
            "MissingDependency", "WriteFailed", "analyze"]
-NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "threads", "device_map", "max_memory", "offload_folder", "prompt", "prompt_file", "images", "output", "output_dir",
-                   "overwrite", "resume", "html", "progress", "figures")
+NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "threads", "device_map", "max_memory", "offload_folder",
+                   "prompt", "prompt_file", "images", "output", "output_dir", "overwrite", "resume", "html", "progress",
+                   "figures")
 RUN_OPTIONS = sorted({f.name for f in fields(RunConfig)} - set(NOT_RUN_OPTIONS))
 TYPE_WORDS = {str: "a str", int: "an int", bool: "True or False"}
 SCHEMAS = (1, 2)
@@ -158,8 +159,8 @@ class Analyzer:
     """A loaded model and what it needs to analyse prompts; one model serves many runs."""
 
     def __init__(self, model, processor=None):
-        """``Analyzer(model, processor)`` around a model already loaded with transformers (a Qwen3-VL model and its
-        processor, or a causal LM and its tokenizer); ``from_pretrained`` and ``demo`` load one for you."""
+        """``Analyzer(model, processor)`` around a model already loaded with transformers (a vision-language model
+        and its processor, or a causal LM and its tokenizer); ``from_pretrained`` and ``demo`` load one for you."""
         from .models import LoadedModel, VL_FAMILIES
 
         if isinstance(model, LoadedModel):  # what from_pretrained and demo hand over

@@ -184,7 +184,8 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
     prepared = prepare(loaded, config, prompt_text)
     store = PartialStore(partial_path(config), prepared[1], Shard.current())
     with report.output_folder(paths["json"].parent), store.open(config.resume):  # the lock: until results are in
-        report.check_writable({**paths, **possible}, config.overwrite)  # again: a run holding the lock may have written them
+        # again: a run that held the lock before may have written them
+        report.check_writable({**paths, **possible}, config.overwrite)
         stage.now, stage.store = "running the sweep", store
         data = analyze(loaded, config, prompt_text, store, prepared)  # what the Python API runs too
         if data is None:  # a launched process other than the main one: its part is done

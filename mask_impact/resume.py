@@ -449,8 +449,9 @@ class PartialStore:
                     problem = header_problem(record)
                     if problem or differing_parts(record["parts"], self.parts) or (
                             self.header is not None and record["baseline"] != self.header["baseline"]):
-                        raise UsageError(f"{path} does not belong to this run ({problem or 'another fingerprint or baseline'}); "
-                                         "rerun with --overwrite to start over")
+                        why = problem or "another fingerprint or baseline"
+                        raise UsageError(f"{path} does not belong to this run ({why}); rerun with --overwrite to "
+                                         "start over")
                     header = record
                 elif valid_record(record, header["run"]):
                     new.update(_cells(record))
