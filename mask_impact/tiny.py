@@ -122,6 +122,37 @@ def _llava_next(tokenizer):
     return transformers.LlavaNextForConditionalGeneration(config), processor
 
 
+OV_PINPOINTS = [[64 * i, 64 * j] for i in range(1, 7) for j in range(1, 7)]  # OneVision's 384-px list at 64 px
+
+
+def _llava_onevision(tokenizer):
+    """LLaVA-OneVision in small: a 2-layer SigLIP tower over 64×64 views of 16-px patches (a 4×4 grid), tiles among
+    ``OV_PINPOINTS`` (1 to 6 tiles a side, as the 7B models' 384-px list), the tile map pooled beyond
+    ``anyres_max_4`` (so that pooling acts on small test pictures: a 150×100 one's 8×12 map becomes 6×9), a Qwen2
+    decoder with sliding layers."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=64, patch_size=16)
+    text = dict(_text(tokenizer), model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW,
+                layer_types=LAYER_TYPES, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config = transformers.LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                               image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                               video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                               vision_aspect_ratio="anyres_max_4", image_grid_pinpoints=OV_PINPOINTS,
+                                               tie_word_embeddings=False)
+    image_processor = transformers.LlavaOnevisionImageProcessor(
+        size={"height": 64, "width": 64}, image_grid_pinpoints=OV_PINPOINTS, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3)
+    video_processor = transformers.LlavaOnevisionVideoProcessor(size={"height": 64, "width": 64})
+    processor = transformers.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                                     video_processor=video_processor, num_image_tokens=16,
+                                                     vision_feature_select_strategy="full",
+                                                     vision_aspect_ratio="anyres_max_4", chat_template=LLAVA_TEMPLATE)
+    return transformers.LlavaOnevisionForConditionalGeneration(config), processor
+
+
 def build_tiny(folder: Path, model_type: str, seed: int = 0) -> Path:
     """A tiny random-weight checkpoint of ``model_type`` in ``folder``; deterministic for a given seed."""
     if model_type in ("qwen3_vl", "qwen3_vl_moe"):
@@ -140,8 +171,9 @@ def build_tiny(folder: Path, model_type: str, seed: int = 0) -> Path:
             transformers.Qwen2VLForConditionalGeneration
         model = model_class(config)
         _qwen2_vl_processor(tokenizer, windowed).save_pretrained(folder)
-    elif model_type in ("llava", "llava_next"):
-        model, processor = (_llava if model_type == "llava" else _llava_next)(tokenizer)
+    elif model_type in ("llava", "llava_next", "llava_onevision"):
+        model, processor = {"llava": _llava, "llava_next": _llava_next,
+                            "llava_onevision": _llava_onevision}[model_type](tokenizer)
         processor.save_pretrained(folder)
     elif model_type in ("gemma2", "gemma3_text"):
         config = _gemma_config(tokenizer, model_type)

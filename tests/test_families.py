@@ -38,6 +38,7 @@ TABLE = {
     "qwen2_5_vl": ("word", "region:2", "image"),
     "llava": ("word", "region:2", "image"),
     "llava_next": ("word", "region:2", "image"),
+    "llava_onevision": ("word", "region:2", "image"),
     "qwen3": ("word",),
     "qwen2": ("word",),
     "llama": ("word",),
@@ -329,6 +330,18 @@ def _redness(loaded, prompt) -> torch.Tensor:
     mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
     values = prompt.model_kwargs["pixel_values"].float()
     vision = [t for t in prompt.tokens if t.modality == "vision"]
+    if loaded.model.config.model_type == "llava_onevision":  # as LLaVA-NeXT, the tile map pooled as the model does
+        pixels = values[0] * std[None, :, None, None] + mean[None, :, None, None]
+        layout, p = prompt.images[0].layout, loaded.adapter.patch_size
+        grid, (across, down) = layout["base_grid"], layout["tiles"]
+        red = (pixels[:, 0] - pixels[:, 1]).unflatten(1, (grid, p)).unflatten(3, (grid, p)).mean((2, 4))  # (v, g, g)
+        base = red[0].flatten()
+        tiles = red[1:1 + across * down].reshape(down, across, grid, grid).permute(0, 2, 1, 3).reshape(
+            down * grid, across * grid)[layout["rows"]][:, layout["cols"]]
+        if layout["pooled"]:
+            tiles = torch.nn.functional.interpolate(tiles[None, None], layout["out"], mode="bilinear")[0, 0]
+        tiles = torch.cat([tiles, torch.zeros(tiles.shape[0], 1)], dim=1).flatten()  # newlines: no pixels
+        return torch.cat([base, tiles])
     if loaded.model.config.model_type == "llava_next":  # (1, views, C, H, W): the base view, then the tiles
         pixels = values[0] * std[None, :, None, None] + mean[None, :, None, None]
         layout, p = prompt.images[0].layout, loaded.adapter.patch_size
@@ -382,7 +395,7 @@ def test_the_token_whose_box_holds_a_marker_is_the_one_whose_pixels_show_it(chec
                     held += 1
                 else:  # outside every box (LLaVA's centre crop): in no token's pixels
                     assert redness.max() < 0.01, corner
-        if model_type == "llava_next":  # both views tile the whole picture; newlines end each row of the tiles
+        if model_type in ("llava_next", "llava_onevision"):  # both views tile the whole picture; newlines end each row of the tiles
             assert {t.part for t in every} == {"base", "tiles", "newline"}
             assert all((t.box is None) == (t.part == "newline") for t in every)
             for view in (0, 1):
@@ -422,6 +435,31 @@ def test_llava_next_lays_out_exactly_the_tokens_the_processor_inserts(checkpoint
         assert [t.part for t in vision] == ["base"] * 16 + (["tiles"] * cols + ["newline"]) * rows, (width, height)
         with torch.no_grad():
             loaded.model(input_ids=prompt.input_ids, **prompt.model_kwargs)
+
+
+def test_llava_onevision_lays_out_exactly_the_tokens_the_processor_inserts(checkpoints, tmp_path):
+    """As LLaVA-NeXT's, with the tiles' map pooled beyond ``anyres_max_4`` (SigLIP: no CLS to take off): the
+    geometry's count == the processor's placeholders == its ``_get_number_of_features`` == what the model scatters,
+    pooled and unpooled sizes both among them."""
+    from PIL import Image
+
+    loaded = checkpoints.loaded("llava_onevision")
+    pooled = set()
+    for width, height in SIZES + [(400, 400), (384, 200)]:
+        path = tmp_path / f"{width}x{height}.png"
+        Image.new("RGB", (width, height), (90, 30, 200)).save(path)
+        prompt = build_prompt(loaded, "What is it?", [str(path)])
+        vision = [t for t in prompt.tokens if t.modality == "vision"]
+        placeholders = int((prompt.input_ids == loaded.model.config.image_token_id).sum())
+        features = loaded.processor._get_number_of_features(height, width, 64, 64)
+        assert len(vision) == placeholders == features == loaded.adapter.image_tokens(prompt.images[0]), (width, height)
+        layout = prompt.images[0].layout
+        rows, cols = layout["out"]
+        pooled.add(layout["pooled"])
+        assert [t.part for t in vision] == ["base"] * 16 + (["tiles"] * cols + ["newline"]) * rows, (width, height)
+        with torch.no_grad():
+            loaded.model(input_ids=prompt.input_ids, **prompt.model_kwargs)
+    assert pooled == {True, False}
 
 
 def test_llava_next_run_records_its_geometry_and_regions_skip_the_newlines(checkpoints, in_tmp, capsys, tmp_path):

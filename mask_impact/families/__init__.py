@@ -196,4 +196,4 @@ def adapter_for(model: nn.Module) -> DecoderAdapter:
     return family_class(model.config.model_type)(model)
 
 
-from . import gemma, llava, llava_next, qwen_vl, text  # noqa: E402,F401  (each registers its families)
+from . import gemma, llava, llava_next, llava_onevision, qwen_vl, text  # noqa: E402,F401  (each registers its families)

@@ -53,9 +53,15 @@ def anyres_layout(width: int, height: int, pinpoints: list, tile: int, patch: in
             "rows": kept_rows, "cols": kept_cols}
 
 
+def tiles_shape(layout: dict) -> tuple[int, int]:
+    """(rows, columns) of the tiles' part in the decoder: the kept cells, or LLaVA-OneVision's pooled grid."""
+    return tuple(layout["out"]) if layout.get("out") else (len(layout["rows"]), len(layout["cols"]))
+
+
 def layout_tokens(layout: dict) -> int:
-    """Decoder tokens of one image: base grid, kept cells, one newline per kept row."""
-    return layout["base_grid"] ** 2 + len(layout["rows"]) * (len(layout["cols"]) + 1)
+    """Decoder tokens of one image: base grid, kept (or pooled) cells, one newline per row."""
+    rows, cols = tiles_shape(layout)
+    return layout["base_grid"] ** 2 + rows * (cols + 1)
 
 
 def layout_cell(layout: dict, width: int, height: int, n: int) -> tuple[int, int, int | None, str, tuple | None]:
@@ -65,14 +71,18 @@ def layout_cell(layout: dict, width: int, height: int, n: int) -> tuple[int, int
         row, col = divmod(n, grid)
         return 0, row, col, "base", (col * width / grid, row * height / grid, (col + 1) * width / grid,
                                      (row + 1) * height / grid)
-    row, col = divmod(n - grid * grid, len(layout["cols"]) + 1)
-    if col == len(layout["cols"]):
+    out_rows, out_cols = tiles_shape(layout)
+    row, col = divmod(n - grid * grid, out_cols + 1)
+    if col == out_cols:
         return 1, row, None, "newline", None
     p, (ox, oy), (rw, rh) = layout["patch"], layout["offset"], layout["resized"]
-    r, c = layout["rows"][row], layout["cols"][col]
+    # the token's share of the kept map (a pooled token: the out/in share around its bilinear sample point)
+    sr, sc = len(layout["rows"]) / out_rows, len(layout["cols"]) / out_cols
+    r0, r1 = layout["rows"][0] + row * sr, layout["rows"][0] + (row + 1) * sr
+    c0, c1 = layout["cols"][0] + col * sc, layout["cols"][0] + (col + 1) * sc
     sx, sy = width / rw, height / rh
-    x0, y0 = max(0.0, (c * p - ox) * sx), max(0.0, (r * p - oy) * sy)
-    x1, y1 = min(float(width), ((c + 1) * p - ox) * sx), min(float(height), ((r + 1) * p - oy) * sy)
+    x0, y0 = max(0.0, (c0 * p - ox) * sx), max(0.0, (r0 * p - oy) * sy)
+    x1, y1 = min(float(width), (c1 * p - ox) * sx), min(float(height), (r1 * p - oy) * sy)
     if x1 <= x0 or y1 <= y0:
         return 1, row, col, "padding", None
     return 1, row, col, "tiles", (x0, y0, x1, y1)
