@@ -24,7 +24,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (get_an
 
 from ..config import UsageError
 from . import DecoderAdapter, register
-from .llava_next import AnyresLimits, LlavaNext, anyres_layout
+from .llava_next import AnyresLimits, LlavaNext
 
 
 class PooledAnyresLimits(AnyresLimits):
