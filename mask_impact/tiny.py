@@ -76,14 +76,21 @@ def _gemma_config(tokenizer, model_type: str) -> transformers.PretrainedConfig:
 LLAVA_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
 
 
-def _llava(tokenizer):
-    """LLaVA-1.5 in small: a 2-layer CLIP tower over 64×64 crops of 16-px patches (a 4×4 grid), a Llama decoder."""
+def _clip_and_llama(tokenizer):
+    """The LLaVA models' parts in small: an ``<image>`` token and its chat template, a 2-layer CLIP tower over 64×64
+    images of 16-px patches, a Llama decoder's config."""
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.chat_template = LLAVA_TEMPLATE
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=64, patch_size=16)
     text = dict(_text(tokenizer, head_dim=16), model_type="llama",
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return vision, text
+
+
+def _llava(tokenizer):
+    """LLaVA-1.5 in small: a 2-layer CLIP tower over 64×64 crops of 16-px patches (a 4×4 grid), a Llama decoder."""
+    vision, text = _clip_and_llama(tokenizer)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text,
                                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                       vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -102,12 +109,7 @@ PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]  # LLaVA-Ne
 def _llava_next(tokenizer):
     """LLaVA-NeXT in small: the base image and "anyres" tiles of 64×64 (a 4×4 grid of 16-px patches each), best fit
     among ``PINPOINTS``, a learned image newline after each row of the tiles' unpadded feature map; a Llama decoder."""
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.chat_template = LLAVA_TEMPLATE
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=64, patch_size=16)
-    text = dict(_text(tokenizer, head_dim=16), model_type="llama",
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision, text = _clip_and_llama(tokenizer)
     config = transformers.LlavaNextConfig(vision_config=vision, text_config=text,
                                           image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                           vision_feature_layer=-2, vision_feature_select_strategy="default",

@@ -19,8 +19,7 @@ around its sample point (``in / out`` cells on each axis), mapped back to origin
 from __future__ import annotations
 
 import torch
-from transformers.models.llava_onevision.modeling_llava_onevision import (get_anyres_image_grid_shape,
-                                                                          image_size_to_num_patches)
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from ..config import UsageError
 from . import DecoderAdapter, register
@@ -98,13 +97,7 @@ class LlavaOnevision(LlavaNext):
         if count > 1:
             raise UsageError("llava_onevision: one --image per prompt (the model does not tile the images of a "
                              "multi-image prompt; that layout is not supported)")
-        grid = self.tile // self.patch_size
-        grids = []
-        for height, width in model_kwargs["image_sizes"].tolist():
-            down, across = get_anyres_image_grid_shape((height, width), self.model.config.image_grid_pinpoints,
-                                                       self.tile)
-            grids.append([1 + down * across, grid, grid])
-        return grids
+        return super().image_grids(model_kwargs, count)  # one image: LLaVA-NeXT's views
 
     def geometry(self) -> str:
         return (super().geometry() + f"; the tiles' map pooled by bilinear interpolation where it exceeds "
