@@ -13,7 +13,7 @@ process, which waits for the others; not the model load or the launch). Process 
 
 ``--plan N`` needs no model: it cuts the schedule of a full token sweep of the 4B config (36 windows × the
 1024×1024 image's 1,024 vision tokens and the text) into N parts exactly as a launch does (``Shard.part`` with
-the sweep's cell costs) and prints each part's cells and matmul TFLOP, the time at the GPU's dense peak, and,
+the sweep's own ``cell_cost``) and prints each part's cells and matmul TFLOP (the sweep's own ``sweep_flops``), the time at the GPU's dense peak, and,
 given a measured single-GPU time (``--single-gpu-seconds``), the expected wall time: that time × the largest
 part's share of the work.
 """
@@ -29,11 +29,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mask_impact.shard import Shard  # noqa: E402
+from mask_impact.sweep import cell_cost, sweep_flops  # noqa: E402
 
 CONFIG_4B = ROOT.parent / "shared" / "configs" / "qwen3-vl-4b-instruct.json"
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16, per the data sheet
@@ -77,25 +81,24 @@ def measure(counts: list[int], repeat: int, threads: int, extra: list[str]) -> d
 def plan(processes: int, single_gpu_seconds: float | None, image_tokens: int = 1024, text_tokens: int = 20,
          answer: int = 5) -> None:
     """The 4B sweep's cells cut into ``processes`` parts of equal cost, as a launch cuts them."""
-    config = json.loads(CONFIG_4B.read_text())["text_config"]
-    h, i, nh, nkv = (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
-                     config["num_key_value_heads"])
-    hd, layers = config.get("head_dim") or h // nh, config["num_hidden_layers"]
+    config = SimpleNamespace(**json.loads(CONFIG_4B.read_text())["text_config"])
+    layers = config.num_hidden_layers
     length = text_tokens + image_tokens + answer - 1
-    linear = 2 * (2 * h * nh * hd + 2 * h * nkv * hd + 3 * h * i)  # per token and layer: q, o, k, v, mlp
-    firsts = list(range(length - answer + 1))  # one token unit per prompt position (mask-mode both)
+    answer_start = length - answer  # the first answer position (the prompt's last)
+    # the model and engine as far as the sweep's own counts read them: the decoder config, its depth, the length,
+    # and a token unit's first affected position (itself)
+    loaded = SimpleNamespace(adapter=SimpleNamespace(decoder=SimpleNamespace(config=config), num_layers=layers))
+    engine = SimpleNamespace(tf=SimpleNamespace(input_ids=torch.empty(1, length)), first_affected=lambda p: p)
+    firsts = list(range(answer_start + 1))  # one token unit per prompt position (mask-mode both)
     cells = [(a, p) for a in range(layers) for p in firsts]
+    windows = [(a, a) for a in range(layers)]
+    cost = cell_cost(loaded, engine, windows, firsts, decoder=True)  # what a launch weighs its parts by
 
-    def flops(cell) -> float:  # layers a.. over positions p.. (as sweep.sweep_flops counts them)
+    def flops(cell) -> float:  # what the fast engine computes for the cell (sweep.sweep_flops)
         a, p = cell
-        queries = length - p
-        return (layers - a) * (queries * linear + 4 * nh * hd * queries * (p + length) / 2)
+        return sum(sweep_flops(loaded, [windows[a]], [p], length, engine.first_affected, answer_start, answer))
 
-    def cost(cell) -> float:  # what the launch weighs parts by (sweep.cell_cost)
-        a, p = cell
-        return (layers - a) * (1 + length - p)
-
-    costs = [cost(cell) for cell in cells]
+    costs = [cost(a, i) for a, i in cells]  # a token unit's index is its position
     total = sum(flops(cell) for cell in cells)
     print(f"planned split of a full token sweep, 4B config ({layers} layers), 1024×1024 image: {len(cells):,} cells "
           f"over {length} positions, {total / 1e12:,.0f} TFLOP, on {processes} processes")

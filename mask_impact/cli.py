@@ -44,8 +44,10 @@ class Stage:
         return "nothing was written"
 
 
-def quiet(*args, **kwargs) -> None:
-    """``print`` in a launched process other than the main one, which says everything."""
+def say(*args, **kwargs) -> None:
+    """``print`` in the process that speaks for the run: the only one, or the main one of a launch."""
+    if is_main_process():
+        print(*args, **kwargs)
 
 
 def one_line(error: Exception) -> str:
@@ -55,7 +57,6 @@ def one_line(error: Exception) -> str:
 
 def main(argv: list[str] | None, vision: bool) -> int:
     stage = Stage()
-    say = print if is_main_process() else quiet  # in a launch, the main process speaks for the run
     with stop_signals_raise():
         try:
             options = cli_options(argv, vision)
@@ -86,10 +87,8 @@ def main(argv: list[str] | None, vision: bool) -> int:
 def speak(stage: Stage):
     """How an error is said. In a launch every process checks the input alike, and the main one says what is wrong;
     a process other than the main one that fails later (its GPU, its part of the sweep) says so itself, by rank."""
-    if is_main_process():
-        return print
-    if stage.now in ("reading the options", "checking the input"):
-        return quiet
+    if is_main_process() or stage.now in ("reading the options", "checking the input"):
+        return say
     rank = os.environ.get("RANK", "?")
     return lambda text, **kwargs: print(f"process {rank}: {text}", **kwargs)
 
@@ -136,8 +135,8 @@ def load(config: RunConfig, vision: bool):
     from .threads import set_threads
 
     chosen = set_threads(config.threads)
-    if chosen and config.progress and is_main_process():
-        print(f"note: {chosen}", file=sys.stderr)
+    if chosen and config.progress:
+        say(f"note: {chosen}", file=sys.stderr)
     name = str(demo_model_path(vision)) if config.demo else config.model
     if config.device_map is not None and launched():
         raise UsageError("--device-map spreads one model over several devices, but a launched process takes one "
@@ -162,11 +161,11 @@ def prepare(loaded, config: RunConfig, prompt_text: str):
 
     prompt = build_prompt(loaded, prompt_text, config.images, config.raw_prompt, config.max_pixels,
                           config.min_pixels, config.allow_special_tokens, config.num_tokens)
-    for path, image in zip(config.images, prompt.images) if is_main_process() else ():  # said once in a launch
+    for path, image in zip(config.images, prompt.images):
         area_ratio = image.resized_width * image.resized_height / (image.width * image.height)
         resized = [f"{image.resize} ({image.width}×{image.height} → {image.resized_width}×{image.resized_height})"]
         for note in image.notes + (resized if not 0.8 <= area_ratio <= 1.25 else []):
-            print(f"note: image {path}: {note}", file=sys.stderr)
+            say(f"note: image {path}: {note}", file=sys.stderr)  # said once in a launch
     return prompt, fingerprint_parts(loaded, config, prompt)
 
 
@@ -217,7 +216,6 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     if not is_main_process():  # a launched batch: the main process keeps the index and says how it went
         def write_index(*args):
             return None
-    say = print if is_main_process() else quiet
     name, folder, runs = load_batch(options["config"], options, vision)
     configs = [run.config for run in runs if run.config]
     Shard.current().agree(lambda: check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite
