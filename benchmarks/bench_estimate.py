@@ -35,7 +35,7 @@ from mask_impact.config import windows_for  # noqa: E402
 from mask_impact.engine import Analysis, FastEngine  # noqa: E402
 from mask_impact.estimate import estimate_flops, forward_flops, layer_changes, spearman  # noqa: E402
 from mask_impact.metrics import logprob_drop  # noqa: E402
-from mask_impact.sweep import auto_batch_size, next_batch  # noqa: E402
+from mask_impact.sweep import auto_batch_size, next_group  # noqa: E402
 from mask_impact.units import build_units  # noqa: E402
 
 
@@ -47,16 +47,17 @@ def recall(estimate: torch.Tensor, exact: torch.Tensor, k: int, key) -> float:
 
 
 def exact_map(loaded, analysis, tf, windows, knockouts, batch_size: int | None) -> torch.Tensor:
-    """(W, U) logprob_drop of every cell, the fast engine in the sweep's own batches."""
+    """(W, U) logprob_drop of every cell, the fast engine in the sweep's own batches and head calls."""
     engine = FastEngine(analysis, tf)
     batch = batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
     rows = []
     for window in windows:
         row, done = [], 0
         while done < len(knockouts):
-            chunk = next_batch(engine, knockouts, done, batch)
-            row.append(logprob_drop(engine.base_logprobs, engine.logprobs(window, chunk), tf.answer_ids))
-            done += len(chunk)
+            group = next_group(engine, knockouts, done, batch)
+            knocked = torch.cat(engine.logprobs_batches(window, group))
+            row.append(logprob_drop(engine.base_logprobs, knocked, tf.answer_ids))
+            done += knocked.shape[0]
         rows.append(torch.cat(row))
     return torch.stack(rows).double().cpu()
 

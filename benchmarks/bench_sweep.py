@@ -62,7 +62,7 @@ from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
 from mask_impact.metrics import METRICS, compute_all  # noqa: E402
 from mask_impact.threads import idle_threads  # noqa: E402
-from mask_impact.sweep import auto_batch_size, is_out_of_memory, next_batch, sweep_flops  # noqa: E402
+from mask_impact.sweep import auto_batch_size, is_out_of_memory, next_batch, next_group, sweep_flops  # noqa: E402
 from mask_impact.units import build_units  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
@@ -472,7 +472,7 @@ def lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants: d
              cuda: bool, recorder: LayerRows | None = None) -> Repeat:
     """The sweep once for every engine variant, batch by batch in turn (each batch started by the next variant),
     and the naive sample window by window: a burst of load on a shared host lands on all of them alike. Batches
-    are the sweep's own (``next_batch``)."""
+    and head calls are the sweep's own (``next_group``)."""
     seconds, engines, threads = {}, {}, torch.get_num_threads()
     for name, variant in variants.items():
         torch.set_num_threads(variant.threads)
@@ -488,7 +488,8 @@ def lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants: d
             metrics[name][w] = {metric: [None] * len(knockouts) for metric in METRICS}
         window_times[w], done = 0.0, 0
         while done < len(knockouts):
-            chunk = next_batch(engines["fast"], knockouts, done, batch)
+            group = next_group(engines["fast"], knockouts, done, batch)  # the sweep's batches, one head call
+            chunk = [knockout for part in group for knockout in part]
             spent, names = {}, list(engines)
             try:
                 for name in names[forwards % len(names):] + names[: forwards % len(names)]:  # each goes first in turn
@@ -497,7 +498,7 @@ def lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants: d
                         recorder.active = name == "fast"
                     torch.set_num_threads(variants[name].threads)
                     values, spent[name] = _timed(cuda, lambda e=engine: compute_all(
-                        e.base_logprobs, e.logprobs(windows[w], chunk), tf.answer_ids))
+                        e.base_logprobs, torch.cat(e.logprobs_batches(windows[w], group)), tf.answer_ids))
                     for metric, column in values.items():
                         metrics[name][w][metric][done: done + len(chunk)] = column
             except (RuntimeError, MemoryError) as error:  # the sweep's own rule: halve the batch, retry
@@ -510,7 +511,7 @@ def lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants: d
             for name, value in spent.items():
                 seconds[name] += value
             window_times[w] += spent["fast"]
-            forwards, rows, done = forwards + 1, rows + len(chunk), done + len(chunk)
+            forwards, rows, done = forwards + len(group), rows + len(chunk), done + len(chunk)
         for s_w, i in sample:
             if s_w == w:
                 naive_rows[(s_w, i)], spent = _timed(cuda, naive.logprobs, windows[s_w], [knockouts[i]])

@@ -237,10 +237,12 @@ class Savings:
 
     last_layer: the last decoder layer computes queries, attention and MLP for the answer rows only.
     gqa:        SDPA shares each key/value head among its query heads instead of copies (``AttentionPlan.gqa``).
+    shared_head: several batches' answer rows go through the head in one matrix product (``logprobs_batches``).
     """
 
     last_layer: bool = True
     gqa: bool = True
+    shared_head: bool = True
 
 
 class FastEngine:
@@ -284,9 +286,10 @@ class FastEngine:
 
     @torch.no_grad()
     def _run(self, hidden: torch.Tensor, first_layer: int, start: int, kv, plan: AttentionPlan,
-             record: bool = False, deepstack: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Layers ``first_layer ..`` over positions ``start ..``; returns (B, T, V) answer log-probs.
-        ``deepstack``: per level, (B, S, H) features of each row in place of the prompt's own."""
+             record: bool = False, deepstack: list[torch.Tensor] | None = None, head: bool = True) -> torch.Tensor:
+        """Layers ``first_layer ..`` over positions ``start ..``; returns (B, T, V) answer log-probs, or with
+        ``head=False`` the last layer's (B, T, H) answer rows. ``deepstack``: per level, (B, S, H) features of
+        each row in place of the prompt's own."""
         adapter = self.analysis.loaded.adapter
         last, answer_start = adapter.num_layers - 1, self.tf.answer_start
         with knockout_attention_installed(adapter.attention_configs()), apply_plan(plan):
@@ -309,7 +312,11 @@ class FastEngine:
                     added = self.deepstack[index][start:] if deepstack is None else deepstack[index][:, start:]
                     hidden = hidden + added.to(hidden.device, hidden.dtype)
         answer = hidden[:, self.tf.answer_positions - start]  # (B, T, H)
-        logits = adapter.logits(answer)  # (B, T, V): final norm, head and the family's soft-capping
+        return self._head(answer) if head else answer
+
+    def _head(self, answer: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) log-probs of the last layer's answer rows (B, T, H): final norm, head, soft-capping."""
+        logits = self.analysis.loaded.adapter.logits(answer)
         return torch.log_softmax(logits.float(), dim=-1)
 
     def first_affected(self, unit: int | Knockout) -> int | None:
@@ -320,23 +327,42 @@ class FastEngine:
 
         A knockout that can change nothing (no blocked pair is one its layers' masks allow) is the baseline
         row itself, not a recomputation of it: that would differ in the last bits."""
-        knockouts = [self.analysis.knockout(unit) for unit in units]
-        firsts = [k.first_affected(self.analysis.vision_groups) for k in knockouts]
-        flags = self._acting(window, knockouts, firsts)
-        acting = [k for k, acts in zip(knockouts, flags) if acts]
-        out = self.base_logprobs[None].expand(len(units), -1, -1)  # (B, T, V)
-        if not acting:
-            return out
-        # positions before the earliest change are the cached ones; the answer positions are always computed
-        start = min(min(first for first, acts in zip(firsts, flags) if acts), self.analysis.answer_start)
-        batch = len(acting)
-        hidden = self.layer_inputs[window[0]][:, start:].expand(batch, -1, -1)  # (B', S - start, H)
-        kv = _PrefixKV(self.kv, start, batch)
-        computed = self._run(hidden, window[0], start, kv, self._plan(window, acting))  # (B', T, V)
-        if batch == len(units):
-            return computed
-        rows = torch.tensor([i for i, acts in enumerate(flags) if acts], device=computed.device)
-        return out.clone().index_copy_(0, rows, computed)
+        return self.logprobs_batches(window, [units])[0]
+
+    @torch.no_grad()
+    def logprobs_batches(self, window: tuple[int, int], batches: list[list[int | Knockout]]) -> list[torch.Tensor]:
+        """``logprobs`` of each batch, the decoder layers run batch by batch and the head once for all of them.
+
+        A batch's rows are bounded by what its layers' activations may take (``next_batch``); the head's are
+        only the answer rows, and its weight (vocabulary × hidden) is read once per call, so several batches'
+        rows in one matrix product run nearer the machine's matmul rate."""
+        outs, computed = [], []  # per batch (B, T, V); per batch with acting rows (batch, rows, (B', T, H) states)
+        for b, units in enumerate(batches):
+            knockouts = [self.analysis.knockout(unit) for unit in units]
+            firsts = [k.first_affected(self.analysis.vision_groups) for k in knockouts]
+            flags = self._acting(window, knockouts, firsts)
+            acting = [k for k, acts in zip(knockouts, flags) if acts]
+            outs.append(self.base_logprobs[None].expand(len(units), -1, -1))
+            if not acting:
+                continue
+            # positions before the earliest change are the cached ones; the answer positions are always computed
+            start = min(min(first for first, acts in zip(firsts, flags) if acts), self.analysis.answer_start)
+            hidden = self.layer_inputs[window[0]][:, start:].expand(len(acting), -1, -1)  # (B', S - start, H)
+            kv = _PrefixKV(self.kv, start, len(acting))
+            answer = self._run(hidden, window[0], start, kv, self._plan(window, acting), head=False)  # (B', T, H)
+            computed.append((b, [i for i, acts in enumerate(flags) if acts], answer))
+        if not computed:
+            return outs
+        if self.savings.shared_head:
+            parts = self._head(torch.cat([a for _, _, a in computed])).split([len(rows) for _, rows, _ in computed])
+        else:
+            parts = [self._head(answer) for _, _, answer in computed]
+        for (b, rows, _), part in zip(computed, parts):
+            if len(rows) == outs[b].shape[0]:
+                outs[b] = part
+            else:
+                outs[b] = outs[b].clone().index_copy_(0, torch.tensor(rows, device=part.device), part)
+        return outs
 
     def visual_logprobs(self, start: int, embeds: torch.Tensor, deepstack: list[torch.Tensor]) -> torch.Tensor:
         """(B, T, V) answer log-probs with each row's own image features: ``embeds`` (B, n_vis, H) entering

@@ -133,6 +133,9 @@ def is_out_of_memory(error: BaseException) -> bool:
                                                  or "out of memory" in text.lower())
 
 
+HEAD_ROWS = 512  # answer rows per head call: the head's weight (vocabulary × hidden) is read once per call
+
+
 def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float = 0.1, min_rows: int = 16) -> list:
     """Up to ``batch_size`` consecutive knockouts whose rows waste at most ``waste`` of their queries.
 
@@ -154,6 +157,16 @@ def next_batch(engine, knockouts: list, done: int, batch_size: int, waste: float
             end - done < min_rows or first(knockouts[end]) - start <= allowed):
         end += 1
     return knockouts[done:end]
+
+
+def next_group(engine, knockouts: list, done: int, batch_size: int, head_rows: int = HEAD_ROWS) -> list[list]:
+    """Consecutive batches (``next_batch``) from ``done`` on, until they hold ``head_rows`` answer rows: the
+    batches whose answer rows share one call of the head (``FastEngine.logprobs_batches``)."""
+    group, taken, steps = [], done, len(engine.tf.answer_ids)
+    while taken < len(knockouts) and (not group or (taken - done) * steps < head_rows):
+        group.append(next_batch(engine, knockouts, taken, batch_size))
+        taken += len(group[-1])
+    return group
 
 
 def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, progress: bool = True, store=None,
@@ -205,6 +218,7 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
         bar.update(cells)
         if on_progress is not None and cells:
             on_progress(finished, total)
+    grouped, head_rows = hasattr(engine, "logprobs_batches"), HEAD_ROWS
     try:
         for w in sorted({w for w, _ in mine}):
             bar.set_description(labels[w] if labels else f"layers {windows[w][0]}-{windows[w][1]}")
@@ -212,31 +226,34 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
             pending = [knockouts[i] for i in indices]
             done = 0
             while done < len(indices):
-                chunk = next_batch(engine, pending, done, batch_size)
+                group = next_group(engine, pending, done, batch_size, head_rows) if grouped else [
+                    next_batch(engine, pending, done, batch_size)]
                 try:
-                    knocked = engine.logprobs(windows[w], chunk)  # (B, T, V)
+                    knocked_batches = (engine.logprobs_batches(windows[w], group) if grouped
+                                       else [engine.logprobs(windows[w], group[0])])  # (B, T, V) each
                 except (RuntimeError, MemoryError) as error:
                     if not is_out_of_memory(error):
                         raise
-                    if batch_size == 1:
+                    if batch_size == 1 and len(group) == 1:
                         raise UsageError("out of memory with one knockout per forward; use a shorter prompt, a "
                                          "smaller image (--max-pixels), or a device with more memory") from None
-                    batch_size //= 2
+                    batch_size, head_rows = max(1, batch_size // 2), max(1, head_rows // 2)
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
-                values = compute_all(engine.base_logprobs, knocked, answer)
-                per_step = compute_steps(engine.base_logprobs, knocked, answer)
-                cells = indices[done: done + len(chunk)]
-                for grids, computed in ((metrics, values), (steps, per_step)):
-                    for name, column in computed.items():
-                        for i, value in zip(cells, column):
-                            grids[name][w][i] = value
-                missing.difference_update((w, i) for i in cells)
-                if store is not None:
-                    store.record(w, cells, values, batch_size, per_step)
-                done += len(chunk)
-                advance(len(chunk) + (fill(store.follow()) if shard.count > 1 and shard.is_main else 0))
+                for chunk, knocked in zip(group, knocked_batches):
+                    values = compute_all(engine.base_logprobs, knocked, answer)
+                    per_step = compute_steps(engine.base_logprobs, knocked, answer)
+                    cells = indices[done: done + len(chunk)]
+                    for grids, computed in ((metrics, values), (steps, per_step)):
+                        for name, column in computed.items():
+                            for i, value in zip(cells, column):
+                                grids[name][w][i] = value
+                    missing.difference_update((w, i) for i in cells)
+                    if store is not None:
+                        store.record(w, cells, values, batch_size, per_step)
+                    done += len(chunk)
+                advance(sum(map(len, group)) + (fill(store.follow()) if shard.count > 1 and shard.is_main else 0))
         while shard.count > 1 and shard.is_main and missing:  # the other processes' parts
             advance(fill(store.follow()))
             if missing:

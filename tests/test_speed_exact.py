@@ -107,6 +107,35 @@ def test_the_last_layer_runs_only_the_answer_rows(vl_model, images):
                     (2, tf.input_ids.shape[1] - 1)]  # without it: every position from the first knocked one
 
 
+@pytest.mark.parametrize("shared_head", [True, False])
+def test_several_batches_share_one_head_call(vl_model, images, shared_head):
+    """``logprobs_batches``: each batch's rows as ``logprobs`` makes them (baseline rows for knockouts that
+    change nothing, a batch of only those included), with the head called once for every computed row."""
+    analysis = Analysis(vl_model, build_prompt(vl_model, PROMPT, [images["wide"]]))
+    _, tf = analysis.baseline(3)
+    fast = FastEngine(analysis, tf, Savings(shared_head=shared_head))
+    nothing = Knockout(keys=(0,), queries=())
+    answer = analysis.answer_start
+    batches = [[1, 2, 3], [nothing], [answer - 1, nothing, answer - 2], [5]]
+    calls = []
+    handle = vl_model.adapter.lm_head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[:2]))
+    try:
+        for window in [(0, 0), (1, 2)]:
+            calls.clear()
+            got = fast.logprobs_batches(window, batches)
+            rows = 3 + 2 + 1  # the knockouts that change something
+            assert calls == ([(rows, len(tf.answer_ids))] if shared_head else [(3, 3), (2, 3), (1, 3)])
+            for units, out in zip(batches, got):
+                one = fast.logprobs(window, units)
+                assert out.shape == one.shape
+                assert (out - one).abs().max() <= 2e-5  # the head at another row count: last bits
+                for unit, row in zip(units, out):
+                    if unit is nothing:
+                        assert torch.equal(row, fast.base_logprobs)
+    finally:
+        handle.remove()
+
+
 def test_grouped_query_sdpa_equals_copied_heads():
     """SDPA's grouped-query path with a boolean (B, 1, Q, K) mask == the heads copied by ``repeat_kv``."""
     torch.manual_seed(0)
