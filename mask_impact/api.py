@@ -418,7 +418,8 @@ class KnockoutResult:
         figures.require()
         if fmt not in figures.FORMATS:
             raise InvalidArgument(f"format={fmt!r} is not one of: {', '.join(figures.FORMATS)}")
-        self.metric(metric)
+        if metric != figures.ESTIMATED or self.estimate is None:  # the estimated map: an estimate=K run's
+            self.metric(metric)
 
     def _kinds(self, kinds) -> list[str]:
         from .figures import kinds_for

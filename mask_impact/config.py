@@ -445,7 +445,8 @@ def possible_figures(config: RunConfig) -> dict[str, Path]:
     """The figures a run may write (which ones it does depends on its units: figures.kinds_for)."""
     if config.figures is None:
         return {}
-    kinds = ["heatmap"] + (["flows"] if config.flows else ["overlay"] if config.images else [])
+    kinds = (["heatmap"] + (["flows"] if config.flows else ["overlay"] if config.images else [])
+             + (["estimate"] if config.estimate else []))
     return figure_paths(output_dir(config.output_dir) / config.output, config.figures, kinds)
 
 

@@ -7,7 +7,10 @@ Drawn from the result JSON alone (DESIGN.md §5), so a saved result can be drawn
   every k-th up to ``SOME_LABELS``, none beyond), label colour by modality, and a colour bar;
 - ``overlay``: each unit's box (original-image pixels) tinted by its value over the picture (the result's
   thumbnail), small multiples: one row per image, one column per chosen window;
-- ``flows``: one curve per flow over the layer windows (runs with ``--flow``; they get no overlay).
+- ``flows``: one curve per flow over the layer windows (runs with ``--flow``; they get no overlay);
+- ``estimate`` (runs with ``--estimate K``): the heatmap of the estimated map (``estimated_logprob_drop``).
+  On every heatmap of such a run, the cells computed exactly are marked as in the viewer: a top-K cell outlined,
+  a random sample's cell dotted; the others were estimated only (grey on the exact metrics' maps).
 
 The colours are the viewer's: red where the knockout hurts the answer, blue where it helps, a robust scale (the
 99th percentile of the non-special units' values; values past it are drawn saturated and the bar says so),
@@ -23,6 +26,7 @@ import importlib.util
 import io
 import math
 import re
+import textwrap
 import warnings
 
 import numpy as np
@@ -30,7 +34,8 @@ import numpy as np
 from .errors import FIGURES_INSTALL, MissingDependency
 
 FORMATS = ("png", "svg", "pdf")
-KINDS = ("heatmap", "overlay", "flows")
+KINDS = ("heatmap", "overlay", "flows", "estimate")
+ESTIMATED = "estimated_logprob_drop"  # the estimate's map (``data["estimate"]["logprob_drop"]``), drawn as a metric
 ALL_LABELS = 80  # columns up to which every unit is labelled
 SOME_LABELS = 600  # columns up to which every k-th unit is labelled (about 60 labels); beyond: unit indices
 MAX_PANELS = 6  # windows shown in the overlay unless chosen
@@ -41,6 +46,7 @@ METRICS = {  # title, harm sign (+1: larger hurts), one-sided
     "kl": ("mean KL divergence (nats)", 1, True),
     "top1_changed": ("top-1 token changed", 1, True),
     "first_divergence": ("first diverging answer step", 1, True),
+    ESTIMATED: ("estimated log-prob drop (nats)", 1, False),
 }
 ROW_TITLES = {"decoder": "decoder layers", "vision-encoder": "ViT layers", "pixels": "occlusion",
               "deepstack": "route removed"}
@@ -59,12 +65,13 @@ def require() -> None:
 
 def kinds_for(data: dict) -> list[str]:
     """The figures a result gets: always the heatmap; the flow curves for flows, else the overlay where a
-    unit has a box on an image."""
+    unit has a box on an image; the estimated map's heatmap for an ``--estimate`` run."""
     units = data.get("units") or []
+    estimate = ["estimate"] if data.get("estimate") else []
     if any(unit["kind"] == "flow" for unit in units):
-        return ["heatmap", "flows"]
+        return ["heatmap", "flows", *estimate]
     boxed = data.get("images") and any(unit.get("box") and unit.get("image") is not None for unit in units)
-    return ["heatmap", "overlay"] if boxed else ["heatmap"]
+    return ["heatmap", "overlay", *estimate] if boxed else ["heatmap", *estimate]
 
 
 def render(data: dict, fmt: str, metric: str = "logprob_drop", windows=None, kinds=None) -> dict[str, bytes]:
@@ -75,7 +82,8 @@ def render(data: dict, fmt: str, metric: str = "logprob_drop", windows=None, kin
 def draw(data: dict, metric: str = "logprob_drop", windows=None, kinds=None) -> dict:
     """The matplotlib ``Figure`` of each kind."""
     require()
-    drawers = {"heatmap": heatmap, "overlay": overlay, "flows": flow_curves}
+    drawers = {"heatmap": heatmap, "overlay": overlay, "flows": flow_curves,
+               "estimate": lambda data, metric, windows: heatmap(data, ESTIMATED, windows)}
     return {kind: drawers[kind](data, metric, windows) for kind in (kinds or kinds_for(data))}
 
 
@@ -102,7 +110,7 @@ def _metadata(fmt: str) -> dict:
 
 def values(data: dict, metric: str) -> np.ndarray:
     """(windows, units) array of ``metric``, NaN where a value is missing."""
-    grid = data["metrics"][metric]
+    grid = data["estimate"]["logprob_drop"] if metric == ESTIMATED else data["metrics"][metric]
     return np.array([[np.nan if v is None else float(v) for v in row] for row in grid], dtype=float).reshape(
         len(data["windows"]), -1)
 
@@ -216,12 +224,33 @@ def heatmap(data: dict, metric: str, windows=None):
         unit_title = f"unit index ({', '.join(kinds)}; {count:,} units)"
     axes.set_xlabel(unit_title)
     axes.set_ylabel(ROW_TITLES.get(data.get("stage", "decoder"), "window"))
-    axes.set_title(_title(data), fontsize=9, loc="left")
+    axes.set_title(_title(data) + _mark_exact_cells(axes, data, metric), fontsize=9, loc="left")
     axes.tick_params(length=2)
     bar = figure.colorbar(image, ax=axes, extend=extend, fraction=0.04, pad=0.01)
     bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return figure
+
+
+def _mark_exact_cells(axes, data: dict, metric: str) -> str:
+    """An ``--estimate`` run: its exact cells marked on the heatmap (top-K outlined, the random sample dotted, as
+    in the viewer); returns the title's line that says so ("" for other runs)."""
+    block = data.get("estimate")
+    if not block:
+        return ""
+    from matplotlib.patches import Rectangle
+
+    cells = block.get("exact_cells") or {}
+    top, sample = cells.get("top") or [], cells.get("sample") or []
+    for w, u in top:
+        axes.add_patch(Rectangle((u - 0.5, w - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
+    if sample:
+        axes.scatter([u for _, u in sample], [w for w, _ in sample], s=12, c="black", marker="o", edgecolors="white",
+                     linewidths=0.6)  # seen on dark cells too
+    rest = "the others estimated only" + (" (first order)" if metric == ESTIMATED else " (grey)")
+    line = (f"--estimate {block.get('requested_top_k') or block.get('top_k')}: computed exactly: the top {len(top)} "
+            f"by |estimate| (outlined) and a random sample of {len(sample)} (dot); {rest}")
+    return "\n" + textwrap.fill(line, int(axes.figure.get_figwidth() * 12))
 
 
 def picture(info: dict) -> np.ndarray | None:

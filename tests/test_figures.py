@@ -186,3 +186,32 @@ def test_plot_without_matplotlib_raises_the_librarys_error(regions, tmp_path, mo
     assert isinstance(caught.value, ImportError) and not list(tmp_path.iterdir())
     regions.save(tmp_path / "plain")  # the rest needs no matplotlib
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_an_estimate_runs_figures_mark_the_exact_cells(analyzer, regions, tmp_path):
+    """--estimate K: every heatmap outlines the top-K cells and dots the random sample (the exact cells), and the
+    estimated map gets its own heatmap; the command line writes it beside the others."""
+    from matplotlib.patches import Rectangle
+
+    result = analyzer.run(PROMPT, images=[str(DEMO_IMAGE)], unit="region:2", estimate=3, estimate_sample=2,
+                          progress=False)
+    cells = result.data["estimate"]["exact_cells"]
+    figures = result.plot(kinds=["heatmap", "estimate"])
+    for kind, grid in (("heatmap", result.metric("logprob_drop")), ("estimate", result.estimate)):
+        axes = figures[kind].axes[0]
+        assert np.array_equal(np.asarray(axes.images[0].get_array()), grid, equal_nan=True)
+        outlined = sorted([round(p.get_y() + 0.5), round(p.get_x() + 0.5)] for p in axes.patches
+                          if isinstance(p, Rectangle))
+        assert outlined == sorted(cells["top"]) and len(outlined) == 3
+        dotted = sorted([round(y), round(x)] for x, y in axes.collections[0].get_offsets())
+        assert dotted == sorted(cells["sample"]) and len(dotted) == 2
+        title = " ".join(axes.get_title(loc="left").split())
+        assert "computed exactly: the top 3 by |estimate| (outlined) and a random sample of 2 (dot)" in title
+    assert figures["estimate"].axes[1].get_ylabel() == "estimated log-prob drop (nats)"
+    plain = regions.plot(kinds="heatmap")["heatmap"].axes[0]  # no estimate: no marks
+    assert len(plain.patches) == 0 and len(plain.collections) == 0 and "\n" not in plain.get_title(loc="left")
+    assert main(["--demo", "--unit", "region:2", "--estimate", "2", "--output", "est", "--figures", "png",
+                 "--output-dir", str(tmp_path), "--no-progress"], True) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == [
+        "est.estimate.png", "est.heatmap.png", "est.overlay.png"]
+    assert _pixels(tmp_path / "est.estimate.png").std() > 20
