@@ -45,6 +45,15 @@ def test_a_device_map_with_offload_gives_the_same_numbers(whole, spread, options
     assert a.data["generations"] == b.data["generations"]
 
 
+def test_the_estimate_on_a_device_map_with_offload_is_the_same(whole, spread):
+    """--estimate's forward and backward pass run through accelerate's hooks too (offloaded weights included)."""
+    options = dict(images=[DEMO_IMAGE], progress=False, mask_mode="both", num_tokens=2, estimate=4, estimate_sample=3)
+    a, b = whole.run("What colour is the shape?", **options), spread.run("What colour is the shape?", **options)
+    assert a.data["estimate"]["logprob_drop"] == b.data["estimate"]["logprob_drop"]
+    assert a.data["estimate"]["exact_cells"] == b.data["estimate"]["exact_cells"]
+    assert a.data["metrics"] == b.data["metrics"]
+
+
 def test_device_map_options_are_checked_before_the_model_loads(capsys, in_tmp):
     demo = ["--demo", "--output", "x"]
     assert "not one of accelerate's: auto, balanced" in cli_error(capsys, [*demo, "--device-map", "everywhere"])
