@@ -160,8 +160,8 @@ GEMMA3_IMAGE = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")  # b
 
 def _gemma3_vl(tokenizer, folder: Path):
     """Gemma 3 with images in small: a 2-layer SigLIP tower over 64×64 pictures of 16-px patches (4×4), pooled 2×2
-    to ``mm_tokens_per_image`` = 4 tokens; a Gemma 3 decoder with sliding layers of ``WINDOW`` and a local rotary
-    base. The tokenizer names its boi, eoi and image tokens as Gemma 3's does (``tokenizer_config.json``), which the
+    to ``mm_tokens_per_image`` = 4 tokens (the projection drawn at random: transformers initialises it to zero); a
+    Gemma 3 decoder with sliding layers of ``WINDOW`` and a local rotary base. The tokenizer names its boi, eoi and image tokens as Gemma 3's does (``tokenizer_config.json``), which the
     genuine ``Gemma3Processor`` reads."""
     boi, eoi, image = GEMMA3_IMAGE
     tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA3_IMAGE)})
@@ -182,7 +182,10 @@ def _gemma3_vl(tokenizer, folder: Path):
                                                         image_std=[0.5] * 3)
     processor = transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                              chat_template=tokenizer.chat_template, image_seq_length=4)
-    return transformers.Gemma3ForConditionalGeneration(config), processor
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # initialised to zero (every image token alike); trained checkpoints have one
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.1)
+    return model, processor
 
 
 def build_tiny(folder: Path, model_type: str, seed: int = 0) -> Path:
