@@ -164,6 +164,7 @@ def test_a_run_records_its_geometry(folder, pictures, in_tmp, capsys):
     data = json.loads((in_tmp / "output" / "r.json").read_text())
     assert data["meta"]["model_type"] == "gemma3" and data["meta"]["geometry"].startswith(
         "fixed grid: the whole picture resized to 64×64")
+    assert data["meta"]["settings"]["vision_attention"] == "bidirectional"  # what the model computes
     image = data["images"][0]
     assert image["crop"] is None and (image["resized_width"], image["resized_height"]) == (64, 64)
     assert [u["box"] for u in data["units"]] == [[0, 0, 64, 32], [64, 0, 128, 32], [0, 32, 64, 64], [64, 32, 128, 64]]

@@ -8,7 +8,8 @@ The engine never reaches into a model by hard-coded attribute paths. It asks the
 - the inputs of layer 0 for one sequence (``layer_inputs``: embeddings with the visual features placed, rotary
   position ids) and what the model adds along the way (DeepStack features);
 - the rotary embedding each layer gets (``position_embeddings``: Gemma 3 has a local and a global one);
-- the attention mask each layer gets (``layer_masks``, from the layer types the family's modeling code follows);
+- the attention mask each layer gets (``layer_masks``, from the layer types the family's modeling code follows and,
+  for Gemma 3, the image positions: its tokens of one image attend to each other both ways);
 - for vision-language families (``takes_images``), the image markup of a raw prompt and the geometry that maps
   each vision token to its box of original-image pixels (``token_cells``);
 - which stages (``--stage``) it supports.
