@@ -358,7 +358,8 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     if vision:
         parser.add_argument("--vision-attention", choices=CHOICES["vision_attention"],
                             help="causal (default) is what the model computes; bidirectional reproduces the original "
-                                 "tool's mask (image tokens of one image see each other both ways)")
+                                 "tool's mask (image tokens of one image see each other both ways). Gemma 3's own "
+                                 "masks are bidirectional inside each image: there it changes nothing")
     parser.add_argument("--generate-top", type=int,
                         help="run real greedy generation under the K most impactful knockouts (default 10)")
     parser.add_argument("--batch-size", type=int, help="knockouts per forward (default: automatic)")

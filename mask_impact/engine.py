@@ -72,10 +72,15 @@ class Analysis:
     block_from: str = "all"  # all | answer
     vision_attention: str = "causal"  # causal | bidirectional
     _groups: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _added_groups: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.vision_attention == "bidirectional":
+        # Gemma 3's own masks hold the same-image blocks: always known here (first_affected), never added again;
+        # --vision-attention bidirectional adds them to a causal model's masks
+        own = self.loaded.adapter.bidirectional_images
+        if own or self.vision_attention == "bidirectional":
             self._groups = self.prompt.vision_groups()
+        self._added_groups = None if own else self._groups
 
     @property
     def answer_start(self) -> int:
@@ -91,9 +96,9 @@ class Analysis:
     def plan(self, window: tuple[int, int] | None = None, units: list[int | Knockout] | None = None,
              reference: bool = False) -> AttentionPlan:
         if window is None:
-            return AttentionPlan(vision_groups=self._groups, reference=reference)
+            return AttentionPlan(vision_groups=self._added_groups, reference=reference)
         knockouts = [self.knockout(unit) for unit in units]
-        return AttentionPlan.for_knockouts(window, knockouts, self.prompt.length, self._groups, reference)
+        return AttentionPlan.for_knockouts(window, knockouts, self.prompt.length, self._added_groups, reference)
 
     def first_affected(self, unit: int | Knockout) -> int | None:
         """The first position whose computation a knockout can change (None: it changes nothing)."""
@@ -148,9 +153,10 @@ class Analysis:
         answer = torch.tensor(answer_ids, dtype=self.prompt.input_ids.dtype)
         input_ids = torch.cat([self.prompt.input_ids, answer[None, :-1]], dim=1)  # (1, P + T - 1)
         kwargs = dict(self.prompt.model_kwargs)
-        if "mm_token_type_ids" in kwargs:
-            types = kwargs["mm_token_type_ids"]
-            kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(answer_ids) - 1)], dim=1)
+        for name in ("mm_token_type_ids", "token_type_ids"):  # the answer tokens are text (0)
+            if name in kwargs:
+                types = kwargs[name]
+                kwargs[name] = torch.cat([types, types.new_zeros(1, len(answer_ids) - 1)], dim=1)
         return TeacherForced(input_ids, kwargs, answer, self.answer_start)
 
 
@@ -256,7 +262,8 @@ class FastEngine:
             # (cos, sin) of each layer, each (1, S, hs): one rotary embedding for all, or one per layer type
             self.rope = adapter.position_embeddings(inputs.hidden, inputs.rope_position_ids.to(device))
             with knockout_attention_installed(adapter.attention_configs()):  # masks as built for our attention
-                self.masks = adapter.layer_masks(inputs.hidden)  # (1, 1, S, S) or None (plain causal) per layer
+                # (1, 1, S, S) or None (plain causal) per layer
+                self.masks = adapter.layer_masks(inputs.hidden, inputs.visual_mask)
         self.visual_mask = inputs.visual_mask  # (S,) or None
         self.image_embeds = None if inputs.visual_mask is None else inputs.hidden[0, inputs.visual_mask]  # (n_vis, H)
         self.deepstack = [self._scatter(inputs.visual_mask, rows) for rows in inputs.deepstack]  # (S, H) each

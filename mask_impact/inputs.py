@@ -341,7 +341,7 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
     """The prompt's ids, the model's other inputs and the template text after the user's text (None with
     ``raw_prompt``)."""
     processor, config = loaded.processor, loaded.model.config
-    image_pad = loaded.tokenizer.convert_ids_to_tokens(config.image_token_id)
+    image_pad = loaded.adapter.image_placeholder(loaded.tokenizer)  # what the processor expands (Gemma 3: boi)
     video_id = getattr(config, "video_token_id", None)
     video_pad = None if video_id is None else loaded.tokenizer.convert_ids_to_tokens(video_id)
     if raw_prompt:
@@ -361,14 +361,15 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
                          f"{len(images)} image{'s' if len(images) != 1 else ''}; give one --image per placeholder")
     encoded = processor(text=[full_text], images=images or None, return_tensors="pt", **limits.processor_kwargs())
     model_kwargs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "image_sizes",
-                                                      "mm_token_type_ids") if key in encoded}
+                                                      "mm_token_type_ids", "token_type_ids") if key in encoded}
     input_ids = encoded["input_ids"]
     if pieces is not None:  # the user's text and the template after it, both plain text tokens
         tail = torch.tensor([pieces[1] + pieces[2]], dtype=input_ids.dtype)
         input_ids = torch.cat([input_ids, tail], dim=1)
-        if "mm_token_type_ids" in model_kwargs:
-            types = model_kwargs["mm_token_type_ids"]
-            model_kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(tail.shape)], dim=1)
+        for name in ("mm_token_type_ids", "token_type_ids"):  # Gemma 3's processor names them token_type_ids
+            if name in model_kwargs:
+                types = model_kwargs[name]
+                model_kwargs[name] = torch.cat([types, types.new_zeros(tail.shape)], dim=1)
     after = None if raw_prompt else template.split(USER_TEXT)[1]
     return input_ids, model_kwargs, after
 

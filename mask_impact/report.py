@@ -76,7 +76,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
             "answer_start": result.answer_start,
             "batch_size": result.batch_size,
             "processes": result.processes,
-            "settings": config.settings(),
+            "settings": _settings(loaded, config),
             "fingerprint": fingerprint,
         },
         "prompt": prompt.text,
@@ -98,6 +98,15 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
         "generations": result.generations,
         **({"estimate": result.estimate} if result.estimate is not None else {}),
     }
+
+
+def _settings(loaded: LoadedModel, config: RunConfig) -> dict:
+    """Every option of the run; ``vision_attention`` as measured: a family whose own masks let the tokens of one
+    image attend to each other both ways (Gemma 3) is measured bidirectional whatever the option says."""
+    settings = config.settings()
+    if loaded.adapter.bidirectional_images:
+        settings["vision_attention"] = "bidirectional"
+    return settings
 
 
 def csv_text(data: dict) -> str:

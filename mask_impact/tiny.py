@@ -155,6 +155,39 @@ def _llava_onevision(tokenizer):
     return transformers.LlavaOnevisionForConditionalGeneration(config), processor
 
 
+GEMMA3_IMAGE = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")  # boi, eoi, image soft token
+
+
+def _gemma3_vl(tokenizer, folder: Path):
+    """Gemma 3 with images in small: a 2-layer SigLIP tower over 64×64 pictures of 16-px patches (4×4), pooled 2×2
+    to ``mm_tokens_per_image`` = 4 tokens (the projection drawn at random: transformers initialises it to zero); a
+    Gemma 3 decoder with sliding layers of ``WINDOW`` and a local rotary base. The tokenizer names its boi, eoi and image tokens as Gemma 3's does (``tokenizer_config.json``), which the
+    genuine ``Gemma3Processor`` reads."""
+    boi, eoi, image = GEMMA3_IMAGE
+    tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA3_IMAGE)})
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", boi)
+    tokenizer.save_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, boi_token=boi, eoi_token=eoi, image_token=image)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=64, patch_size=16)
+    rope = {FULL: {"rope_type": "default", "rope_theta": 10000.0},
+            SLIDE: {"rope_type": "default", "rope_theta": 100.0}}
+    text = dict(_text(tokenizer, head_dim=16, sliding_window=WINDOW, layer_types=LAYER_TYPES, query_pre_attn_scalar=16,
+                      rope_parameters=rope), model_type="gemma3_text")
+    ids = tokenizer.convert_tokens_to_ids(list(GEMMA3_IMAGE))
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=ids[0], eoi_token_index=ids[1], image_token_index=ids[2],
+                                       tie_word_embeddings=False)
+    image_processor = transformers.Gemma3ImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
+                                                        image_std=[0.5] * 3)
+    processor = transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                             chat_template=tokenizer.chat_template, image_seq_length=4)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # initialised to zero (every image token alike); trained checkpoints have one
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.1)
+    return model, processor
+
+
 def build_tiny(folder: Path, model_type: str, seed: int = 0) -> Path:
     """A tiny random-weight checkpoint of ``model_type`` in ``folder``; deterministic for a given seed."""
     if model_type in ("qwen3_vl", "qwen3_vl_moe"):
@@ -176,6 +209,9 @@ def build_tiny(folder: Path, model_type: str, seed: int = 0) -> Path:
     elif model_type in ("llava", "llava_next", "llava_onevision"):
         model, processor = {"llava": _llava, "llava_next": _llava_next,
                             "llava_onevision": _llava_onevision}[model_type](tokenizer)
+        processor.save_pretrained(folder)
+    elif model_type == "gemma3":
+        model, processor = _gemma3_vl(tokenizer, folder)
         processor.save_pretrained(folder)
     elif model_type in ("gemma2", "gemma3_text"):
         config = _gemma_config(tokenizer, model_type)

@@ -39,6 +39,7 @@ TABLE = {
     "llava": ("word", "region:2", "image"),
     "llava_next": ("word", "region:2", "image"),
     "llava_onevision": ("word", "region:2", "image"),
+    "gemma3": ("word", "region:2", "image"),
     "qwen3": ("word",),
     "qwen2": ("word",),
     "llama": ("word",),
@@ -129,12 +130,13 @@ def test_fast_equals_naive_for_token_and_group_units(case, block_from):
     assert largest > 0.05  # the knockouts really moved the answer
 
 
-def _kept_masks(loaded, length: int, keep: torch.Tensor):
+def _kept_masks(loaded, length: int, keep: torch.Tensor, visual_mask: torch.Tensor | None = None):
     """The decoder's ``attention_mask`` argument giving each kept row the keys of its original mask (its original
-    sliding window included), restricted to the kept positions: None where every layer is plain causal."""
+    sliding window and, for Gemma 3, its image's bidirectional block included), restricted to the kept positions:
+    None where every layer is plain causal."""
     hidden = torch.zeros(1, length, loaded.adapter.decoder.config.hidden_size)
     with knockout_attention_installed(loaded.adapter.attention_configs()):
-        masks = loaded.adapter.layer_masks(hidden)
+        masks = loaded.adapter.layer_masks(hidden, visual_mask)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     by_type = {}
     for kind, mask in zip(loaded.adapter.layer_types, masks):
@@ -157,7 +159,7 @@ def _deleted_logits(loaded, tf, deleted: int) -> tuple[torch.Tensor, torch.Tenso
     with torch.no_grad():
         inputs = loaded.adapter.layer_inputs(tf.input_ids, tf.model_kwargs)
         kwargs = dict(inputs_embeds=inputs.hidden[:, keep], position_ids=inputs.rope_position_ids[..., keep],
-                      attention_mask=_kept_masks(loaded, length, keep))
+                      attention_mask=_kept_masks(loaded, length, keep, inputs.visual_mask))
         if inputs.deepstack:  # Qwen3-VL: the kept image rows' DeepStack features
             visual_rank = torch.cumsum(inputs.visual_mask.long(), 0) - 1
             rows = visual_rank[keep][inputs.visual_mask[keep]]
@@ -355,9 +357,9 @@ def _redness(loaded, prompt) -> torch.Tensor:
             view = 0 if t.t == 0 else 1 + (r // grid) * across + c // grid
             r, c = r % grid, c % grid
             cells.append(pixels[view, :, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(3, -1))
-    elif loaded.model.config.model_type == "llava":  # (n, C, H, W): the crop itself
+    elif loaded.model.config.model_type in ("llava", "gemma3"):  # (n, C, H, W): LLaVA's crop, Gemma 3's square
         pixels = values * std[None, :, None, None] + mean[None, :, None, None]
-        p = loaded.adapter.patch_size
+        p = loaded.adapter.cell if loaded.model.config.model_type == "gemma3" else loaded.adapter.patch_size
         cells = [pixels[t.image, :, t.row * p:(t.row + 1) * p, t.col * p:(t.col + 1) * p].reshape(3, -1) for t in vision]
     else:  # rows of patches, each (C, T·P·P)
         pixels = values.reshape(values.shape[0], 3, -1) * std[:, None] + mean[:, None]
@@ -402,9 +404,10 @@ def test_the_token_whose_box_holds_a_marker_is_the_one_whose_pixels_show_it(chec
                 boxes = torch.tensor([t.box for t in every if t.t == view and t.box is not None])
                 assert boxes[:, 2].max() == 150 and boxes[:, 3].max() == 100 and boxes[:, :2].min() == 0
             continue
-        if model_type != "llava":  # the Qwen grid tiles the whole picture: resized 150×100 → 160×96
+        if model_type != "llava":  # the Qwen grid tiles the whole picture: resized 150×100 → 160×96 (Gemma 3: 64×64)
             boxes = torch.tensor([t.box for t in vision])
-            assert (prompt.images[0].resized_width, prompt.images[0].resized_height) == (160, 96)
+            resized = (64, 64) if model_type == "gemma3" else (160, 96)
+            assert (prompt.images[0].resized_width, prompt.images[0].resized_height) == resized
             assert boxes[:, 2].max() == 150 and boxes[:, 3].max() == 100 and boxes[:, :2].min() == 0
     assert held >= 2
 

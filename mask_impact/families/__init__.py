@@ -8,7 +8,8 @@ The engine never reaches into a model by hard-coded attribute paths. It asks the
 - the inputs of layer 0 for one sequence (``layer_inputs``: embeddings with the visual features placed, rotary
   position ids) and what the model adds along the way (DeepStack features);
 - the rotary embedding each layer gets (``position_embeddings``: Gemma 3 has a local and a global one);
-- the attention mask each layer gets (``layer_masks``, from the layer types the family's modeling code follows);
+- the attention mask each layer gets (``layer_masks``, from the layer types the family's modeling code follows and,
+  for Gemma 3, the image positions: its tokens of one image attend to each other both ways);
 - for vision-language families (``takes_images``), the image markup of a raw prompt and the geometry that maps
   each vision token to its box of original-image pixels (``token_cells``);
 - which stages (``--stage``) it supports.
@@ -66,6 +67,9 @@ class DecoderAdapter:
     takes_images: bool = False
     stages: tuple[str, ...] = ("decoder",)
     native_attention: str = "sdpa"  # the attention the model runs with outside a knockout
+    # the model's own masks let the tokens of one image attend to each other both ways (Gemma 3): the analysis
+    # always knows the blocks, and lays knockouts over these masks without adding blocks of its own
+    bidirectional_images: bool = False
     layer_type_rule: Callable[[object], list[str]] = staticmethod(all_full)
 
     def __init__(self, model: nn.Module, decoder: nn.Module):
@@ -127,6 +131,10 @@ class DecoderAdapter:
         """Decoder tokens of one image (an ``inputs.ImageInfo``)."""
         return self.tokens_per_image(image.grid_thw)
 
+    def image_placeholder(self, tokenizer) -> str:
+        """The text the processor expands into one image's tokens (the image token itself, for most families)."""
+        return tokenizer.convert_ids_to_tokens(self.model.config.image_token_id)
+
     def geometry(self) -> str | None:
         """How vision tokens map to pixels, for the result's ``meta`` (None: the family takes no images)."""
         return None
@@ -158,10 +166,11 @@ class DecoderAdapter:
     def layer_inputs(self, input_ids: torch.Tensor, model_kwargs: dict) -> LayerInputs:
         raise NotImplementedError
 
-    def layer_masks(self, hidden: torch.Tensor) -> list[torch.Tensor | None]:
+    def layer_masks(self, hidden: torch.Tensor, visual_mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         """The mask each layer gets in the model's own forward of one whole sequence (no padding, no cache).
 
-        ``hidden`` (1, S, H) only sizes them. With our attention installed (or SDPA) each is a boolean
+        ``hidden`` (1, S, H) only sizes them; ``visual_mask`` (S,) marks the image tokens, for a family whose masks
+        depend on them (Gemma 3). With our attention installed (or SDPA) each is a boolean
         (1, 1, S, S) mask of allowed scores, or None where it is plain causal (``sdpa_mask`` skips it:
         full layers, and sliding layers whose window covers the whole sequence).
         """
@@ -196,4 +205,4 @@ def adapter_for(model: nn.Module) -> DecoderAdapter:
     return family_class(model.config.model_type)(model)
 
 
-from . import gemma, llava, llava_next, llava_onevision, qwen_vl, text  # noqa: E402,F401  (each registers its families)
+from . import gemma, gemma3_vl, llava, llava_next, llava_onevision, qwen_vl, text  # noqa: E402,F401  (each registers its families)

@@ -1,0 +1,192 @@
+"""Gemma 3 with images (``gemma3``): what the identity table (tests/test_families.py) does not single out.
+
+The tokens of one image attend to each other both ways in every decoder layer (the model's own masks): the engine's
+masks are the model's, bit for bit; a knockout of a *later* image token changes an *earlier* one of the same image,
+and the fast engine agrees with the naive one there; ``--vision-attention`` changes nothing; the head applies no
+soft-capping (as ``Gemma3ForConditionalGeneration``); bad settings are one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from mask_impact.cli import main
+from mask_impact.engine import Analysis, FastEngine, NaiveEngine
+from mask_impact.inputs import build_prompt
+from mask_impact.knockout import apply_plan, knockout_attention_installed
+from mask_impact.models import load_model
+from mask_impact.tiny import WINDOW, build_tiny
+from tests.conftest import cli_error, draw_image
+
+PROMPT = "A=3, B=7, C=1. What is B?"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("gemma3"), "gemma3")
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    return load_model(str(folder), True, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pictures")
+    return [str(draw_image(base / name, w, h)) for name, w, h in (("wide.png", 128, 64), ("tall.png", 50, 90),
+                                                                   ("square.png", 64, 64))]
+
+
+def _image_positions(prompt, image: int) -> list[int]:
+    return [t.index for t in prompt.tokens if t.modality == "vision" and t.image == image]
+
+
+def test_the_engine_masks_are_the_models_own_and_bidirectional_inside_each_image(loaded, pictures):
+    """Two images: the mask each decoder layer receives in the model's own forward == ``layer_masks``; inside each
+    image every token sees every other (sliding layers too), across images and for text tokens attention stays
+    causal, and the sliding window acts."""
+    prompt = build_prompt(loaded, PROMPT, pictures[:2])
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: seen.__setitem__(i, kwargs["attention_mask"]), with_kwargs=True)
+        for i, layer in enumerate(loaded.adapter.layers)]
+    try:
+        with torch.no_grad(), knockout_attention_installed(loaded.adapter.attention_configs()):
+            loaded.model(input_ids=prompt.input_ids, **prompt.model_kwargs)
+            inputs = loaded.adapter.layer_inputs(prompt.input_ids, prompt.model_kwargs)
+            masks = loaded.adapter.layer_masks(inputs.hidden, inputs.visual_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    first, second = _image_positions(prompt, 0), _image_positions(prompt, 1)
+    assert len(first) == len(second) == 4 and first[-1] < second[0]
+    text = [t.index for t in prompt.tokens if t.modality != "vision"]
+    for layer, (kind, mask) in enumerate(zip(loaded.adapter.layer_types, masks)):
+        assert torch.equal(mask, seen[layer]), layer
+        allowed = mask[0, 0]  # (S, S)
+        for image in (first, second):
+            assert allowed[image][:, image].all(), layer  # both ways inside the image
+        assert not allowed[first][:, second].any()  # an image never sees a later one
+        later = torch.ones_like(allowed).triu(1)
+        assert not (allowed & later)[text].any()  # text stays causal
+        if kind == "sliding_attention":
+            last = prompt.length - 1
+            assert allowed[last, last - WINDOW + 1] and not allowed[last, last - WINDOW]
+
+
+def test_a_later_image_token_knockout_changes_the_earlier_ones_of_its_image(loaded, pictures):
+    """Knock out the last token of the first image at layer 0 (a sliding layer) and at layer 1 (a full one): the
+    image's earlier tokens change from that layer on, every position before the image stays bit-identical;
+    ``first_affected`` names the image's first token; fast == naive for it, with both ``--block-from`` modes."""
+    prompt = build_prompt(loaded, PROMPT, pictures[:1])
+    image = _image_positions(prompt, 0)
+    for block_from in ("all", "answer"):
+        analysis = Analysis(loaded, prompt, block_from)
+        _, tf = analysis.baseline(3)
+        if block_from == "all":
+            assert analysis.first_affected(image[-1]) == image[0]
+            inputs = dict(input_ids=tf.input_ids, **tf.model_kwargs)
+            for window in ((0, 0), (1, 1)):
+                states = []
+                for plan in (analysis.plan(reference=True), analysis.plan(window, [image[-1]], reference=True)):
+                    with torch.no_grad(), knockout_attention_installed(loaded.adapter.attention_configs()), \
+                            apply_plan(plan):
+                        states.append(loaded.model(**inputs, output_hidden_states=True).hidden_states)
+                base, knocked = states
+                after = window[0] + 1  # hidden_states[l + 1] leaves layer l
+                assert torch.equal(base[after][:, :image[0]], knocked[after][:, :image[0]])
+                assert (base[after][0, image[0]] - knocked[after][0, image[0]]).abs().max() > 1e-3, window
+        naive, fast = NaiveEngine(analysis, tf), FastEngine(analysis, tf)
+        units = [image[-1], image[1], image[0]]
+        for window in ((0, 0), (1, 2), (3, 3)):
+            expected = naive.logprobs(window, units)
+            assert (fast.logprobs(window, units) - expected).abs().max() <= 2e-5, (block_from, window)
+
+
+def test_vision_attention_does_not_change_what_is_measured(loaded, pictures):
+    prompt = build_prompt(loaded, PROMPT, pictures[:1])
+    causal, bidirectional = Analysis(loaded, prompt, "all", "causal"), Analysis(loaded, prompt, "all",
+                                                                                 "bidirectional")
+    image = _image_positions(prompt, 0)
+    assert torch.equal(causal.vision_groups, bidirectional.vision_groups)
+    assert causal.first_affected(image[-1]) == bidirectional.first_affected(image[-1]) == image[0]
+    for analysis in (causal, bidirectional):  # the blocks come with the model's masks, never added twice
+        assert analysis.plan().vision_groups is None and analysis.plan((0, 1), [image[-1]]).vision_groups is None
+
+
+def test_the_head_applies_no_soft_capping_as_the_model(loaded):
+    """``Gemma3ForConditionalGeneration`` ignores ``final_logit_softcapping``: so does the adapter's head."""
+    text_config = loaded.model.config.text_config
+    ids = torch.tensor([[1, 2, 3, 4]])
+    try:
+        text_config.final_logit_softcapping = 0.5
+        with torch.no_grad():
+            native = loaded.model(input_ids=ids, output_hidden_states=True)
+            ours = loaded.adapter.logits(native.hidden_states[-1][:, -1:])
+    finally:
+        text_config.final_logit_softcapping = None
+    assert native.logits.abs().max() > 0.5  # not capped
+    assert (ours - native.logits[:, -1:]).abs().max() <= 1e-5
+
+
+def test_raw_prompt_markup_is_the_processors_image_sequence(loaded, pictures):
+    """A raw prompt gets one boi token per image; the processor writes ``\\n\\n<boi>`` + 4 image tokens +
+    ``<eoi>\\n\\n`` for it, the same tokens as the chat-templated prompt holds."""
+    raw = build_prompt(loaded, PROMPT, pictures[:1], raw_prompt=True)
+    templated = build_prompt(loaded, PROMPT, pictures[:1])
+    config, tokenizer = loaded.model.config, loaded.tokenizer
+
+    def image_run(prompt):
+        ids = prompt.input_ids[0].tolist()
+        start = ids.index(config.boi_token_id)
+        return ids[start - 2: start + 8]
+
+    expected = tokenizer("\n\n", add_special_tokens=False)["input_ids"] + [config.boi_token_id] + \
+        [config.image_token_id] * 4 + [config.eoi_token_id]
+    assert image_run(raw)[: len(expected)] == image_run(templated)[: len(expected)] == expected
+    assert torch.equal(raw.model_kwargs["pixel_values"], templated.model_kwargs["pixel_values"])
+    assert [t.modality for t in raw.tokens if t.id in (config.boi_token_id, config.eoi_token_id)] == ["special"] * 2
+
+
+def _argv(folder, *extra) -> list[str]:
+    return ["--model", str(folder), "--prompt", PROMPT, "--device", "cpu", "--dtype", "float32", "--num-tokens", "2",
+            "--no-progress", "--generate-top", "0", *extra]
+
+
+def test_a_run_records_its_geometry(folder, pictures, in_tmp, capsys):
+    assert main(_argv(folder, "--image", pictures[0], "--unit", "region:1", "--layers", "0", "--output", "r"),
+                True) == 0, capsys.readouterr().err
+    data = json.loads((in_tmp / "output" / "r.json").read_text())
+    assert data["meta"]["model_type"] == "gemma3" and data["meta"]["geometry"].startswith(
+        "fixed grid: the whole picture resized to 64×64")
+    assert data["meta"]["settings"]["vision_attention"] == "bidirectional"  # what the model computes
+    image = data["images"][0]
+    assert image["crop"] is None and (image["resized_width"], image["resized_height"]) == (64, 64)
+    assert [u["box"] for u in data["units"]] == [[0, 0, 64, 32], [64, 0, 128, 32], [0, 32, 64, 64], [64, 32, 128, 64]]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--stage", "pixels"), "--stage pixels is not available for gemma3 models; it supports --stage decoder"),
+    (("--min-pixels", "1000"), "--min-pixels/--max-pixels: a gemma3 processor resizes every image to a fixed size"),
+])
+def test_what_gemma3_lacks_is_one_line(folder, pictures, in_tmp, capsys, extra, message):
+    # the square picture keeps its size: no note about the resize before the error
+    assert message in cli_error(capsys, _argv(folder, "--image", pictures[2], *extra, "--output", "s"))
+
+
+def test_pan_and_scan_is_refused_in_one_line(folder, pictures, tmp_path, in_tmp, capsys):
+    copy = tmp_path / "pan"
+    shutil.copytree(folder, copy)
+    config_path = copy / "processor_config.json"
+    if not config_path.exists() or "image_processor" not in json.loads(config_path.read_text()):
+        config_path = copy / "preprocessor_config.json"
+    data = json.loads(config_path.read_text())
+    (data["image_processor"] if "image_processor" in data else data)["do_pan_and_scan"] = True
+    config_path.write_text(json.dumps(data))
+    err = cli_error(capsys, _argv(copy, "--image", pictures[2], "--output", "p"))
+    assert "this gemma3 processor has do_pan_and_scan on" in err
