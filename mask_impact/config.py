@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -117,6 +117,11 @@ class RunConfig:
 
     def settings(self) -> dict:
         return asdict(self)
+
+    def as_measured(self, loaded) -> RunConfig:
+        """The settings the numbers were computed under: a family whose own masks let the tokens of one image
+        attend to each other both ways (Gemma 3) is measured bidirectional whatever ``--vision-attention`` says."""
+        return replace(self, vision_attention="bidirectional") if loaded.adapter.bidirectional_images else self
 
     def validate(self, vision: bool) -> None:
         """Checks that need no model."""
@@ -304,7 +309,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(vision: bool) -> argparse.ArgumentParser:
     """Options left out of the command line are absent from the parsed namespace (not defaulted), so
     a YAML batch can tell what the user really gave; ``RunConfig`` holds the defaults."""
-    what = ("vision-language models (Qwen3-VL, Qwen2-VL, Qwen2.5-VL, LLaVA-1.5; text + images)" if vision
+    what = ("vision-language models (Qwen3-VL, Qwen2-VL, Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, "
+            "Gemma 3; text + images)" if vision
             else "text-only causal LMs (Qwen3, Qwen2, Llama, Mistral, Gemma 2, Gemma 3)")
     parser = _Parser(description=f"Attention-knockout analysis for {what}: which input tokens the model "
                      "needs, at which layers, to produce its answer.", argument_default=argparse.SUPPRESS)

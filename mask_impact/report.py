@@ -103,10 +103,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
 def _settings(loaded: LoadedModel, config: RunConfig) -> dict:
     """Every option of the run; ``vision_attention`` as measured: a family whose own masks let the tokens of one
     image attend to each other both ways (Gemma 3) is measured bidirectional whatever the option says."""
-    settings = config.settings()
-    if loaded.adapter.bidirectional_images:
-        settings["vision_attention"] = "bidirectional"
-    return settings
+    return config.as_measured(loaded).settings()
 
 
 def csv_text(data: dict) -> str:

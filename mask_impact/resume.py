@@ -113,6 +113,7 @@ def fingerprint_parts(loaded, config: RunConfig, prompt: Prompt) -> dict:
     images = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in config.images]
     inputs = {f"inputs.{key}": tensor_digest(value) for key, value in sorted(prompt.model_kwargs.items())
               if isinstance(value, torch.Tensor)}
+    measured = config.as_measured(loaded)  # Gemma 3's --vision-attention changes nothing, so it decides nothing
     return {
         "tool_version": __version__,
         "transformers": transformers.__version__,
@@ -126,7 +127,7 @@ def fingerprint_parts(loaded, config: RunConfig, prompt: Prompt) -> dict:
         "input_ids": tensor_digest(prompt.input_ids),
         "images": images,
         **inputs,
-        **{f"settings.{name}": getattr(config, name) for name in RESULT_SETTINGS},
+        **{f"settings.{name}": getattr(measured, name) for name in RESULT_SETTINGS},
         # which cells are exact (only in an --estimate run, so other fingerprints stay as they were)
         **({f"settings.{name}": getattr(config, name) for name in ESTIMATE_SETTINGS} if config.estimate else {}),
     }

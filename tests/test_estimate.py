@@ -32,6 +32,17 @@ def sliding_model(tmp_path_factory):
     return load_model(str(folder), False, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def gemma3_model(tmp_path_factory):
+    """Gemma 3 with images: the tokens of one image attend to each other both ways in the model's own masks, and
+    sliding layers of 4 keys."""
+    from mask_impact.models import load_model
+    from mask_impact.tiny import build_tiny
+
+    return load_model(str(build_tiny(tmp_path_factory.mktemp("gemma3"), "gemma3")), True, device="cpu",
+                      dtype="float32")
+
+
 def _analysis(loaded, images, block_from="all", vision_attention="causal"):
     if loaded.is_vl:
         prompt = build_prompt(loaded, "What is in the picture, and where?", [images["square"]])
@@ -87,7 +98,7 @@ def _under(analysis, tf, window, knockout, on_weights) -> float:
 
 @pytest.mark.parametrize("model, block_from, vision_attention", [
     ("vl_model", "all", "causal"), ("vl_model", "answer", "causal"), ("vl_model", "all", "bidirectional"),
-    ("text_model", "all", "causal"), ("sliding_model", "all", "causal")])
+    ("text_model", "all", "causal"), ("sliding_model", "all", "causal"), ("gemma3_model", "all", "causal")])
 def test_the_estimate_is_the_gradient_applied_to_the_knockouts_own_change(request, images, model, block_from,
                                                                            vision_attention):
     loaded = request.getfixturevalue(model)

@@ -117,6 +117,13 @@ def test_vision_attention_does_not_change_what_is_measured(loaded, pictures):
     assert causal.first_affected(image[-1]) == bidirectional.first_affected(image[-1]) == image[0]
     for analysis in (causal, bidirectional):  # the blocks come with the model's masks, never added twice
         assert analysis.plan().vision_groups is None and analysis.plan((0, 1), [image[-1]]).vision_groups is None
+    from mask_impact.config import RunConfig
+    from mask_impact.resume import fingerprint_parts
+
+    # so it decides nothing a resume checks: the same fingerprint, recorded as measured (bidirectional)
+    parts = [fingerprint_parts(loaded, RunConfig(model=loaded.name, vision_attention=v), prompt)
+             for v in ("causal", "bidirectional")]
+    assert parts[0] == parts[1] and parts[0]["settings.vision_attention"] == "bidirectional"
 
 
 def test_the_head_applies_no_soft_capping_as_the_model(loaded):
