@@ -30,12 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_sweep import CONFIG_4B, DEFAULT_IMAGE, DTYPES, build, check_sizes, thread_policy  # noqa: E402
+from bench_sweep import CONFIG_4B, DEFAULT_IMAGE, DTYPES, build, check_sizes  # noqa: E402
 from mask_impact.config import windows_for  # noqa: E402
 from mask_impact.engine import Analysis, FastEngine  # noqa: E402
 from mask_impact.estimate import estimate_flops, forward_flops, layer_changes, spearman  # noqa: E402
 from mask_impact.metrics import logprob_drop  # noqa: E402
 from mask_impact.sweep import auto_batch_size, next_group  # noqa: E402
+from mask_impact.threads import idle_threads  # noqa: E402
 from mask_impact.units import build_units  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def main() -> None:
         flops_only(args)
         return
     transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads or thread_policy()[0])
+    torch.set_num_threads(args.threads or idle_threads()[0])
     device = torch.device(args.device)
     loaded, prompt = build(args, device)
     analysis = Analysis(loaded, prompt)
