@@ -474,3 +474,44 @@ def test_llava_next_run_records_its_geometry_and_regions_skip_the_newlines(check
     assert {u["kind"] for u in data["units"]} == {"region"} and all(u["box"] for u in data["units"])
     assert not any(set(u["keys"]) & set(newlines) for u in data["units"])
     assert {u["label"].split(" ")[1] for u in data["units"]} == {"base", "tiles"}
+
+
+@pytest.mark.parametrize("model_type,size", [("llava_next", (40, 128)), ("llava_onevision", (300, 70))])
+@pytest.mark.parametrize("block_from", ["all", "answer"])
+def test_fast_equals_naive_on_a_picture_the_model_unpads(checkpoints, tmp_path, model_type, size, block_from):
+    """The table's 128×64 picture fills its tiles exactly; these leave padding that ``unpad_image`` cuts: columns
+    (40×128: 2 of 4 kept) or rows (300×70: 4 of 8 kept, a 4×20 map that OneVision pools to 3×17)."""
+    loaded = checkpoints.loaded(model_type)
+    prompt = build_prompt(loaded, PROMPT, [str(draw_image(tmp_path / "unpadded.png", *size))])
+    layout = prompt.images[0].layout  # kept rows and columns of the 8-row map, the pooled size
+    assert (layout["rows"], layout["cols"], layout.get("out")) == {
+        "llava_next": (list(range(8)), [1, 2], None), "llava_onevision": ([2, 3, 4, 5], list(range(20)), [3, 17])
+    }[model_type]
+    test_fast_equals_naive_for_token_and_group_units((loaded, prompt), block_from)
+
+
+@pytest.mark.parametrize("pinpoints,tile,patch", [
+    ([[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]], 64, 16),  # the tiny checkpoint's
+    ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], 336, 14),  # llava-v1.6's
+    ([[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)], 384, 14),  # llava-onevision's
+])
+def test_no_kept_tile_cell_lies_wholly_in_the_padding(pinpoints, tile, patch):
+    """``unpad_image`` keeps whole rows (columns) of cells; the first and last it keeps always overlap the picture
+    (``layout_cell`` gives the bound, and raises where a cell would not), so every tile token has a box: the two
+    corner cells over many sizes (a 10-px lattice up to 1,000 × 1,000, and thin strips)."""
+    from mask_impact.families.llava_next import anyres_layout, layout_cell, layout_tokens
+
+    sizes = [(w, h) for w in range(1, 1000, 10) for h in range(1, 1000, 10)] + \
+        [(w, h) for w in range(1, 50) for h in (1, 2, 3, 7, 500, 3000)]
+    unpadded = 0
+    for width, height in sizes:
+        layout = anyres_layout(width, height, pinpoints, tile, patch)
+        grid, rows, cols = layout["base_grid"], len(layout["rows"]), len(layout["cols"])
+        assert layout_tokens(layout) == grid * grid + rows * (cols + 1)
+        if rows == 0 or cols == 0:  # a strip too thin for unpad_image to keep a row (column): no tile cells
+            continue
+        unpadded += (rows, cols) != (layout["tiles"][1] * grid, layout["tiles"][0] * grid)
+        for n in (grid * grid, grid * grid + (rows - 1) * (cols + 1) + cols - 1):  # the first and last kept cell
+            _, _, _, part, (x0, y0, x1, y1) = layout_cell(layout, width, height, n)
+            assert part == "tiles" and 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, (width, height, n)
+    assert unpadded > len(sizes) // 2

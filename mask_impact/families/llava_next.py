@@ -15,8 +15,8 @@ Geometry (what ``LlavaNextImageProcessor`` and ``pack_image_features`` do, with 
   pixels of that canvas, from which ``unpad_image`` drops the rows (or columns) that are padding. The kept cells
   come row by row (``t = 1``, ``part = "tiles"``), each row followed by one **image newline** token (``part =
   "newline"``, no column, no box: it is a learned vector, not pixels). A tile token's box is its cell on the canvas,
-  less the padding offset, scaled back to the original picture and clipped to it; a kept cell wholly in the
-  padding (``unpad_image`` keeps whole rows) has no box (``part = "padding"``).
+  less the padding offset, scaled back to the original picture and clipped to it. Every kept cell overlaps the
+  picture (``layout_cell`` says why), so every tile token has a box.
 
 ``ImageInfo.layout`` records the arithmetic (canvas, resized size, padding offset, kept rows and columns), so
 ``units.exact_box`` and the viewer get the same boxes. ``--unit region:N`` groups N×N blocks of each view's grid
@@ -83,8 +83,15 @@ def layout_cell(layout: dict, width: int, height: int, n: int) -> tuple[int, int
     sx, sy = width / rw, height / rh
     x0, y0 = max(0.0, (c0 * p - ox) * sx), max(0.0, (r0 * p - oy) * sy)
     x1, y1 = min(float(width), (c1 * p - ox) * sx), min(float(height), (r1 * p - oy) * sy)
+    # No kept cell lies wholly in the padding. Say the picture (H×W) is padded above and below; R rows of p-px
+    # cells, x = H·C/W its height in cells. The processor pads o = (R·p − ⌈x·p⌉) // 2 ≤ (R − x)·p/2 pixels on top
+    # and b = ⌈(R·p − ⌈x·p⌉) / 2⌉ ≤ (R − x)·p/2 + 1/2 below; unpad_image keeps rows k .. R−k−1 with
+    # k = (R − n) // 2, n = int(round(x, 7)) ≤ x + 5e-8, so (k + 1)·p ≥ (R − x + 1 − 5e-8)·p/2. The first kept row
+    # ends below o, and the last starts above the bottom padding unless 1/2 ≥ (1 − 5e-8)·p/2, i.e. p ≤ 1. (A
+    # pooled share holds at least one whole kept cell on each axis.) tests/test_families.py checks it over sizes.
     if x1 <= x0 or y1 <= y0:
-        return 1, row, col, "padding", None
+        raise RuntimeError(f"tile cell row {row}, col {col} of a {width}×{height} picture lies wholly in the padding; "
+                           "transformers' unpad arithmetic is not the one this geometry reproduces")
     return 1, row, col, "tiles", (x0, y0, x1, y1)
 
 
