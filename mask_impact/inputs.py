@@ -37,7 +37,7 @@ class ImageInfo:
     mode: str = "RGB"  # the file's pixel mode before conversion to 8-bit RGB
     notes: list[str] = field(default_factory=list)  # frames dropped, bit depth scaled, transparency
     crop: list[int] | None = None  # [left, top, width, height] of the resized picture the tower sees; None: all
-    layout: dict | None = None  # the family's tile arithmetic (LLaVA-NeXT's anyres views); None: one grid
+    layout: dict | None = None  # the family's view arithmetic (LLaVA-NeXT/OneVision: anyres tiles, a padded square)
 
 
 @dataclass
