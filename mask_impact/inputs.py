@@ -37,7 +37,7 @@ class ImageInfo:
     mode: str = "RGB"  # the file's pixel mode before conversion to 8-bit RGB
     notes: list[str] = field(default_factory=list)  # frames dropped, bit depth scaled, transparency
     crop: list[int] | None = None  # [left, top, width, height] of the resized picture the tower sees; None: all
-    layout: dict | None = None  # the family's tile arithmetic (LLaVA-NeXT's anyres views); None: one grid
+    layout: dict | None = None  # the family's view arithmetic (LLaVA-NeXT/OneVision: anyres tiles, a padded square)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TokenInfo:
     row: int | None = None
     col: int | None = None
     box: list[float] | None = None  # [x0, y0, x1, y1] in original-image pixels
-    part: str | None = None  # which view or kind of vision token (LLaVA-NeXT: base, tiles, newline, padding)
+    part: str | None = None  # which view or kind of vision token (LLaVA-NeXT/OneVision: base, tiles, newline, padding)
 
 
 @dataclass
@@ -269,7 +269,7 @@ def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = F
         raise UsageError("text-only models take no --image; use mask-impact-vl (mask_impact_vl.py) with a vision-language model")
     literal = not (allow_special_tokens or raw_prompt)
     if loaded.is_vl:
-        limits = pixel_limits(loaded, min_pixels, max_pixels)
+        limits = loaded.adapter.prompt_limits(pixel_limits(loaded, min_pixels, max_pixels), len(files))
         check_fits(loaded, sum(limits.tokens(f.image.width, f.image.height, path) for f, path in zip(files, image_paths)),
                    num_tokens, "the images alone")
         input_ids, model_kwargs, after = _encode_vl(loaded, text, [f.image for f in files], raw_prompt, literal,
@@ -359,9 +359,9 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
         count = full_text.count(image_pad)
         raise UsageError(f"the prompt has {count} image placeholder{'s' if count != 1 else ''} ({image_pad}) for "
                          f"{len(images)} image{'s' if len(images) != 1 else ''}; give one --image per placeholder")
-    encoded = processor(text=[full_text], images=images or None, return_tensors="pt", **limits.processor_kwargs())
-    model_kwargs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "image_sizes",
-                                                      "mm_token_type_ids", "token_type_ids") if key in encoded}
+    encoded = processor(text=[full_text], images=loaded.adapter.processor_images(images) if images else None,
+                        return_tensors="pt", **limits.processor_kwargs())
+    model_kwargs = loaded.adapter.model_inputs(encoded)
     input_ids = encoded["input_ids"]
     if pieces is not None:  # the user's text and the template after it, both plain text tokens
         tail = torch.tensor([pieces[1] + pieces[2]], dtype=input_ids.dtype)

@@ -477,3 +477,128 @@ def test_llava_next_run_records_its_geometry_and_regions_skip_the_newlines(check
     assert {u["kind"] for u in data["units"]} == {"region"} and all(u["box"] for u in data["units"])
     assert not any(set(u["keys"]) & set(newlines) for u in data["units"])
     assert {u["label"].split(" ")[1] for u in data["units"]} == {"base", "tiles"}
+
+
+@pytest.mark.parametrize("model_type,size", [("llava_next", (40, 128)), ("llava_onevision", (300, 70))])
+@pytest.mark.parametrize("block_from", ["all", "answer"])
+def test_fast_equals_naive_on_a_picture_the_model_unpads(checkpoints, tmp_path, model_type, size, block_from):
+    """The table's 128×64 picture fills its tiles exactly; these leave padding that ``unpad_image`` cuts: columns
+    (40×128: 2 of 4 kept) or rows (300×70: 4 of 8 kept, a 4×20 map that OneVision pools to 3×17)."""
+    loaded = checkpoints.loaded(model_type)
+    prompt = build_prompt(loaded, PROMPT, [str(draw_image(tmp_path / "unpadded.png", *size))])
+    layout = prompt.images[0].layout  # kept rows and columns of the 8-row map, the pooled size
+    assert (layout["rows"], layout["cols"], layout.get("out")) == {
+        "llava_next": (list(range(8)), [1, 2], None), "llava_onevision": ([2, 3, 4, 5], list(range(20)), [3, 17])
+    }[model_type]
+    test_fast_equals_naive_for_token_and_group_units((loaded, prompt), block_from)
+
+
+@pytest.mark.parametrize("pinpoints,tile,patch", [
+    ([[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]], 64, 16),  # the tiny checkpoint's
+    ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], 336, 14),  # llava-v1.6's
+    ([[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)], 384, 14),  # llava-onevision's
+])
+def test_no_kept_tile_cell_lies_wholly_in_the_padding(pinpoints, tile, patch):
+    """``unpad_image`` keeps whole rows (columns) of cells; the first and last it keeps always overlap the picture
+    (``layout_cell`` gives the bound, and raises where a cell would not), so every tile token has a box: the two
+    corner cells over many sizes (a 10-px lattice up to 1,000 × 1,000, and thin strips)."""
+    from mask_impact.families.llava_next import anyres_layout, layout_cell, layout_tokens
+
+    sizes = [(w, h) for w in range(1, 1000, 10) for h in range(1, 1000, 10)] + \
+        [(w, h) for w in range(1, 50) for h in (1, 2, 3, 7, 500, 3000)]
+    unpadded = 0
+    for width, height in sizes:
+        layout = anyres_layout(width, height, pinpoints, tile, patch)
+        grid, rows, cols = layout["base_grid"], len(layout["rows"]), len(layout["cols"])
+        assert layout_tokens(layout) == grid * grid + rows * (cols + 1)
+        if rows == 0 or cols == 0:  # a strip too thin for unpad_image to keep a row (column): no tile cells
+            continue
+        unpadded += (rows, cols) != (layout["tiles"][1] * grid, layout["tiles"][0] * grid)
+        for n in (grid * grid, grid * grid + (rows - 1) * (cols + 1) + cols - 1):  # the first and last kept cell
+            _, _, _, part, (x0, y0, x1, y1) = layout_cell(layout, width, height, n)
+            assert part == "tiles" and 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, (width, height, n)
+    assert unpadded > len(sizes) // 2
+
+
+# --- LLaVA-OneVision with several images in one prompt: one padded-square view each, then a newline ---------------
+
+def _ov_pair(loaded, tmp_path, sizes=((128, 64), (50, 150)), text=PROMPT):
+    paths = [str(draw_image(tmp_path / f"{n}.png", w, h, seed=n)) for n, (w, h) in enumerate(sizes)]
+    return build_prompt(loaded, text, paths)
+
+
+def test_llava_onevision_several_images_lay_out_the_tokens_the_processor_inserts(checkpoints, tmp_path):
+    """Each image of a multi-image prompt: g×g patches of its picture padded to a square, then one newline; the
+    count == the processor's placeholders (``num_image_tokens + 1`` each) == what the model scatters. The patches
+    wholly in the padding (rows above and below a wide picture, columns beside a tall one) have no box."""
+    loaded = checkpoints.loaded("llava_onevision")
+    for sizes in (((128, 64), (50, 150)), ((150, 100), (64, 64), (37, 200))):
+        prompt = _ov_pair(loaded, tmp_path, sizes)
+        assert prompt.model_kwargs["batch_num_images"].tolist() == [len(sizes)]
+        assert prompt.model_kwargs["pixel_values"].shape == (len(sizes), 1, 3, 64, 64)  # one view each
+        vision = [t for t in prompt.tokens if t.modality == "vision"]
+        placeholders = int((prompt.input_ids == loaded.model.config.image_token_id).sum())
+        assert len(vision) == placeholders == len(sizes) * (loaded.processor.num_image_tokens + 1) == len(sizes) * 17
+        for k, (width, height) in enumerate(sizes):
+            mine = [t for t in vision if t.image == k]
+            assert [t.part for t in mine][-1] == "newline" and (mine[-1].row, mine[-1].col, mine[-1].box) == (3, None,
+                                                                                                                None)
+            assert prompt.images[k].layout == {"base_grid": 4, "patch": 16, "square": max(width, height),
+                                               "offset": [(max(width, height) - width) // 2,
+                                                          (max(width, height) - height) // 2]}
+            assert all((t.box is None) == (t.part in ("padding", "newline")) for t in mine)
+            boxes = torch.tensor([t.box for t in mine if t.box is not None])  # they tile the whole picture
+            assert boxes[:, :2].min() == 0 and boxes[:, 2].max() == width and boxes[:, 3].max() == height
+        with torch.no_grad():
+            loaded.model(input_ids=prompt.input_ids, **prompt.model_kwargs)
+    first = [t for t in vision if t.image == 0]  # 150×100 in a 150-px square: 25 px above and below
+    assert [t.part for t in first[:4]] == ["base"] * 4 and first[0].box == [0.0, 0.0, 37.5, 12.5]
+    third = [t for t in vision if t.image == 2]  # 37×200: 81 px left, 82 right; a 50-px cell
+    assert [t.part for t in third[:4]] == ["padding", "base", "base", "padding"]
+    assert (third[1].box, third[2].box) == ([0.0, 0.0, 19.0, 50.0], [19.0, 0.0, 37.0, 50.0])
+    assert third[0].box is None and third[3].box is None and (third[0].row, third[0].col) == (0, 0)
+
+
+@pytest.mark.parametrize("block_from", ["all", "answer"])
+def test_llava_onevision_several_images_fast_equals_naive(checkpoints, tmp_path, block_from):
+    loaded = checkpoints.loaded("llava_onevision")
+    prompt = _ov_pair(loaded, tmp_path)
+    assert {t.part for t in prompt.tokens if t.modality == "vision"} == {"base", "padding", "newline"}
+    test_fast_equals_naive_for_token_and_group_units((loaded, prompt), block_from)
+
+
+def test_llava_onevision_several_images_no_knockout_is_native_and_generation_matches(checkpoints, tmp_path):
+    loaded = checkpoints.loaded("llava_onevision")
+    case = (loaded, _ov_pair(loaded, tmp_path))
+    test_registered_attention_without_a_knockout_is_the_native_forward(case)
+    test_baseline_is_native_greedy_generation(case)
+
+
+def test_llava_onevision_several_images_the_box_holding_a_marker_is_the_reddest_token(checkpoints, tmp_path):
+    """Two marked pictures in one prompt: in each image, the token whose box holds its marker is the reddest of that
+    image's patches in ``pixel_values`` (one 64×64 view per image); the patches wholly in the padding show only the
+    fill, grey as the processor's mean colour."""
+    from PIL import Image, ImageDraw
+
+    loaded = checkpoints.loaded("llava_onevision")
+    processor = loaded.processor.image_processor
+    mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
+    for corners in (((40, 50), (10, 120)), ((140, 80), (60, 5)), ((5, 90), (30, 70))):
+        paths = []
+        for k, ((width, height), corner) in enumerate(zip(((150, 100), (80, 160)), corners)):
+            image = Image.new("RGB", (width, height), (128, 128, 128))
+            ImageDraw.Draw(image).rectangle([corner[0], corner[1], corner[0] + 3, corner[1] + 3], fill=(255, 0, 0))
+            image.save(tmp_path / f"{k}.png")
+            paths.append(str(tmp_path / f"{k}.png"))
+        prompt = build_prompt(loaded, "Where are the red dots?", paths)
+        pixels = prompt.model_kwargs["pixel_values"][:, 0] * std[None, :, None, None] + mean[None, :, None, None]
+        red = (pixels[:, 0] - pixels[:, 1]).unflatten(1, (4, 16)).unflatten(3, (4, 16)).mean((2, 4))  # (2, 4, 4)
+        for k, corner in enumerate(corners):
+            patches = [t for t in prompt.tokens if t.image == k and t.part != "newline"]
+            redness = torch.stack([red[k, t.row, t.col] for t in patches])
+            holding = [t for t in patches if t.box is not None and t.box[0] <= corner[0] and corner[0] + 4 <= t.box[2]
+                       and t.box[1] <= corner[1] and corner[1] + 4 <= t.box[3]]
+            assert len(holding) == 1 and patches.index(holding[0]) == int(redness.argmax()), (k, corner)
+            padding = [n for n, t in enumerate(patches) if t.part == "padding"]
+            assert len(padding) == (0, 8)[k]  # 150×100: 25 px above, less than a 37.5-px cell; 80×160: columns 0, 3
+            assert all(redness[padding].abs() < 1e-6)  # the fill: grey, no red

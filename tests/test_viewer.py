@@ -1788,3 +1788,92 @@ def test_tiled_views_and_newline_tokens_are_named_not_shown_as_null(page, result
     assert f"newline after row {newline['row']}" in first and "null" not in first
     second = _hover_column(page, columns[1])
     assert f"tiles row {tile['row']}, col {tile['col']}" in second
+
+
+# --- LLaVA geometry on the overlay: the centre crop's strips, the views of a tiled picture ------------------------
+
+@pytest.fixture(scope="module")
+def llava_results(tmp_path_factory):
+    """Real runs of the tiny LLaVA-1.5 (a 128×64 picture: the centre 64×64 seen, 32-px strips cropped off each side)
+    and LLaVA-NeXT (a 100×150 picture: a 4×4 base view, then 8 rows × 6 kept columns of tiles, newlines)."""
+    from mask_impact.tiny import build_tiny
+    from tests.conftest import draw_image
+
+    folder = tmp_path_factory.mktemp("llava_viewer")
+    for model_type, size in (("llava", (128, 64)), ("llava_next", (100, 150))):
+        picture = draw_image(folder / f"{model_type}.png", *size)
+        checkpoint = build_tiny(folder / f"{model_type}_model", model_type)
+        assert main(["--model", str(checkpoint), "--image", str(picture), "--prompt", "What is in the picture?",
+                     "--device", "cpu", "--dtype", "float32", "--num-tokens", "2", "--layers", "0,1", "--mask-mode",
+                     "vision", "--no-progress", "--generate-top", "0", "--output-dir", str(folder), "--output",
+                     model_type], True) == 0
+    return folder
+
+
+def _saturation(page, box: list[float], strips: bool) -> float:
+    """Mean max − min channel of the overlay's pixels in ``box`` (canvas pixels), or of the bare thumbnail there."""
+    return page.evaluate("""([box, strips]) => {
+        const c = document.querySelector('canvas.overlay'), [x0, y0, x1, y1] = box.map(Math.round);
+        let ctx = c.getContext('2d');
+        if (!strips) {
+            const bare = document.createElement('canvas'); bare.width = c.width; bare.height = c.height;
+            ctx = bare.getContext('2d'); ctx.drawImage(pictures.get(state.runs[0].images[0].thumbnail), 0, 0, c.width, c.height);
+        }
+        const d = ctx.getImageData(x0 + 2, y0 + 2, x1 - x0 - 4, y1 - y0 - 4).data;
+        let sum = 0;
+        for (let o = 0; o < d.length; o += 4) sum += Math.max(d[o], d[o + 1], d[o + 2]) - Math.min(d[o], d[o + 1], d[o + 2]);
+        return sum / (d.length / 4); }""", [box, strips])
+
+
+def test_llava_cropped_off_strips_are_hatched_and_labelled(page, llava_results):
+    data = json.loads((llava_results / "llava.json").read_text())
+    image = data["images"][0]
+    assert (image["width"], image["height"], image["resized_width"], image["resized_height"], image["crop"]) == \
+        (128, 64, 128, 64, [32, 0, 64, 64])
+    boxes = [t["box"] for t in data["tokens"] if t["modality"] == "vision"]
+    assert min(b[0] for b in boxes) == 32 and max(b[2] for b in boxes) == 96  # no token in either strip
+    page.goto((llava_results / "llava.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    scale = page.evaluate("document.querySelector('canvas.overlay').scale")
+    strips = page.evaluate("document.querySelector('canvas.overlay').cropStrips")
+    assert scale == 420 / 128  # exact in binary: the strips' canvas pixels are exact too
+    assert strips == [[0, 0, 105, 210], [315, 0, 420, 210]]  # 32 px of 128 each side, on a 420-px canvas
+    for strip in strips:  # greyed: far less colour than the picture has there
+        assert _saturation(page, strip, True) < 0.5 * _saturation(page, strip, False)
+    seen = [32 * scale, 0, 96 * scale, 64 * scale]  # the crop itself is not greyed (opacity 0: the picture alone)
+    page.locator("#opacity").fill("0")
+    assert _saturation(page, seen, True) > 0.9 * _saturation(page, seen, False)
+    assert "cropped off by the processor, no token sees them" in page.locator("#overlay-legend").text_content()
+    assert page.locator("#overlay-views").is_hidden()  # one view: no view choice
+    page.locator("#overlay-section").screenshot(path=str(ARTIFACTS / "viewer_llava_crop.png"))
+
+
+def test_llava_next_views_are_chosen_not_drawn_over_each_other(page, llava_results):
+    data = json.loads((llava_results / "llava_next.json").read_text())
+    parts = [t["part"] for t in data["tokens"] if t["modality"] == "vision"]
+    assert parts.count("base") == 16 and parts.count("tiles") == 48 and parts.count("newline") == 8
+    page.goto((llava_results / "llava_next.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("#overlay-views").is_visible()
+    assert page.locator("#overlay-view option").evaluate_all("(os) => os.map((o) => o.value)") == ["base", "tiles", "all"]
+    drawn = lambda: page.evaluate("visibleAreas(state.runs[0], 0).map((a) => a.view)")  # noqa: E731
+    pixels = lambda: page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")  # noqa: E731
+    assert page.locator("#overlay-view").input_value() == "base" and drawn() == ["base"] * 16
+    assert "base view" in page.locator("#overlay-view-note").text_content()
+    base = pixels()
+    page.locator("#overlay-view").select_option("tiles")
+    assert drawn() == ["tiles"] * 48 and page.evaluate("state.view") == "tiles"
+    assert pixels() != base  # the tile grid, not the base grid
+    # the pointer finds a tile token there, and its place names the view
+    canvas = page.locator("canvas.overlay")
+    canvas.scroll_into_view_if_needed()
+    at, scale = canvas.bounding_box(), page.evaluate("document.querySelector('canvas.overlay').scale")
+    tile = next(t for t in data["tokens"] if t.get("part") == "tiles")
+    x0, y0, x1, y1 = tile["box"]
+    page.mouse.move(at["x"] + (x0 + x1) / 2 * scale, at["y"] + (y0 + y1) / 2 * scale)
+    assert f"tiles row {tile['row']}, col {tile['col']}" in page.locator("#tooltip").text_content()
+    page.locator("#overlay-view").select_option("all")
+    assert sorted(drawn()) == ["base"] * 16 + ["tiles"] * 48
+    assert "tile grid dashed" in page.locator("#overlay-view-note").text_content()
+    page.locator("#overlay-section").screenshot(path=str(ARTIFACTS / "viewer_llava_next_views.png"))

@@ -127,6 +127,20 @@ class DecoderAdapter:
         """The image's tile arithmetic for ``ImageInfo.layout`` (None: one grid, ``token_cell`` needs no more)."""
         return None
 
+    def prompt_limits(self, limits, images: int):
+        """How the processor treats each image of a prompt with ``images`` images (LLaVA-OneVision: one way for a
+        single image, another for several)."""
+        return limits
+
+    def processor_images(self, images: list) -> list:
+        """The ``images`` argument of the processor for one prompt's images."""
+        return images
+
+    def model_inputs(self, encoded) -> dict:
+        """The model's inputs besides ``input_ids`` among the processor's output."""
+        return {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "image_sizes", "mm_token_type_ids",
+                                              "token_type_ids") if key in encoded}
+
     def image_tokens(self, image) -> int:
         """Decoder tokens of one image (an ``inputs.ImageInfo``)."""
         return self.tokens_per_image(image.grid_thw)

@@ -15,8 +15,8 @@ Geometry (what ``LlavaNextImageProcessor`` and ``pack_image_features`` do, with 
   pixels of that canvas, from which ``unpad_image`` drops the rows (or columns) that are padding. The kept cells
   come row by row (``t = 1``, ``part = "tiles"``), each row followed by one **image newline** token (``part =
   "newline"``, no column, no box: it is a learned vector, not pixels). A tile token's box is its cell on the canvas,
-  less the padding offset, scaled back to the original picture and clipped to it; a kept cell wholly in the
-  padding (``unpad_image`` keeps whole rows) has no box (``part = "padding"``).
+  less the padding offset, scaled back to the original picture and clipped to it. Every kept cell overlaps the
+  picture (``layout_cell`` says why), so every tile token has a box.
 
 ``ImageInfo.layout`` records the arithmetic (canvas, resized size, padding offset, kept rows and columns), so
 ``units.exact_box`` and the viewer get the same boxes. ``--unit region:N`` groups N×N blocks of each view's grid
@@ -59,7 +59,10 @@ def tiles_shape(layout: dict) -> tuple[int, int]:
 
 
 def layout_tokens(layout: dict) -> int:
-    """Decoder tokens of one image: base grid, kept (or pooled) cells, one newline per row."""
+    """Decoder tokens of one image: base grid, kept (or pooled) cells, one newline per row (LLaVA-OneVision's
+    padded square of a multi-image prompt: base grid and one newline)."""
+    if "square" in layout:
+        return layout["base_grid"] ** 2 + 1
     rows, cols = tiles_shape(layout)
     return layout["base_grid"] ** 2 + rows * (cols + 1)
 
@@ -67,6 +70,8 @@ def layout_tokens(layout: dict) -> int:
 def layout_cell(layout: dict, width: int, height: int, n: int) -> tuple[int, int, int | None, str, tuple | None]:
     """(t, row, col, part, box) of an image's ``n``-th token; box unrounded ``(x0, y0, x1, y1)`` or None."""
     grid = layout["base_grid"]
+    if "square" in layout:
+        return square_cell(layout, width, height, n)
     if n < grid * grid:
         row, col = divmod(n, grid)
         return 0, row, col, "base", (col * width / grid, row * height / grid, (col + 1) * width / grid,
@@ -83,9 +88,31 @@ def layout_cell(layout: dict, width: int, height: int, n: int) -> tuple[int, int
     sx, sy = width / rw, height / rh
     x0, y0 = max(0.0, (c0 * p - ox) * sx), max(0.0, (r0 * p - oy) * sy)
     x1, y1 = min(float(width), (c1 * p - ox) * sx), min(float(height), (r1 * p - oy) * sy)
+    # No kept cell lies wholly in the padding. Say the picture (H×W) is padded above and below; R rows of p-px
+    # cells, x = H·C/W its height in cells. The processor pads o = (R·p − ⌈x·p⌉) // 2 ≤ (R − x)·p/2 pixels on top
+    # and b = ⌈(R·p − ⌈x·p⌉) / 2⌉ ≤ (R − x)·p/2 + 1/2 below; unpad_image keeps rows k .. R−k−1 with
+    # k = (R − n) // 2, n = int(round(x, 7)) ≤ x + 5e-8, so (k + 1)·p ≥ (R − x + 1 − 5e-8)·p/2. The first kept row
+    # ends below o, and the last starts above the bottom padding unless 1/2 ≥ (1 − 5e-8)·p/2, i.e. p ≤ 1. (A
+    # pooled share holds at least one whole kept cell on each axis.) tests/test_families.py checks it over sizes.
     if x1 <= x0 or y1 <= y0:
-        return 1, row, col, "padding", None
+        raise RuntimeError(f"tile cell row {row}, col {col} of a {width}×{height} picture lies wholly in the padding; "
+                           "transformers' unpad arithmetic is not the one this geometry reproduces")
     return 1, row, col, "tiles", (x0, y0, x1, y1)
+
+
+def square_cell(layout: dict, width: int, height: int, n: int) -> tuple[int, int, int | None, str, tuple | None]:
+    """LLaVA-OneVision's one view of an image in a multi-image prompt: the picture padded to a ``square`` (its
+    longer side) at ``offset`` (left, top), squashed to the tower's input, g×g patches, then one newline after the
+    last row. A patch wholly in the padding has no box (``part = "padding"``)."""
+    grid, side, (left, top) = layout["base_grid"], layout["square"], layout["offset"]
+    if n == grid * grid:
+        return 0, grid - 1, None, "newline", None
+    row, col = divmod(n, grid)
+    x0, y0 = max(0.0, col * side / grid - left), max(0.0, row * side / grid - top)
+    x1, y1 = min(float(width), (col + 1) * side / grid - left), min(float(height), (row + 1) * side / grid - top)
+    if x1 <= x0 or y1 <= y0:
+        return 0, row, col, "padding", None
+    return 0, row, col, "base", (x0, y0, x1, y1)
 
 
 class AnyresLimits:
@@ -127,12 +154,17 @@ class LlavaNext(Llava):
         visual_mask = None
         if model_kwargs.get("pixel_values") is not None:
             features = inner.get_image_features(pixel_values=model_kwargs["pixel_values"],
-                                                image_sizes=model_kwargs["image_sizes"], return_dict=True)
+                                                image_sizes=model_kwargs["image_sizes"], return_dict=True,
+                                                **self.feature_kwargs(model_kwargs))
             image_embeds = torch.cat(features.pooler_output, dim=0).to(hidden.device, hidden.dtype)
             visual_mask = (input_ids[0] == self.model.config.image_token_id)  # (S,)
             hidden = hidden.masked_scatter(visual_mask[None, :, None].expand_as(hidden), image_embeds)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, S)
         return LayerInputs(hidden, positions, visual_mask)
+
+    def feature_kwargs(self, model_kwargs: dict) -> dict:
+        """What else ``get_image_features`` takes from the processor's output (LLaVA-OneVision: ``batch_num_images``)."""
+        return {}
 
     @property
     def tile(self) -> int:

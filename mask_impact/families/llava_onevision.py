@@ -3,8 +3,7 @@
 Decoder inputs as LLaVA-NeXT (``llava_next.py``): projected vision features scattered into the ``<image>``
 placeholders, plain 1-D positions, the language model's own masks (Qwen2's sliding layers where it has them); the
 features come from ``get_image_features(pixel_values, image_sizes)``, which follows ``config.vision_aspect_ratio``.
-Only the decoder stage, and one image per prompt (several images of one prompt are not tiled by the model: each
-is padded to a square, one base view and one newline, a layout not reproduced here).
+Only the decoder stage; images, not videos.
 
 Geometry: LLaVA-NeXT's (``LlavaOnevisionImageProcessor`` resizes and pads exactly as LLaVA-NeXT's, with its own
 ``image_grid_pinpoints``; the base view is the whole picture squashed to ``size``), plus the one step
@@ -14,6 +13,17 @@ of cells (ratio = sqrt(cells / (N · g²)) > 1.1), it is resized with bilinear i
 modeling code acts on video frames only, never on images.) The pooled size is taken from the model's own
 ``pack_image_features`` run on a dummy map (``layout["out"]``); a pooled token's box is its share of the kept map
 around its sample point (``in / out`` cells on each axis), mapped back to original-image pixels like a tile cell.
+
+Several images in one prompt: the processor, given one prompt's images as one list (``batch_num_images = [n]``, as
+``apply_chat_template`` passes them), tiles none of them. ``_preprocess`` pads each picture to a square of its
+longer side (``pad_to_square``: left/top ``(side − w) // 2``, filled with the mean colour) and resizes that to the
+tower's input: one view (``image_sizes`` keeps the original size). ``get_image_features(..., batch_num_images)``
+then takes one view per image, and ``pack_image_features`` appends one image newline to its g×g features; the
+processor inserts ``num_image_tokens + 1`` placeholders. So an image's tokens are its g×g patches of the square, row
+by row (``part = "base"``, or ``"padding"`` with no box for a patch wholly in the padding), then one newline
+(``row = g − 1``, no column, no box); ``layout`` records ``square`` (the side, in original pixels) and ``offset``.
+(Called with a flat list, the processor would tile every image on its own, as for one image; the tool follows the
+chat template.)
 """
 
 from __future__ import annotations
@@ -21,9 +31,37 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from ..config import UsageError
+from ..config import UsageError, bounded
 from . import DecoderAdapter, register
-from .llava_next import AnyresLimits, LlavaNext
+from .llava_next import AnyresLimits, LlavaNext, layout_tokens
+
+
+class SquareLimits:
+    """An image of a multi-image prompt: padded to a square, squashed to the tower's ``tile``; nothing to set."""
+
+    def __init__(self, tile: int, patch: int):
+        self.tile, self.patch = tile, patch
+
+    def layout(self, width: int, height: int, path: str) -> dict:
+        if min(width, height) < 1:
+            raise UsageError(f"image {bounded(path)} is empty")
+        side = max(width, height)
+        return {"base_grid": self.tile // self.patch, "patch": self.patch, "square": side,
+                "offset": [(side - width) // 2, (side - height) // 2]}
+
+    def resized(self, width: int, height: int, path: str) -> tuple[int, int]:
+        return self.tile, self.tile
+
+    def tokens(self, width: int, height: int, path: str) -> int:
+        return layout_tokens(self.layout(width, height, path))
+
+    def describe(self, width: int, height: int, new_width: int, new_height: int) -> str:
+        side = max(width, height)
+        return (f"one of several images: padded to a {side}×{side} square, resized to {new_width}×{new_height} "
+                "(one view, no tiles)")
+
+    def processor_kwargs(self) -> dict:
+        return {}
 
 
 class PooledAnyresLimits(AnyresLimits):
@@ -93,13 +131,39 @@ class LlavaOnevision(LlavaNext):
         return PooledAnyresLimits(pinpoints, self.tile, self.patch_size, self.model,
                                   self.model.config.vision_aspect_ratio)
 
+    def prompt_limits(self, limits: PooledAnyresLimits, images: int) -> PooledAnyresLimits | SquareLimits:
+        if images > 1 and self.model.config.vision_feature_select_strategy != "full":
+            raise UsageError("llava_onevision: several images in one prompt are supported for a SigLIP tower "
+                             "(vision_feature_select_strategy 'full') only")
+        return SquareLimits(self.tile, self.patch_size) if images > 1 else limits
+
+    def processor_images(self, images: list) -> list:
+        return [images] if len(images) > 1 else images  # one prompt's images: batch_num_images = [n]
+
+    def model_inputs(self, encoded) -> dict:
+        inputs = super().model_inputs(encoded)
+        counts = encoded.get("batch_num_images")
+        if counts is not None and int(counts.max()) > 1:  # one image: the model's default, left out
+            inputs["batch_num_images"] = counts
+        return inputs
+
+    def feature_kwargs(self, model_kwargs: dict) -> dict:
+        return {"batch_num_images": model_kwargs["batch_num_images"]} if "batch_num_images" in model_kwargs else {}
+
     def image_grids(self, model_kwargs: dict, count: int) -> list[list[int]]:
-        if count > 1:
-            raise UsageError("llava_onevision: one --image per prompt (the model does not tile the images of a "
-                             "multi-image prompt; that layout is not supported)")
+        if count > 1:  # one view per image
+            grid = self.tile // self.patch_size
+            return [[1, grid, grid]] * count
         return super().image_grids(model_kwargs, count)  # one image: LLaVA-NeXT's views
+
+    def resized_size(self, grid_thw: list[int], limits, width: int, height: int, path: str) -> tuple[int, int]:
+        if isinstance(limits, SquareLimits):
+            return limits.resized(width, height, path)
+        return super().resized_size(grid_thw, limits, width, height, path)
 
     def geometry(self) -> str:
         return (super().geometry() + f"; the tiles' map pooled by bilinear interpolation where it exceeds "
                 f"{self.model.config.vision_aspect_ratio} (images[].layout.out: its rows × columns; a pooled "
-                "token's box is its share of the map)")
+                "token's box is its share of the map); in a prompt with several images, each image one view only: "
+                "padded to a square (images[].layout.square, offset), its patches (part 'padding': wholly in the "
+                "padding, no box), then one newline")
