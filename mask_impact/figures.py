@@ -6,7 +6,9 @@ Drawn from the result JSON alone (DESIGN.md §5), so a saved result can be drawn
   the occlusion, the DeepStack routes), columns by the units' labels (every one up to ``ALL_LABELS`` columns,
   every k-th up to ``SOME_LABELS``, none beyond), label colour by modality, and a colour bar;
 - ``overlay``: each unit's box (original-image pixels) tinted by its value over the picture (the result's
-  thumbnail), small multiples: one row per image, one column per chosen window;
+  thumbnail), small multiples: one row per image (per view of it where the model sees it in several: LLaVA-NeXT's
+  base grid and tiles), one column per chosen window; parts of a picture the tower never sees (LLaVA-1.5's centre
+  crop) greyed, hatched and labelled;
 - ``flows``: one curve per flow over the layer windows (runs with ``--flow``; they get no overlay);
 - ``estimate`` (runs with ``--estimate K``): the heatmap of the estimated map (``estimated_logprob_drop``).
   On every heatmap of such a run, the cells computed exactly are marked as in the viewer: a top-K cell outlined,
@@ -268,7 +270,8 @@ def picture(info: dict) -> np.ndarray | None:
 
 
 def overlay(data: dict, metric: str, windows=None):
-    """Each unit's box tinted by its value over its image: one row per image, one column per chosen window."""
+    """Each unit's box tinted by its value over its image: one row per image (per view of it), one column per
+    chosen window."""
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -279,14 +282,18 @@ def overlay(data: dict, metric: str, windows=None):
     columns = chosen_windows(data, windows)
     labels = window_labels(data)
     images = sorted({unit["image"] for unit in units if unit.get("box") and unit.get("image") is not None})
+    rows = [(i, view) for i in images for view in image_views(data, i)]
     aspect = max(data["images"][i]["height"] / data["images"][i]["width"] for i in images)
     panel = 2.4
-    figure = Figure(figsize=(0.9 + panel * len(columns), 0.7 + panel * aspect * len(images)), layout="constrained")
-    axes = np.atleast_2d(figure.subplots(len(images), len(columns), squeeze=False))
-    for r, i in enumerate(images):
+    figure_width = max(4.2, 0.9 + panel * len(columns))  # one column still leaves room for labels and the bar
+    height = max(3.0, 0.7 + panel * aspect * len(rows))  # the colour bar's label fits beside a wide picture
+    figure = Figure(figsize=(figure_width, height), layout="constrained")
+    axes = np.atleast_2d(figure.subplots(len(rows), len(columns), squeeze=False))
+    for r, (i, view) in enumerate(rows):
         info = data["images"][i]
         width, height = info["width"], info["height"]
-        mine = [u for u, unit in enumerate(units) if unit.get("image") == i and unit.get("box")]
+        mine = [u for u, unit in enumerate(units) if unit.get("image") == i and unit.get("box")
+                and (view is None or unit_view(data, unit, i) in (view, None))]
         mine.sort(key=lambda u: -_area(units[u]["box"]))  # large boxes first, so smaller ones stay visible
         pixels = picture(info)
         for c, w in enumerate(columns):
@@ -297,6 +304,11 @@ def overlay(data: dict, metric: str, windows=None):
             shaded = PatchCollection(boxes, cmap=cmap, norm=norm, alpha=0.6, edgecolor="white", linewidth=0.3)
             shaded.set_array(np.ma.masked_invalid(grid[w, mine]))
             ax.add_collection(shaded)
+            for x0, y0, x1, y1 in crop_strips(info):  # no token sees them: greyed, hatched, said
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=(0.27, 0.27, 0.27, 0.62),
+                                       edgecolor=(1, 1, 1, 0.45), hatch="//", linewidth=0, label="cropped"))
+                ax.text((x0 + x1) / 2, (y0 + y1) / 2, "cropped: no tokens", color="white", fontsize=6, ha="center",
+                        va="center", rotation=0 if x1 - x0 >= y1 - y0 else 90, clip_on=True)
             ax.set_xlim(0, width)
             ax.set_ylim(height, 0)
             ax.set_xticks([])
@@ -304,8 +316,8 @@ def overlay(data: dict, metric: str, windows=None):
             if r == 0:
                 ax.set_title(tick_label(labels[w], 28), fontsize=9)
             if c == 0:
-                ax.set_ylabel(f"image {i + 1} ({width}×{height} px)", fontsize=8)
-    figure.suptitle(_title(data), fontsize=9, x=0.01, ha="left")
+                ax.set_ylabel(f"image {i + 1}{f' {view}' if view else ''} ({width}×{height} px)", fontsize=8)
+    figure.suptitle(textwrap.fill(_title(data), int(figure_width * 12)), fontsize=9, x=0.01, ha="left")
     from matplotlib.cm import ScalarMappable
 
     bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, extend=extend,
@@ -313,6 +325,39 @@ def overlay(data: dict, metric: str, windows=None):
     bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return figure
+
+
+def crop_strips(info: dict) -> list[tuple[float, float, float, float]]:
+    """The parts of the picture the vision tower never sees (``crop``: LLaVA-1.5's centre crop), as boxes in
+    original-image pixels — the viewer's ``cropStrips``."""
+    crop, width, height = info.get("crop"), info["width"], info["height"]
+    if not crop or len(crop) != 4 or not info.get("resized_width") or not info.get("resized_height"):
+        return []
+    sx, sy = width / info["resized_width"], height / info["resized_height"]
+    left, top, w, h = crop
+    x0, y0 = max(0.0, left * sx), max(0.0, top * sy)
+    x1, y1 = min(width, (left + w) * sx), min(height, (top + h) * sy)
+    strips = [(0, 0, x0, height), (x1, 0, width, height), (x0, 0, x1, y0), (x0, y1, x1, height)]
+    return [strip for strip in strips if strip[2] - strip[0] > 1e-9 and strip[3] - strip[1] > 1e-9]
+
+
+def image_views(data: dict, image: int) -> list[str | None]:
+    """The views the model sees image ``image`` in — the parts of its vision tokens that have boxes, in order
+    (LLaVA-NeXT: base, tiles) — or [None] for one view: each gets its own row of the overlay, as the viewer's view
+    choice shows them, so the base grid's boxes are not drawn over the tiles'."""
+    views = []
+    for token in data.get("tokens") or []:
+        if token.get("image") == image and token.get("box") and token.get("part") and token["part"] not in views:
+            views.append(token["part"])
+    return views if len(views) > 1 else [None]
+
+
+def unit_view(data: dict, unit: dict, image: int) -> str | None:
+    """The one view of all the unit's boxed vision keys on ``image``; None where it spans views (a whole image)."""
+    tokens = data.get("tokens") or []
+    parts = {tokens[p].get("part") for p in unit.get("keys") or [] if p < len(tokens)
+             and tokens[p].get("image") == image and tokens[p].get("box")}
+    return parts.pop() if len(parts) == 1 else None
 
 
 def _area(box: list[float]) -> float:

@@ -215,3 +215,45 @@ def test_an_estimate_runs_figures_mark_the_exact_cells(analyzer, regions, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == [
         "est.estimate.png", "est.heatmap.png", "est.overlay.png"]
     assert _pixels(tmp_path / "est.estimate.png").std() > 20
+
+
+@pytest.fixture(scope="module")
+def llava_runs(tmp_path_factory):
+    """Real runs of the tiny LLaVA-1.5 (a 128×64 picture: its centre 64×64 seen, 32-px strips cropped off each side)
+    and LLaVA-NeXT (a 100×150 picture: a base view and the tiles), token units on the image."""
+    from mask_impact.tiny import build_tiny
+    from tests.conftest import draw_image
+
+    folder = tmp_path_factory.mktemp("llava_figures")
+    for model_type, size in (("llava", (128, 64)), ("llava_next", (100, 150))):
+        picture = draw_image(folder / f"{model_type}.png", *size)
+        checkpoint = build_tiny(folder / f"{model_type}_model", model_type)
+        assert main(["--model", str(checkpoint), "--image", str(picture), "--prompt", "What is in the picture?",
+                     "--device", "cpu", "--dtype", "float32", "--num-tokens", "2", "--layers", "0", "--mask-mode",
+                     "vision", "--no-progress", "--generate-top", "0", "--output-dir", str(folder), "--output",
+                     model_type, "--unit", "token"], True) == 0
+    return {name: KnockoutResult.load(folder / f"{name}.json") for name in ("llava", "llava_next")}
+
+
+def test_overlay_gives_each_view_its_row_and_greys_the_cropped_strips(llava_runs):
+    from matplotlib.patches import Rectangle
+
+    nexts = llava_runs["llava_next"]
+    figure = nexts.plot(kinds="overlay")["overlay"]
+    panels = [ax for ax in figure.axes[:-1] if ax.get_ylabel()]  # the last: the colour bar
+    assert [ax.get_ylabel() for ax in panels] == ["image 1 base (100×150 px)", "image 1 tiles (100×150 px)"]
+    tokens = nexts.data["tokens"]
+    for ax, view in zip(panels, ("base", "tiles")):  # each row: its view's boxes only, every one of them
+        drawn = sorted(tuple(path.vertices[0]) for path in ax.collections[0].get_paths())
+        expected = sorted((b[0], b[1]) for b in (u["box"] for u in nexts.units if u["box"]
+                                                  and tokens[u["keys"][0]]["part"] == view))
+        assert len(drawn) == len(expected) > 0 and np.allclose(drawn, expected)
+    llava = llava_runs["llava"]
+    info = llava.data["images"][0]
+    assert info["crop"] is not None
+    ax = llava.plot(kinds="overlay")["overlay"].axes[0]
+    strips = sorted((p.get_x(), p.get_y(), p.get_x() + p.get_width(), p.get_y() + p.get_height())
+                    for p in ax.patches if isinstance(p, Rectangle) and p.get_label() == "cropped")
+    assert strips == [(0, 0, 32, 64), (96, 0, 128, 64)]  # the 32-px strips each side of the centre 64×64
+    assert [t.get_text() for t in ax.texts] == ["cropped: no tokens"] * 2
+    assert all(32 <= u["box"][0] and u["box"][2] <= 96 for u in llava.units if u["box"])  # tokens: the centre
