@@ -355,6 +355,11 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
     full_text = template.replace(USER_TEXT, text) if pieces is None else template.split(USER_TEXT)[0]
     if video_pad is not None and video_pad in full_text:
         raise UsageError(f"the prompt holds the video placeholder {video_pad}; video input is not supported")
+    image_id = getattr(config, "image_token_id", None)
+    image_token = None if image_id is None else loaded.tokenizer.convert_ids_to_tokens(image_id)
+    if image_token is not None and image_token != image_pad and image_token in full_text:  # Gemma 3's soft token
+        raise UsageError(f"the prompt holds the image token {image_token}, which the processor writes itself; mark "
+                         f"each image with {image_pad} (one per --image)")
     if full_text.count(image_pad) != len(images):
         count = full_text.count(image_pad)
         raise UsageError(f"the prompt has {count} image placeholder{'s' if count != 1 else ''} ({image_pad}) for "

@@ -203,7 +203,8 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                     grids[name.removeprefix("steps.")][w][i] = value
         return before - len(missing)
 
-    missing.update(cells if cells is not None else ((w, i) for w in range(len(windows)) for i in range(count)))
+    every = sorted(cells if cells is not None else ((w, i) for w in range(len(windows)) for i in range(count)))
+    missing.update(every)
     total = len(missing)
     fill(store.saved if store is not None else {})
     todo = sorted(missing)
@@ -222,12 +223,20 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
     try:
         for w in sorted({w for w, _ in mine}):
             bar.set_description(labels[w] if labels else f"layers {windows[w][0]}-{windows[w][1]}")
-            indices = [i for row, i in mine if row == w]
+            # One process walks the groups an uninterrupted run makes (all the row's cells) and computes each group
+            # that misses a cell whole: the head's float grouping depends on a group's rows, so a run stopped
+            # between the records of one group resumes to the same bits. A launch's process takes its part.
+            indices = [i for row, i in (every if shard.count == 1 else mine) if row == w]
             pending = [knockouts[i] for i in indices]
             done = 0
             while done < len(indices):
                 group = next_group(engine, pending, done, batch_size, head_rows) if grouped else [
                     next_batch(engine, pending, done, batch_size)]
+                size = sum(map(len, group))
+                new = sum((w, i) in missing for i in indices[done: done + size])
+                if not new:  # every cell of the group was saved by an earlier run
+                    done += size
+                    continue
                 try:
                     knocked_batches = (engine.logprobs_batches(windows[w], group) if grouped
                                        else [engine.logprobs(windows[w], group[0])])  # (B, T, V) each
@@ -253,7 +262,7 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                     if store is not None:
                         store.record(w, cells, values, batch_size, per_step)
                     done += len(chunk)
-                advance(sum(map(len, group)) + (fill(store.follow()) if shard.count > 1 and shard.is_main else 0))
+                advance(new + (fill(store.follow()) if shard.count > 1 and shard.is_main else 0))
         while shard.count > 1 and shard.is_main and missing:  # the other processes' parts
             advance(fill(store.follow()))
             if missing:

@@ -197,3 +197,14 @@ def test_pan_and_scan_is_refused_in_one_line(folder, pictures, tmp_path, in_tmp,
     config_path.write_text(json.dumps(data))
     err = cli_error(capsys, _argv(copy, "--image", pictures[2], "--output", "p"))
     assert "this gemma3 processor has do_pan_and_scan on" in err
+
+
+@pytest.mark.parametrize("markup", ["--raw-prompt", "--allow-special-tokens"])
+def test_a_typed_image_soft_token_is_one_line(folder, pictures, in_tmp, capsys, markup):
+    """The processor writes the image tokens for each boi token; one typed in the prompt has no pixels (it was an
+    IndexError in the token table)."""
+    argv = _argv(folder, "--image", pictures[2], markup, "--output", "t")
+    argv[argv.index("--prompt") + 1] = "Look: <image_soft_token> What is B?"
+    assert ("the prompt holds the image token <image_soft_token>, which the processor writes itself; mark each "
+            "image with <start_of_image> (one per --image)") in cli_error(capsys, argv)
+    assert not (in_tmp / "output").exists() or not any((in_tmp / "output").iterdir())

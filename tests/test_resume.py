@@ -206,11 +206,12 @@ def test_records_of_another_run_are_never_merged(tmp_path, text_reference, monke
     foreign = _records(text_reference, run="intruder")
     for record in foreign:
         record["metrics"]["logprob_drop"] = [99.0] * len(record["units"])
-    _write_partial(tmp_path, [_header(text_reference), *_records(text_reference)[:2], *foreign[2:]])
+    # window 0 (one head group) saved by this run, window 1 only by another
+    _write_partial(tmp_path, [_header(text_reference), *_records(text_reference)[:4], *foreign[4:]])
     computed = _count_new_records(monkeypatch)
     assert _text_main(tmp_path, "--resume") == 0
     _same_result(tmp_path / "run.json", text_reference)
-    assert len(computed) == len(foreign) - 2
+    assert len(computed) == len(foreign) - 4
 
 
 def test_changed_chat_template_between_kill_and_resume_is_refused(tmp_path, capsys):
@@ -277,7 +278,8 @@ def test_records_of_the_wrong_shape_are_recomputed_not_merged(tmp_path, text_ref
     computed = _count_new_records(monkeypatch)
     assert _text_main(tmp_path, "--resume") == 0
     _same_result(tmp_path / "run.json", text_reference)
-    assert sorted(computed) == sorted((r["window"], r["start"]) for r in good[:7])
+    # every batch: window 1's head group misses the cells of bad[4:7], so good[7] is computed again with them
+    assert sorted(computed) == sorted((r["window"], r["start"]) for r in good)
 
     from mask_impact.resume import valid_record
 
@@ -303,18 +305,41 @@ def test_kill_resume_kill_resume_equals_an_uninterrupted_run(tmp_path, text_refe
     records = _records(text_reference)
     cut = json.dumps(records[2])[:40]  # the first kill cut a line short
     partial = _write_partial(tmp_path, [_header(text_reference), *records[:2]], tail=cut)
-    _count_new_records(monkeypatch, stop_after=2)  # the resumed run is stopped after two more batches
+    # the resumed run computes window 0's head group (its 4 batches: 2 were saved, see the next test) and is
+    # stopped after the first batch of window 1's
+    _count_new_records(monkeypatch, stop_after=5)
     assert _text_main(tmp_path, "--resume") == 130
     with partial.open("a") as file:  # ... and the second kill cut a line short too
         file.write(json.dumps(records[6])[:30])
     lines = partial.read_text().split("\n")
-    assert all(json.loads(line)["run"] == "r1" for line in lines[:-1]) and len(lines) == 1 + 4 + 1
+    assert all(json.loads(line)["run"] == "r1" for line in lines[:-1]) and len(lines) == 1 + 7 + 1
 
     computed = _count_new_records(monkeypatch)
     assert _text_main(tmp_path, "--resume") == 0
     assert len(computed) == len(records) - 4  # nothing the first resume finished is computed again
     _same_result(tmp_path / "run.json", text_reference)
     assert not partial.exists()
+
+
+def test_a_stop_between_the_batches_of_one_head_group_resumes_to_the_same_bits(tmp_path, monkeypatch):
+    """The fast engine puts several batches' answer rows through the head in one matrix product, whose float
+    grouping depends on its rows (one row alone takes another kernel than many). A run stopped after some of a
+    group's batches were saved computes that group whole again on --resume, the saved batches included, so the
+    result is the uninterrupted run's bit for bit (computing only the missing batch put its 2 rows through the
+    head alone and moved the last bits of its KL)."""
+    from mask_impact.cli import main
+
+    args = ["--demo", "--batch-size", "2", "--num-tokens", "1", "--generate-top", "0", "--no-progress", "--no-html",
+            "--output", "run"]
+    assert main([*args, "--output-dir", str(tmp_path / "reference")], False) == 0
+    reference = json.loads((tmp_path / "reference" / "run.json").read_text())
+    assert len(reference["units"]) == 24  # window 0: 12 batches of 2, 12 answer rows, one head group
+    _count_new_records(monkeypatch, stop_after=11)
+    assert main([*args, "--output-dir", str(tmp_path / "cut")], False) == 130
+    computed = _count_new_records(monkeypatch)
+    assert main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"], False) == 0
+    assert computed == [(w, u) for w in (0, 1) for u in range(0, 24, 2)]
+    _same_result(tmp_path / "cut" / "run.json", reference)
 
 
 def test_another_batch_size_on_resume_keeps_the_saved_boundaries_and_says_so(tmp_path, text_reference, capsys):
@@ -395,17 +420,18 @@ def test_disk_full_is_one_line_keeps_the_finished_work_and_resumes(small_disk, t
 
 def test_the_files_of_a_killed_launch_are_gathered_and_only_missing_cells_computed(tmp_path, text_reference,
                                                                                    monkeypatch):
-    """Process 0's file and process 1's (another run id, cells of its own part) resume in one process."""
+    """Process 0's file and process 1's (another run id, cells of its own part) resume in one process: together
+    they hold window 0 (one head group), which is not computed again."""
     records = _records(text_reference)
     _write_partial(tmp_path, [_header(text_reference), *records[:2]])
     rank1 = tmp_path / "run.partial.rank1.jsonl"
     rank1.write_text("".join(json.dumps(line) + "\n" for line in [_header(text_reference, "r2"),
-                                                                   *_records(text_reference, "r2")[5:7]]))
+                                                                   *_records(text_reference, "r2")[2:4]]))
     stale = tmp_path / "run.partial.rank2.jsonl"  # a process that died before its header: nothing to gather
     stale.write_text("")
     computed = _count_new_records(monkeypatch)
     assert _text_main(tmp_path, "--resume") == 0
     assert len(computed) == len(records) - 4  # the four batches of both files are not computed again
-    assert (records[5]["window"], records[5]["start"]) not in computed
+    assert (records[2]["window"], records[2]["start"]) not in computed
     _same_result(tmp_path / "run.json", text_reference)
     assert not any(tmp_path.glob("run.partial*"))
