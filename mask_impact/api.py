@@ -203,7 +203,8 @@ class Analyzer:
         """Analyse ``prompt`` (with ``images``: paths or PIL images); ``options`` are the command line's, by their
         long names (``unit``, ``groups``, ``flows``, ``layers``, ``window``, ``stage``, ...). ``progress``: a
         tqdm bar (True, the default; a notebook bar in Jupyter), none (False), or a callable called with
-        ``(done, total)`` (window, unit) cells after every batch of the sweep."""
+        ``(done, total)`` (window, unit) cells after every head group of the sweep (its batches whose
+        answer rows share one call of the head: up to 512 answer rows)."""
         if not isinstance(prompt, str):
             raise InvalidType(f"prompt must be a str, not {type(prompt).__name__}")
         if not (isinstance(progress, bool) or callable(progress)):

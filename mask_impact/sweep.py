@@ -177,7 +177,7 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
     where not computed), the per-step ones (name → [window][unit][step]) and the batch size that finally fit.
     A knockout is a ``Knockout`` (or a bare position: that token's knockout); they are the units of the
     result, in order. ``progress`` shows a tqdm bar; ``on_progress(done, total)`` is called with the
-    (window, knockout) cells finished after every batch (``done`` grows to ``total``).
+    (window, knockout) cells finished after every head group (``next_group``; ``done`` grows to ``total``).
 
     With a ``store`` (see resume.py), the cells it already holds are taken from it and every newly finished
     batch is saved to it before the next one starts. In a launched run (shard.py) this process computes only
