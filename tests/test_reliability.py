@@ -250,15 +250,15 @@ def test_cpu_out_of_memory_halves_the_batch_and_keeps_the_numbers(vl_model, imag
     config = RunConfig(model="x", prompt="x", mask_mode="both", layers="0-1", generate_top=0, batch_size=64,
                        progress=False)
     expected = run(vl_model, prompt, config).metrics
-    real = FastEngine.logprobs
+    real = FastEngine.logprobs_batches
 
-    def small_memory(self, window, positions):
-        if len(positions) > 5:
+    def small_memory(self, window, batches):  # the sweep's call: a head group's batches
+        if any(len(batch) > 5 for batch in batches):
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 9999999999 bytes.")
-        return real(self, window, positions)
+        return real(self, window, batches)
 
-    monkeypatch.setattr(FastEngine, "logprobs", small_memory)
+    monkeypatch.setattr(FastEngine, "logprobs_batches", small_memory)
     result = run(vl_model, prompt, config)
     assert result.batch_size <= 5
     for name, grid in expected.items():  # other batch boundaries: the same numbers up to float rounding
