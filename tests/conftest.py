@@ -78,6 +78,23 @@ def draw_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
     return path
 
 
+def tiny_llava_runs(folder: Path, layers: str) -> Path:
+    """Real command-line runs of the tiny LLaVA-1.5 (a 128×64 picture: its centre 64×64 seen, 32-px strips cropped
+    off each side) and LLaVA-NeXT (a 100×150 picture: a 4×4 base view, then 8 rows × 6 kept columns of tiles and
+    their newlines), vision tokens over ``layers``: ``folder/llava.json`` and ``folder/llava_next.json``."""
+    from mask_impact.cli import main
+    from mask_impact.tiny import build_tiny
+
+    for model_type, size in (("llava", (128, 64)), ("llava_next", (100, 150))):
+        picture = draw_image(folder / f"{model_type}.png", *size)
+        checkpoint = build_tiny(folder / f"{model_type}_model", model_type)
+        assert main(["--model", str(checkpoint), "--image", str(picture), "--prompt", "What is in the picture?",
+                     "--device", "cpu", "--dtype", "float32", "--num-tokens", "2", "--layers", layers, "--mask-mode",
+                     "vision", "--no-progress", "--generate-top", "0", "--output-dir", str(folder), "--output",
+                     model_type], True) == 0
+    return folder
+
+
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")

@@ -219,19 +219,9 @@ def test_an_estimate_runs_figures_mark_the_exact_cells(analyzer, regions, tmp_pa
 
 @pytest.fixture(scope="module")
 def llava_runs(tmp_path_factory):
-    """Real runs of the tiny LLaVA-1.5 (a 128×64 picture: its centre 64×64 seen, 32-px strips cropped off each side)
-    and LLaVA-NeXT (a 100×150 picture: a base view and the tiles), token units on the image."""
-    from mask_impact.tiny import build_tiny
-    from tests.conftest import draw_image
+    from tests.conftest import tiny_llava_runs
 
-    folder = tmp_path_factory.mktemp("llava_figures")
-    for model_type, size in (("llava", (128, 64)), ("llava_next", (100, 150))):
-        picture = draw_image(folder / f"{model_type}.png", *size)
-        checkpoint = build_tiny(folder / f"{model_type}_model", model_type)
-        assert main(["--model", str(checkpoint), "--image", str(picture), "--prompt", "What is in the picture?",
-                     "--device", "cpu", "--dtype", "float32", "--num-tokens", "2", "--layers", "0", "--mask-mode",
-                     "vision", "--no-progress", "--generate-top", "0", "--output-dir", str(folder), "--output",
-                     model_type, "--unit", "token"], True) == 0
+    folder = tiny_llava_runs(tmp_path_factory.mktemp("llava_figures"), "0")
     return {name: KnockoutResult.load(folder / f"{name}.json") for name in ("llava", "llava_next")}
 
 

@@ -1794,20 +1794,9 @@ def test_tiled_views_and_newline_tokens_are_named_not_shown_as_null(page, result
 
 @pytest.fixture(scope="module")
 def llava_results(tmp_path_factory):
-    """Real runs of the tiny LLaVA-1.5 (a 128×64 picture: the centre 64×64 seen, 32-px strips cropped off each side)
-    and LLaVA-NeXT (a 100×150 picture: a 4×4 base view, then 8 rows × 6 kept columns of tiles, newlines)."""
-    from mask_impact.tiny import build_tiny
-    from tests.conftest import draw_image
+    from tests.conftest import tiny_llava_runs
 
-    folder = tmp_path_factory.mktemp("llava_viewer")
-    for model_type, size in (("llava", (128, 64)), ("llava_next", (100, 150))):
-        picture = draw_image(folder / f"{model_type}.png", *size)
-        checkpoint = build_tiny(folder / f"{model_type}_model", model_type)
-        assert main(["--model", str(checkpoint), "--image", str(picture), "--prompt", "What is in the picture?",
-                     "--device", "cpu", "--dtype", "float32", "--num-tokens", "2", "--layers", "0,1", "--mask-mode",
-                     "vision", "--no-progress", "--generate-top", "0", "--output-dir", str(folder), "--output",
-                     model_type], True) == 0
-    return folder
+    return tiny_llava_runs(tmp_path_factory.mktemp("llava_viewer"), "0,1")
 
 
 def _saturation(page, box: list[float], strips: bool) -> float:
