@@ -1866,3 +1866,44 @@ def test_llava_next_views_are_chosen_not_drawn_over_each_other(page, llava_resul
     assert sorted(drawn()) == ["base"] * 16 + ["tiles"] * 48
     assert "tile grid dashed" in page.locator("#overlay-view-note").text_content()
     page.locator("#overlay-section").screenshot(path=str(ARTIFACTS / "viewer_llava_next_views.png"))
+
+
+@pytest.fixture(scope="module")
+def onevision_images(tmp_path_factory):
+    """The tiny LLaVA-OneVision with a 150×40 and a 40×150 picture in one prompt (each padded to a square: whole rows
+    or columns of padding patches, no box), region units, vision tokens over layers 0 and 1."""
+    from mask_impact.tiny import build_tiny
+    from tests.conftest import draw_image
+
+    folder = tmp_path_factory.mktemp("onevision_viewer")
+    checkpoint = build_tiny(folder / "model", "llava_onevision")
+    pictures = [str(draw_image(folder / f"{n}.png", w, h, seed=n)) for n, (w, h) in enumerate(((150, 40), (40, 150)))]
+    assert main(["--model", str(checkpoint), *[a for p in pictures for a in ("--image", p)], "--prompt", "Which?",
+                 "--device", "cpu", "--dtype", "float32", "--num-tokens", "1", "--layers", "0,1", "--mask-mode",
+                 "vision", "--unit", "token", "--no-progress", "--generate-top", "0", "--output-dir", str(folder),
+                 "--output", "ov"], True) == 0
+    return folder
+
+
+def test_onevision_several_images_each_drawn_hovered_and_exported(page, onevision_images, tmp_path):
+    """Each picture of a multi-image prompt has its overlay; hovering a padding patch or a newline in the heatmap
+    names it without a box; the overlay figures (PNG and SVG) hold every picture, each labelled, not the first only."""
+    data = json.loads((onevision_images / "ov.json").read_text())
+    page.goto((onevision_images / "ov.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("canvas.overlay").count() == 2
+    assert page.locator("#overlay-views").is_hidden()  # one view per picture: no view choice
+    units = {u["keys"][0]: u["index"] for u in data["units"] if len(u["keys"]) == 1}
+    for part in ("padding", "newline"):
+        token = next(t for t in data["tokens"] if t.get("part") == part)
+        text = _hover_column(page, units[token["index"]])
+        assert f"{part} " in text and "image 1" in text, text
+    for panel in ("overlay", "overlay-grid"):
+        svg = _export(page, panel, "svg", tmp_path)
+        texts = _svg_texts(svg)
+        assert "image 1 (150×40)" in texts and "image 2 (40×150)" in texts, texts
+        pictures = 2 * (1 if panel == "overlay" else len(data["windows"]))
+        assert svg.read_text().count("<image ") == 1 + pictures  # the colour bar, then each picture per panel
+        size, coloured = _png_colours(_export(page, panel, "png", tmp_path))
+        assert size[0] >= 400 and coloured > 500
+    page.locator("#overlay-section").screenshot(path=str(ARTIFACTS / "viewer_onevision_images.png"))
