@@ -1907,3 +1907,33 @@ def test_onevision_several_images_each_drawn_hovered_and_exported(page, onevisio
         size, coloured = _png_colours(_export(page, panel, "png", tmp_path))
         assert size[0] >= 400 and coloured > 500
     page.locator("#overlay-section").screenshot(path=str(ARTIFACTS / "viewer_onevision_images.png"))
+
+
+def test_a_sliver_token_first_does_not_hide_the_token_grid(page, tmp_path):
+    """A 52×100 picture beside another in one LLaVA-OneVision prompt: padded to a 100-px square (24 px left), so its
+    first column of tokens covers 1 px of the picture. That sliver is too thin to outline, but the grid of the other
+    tokens is still drawn (it was not drawn at all: the first thin token stopped the outlining)."""
+    from mask_impact.tiny import build_tiny
+    from tests.conftest import draw_image
+
+    checkpoint = build_tiny(tmp_path / "model", "llava_onevision")
+    sizes = ((52, 100), (64, 64))
+    pictures = [str(draw_image(tmp_path / f"{n}.png", w, h, seed=n)) for n, (w, h) in enumerate(sizes)]
+    assert main(["--model", str(checkpoint), *[a for p in pictures for a in ("--image", p)], "--prompt", "Which?",
+                 "--device", "cpu", "--dtype", "float32", "--num-tokens", "1", "--layers", "0", "--mask-mode", "vision",
+                 "--no-progress", "--generate-top", "0", "--output-dir", str(tmp_path), "--output", "sliver"],
+                True) == 0
+    data = json.loads((tmp_path / "sliver.json").read_text())
+    boxes = [t["box"] for t in data["tokens"] if t.get("image") == 0 and t.get("box")]
+    assert boxes[0] == [0.0, 0.0, 1.0, 25.0]  # the sliver comes first
+    page.goto((tmp_path / "sliver.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    outlined = page.evaluate("""() => { const n = [0, 0], stroke = CanvasRenderingContext2D.prototype.strokeRect;
+        CanvasRenderingContext2D.prototype.strokeRect = function (...a) {
+            n[Number(this.canvas.dataset.image)]++; return stroke.apply(this, a); };
+        for (const c of document.querySelectorAll('canvas.overlay')) paintOverlay(state.runs[0], c);
+        CanvasRenderingContext2D.prototype.strokeRect = stroke;
+        return [n, document.querySelector('canvas.overlay').scale]; }""")
+    (first, second), scale = outlined
+    assert first == sum((b[2] - b[0]) * scale >= 5 for b in boxes) == 8  # the two middle columns: 25 px wide each
+    assert second == 16
