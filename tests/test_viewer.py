@@ -1937,3 +1937,24 @@ def test_a_sliver_token_first_does_not_hide_the_token_grid(page, tmp_path):
     (first, second), scale = outlined
     assert first == sum((b[2] - b[0]) * scale >= 5 for b in boxes) == 8  # the two middle columns: 25 px wide each
     assert second == 16
+
+
+def test_maps_of_a_narrow_picture_keep_the_window_choice_above_and_the_colour_bar_below(page, onevision_images,
+                                                                                        tmp_path):
+    """Side-by-side maps of a prompt with a 40×150 picture: its map is narrow, yet the window choice stays above it
+    and the colour bar below it (they sat beside the picture, on its baseline)."""
+    shutil.copy(onevision_images / "ov.json", tmp_path / "again.json")
+    page.goto((onevision_images / "ov.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    page.set_input_files("input[type=file]", [str(onevision_images / "ov.json"), str(tmp_path / "again.json")])
+    page.wait_for_selector("#maps-section .map-panel canvas.overlay")
+    panels = page.locator("#maps-section .map-panel")
+    narrow = [n for n in range(panels.count()) if panels.nth(n).locator("div").nth(1).text_content().endswith("image 2")]
+    assert narrow
+    for n in narrow:
+        panel = panels.nth(n)
+        select, picture = panel.locator("select").bounding_box(), panel.locator("canvas.overlay").bounding_box()
+        bar = panel.locator(":scope > canvas").bounding_box()
+        assert picture["width"] < select["width"]  # narrow indeed
+        assert select["y"] + select["height"] <= picture["y"] + 1 and picture["y"] + picture["height"] <= bar["y"] + 1
+    page.locator("#maps-section").screenshot(path=str(ARTIFACTS / "viewer_onevision_maps.png"))
