@@ -269,6 +269,9 @@ def picture(info: dict) -> np.ndarray | None:
         return None
 
 
+ROW_ASPECT = (0.45, 3.0)  # the overlay's row height over the panel's width: at least (two lines of label), at most
+
+
 def overlay(data: dict, metric: str, windows=None):
     """Each unit's box tinted by its value over its image: one row per image (per view of it), one column per
     chosen window."""
@@ -283,12 +286,17 @@ def overlay(data: dict, metric: str, windows=None):
     labels = window_labels(data)
     images = sorted({unit["image"] for unit in units if unit.get("box") and unit.get("image") is not None})
     rows = [(i, view) for i in images for view in image_views(data, i)]
-    aspect = max(data["images"][i]["height"] / data["images"][i]["width"] for i in images)
+    # each row as tall as its picture at the panel's width, within bounds: a strip of a picture (1000×30, 30×1000,
+    # common among several images in one prompt) neither squeezes its row below its label nor stretches the figure
+    # to metres (the picture keeps its aspect inside the panel)
+    ratios = [min(max(data["images"][i]["height"] / data["images"][i]["width"], ROW_ASPECT[0]), ROW_ASPECT[1])
+              for i, _ in rows]
     panel = 2.4
     figure_width = max(4.2, 0.9 + panel * len(columns))  # one column still leaves room for labels and the bar
-    height = max(3.0, 0.7 + panel * aspect * len(rows))  # the colour bar's label fits beside a wide picture
+    height = max(3.0, 0.7 + panel * sum(ratios))  # the colour bar's label fits beside a wide picture
     figure = Figure(figsize=(figure_width, height), layout="constrained")
-    axes = np.atleast_2d(figure.subplots(len(rows), len(columns), squeeze=False))
+    axes = np.atleast_2d(figure.subplots(len(rows), len(columns), squeeze=False,
+                                         gridspec_kw={"height_ratios": ratios}))
     for r, (i, view) in enumerate(rows):
         info = data["images"][i]
         width, height = info["width"], info["height"]
@@ -316,7 +324,7 @@ def overlay(data: dict, metric: str, windows=None):
             if r == 0:
                 ax.set_title(tick_label(labels[w], 28), fontsize=9)
             if c == 0:
-                ax.set_ylabel(f"image {i + 1}{f' {view}' if view else ''} ({width}×{height} px)", fontsize=8)
+                ax.set_ylabel(f"image {i + 1}{f' {view}' if view else ''}\n({width}×{height} px)", fontsize=8)
     figure.suptitle(textwrap.fill(_title(data), int(figure_width * 12)), fontsize=9, x=0.01, ha="left")
     from matplotlib.cm import ScalarMappable
 

@@ -231,7 +231,7 @@ def test_overlay_gives_each_view_its_row_and_greys_the_cropped_strips(llava_runs
     nexts = llava_runs["llava_next"]
     figure = nexts.plot(kinds="overlay")["overlay"]
     panels = [ax for ax in figure.axes[:-1] if ax.get_ylabel()]  # the last: the colour bar
-    assert [ax.get_ylabel() for ax in panels] == ["image 1 base (100×150 px)", "image 1 tiles (100×150 px)"]
+    assert [ax.get_ylabel() for ax in panels] == ["image 1 base\n(100×150 px)", "image 1 tiles\n(100×150 px)"]
     tokens = nexts.data["tokens"]
     for ax, view in zip(panels, ("base", "tiles")):  # each row: its view's boxes only, every one of them
         drawn = sorted(tuple(path.vertices[0]) for path in ax.collections[0].get_paths())
@@ -247,3 +247,28 @@ def test_overlay_gives_each_view_its_row_and_greys_the_cropped_strips(llava_runs
     assert strips == [(0, 0, 32, 64), (96, 0, 128, 64)]  # the 32-px strips each side of the centre 64×64
     assert [t.get_text() for t in ax.texts] == ["cropped: no tokens"] * 2
     assert all(32 <= u["box"][0] and u["box"][2] <= 96 for u in llava.units if u["box"])  # tokens: the centre
+
+
+def test_overlay_of_strip_pictures_in_one_prompt_stays_a_readable_size(tmp_path):
+    """LLaVA-OneVision with a 1000×30 and a 30×1000 picture in one prompt: each row is as tall as its picture at the
+    panel's width only within bounds, so the figure is not metres tall (it was 2100×64140 pixels for four such
+    pictures) and a strip's row still holds its two-line label; every picture is drawn whole, at its aspect."""
+    from mask_impact.figures import DPI
+    from mask_impact.tiny import build_tiny
+    from tests.conftest import draw_image
+
+    checkpoint = build_tiny(tmp_path / "model", "llava_onevision")
+    sizes = ((1000, 30), (30, 1000))
+    pictures = [str(draw_image(tmp_path / f"{n}.png", w, h, seed=n)) for n, (w, h) in enumerate(sizes)]
+    assert main(["--model", str(checkpoint), *[a for p in pictures for a in ("--image", p)], "--prompt", "Which?",
+                 "--device", "cpu", "--dtype", "float32", "--num-tokens", "1", "--layers", "0", "--unit", "image",
+                 "--mask-mode", "vision", "--no-progress", "--generate-top", "0", "--output-dir", str(tmp_path),
+                 "--output", "strips", "--figures", "png"], True) == 0
+    width, height = Image.open(tmp_path / "strips.overlay.png").size
+    assert height <= (0.7 + 2.4 * (0.45 + 3.0)) * DPI + 1 and width < 2000
+    figure = KnockoutResult.load(tmp_path / "strips.json").plot(kinds="overlay")["overlay"]
+    panels = [ax for ax in figure.axes[:-1] if ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in panels] == ["image 1\n(1000×30 px)", "image 2\n(30×1000 px)"]
+    for ax, (w, h) in zip(panels, sizes):
+        assert ax.get_xlim() == (0, w) and ax.get_ylim() == (h, 0)
+        assert ax.get_aspect() == 1.0  # imshow keeps the picture's aspect

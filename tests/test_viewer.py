@@ -1866,3 +1866,95 @@ def test_llava_next_views_are_chosen_not_drawn_over_each_other(page, llava_resul
     assert sorted(drawn()) == ["base"] * 16 + ["tiles"] * 48
     assert "tile grid dashed" in page.locator("#overlay-view-note").text_content()
     page.locator("#overlay-section").screenshot(path=str(ARTIFACTS / "viewer_llava_next_views.png"))
+
+
+@pytest.fixture(scope="module")
+def onevision_images(tmp_path_factory):
+    """The tiny LLaVA-OneVision with a 150×40 and a 40×150 picture in one prompt (each padded to a square: whole rows
+    or columns of padding patches, no box), region units, vision tokens over layers 0 and 1."""
+    from mask_impact.tiny import build_tiny
+    from tests.conftest import draw_image
+
+    folder = tmp_path_factory.mktemp("onevision_viewer")
+    checkpoint = build_tiny(folder / "model", "llava_onevision")
+    pictures = [str(draw_image(folder / f"{n}.png", w, h, seed=n)) for n, (w, h) in enumerate(((150, 40), (40, 150)))]
+    assert main(["--model", str(checkpoint), *[a for p in pictures for a in ("--image", p)], "--prompt", "Which?",
+                 "--device", "cpu", "--dtype", "float32", "--num-tokens", "1", "--layers", "0,1", "--mask-mode",
+                 "vision", "--unit", "token", "--no-progress", "--generate-top", "0", "--output-dir", str(folder),
+                 "--output", "ov"], True) == 0
+    return folder
+
+
+def test_onevision_several_images_each_drawn_hovered_and_exported(page, onevision_images, tmp_path):
+    """Each picture of a multi-image prompt has its overlay; hovering a padding patch or a newline in the heatmap
+    names it without a box; the overlay figures (PNG and SVG) hold every picture, each labelled, not the first only."""
+    data = json.loads((onevision_images / "ov.json").read_text())
+    page.goto((onevision_images / "ov.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("canvas.overlay").count() == 2
+    assert page.locator("#overlay-views").is_hidden()  # one view per picture: no view choice
+    units = {u["keys"][0]: u["index"] for u in data["units"] if len(u["keys"]) == 1}
+    for part in ("padding", "newline"):
+        token = next(t for t in data["tokens"] if t.get("part") == part)
+        text = _hover_column(page, units[token["index"]])
+        assert f"{part} " in text and "image 1" in text, text
+    for panel in ("overlay", "overlay-grid"):
+        svg = _export(page, panel, "svg", tmp_path)
+        texts = _svg_texts(svg)
+        assert "image 1 (150×40)" in texts and "image 2 (40×150)" in texts, texts
+        pictures = 2 * (1 if panel == "overlay" else len(data["windows"]))
+        assert svg.read_text().count("<image ") == 1 + pictures  # the colour bar, then each picture per panel
+        size, coloured = _png_colours(_export(page, panel, "png", tmp_path))
+        assert size[0] >= 400 and coloured > 500
+    page.locator("#overlay-section").screenshot(path=str(ARTIFACTS / "viewer_onevision_images.png"))
+
+
+def test_a_sliver_token_first_does_not_hide_the_token_grid(page, tmp_path):
+    """A 52×100 picture beside another in one LLaVA-OneVision prompt: padded to a 100-px square (24 px left), so its
+    first column of tokens covers 1 px of the picture. That sliver is too thin to outline, but the grid of the other
+    tokens is still drawn (it was not drawn at all: the first thin token stopped the outlining)."""
+    from mask_impact.tiny import build_tiny
+    from tests.conftest import draw_image
+
+    checkpoint = build_tiny(tmp_path / "model", "llava_onevision")
+    sizes = ((52, 100), (64, 64))
+    pictures = [str(draw_image(tmp_path / f"{n}.png", w, h, seed=n)) for n, (w, h) in enumerate(sizes)]
+    assert main(["--model", str(checkpoint), *[a for p in pictures for a in ("--image", p)], "--prompt", "Which?",
+                 "--device", "cpu", "--dtype", "float32", "--num-tokens", "1", "--layers", "0", "--mask-mode", "vision",
+                 "--no-progress", "--generate-top", "0", "--output-dir", str(tmp_path), "--output", "sliver"],
+                True) == 0
+    data = json.loads((tmp_path / "sliver.json").read_text())
+    boxes = [t["box"] for t in data["tokens"] if t.get("image") == 0 and t.get("box")]
+    assert boxes[0] == [0.0, 0.0, 1.0, 25.0]  # the sliver comes first
+    page.goto((tmp_path / "sliver.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    outlined = page.evaluate("""() => { const n = [0, 0], stroke = CanvasRenderingContext2D.prototype.strokeRect;
+        CanvasRenderingContext2D.prototype.strokeRect = function (...a) {
+            n[Number(this.canvas.dataset.image)]++; return stroke.apply(this, a); };
+        for (const c of document.querySelectorAll('canvas.overlay')) paintOverlay(state.runs[0], c);
+        CanvasRenderingContext2D.prototype.strokeRect = stroke;
+        return [n, document.querySelector('canvas.overlay').scale]; }""")
+    (first, second), scale = outlined
+    assert first == sum((b[2] - b[0]) * scale >= 5 for b in boxes) == 8  # the two middle columns: 25 px wide each
+    assert second == 16
+
+
+def test_maps_of_a_narrow_picture_keep_the_window_choice_above_and_the_colour_bar_below(page, onevision_images,
+                                                                                        tmp_path):
+    """Side-by-side maps of a prompt with a 40×150 picture: its map is narrow, yet the window choice stays above it
+    and the colour bar below it (they sat beside the picture, on its baseline)."""
+    shutil.copy(onevision_images / "ov.json", tmp_path / "again.json")
+    page.goto((onevision_images / "ov.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    page.set_input_files("input[type=file]", [str(onevision_images / "ov.json"), str(tmp_path / "again.json")])
+    page.wait_for_selector("#maps-section .map-panel canvas.overlay")
+    panels = page.locator("#maps-section .map-panel")
+    narrow = [n for n in range(panels.count()) if panels.nth(n).locator("div").nth(1).text_content().endswith("image 2")]
+    assert narrow
+    for n in narrow:
+        panel = panels.nth(n)
+        select, picture = panel.locator("select").bounding_box(), panel.locator("canvas.overlay").bounding_box()
+        bar = panel.locator(":scope > canvas").bounding_box()
+        assert picture["width"] < select["width"]  # narrow indeed
+        assert select["y"] + select["height"] <= picture["y"] + 1 and picture["y"] + picture["height"] <= bar["y"] + 1
+    page.locator("#maps-section").screenshot(path=str(ARTIFACTS / "viewer_onevision_maps.png"))
