@@ -292,8 +292,8 @@ class BatchState:
             _, parts = prepare(loaded, config, prompt_text)
             differs = fingerprint_differences(finished, parts)
             if differs:
-                raise UsageError(f"{finished} was made with a different {', '.join(differs)} than this entry "
-                                 "has now; pass --overwrite to compute it again")
+                raise UsageError(f"{finished} does not match this entry as it is now ({', '.join(differs)} "
+                                 "differ); pass --overwrite to compute it again")
             return {"status": "done", "json": finished.name, "note": "kept from an earlier run"}
         prompt_text = precheck(config)
         paths = run_one(self.model(config, stage), config, prompt_text, stage)

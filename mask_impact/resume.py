@@ -396,7 +396,7 @@ class PartialStore:
                              "--overwrite to start over")
         differs = differing_parts(header["parts"], self.parts)
         if differs:
-            raise UsageError(f"{path} was made with a different {', '.join(differs)}; rerun without "
+            raise UsageError(f"{path} does not match this run ({', '.join(differs)} differ); rerun without "
                              "--resume (and with --overwrite) to start over")
         if self.header is not None and header["baseline"] != self.header["baseline"]:
             raise UsageError(f"{path}: the baseline answer differs from the one in {self.path} (non-deterministic "
