@@ -396,7 +396,7 @@ def test_batch_resume_recomputes_nothing_stale(in_tmp, capsys):
     assert main(["--config", "b.yaml", "--no-progress", "--resume"], False) == 1
     runs = {run["name"]: run for run in json.loads((in_tmp / "output" / "b" / "index.json").read_text())["runs"]}
     assert runs["same"]["status"] == "done" and runs["same"]["note"] == "kept from an earlier run"
-    assert runs["edited"]["status"] == "error" and "different" in runs["edited"]["error"]  # before: kept, stale
+    assert runs["edited"]["status"] == "error" and "does not match this entry" in runs["edited"]["error"]  # before: kept, stale
     assert "input_ids" in runs["edited"]["error"] and "prompt" in runs["edited"]["error"]
     assert (in_tmp / "output" / "b" / "same.json").read_text() == kept
     assert main(["--config", "b.yaml", "--no-progress", "--overwrite"], False) == 0
