@@ -298,6 +298,16 @@ def test_a_stage_the_family_lacks_is_one_line(checkpoints, picture, in_tmp, caps
     assert not (in_tmp / "output").exists() or not any((in_tmp / "output").iterdir())
 
 
+@pytest.mark.parametrize("model_type,sizes", [("llava", "a fixed size"), ("llava_next", "fixed sizes"),
+                                              ("llava_onevision", "fixed sizes"), ("gemma3", "a fixed size")])
+def test_pixel_bounds_on_a_fixed_size_processor_are_one_line(checkpoints, picture, in_tmp, capsys, model_type,
+                                                             sizes):
+    err = cli_error(capsys, _argv(checkpoints.folder(model_type), "--image", picture, "--max-pixels", "4096",
+                                  "--output", "s"))
+    assert f"--min-pixels/--max-pixels: a {model_type} processor resizes every image to {sizes}" in err
+    assert not (in_tmp / "output").exists() or not any((in_tmp / "output").iterdir())
+
+
 def test_a_model_type_without_an_adapter_is_one_line_naming_the_families(tmp_path, in_tmp, capsys):
     import transformers
 

@@ -127,6 +127,12 @@ class DecoderAdapter:
         """The image's tile arithmetic for ``ImageInfo.layout`` (None: one grid, ``token_cell`` needs no more)."""
         return None
 
+    def fixed_size_only(self, min_pixels: int | None, max_pixels: int | None, sizes: str = "a fixed size") -> None:
+        """A family whose processor resizes every image to ``sizes`` of its own takes no pixel bounds."""
+        if min_pixels is not None or max_pixels is not None:
+            raise UsageError(f"--min-pixels/--max-pixels: a {self.model.config.model_type} processor resizes every "
+                             f"image to {sizes}")
+
     def prompt_limits(self, limits, images: int):
         """How the processor treats each image of a prompt with ``images`` images (LLaVA-OneVision: one way for a
         single image, another for several)."""

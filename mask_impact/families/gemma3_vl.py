@@ -136,8 +136,7 @@ class Gemma3Vision(DecoderAdapter):
         return self.model.model.multi_modal_projector.tokens_per_side
 
     def pixel_limits(self, image_processor, min_pixels: int | None, max_pixels: int | None) -> SquareResize:
-        if min_pixels is not None or max_pixels is not None:
-            raise UsageError("--min-pixels/--max-pixels: a gemma3 processor resizes every image to a fixed size")
+        self.fixed_size_only(min_pixels, max_pixels)
         if getattr(image_processor, "do_pan_and_scan", None):
             raise UsageError("this gemma3 processor has do_pan_and_scan on (extra crops per image); only the whole "
                              "picture is supported: set do_pan_and_scan to false in preprocessor_config.json")

@@ -106,8 +106,7 @@ class Llava(DecoderAdapter):
         return self.model.config.vision_config.patch_size
 
     def pixel_limits(self, image_processor, min_pixels: int | None, max_pixels: int | None) -> FixedResize:
-        if min_pixels is not None or max_pixels is not None:
-            raise UsageError("--min-pixels/--max-pixels: a llava processor resizes every image to a fixed size")
+        self.fixed_size_only(min_pixels, max_pixels)
         size, crop = image_processor.size, image_processor.crop_size
         crop = (crop["width"], crop["height"]) if image_processor.do_center_crop else None
         if size.get("shortest_edge"):

@@ -171,8 +171,7 @@ class LlavaNext(Llava):
         return self.model.config.vision_config.image_size
 
     def pixel_limits(self, image_processor, min_pixels: int | None, max_pixels: int | None) -> AnyresLimits:
-        if min_pixels is not None or max_pixels is not None:
-            raise UsageError("--min-pixels/--max-pixels: a llava_next processor resizes every image to fixed sizes")
+        self.fixed_size_only(min_pixels, max_pixels, "fixed sizes")
         size, crop = image_processor.size, image_processor.crop_size
         edge = size.get("shortest_edge") or (size.get("height") if size.get("height") == size.get("width") else None)
         if edge != self.tile or (crop["height"], crop["width"]) != (self.tile, self.tile):

@@ -118,9 +118,7 @@ class LlavaOnevision(LlavaNext):
         DecoderAdapter.__init__(self, model, model.model.language_model)  # Llava's own check is for CLIP only
 
     def pixel_limits(self, image_processor, min_pixels: int | None, max_pixels: int | None) -> PooledAnyresLimits:
-        if min_pixels is not None or max_pixels is not None:
-            raise UsageError("--min-pixels/--max-pixels: a llava_onevision processor resizes every image to fixed "
-                             "sizes")
+        self.fixed_size_only(min_pixels, max_pixels, "fixed sizes")
         size = image_processor.size
         if (size.get("height"), size.get("width")) != (self.tile, self.tile) or image_processor.do_center_crop:
             raise UsageError(f"this llava_onevision processor's size {dict(size)} differs from the vision tower's "
