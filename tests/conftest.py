@@ -78,6 +78,21 @@ def draw_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
     return path
 
 
+def hidden_states_under(loaded, tf, plans) -> list:
+    """Every layer's hidden states of the teacher-forced sequence, the model run once under each attention plan
+    (the registered knockout attention installed)."""
+    import torch
+
+    from mask_impact.knockout import apply_plan, knockout_attention_installed
+
+    inputs = dict(input_ids=tf.input_ids, **tf.model_kwargs)
+    states = []
+    for plan in plans:
+        with torch.no_grad(), knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan):
+            states.append(loaded.model(**inputs, output_hidden_states=True).hidden_states)
+    return states
+
+
 def tiny_llava_runs(folder: Path, layers: str) -> Path:
     """Real command-line runs of the tiny LLaVA-1.5 (a 128×64 picture: its centre 64×64 seen, 32-px strips cropped
     off each side) and LLaVA-NeXT (a 100×150 picture: a 4×4 base view, then 8 rows × 6 kept columns of tiles and

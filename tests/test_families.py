@@ -21,11 +21,11 @@ from mask_impact.cli import main
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine
 from mask_impact.families import REGISTRY
 from mask_impact.inputs import build_prompt
-from mask_impact.knockout import apply_plan, knockout_attention_installed
+from mask_impact.knockout import knockout_attention_installed
 from mask_impact.models import load_model
 from mask_impact.tiny import WINDOW, build_tiny
 from mask_impact.units import build_units, overlaps, positions_for
-from tests.conftest import cli_error, draw_image
+from tests.conftest import cli_error, draw_image, hidden_states_under
 from tests.test_identities import _plan_logits, assert_no_knockout_is_native
 
 PROMPT = "A=3, B=7, C=1. What is B?"
@@ -190,15 +190,10 @@ def test_knockout_leaves_earlier_positions_and_lower_layers_bit_identical(case):
     loaded, prompt = case
     analysis = Analysis(loaded, prompt)
     _, tf = analysis.baseline(3)
-    inputs = dict(input_ids=tf.input_ids, **tf.model_kwargs)
-    configs = loaded.adapter.attention_configs()
     sparse = getattr(loaded.model.config.get_text_config(), "num_experts", None) is not None  # MoE blocks
     for window, p in (((0, 0), 2), ((1, 2), prompt.length // 2), ((3, 3), prompt.length - 2)):
-        states = []
-        for plan in (analysis.plan(reference=True), analysis.plan(window, [p], reference=True)):
-            with torch.no_grad(), knockout_attention_installed(configs), apply_plan(plan):
-                states.append(loaded.model(**inputs, output_hidden_states=True).hidden_states)
-        base, knocked = states
+        base, knocked = hidden_states_under(loaded, tf, (analysis.plan(reference=True),
+                                                         analysis.plan(window, [p], reference=True)))
         for layer in range(len(base)):
             if layer <= window[0]:  # hidden_states[l] enters layer l: untouched below the window
                 assert torch.equal(base[layer], knocked[layer])

@@ -9,6 +9,7 @@ from mask_impact.engine import Analysis, FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import AttentionPlan, apply_plan, knockout_attention_installed
 from mask_impact.units import positions_for
+from tests.conftest import hidden_states_under
 
 PROMPT = "What's in this image? Describe the picture."
 
@@ -149,14 +150,9 @@ def test_knockout_leaves_earlier_positions_and_lower_layers_bit_identical(vl_mod
     prompt = _prompt(vl_model, images, ("wide",))
     analysis = Analysis(vl_model, prompt)
     _, tf = analysis.baseline(3)
-    inputs = dict(input_ids=tf.input_ids, **tf.model_kwargs)
-    configs = vl_model.adapter.attention_configs()
     for p in (2, 6, prompt.length - 2):
-        states = []
-        for plan in (analysis.plan(reference=True), analysis.plan(window, [p], reference=True)):
-            with torch.no_grad(), knockout_attention_installed(configs), apply_plan(plan):
-                states.append(vl_model.model(**inputs, output_hidden_states=True).hidden_states)
-        base, knocked = states
+        base, knocked = hidden_states_under(vl_model, tf, (analysis.plan(reference=True),
+                                                           analysis.plan(window, [p], reference=True)))
         for layer in range(len(base)):
             if layer <= window[0]:  # hidden_states[l] enters layer l: untouched below the window
                 assert torch.equal(base[layer], knocked[layer])
