@@ -20,7 +20,9 @@ ratio is printed. Threads: ``--threads``, or by default the CPUs other processes
 
 Also printed: knockouts/s, peak memory, time per layer window, the FLOPs the sweep needs (decoder layers as the
 fast engine must compute them, and the head), the FLOP/s achieved, the machine's own measured matmul rate for
-the same shapes and dtype, and the fraction of it achieved; on a GPU also the time at the data sheet's peak.
+the same shapes and dtype, and the fraction of it achieved — over the whole sweep, and over its batches alone (the
+engine's set-up, one unmasked pass with the vision encoder, is timed but its work is not in the count); on a GPU
+also the time at the data sheet's peak.
 ``--unit region:2`` and ``--flow 'image->last'`` measure those sweeps too, on the same input, next to the token
 sweep. ``--stage vision-encoder|pixels|deepstack`` measures that stage's sweep (patch units; DeepStack: token units)
 in the command line's own batches, the naive sample and the fast sweep in turn over the repeats (min and median),
@@ -291,6 +293,7 @@ class Repeat:
     """One repeat: every engine over the same batches, in lockstep (seconds per engine, set-up included)."""
 
     seconds: dict[str, float]  # "fast", "without NAME" per switched-off saving, "on N thread(s)"
+    setup: dict[str, float]  # of those seconds, the engine's set-up: the unmasked pass (vision encoder included)
     naive_per_knockout: float
     naive_rows: dict  # (window index, unit index) -> (1, T, V) log-probs
     metrics: dict  # engine -> window index -> metric -> [value per unit]
@@ -477,6 +480,7 @@ def lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants: d
     for name, variant in variants.items():
         torch.set_num_threads(variant.threads)
         engines[name], seconds[name] = _timed(cuda, FastEngine, analysis, tf, variant.savings)
+    setup = dict(seconds)
     torch.set_num_threads(threads)
     batch = args.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
     metrics = {name: {} for name in variants}
@@ -497,8 +501,7 @@ def lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants: d
                     if recorder is not None:
                         recorder.active = name == "fast"
                     torch.set_num_threads(variants[name].threads)
-                    values, spent[name] = _timed(cuda, lambda e=engine: compute_all(
-                        e.base_logprobs, torch.cat(e.logprobs_batches(windows[w], group)), tf.answer_ids))
+                    values, spent[name] = _timed(cuda, group_metrics, engine, windows[w], group, tf.answer_ids)
                     for metric, column in values.items():
                         metrics[name][w][metric][done: done + len(chunk)] = column
             except (RuntimeError, MemoryError) as error:  # the sweep's own rule: halve the batch, retry
@@ -524,13 +527,19 @@ def lockstep(args, loaded, analysis, tf, windows, knockouts, sample, variants: d
         length = tf.input_ids.shape[1]
         scale = (sum(needed_flops(loaded, windows, knockouts, length, analysis, tf))
                  / sum(needed_flops(loaded, [windows[w] for w in window_times], knockouts, length, analysis, tf)))
-        seconds = {name: value * scale for name, value in seconds.items()}
+        seconds = {name: setup[name] + (value - setup[name]) * scale for name, value in seconds.items()}
     for s_w, i in sample:  # the naive sample is timed whole, whatever --max-seconds cut
         if (s_w, i) not in naive_rows:
             naive_rows[(s_w, i)], spent = _timed(cuda, naive.logprobs, windows[s_w], [knockouts[i]])
             naive_seconds += spent
-    return Repeat(seconds, naive_seconds / len(sample), naive_rows, metrics, window_times, batch,
+    return Repeat(seconds, setup, naive_seconds / len(sample), naive_rows, metrics, window_times, batch,
                   rows / max(1, forwards))
+
+
+def group_metrics(engine: FastEngine, window: tuple[int, int], group: list[list], answer: torch.Tensor) -> dict:
+    """Every metric of a group of batches (one head call), batch by batch as the sweep computes them."""
+    values = [compute_all(engine.base_logprobs, part, answer) for part in engine.logprobs_batches(window, group)]
+    return {metric: [value for part in values for value in part[metric]] for metric in values[0]}
 
 
 def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple[tuple[float, float], bool]:
@@ -585,8 +594,10 @@ def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple
           f"probe; min / median:")
     print(f"  naive: {1 / naive_min:10.2f} / {1 / naive_med:10.2f} knockouts/s  ({naive_min * 1e3:.1f} / "
           f"{naive_med * 1e3:.1f} ms each; whole sweep {naive_med * total:,.0f} s)")
+    setup_med = statistics.median(r.setup["fast"] for r in repeats)
     print(f"  fast:  {total / fast_min:10.2f} / {total / fast_med:10.2f} knockouts/s  (whole sweep {fast_min:,.2f} / "
-          f"{fast_med:,.2f} s; batch limit {median_run.batch}, {median_run.rows_per_forward:.1f} rows per forward)")
+          f"{fast_med:,.2f} s, of which the engine's set-up {setup_med:.2f} s; batch limit {median_run.batch}, "
+          f"{median_run.rows_per_forward:.1f} rows per forward)")
     ratio = naive_med * total / fast_med
     ratios = sorted(n * total / f for n, f in zip(naive_times, fast_times))
     if worst <= tolerance:
@@ -604,12 +615,15 @@ def measure(args, loaded, analysis, tf, windows, knockouts, cuda: bool) -> tuple
     print("seconds per window (median run): " + " ".join(f"{w}:{median_run.window_times[w]:.2f}"
                                                          for w in sorted(median_run.window_times)))
     achieved = flops / fast_med
+    batches_med = statistics.median(r.seconds["fast"] - r.setup["fast"] for r in repeats)
     gemm_med = statistics.median(gemm_rates)
     print(f"needed matmul work {flops / 1e12:.4g} TFLOP (decoder layers {layer_flops / 1e12:.4g}, head "
-          f"{head_flops / 1e12:.4g}); achieved {achieved / 1e12:.4g} TFLOP/s")
+          f"{head_flops / 1e12:.4g}; the knockouts' batches, not the set-up's unmasked pass); achieved "
+          f"{achieved / 1e12:.4g} TFLOP/s over the whole sweep, {flops / batches_med / 1e12:.4g} over its batches")
     print(f"measured matmul rate for the MLP's {gemm.describe()}: {gemm_med / 1e12:.4g} TFLOP/s (median; min "
           f"{min(gemm_rates) / 1e12:.4g}, max {max(gemm_rates) / 1e12:.4g}) -> fraction of that limit achieved "
-          f"{achieved / gemm_med:.2f}; the sweep at that rate: {flops / gemm_med:.3g} s")
+          f"{achieved / gemm_med:.2f} over the whole sweep, {flops / batches_med / gemm_med:.2f} over its batches "
+          f"(the set-up's time left out, as its work is not in the count); the sweep at that rate: {flops / gemm_med:.3g} s")
     if cuda:
         name = torch.cuda.get_device_name(device)
         peak_rate = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)

@@ -324,7 +324,14 @@ class FastEngine:
     def _head(self, answer: torch.Tensor) -> torch.Tensor:
         """(B, T, V) log-probs of the last layer's answer rows (B, T, H): final norm, head, soft-capping."""
         logits = self.analysis.loaded.adapter.logits(answer)
-        return torch.log_softmax(logits.float(), dim=-1)
+        if logits.dtype == torch.float32:
+            return torch.log_softmax(logits, dim=-1)
+        # a few rows at a time: no float32 copy of all the logits (as large as the result) to write and read back;
+        # each row's log-softmax is the same, bit for bit (3-4x faster in bfloat16 on a CPU)
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        for rows, into in zip(logits.split(4), out.split(4)):
+            torch.log_softmax(rows.float(), dim=-1, out=into)
+        return out
 
     def first_affected(self, unit: int | Knockout) -> int | None:
         return self.analysis.first_affected(unit)

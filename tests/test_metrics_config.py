@@ -24,6 +24,19 @@ def test_metrics_on_known_distributions():
     assert values["first_divergence"] == [0, None]
 
 
+def test_kl_row_by_row_is_the_whole_batch_formula_bit_for_bit():
+    """``kl`` runs one knockout at a time (no (B, T, V) temporaries): the same sums as Σ_v p_base (log p_base −
+    log p_ko) over the whole batch at once, bit for bit, and exactly 0 for the baseline row itself."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.log_softmax(3 * torch.randn(4, 1000, generator=generator), -1)  # (T, V)
+    knocked = torch.log_softmax(3 * torch.randn(6, 4, 1000, generator=generator), -1)  # (B, T, V)
+    knocked[2] = base
+    whole = (base.exp()[None] * (base[None] - knocked)).sum(-1).mean(-1)
+    values = METRICS["kl"](base, knocked, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(values, whole) and values[2] == 0.0 and bool((values[[0, 1, 3, 4, 5]] > 0.1).all())
+    assert METRICS["kl"](base, knocked[:0], None).shape == (0,)
+
+
 def test_first_divergence_finds_a_later_step():
     base = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.6, 0.4]]).log()
     knocked = torch.tensor([[[0.6, 0.4], [0.6, 0.4], [0.3, 0.7]]]).log()

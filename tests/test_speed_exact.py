@@ -136,6 +136,21 @@ def test_several_batches_share_one_head_call(vl_model, images, shared_head):
         handle.remove()
 
 
+def test_a_bfloat16_head_is_the_log_softmax_of_its_logits_bit_for_bit(tmp_path):
+    """In bfloat16 the head's log-softmax runs a few rows at a time (no float32 copy of every logit): each row is
+    the log-softmax of its float32 logits, bit for bit."""
+    loaded = load_model(str(build_demo(tmp_path, False)), False, "cpu", "bfloat16")
+    analysis = Analysis(loaded, build_prompt(loaded, PROMPT, []))
+    _, tf = analysis.baseline(3)
+    fast = FastEngine(analysis, tf)
+    rows = torch.randn(9, 3, loaded.adapter.decoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rows = rows.to(torch.bfloat16)  # 9 knockouts: not a multiple of the rows taken at a time
+    with torch.no_grad():
+        got, logits = fast._head(rows), loaded.adapter.logits(rows)
+    assert logits.dtype == torch.bfloat16 and got.dtype == torch.float32
+    assert torch.equal(got, torch.log_softmax(logits.float(), -1))
+
+
 def test_grouped_query_sdpa_equals_copied_heads():
     """SDPA's grouped-query path with a boolean (B, 1, Q, K) mask == the heads copied by ``repeat_kv``."""
     torch.manual_seed(0)
