@@ -220,13 +220,16 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
         if on_progress is not None and cells:
             on_progress(finished, total)
     grouped, head_rows = hasattr(engine, "logprobs_batches"), HEAD_ROWS
+    walked: dict[int, list[int]] = {}  # window -> the knockouts this process walks in it, in order
+    for row, i in every if shard.count == 1 else mine:
+        walked.setdefault(row, []).append(i)
     try:
         for w in sorted({w for w, _ in mine}):
             bar.set_description(labels[w] if labels else f"layers {windows[w][0]}-{windows[w][1]}")
             # One process walks the groups an uninterrupted run makes (all the row's cells) and computes each group
             # that misses a cell whole: the head's float grouping depends on a group's rows, so a run stopped
             # between the records of one group resumes to the same bits. A launch's process takes its part.
-            indices = [i for row, i in (every if shard.count == 1 else mine) if row == w]
+            indices = walked[w]
             pending = [knockouts[i] for i in indices]
             done = 0
             while done < len(indices):
@@ -341,7 +344,13 @@ def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: lis
         return
     for unit, knockout in zip(units, knockouts):
         if analysis.first_affected(knockout) is None:
-            why = (" with --block-from answer" if config.block_from == "answer" else "") + (
-                ": every query comes before every key, and attention only looks back" if knockout.keys else
-                ": it names no key")
+            run = analysis.knockout(knockout)  # as run: --block-from answer keeps only the answer's queries
+            if not knockout.keys:
+                why = ": it names no key"
+            elif not run.queries and run.queries_from is None:
+                why = (" with --block-from answer: none of its queries is an answer position (that option keeps "
+                       "only those)")
+            else:
+                why = (" with --block-from answer" if config.block_from == "answer" else "") + (
+                    ": every query comes before every key, and attention only looks back")
             raise UsageError(f"{'--flow' if unit.kind == 'flow' else '--group'} {unit.label} blocks nothing{why}")

@@ -248,7 +248,8 @@ def test_a_batch_names_groups_and_flows_in_yaml(tmp_path):
     (["--demo", "--group", "a=text:zebra", "--unit", "groups"], "does not occur in the prompt's text"),
     (["--demo", "--group", "a=pos:2-900", "--unit", "groups"], "position 32 is past the prompt's 32 positions"),
     (["--demo", "--flow", "question->image"], "--flow question->image blocks nothing"),
-    (["--demo", "--flow", "image->question", "--block-from", "answer"], "blocks nothing with --block-from answer"),
+    (["--demo", "--flow", "image->question", "--block-from", "answer"],
+     "blocks nothing with --block-from answer: none of its queries is an answer position"),
     (["--model", "MODEL", "--prompt", "hi", "--flow", "image->last"], "no --image is given"),
 ])
 def test_bad_unit_group_and_flow_options_are_one_line(argv, message, capsys, in_tmp):
