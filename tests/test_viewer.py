@@ -115,6 +115,37 @@ def test_embedded_run_draws_heatmap_and_overlay(page, results):
     page.screenshot(path=str(ARTIFACTS / "viewer_vision.png"), full_page=True)
 
 
+def test_a_tiny_picture_is_enlarged_to_be_seen_and_hovered(page, tmp_path):
+    """A 2×3-pixel picture (the processor upscales it to 64×96 for the model): its overlay is 64×96 canvas pixels
+    (its longer side 96, not the 4× of an ordinary picture), each of its own pixels one flat block (not smoothed
+    into its neighbours), and hovering its top-left token names that token."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (2, 3), (200, 10, 10))
+    picture.putpixel((1, 2), (10, 10, 200))
+    picture.save(tmp_path / "tiny.png")
+    assert main(["--demo", "--image", str(tmp_path / "tiny.png"), "--output-dir", str(tmp_path), "--output", "tiny",
+                 "--mask-mode", "vision", "--no-progress"], True) == 0
+    page.goto((tmp_path / "tiny.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    size, scale = page.evaluate("[[document.querySelector('canvas.overlay').width, "
+                                "document.querySelector('canvas.overlay').height], "
+                                "document.querySelector('canvas.overlay').scale]")
+    assert size == [64, 96] and scale == 32
+    page.locator("#opacity").fill("0")  # the picture alone
+    page.locator("#opacity").dispatch_event("input")
+    pixels = page.evaluate("""() => { const c = document.querySelector('canvas.overlay'), g = c.getContext('2d');
+        return [[8, 8], [56, 88], [37, 69], [27, 59]].map(([x, y]) => Array.from(g.getImageData(x, y, 1, 1).data)); }""")
+    assert pixels[0][:3] == [200, 10, 10] and pixels[1][:3] == [10, 10, 200]  # the picture's own pixels
+    assert pixels[2][:3] == [10, 10, 200] and pixels[3][:3] == [200, 10, 10]  # no blur 5 px from the blocks' edge
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    first = next(tok for tok in data["tokens"] if tok["modality"] == "vision")
+    box = page.locator("canvas.overlay").bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + 2)
+    expect(page.locator("#tooltip")).to_be_visible()
+    assert f"(position {first['index']}, id {first['id']})" in page.locator("#tooltip").text_content()
+
+
 def test_hover_shows_the_right_token(page, results):
     data = json.loads((results / "vision.json").read_text())
     page.goto((results / "vision.html").as_uri())
