@@ -3,7 +3,7 @@
     python benchmarks/bench_estimate.py --arch tiny                       # CPU, the tiny VL model, 128x128 image
     python benchmarks/bench_estimate.py --arch medium                     # CPU, hidden 1024, 4 layers
     python benchmarks/bench_estimate.py --arch qwen3-vl-4b --image-size 1024 --flops-only
-    python benchmarks/bench_estimate.py --arch qwen3-vl-4b --image-size 1024 --device cuda
+    python benchmarks/bench_estimate.py --arch qwen3-vl-4b --image-size 1024 --device cuda [--no-exact]
 
 Builds the model of ``bench_sweep.py`` (same builders, same prompt), sweeps every (layer, token) cell exactly
 with the fast engine and estimates every cell (estimate.py), then prints: Spearman's ρ of estimate vs exact over
@@ -11,7 +11,8 @@ the whole map, the top-20 recall (of the 20 cells with the largest exact |drop|,
 largest |estimate|; and the same for the signed drop), the time of both, and the estimate's FLOPs — counted from
 the configuration (``estimate_flops``) and by torch's ``FlopCounterMode`` on the real pass — in units of one plain
 forward and of one forward+backward pass (3 forwards: the backward of a training step computes weight gradients
-too). ``--flops-only`` prints the count for the configuration without building anything.
+too). ``--flops-only`` prints the count for the configuration without building anything; ``--no-exact`` times the
+estimate alone (no exact map, no quality figures; bench_sweep.py times the exact sweep).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--top", type=int, default=20, help="k of the top-k recall (default 20)")
     parser.add_argument("--flops-only", action="store_true", help="the 4B configuration's count, nothing run")
+    parser.add_argument("--no-exact", action="store_true", help="time the estimate alone: no exact map to compare")
     args = parser.parse_args()
     args.naive_sample = args.repeat = args.window = 1  # bench_sweep's options that check_sizes reads, not used here
     args.also_threads = []
@@ -133,20 +135,30 @@ def main() -> None:
     knockouts = [unit.knockout() for unit in units]
     print(f"{loaded.name}: {layers} layers, {len(knockouts)} token units, {torch.get_num_threads()} threads, "
           f"{str(loaded.dtype).replace('torch.', '')} on {device}")
+    cuda = device.type == "cuda"
     layer_changes(analysis, tf, knockouts[:2])  # warm-up
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    estimate = -layer_changes(analysis, tf, knockouts)  # (L, U): windows of one layer
+    estimate = -layer_changes(analysis, tf, knockouts)  # (L, U): windows of one layer (its sums are on the CPU)
     estimated_s = time.perf_counter() - started
+    peak = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else ""
+    length = tf.input_ids.shape[1]
+    if args.no_exact:
+        print(f"estimate of every one of {estimate.numel():,} cells: {estimated_s:.2f} s{peak}")
+        report(loaded.adapter.decoder.config, length, len(tf.answer_ids), len(knockouts), loaded.name,
+               counted_flops(analysis, tf, knockouts))
+        return
     started = time.perf_counter()
     exact = exact_map(loaded, analysis, tf, windows, knockouts, args.batch_size)
     exact_s = time.perf_counter() - started
     k = min(args.top, exact.numel())
     rho = spearman(estimate.flatten().tolist(), exact.flatten().tolist())
     print(f"exact sweep {exact.numel():,} cells: {exact_s:.2f} s; estimate of every cell: {estimated_s:.2f} s "
-          f"({exact_s / estimated_s:.1f}x faster)")
+          f"({exact_s / estimated_s:.1f}x faster){peak}")
     print(f"Spearman (estimate vs exact, every cell): {rho:.3f}; top-{k} recall by |drop|: "
           f"{recall(estimate, exact, k, torch.abs):.2f}, by signed drop: {recall(estimate, exact, k, lambda x: x):.2f}")
-    length = tf.input_ids.shape[1]
     report(loaded.adapter.decoder.config, length, len(tf.answer_ids), len(knockouts), loaded.name,
            counted_flops(analysis, tf, knockouts))
 

@@ -228,10 +228,14 @@ def main() -> None:
     parser.add_argument("--stage", action="append", default=[], choices=("vision-encoder", "pixels", "deepstack"),
                         help="also measure a sweep of this stage (repeatable), fast vs naive, next to token units")
     parser.add_argument("--flops-only", action="store_true",
-                        help="with --arch qwen3-vl-4b: print each --stage sweep's needed TFLOP and its time at the "
-                             "H200's dense bf16 peak, computed from the configuration (nothing is built or run)")
+                        help="with --arch qwen3-vl-4b: print the token sweep's and each --stage sweep's needed TFLOP "
+                             "and its time at the H200's dense bf16 peak, computed from the configuration (nothing is "
+                             "built or run)")
     parser.add_argument("--without", action="append", default=[], choices=[f.name for f in fields(Savings)],
                         help="also time the fast engine with this saving off, in the same repeats (repeatable)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the token sweep, profile its first group of batches (window 0, the costliest) and "
+                             "print the top operators by self time (torch.profiler; on a GPU its kernels' time)")
     parser.add_argument("--also-threads", type=int, action="append", default=[], metavar="N",
                         help="also time the fast engine on N threads, in the same repeats (repeatable)")
     args = parser.parse_args()
@@ -275,6 +279,8 @@ def main() -> None:
         print(f"\n== {name}: {len(units)} units x {len(windows)} windows = {len(units) * len(windows):,} knockouts")
         figures[name], ok = measure(args, loaded, analysis, tf, windows, [unit.knockout() for unit in units], cuda)
         agree = agree and ok
+        if args.profile and name == "token":
+            profile_group(loaded, analysis, tf, windows, [unit.knockout() for unit in units], args.batch_size, cuda)
     for stage in args.stage:
         print(f"\n== --stage {stage}")
         figures[f"--stage {stage}"], ok = measure_stage(args, loaded, analysis, tf, stage, cuda)
@@ -421,8 +427,9 @@ def describe_work(work: dict) -> str:
 
 
 def flops_only(args) -> None:
-    """``--flops-only``: the needed TFLOP of each ``--stage`` sweep and its time at a GPU's dense bf16 peak, from the
-    configuration alone (no weights, nothing run): one square image of ``--image-size``, the benchmark's prompt."""
+    """``--flops-only``: the needed TFLOP of the token sweep (every prompt token, ``--window``) and of each
+    ``--stage`` sweep, and its time at a GPU's dense bf16 peak, from the configuration alone (no weights, nothing
+    run): one square image of ``--image-size``, the benchmark's prompt."""
     from mask_impact.stages import deepstack_routes
 
     if args.arch != "qwen3-vl-4b":
@@ -440,7 +447,18 @@ def flops_only(args) -> None:
     print(f"{CONFIG_4B.name}: ViT {config.vision_config.depth} layers (hidden {config.vision_config.hidden_size}), "
           f"decoder {config.text_config.num_hidden_layers} layers (hidden {config.text_config.hidden_size}); a "
           f"{side}x{side} image = {grid * grid:,} patches, {tokens:,} image tokens; sequence {length} tokens")
-    for stage in args.stage or ["vision-encoder"]:
+    decoder = SimpleNamespace(adapter=SimpleNamespace(decoder=SimpleNamespace(config=config.text_config),
+                                                      num_layers=config.text_config.num_hidden_layers))
+    layers = config.text_config.num_hidden_layers
+    prompt = length - answer + 1
+    linear, attention, head = sweep_flops(decoder, windows_for(list(range(layers)), args.window, layers),
+                                          list(range(prompt)), length, lambda position: position, prompt - 1, answer)
+    total = linear + attention + head
+    print(f"token sweep (the decoder, every one of the {prompt:,} prompt tokens x {layers // args.window} windows of "
+          f"{args.window} layer(s)): needed {total / 1e12:,.4g} TFLOP (layers {linear / 1e12:,.4g}, attention "
+          f"{attention / 1e12:,.4g}, head {head / 1e12:,.4g}); FLOP-limit time at {peak:.0f} TFLOP/s (H200, dense "
+          f"bf16 peak): {total / peak / 1e12:,.1f} s")
+    for stage in args.stage:
         if stage == "deepstack":
             rows = deepstack_routes(len(config.vision_config.deepstack_visual_indexes), config.text_config.num_hidden_layers)
             units = [SimpleNamespace(kind="token", keys=[start + n], patches=None) for n in range(tokens)]
@@ -453,6 +471,27 @@ def flops_only(args) -> None:
         print(f"--stage {stage}: {len(units):,} {units[0].kind} units x {len(rows)} rows = {len(units) * len(rows):,} "
               f"cells; needed {describe_work(work)}; FLOP-limit time at {peak:.0f} TFLOP/s (H200, dense bf16 peak): "
               f"{total / peak / 1e12:,.0f} s ({total / peak / 1e12 / 3600:.2f} h)")
+
+
+def profile_group(loaded, analysis, tf, windows, knockouts, batch_size: int | None, cuda: bool) -> None:
+    """torch.profiler over the sweep's first head group of window 0 (after one unprofiled run of it): the top
+    operators by self time, with their input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = FastEngine(analysis, tf)
+    group = next_group(engine, knockouts, 0, batch_size or auto_batch_size(loaded, tf.input_ids.shape[1]))
+    group_metrics(engine, windows[0], group, tf.answer_ids)
+    _sync(cuda)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as profiler:
+        group_metrics(engine, windows[0], group, tf.answer_ids)
+        _sync(cuda)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"\nprofile of one group of batches ({sum(map(len, group))} knockouts in {len(group)} batch(es), window "
+          f"{windows[0][0]}-{windows[0][1]}), top operators by {key}:")
+    print(profiler.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
+    print(profiler.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=15, max_name_column_width=30,
+                                                                  max_shapes_column_width=60))
 
 
 def _timed(cuda: bool, function, *args):
