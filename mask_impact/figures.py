@@ -328,8 +328,10 @@ def overlay(data: dict, metric: str, windows=None):
     figure.suptitle(textwrap.fill(_title(data), int(figure_width * 12)), fontsize=9, x=0.01, ha="left")
     from matplotlib.cm import ScalarMappable
 
+    # panchor=False: the colour bar leaves the panels' anchor at the centre (its default moves them to the right
+    # edge of their cells, where a narrow picture's panel then sits)
     bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, extend=extend,
-                          fraction=0.05, pad=0.02, shrink=0.9)
+                          fraction=0.05, pad=0.02, shrink=0.9, panchor=False)
     bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return figure

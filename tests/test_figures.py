@@ -3,6 +3,8 @@ written beside the results by --figures, YAML batches and KnockoutResult.plot; w
 
 from __future__ import annotations
 
+import io
+
 import json
 import sys
 
@@ -272,3 +274,10 @@ def test_overlay_of_strip_pictures_in_one_prompt_stays_a_readable_size(tmp_path)
     for ax, (w, h) in zip(panels, sizes):
         assert ax.get_xlim() == (0, w) and ax.get_ylim() == (h, 0)
         assert ax.get_aspect() == 1.0  # imshow keeps the picture's aspect
+    # each panel sits in the middle of its cell (the colour bar used to anchor them at the cells' right edges)
+    figure.savefig(io.BytesIO(), format="png")
+    for ax in panels:
+        cell, drawn = ax.get_position(original=True), ax.get_position()
+        assert abs((drawn.x0 + drawn.x1) / 2 - (cell.x0 + cell.x1) / 2) < 1e-6
+        assert abs((drawn.y0 + drawn.y1) / 2 - (cell.y0 + cell.y1) / 2) < 1e-6
+    assert panels[1].get_position().width < 0.5 * panels[1].get_position(original=True).width  # the tall one: narrower
