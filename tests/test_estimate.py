@@ -163,3 +163,19 @@ def test_spearman_is_the_rank_correlation():
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # ties: mean ranks (scipy's)
     assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
     assert spearman([1, None, 3, 4], [1, 5, 3, 4]) == pytest.approx(1.0)  # a missing exact cell is left out
+
+
+@pytest.mark.parametrize("argv", [["--arch", "tiny", "--image-size", "100"],
+                                  ["--arch", "qwen3-vl-4b", "--flops-only", "--image-size", "0"]])
+def test_the_estimate_benchmark_refuses_a_size_in_one_line(argv):
+    """A size the model cannot take is one line and exit status 2, as in bench_sweep.py (it was a UsageError
+    traceback; and --image-size 0 was taken as no size, the default 1024)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_estimate.py"), *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.startswith("error: --image-size ") and done.stderr.count("\n") == 1, done.stderr
