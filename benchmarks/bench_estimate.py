@@ -119,6 +119,8 @@ def main() -> None:
     args.naive_sample = args.repeat = args.window = 1  # bench_sweep's options that check_sizes reads, not used here
     args.also_threads = []
     check_sizes(args)
+    if args.top < 1:  # checked before the sweep it would follow
+        raise UsageError(f"--top {args.top}: must be at least 1")
     if args.flops_only:
         flops_only(args)
         return

@@ -165,11 +165,14 @@ def test_spearman_is_the_rank_correlation():
     assert spearman([1, None, 3, 4], [1, 5, 3, 4]) == pytest.approx(1.0)  # a missing exact cell is left out
 
 
-@pytest.mark.parametrize("argv", [["--arch", "tiny", "--image-size", "100"],
-                                  ["--arch", "qwen3-vl-4b", "--flops-only", "--image-size", "0"]])
-def test_the_estimate_benchmark_refuses_a_size_in_one_line(argv):
-    """A size the model cannot take is one line and exit status 2, as in bench_sweep.py (it was a UsageError
-    traceback; and --image-size 0 was taken as no size, the default 1024)."""
+@pytest.mark.parametrize("argv,message", [(["--arch", "tiny", "--image-size", "100"], "--image-size 100"),
+                                          (["--arch", "qwen3-vl-4b", "--flops-only", "--image-size", "0"],
+                                           "--image-size 0"),
+                                          (["--arch", "tiny", "--top", "0"], "--top 0: must be at least 1")])
+def test_the_estimate_benchmark_refuses_a_bad_size_or_top_in_one_line(argv, message):
+    """A size the model cannot take, or --top 0, is one line and exit status 2, as in bench_sweep.py (it was a
+    UsageError traceback; --image-size 0 was taken as no size, the default 1024; --top 0 a ZeroDivisionError
+    traceback after the whole exact sweep)."""
     import subprocess
     import sys
 
@@ -178,4 +181,4 @@ def test_the_estimate_benchmark_refuses_a_size_in_one_line(argv):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_estimate.py"), *argv], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == "", done.stderr
-    assert done.stderr.startswith("error: --image-size ") and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {message}") and done.stderr.count("\n") == 1, done.stderr
