@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_sweep import CONFIG_4B, DEFAULT_IMAGE, DTYPES, build, check_sizes  # noqa: E402
-from mask_impact.config import windows_for  # noqa: E402
+from mask_impact.config import UsageError, windows_for  # noqa: E402
 from mask_impact.engine import Analysis, FastEngine  # noqa: E402
 from mask_impact.estimate import estimate_flops, forward_flops, layer_changes, spearman  # noqa: E402
 from mask_impact.metrics import logprob_drop  # noqa: E402
@@ -119,6 +119,8 @@ def main() -> None:
     args.naive_sample = args.repeat = args.window = 1  # bench_sweep's options that check_sizes reads, not used here
     args.also_threads = []
     check_sizes(args)
+    if args.top < 1:  # checked before the sweep it would follow
+        raise UsageError(f"--top {args.top}: must be at least 1")
     if args.flops_only:
         flops_only(args)
         return
@@ -164,4 +166,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:  # a size the model cannot take: one line, as bench_sweep.py says it
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

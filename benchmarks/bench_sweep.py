@@ -167,7 +167,7 @@ def build(args, device: torch.device) -> tuple[LoadedModel, Prompt]:
 
 def check_sizes(args) -> None:
     """Every size option is honoured exactly or refused here, in one line."""
-    image_size = args.image_size or DEFAULT_IMAGE[args.arch]
+    image_size = DEFAULT_IMAGE[args.arch] if args.image_size is None else args.image_size  # 0 is no default
     if image_size % 32 or not 64 <= image_size <= (2048 if args.arch != "tiny" else 4096):
         raise UsageError(f"--image-size {image_size}: the model takes square images of 64.. pixels in steps of 32 "
                          "(one merged token is 32x32 pixels); anything else would be resized, not honoured")
@@ -444,18 +444,22 @@ def flops_only(args) -> None:
     start, answer = 4, args.num_tokens  # prompt_4b: <|im_start|> user \n <|vision_start|>, then the image
     length = start + tokens + 1 + 6 + 5 + answer - 1  # teacher-forced: the prompt and all but the last answer token
     peak = PEAK_BF16_TFLOPS["H200"]
+    layers = config.text_config.num_hidden_layers
+    windows = windows_for(list(range(layers)), args.window, layers)  # one per layer, as a real run's (refused first)
     print(f"{CONFIG_4B.name}: ViT {config.vision_config.depth} layers (hidden {config.vision_config.hidden_size}), "
           f"decoder {config.text_config.num_hidden_layers} layers (hidden {config.text_config.hidden_size}); a "
           f"{side}x{side} image = {grid * grid:,} patches, {tokens:,} image tokens; sequence {length} tokens")
     decoder = SimpleNamespace(adapter=SimpleNamespace(decoder=SimpleNamespace(config=config.text_config),
                                                       num_layers=config.text_config.num_hidden_layers))
-    layers = config.text_config.num_hidden_layers
     prompt = length - answer + 1
-    linear, attention, head = sweep_flops(decoder, windows_for(list(range(layers)), args.window, layers),
-                                          list(range(prompt)), length, lambda position: position, prompt - 1, answer)
+    image = range(start, start + tokens)
+    positions = [p for p in range(prompt) if args.mask_mode == "both" or (p in image) == (args.mask_mode == "vision")]
+    first = (lambda position: prompt - 1) if args.block_from == "answer" else (lambda position: position)
+    linear, attention, head = sweep_flops(decoder, windows, positions, length, first, prompt - 1, answer)
     total = linear + attention + head
-    print(f"token sweep (the decoder, every one of the {prompt:,} prompt tokens x {layers // args.window} windows of "
-          f"{args.window} layer(s)): needed {total / 1e12:,.4g} TFLOP (layers {linear / 1e12:,.4g}, attention "
+    print(f"token sweep (the decoder, --mask-mode {args.mask_mode}: {len(positions):,} of the {prompt:,} prompt tokens, "
+          f"--block-from {args.block_from}, x {len(windows)} windows of {args.window} layer(s)): needed "
+          f"{total / 1e12:,.4g} TFLOP (layers {linear / 1e12:,.4g}, attention "
           f"{attention / 1e12:,.4g}, head {head / 1e12:,.4g}); FLOP-limit time at {peak:.0f} TFLOP/s (H200, dense "
           f"bf16 peak): {total / peak / 1e12:,.1f} s")
     for stage in args.stage:

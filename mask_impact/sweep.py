@@ -350,7 +350,9 @@ def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: lis
             elif not run.queries and run.queries_from is None:
                 why = (" with --block-from answer: none of its queries is an answer position (that option keeps "
                        "only those)")
-            else:
+            else:  # every query at or before the first key: before it, or the key itself (never blocked)
+                itself = " or is the first key itself (a position is never blocked from itself)" if min(
+                    knockout.keys) in run.queries else ""
                 why = (" with --block-from answer" if config.block_from == "answer" else "") + (
-                    ": every query comes before every key, and attention only looks back")
+                    f": every query comes before every key{itself}, and attention only looks back")
             raise UsageError(f"{'--flow' if unit.kind == 'flow' else '--group'} {unit.label} blocks nothing{why}")

@@ -163,3 +163,22 @@ def test_spearman_is_the_rank_correlation():
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # ties: mean ranks (scipy's)
     assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
     assert spearman([1, None, 3, 4], [1, 5, 3, 4]) == pytest.approx(1.0)  # a missing exact cell is left out
+
+
+@pytest.mark.parametrize("argv,message", [(["--arch", "tiny", "--image-size", "100"], "--image-size 100"),
+                                          (["--arch", "qwen3-vl-4b", "--flops-only", "--image-size", "0"],
+                                           "--image-size 0"),
+                                          (["--arch", "tiny", "--top", "0"], "--top 0: must be at least 1")])
+def test_the_estimate_benchmark_refuses_a_bad_size_or_top_in_one_line(argv, message):
+    """A size the model cannot take, or --top 0, is one line and exit status 2, as in bench_sweep.py (it was a
+    UsageError traceback; --image-size 0 was taken as no size, the default 1024; --top 0 a ZeroDivisionError
+    traceback after the whole exact sweep)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_estimate.py"), *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.startswith(f"error: {message}") and done.stderr.count("\n") == 1, done.stderr

@@ -13,11 +13,15 @@ K = 5, recall 90% at K = 10; DESIGN.md §6); the last test here checks that meas
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from mask_impact.demo import SHIPPED
 from mask_impact.models import load_model
 from mask_impact.planted import vl_planted
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +53,17 @@ def test_what_an_estimate_run_finds(trained_vl):
         if first == 1:
             assert computed is not None
     assert sum(rank is not None for rank in exact.triage_ranks[1]) >= sum(rank == 1 for rank in estimated.ranks) > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--triage", "-1"], "--triage must be at least 1"),  # printed "computes -12% of the cells", exit 0
+    (["--triage", "3", "--triage", "0"], "--triage must be at least 1"),  # "computes 0%": no --estimate 0 run exists
+    (["--count", "0"], "--count must be at least 1"),  # a ZeroDivisionError traceback
+    (["--triage", "x"], "argument --triage: invalid int value: 'x'"),  # argparse's usage and error: two lines
+    (["--estimate", "--triage", "2"], "give it without --estimate"),
+])
+def test_bad_options_of_the_planted_tool_are_one_line(argv, message):
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "planted_signal.py"), *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr

@@ -100,3 +100,43 @@ def test_the_flops_said_before_a_sweep_are_the_ones_the_engine_runs(engine):
                                               tf.answer_start, len(tf.answer_ids))
         assert counter.get_total_flops() == linear + head, window
         assert attention > 0
+
+
+def _bench_sweep(monkeypatch):
+    """benchmarks/bench_sweep.py as a module (it is a script: not on the path)."""
+    import importlib.util
+    import sys
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", ROOT / "benchmarks" / "bench_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_sweep", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_s_flops_only_token_sweep_is_the_configuration_asked(capsys, monkeypatch):
+    """``bench_sweep.py --flops-only``: the token sweep's TFLOP is the one a real run of the same options prints as
+    its needed matmul work (``--mask-mode text --window 2 --block-from answer`` on 2 layers at 256 px: 0.1895, as
+    measured; it printed 2.295, every token with --block-from all), one window per layer (``--window 9`` on 36
+    layers: 36 windows, it said 4), and the text and vision tokens' sweeps add up to both's."""
+    import re
+
+    bench = _bench_sweep(monkeypatch)
+
+    def token_sweep(*options: str) -> tuple[float, str]:
+        monkeypatch.setattr("sys.argv", ["bench_sweep.py", "--arch", "qwen3-vl-4b", "--flops-only", *options])
+        bench.main()
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("token sweep"))
+        return float(re.search(r"needed ([\d.,e+]+) TFLOP", line).group(1).replace(",", "")), line
+
+    small = ["--num-layers", "2", "--image-size", "256"]
+    assert token_sweep(*small, "--mask-mode", "text", "--window", "2", "--block-from", "answer")[0] == 0.1895
+    assert token_sweep(*small)[0] == 1.573  # the real run's 1.573 (0.9507 layers, 0.6223 head)
+    both, text, vision = (token_sweep(*small, "--mask-mode", mode, "--block-from", "answer")[0]
+                          for mode in ("both", "text", "vision"))
+    assert text + vision == pytest.approx(both, rel=1e-3) and text < vision < both
+    assert "x 36 windows of 9 layer(s)" in token_sweep("--window", "9")[1]
+    with pytest.raises(UsageError, match="--image-size 0"):  # was taken as no size given: the default, 1024
+        bench.check_sizes(bench.argparse.Namespace(arch="qwen3-vl-4b", image_size=0))

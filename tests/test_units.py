@@ -286,9 +286,17 @@ def test_check_units_needs_no_model():
 # --- defects found by a hostile pass, each with the case that showed it ---------------------------------------------
 
 def test_a_flow_whose_queries_see_only_themselves_is_refused(capsys, in_tmp):
-    assert "--flow last->last blocks nothing" in cli_error(capsys, ["--demo", "--flow", "last->last", "--no-progress"])
+    """The reason is true: a query at the key itself does not come before it, it is never blocked from itself."""
+    itself = ": every query comes before every key or is the first key itself (a position is never blocked from itself)"
+    err = cli_error(capsys, ["--demo", "--flow", "last->last", "--no-progress"])
+    assert "--flow last->last blocks nothing" + itself in err
     err = cli_error(capsys, ["--demo", "--group", "a=pos:5", "--flow", "a->a", "--no-progress"])
-    assert "--flow a->a blocks nothing" in err
+    assert "--flow a->a blocks nothing" + itself in err
+    err = cli_error(capsys, ["--demo", "--group", "a=pos:3", "--group", "b=pos:3-5", "--flow", "b->a", "--no-progress"])
+    assert "--flow b->a blocks nothing" + itself in err
+    err = cli_error(capsys, ["--demo", "--group", "a=pos:3", "--group", "b=pos:4-5", "--flow", "b->a", "--no-progress"])
+    assert err.endswith("--flow b->a blocks nothing: every query comes before every key, and attention only looks "
+                        "back\n")  # no query at a key: nothing added
 
 
 def test_block_from_answer_is_written_into_each_unit(tmp_path):

@@ -146,6 +146,28 @@ def test_a_tiny_picture_is_enlarged_to_be_seen_and_hovered(page, tmp_path):
     assert f"(position {first['index']}, id {first['id']})" in page.locator("#tooltip").text_content()
 
 
+def test_the_maps_figure_enlarges_a_tiny_picture_as_the_page_does(page, tmp_path):
+    """The maps side by side, exported: a 2×3-pixel picture is 64×96 as on the page (it was capped at 4×: an 8×12
+    speck), and each panel's colour bar keeps a readable width under a picture narrower than it (it was as narrow
+    as the picture)."""
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    Image.new("RGB", (2, 3), (200, 10, 10)).save(tmp_path / "tiny.png")
+    common = ["--demo", "--image", str(tmp_path / "tiny.png"), "--output-dir", str(tmp_path), "--no-progress",
+              "--no-html", "--generate-top", "0"]
+    assert main([*common, "--mask-mode", "vision", "--output", "decoder"], True) == 0
+    assert main([*common, "--stage", "pixels", "--unit", "token", "--output", "pixels"], True) == 0
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "decoder.json"), str(tmp_path / "pixels.json")])
+    expect(page.locator("#maps canvas.overlay[data-painted='1']")).to_have_count(2)
+    assert page.locator("#maps canvas.overlay").evaluate_all("cs => cs.map((c) => [c.width, c.height])") == [[64, 96]] * 2
+    root = ET.parse(_export(page, "maps", "svg", tmp_path)).getroot()
+    sizes = [(node.get("width"), node.get("height")) for node in root.iter(f"{SVG}image")]
+    assert sizes == [("64", "96"), ("120", "10")] * 2, sizes  # per panel: the picture, its colour bar
+
+
 def test_hover_shows_the_right_token(page, results):
     data = json.loads((results / "vision.json").read_text())
     page.goto((results / "vision.html").as_uri())

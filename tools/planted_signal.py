@@ -38,8 +38,14 @@ def show(title: str, report) -> None:
               f"{report.triage_top1_rate(k):.0%}")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2, no usage dump (as the commands')
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=50)
     parser.add_argument("--estimate", action="store_true", help="rank by the first-order estimate's magnitude")
     parser.add_argument("--triage", type=int, action="append", default=[], metavar="K",
@@ -47,7 +53,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.estimate and args.triage:
         parser.error("--triage measures --estimate K runs against the exact sweep: give it without --estimate")
-    triage = tuple(args.triage)
+    if args.count < 1:
+        parser.error(f"--count must be at least 1: the examples per task (got {args.count})")
+    if any(k < 1 for k in args.triage):  # as --estimate: K cells computed exactly, at least one
+        parser.error(f"--triage must be at least 1: the K of an --estimate K run (got {min(args.triage)})")
+    triage = tuple(dict.fromkeys(args.triage))  # a K given twice is measured once
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     vl = load_model(str(SHIPPED / "demo-vl"), True, "cpu", "float32")
