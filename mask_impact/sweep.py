@@ -352,7 +352,7 @@ def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: lis
                        "only those)")
             else:  # every query at or before the first key: before it, or the key itself (never blocked)
                 itself = " or is the first key itself (a position is never blocked from itself)" if min(
-                    knockout.keys) in run.queries else ""
+                    knockout.keys) in (run.queries or ()) else ""
                 why = (" with --block-from answer" if config.block_from == "answer" else "") + (
                     f": every query comes before every key{itself}, and attention only looks back")
             raise UsageError(f"{'--flow' if unit.kind == 'flow' else '--group'} {unit.label} blocks nothing{why}")
