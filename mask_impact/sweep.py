@@ -347,7 +347,7 @@ def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: lis
             run = analysis.knockout(knockout)  # as run: --block-from answer keeps only the answer's queries
             if not knockout.keys:
                 why = ": it names no key"
-            elif not run.queries and run.queries_from is None:
+            elif run.queries == () and run.queries_from is None:  # no query left to block
                 why = (" with --block-from answer: none of its queries is an answer position (that option keeps "
                        "only those)")
             else:  # every query at or before the first key: before it, or the key itself (never blocked)
