@@ -155,6 +155,10 @@ class DecoderAdapter:
         """The text the processor expands into one image's tokens (the image token itself, for most families)."""
         return tokenizer.convert_ids_to_tokens(self.model.config.image_token_id)
 
+    def image_markup(self, tokenizer) -> str:
+        """One image's markup in a raw prompt: the placeholder itself, unless the family wraps it (Qwen-VL)."""
+        return self.image_placeholder(tokenizer)
+
     def geometry(self) -> str | None:
         """How vision tokens map to pixels, for the result's ``meta`` (None: the family takes no images)."""
         return None

@@ -115,11 +115,8 @@ class Gemma3Vision(DecoderAdapter):
 
     # --- prompt markup and geometry --------------------------------------------------------------------------------
 
-    def image_markup(self, tokenizer) -> str:
-        """The boi token: ``Gemma3Processor`` expands it to ``\\n\\n<boi>`` + s² image tokens + ``<eoi>\\n\\n``."""
-        return tokenizer.boi_token
-
     def image_placeholder(self, tokenizer) -> str:
+        """The boi token: ``Gemma3Processor`` expands it to ``\\n\\n<boi>`` + s² image tokens + ``<eoi>\\n\\n``."""
         return tokenizer.boi_token
 
     @property

@@ -98,9 +98,6 @@ class Llava(DecoderAdapter):
 
     # --- prompt markup and geometry --------------------------------------------------------------------------------
 
-    def image_markup(self, tokenizer) -> str:
-        return tokenizer.convert_ids_to_tokens(self.model.config.image_token_id)
-
     @property
     def patch_size(self) -> int:
         return self.model.config.vision_config.patch_size
