@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from .inputs import Prompt
+from .inputs import Prompt, with_text_tokens
 from .knockout import AttentionPlan, apply_plan, knockout_attention_installed
 from .models import LoadedModel
 from .spec import Knockout
@@ -152,11 +152,7 @@ class Analysis:
     def teacher_forced(self, answer_ids: list[int]) -> TeacherForced:
         answer = torch.tensor(answer_ids, dtype=self.prompt.input_ids.dtype)
         input_ids = torch.cat([self.prompt.input_ids, answer[None, :-1]], dim=1)  # (1, P + T - 1)
-        kwargs = dict(self.prompt.model_kwargs)
-        for name in ("mm_token_type_ids", "token_type_ids"):  # the answer tokens are text (0)
-            if name in kwargs:
-                types = kwargs[name]
-                kwargs[name] = torch.cat([types, types.new_zeros(1, len(answer_ids) - 1)], dim=1)
+        kwargs = with_text_tokens(self.prompt.model_kwargs, len(answer_ids) - 1)  # the answer tokens are text
         return TeacherForced(input_ids, kwargs, answer, self.answer_start)
 
 

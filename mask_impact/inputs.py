@@ -336,6 +336,20 @@ def _encode_text_model(loaded, text: str, raw_prompt: bool, literal: bool) -> tu
     return tokenizer(full_text, return_tensors="pt", add_special_tokens=False)["input_ids"], after
 
 
+TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")  # Qwen-VL's and Gemma 3's names for them
+
+
+def with_text_tokens(model_kwargs: dict, count: int) -> dict:
+    """``model_kwargs`` for the sequence with ``count`` text tokens appended: the token types (1 at image tokens,
+    where a family has them) extended with zeros."""
+    extended = dict(model_kwargs)
+    for name in TOKEN_TYPES:
+        if name in extended:
+            types = extended[name]
+            extended[name] = torch.cat([types, types.new_zeros(1, count)], dim=1)
+    return extended
+
+
 def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, literal: bool,
                limits) -> tuple[torch.Tensor, dict, str | None]:
     """The prompt's ids, the model's other inputs and the template text after the user's text (None with
@@ -371,10 +385,7 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
     if pieces is not None:  # the user's text and the template after it, both plain text tokens
         tail = torch.tensor([pieces[1] + pieces[2]], dtype=input_ids.dtype)
         input_ids = torch.cat([input_ids, tail], dim=1)
-        for name in ("mm_token_type_ids", "token_type_ids"):  # Gemma 3's processor names them token_type_ids
-            if name in model_kwargs:
-                types = model_kwargs[name]
-                model_kwargs[name] = torch.cat([types, types.new_zeros(tail.shape)], dim=1)
+        model_kwargs = with_text_tokens(model_kwargs, tail.shape[1])
     after = None if raw_prompt else template.split(USER_TEXT)[1]
     return input_ids, model_kwargs, after
 

@@ -29,6 +29,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..config import UsageError
+from ..inputs import TOKEN_TYPES
 
 # The layer types whose masks we rebuild, each with the transformers function that builds it.
 LAYER_MASKS: dict[str, Callable] = {
@@ -144,8 +145,8 @@ class DecoderAdapter:
 
     def model_inputs(self, encoded) -> dict:
         """The model's inputs besides ``input_ids`` among the processor's output."""
-        return {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "image_sizes", "mm_token_type_ids",
-                                              "token_type_ids") if key in encoded}
+        return {key: encoded[key] for key in ("pixel_values", "image_grid_thw", "image_sizes", *TOKEN_TYPES)
+                if key in encoded}
 
     def image_tokens(self, image) -> int:
         """Decoder tokens of one image (an ``inputs.ImageInfo``)."""
