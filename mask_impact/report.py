@@ -76,7 +76,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
             "answer_start": result.answer_start,
             "batch_size": result.batch_size,
             "processes": result.processes,
-            "settings": _settings(loaded, config),
+            "settings": config.as_measured(loaded).settings(),  # Gemma 3: --vision-attention as measured
             "fingerprint": fingerprint,
         },
         "prompt": prompt.text,
@@ -98,12 +98,6 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
         "generations": result.generations,
         **({"estimate": result.estimate} if result.estimate is not None else {}),
     }
-
-
-def _settings(loaded: LoadedModel, config: RunConfig) -> dict:
-    """Every option of the run; ``vision_attention`` as measured: a family whose own masks let the tokens of one
-    image attend to each other both ways (Gemma 3) is measured bidirectional whatever the option says."""
-    return config.as_measured(loaded).settings()
 
 
 def csv_text(data: dict) -> str:
