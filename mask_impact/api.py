@@ -244,6 +244,9 @@ def image_file(image, number: int, folder: Path) -> str:
     if Image is None or not isinstance(image, Image.Image):
         hint = " (PIL.Image.fromarray makes one of an array)" if hasattr(image, "__array__") else ""
         raise InvalidType(f"images[{number}] is a {type(image).__name__}; give a path or a PIL image{hint}")
+    from .pictures import upright
+
+    image = upright(image)  # an opened photo's EXIF orientation, which the lossless copy would drop
     path = folder / f"image{number + 1}"
     for format in ("PNG", "TIFF"):  # TIFF keeps the modes PNG cannot (CMYK, 32-bit float, ...)
         try:

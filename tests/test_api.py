@@ -201,3 +201,21 @@ def test_per_step_drops_add_up_to_the_summed_drop(analyzer):
     assert (steps != 0).any()  # not a grid of zeros
     with pytest.raises(InvalidArgument, match="no per-step 'kl'"):
         result.steps("kl")
+
+
+def test_an_opened_photo_is_given_to_the_model_upright(tmp_path):
+    """A PIL image opened from a phone photo keeps its EXIF orientation, which the copy handed to the model would
+    drop: the copy is the picture as viewers show it."""
+    from mask_impact.api import image_file
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90° clockwise to show
+    stored = np.zeros((64, 128, 3), np.uint8)
+    stored[0, :8] = 255  # the stored top row's left end: shown at the top right
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    with Image.open(tmp_path / "phone.png") as photo:
+        copy = image_file(photo, 0, tmp_path)
+    with Image.open(copy) as given:
+        shown = np.asarray(given.convert("RGB"))
+    assert shown.shape == (128, 64, 3)
+    assert shown[:8, -1].min() == 255 and shown[8:, -1].max() == 0 and shown[:, :-1].max() == 0
