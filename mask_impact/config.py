@@ -156,6 +156,10 @@ class RunConfig:
         if self.stage == "vision-encoder" and self.block_from != "all":
             raise UsageError("--block-from answer restricts decoder queries; in the vision encoder every other patch "
                              "of the image is blocked from the unit; drop it")
+        if self.stage != "pixels" and self.fill != RunConfig.fill:
+            raise UsageError(f"--fill {self.fill} says what replaces occluded pixels, and only --stage pixels occludes "
+                             f"them (this run is --stage {self.stage}, where nothing is filled); drop --fill, or use "
+                             "--stage pixels")
         if self.stage == "pixels" and (self.layers != "all" or self.window != 1 or self.block_from != "all"):
             raise UsageError("--stage pixels occludes the image before the model: it has no layers, so --layers, "
                              "--window and --block-from do not apply; drop them")
