@@ -367,24 +367,15 @@ def measure_stage(args, loaded, analysis, tf, stage: str, cuda: bool) -> tuple[t
 
 
 def stage_engines(loaded, analysis, tf, stage: str):
-    """The rows, units, fast and naive engines of a stage's sweep, as the command line makes them."""
-    from mask_impact import stages
+    """The rows, units, fast and naive engines of a stage's sweep, as the command line makes them (the stage
+    registry's plan, its default units, every layer)."""
+    from mask_impact.config import RunConfig
+    from mask_impact.stages import STAGES
 
-    unit = "token" if stage == "deepstack" else "patch"
-    config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage=stage)
+    config = RunConfig(model=loaded.name, stage=stage, unit=STAGES[stage].default_unit, mask_mode="vision")
     units = build_units(analysis.prompt, loaded.tokenizer, config, analysis.answer_start)
-    if stage == "vision-encoder":
-        depth = len(loaded.model.model.visual.blocks)
-        rows = windows_for(list(range(depth)), 1, depth)
-        return rows, units, stages.VisionEncoderEngine(analysis, tf, units), stages.NaiveVisionEncoderEngine(
-            analysis, tf, units)
-    if stage == "pixels":
-        rows = [(0, loaded.adapter.num_layers - 1)]
-        return rows, units, stages.PixelEngine(analysis, tf, "mean", units), stages.NaivePixelEngine(
-            analysis, tf, "mean", units)
-    rows = stages.deepstack_routes(len(loaded.model.config.vision_config.deepstack_visual_indexes),
-                                   loaded.adapter.num_layers)
-    return rows, units, stages.DeepStackEngine(analysis, tf), stages.NaiveDeepStackEngine(analysis, tf)
+    fast, naive = (STAGES[stage].plan(loaded, config, fast) for fast in (True, False))
+    return fast.rows, units, fast.make_engine(analysis, tf, units), naive.make_engine(analysis, tf, units)
 
 
 def stage_flops(config, stage: str, rows: list, units: list, tokens: int, start: int, length: int, answer: int) -> dict:
@@ -430,7 +421,7 @@ def flops_only(args) -> None:
     """``--flops-only``: the needed TFLOP of the token sweep (every prompt token, ``--window``) and of each
     ``--stage`` sweep, and its time at a GPU's dense bf16 peak, from the configuration alone (no weights, nothing
     run): one square image of ``--image-size``, the benchmark's prompt."""
-    from mask_impact.stages import deepstack_routes
+    from mask_impact.engines.deepstack import deepstack_routes
 
     if args.arch != "qwen3-vl-4b":
         raise UsageError("--flops-only computes the 4B configuration's figures: give --arch qwen3-vl-4b")

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from .errors import MaskImpactError
+from .errors import UsageError, bounded, quoted
 from .resources import data_path
+from .stages import STAGES
 
 VL_DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 TEXT_DEFAULT_MODEL = "Qwen/Qwen3-4B"
@@ -32,7 +33,7 @@ CHOICES = {
     "block_from": ("all", "answer"),
     "vision_attention": ("causal", "bidirectional"),
     "engine": ("fast", "naive"),
-    "stage": ("decoder", "vision-encoder", "pixels", "deepstack"),
+    "stage": tuple(STAGES),
     "fill": ("mean", "blur", "black", "noise"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
@@ -55,25 +56,8 @@ PROMPT_FILE_SUFFIXES = (".txt", ".md", ".prompt")
 # Upper bounds checked before anything is allocated: beyond them the request cannot be meant.
 MAX_NUM_TOKENS = 1 << 20
 MAX_LAYER_INDEX = 1 << 16
-MAX_ECHO = 160  # characters of a user's value quoted back in an error message
 # Set once for a whole batch (one model load, one folder): allowed in ``defaults:`` and on the command line.
 BATCH_KEYS = ("model", "demo", "device", "dtype", "threads", "device_map", "max_memory", "offload_folder", "output_dir")
-
-
-class UsageError(MaskImpactError):
-    """Bad input, worded for the command line (``--unit``): reported as one line on stderr with exit status 2.
-    The API raises it again worded for Python (errors.py)."""
-
-
-def quoted(value: object) -> str:
-    """A user's value for an error message: repr, its middle cut to keep ``MAX_ECHO`` characters."""
-    return bounded(repr(value))
-
-
-def bounded(text: str) -> str:
-    """A user's text (a path, say) for an error message, its middle cut to keep ``MAX_ECHO`` characters."""
-    half = MAX_ECHO // 2
-    return text if len(text) <= MAX_ECHO else text[:half] + "…" + text[-half:]
 
 
 @dataclass
@@ -153,20 +137,7 @@ class RunConfig:
         check_units(self.unit, self.groups, self.flows, len(self.images), vision, self.stage)  # says what needs images
         if self.mask_mode in ("vision", "both") and not self.images:
             raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
-        if self.stage == "vision-encoder" and self.block_from != "all":
-            raise UsageError("--block-from answer restricts decoder queries; in the vision encoder every other patch "
-                             "of the image is blocked from the unit; drop it")
-        if self.stage != "pixels" and self.fill != RunConfig.fill:
-            raise UsageError(f"--fill {self.fill} says what replaces occluded pixels, and only --stage pixels occludes "
-                             f"them (this run is --stage {self.stage}, where nothing is filled); drop --fill, or use "
-                             "--stage pixels")
-        if self.stage == "pixels" and (self.layers != "all" or self.window != 1 or self.block_from != "all"):
-            raise UsageError("--stage pixels occludes the image before the model: it has no layers, so --layers, "
-                             "--window and --block-from do not apply; drop them")
-        if self.stage == "deepstack" and (self.layers != "all" or self.window != 1 or self.block_from != "all"):
-            raise UsageError("--stage deepstack removes features where the model adds them (its rows are the "
-                             "DeepStack levels and the main embedding), so --layers, --window and --block-from do "
-                             "not apply; drop them")
+        STAGES[self.stage].check(self)  # the options that do not apply to the stage
         check_estimate(self)
         if self.prompt is None and self.prompt_file is None:
             raise UsageError("no prompt given: pass --prompt TEXT or --prompt-file FILE, or --demo")
@@ -199,7 +170,7 @@ def check_estimate(config: RunConfig) -> None:
         raise UsageError(f"--estimate-sample must be 0 or more (got {quoted(config.estimate_sample)})")
     if config.estimate_seed < 0:
         raise UsageError(f"--estimate-seed must be 0 or more (got {quoted(config.estimate_seed)})")
-    if config.stage != "decoder":
+    if not STAGES[config.stage].estimable:
         raise UsageError(f"--estimate estimates attention knockouts in the decoder; --stage {config.stage} has no "
                          "such estimate: drop --estimate, or use --stage decoder")
 
@@ -462,10 +433,11 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
     merged.setdefault("model", VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL)
     if isinstance(merged.get("unit"), str):
         merged["unit"] = merged["unit"].strip()
-    if vision and merged.get("stage") in ("pixels", "vision-encoder"):
-        merged.setdefault("unit", "patch")
-    if vision and merged.get("stage") in ("pixels", "vision-encoder", "deepstack"):
-        merged.setdefault("mask_mode", "vision")  # these stages remove image tokens only
+    stage = STAGES.get(merged.get("stage")) if vision else None
+    if stage is not None:
+        merged.setdefault("unit", stage.default_unit)
+        if stage.images_only:
+            merged.setdefault("mask_mode", "vision")
     if vision and isinstance(merged.get("unit"), str) and merged["unit"].startswith(("region", "image")):
         merged.setdefault("mask_mode", "vision")  # what these units group
     config = RunConfig(**merged)

@@ -132,7 +132,7 @@ class Analysis:
                                   suppress_tokens=self.placeholder_ids() or None)
         kwargs = dict(prompt.model_kwargs) if pixel_values is None else dict(prompt.model_kwargs,
                                                                               pixel_values=pixel_values)
-        inputs = _to(dict(input_ids=prompt.input_ids, **kwargs), loaded.device)
+        inputs = to_device(dict(input_ids=prompt.input_ids, **kwargs), loaded.device)
         # A full-length cache: the default one keeps only the last window of a sliding layer's keys, but
         # the knockout names keys by absolute position; the sliding masks still come from the model.
         cache = DynamicCache()
@@ -156,8 +156,22 @@ class Analysis:
         return TeacherForced(input_ids, kwargs, answer, self.answer_start)
 
 
-def _to(tensors: dict, device: torch.device) -> dict:
+def to_device(tensors: dict, device: torch.device) -> dict:
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in tensors.items()}
+
+
+@torch.no_grad()
+def whole_model_logprobs(analysis: Analysis, tf: TeacherForced, plan: AttentionPlan | None = None,
+                         **inputs) -> torch.Tensor:
+    """(1, T, V) answer log-probs of one forward of the whole model, its decoder attention written out through the
+    registered attention with ``plan`` (default: no knockout), ``inputs`` replacing the model's inputs (occluded
+    ``pixel_values``, say): every stage's naive engine, the oracle of its fast one."""
+    loaded = analysis.loaded
+    inputs = to_device(dict(dict(input_ids=tf.input_ids, **tf.model_kwargs), **inputs), loaded.device)
+    with knockout_attention_installed(loaded.adapter.attention_configs()), \
+            apply_plan(plan if plan is not None else analysis.plan(reference=True)):
+        logits = loaded.model(**inputs).logits  # (1, S, V)
+    return torch.log_softmax(logits[:, tf.answer_positions].float(), dim=-1)  # (1, T, V)
 
 
 class NaiveEngine:
@@ -167,13 +181,8 @@ class NaiveEngine:
         self.analysis, self.tf = analysis, tf
         self.base_logprobs = self._forward(analysis.plan(reference=True))[0]  # (T, V)
 
-    @torch.no_grad()
     def _forward(self, plan: AttentionPlan) -> torch.Tensor:
-        loaded = self.analysis.loaded
-        inputs = _to(dict(input_ids=self.tf.input_ids, **self.tf.model_kwargs), loaded.device)
-        with knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan):
-            logits = loaded.model(**inputs).logits  # (1, S, V)
-        return torch.log_softmax(logits[:, self.tf.answer_positions].float(), dim=-1)  # (1, T, V)
+        return whole_model_logprobs(self.analysis, self.tf, plan)
 
     def first_affected(self, unit: int | Knockout) -> int | None:
         return self.analysis.first_affected(unit)
@@ -254,7 +263,7 @@ class FastEngine:
         self.analysis, self.tf, self.savings = analysis, tf, savings
         adapter, device = analysis.loaded.adapter, analysis.loaded.device
         with torch.no_grad():
-            inputs = adapter.layer_inputs(tf.input_ids.to(device), _to(tf.model_kwargs, device))
+            inputs = adapter.layer_inputs(tf.input_ids.to(device), to_device(tf.model_kwargs, device))
             # (cos, sin) of each layer, each (1, S, hs): one rotary embedding for all, or one per layer type
             self.rope = adapter.position_embeddings(inputs.hidden, inputs.rope_position_ids.to(device))
             with knockout_attention_installed(adapter.attention_configs()):  # masks as built for our attention

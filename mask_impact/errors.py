@@ -6,6 +6,7 @@ prints such a ``UsageError`` as one line and exits 2; the API (api.py) raises it
 below, its flags rewritten by ``python_wording`` into the keywords a caller wrote (``unit='region:0'``).
 
     MaskImpactError                     the base: every error the library raises on bad input
+    ├── UsageError                      bad input in the command line's words (rewritten for the API)
     ├── InvalidArgument (ValueError)    a value that cannot be meant
     ├── InvalidType (TypeError)         a wrong type, or a keyword ``run`` does not take
     ├── NotAResult (ValueError)         ``KnockoutResult.load`` of a file that is not a result it can read
@@ -20,6 +21,11 @@ import re
 
 class MaskImpactError(Exception):
     """Bad input, said in one sentence."""
+
+
+class UsageError(MaskImpactError):
+    """Bad input, worded for the command line (``--unit``): reported as one line on stderr with exit status 2.
+    The API raises it again worded for Python (``python_wording``)."""
 
 
 class InvalidArgument(MaskImpactError, ValueError):
@@ -40,6 +46,20 @@ class MissingDependency(MaskImpactError, ImportError):
 
 class WriteFailed(MaskImpactError, OSError):
     """A result file could not be written; the message names it and says why."""
+
+
+MAX_ECHO = 160  # characters of a user's value quoted back in an error message
+
+
+def quoted(value: object) -> str:
+    """A user's value for an error message: repr, its middle cut to keep ``MAX_ECHO`` characters."""
+    return bounded(repr(value))
+
+
+def bounded(text: str) -> str:
+    """A user's text (a path, say) for an error message, its middle cut to keep ``MAX_ECHO`` characters."""
+    half = MAX_ECHO // 2
+    return text if len(text) <= MAX_ECHO else text[:half] + "…" + text[-half:]
 
 
 FIGURES_INSTALL = 'pip install "mask-impact[figures]" (or pip install matplotlib)'

@@ -37,7 +37,7 @@ from typing import Iterator
 
 import torch
 
-from .engine import Analysis, TeacherForced, _to
+from .engine import Analysis, TeacherForced, to_device
 from .knockout import apply_plan, knockout_attention_installed
 from .spec import Knockout
 
@@ -98,7 +98,7 @@ def answer_logprob(analysis: Analysis, tf: TeacherForced, on_weights) -> torch.T
     """Σ_t log p(y_t) of the teacher-forced answer, the whole model run with the reference attention, whose
     probabilities pass through ``on_weights(layer, weights)``."""
     loaded = analysis.loaded
-    inputs = _to(dict(input_ids=tf.input_ids, **tf.model_kwargs), loaded.device)
+    inputs = to_device(dict(input_ids=tf.input_ids, **tf.model_kwargs), loaded.device)
     plan = replace(analysis.plan(reference=True), on_weights=on_weights)
     with knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan):
         logits = loaded.model(**inputs, logits_to_keep=len(tf.answer_ids)).logits  # (1, T, V)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from .config import UsageError, bounded
+from .errors import UsageError, bounded
 from .pictures import ORIENTATIONS, orientation_of, upright
 from .units import token_spans
 

@@ -295,7 +295,7 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
     from .stages import stage_plan
 
     plan = stage_plan(loaded, config)  # the rows of the result, its engine, generation under a cell
-    decoder = config.stage == "decoder"
+    decoder = plan.takes_knockouts  # the decoder's engines take Knockouts; the other stages take the units
     analysis = Analysis(loaded, prompt, config.block_from, config.vision_attention)
     units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
     if config.block_from == "answer" and decoder:  # the units say what really runs

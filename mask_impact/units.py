@@ -30,7 +30,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from .config import UsageError, quoted
+from .errors import UsageError, quoted
+from .stages import STAGES
 
 UNIT_KINDS = ("token", "word", "region", "image", "group", "flow")
 MAX_REGION = 1024
@@ -160,9 +161,9 @@ def check_units(unit: str, groups: list[str], flows: list[str], images: int, vis
                 stage: str = "decoder") -> None:
     """Every check of the unit, group and flow options that needs no model (``images``: how many are given)."""
     choice = parse_unit(unit)
-    if stage in ("pixels", "vision-encoder", "deepstack"):
-        what = {"pixels": "occludes image patches", "vision-encoder": "knocks out image patches in the vision encoder",
-                "deepstack": "removes image features"}[stage]
+    where = STAGES[stage]
+    if where.images_only:
+        what = where.removes
         if not vision:
             raise UsageError(f"--stage {stage} {what}; text-only models have none")
         if not images:
@@ -170,12 +171,11 @@ def check_units(unit: str, groups: list[str], flows: list[str], images: int, vis
         if flows:
             raise UsageError(f"--flow blocks attention in the decoder; it has no meaning with --stage {stage}")
         if choice.kind == "word":
-            kinds = "token, region:N, image or groups" if stage == "deepstack" else "patch, token, region:N, image or groups"
-            raise UsageError(f"--stage {stage} {what}; use --unit {kinds}")
+            raise UsageError(f"--stage {stage} {what}; use --unit {where.unit_kinds}")
         text = next((spec for spec in map(parse_group, groups) if spec.kind == "text"), None)
         if text is not None:
             raise UsageError(f"--group {text.name} is a text span; --stage {stage} {what} only")
-    if choice.kind == "patch" and stage not in ("pixels", "vision-encoder"):
+    if choice.kind == "patch" and not where.on_patches:
         raise UsageError("--unit patch is a 16×16-pixel patch of the image: it needs --stage pixels or vision-encoder")
     specs = [parse_group(text) for text in groups]
     names = [spec.name for spec in specs]
@@ -491,20 +491,20 @@ def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
     """The units a run sweeps, in the order their first keys come (so the engine's batches waste little)."""
     choice = parse_unit(config.unit)
     groups = {spec.name: resolve_group(spec, prompt, tokenizer) for spec in map(parse_group, config.groups)}
-    stage = getattr(config, "stage", "decoder")
-    if stage == "deepstack":
-        vision = {tok.index for tok in prompt.tokens if tok.modality == "vision"}
-        for group in groups.values():
-            outside = [p for p in group.positions if p not in vision]
-            if outside or group.tail is not None:
-                raise UsageError(f"--group {group.name}: --stage deepstack removes image features, but the group "
-                                 f"holds position {outside[0] if outside else 'answer'}, which is not an image token")
-    if stage in ("pixels", "vision-encoder"):
-        from .stages import pixel_units
+    stage = STAGES[getattr(config, "stage", "decoder")]
+    if stage.on_patches:
+        from .engines.pixels import pixel_units
 
         make = lambda index, kind, label, keys: _unit(  # noqa: E731
             prompt, index, kind, label if label is not None else _label(prompt, kind, keys), keys)
         return pixel_units(prompt, choice, groups, make)
+    if stage.images_only:  # its units are image tokens (DeepStack)
+        vision = {tok.index for tok in prompt.tokens if tok.modality == "vision"}
+        for group in groups.values():
+            outside = [p for p in group.positions if p not in vision]
+            if outside or group.tail is not None:
+                raise UsageError(f"--group {group.name}: --stage {stage.name} {stage.removes}, but the group "
+                                 f"holds position {outside[0] if outside else 'answer'}, which is not an image token")
     if config.flows:
         units = []
         for index, flow in enumerate(map(parse_flow, config.flows)):

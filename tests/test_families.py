@@ -241,7 +241,8 @@ VL_STAGES = [(t, stage) for t, cls in REGISTRY.items() if cls.takes_images for s
 
 @pytest.mark.parametrize("model_type,stage", VL_STAGES, ids=[f"{t}-{s}" for t, s in VL_STAGES])
 def test_stages_fast_equal_naive(checkpoints, picture, model_type, stage):
-    from mask_impact.stages import NaivePixelEngine, NaiveVisionEncoderEngine, PixelEngine, VisionEncoderEngine
+    from mask_impact.engines.pixels import NaivePixelEngine, PixelEngine
+    from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionEncoderEngine
 
     loaded = checkpoints.loaded(model_type)
     prompt = build_prompt(loaded, "What is in the picture?", [picture])
@@ -331,7 +332,7 @@ def _marked_picture(path, corner) -> str:
 def _redness(loaded, prompt) -> torch.Tensor:
     """(n_vis,) red minus green of the pixels each vision token is made of, in ``pixel_values`` (what the vision
     tower sees): a Qwen token's merge × merge patches, a LLaVA token's patch of the crop."""
-    from mask_impact.stages import PatchLayout, token_numbers
+    from mask_impact.engines.pixels import PatchLayout, token_numbers
 
     processor = loaded.processor.image_processor
     mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)

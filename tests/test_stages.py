@@ -16,7 +16,7 @@ from PIL import Image
 from mask_impact.cli import main
 from mask_impact.engine import Analysis
 from mask_impact.inputs import build_prompt
-from mask_impact.stages import FILLS, Filler, NaivePixelEngine, PatchLayout, PixelEngine, merge_size
+from mask_impact.engines.pixels import FILLS, Filler, NaivePixelEngine, PatchLayout, PixelEngine, merge_size
 from mask_impact.units import build_units
 from tests.conftest import cli_error, shape_pictures
 
@@ -213,7 +213,7 @@ def _deepstack_units(loaded, prompt, unit="token", groups=()):
 
 
 def test_deepstack_routes_fast_equal_naive_for_every_unit_kind(vl_model, images):
-    from mask_impact.stages import DeepStackEngine, NaiveDeepStackEngine, deepstack_routes
+    from mask_impact.engines.deepstack import DeepStackEngine, NaiveDeepStackEngine, deepstack_routes
 
     prompt = build_prompt(vl_model, PROMPT, [images["wide"], images["square"]])
     analysis = Analysis(vl_model, prompt)
@@ -231,7 +231,7 @@ def test_deepstack_routes_fast_equal_naive_for_every_unit_kind(vl_model, images)
 
 
 def test_removing_every_deepstack_feature_equals_the_model_with_deepstack_switched_off(vl_model, images, monkeypatch):
-    from mask_impact.stages import DeepStackEngine
+    from mask_impact.engines.deepstack import DeepStackEngine
 
     prompt = build_prompt(vl_model, PROMPT, [images["wide"]])
     analysis = Analysis(vl_model, prompt)
@@ -276,7 +276,7 @@ def _vit_units(loaded, prompt, unit="patch", groups=()):
 
 
 def _block_inputs(loaded, prompt, plan=None) -> list[torch.Tensor]:
-    from mask_impact.stages import vit_plan
+    from mask_impact.engines.vit import vit_plan
 
     visual, seen = loaded.model.model.visual, []
     hooks = [block.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
@@ -292,7 +292,8 @@ def _block_inputs(loaded, prompt, plan=None) -> list[torch.Tensor]:
 
 def test_the_registered_vit_attention_without_a_knockout_is_the_native_one_and_layers_below_stay_bit_identical(
         vl_model, images):
-    from mask_impact.stages import PatchLayout, VisionPlan, _chunk_keys
+    from mask_impact.engines.pixels import PatchLayout
+    from mask_impact.engines.vit import VisionPlan, _chunk_keys
 
     prompt = build_prompt(vl_model, PROMPT, [images["wide"], images["square"]])
     native = _block_inputs(vl_model, prompt)
@@ -314,7 +315,7 @@ def test_a_vit_knockout_equals_attention_with_the_key_columns_removed_by_hand(vl
     the unit's columns taken out; a unit patch keeps only itself among them."""
     from transformers import AttentionInterface
 
-    from mask_impact.stages import NaiveVisionEncoderEngine
+    from mask_impact.engines.vit import NaiveVisionEncoderEngine
 
     prompt = build_prompt(vl_model, PROMPT, [images["wide"]])
     analysis = Analysis(vl_model, prompt)
@@ -347,7 +348,7 @@ def test_a_vit_knockout_equals_attention_with_the_key_columns_removed_by_hand(vl
 
 
 def test_vit_knockouts_fast_equal_naive_for_every_unit_kind(vl_model, images):
-    from mask_impact.stages import NaiveVisionEncoderEngine, VisionEncoderEngine
+    from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionEncoderEngine
 
     prompt = build_prompt(vl_model, PROMPT, [images["wide"], images["square"]])
     analysis = Analysis(vl_model, prompt)

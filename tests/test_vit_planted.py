@@ -21,7 +21,7 @@ from mask_impact.engine import Analysis
 from mask_impact.inputs import build_prompt
 from mask_impact.metrics import logprob_drop
 from mask_impact.models import load_model
-from mask_impact.stages import NaiveVisionEncoderEngine, VisionEncoderEngine
+from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionEncoderEngine
 from mask_impact.units import build_units
 from tests.conftest import ROOT
 

@@ -348,7 +348,7 @@ def vit_route(folder: Path, count: int = 50, seed: int = 777) -> dict:
     from mask_impact.inputs import build_prompt
     from mask_impact.metrics import logprob_drop
     from mask_impact.models import load_model
-    from mask_impact.stages import VisionEncoderEngine
+    from mask_impact.engines.vit import VisionEncoderEngine
     from mask_impact.units import build_units
 
     loaded = load_model(str(folder), True, "cpu", "float32")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from ..config import UsageError
+from ..errors import UsageError
 from ..inputs import TOKEN_TYPES
 
 # The layer types whose masks we rebuild, each with the transformers function that builds it.

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
-from ..config import UsageError
+from ..errors import UsageError
 from . import DecoderAdapter, LayerInputs, declared_types, register
 from .gemma import Gemma3Text
 from .llava import FixedResize

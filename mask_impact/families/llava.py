@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import UsageError, bounded
+from ..errors import UsageError, bounded
 from . import REGISTRY, DecoderAdapter, LayerInputs, register
 
 

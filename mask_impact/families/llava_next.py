@@ -30,7 +30,7 @@ from transformers.image_processing_utils import get_patch_output_size, select_be
 from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from ..config import UsageError, bounded
+from ..errors import UsageError, bounded
 from . import LayerInputs, register
 from .llava import Llava
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from ..config import UsageError, bounded
+from ..errors import UsageError, bounded
 from . import DecoderAdapter, register
 from .llava_next import AnyresLimits, LlavaNext, layout_tokens
 

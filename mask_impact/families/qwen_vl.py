@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import UsageError
+from ..errors import UsageError
 from ..inputs import PixelLimits
 from . import DecoderAdapter, LayerInputs, all_full, declared_types, register
 
@@ -45,7 +45,7 @@ class QwenVL(DecoderAdapter):
         grid = model_kwargs.get("image_grid_thw")
         visual_mask, deepstack = None, []
         if model_kwargs.get("pixel_values") is not None:
-            features = inner.get_image_features(model_kwargs["pixel_values"], grid, return_dict=True)
+            features = self.image_features(model_kwargs["pixel_values"], grid)
             image_embeds = torch.cat(features.pooler_output, dim=0).to(hidden.device, hidden.dtype)
             visual_mask = (input_ids[0] == self.model.config.image_token_id)  # (S,)
             hidden = hidden.masked_scatter(visual_mask[None, :, None].expand_as(hidden), image_embeds)
@@ -54,6 +54,28 @@ class QwenVL(DecoderAdapter):
             input_ids, mm_token_type_ids=model_kwargs["mm_token_type_ids"], image_grid_thw=grid
         )  # (3, 1, S)
         return LayerInputs(hidden, rope_position_ids, visual_mask, deepstack)
+
+    # --- the vision tower (the pixels, vision-encoder and deepstack stages reach it only through these) ------------
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The ViT with its patch embedding, blocks (``blocks``), merger and DeepStack mergers."""
+        return self.model.model.visual
+
+    @property
+    def vision_depth(self) -> int:
+        """The vision tower's layers, as ``--layers`` and ``--window`` count them with ``--stage vision-encoder``."""
+        return len(self.vision_tower.blocks)
+
+    @property
+    def deepstack_levels(self) -> int:
+        """DeepStack features added to the decoder (after layers 0 .. levels - 1); 0 without DeepStack."""
+        return len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    def image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """The tower's output for ``pixel_values`` (``pooler_output``: per image (n_tok, H); Qwen3-VL also
+        ``deepstack_features``), as the model's forward gets it."""
+        return self.model.model.get_image_features(pixel_values, grid_thw, return_dict=True)
 
     # --- prompt markup and geometry --------------------------------------------------------------------------------
 

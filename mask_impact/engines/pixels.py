@@ -1,0 +1,301 @@
+"""Occlusion (``--stage pixels``): the image the model sees, a unit's patches replaced by a fill.
+
+The processor turns each image into ``pixel_values``: one row per 16×16 patch of the *resized* image (its
+temporal copies included), ordered image by image, then t, then decoder token (row, column of the merged
+grid), then the 2×2 patches inside that token (``PatchLayout``). Occlusion replaces a unit's rows by a
+fill and runs the model on the result, so the pixels replaced are exactly the unit's patches: occluding the
+original picture instead would blur the unit's edges through the resize.
+
+Fills (``--fill``): ``mean`` (the image's mean colour, the default), ``black``, ``blur`` (a Gaussian blur of
+the resized image with σ = one patch side, so the unit keeps its average colour but loses its detail) and
+``noise`` (uniform random pixels, seeded by the unit's index, so a rerun draws the same noise).
+
+``PixelEngine`` re-runs the vision tower on a batch of occluded copies of one image at a time and the
+decoder from that image's first position (everything before it is the cached unmasked pass);
+``NaivePixelEngine`` is its oracle: one full forward of the whole model per unit, pixels replaced in the
+input. A unit whose fill equals the pixels it replaces changes nothing and is the baseline row itself.
+The patch layout, the fills and the patch units are shared with the vision-encoder stage (``vit.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import Analysis, FastEngine, TeacherForced, whole_model_logprobs
+
+FILLS = ("mean", "blur", "black", "noise")
+
+
+@dataclass
+class PatchLayout:
+    """Where each image's patches sit among ``pixel_values``' rows."""
+
+    offsets: list[int]  # first row of each image
+    grids: list[tuple[int, int, int]]  # (t, h, w) in patches
+    merge: int  # spatial merge size: a decoder token is merge × merge patches
+
+    @classmethod
+    def of(cls, prompt, merge: int) -> PatchLayout:
+        grids = [tuple(image.grid_thw) for image in prompt.images]
+        offsets, row = [], 0
+        for t, h, w in grids:
+            offsets.append(row)
+            row += t * h * w
+        return cls(offsets, grids, merge)
+
+    def rows(self, image: int) -> range:
+        t, h, w = self.grids[image]
+        return range(self.offsets[image], self.offsets[image] + t * h * w)
+
+    def token_rows(self, image: int, n: int) -> list[int]:
+        """The rows of the patches that make image ``image``'s ``n``-th decoder token."""
+        size = self.merge * self.merge
+        first = self.offsets[image] + n * size
+        return list(range(first, first + size))
+
+    def cell(self, row: int) -> tuple[int, int, int, int]:
+        """(image, t, patch row, patch column) of a ``pixel_values`` row."""
+        image = max(i for i, offset in enumerate(self.offsets) if offset <= row)
+        _, h, w = self.grids[image]
+        n, sub = divmod(row - self.offsets[image], self.merge * self.merge)
+        per_frame = (h // self.merge) * (w // self.merge)
+        t, rest = divmod(n, per_frame)
+        block_row, block_col = divmod(rest, w // self.merge)
+        dy, dx = divmod(sub, self.merge)
+        return image, t, block_row * self.merge + dy, block_col * self.merge + dx
+
+
+def token_numbers(prompt) -> dict[int, tuple[int, int]]:
+    """Prompt position of each vision token → (image, its index among that image's tokens)."""
+    counts: dict[int, int] = {}
+    numbers = {}
+    for tok in prompt.tokens:
+        if tok.modality == "vision":
+            numbers[tok.index] = (tok.image, counts.get(tok.image, 0))
+            counts[tok.image] = counts.get(tok.image, 0) + 1
+    return numbers
+
+
+def patch_rows(prompt, layout: PatchLayout, positions: list[int]) -> list[int]:
+    """The ``pixel_values`` rows of the patches under the decoder tokens at ``positions``."""
+    numbers = token_numbers(prompt)
+    return sorted(row for p in positions for row in layout.token_rows(*numbers[p]))
+
+
+class Filler:
+    """What a unit's patches are replaced with, in the processor's normalised units."""
+
+    def __init__(self, loaded, pixel_values: torch.Tensor, layout: PatchLayout, fill: str):
+        processor = loaded.processor.image_processor
+        self.pixel_values, self.layout, self.fill = pixel_values, layout, fill
+        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32)  # (C,)
+        self.std = torch.tensor(processor.image_std, dtype=torch.float32)
+        self.scale = processor.rescale_factor
+        self.channels = len(processor.image_mean)
+        self.patch = processor.patch_size
+        self._blurred: dict[int, torch.Tensor] = {}
+
+    def _shaped(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(rows.shape[0], self.channels, -1)  # (n, C, T·P·P)
+
+    def values(self, rows: list[int], seed: int) -> torch.Tensor:
+        """(len(rows), D) replacement rows."""
+        original = self.pixel_values[rows].float()
+        if self.fill == "mean":
+            image = self.layout.cell(rows[0])[0]
+            pixels = self._shaped(self.pixel_values[list(self.layout.rows(image))].float())
+            colour = pixels.double().mean(dim=(0, 2)).float()  # (C,); in float64 so a uniform image keeps its value
+            out = colour[None, :, None].expand(len(rows), -1, self._shaped(original).shape[-1])
+        elif self.fill == "black":
+            colour = (0.0 * self.scale - self.mean) / self.std
+            out = colour[None, :, None].expand(len(rows), -1, self._shaped(original).shape[-1])
+        elif self.fill == "noise":
+            generator = torch.Generator().manual_seed(seed)
+            temporal = self._shaped(original).shape[-1] // (self.patch * self.patch)
+            noise = torch.randint(0, 256, (len(rows), self.channels, 1, self.patch * self.patch), generator=generator)
+            noise = (noise.float() * self.scale - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+            out = noise.expand(-1, -1, temporal, -1).reshape(len(rows), self.channels, -1)  # same in every frame
+        else:
+            out = torch.stack([self._blurred_row(row) for row in rows])
+        return out.reshape(original.shape).to(self.pixel_values.dtype)
+
+    def _blurred_row(self, row: int) -> torch.Tensor:
+        image = self.layout.cell(row)[0]
+        if image not in self._blurred:
+            self._blurred[image] = self._blur(image)
+        return self._blurred[image][row - self.layout.offsets[image]]
+
+    def _blur(self, image: int) -> torch.Tensor:
+        """The image's rows, Gaussian-blurred as a picture (σ = one patch side, edges reflected)."""
+        from torchvision.transforms.functional import gaussian_blur
+
+        t, h, w = self.layout.grids[image]
+        m, p, c = self.layout.merge, self.patch, self.channels
+        rows = self.pixel_values[list(self.layout.rows(image))].float()
+        temporal = rows.shape[-1] // (c * p * p)
+        # rows: (t, h/m, w/m, m, m) patches of (C, T, P, P) → pictures (t·T, C, h·P, w·P)
+        grid = rows.reshape(t, h // m, w // m, m, m, c, temporal, p, p)
+        picture = grid.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * temporal, c, h * p, w * p)
+        kernel = min(4 * p + 1, 2 * ((min(h, w) * p - 1) // 2) + 1)  # odd, shorter than the picture
+        blurred = gaussian_blur(picture, [kernel, kernel], [float(p), float(p)])
+        back = blurred.reshape(t, temporal, c, h // m, m, p, w // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return back.reshape(rows.shape)
+
+
+class Patches:
+    """What the patch-level engines share (occlusion and the vision encoder, ``vit.py``): the patch layout, the fill,
+    where each image starts and its tokens lie among the visual features, and the decoder run with one image's
+    features replaced."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
+        self.analysis, self.tf = analysis, tf
+        loaded = analysis.loaded
+        self.pixel_values = tf.model_kwargs["pixel_values"]
+        self.grid = tf.model_kwargs["image_grid_thw"]
+        self.layout = PatchLayout.of(analysis.prompt, loaded.model.config.vision_config.spatial_merge_size)
+        self.filler = Filler(loaded, self.pixel_values, self.layout, fill)
+        self.seeds = {id(unit): unit.index for unit in units}
+        vision = [tok for tok in analysis.prompt.tokens if tok.modality == "vision"]
+        self.image_start = {image: min(t.index for t in vision if t.image == image) for image in {t.image for t in
+                                                                                                 vision}}
+        self.token_slices = {}
+        count = 0
+        for image in sorted(self.image_start):
+            n = sum(t.image == image for t in vision)
+            self.token_slices[image] = slice(count, count + n)
+            count += n
+
+    def first_affected(self, unit) -> int:
+        return self.image_start[unit.image]
+
+    def _decode(self, image: int, embeds: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
+        """(B, T, V) answer log-probs with ``image``'s features replaced per row: ``embeds`` (B, n_tok, H) and, per
+        DeepStack level, (B, n_tok, H); the other images keep theirs (``self.fast``: the decoder's cache)."""
+        span, batch = self.token_slices[image], embeds.shape[0]
+        full = self.fast.image_embeds[None].expand(batch, -1, -1).clone()  # (B, n_vis, H)
+        full[:, span] = embeds.to(full.dtype)
+        deepstack = []
+        for cached, level in zip(self.fast.deepstack_rows, levels):
+            rows = cached[None].expand(batch, -1, -1).clone()
+            rows[:, span] = level.to(rows.dtype)
+            deepstack.append(rows)
+        return self.fast.visual_logprobs(self.image_start[image], full, deepstack)
+
+    def occluded(self, unit) -> torch.Tensor:
+        """The model's ``pixel_values`` with ``unit``'s patches filled."""
+        pixel_values = self.pixel_values.clone()
+        pixel_values[unit.patches] = self.filler.values(unit.patches, self.seeds.get(id(unit), unit.index))
+        return pixel_values
+
+
+class PixelEngine(Patches):
+    """Occlusion through the vision tower, then the decoder from the image's first position."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
+        super().__init__(analysis, tf, fill, units)
+        self.fast = FastEngine(analysis, tf)
+        self.base_logprobs = self.fast.base_logprobs
+
+    @torch.no_grad()
+    def logprobs(self, window, units: list) -> torch.Tensor:
+        """(B, T, V) answer log-probs, one row per unit (``window`` is not used: occlusion has no layers)."""
+        out = self.base_logprobs[None].expand(len(units), -1, -1).clone()
+        adapter, device = self.analysis.loaded.adapter, self.analysis.loaded.device
+        for image in sorted({unit.image for unit in units}):
+            rows = [i for i, unit in enumerate(units) if unit.image == image]
+            images = [self.occluded(units[i])[list(self.layout.rows(image))] for i in rows]  # (n_i, D) each
+            original = self.pixel_values[list(self.layout.rows(image))]
+            acting = [i for i, pixels in zip(rows, images) if not torch.equal(pixels, original)]
+            if not acting:
+                continue
+            batch = torch.cat([pixels for i, pixels in zip(rows, images) if i in acting]).to(device)
+            grid = self.grid[image: image + 1].repeat(len(acting), 1).to(device)
+            features = adapter.image_features(batch, grid)
+            embeds = torch.stack(features.pooler_output)  # (B', n_tok, H)
+            levels = [level.reshape(len(acting), -1, level.shape[-1]) for level in deepstack_of(features)]
+            out[torch.tensor(acting)] = self._decode(image, embeds, levels).to(out.device)
+        return out
+
+
+class NaivePixelEngine(Patches):
+    """The oracle: one full forward of the whole model per unit, with the occluded pixels as its input."""
+
+    def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
+        super().__init__(analysis, tf, fill, units)
+        self.base_logprobs = self._forward(self.pixel_values)[0]
+
+    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return whole_model_logprobs(self.analysis, self.tf, pixel_values=pixel_values)
+
+    def logprobs(self, window, units: list) -> torch.Tensor:
+        return torch.cat([self._forward(self.occluded(unit)) for unit in units], dim=0)
+
+
+def deepstack_of(features) -> list[torch.Tensor]:
+    """The vision tower's DeepStack features, per level (none for a family without DeepStack)."""
+    return list(getattr(features, "deepstack_features", None) or [])
+
+
+def merge_size(prompt) -> int:
+    """Patches per side of a decoder token, from the first image's grid and token count."""
+    t, h, w = prompt.images[0].grid_thw
+    tokens = sum(tok.image == 0 for tok in prompt.tokens if tok.modality == "vision")
+    return round((t * h * w / tokens) ** 0.5)
+
+
+def patch_box(prompt, layout: PatchLayout, row: int, exact: bool = False) -> list[float]:
+    """A patch's box in original-image pixels (rounded to 0.01 for reading, unless ``exact``)."""
+    image, _, patch_row, patch_col = layout.cell(row)
+    info = prompt.images[image]
+    _, h, w = layout.grids[image]
+    side_x, side_y = info.width / w, info.height / h  # a patch's size, mapped back by the resize ratio
+    box = [patch_col * side_x, patch_row * side_y, (patch_col + 1) * side_x, (patch_row + 1) * side_y]
+    return box if exact else [round(v, 2) for v in box]
+
+
+def pixel_units(prompt, choice, groups: dict, make_unit) -> list:
+    """The units of an occlusion run: patches, tokens (their patches), regions, images or groups."""
+    from ..errors import UsageError
+    from ..units import overlaps, regions
+
+    layout = PatchLayout.of(prompt, merge_size(prompt))
+    vision = [tok.index for tok in prompt.tokens if tok.modality == "vision"]
+    numbers = token_numbers(prompt)
+    if choice.kind == "patch":
+        rows = sorted((row for p in vision for row in layout.token_rows(*numbers[p])), key=layout.cell)
+        owner = {row: p for p in vision for row in layout.token_rows(*numbers[p])}
+        units = []
+        for index, row in enumerate(rows):
+            image, t, patch_row, patch_col = layout.cell(row)
+            label = f"image{image + 1}{f' t{t}' if t else ''} p{patch_row},{patch_col}"
+            unit = make_unit(index, "patch", label, [owner[row]])
+            unit.patches, unit.box = [row], patch_box(prompt, layout, row)
+            units.append(unit)
+        return units
+    if choice.kind == "groups":
+        parts = []
+        for group in groups.values():
+            outside = [p for p in group.positions if p not in numbers]
+            if outside or group.tail is not None:
+                raise UsageError(f"--group {group.name}: this stage removes image patches, but the group holds "
+                                 f"position {outside[0] if outside else 'answer'}, which is not an image token")
+            if len({numbers[p][0] for p in group.positions}) > 1:
+                raise UsageError(f"--group {group.name} holds tokens of several images; this stage removes the patches "
+                                 "of one image at a time: give one group per image")
+            rows = patch_rows(prompt, layout, group.positions)
+            if group.box is not None:  # a pixel box: its own patches, finer than the tokens
+                rows = [row for row in rows if overlaps(patch_box(prompt, layout, row, exact=True), group.box)]
+            parts.append(("group", group.name, group.positions, rows, group.box))
+    else:
+        size = None if choice.kind == "image" else choice.size if choice.kind == "region" else 1  # token: 1×1
+        grouped = regions(prompt, vision, size)
+        parts = [(choice.kind, None, keys, patch_rows(prompt, layout, keys), None) for keys in grouped]
+    units = []
+    for index, (kind, label, keys, rows, box) in enumerate(parts):
+        unit = make_unit(index, kind, label, keys)
+        unit.patches = rows
+        unit.box = box or unit.box
+        units.append(unit)
+    return units
