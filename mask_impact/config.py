@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import UsageError, bounded, quoted
+from .options import STAGES, check_units
 from .resources import data_path
-from .stages import STAGES
 
 VL_DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 TEXT_DEFAULT_MODEL = "Qwen/Qwen3-4B"
@@ -132,8 +132,6 @@ class RunConfig:
             raise UsageError(f"--min-pixels {self.min_pixels:,} is larger than --max-pixels {self.max_pixels:,}")
         if not vision and self.images:
             raise UsageError("text-only models take no image; use mask-impact-vl (mask_impact_vl.py) with a vision-language model")
-        from .units import check_units
-
         check_units(self.unit, self.groups, self.flows, len(self.images), vision, self.stage)  # says what needs images
         if self.mask_mode in ("vision", "both") and not self.images:
             raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")

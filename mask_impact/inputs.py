@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from .errors import UsageError, bounded
+from .families.base import TOKEN_TYPES
 from .pictures import ORIENTATIONS, orientation_of, upright
 from .units import token_spans
 
@@ -209,41 +209,9 @@ def to_rgb(image: Image.Image, path: str) -> Image.Image:
     return image.convert("RGB")
 
 
-@dataclass
-class PixelLimits:
-    """The resolution the model sees: the processor resizes every image into [min_pixels, max_pixels]."""
-
-    min_pixels: int
-    max_pixels: int
-    factor: int  # sides are multiples of this (patch size × merge size)
-
-    def resized(self, width: int, height: int, path: str) -> tuple[int, int]:
-        try:
-            new_height, new_width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
-        except ValueError as error:
-            raise UsageError(f"image {bounded(path)} cannot be given to the model: {error}") from None
-        return new_width, new_height
-
-    def describe(self, width: int, height: int, new_width: int, new_height: int) -> str:
-        if (new_width, new_height) == (width, height):
-            return "kept"
-        if width * height > self.max_pixels and new_width * new_height < width * height:
-            return f"downscaled to fit max_pixels {self.max_pixels:,}"
-        if width * height < self.min_pixels and new_width * new_height > width * height:
-            return f"upscaled to reach min_pixels {self.min_pixels:,}"
-        return f"rounded to multiples of {self.factor} pixels"
-
-    def tokens(self, width: int, height: int, path: str) -> int:
-        """Decoder tokens of an image of this size (one per ``factor``² pixels of the resized image)."""
-        new_width, new_height = self.resized(width, height, path)
-        return new_width * new_height // self.factor ** 2
-
-    def processor_kwargs(self) -> dict:
-        return {"size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
-
-
 def pixel_limits(loaded, min_pixels: int | None, max_pixels: int | None):
-    """How the family's processor resizes images (``PixelLimits`` for the Qwen VL families), with the bounds given."""
+    """How the family's processor resizes images (the Qwen VL families: ``qwen_vl.PixelLimits``), with the bounds
+    given."""
     return loaded.adapter.pixel_limits(loaded.processor.image_processor, min_pixels, max_pixels)
 
 
@@ -341,7 +309,6 @@ def _encode_text_model(loaded, text: str, raw_prompt: bool, literal: bool) -> tu
     return tokenizer(full_text, return_tensors="pt", add_special_tokens=False)["input_ids"], after
 
 
-TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")  # Qwen-VL's and Gemma 3's names for them
 
 
 def with_text_tokens(model_kwargs: dict, count: int) -> dict:

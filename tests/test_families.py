@@ -332,7 +332,7 @@ def _marked_picture(path, corner) -> str:
 def _redness(loaded, prompt) -> torch.Tensor:
     """(n_vis,) red minus green of the pixels each vision token is made of, in ``pixel_values`` (what the vision
     tower sees): a Qwen token's merge × merge patches, a LLaVA token's patch of the crop."""
-    from mask_impact.engines.pixels import PatchLayout, token_numbers
+    from mask_impact.patches import PatchLayout, token_numbers
 
     processor = loaded.processor.image_processor
     mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)

@@ -16,7 +16,8 @@ from PIL import Image
 from mask_impact.cli import main
 from mask_impact.engine import Analysis
 from mask_impact.inputs import build_prompt
-from mask_impact.engines.pixels import FILLS, Filler, NaivePixelEngine, PatchLayout, PixelEngine, merge_size
+from mask_impact.engines.pixels import FILLS, Filler, NaivePixelEngine, PixelEngine
+from mask_impact.patches import PatchLayout, merge_size
 from mask_impact.units import build_units
 from tests.conftest import cli_error, shape_pictures
 
@@ -292,7 +293,7 @@ def _block_inputs(loaded, prompt, plan=None) -> list[torch.Tensor]:
 
 def test_the_registered_vit_attention_without_a_knockout_is_the_native_one_and_layers_below_stay_bit_identical(
         vl_model, images):
-    from mask_impact.engines.pixels import PatchLayout
+    from mask_impact.patches import PatchLayout
     from mask_impact.engines.vit import VisionPlan, _chunk_keys
 
     prompt = build_prompt(vl_model, PROMPT, [images["wide"], images["square"]])

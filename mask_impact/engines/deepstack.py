@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from ..engine import Analysis, FastEngine, TeacherForced, whole_model_logprobs
+from .base import StagePlan
 
 
 def deepstack_routes(levels: int, num_layers: int) -> list[tuple[str, int | None]]:
@@ -116,3 +117,18 @@ class NaiveDeepStackEngine(_Routes):
 
     def logprobs(self, route, units: list) -> torch.Tensor:
         return torch.cat([self._forward(route, unit) for unit in units], dim=0)
+
+
+def plan(loaded, config, fast: bool) -> StagePlan:
+    """One row per route."""
+    levels, num_layers = loaded.adapter.deepstack_levels, loaded.adapter.num_layers
+    routes = deepstack_routes(levels, num_layers)
+
+    def generate(analysis, engine, w, unit, knockout, n):
+        with engine.hooked(routes[w], unit):
+            return analysis.generate(n)[0]
+
+    return StagePlan(routes, [route_window(route, levels, num_layers) for route in routes],
+                     [route_label(route) for route in routes],
+                     lambda analysis, tf, units: (DeepStackEngine if fast else NaiveDeepStackEngine)(analysis, tf),
+                     generate)

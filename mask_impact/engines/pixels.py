@@ -19,69 +19,13 @@ The patch layout, the fills and the patch units are shared with the vision-encod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..engine import Analysis, FastEngine, TeacherForced, whole_model_logprobs
+from ..patches import PatchLayout
+from .base import StagePlan
 
 FILLS = ("mean", "blur", "black", "noise")
-
-
-@dataclass
-class PatchLayout:
-    """Where each image's patches sit among ``pixel_values``' rows."""
-
-    offsets: list[int]  # first row of each image
-    grids: list[tuple[int, int, int]]  # (t, h, w) in patches
-    merge: int  # spatial merge size: a decoder token is merge × merge patches
-
-    @classmethod
-    def of(cls, prompt, merge: int) -> PatchLayout:
-        grids = [tuple(image.grid_thw) for image in prompt.images]
-        offsets, row = [], 0
-        for t, h, w in grids:
-            offsets.append(row)
-            row += t * h * w
-        return cls(offsets, grids, merge)
-
-    def rows(self, image: int) -> range:
-        t, h, w = self.grids[image]
-        return range(self.offsets[image], self.offsets[image] + t * h * w)
-
-    def token_rows(self, image: int, n: int) -> list[int]:
-        """The rows of the patches that make image ``image``'s ``n``-th decoder token."""
-        size = self.merge * self.merge
-        first = self.offsets[image] + n * size
-        return list(range(first, first + size))
-
-    def cell(self, row: int) -> tuple[int, int, int, int]:
-        """(image, t, patch row, patch column) of a ``pixel_values`` row."""
-        image = max(i for i, offset in enumerate(self.offsets) if offset <= row)
-        _, h, w = self.grids[image]
-        n, sub = divmod(row - self.offsets[image], self.merge * self.merge)
-        per_frame = (h // self.merge) * (w // self.merge)
-        t, rest = divmod(n, per_frame)
-        block_row, block_col = divmod(rest, w // self.merge)
-        dy, dx = divmod(sub, self.merge)
-        return image, t, block_row * self.merge + dy, block_col * self.merge + dx
-
-
-def token_numbers(prompt) -> dict[int, tuple[int, int]]:
-    """Prompt position of each vision token → (image, its index among that image's tokens)."""
-    counts: dict[int, int] = {}
-    numbers = {}
-    for tok in prompt.tokens:
-        if tok.modality == "vision":
-            numbers[tok.index] = (tok.image, counts.get(tok.image, 0))
-            counts[tok.image] = counts.get(tok.image, 0) + 1
-    return numbers
-
-
-def patch_rows(prompt, layout: PatchLayout, positions: list[int]) -> list[int]:
-    """The ``pixel_values`` rows of the patches under the decoder tokens at ``positions``."""
-    numbers = token_numbers(prompt)
-    return sorted(row for p in positions for row in layout.token_rows(*numbers[p]))
 
 
 class Filler:
@@ -238,64 +182,11 @@ def deepstack_of(features) -> list[torch.Tensor]:
     return list(getattr(features, "deepstack_features", None) or [])
 
 
-def merge_size(prompt) -> int:
-    """Patches per side of a decoder token, from the first image's grid and token count."""
-    t, h, w = prompt.images[0].grid_thw
-    tokens = sum(tok.image == 0 for tok in prompt.tokens if tok.modality == "vision")
-    return round((t * h * w / tokens) ** 0.5)
-
-
-def patch_box(prompt, layout: PatchLayout, row: int, exact: bool = False) -> list[float]:
-    """A patch's box in original-image pixels (rounded to 0.01 for reading, unless ``exact``)."""
-    image, _, patch_row, patch_col = layout.cell(row)
-    info = prompt.images[image]
-    _, h, w = layout.grids[image]
-    side_x, side_y = info.width / w, info.height / h  # a patch's size, mapped back by the resize ratio
-    box = [patch_col * side_x, patch_row * side_y, (patch_col + 1) * side_x, (patch_row + 1) * side_y]
-    return box if exact else [round(v, 2) for v in box]
-
-
-def pixel_units(prompt, choice, groups: dict, make_unit) -> list:
-    """The units of an occlusion run: patches, tokens (their patches), regions, images or groups."""
-    from ..errors import UsageError
-    from ..units import overlaps, regions
-
-    layout = PatchLayout.of(prompt, merge_size(prompt))
-    vision = [tok.index for tok in prompt.tokens if tok.modality == "vision"]
-    numbers = token_numbers(prompt)
-    if choice.kind == "patch":
-        rows = sorted((row for p in vision for row in layout.token_rows(*numbers[p])), key=layout.cell)
-        owner = {row: p for p in vision for row in layout.token_rows(*numbers[p])}
-        units = []
-        for index, row in enumerate(rows):
-            image, t, patch_row, patch_col = layout.cell(row)
-            label = f"image{image + 1}{f' t{t}' if t else ''} p{patch_row},{patch_col}"
-            unit = make_unit(index, "patch", label, [owner[row]])
-            unit.patches, unit.box = [row], patch_box(prompt, layout, row)
-            units.append(unit)
-        return units
-    if choice.kind == "groups":
-        parts = []
-        for group in groups.values():
-            outside = [p for p in group.positions if p not in numbers]
-            if outside or group.tail is not None:
-                raise UsageError(f"--group {group.name}: this stage removes image patches, but the group holds "
-                                 f"position {outside[0] if outside else 'answer'}, which is not an image token")
-            if len({numbers[p][0] for p in group.positions}) > 1:
-                raise UsageError(f"--group {group.name} holds tokens of several images; this stage removes the patches "
-                                 "of one image at a time: give one group per image")
-            rows = patch_rows(prompt, layout, group.positions)
-            if group.box is not None:  # a pixel box: its own patches, finer than the tokens
-                rows = [row for row in rows if overlaps(patch_box(prompt, layout, row, exact=True), group.box)]
-            parts.append(("group", group.name, group.positions, rows, group.box))
-    else:
-        size = None if choice.kind == "image" else choice.size if choice.kind == "region" else 1  # token: 1×1
-        grouped = regions(prompt, vision, size)
-        parts = [(choice.kind, None, keys, patch_rows(prompt, layout, keys), None) for keys in grouped]
-    units = []
-    for index, (kind, label, keys, rows, box) in enumerate(parts):
-        unit = make_unit(index, kind, label, keys)
-        unit.patches = rows
-        unit.box = box or unit.box
-        units.append(unit)
-    return units
+def plan(loaded, config, fast: bool) -> StagePlan:
+    """Occlusion has no layers: one row, the whole model."""
+    windows = [(0, loaded.adapter.num_layers - 1)]
+    return StagePlan(windows, windows, [f"occluded ({config.fill})"],
+                     lambda analysis, tf, units: (PixelEngine if fast else NaivePixelEngine)(
+                         analysis, tf, config.fill, units),
+                     lambda analysis, engine, w, unit, knockout, n: analysis.generate(
+                         n, pixel_values=engine.occluded(unit))[0])

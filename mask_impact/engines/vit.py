@@ -20,8 +20,12 @@ from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..config import parse_layers, windows_for
 from ..engine import Analysis, FastEngine, TeacherForced, whole_model_logprobs
-from .pixels import PatchLayout, Patches, deepstack_of
+from ..errors import UsageError
+from .base import StagePlan, window_labels
+from ..patches import PatchLayout
+from .pixels import Patches, deepstack_of
 
 
 VIT_ATTENTION = "mask_impact_vit"
@@ -235,3 +239,20 @@ class NaiveVisionEncoderEngine(_KnockedOutPatches):
         return torch.cat([self._forward(VisionPlan(range(window[0], window[1] + 1),
                                                    _chunk_keys(self.layout, unit, images), reference=True))
                           for unit in units], dim=0)
+
+
+def plan(loaded, config, fast: bool) -> StagePlan:
+    """``--layers`` and ``--window`` count the vision tower's layers."""
+    depth = loaded.adapter.vision_depth
+    try:
+        windows = windows_for(parse_layers(config.layers, depth), config.window, depth)
+    except UsageError as error:
+        raise UsageError(f"{error} (with --stage vision-encoder, layers are the vision tower's {depth})") from None
+
+    def generate(analysis, engine, w, unit, knockout, n):
+        with engine.knocked_out(windows[w], unit):
+            return analysis.generate(n)[0]
+
+    return StagePlan(windows, windows, window_labels(windows, "ViT layer", "ViT layers"),
+                     lambda analysis, tf, units: (VisionEncoderEngine if fast else NaiveVisionEncoderEngine)(
+                         analysis, tf, units), generate)

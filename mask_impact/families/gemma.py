@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import declared_types, register
+from .base import declared_types, register
 from .text import TextAdapter
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 from ..errors import UsageError
-from . import DecoderAdapter, LayerInputs, declared_types, register
+from .base import DecoderAdapter, LayerInputs, declared_types, register
 from .gemma import Gemma3Text
 from .llava import FixedResize
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError, bounded
-from . import REGISTRY, DecoderAdapter, LayerInputs, register
+from .base import REGISTRY, DecoderAdapter, LayerInputs, register
 
 
 @dataclass

@@ -31,7 +31,7 @@ from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from ..errors import UsageError, bounded
-from . import LayerInputs, register
+from .base import LayerInputs, register
 from .llava import Llava
 
 

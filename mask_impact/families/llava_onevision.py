@@ -32,7 +32,7 @@ import torch
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from ..errors import UsageError, bounded
-from . import DecoderAdapter, register
+from .base import DecoderAdapter, register
 from .llava_next import AnyresLimits, LlavaNext, layout_tokens
 
 

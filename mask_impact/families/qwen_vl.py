@@ -22,12 +22,47 @@ resized image, mapped back to the original picture by the resize ratio.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from ..errors import UsageError
-from ..inputs import PixelLimits
-from . import DecoderAdapter, LayerInputs, all_full, declared_types, register
+from ..errors import UsageError, bounded
+from .base import DecoderAdapter, LayerInputs, all_full, declared_types, register
+
+
+@dataclass
+class PixelLimits:
+    """The resolution the model sees: the processor resizes every image into [min_pixels, max_pixels]."""
+
+    min_pixels: int
+    max_pixels: int
+    factor: int  # sides are multiples of this (patch size × merge size)
+
+    def resized(self, width: int, height: int, path: str) -> tuple[int, int]:
+        try:
+            new_height, new_width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        except ValueError as error:
+            raise UsageError(f"image {bounded(path)} cannot be given to the model: {error}") from None
+        return new_width, new_height
+
+    def describe(self, width: int, height: int, new_width: int, new_height: int) -> str:
+        if (new_width, new_height) == (width, height):
+            return "kept"
+        if width * height > self.max_pixels and new_width * new_height < width * height:
+            return f"downscaled to fit max_pixels {self.max_pixels:,}"
+        if width * height < self.min_pixels and new_width * new_height > width * height:
+            return f"upscaled to reach min_pixels {self.min_pixels:,}"
+        return f"rounded to multiples of {self.factor} pixels"
+
+    def tokens(self, width: int, height: int, path: str) -> int:
+        """Decoder tokens of an image of this size (one per ``factor``² pixels of the resized image)."""
+        new_width, new_height = self.resized(width, height, path)
+        return new_width * new_height // self.factor ** 2
+
+    def processor_kwargs(self) -> dict:
+        return {"size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
 
 
 class QwenVL(DecoderAdapter):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import DecoderAdapter, LayerInputs, all_full, declared_types, register
+from .base import DecoderAdapter, LayerInputs, all_full, declared_types, register
 
 
 class TextAdapter(DecoderAdapter):

@@ -1,0 +1,277 @@
+"""The run options that need no model, parsed and checked before anything loads: the stages and what each one
+accepts, and the unit, group and flow options as written.
+
+The lowest layer with ``errors.py`` (docs/DESIGN.md §7): it imports nothing else of the project, and no torch, so
+the command line checks its options at once. The core builds on these values: ``stages.py`` gives each stage its
+engines and plan, ``units.py`` resolves the options against a tokenized prompt.
+
+A stage (``Stage``, the registry ``STAGES``) says what it removes (for refusals), which options do not apply to it
+(``check``), which units it takes and whether a first-order estimate of it exists.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import UsageError, quoted
+
+MAX_REGION = 1024
+MAX_POSITIONS = 1 << 20  # positions a pos: group may list
+GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+IMAGE_GROUP = re.compile(r"image([1-9][0-9]{0,3})")
+BUILTIN_GROUPS = ("image", "question", "last", "answer", "prompt")  # and image1, image2, ...
+
+
+# --- the stages -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """Where a unit is removed, as the options see it; subclasses refuse what does not apply (``check``)."""
+
+    name: str
+    removes: str = ""  # what it removes, in refusals: "--stage pixels occludes image patches"
+    on_patches: bool = False  # its units are the patches of ``pixel_values`` (their default: ``patch``)
+    unit_kinds: str = "token, word, region:N, image or groups"  # what ``--unit`` may be, said when one is refused
+    has_layers: bool = True  # --layers, --window and --block-from apply
+    estimable: bool = False  # --estimate has a first-order estimate of it
+    images_only: bool = True  # it removes image tokens only: a run needs an image, its units are vision units
+
+    @property
+    def default_unit(self) -> str:
+        return "patch" if self.on_patches else "token"
+
+    def check(self, config) -> None:
+        """The settings that do not apply to this stage, refused before the model loads."""
+        if config.fill != "mean" and self.name != "pixels":
+            raise UsageError(f"--fill {config.fill} says what replaces occluded pixels, and only --stage pixels "
+                             f"occludes them (this run is --stage {self.name}, where nothing is filled); drop --fill, "
+                             "or use --stage pixels")
+
+
+class VisionEncoderStage(Stage):
+    def check(self, config) -> None:
+        super().check(config)
+        if config.block_from != "all":
+            raise UsageError("--block-from answer restricts decoder queries; in the vision encoder every other patch "
+                             "of the image is blocked from the unit; drop it")
+
+
+class PixelStage(Stage):
+    def check(self, config) -> None:
+        super().check(config)
+        if config.layers != "all" or config.window != 1 or config.block_from != "all":
+            raise UsageError("--stage pixels occludes the image before the model: it has no layers, so --layers, "
+                             "--window and --block-from do not apply; drop them")
+
+
+class DeepStackStage(Stage):
+    def check(self, config) -> None:
+        super().check(config)
+        if config.layers != "all" or config.window != 1 or config.block_from != "all":
+            raise UsageError("--stage deepstack removes features where the model adds them (its rows are the "
+                             "DeepStack levels and the main embedding), so --layers, --window and --block-from do "
+                             "not apply; drop them")
+
+
+PATCH_UNITS = "patch, token, region:N, image or groups"
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("decoder", estimable=True, images_only=False),
+    VisionEncoderStage("vision-encoder", "knocks out image patches in the vision encoder", on_patches=True,
+                       unit_kinds=PATCH_UNITS),
+    PixelStage("pixels", "occludes image patches", on_patches=True, unit_kinds=PATCH_UNITS, has_layers=False),
+    DeepStackStage("deepstack", "removes image features", unit_kinds="token, region:N, image or groups",
+                   has_layers=False),
+)}
+
+
+# --- units, groups and flows as written ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UnitChoice:
+    kind: str  # token | word | region | image | groups
+    size: int = 1  # region side, in merged-grid cells
+
+    @property
+    def groups_vision(self) -> bool:
+        return self.kind in ("region", "image", "patch")
+
+
+def parse_unit(text: str) -> UnitChoice:
+    """``token``, ``word``, ``region:N``, ``image``, ``groups`` or ``patch``."""
+    text = text.strip() if isinstance(text, str) else text
+    if text in ("token", "word", "image", "groups", "patch"):
+        return UnitChoice(text)
+    match = re.fullmatch(r"region:(\d{1,6})", text.strip())
+    if match:
+        size = int(match[1])
+        if not 1 <= size <= MAX_REGION:
+            raise UsageError(f"--unit region:{size}: the block side must be between 1 and {MAX_REGION} tokens")
+        return UnitChoice("region", size)
+    raise UsageError(f"--unit {quoted(text)} is not understood; use token, word, region:N (e.g. region:2), image, "
+                     "groups, or patch (with --stage pixels or vision-encoder)")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A ``--group NAME=SPEC`` as written: ``kind`` box (``value``: x0, y0, x1, y1; ``image``: 1-based),
+    pos (``value``: the positions) or text (``value``: the text)."""
+
+    name: str
+    kind: str
+    value: tuple
+    image: int | None = None
+    source: str = ""
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def _positions(text: str, what: str) -> tuple[int, ...]:
+    positions: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d{1,7})\s*(?:-\s*(\d{1,7})\s*)?", part)
+        if not match:
+            raise UsageError(f"{what}: {quoted(part.strip())} is not a position or a range like 10-20")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise UsageError(f"{what}: the range {first}-{last} runs backwards; write it as {last}-{first}")
+        if last - first + len(positions) >= MAX_POSITIONS:
+            raise UsageError(f"{what}: more than {MAX_POSITIONS:,} positions; no prompt is that long")
+        positions.extend(range(first, last + 1))
+    return tuple(sorted(set(positions)))
+
+
+def parse_group(text: str) -> GroupSpec:
+    """``NAME=x0,y0,x1,y1[@N]``, ``NAME=pos:10-20`` or ``NAME=text:quick brown`` (quotes optional)."""
+    if not isinstance(text, str) or "=" not in text:
+        raise UsageError(f"--group {quoted(text)} is not understood; write NAME=x0,y0,x1,y1[@IMAGE], NAME=pos:10-20 "
+                         "or NAME=text:\"some words\"")
+    name, spec = (part.strip() for part in text.split("=", 1))
+    what = f"--group {name}"
+    if not GROUP_NAME.fullmatch(name) or len(name) > 64:
+        raise UsageError(f"--group name {quoted(name)} must be letters, digits and '_' (not starting with a digit, "
+                         "at most 64 characters)")
+    if name in BUILTIN_GROUPS or IMAGE_GROUP.fullmatch(name):
+        raise UsageError(f"--group name {name!r} is built in ({', '.join(BUILTIN_GROUPS)}, image1, image2, ...); "
+                         "choose another name")
+    if spec.startswith("pos:"):
+        return GroupSpec(name, "pos", _positions(spec[4:], what), source=text)
+    if spec.startswith("text:"):
+        words = spec[5:].strip()
+        if len(words) >= 2 and words[0] == words[-1] and words[0] in "\"'":
+            words = words[1:-1]
+        if not words.strip():
+            raise UsageError(f"{what}: the text span is empty; write e.g. {name}=text:\"quick brown\"")
+        return GroupSpec(name, "text", (words,), source=text)
+    box, _, image = spec.partition("@")
+    try:
+        values = tuple(float(v) for v in box.split(","))
+        number = int(image) if image else None
+    except ValueError:
+        values, number = (), None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) or (image and number is None):
+        raise UsageError(f"{what}={quoted(spec)} is not understood; write a pixel box x0,y0,x1,y1 (optionally "
+                         "@IMAGE, counting from 1), pos:10-20 or text:\"some words\"")
+    x0, y0, x1, y1 = values
+    if x1 <= x0 or y1 <= y0:
+        raise UsageError(f"{what}: the box {box} is empty; write x0,y0,x1,y1 with x0 < x1 and y0 < y1")
+    if number is not None and number < 1:
+        raise UsageError(f"{what}: images are counted from 1 (got @{number})")
+    return GroupSpec(name, "box", values, number, source=text)
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    source: str
+    target: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}->{self.target}"
+
+
+def parse_flow(text: str) -> FlowSpec:
+    """``SRC->DST``: DST's queries are blocked from SRC's keys."""
+    parts = text.split("->") if isinstance(text, str) else []
+    if len(parts) != 2 or not all(part.strip() for part in parts):
+        raise UsageError(f"--flow {quoted(text)} is not understood; write SOURCE->DESTINATION, e.g. 'image->last' "
+                         "(quote it in the shell)")
+    return FlowSpec(parts[0].strip(), parts[1].strip())
+
+
+def check_units(unit: str, groups: list[str], flows: list[str], images: int, vision: bool,
+                stage: str = "decoder") -> None:
+    """Every check of the unit, group and flow options that needs no model (``images``: how many are given)."""
+    choice = parse_unit(unit)
+    where = STAGES[stage]
+    if where.images_only:
+        what = where.removes
+        if not vision:
+            raise UsageError(f"--stage {stage} {what}; text-only models have none")
+        if not images:
+            raise UsageError(f"--stage {stage} {what}, but no --image is given")
+        if flows:
+            raise UsageError(f"--flow blocks attention in the decoder; it has no meaning with --stage {stage}")
+        if choice.kind == "word":
+            raise UsageError(f"--stage {stage} {what}; use --unit {where.unit_kinds}")
+        text = next((spec for spec in map(parse_group, groups) if spec.kind == "text"), None)
+        if text is not None:
+            raise UsageError(f"--group {text.name} is a text span; --stage {stage} {what} only")
+    if choice.kind == "patch" and not where.on_patches:
+        raise UsageError("--unit patch is a 16×16-pixel patch of the image: it needs --stage pixels or vision-encoder")
+    specs = [parse_group(text) for text in groups]
+    names = [spec.name for spec in specs]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate:
+        raise UsageError(f"--group {duplicate} is given twice; give each group one name")
+    if choice.groups_vision and not vision:
+        raise UsageError(f"--unit {unit} groups image tokens; text-only models have none (use token, word or groups)")
+    if choice.groups_vision and not images:
+        raise UsageError(f"--unit {unit} groups image tokens, but no --image is given")
+    if choice.kind == "groups" and not specs:
+        raise UsageError("--unit groups sweeps the --group options, but none is given; add --group NAME=SPEC")
+    for spec in specs:
+        if spec.kind == "box":
+            if not images:
+                raise UsageError(f"--group {spec.name} is a pixel box, but no --image is given")
+            if spec.image is None and images > 1:
+                raise UsageError(f"--group {spec.name}: {images} images are given; say which one the box is on with "
+                                 f"@N (e.g. {spec.source}@1)")
+            if spec.image is not None and spec.image > images:
+                raise UsageError(f"--group {spec.name}: @{spec.image} names image {spec.image}, but "
+                                 f"{images} image{'s are' if images != 1 else ' is'} given")
+    if flows and choice.kind != "token":
+        raise UsageError(f"--flow runs sweep the flows themselves; drop --unit {unit}")
+    for text in flows:
+        flow = parse_flow(text)
+        for name in (flow.source, flow.target):
+            check_group_name(name, names, images, vision, f"--flow {flow.label}")
+        if flow.source == "answer":
+            raise UsageError(f"--flow {flow.label}: answer can only be a flow's destination (its positions follow "
+                             "the prompt, so nothing attends to them from it)")
+    labels = [parse_flow(text).label for text in flows]
+    repeated = next((label for label in labels if labels.count(label) > 1), None)
+    if repeated:
+        raise UsageError(f"--flow {repeated} is given twice")
+    used = {name for text in flows for name in (parse_flow(text).source, parse_flow(text).target)}
+    unused = next((name for name in names if name not in used), None) if choice.kind != "groups" else None
+    if unused:
+        raise UsageError(f"--group {unused} is not used: sweep the groups with --unit groups, or name it in a --flow")
+
+
+def check_group_name(name: str, groups: list[str], images: int, vision: bool, what: str) -> None:
+    image = IMAGE_GROUP.fullmatch(name)
+    if name == "image" or image:
+        if not vision:
+            raise UsageError(f"{what}: {name!r} names image tokens; text-only models have none")
+        if not images:
+            raise UsageError(f"{what}: {name!r} names image tokens, but no --image is given")
+        if image and int(image[1]) > images:
+            raise UsageError(f"{what}: {name!r} names image {image[1]}, but {images} "
+                             f"image{'s are' if images != 1 else ' is'} given")
+        return
+    if name not in BUILTIN_GROUPS and name not in groups:
+        known = ", ".join(list(BUILTIN_GROUPS) + (["image1", "..."] if vision else []) + groups)
+        raise UsageError(f"{what}: no group is named {name!r}; known groups: {known} (name others with --group)")

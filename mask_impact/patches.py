@@ -1,0 +1,84 @@
+"""Where each image's patches lie among ``pixel_values``' rows, and in the picture (the Qwen VL families' layout).
+
+The processor turns each image into ``pixel_values``: one row per 16×16 patch of the *resized* image (its
+temporal copies included), ordered image by image, then t, then decoder token (row, column of the merged grid),
+then the ``merge × merge`` patches inside that token. The occlusion and vision-encoder stages name a unit's
+patches by these rows (``units.pixel_units``) and their engines replace or knock out exactly those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class PatchLayout:
+    """Where each image's patches sit among ``pixel_values``' rows."""
+
+    offsets: list[int]  # first row of each image
+    grids: list[tuple[int, int, int]]  # (t, h, w) in patches
+    merge: int  # spatial merge size: a decoder token is merge × merge patches
+
+    @classmethod
+    def of(cls, prompt, merge: int) -> PatchLayout:
+        grids = [tuple(image.grid_thw) for image in prompt.images]
+        offsets, row = [], 0
+        for t, h, w in grids:
+            offsets.append(row)
+            row += t * h * w
+        return cls(offsets, grids, merge)
+
+    def rows(self, image: int) -> range:
+        t, h, w = self.grids[image]
+        return range(self.offsets[image], self.offsets[image] + t * h * w)
+
+    def token_rows(self, image: int, n: int) -> list[int]:
+        """The rows of the patches that make image ``image``'s ``n``-th decoder token."""
+        size = self.merge * self.merge
+        first = self.offsets[image] + n * size
+        return list(range(first, first + size))
+
+    def cell(self, row: int) -> tuple[int, int, int, int]:
+        """(image, t, patch row, patch column) of a ``pixel_values`` row."""
+        image = max(i for i, offset in enumerate(self.offsets) if offset <= row)
+        _, h, w = self.grids[image]
+        n, sub = divmod(row - self.offsets[image], self.merge * self.merge)
+        per_frame = (h // self.merge) * (w // self.merge)
+        t, rest = divmod(n, per_frame)
+        block_row, block_col = divmod(rest, w // self.merge)
+        dy, dx = divmod(sub, self.merge)
+        return image, t, block_row * self.merge + dy, block_col * self.merge + dx
+
+
+def token_numbers(prompt) -> dict[int, tuple[int, int]]:
+    """Prompt position of each vision token → (image, its index among that image's tokens)."""
+    counts: dict[int, int] = {}
+    numbers = {}
+    for tok in prompt.tokens:
+        if tok.modality == "vision":
+            numbers[tok.index] = (tok.image, counts.get(tok.image, 0))
+            counts[tok.image] = counts.get(tok.image, 0) + 1
+    return numbers
+
+
+def patch_rows(prompt, layout: PatchLayout, positions: list[int]) -> list[int]:
+    """The ``pixel_values`` rows of the patches under the decoder tokens at ``positions``."""
+    numbers = token_numbers(prompt)
+    return sorted(row for p in positions for row in layout.token_rows(*numbers[p]))
+
+
+def merge_size(prompt) -> int:
+    """Patches per side of a decoder token, from the first image's grid and token count."""
+    t, h, w = prompt.images[0].grid_thw
+    tokens = sum(tok.image == 0 for tok in prompt.tokens if tok.modality == "vision")
+    return round((t * h * w / tokens) ** 0.5)
+
+
+def patch_box(prompt, layout: PatchLayout, row: int, exact: bool = False) -> list[float]:
+    """A patch's box in original-image pixels (rounded to 0.01 for reading, unless ``exact``)."""
+    image, _, patch_row, patch_col = layout.cell(row)
+    info = prompt.images[image]
+    _, h, w = layout.grids[image]
+    side_x, side_y = info.width / w, info.height / h  # a patch's size, mapped back by the resize ratio
+    box = [patch_col * side_x, patch_row * side_y, (patch_col + 1) * side_x, (patch_row + 1) * side_y]
+    return box if exact else [round(v, 2) for v in box]
