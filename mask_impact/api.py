@@ -513,8 +513,7 @@ class KnockoutResult:
         try:
             import pandas as pd
         except ImportError:
-            raise MissingDependency("to_pandas() needs pandas: pip install pandas (or pip install "
-                                    "\"mask-impact[notebook]\")") from None
+            raise MissingDependency("to_pandas() needs pandas: pip install pandas") from None
         from .report import table_rows
 
         header, rows = table_rows(self.data)

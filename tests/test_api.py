@@ -67,7 +67,7 @@ def test_pil_images_and_schema_1_results(analyzer, tmp_path):
 
 
 @pytest.mark.parametrize("call,kind,message", [
-    (lambda a: a.run(42), InvalidType, "prompt must be a str, not int"),
+    (lambda a: a.run(42), InvalidType, "prompt must be a str or a list of str, not int"),
     (lambda a: a.run("hi", units="word"), InvalidType, "unexpected keyword argument 'units' \\(did you mean 'unit'"),
     (lambda a: a.run("hi", output="x"), InvalidType, "unexpected keyword argument 'output'"),
     (lambda a: a.run("hi", num_tokens="5"), InvalidType, "num_tokens must be an int, not str"),

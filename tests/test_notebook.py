@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import nbclient
@@ -37,6 +38,9 @@ def kernel(tmp_path, monkeypatch) -> str:
 def test_the_example_notebook_runs_without_error(kernel, tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # kept clean
+    code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    imports = re.findall(r"^(?:from|import) (mask_impact\S*)", code, re.M)
+    assert imports and set(imports) == {"mask_impact"}  # the public API only: no mask_impact.config, ...
     client = nbclient.NotebookClient(notebook, kernel_name=kernel, timeout=300, allow_errors=False,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
