@@ -47,7 +47,7 @@ def test_the_example_notebook_runs_without_error(kernel, tmp_path):
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
     text = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
-    assert "answer: red" in text and "image1 r0-1 c2-3" in text
+    assert "answer: red" in text and "image1 r0-1 c2-3" in text and "shape_quarter" in text and "answer_prob" in text
     pictures = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(pictures) == 3  # heatmap, overlay, flow curves
     assert not list(tmp_path.glob("output*"))  # the notebook writes into its own temporary folder only
