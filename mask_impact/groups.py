@@ -155,6 +155,9 @@ def as_options(knockouts, groups: list[str], flows: list[str], unit) -> tuple[li
     if as_groups and unit not in (None, "groups"):
         raise InvalidArgument(f"knockouts with queries=None are swept as groups; unit={unit!r} asks for another "
                               "unit (leave unit out, or give unit='groups')")
+    if not as_groups and unit is not None:
+        raise InvalidArgument(f"knockouts with queries given are swept as flows, which are the run's units; leave "
+                              f"unit={unit!r} out")
     groups, flows, taken = list(groups), [], {g.split("=", 1)[0].strip() for g in groups}
 
     def name_of(end, default: str) -> str:  # a group name for one end of a knockout

@@ -270,6 +270,12 @@ def test_knockout_objects_give_the_numbers_of_the_equivalent_strings(analyzer):
     assert abs(expected).max() > 1
     with pytest.raises(InvalidArgument, match="mixes group knockouts"):
         analyzer.run(prompt, knockouts=[Knockout(Positions(3)), Knockout("image", "last")], **options)
+    with pytest.raises(InvalidArgument, match="swept as flows, which are the run's units; leave unit='groups' out"):
+        analyzer.run(prompt, unit="groups", knockouts=[Knockout("image", "last")], **options)
+    with pytest.raises(InvalidArgument, match="swept as groups; unit='region:2' asks for another unit"):
+        analyzer.run(prompt, unit="region:2", knockouts=[Knockout(Positions(3))], **options)
+    with pytest.raises(InvalidArgument, match="group far: the box 500,500,600,600 lies outside image 1"):
+        analyzer.run(prompt, knockouts=[Knockout(Box(500, 500, 600, 600), name="far")], **options)
     with pytest.raises(InvalidType, match="keys must be a Box, Positions, Text, Group or a group name"):
         Knockout(3)
 
