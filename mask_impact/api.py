@@ -14,6 +14,10 @@ Every option of the command line is a keyword of ``run`` (its long name with und
 ``analyze`` function. Bad input raises a ``MaskImpactError`` (errors.py) worded for Python: a wrong type or an
 unknown keyword an ``InvalidType`` (also a ``TypeError``), a value that cannot be meant an ``InvalidArgument``
 (also a ``ValueError``) naming the keyword (``unit='region:0'``) where the command line names its flag.
+
+Open for extension: ``run(metrics={name: fn})`` (or ``mask_impact.register_metric``) computes custom metrics beside
+the built-ins; ``run(knockouts=[Knockout(keys, queries)])`` sweeps knockouts built in Python (groups.py); ``run``
+takes a list of prompts. ``to_pandas`` is the CSV's table (``report.table_rows``).
 """
 
 from __future__ import annotations

@@ -48,6 +48,10 @@ def test_the_example_notebook_runs_without_error(kernel, tmp_path):
     assert not [output for output in outputs if output.output_type == "error"]
     text = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
     assert "answer: red" in text and "image1 r0-1 c2-3" in text and "shape_quarter" in text and "answer_prob" in text
+    tables = [output["data"]["text/html"] for output in outputs if "<b>KnockoutResult</b>" in
+              output.get("data", {}).get("text/html", "")]
+    assert tables and all(len(table) < 10_000 and "<iframe" not in table for table in tables)  # show(): light HTML
+    assert "iframe" not in "".join(output.get("text", "") for output in outputs if output.get("name") == "stderr")
     pictures = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(pictures) == 3  # heatmap, overlay, flow curves
     assert not list(tmp_path.glob("output*"))  # the notebook writes into its own temporary folder only
