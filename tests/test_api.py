@@ -373,3 +373,19 @@ def test_a_module_wrapping_a_model_is_refused_in_the_librarys_words(analyzer):
         Analyzer(Wrap(model), analyzer.loaded.processor)
     with pytest.raises(InvalidType, match="model is a Qwen3VLModel, not a Qwen3VLForConditionalGeneration"):
         Analyzer(model.model, analyzer.loaded.processor)
+
+
+def test_the_public_names_import_without_torch():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys, mask_impact\n"
+            "from mask_impact import Box, Group, Knockout, Positions, Text, demo_image, register_metric\n"
+            "assert demo_image().is_file() and demo_image().name == 'testimg.png'\n"
+            "assert str(Group('cat', Box(1, 2, 30.5, 40, image=2))) == 'cat=1,2,30.5,40@2'\n"
+            "assert str(Positions(3, range(5, 8), 10)) == 'pos:3,5-7,10' and str(Text('a b')) == 'text:\"a b\"'\n"
+            "assert 'torch' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
