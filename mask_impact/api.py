@@ -259,7 +259,7 @@ class Analyzer:
         self.vision = self.loaded.model.config.model_type in VL_FAMILIES
 
     @classmethod
-    def from_pretrained(cls, name: str, device: str = "auto", dtype=None, device_map: str | None = None,
+    def from_pretrained(cls, name: str, device: str = "auto", dtype="auto", device_map: str | None = None,
                         max_memory: str | None = None, offload_folder: str | None = None, **hub) -> Analyzer:
         """A checkpoint of a supported family (vision-language or text-only): a hub id or a local folder. ``dtype``:
         ``"auto"`` (the default: bfloat16 on CUDA, float32 on the CPU), ``"float32"``, ``"bfloat16"``,
