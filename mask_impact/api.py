@@ -392,6 +392,9 @@ def image_file(image, number: int, folder: Path) -> str:
     if Image is None or not isinstance(image, Image.Image):
         hint = " (PIL.Image.fromarray makes one of an array)" if hasattr(image, "__array__") else ""
         raise InvalidType(f"images[{number}] is a {type(image).__name__}; give a path or a PIL image{hint}")
+    from .pictures import upright
+
+    image = upright(image)  # an opened photo's EXIF orientation, which the lossless copy would drop
     path = folder / f"image{number + 1}"
     for format in ("PNG", "TIFF"):  # TIFF keeps the modes PNG cannot (CMYK, 32-bit float, ...)
         try:
@@ -424,7 +427,51 @@ def result_problem(data) -> str | None:
         return "it is a batch index; load one of its runs"
     needed = ("windows", "metrics", "baseline", "tokens", "units" if version == 2 else "positions")
     missing = [key for key in needed if key not in data]
-    return f"it has no {', '.join(missing)}" if missing else None
+    return f"it has no {', '.join(missing)}" if missing else shape_problem(data, version)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shape_problem(data: dict, version: int) -> str | None:
+    """Why the parts of a result do not fit together (None if they do): what every method reads is checked here,
+    so a damaged file is refused when loaded, not with an IndexError later."""
+    windows = data["windows"]
+    if not isinstance(windows, list) or not all(isinstance(w, list) and len(w) == 2 and all(map(_number, w))
+                                                for w in windows):
+        return "windows is not a list of [first layer, last layer] pairs"
+    if not isinstance(data["baseline"], dict) or not isinstance(data["baseline"].get("text"), str):
+        return "baseline is not an object with the answer's text"
+    if not isinstance(data["tokens"], list) or not all(isinstance(token, dict) for token in data["tokens"]):
+        return "tokens is not a list of objects"
+    if version == 2:
+        units = data["units"]
+        if not isinstance(units, list) or not all(isinstance(u, dict) and "label" in u and "keys" in u for u in units):
+            return "units is not a list of objects with a label and keys"
+    else:
+        units = data["positions"]
+        if not isinstance(units, list) or not all(isinstance(p, int) and 0 <= p < len(data["tokens"]) for p in units):
+            return "positions is not a list of token positions"
+    labels = data.get("window_labels")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != len(windows)):
+        return f"window_labels does not name the {len(windows)} windows"
+    metrics = data["metrics"]
+    if not isinstance(metrics, dict) or not metrics:
+        return "metrics is not an object of metric grids"
+    grids = dict(metrics)
+    if isinstance(data.get("estimate"), dict):
+        grids["estimate.logprob_drop"] = data["estimate"].get("logprob_drop")
+    for name, grid in grids.items():
+        if not isinstance(grid, list) or len(grid) != len(windows):
+            return f"metrics {name!r} has not one row per window ({len(windows)})"
+        for w, row in enumerate(grid):
+            if not isinstance(row, list) or len(row) != len(units):
+                return (f"metrics {name!r} row {w} has {len(row) if isinstance(row, list) else 'no'} values for "
+                        f"{len(units)} units")
+            if not all(value is None or isinstance(value, (int, float)) for value in row):  # bool: top1_changed
+                return f"metrics {name!r} row {w} holds a value that is not a number"
+    return None
 
 
 class KnockoutResult:
@@ -464,7 +511,7 @@ class KnockoutResult:
     @property
     def estimate(self) -> np.ndarray | None:
         """(windows, units) estimated ``logprob_drop`` of an ``estimate=K`` run (None otherwise); its quality against
-        the exact cells is in ``data["estimate"]`` (``spearman``, ``top_k_recall``)."""
+        the exact cells is in ``data["estimate"]`` (``spearman``, ``computed_top_k_recall``, ``missed_above_top_k``)."""
         block = self.data.get("estimate")
         if not block:
             return None
@@ -603,6 +650,8 @@ class KnockoutResult:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as error:
             raise NotAResult(f"{path} cannot be read ({error.strerror or error.__class__.__name__})") from None
+        except RecursionError:
+            raise NotAResult(f"{path} is not a mask_impact result: its JSON is nested too deeply to read") from None
         except ValueError as error:
             raise NotAResult(f"{path} is not a mask_impact result: not JSON text ({error.__class__.__name__})") from None
         version = data.get("schema_version") if isinstance(data, dict) else None

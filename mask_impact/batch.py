@@ -35,11 +35,35 @@ class BatchRun:
     error: str | None = None
 
 
+class DuplicateKey(yaml.MarkedYAMLError):
+    """A key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that a mapping already has, at any level."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written beside it override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_lines.get(key)
+            except TypeError:  # an unhashable key: the base loader says so
+                break
+            if first is not None:
+                raise DuplicateKey(problem=f"duplicate key {quoted(key)} (first on line {first}); give each key "
+                                           "once", problem_mark=key_node.start_mark)
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)
     except UnicodeDecodeError:
         raise UsageError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as error:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths, possible_figures
+from .config import (RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths,
+                     possible_figures, prompt_from_command_line)
 from .errors import MaskImpactError
 from .inputs import load_image, read_prompt
 from .shard import is_main_process
@@ -59,12 +60,16 @@ def main(argv: list[str] | None, vision: bool) -> int:
     stage = Stage()
     with stop_signals_raise():
         try:
-            options = cli_options(argv, vision)
+            options, note = prompt_from_command_line(cli_options(argv, vision))
             if "config" in options:
+                if note:
+                    say(note, file=sys.stderr)
                 return run_batch(options, vision, stage)
             config = make_config([options], vision)
             stage.now = "checking the input"
             prompt_text = precheck(config)
+            if note:  # once the file is read: a file that cannot be is the one line of its error
+                say(note, file=sys.stderr)
             stage.now = "loading the model"
             loaded = load(config, vision)
             paths = run_one(loaded, config, prompt_text, stage)

@@ -10,6 +10,7 @@ and exit status 2, and writes nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -49,6 +50,8 @@ FIELD_TYPES = {
 }
 # Options that name the prompt: a layer of settings that gives one replaces the other from lower layers.
 PROMPT_SOURCES = ("prompt", "prompt_file")
+# A --prompt value that ends so (and has no white space) is meant as a file: refused when it names none.
+PROMPT_FILE_SUFFIXES = (".txt", ".md", ".prompt")
 # Upper bounds checked before anything is allocated: beyond them the request cannot be meant.
 MAX_NUM_TOKENS = 1 << 20
 MAX_LAYER_INDEX = 1 << 16
@@ -153,6 +156,10 @@ class RunConfig:
         if self.stage == "vision-encoder" and self.block_from != "all":
             raise UsageError("--block-from answer restricts decoder queries; in the vision encoder every other patch "
                              "of the image is blocked from the unit; drop it")
+        if self.stage != "pixels" and self.fill != RunConfig.fill:
+            raise UsageError(f"--fill {self.fill} says what replaces occluded pixels, and only --stage pixels occludes "
+                             f"them (this run is --stage {self.stage}, where nothing is filled); drop --fill, or use "
+                             "--stage pixels")
         if self.stage == "pixels" and (self.layers != "all" or self.window != 1 or self.block_from != "all"):
             raise UsageError("--stage pixels occludes the image before the model: it has no layers, so --layers, "
                              "--window and --block-from do not apply; drop them")
@@ -318,7 +325,9 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     parser.add_argument("--model", help=f"hub id or local folder (default {default_model})")
     parser.add_argument("--demo", action="store_true", help="use a tiny offline demo model and default inputs")
     parser.add_argument("--config", help="YAML file with defaults: and runs: (a batch, one model load)")
-    parser.add_argument("--prompt", help="the prompt text (always text, even if it looks like a file name)")
+    parser.add_argument("--prompt", metavar="TEXT|FILE",
+                        help="the prompt: its text, or a UTF-8 text file to read it from when the value names one")
+    parser.add_argument("--prompt-text", metavar="TEXT", help="the prompt's text, always (even if it names a file)")
     parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
     parser.add_argument("--allow-special-tokens", action="store_true",
                         help="read control tokens typed in the prompt (e.g. <|im_end|>) as control tokens; by default "
@@ -404,6 +413,34 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
 def cli_options(argv: list[str] | None, vision: bool) -> dict:
     """Only the options the user actually gave."""
     return vars(build_parser(vision).parse_args(argv))
+
+
+def prompt_from_command_line(options: dict) -> tuple[dict, str | None]:
+    """The command line's prompt options as settings, and a note for stderr (or None).
+
+    ``--prompt VALUE`` reads the file VALUE when it names an existing regular file, as the original tool's
+    ``--prompt prompt.txt`` did; a VALUE that looks like a file name (no white space, a text file's suffix) but
+    names none is refused rather than analysed as those few characters. ``--prompt-text`` is always text (YAML's
+    ``prompt:`` and the API's prompt are too); ``--prompt-file`` always a file."""
+    given = [name for name in ("prompt", "prompt_text", "prompt_file") if name in options]
+    if len(given) > 1:
+        raise UsageError(f"give one prompt: --{given[0].replace('_', '-')} or --{given[1].replace('_', '-')}, "
+                         "not both")
+    options = dict(options)
+    if "prompt_text" in options:
+        options["prompt"] = options.pop("prompt_text")
+        return options, None
+    value = options.get("prompt")
+    if value is None:
+        return options, None
+    if os.path.isfile(value):
+        options["prompt_file"] = options.pop("prompt")
+        return options, (f"note: --prompt {bounded(value)} names a file: the prompt is read from it (use "
+                         "--prompt-text to analyse these characters as text)")
+    if not any(c.isspace() for c in value) and value.lower().endswith(PROMPT_FILE_SUFFIXES):
+        raise UsageError(f"no prompt file {quoted(value)} (--prompt reads a file when its value names one); to "
+                         "analyse these characters as text use --prompt-text")
+    return options, None
 
 
 def make_config(layers: list[dict], vision: bool) -> RunConfig:

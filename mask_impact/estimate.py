@@ -134,6 +134,10 @@ def layer_changes(analysis: Analysis, tf: TeacherForced, knockouts: list, streng
     return changes
 
 
+RANKING = "the largest exact logprob_drop first (the knockouts that hurt the answer most)"
+CONFIDENCE = 0.95  # of the interval of the cells missed by the triage
+
+
 @dataclass
 class Triage:
     """The estimated map and the cells the exact engine computes: the ``top_k`` with the largest estimated effect
@@ -176,20 +180,78 @@ class Triage:
             "exact_cells": {"top": [list(cell) for cell in self.top], "sample": [list(cell) for cell in self.sample]},
             "spearman": spearman(estimated, measured),
             "spearman_sample": spearman([e for e, _ in sample], [m for _, m in sample]),
-            "top_k_recall": self.recall(exact),
+            "ranking": RANKING,
+            "computed_top_k_recall": self.recall(exact),
+            "missed_above_top_k": self.missed(exact),
             "seconds": round(self.seconds, 3),
             "tflop": self.flops / 1e12,
             "notes": self.notes,
         }
 
+    def ranked(self, exact: list[list]) -> list[tuple[int, int]]:
+        """The computed cells, the largest exact ``logprob_drop`` first (the knockouts that hurt the answer most)."""
+        return sorted(self.cells, key=lambda cell: (-exact[cell[0]][cell[1]], cell))
+
     def recall(self, exact: list[list]) -> float | None:
-        """Of the ``top_k`` exact cells with the largest exact |drop|, the share the estimate put in its top ``top_k``
-        (None when there is no sample to compare with). Cells never computed are unknown, so this is an upper bound
-        of the recall over the whole map."""
+        """Of the ``top_k`` computed cells with the largest exact drop, the share the estimate put in its top ``top_k``
+        (None without a sample to compare with). Only computed cells are ranked, so this is an upper bound of the
+        recall over the whole map; ``missed`` says how many cells that were not computed may rank above them."""
         if not self.sample or not self.top:
             return None
-        ranked = sorted(self.cells, key=lambda cell: (-abs(exact[cell[0]][cell[1]]), cell))[: len(self.top)]
-        return len(set(ranked) & set(self.top)) / len(self.top)
+        return len(set(self.ranked(exact)[: len(self.top)]) & set(self.top)) / len(self.top)
+
+    def missed(self, exact: list[list], level: float = CONFIDENCE) -> dict | None:
+        """How many cells that were not computed have an exact drop above the smallest of the top ``top_k`` computed
+        ones (the ``threshold``): estimated from the random sample, which is drawn uniformly from every cell
+        outside the top, with an exact confidence interval (None without a sample, or with every cell computed).
+
+        Of the R cells outside the top, X lie above the threshold; the n sampled hold h of them (hypergeometric),
+        so ``estimate`` = h·(R − n)/n is the expected count among the R − n never computed, and the interval is
+        the exact one of X (``hypergeometric_interval``) less the h already seen. The threshold itself comes from
+        the computed cells, the sample among them; the count is taken at that threshold."""
+        rest = len(self.drops) * len(self.drops[0]) - len(self.top)
+        uncomputed = rest - len(self.sample)
+        if not self.sample or not self.top or uncomputed == 0:
+            return None
+        w, u = self.ranked(exact)[len(self.top) - 1]
+        threshold = exact[w][u]
+        hits = sum(exact[w][u] > threshold for w, u in self.sample)
+        low, high = hypergeometric_interval(rest, len(self.sample), hits, level)
+        return {"threshold": threshold, "sample": len(self.sample), "sample_above": hits, "not_computed": uncomputed,
+                "estimate": hits * uncomputed / len(self.sample), "ci": [low - hits, high - hits], "level": level}
+
+
+def hypergeometric_interval(population: int, draws: int, hits: int, level: float = CONFIDENCE) -> tuple[int, int]:
+    """The exact (Clopper–Pearson) interval for X, the marked items of a ``population`` of which ``draws`` taken
+    without replacement held ``hits``: the X for which neither tail probability of seeing ``hits`` is below
+    (1 − ``level``)/2. Its coverage is at least ``level`` whatever X is."""
+    tail = (1 - level) / 2
+    total = math.comb(population, draws)
+
+    def at_most(marked: int) -> float:  # P(H <= hits | X = marked)
+        return sum(math.comb(marked, k) * math.comb(population - marked, draws - k)
+                   for k in range(0, hits + 1)) / total
+
+    def at_least(marked: int) -> float:  # P(H >= hits | X = marked)
+        return 1.0 if hits == 0 else 1.0 - sum(math.comb(marked, k) * math.comb(population - marked, draws - k)
+                                               for k in range(0, hits)) / total
+
+    lowest, highest = hits, population - (draws - hits)  # the X that could have given this draw
+    low = _first(lowest, highest, lambda marked: at_least(marked) > tail)  # at_least grows with X
+    high = _first(lowest, highest, lambda marked: at_most(marked) <= tail) - 1  # at_most shrinks with X
+    return low, high
+
+
+def _first(low: int, high: int, holds) -> int:
+    """The smallest integer in [low, high] where a monotone condition ``holds`` (high + 1 where it never does)."""
+    end = high + 1
+    while low < end:
+        middle = (low + end) // 2
+        if holds(middle):
+            end = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def triage_cells(analysis: Analysis, tf: TeacherForced, knockouts: list, windows: list[tuple[int, int]],

@@ -263,8 +263,10 @@ def picture(info: dict) -> np.ndarray | None:
         if str(info.get("thumbnail", "")).startswith("data:image/png;base64,"):
             raw = base64.b64decode(info["thumbnail"].split(",", 1)[1])
             return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+        from .pictures import upright
+
         with Image.open(info["path"]) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(upright(image).convert("RGB"))  # the frame the boxes are in
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

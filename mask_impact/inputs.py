@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from .config import UsageError, bounded
+from .pictures import ORIENTATIONS, orientation_of, upright
 from .units import token_spans
 
 
@@ -140,9 +141,13 @@ class ImageFile:
     mode: str  # the file's own pixel mode
     frames: int  # frames in the file; only the first is used
     transparent: bool = False  # had transparency, composited on white
+    orientation: int = 1  # the file's EXIF orientation (1: stored as shown), applied before anything else
 
     def notes(self) -> list[str]:
         notes = []
+        if self.orientation != 1:
+            notes.append(f"EXIF orientation {self.orientation} applied ({ORIENTATIONS[self.orientation]}), as image "
+                         "viewers show the picture; sizes and boxes are in that frame")
         if self.frames > 1:
             notes.append(f"the file has {self.frames} frames; the first is used")
         if self.mode in HIGH_DEPTH:
@@ -155,8 +160,6 @@ class ImageFile:
 HIGH_DEPTH = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
               "F": "32-bit float"}
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
 def load_image(path: str) -> ImageFile:
     """An image file as the RGB picture the model should see (every Pillow mode converted faithfully)."""
     file = regular_file(path, "image", "--image")
@@ -168,9 +171,11 @@ def load_image(path: str) -> ImageFile:
                                  f"{MAX_IMAGE_PIXELS:,}; shrink it first")
             frames = getattr(image, "n_frames", 1)
             image.seek(0)
+            orientation = orientation_of(image)  # read before loading, which may apply it (TIFF)
             image.load()
+            shown = upright(image)  # before anything else: sizes, boxes and pixels in the shown frame
             transparent = image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
-            return ImageFile(to_rgb(image, path), image.mode, frames, transparent)
+            return ImageFile(to_rgb(shown, path), image.mode, frames, transparent, orientation)
     except Image.DecompressionBombError:
         raise UsageError(f"image {bounded(path)} has more than {2 * MAX_IMAGE_PIXELS:,} pixels; shrink it "
                          "first") from None

@@ -369,6 +369,13 @@ def summary(data: dict, paths: dict[str, Path], top: int = 10) -> str:
         figure = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         lines += ["", f"estimate: {block['top_k']} largest and {block['sample']} random cells computed exactly; "
                       f"Spearman {figure(block['spearman'])} (random cells: {figure(block['spearman_sample'])}), "
-                      f"top-{block['top_k']} recall {figure(block['top_k_recall'])}"]
+                      f"top-{block['top_k']} recall among the computed cells {figure(block['computed_top_k_recall'])} "
+                      "(an upper bound: cells not computed are not ranked)"]
+        missed = block.get("missed_above_top_k")
+        if missed:
+            low, high = missed["ci"]
+            lines.append(f"not computed, with a drop above the top {block['top_k']}'s smallest ({missed['threshold']:.4g}"
+                         f"): about {missed['estimate']:.3g} of {missed['not_computed']:,} cells ({missed['level']:.0%} "
+                         f"CI {low:,}-{high:,}; {missed['sample_above']} of the {missed['sample']} random cells were)")
     lines += ["", "wrote " + ", ".join(str(path) for path in paths.values())]
     return "\n".join(lines)

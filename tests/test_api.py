@@ -173,6 +173,44 @@ def test_loading_what_is_not_a_result(analyzer, tmp_path):
         result.top(-1)
 
 
+def test_a_damaged_result_is_refused_when_loaded_naming_what_is_wrong(analyzer, tmp_path):
+    """Parts that do not fit together: refused by load (NotAResult), not an IndexError or a short table later."""
+    good = analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], layers="1-2", progress=False).data
+    units, windows = len(good["units"]), len(good["windows"])
+    drops = good["metrics"]["logprob_drop"]
+
+    def damaged(**changes):
+        return json.loads(json.dumps(dict(good, **changes)))
+
+    cases = {
+        "units is not a list of objects with a label and keys": damaged(units=None),
+        f"metrics 'logprob_drop' row 0 has {units} values for {units - 1} units": damaged(units=good["units"][:-1]),
+        f"metrics 'logprob_drop' row 0 has {units} values for {units + 1} units":
+            damaged(units=good["units"] + good["units"][:1]),
+        f"metrics 'logprob_drop' row 1 has {units - 1} values for {units} units":
+            damaged(metrics=dict(good["metrics"], logprob_drop=[drops[0], drops[1][:-1]])),
+        "metrics 'kl' row 0 holds a value that is not a number":
+            damaged(metrics=dict(good["metrics"], kl=[["x"] * units] * windows)),
+        f"metrics 'logprob_drop' has not one row per window ({windows})":
+            damaged(metrics=dict(good["metrics"], logprob_drop=drops[:1])),
+        "windows is not a list of [first layer, last layer] pairs": damaged(windows=[1, 2]),
+        "window_labels does not name the 2 windows": damaged(window_labels=["one"]),
+        "baseline is not an object with the answer's text": damaged(baseline="red"),
+        "metrics is not an object of metric grids": damaged(metrics=[]),
+    }
+    for number, (message, data) in enumerate(cases.items()):
+        (tmp_path / f"{number}.json").write_text(json.dumps(data))
+        with pytest.raises(NotAResult, match=re.escape(f"is not a mask_impact result: {message}")):
+            KnockoutResult.load(tmp_path / f"{number}.json")
+        with pytest.raises(NotAResult, match=re.escape(message)):
+            KnockoutResult(data)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(NotAResult, match="its JSON is nested too deeply to read"):
+        KnockoutResult.load(tmp_path / "deep.json")
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    assert len(KnockoutResult.load(tmp_path / "good.json").to_pandas()) == units * windows
+
+
 def test_an_analyzer_around_a_model_the_caller_loaded(analyzer):
     """``Analyzer(model, processor)``: a model loaded with transformers directly gives the demo's very numbers."""
     import torch
@@ -389,3 +427,21 @@ def test_the_public_names_import_without_torch():
             "assert 'torch' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_opened_photo_is_given_to_the_model_upright(tmp_path):
+    """A PIL image opened from a phone photo keeps its EXIF orientation, which the copy handed to the model would
+    drop: the copy is the picture as viewers show it."""
+    from mask_impact.api import image_file
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90° clockwise to show
+    stored = np.zeros((64, 128, 3), np.uint8)
+    stored[0, :8] = 255  # the stored top row's left end: shown at the top right
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    with Image.open(tmp_path / "phone.png") as photo:
+        copy = image_file(photo, 0, tmp_path)
+    with Image.open(copy) as given:
+        shown = np.asarray(given.convert("RGB"))
+    assert shown.shape == (128, 64, 3)
+    assert shown[:8, -1].min() == 255 and shown[8:, -1].max() == 0 and shown[:, :-1].max() == 0

@@ -63,11 +63,27 @@ def test_batch_folder_names_and_paths(tmp_path):
     ("runs:\n  - name: a\n  - name: a\n", "two runs are named 'a'"),
     ("runs:\n  - name: a\n    model: other\n", "model is set once per batch"),
     ("extra: 1\nruns:\n  - name: a\n", "unknown top-level key 'extra'"),
+    ("runs:\n  - prompt: x\n    prompt: y\n", "line 3, column 5: YAML syntax error: duplicate key 'prompt' (first on "
+     "line 2)"),
+    ("defaults:\n  demo: true\ndefaults:\n  num_tokens: 2\nruns:\n  - name: a\n",
+     "line 3, column 1: YAML syntax error: duplicate key 'defaults' (first on line 1)"),
+    ("runs:\n  - name: a\n    groups:\n      obj: pos:1\n      obj: pos:2\n",
+     "line 5, column 7: YAML syntax error: duplicate key 'obj' (first on line 4)"),
+    ("runs:\n  - {name: a, flow: x, flow: y}\n", "line 2, column 24: YAML syntax error: duplicate key 'flow' (first "
+     "on line 2)"),
 ])
 def test_yaml_errors_are_precise(tmp_path, text, message):
     with pytest.raises(UsageError, match=None) as caught:
         _batch(tmp_path, text)
     assert message in str(caught.value)
+
+
+def test_a_merge_key_is_overridden_by_the_keys_beside_it(tmp_path):
+    """YAML's `<<: *anchor` is no duplicate: the keys written beside it replace the merged ones."""
+    text = ("defaults:\n  demo: true\nruns:\n  - &base\n    name: a\n    prompt: x\n    num_tokens: 2\n"
+            "  - <<: *base\n    name: b\n    prompt: y\n")
+    _, _, runs = _batch(tmp_path, text)
+    assert [(run.name, run.config.prompt, run.config.num_tokens) for run in runs] == [("a", "x", 2), ("b", "y", 2)]
 
 
 def test_missing_config_file(tmp_path, capsys):

@@ -120,6 +120,49 @@ def test_prompt_file_is_read(in_tmp, capsys):
     assert data["generations"] == []
 
 
+def test_prompt_naming_a_file_reads_it_as_the_original_tool_did(in_tmp, capsys):
+    """`--prompt prompt.txt` (the original tool's documented usage) reads the file, says so, and records it."""
+    (in_tmp / "prompt.txt").write_text("The capital of Italy is", encoding="utf-8")
+    common = ["--demo", "--no-progress", "--layers", "0", "--generate-top", "0", "--num-tokens", "1"]
+    assert main([*common, "--prompt", "prompt.txt", "--output", "file"], False) == 0
+    err = capsys.readouterr().err
+    assert "note: --prompt prompt.txt names a file: the prompt is read from it" in err
+    data = json.loads((in_tmp / "output" / "file.json").read_text())
+    assert data["prompt"] == "The capital of Italy is"
+    assert (data["meta"]["settings"]["prompt_file"], data["meta"]["settings"]["prompt"]) == ("prompt.txt", None)
+    assert main([*common, "--prompt-file", "prompt.txt", "--output", "same"], False) == 0
+    same = json.loads((in_tmp / "output" / "same.json").read_text())
+    assert same["metrics"] == data["metrics"] and same["meta"]["fingerprint"] == data["meta"]["fingerprint"]
+    assert main([*common, "--prompt-text", "prompt.txt", "--output", "text"], False) == 0
+    text = json.loads((in_tmp / "output" / "text.json").read_text())
+    assert text["prompt"] == "prompt.txt" and text["meta"]["settings"]["prompt_file"] is None
+    assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--prompt", "missing.txt"], "no prompt file 'missing.txt' (--prompt reads a file when its value names one); to "
+     "analyse these characters as text use --prompt-text"),
+    (["--prompt", "notes.MD"], "no prompt file 'notes.MD'"),
+    (["--prompt", "q.prompt"], "no prompt file 'q.prompt'"),
+    (["--prompt", "latin1.txt"], "prompt file latin1.txt is not UTF-8 text; save it as UTF-8"),
+    (["--prompt", "x", "--prompt-text", "y"], "give one prompt: --prompt or --prompt-text, not both"),
+    (["--prompt-text", "x", "--prompt-file", "latin1.txt"], "give one prompt: --prompt-text or --prompt-file, not both"),
+])
+def test_prompt_values_that_name_no_readable_file(in_tmp, capsys, argv, expected):
+    (in_tmp / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    err = _error(capsys, ["--demo", *argv], vision=False)  # one line, exit 2: no note before it
+    assert expected in err
+    assert not (in_tmp / "output").exists()
+
+
+def test_prompt_text_that_only_mentions_a_file_is_text(in_tmp, capsys):
+    """White space or another suffix: the characters are the prompt, no file is looked for."""
+    common = ["--demo", "--no-progress", "--layers", "0", "--generate-top", "0", "--num-tokens", "1"]
+    for number, value in enumerate(["summarise notes.txt", "report.pdf"]):
+        assert main([*common, "--prompt", value, "--output", f"t{number}"], False) == 0
+        assert json.loads((in_tmp / "output" / f"t{number}.json").read_text())["prompt"] == value
+
+
 def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     done = _run_script("mask_impact_vl.py", "--demo", "--image", "missing.png", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr

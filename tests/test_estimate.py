@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -163,6 +165,34 @@ def test_spearman_is_the_rank_correlation():
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # ties: mean ranks (scipy's)
     assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
     assert spearman([1, None, 3, 4], [1, 5, 3, 4]) == pytest.approx(1.0)  # a missing exact cell is left out
+
+
+def _hypergeometric(population: int, marked: int, draws: int, hits: int) -> float:
+    return math.comb(marked, hits) * math.comb(population - marked, draws - hits) / math.comb(population, draws)
+
+
+@pytest.mark.parametrize("population,draws", [(40, 20), (80, 10), (57, 1), (30, 30)])
+def test_the_missed_cells_interval_is_exact_and_covers_every_count(population, draws):
+    """The interval is every X under which neither tail of the seen hits is below 2.5% (checked by brute force), so
+    it holds the true count with probability ≥ 95% whatever that count is; the count's estimate is unbiased."""
+    from mask_impact.estimate import hypergeometric_interval
+
+    possible = lambda marked: range(max(0, draws - (population - marked)), min(draws, marked) + 1)  # noqa: E731
+    for hits in range(draws + 1):
+        kept = [marked for marked in range(population + 1) if hits in possible(marked)
+                and sum(_hypergeometric(population, marked, draws, h) for h in possible(marked) if h >= hits) > 0.025
+                and sum(_hypergeometric(population, marked, draws, h) for h in possible(marked) if h <= hits) > 0.025]
+        assert hypergeometric_interval(population, draws, hits) == (kept[0], kept[-1])
+        assert kept == list(range(kept[0], kept[-1] + 1))
+    for marked in range(population + 1):
+        coverage = sum(_hypergeometric(population, marked, draws, h) for h in possible(marked)
+                       if hypergeometric_interval(population, draws, h)[0] <= marked
+                       <= hypergeometric_interval(population, draws, h)[1])
+        assert coverage >= 0.95 - 1e-12, (marked, coverage)
+        mean = sum(_hypergeometric(population, marked, draws, h) * h * (population - draws) / draws
+                   for h in possible(marked))
+        unseen = sum(_hypergeometric(population, marked, draws, h) * (marked - h) for h in possible(marked))
+        assert mean == pytest.approx(unseen, abs=1e-9)
 
 
 @pytest.mark.parametrize("argv,message", [(["--arch", "tiny", "--image-size", "100"], "--image-size 100"),

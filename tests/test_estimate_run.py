@@ -88,8 +88,22 @@ def test_the_cells_and_the_quality_figures(analyzer, images, full):
     sample = [tuple(c) for c in block["exact_cells"]["sample"]]
     assert block["spearman_sample"] == pytest.approx(
         spearman([estimate[c] for c in sample], [exact[c] for c in sample]), abs=1e-6)
-    largest = sorted(cells, key=lambda c: (-abs(exact[c]), c))[:8]
-    assert block["top_k_recall"] == pytest.approx(len(set(largest) & set(order[:8])) / 8, abs=1e-9)
+    # the recall among the computed cells: ranked by the signed drop, largest first (the run's own exact values)
+    own = result.metric()
+    largest = sorted(cells, key=lambda c: (-own[c], c))[:8]
+    assert block["computed_top_k_recall"] == pytest.approx(len(set(largest) & set(order[:8])) / 8, abs=1e-9)
+    assert block["ranking"].startswith("the largest exact logprob_drop first") and "top_k_recall" not in block
+    # the cells never computed above the top 8's smallest exact drop: the sample's count scaled to them, and an
+    # interval that holds the true count, which the full sweep knows
+    threshold = own[largest[-1]]
+    missed = block["missed_above_top_k"]
+    hits = sum(own[c] > threshold for c in sample)
+    never = [c for c in np.ndindex(*exact.shape) if c not in set(cells)]
+    truth = sum(exact[c] > threshold for c in never)
+    assert missed["threshold"] == threshold and missed["sample_above"] == hits and missed["sample"] == 8
+    assert missed["not_computed"] == len(never) == exact.size - 16 and missed["level"] == 0.95
+    assert missed["estimate"] == pytest.approx(hits * len(never) / 8, abs=1e-12)
+    assert missed["ci"][0] <= truth <= missed["ci"][1], (missed, truth)
     assert block["tflop"] > 0 and block["seconds"] > 0 and block["notes"] == []
     assert result.data["meta"]["settings"]["estimate"] == 8
     assert result.data["meta"]["fingerprint"]["settings.estimate"] == 8
@@ -100,7 +114,8 @@ def test_more_cells_than_the_map_are_every_cell(analyzer, images, full, capsys):
     block = result.data["estimate"]
     count = full.metric().size
     assert block["top_k"] == count and block["requested_top_k"] == 10 ** 6 and block["sample"] == 0
-    assert block["top_k_recall"] is None and "every cell is computed exactly" in block["notes"][0]
+    assert block["computed_top_k_recall"] is None and block["missed_above_top_k"] is None
+    assert "every cell is computed exactly" in block["notes"][0]
     assert "every cell is computed exactly" in capsys.readouterr().err
     assert not np.isnan(result.metric()).any()
     # with every cell exact, Spearman is over the whole map

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from mask_impact.inputs import build_prompt
+from mask_impact.units import parse_group, resolve_group
 
 
 def _vision(prompt, image=None):
@@ -79,3 +83,55 @@ def test_text_model_prompt_has_no_vision_tokens(text_model):
     assert prompt.model_kwargs == {}
     assert {t.modality for t in prompt.tokens} == {"text", "special"}
     assert "".join(t.text for t in prompt.tokens).startswith("<|im_start|>user\nThe capital of France is")
+
+
+# EXIF orientation N → the stored pixels of a picture shown as D (EXIF 2.3: where the stored 0th row and 0th column
+# lie in the shown picture), written from the standard, not from Pillow's table.
+STORED = {1: lambda d: d, 2: lambda d: d[:, ::-1], 3: lambda d: d[::-1, ::-1], 4: lambda d: d[::-1],
+          5: lambda d: d.transpose(1, 0, 2), 6: lambda d: np.rot90(d, 1), 7: lambda d: d[::-1, ::-1].transpose(1, 0, 2),
+          8: lambda d: np.rot90(d, -1)}
+
+
+def _shown_picture() -> np.ndarray:
+    """A 64-wide, 128-tall picture (2 × 4 tokens) with a red square in its top-left token only."""
+    shown = np.full((128, 64, 3), (40, 90, 160), np.uint8)
+    shown[4:28, 4:28] = (230, 30, 30)
+    return shown
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_an_exif_orientation_is_applied_as_viewers_show_the_picture(vl_model, tmp_path, orientation):
+    shown = _shown_picture()
+    plain = tmp_path / "shown.png"
+    Image.fromarray(shown).save(plain)
+    tagged = tmp_path / f"stored{orientation}.png"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(STORED[orientation](shown))).save(tagged, exif=exif)
+
+    expected = build_prompt(vl_model, "Where is the red square?", [str(plain)])
+    prompt = build_prompt(vl_model, "Where is the red square?", [str(tagged)])
+    info = prompt.images[0]
+    assert (info.width, info.height) == (64, 128)
+    assert info.grid_thw == expected.images[0].grid_thw
+    assert max(t.row for t in _vision(prompt)) + 1 == 4 and max(t.col for t in _vision(prompt)) + 1 == 2
+    assert torch.equal(prompt.model_kwargs["pixel_values"], expected.model_kwargs["pixel_values"])
+    assert [t.box for t in prompt.tokens] == [t.box for t in expected.tokens]
+    assert info.thumbnail == expected.images[0].thumbnail  # the overlay's picture is the shown one too
+    assert any(f"EXIF orientation {orientation}" in note for note in info.notes) == (orientation != 1)
+    # a box drawn around the square where a viewer shows it selects the token whose pixels hold the square
+    group = resolve_group(parse_group("square=0,0,32,32"), prompt, vl_model.tokenizer)
+    (token,) = [prompt.tokens[p] for p in group.positions]
+    assert (token.row, token.col, token.box) == (0, 0, [0, 0, 32, 32])
+
+
+def test_a_sideways_phone_photo_is_analysed_upright(vl_model, tmp_path):
+    """A 128×64 JPEG tagged 'turn 90° clockwise' is the 64×128 picture every viewer shows: 4 rows × 2 columns."""
+    stored = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(STORED[6](_shown_picture()))).save(stored, quality=95, exif=exif)
+    prompt = build_prompt(vl_model, "Describe it.", [str(stored)])
+    tokens = _vision(prompt)
+    assert (prompt.images[0].width, prompt.images[0].height) == (64, 128)
+    assert (max(t.row for t in tokens) + 1, max(t.col for t in tokens) + 1) == (4, 2)

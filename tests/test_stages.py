@@ -176,6 +176,10 @@ def test_an_occlusion_run_writes_its_stage_and_generates_on_the_occluded_image(t
     (["--demo", "--stage", "pixels", "--fill", "grey"], "invalid choice: 'grey'"),
     (["--demo", "--stage", "pixels", "--unit", "groups", "--group", "a=pos:0-5"], "which is not an image token"),
     (["--model", "MODEL", "--prompt", "hi", "--stage", "pixels"], "no --image is given"),
+    (["--demo", "--fill", "noise"], "--fill noise says what replaces occluded pixels, and only --stage pixels "
+     "occludes them (this run is --stage decoder, where nothing is filled)"),
+    (["--demo", "--stage", "deepstack", "--fill", "blur"], "this run is --stage deepstack"),
+    (["--demo", "--stage", "vision-encoder", "--fill", "black"], "this run is --stage vision-encoder"),
 ])
 def test_bad_occlusion_options_are_one_line(argv, message, capsys, in_tmp):
     from mask_impact.demo import demo_model_path
@@ -183,6 +187,18 @@ def test_bad_occlusion_options_are_one_line(argv, message, capsys, in_tmp):
     argv = [str(demo_model_path(True)) if arg == "MODEL" else arg for arg in argv]
     assert message in cli_error(capsys, argv + ["--no-progress"])
     assert not (in_tmp / "output").exists()
+
+
+def test_a_fill_outside_the_pixel_stage_is_refused_in_python_and_yaml_too(tmp_path):
+    from mask_impact import Analyzer, InvalidArgument
+    from mask_impact.batch import load_batch
+
+    with pytest.raises(InvalidArgument, match="fill='noise' says what replaces occluded pixels, and only "
+                                              "stage='pixels' occludes them"):
+        Analyzer.demo(vision=True).run("What color is the shape?", fill="noise", progress=False)
+    (tmp_path / "b.yaml").write_text("defaults: {demo: true}\nruns:\n  - {name: a, stage: deepstack, fill: blur}\n")
+    (run,) = load_batch(str(tmp_path / "b.yaml"), {}, True)[2]
+    assert run.config is None and "this run is --stage deepstack" in run.error
 
 
 def test_text_models_have_no_pixel_stage(capsys, in_tmp):

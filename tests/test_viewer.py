@@ -1693,13 +1693,18 @@ def test_an_estimate_run_shows_the_estimated_map_marks_the_exact_cells_and_its_q
     import re
     quality = page.locator("#estimate-quality").text_content()
     found = re.search(r"Spearman ρ (\S+) over all (\d+) exact cells, (\S+) over the random sample alone \((\d+) cells\); "
-                      r"top-K recall (\S+); K = (\d+), sample = (\d+), seed (\d+)", quality)
+                      r"top-K recall among the computed cells (\S+) \(an upper bound: cells not computed are not "
+                      r"ranked\); K = (\d+), sample = (\d+), seed (\d+)", quality)
     assert found, quality
     rho, n, rho_sample, n_sample, recall, k, r, seed = found.groups()
     assert float(rho) == pytest.approx(est["spearman"], abs=5e-4) and int(n) == len(computed)
     assert float(rho_sample) == pytest.approx(est["spearman_sample"], abs=5e-4) and int(n_sample) == len(sample - top)
-    assert float(recall) == pytest.approx(est["top_k_recall"], abs=5e-4)
+    assert float(recall) == pytest.approx(est["computed_top_k_recall"], abs=5e-4)
     assert (int(k), int(r), int(seed)) == (est["top_k"], est["sample"], est["seed"])
+    missed = est["missed_above_top_k"]
+    assert (f"Not computed, with a drop above the top {est['top_k']}'s smallest ({missed['threshold']:.3f}): about "
+            f"{missed['estimate']:.1f} of {missed['not_computed']} cells (95% CI {missed['ci'][0]}–{missed['ci'][1]}; "
+            f"{missed['sample_above']} of the {missed['sample']} random cells were)") in quality
     assert page.locator("#estimate-method").text_content() == f"method: {est['method']}"
 
     # the estimated map: every cell painted from estimate.logprob_drop (full range: ±the largest |estimate|)
