@@ -704,8 +704,8 @@ class KnockoutResult:
 
         meta = self.data.get("meta", {})
         rows = "".join(f"<tr><td>{escape(c['window_label'])}</td><td><code>{escape(_printable(c['label']))}</code>"
-                       f"</td><td>{escape(c['kind'])}</td><td style='text-align:right'>{c['logprob_drop']:.4f}</td></tr>"
-                       for c in self.top(top))
+                       f"</td><td>{escape(c['kind'])}</td><td style='text-align:right'>{c['logprob_drop']:.4f}"
+                       "</td></tr>" for c in self.top(top))
         return (f"<div><b>KnockoutResult</b> · {escape(str(meta.get('model', '')))} · stage "
                 f"{escape(str(self.data.get('stage', 'decoder')))} · {len(self.windows)} windows × "
                 f"{len(self.units)} units<br>answer: <code>{escape(_printable(self.answer))}</code>"

@@ -304,7 +304,8 @@ def test_knockout_objects_give_the_numbers_of_the_equivalent_strings(analyzer):
     position = tokens.units[column]["keys"][0]
     single = analyzer.run(prompt, knockouts=[Knockout(Positions(position))], **options)
     expected = tokens.metric()[:, column]
-    assert np.allclose(single.metric()[:, 0], expected, rtol=0, atol=16 * np.finfo(np.float32).eps * abs(expected).max())
+    rounding = 16 * np.finfo(np.float32).eps * abs(expected).max()
+    assert np.allclose(single.metric()[:, 0], expected, rtol=0, atol=rounding)
     assert abs(expected).max() > 1
     with pytest.raises(InvalidArgument, match="mixes group knockouts"):
         analyzer.run(prompt, knockouts=[Knockout(Positions(3)), Knockout("image", "last")], **options)
