@@ -667,7 +667,8 @@ class KnockoutResult:
 
     def show(self, top: int = 10, viewer: bool = False):
         """The ``top`` cells: in Jupyter a small HTML table (``viewer=True``: the whole viewer with this result,
-        about 190 KB), elsewhere a text table; token labels are shown escaped (a label ``\\n`` as ``\\n``)."""
+        about 160 KB for the demo), elsewhere a text table; token labels are shown escaped (a label ``\\n`` as
+        ``\\n``)."""
         try:
             from IPython import get_ipython
             from IPython.display import display
