@@ -14,6 +14,10 @@ Every option of the command line is a keyword of ``run`` (its long name with und
 ``analyze`` function. Bad input raises a ``MaskImpactError`` (errors.py) worded for Python: a wrong type or an
 unknown keyword an ``InvalidType`` (also a ``TypeError``), a value that cannot be meant an ``InvalidArgument``
 (also a ``ValueError``) naming the keyword (``unit='region:0'``) where the command line names its flag.
+
+Open for extension: ``run(metrics={name: fn})`` (or ``mask_impact.register_metric``) computes custom metrics beside
+the built-ins; ``run(knockouts=[Knockout(keys, queries)])`` sweeps knockouts built in Python (groups.py); ``run``
+takes a list of prompts. ``to_pandas`` is the CSV's table (``report.table_rows``).
 """
 
 from __future__ import annotations
@@ -77,13 +81,19 @@ def check_options(options: dict) -> dict:
 
 def _option_value(name: str, value):
     if name in ("groups", "flows"):
-        if name == "groups" and isinstance(value, dict):  # {name: spec}, as in a YAML batch
+        from .groups import SPECS, Group
+
+        if name == "groups" and isinstance(value, dict):  # {name: spec}, as in a YAML batch; spec: str or Box, ...
+            if not all(isinstance(key, str) and isinstance(spec, (str, *SPECS)) for key, spec in value.items()):
+                raise InvalidType("groups must map names to specs: a str, Box, Positions or Text")
             value = [f"{key}={spec}" for key, spec in value.items()]
-        value = [value] if isinstance(value, str) else value
-        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
-            form = "'NAME=SPEC' strings or a dict {NAME: SPEC}" if name == "groups" else "'SRC->DST' strings"
+        value = [value] if isinstance(value, (str, Group)) else value
+        allowed = (str, Group) if name == "groups" else str
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, allowed) for item in value):
+            form = ("'NAME=SPEC' strings or Group objects, or a dict {NAME: SPEC}" if name == "groups"
+                    else "'SRC->DST' strings")
             raise InvalidType(f"{name} must be a list of {form}, not {type(value).__name__}")
-        return list(value)
+        return [str(item) for item in value]
     if name == "layers" and not isinstance(value, (str, bool)):  # layers=3, layers=range(0, 12), layers=[0, 5]
         layers = [value] if isinstance(value, numbers.Integral) else value
         try:
@@ -147,12 +157,91 @@ def _wrap(model, processor):
         raise InvalidType(f"Analyzer(): give the model's {need} as the second argument, not "
                           f"{type(processor).__name__}")
     with python_errors():
-        adapter = adapter_for(model)  # a family the tool serves, or the one-line refusal
+        expected = _model_class(model.config)  # a family the tool serves, or the one-line refusal
+    if not isinstance(model, expected):
+        raise InvalidType(f"Analyzer(): model is a {type(model).__name__}, not a {expected.__name__} (the "
+                          f"transformers class of its {model.config.model_type!r} config); give the model itself, "
+                          "not a module wrapping it")
+    with python_errors():
+        adapter = adapter_for(model)
     model.eval()
     placed = getattr(model, "hf_device_map", None)
     device = input_device(model) if placed else next(model.parameters()).device
     return LoadedModel(model, processor, tokenizer, adapter, str(getattr(model, "name_or_path", "") or "model"),
                        device, model.dtype)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTISATION = ("quantization_config", "load_in_8bit", "load_in_4bit")
+
+
+def _dtype_name(dtype) -> str:
+    """``from_pretrained``'s dtype as the command line's word: a str of ``DTYPES`` or a ``torch.dtype``."""
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, str):
+        return dtype  # checked with the command line's words (resolve_dtype)
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+        if name not in DTYPES:
+            raise InvalidArgument(f"from_pretrained(): dtype=torch.{name} is not supported; use torch.float32, "
+                                  "torch.bfloat16 or torch.float16")
+        return name
+    raise InvalidType(f"from_pretrained(): dtype must be a str ({', '.join(DTYPES)}) or a torch.dtype, not "
+                      f"{type(dtype).__name__}")
+
+
+def _hub_keywords(hub: dict) -> str | None:
+    """Check ``from_pretrained``'s Hugging Face keywords (removing ``attn_implementation``, returned)."""
+    from .models import HUB_KEYWORDS
+
+    for key in list(hub):
+        if key in QUANTISATION:
+            raise InvalidArgument(f"from_pretrained(): {key} is refused: quantised weights are not supported (the "
+                                  "engine runs the layers' projections itself and its identities, fast == naive and "
+                                  "no knockout == the native forward, hold for float weights); load in "
+                                  "dtype='bfloat16' and spread a large model with device_map='auto'")
+        if key in ("torch_dtype", "attn_implementation"):
+            continue
+        if key not in HUB_KEYWORDS:
+            close = difflib.get_close_matches(key, list(HUB_KEYWORDS) + ["attn_implementation", "dtype"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidType(f"from_pretrained() got an unexpected keyword argument {key!r}{hint}; it passes on "
+                              f"{', '.join(HUB_KEYWORDS)} and attn_implementation")
+    if "torch_dtype" in hub:
+        raise InvalidType("from_pretrained(): write dtype=, not torch_dtype=")
+    attention = hub.pop("attn_implementation", None)
+    if attention is not None and not isinstance(attention, str):
+        raise InvalidType(f"from_pretrained(): attn_implementation must be a str, not {type(attention).__name__}")
+    return attention
+
+
+def _check_attention(attention: str, config) -> None:
+    """``attn_implementation`` other than the family's own native attention is refused, with why."""
+    from .families import family_class
+
+    native = family_class(config.model_type).native_attention
+    if attention != native:
+        raise InvalidArgument(f"from_pretrained(): attn_implementation={attention!r} is refused for "
+                              f"{config.model_type}: its native attention is {native!r}, against which the knockouts "
+                              "(run through the tool's own registered attention) are checked bit for bit; leave "
+                              f"attn_implementation out or give {native!r}")
+
+
+def _model_class(config) -> type:
+    """The transformers class a model of ``config``'s family is (the one ``from_pretrained`` loads)."""
+    import transformers
+
+    from .families import family_class
+
+    name = family_class(getattr(config, "model_type", None)).class_name(config.model_type)
+    if name == "AutoModelForCausalLM":
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+    return getattr(transformers, name)
 
 
 class Analyzer:
@@ -170,23 +259,33 @@ class Analyzer:
         self.vision = self.loaded.model.config.model_type in VL_FAMILIES
 
     @classmethod
-    def from_pretrained(cls, name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
-                        max_memory: str | None = None, offload_folder: str | None = None) -> Analyzer:
-        """A checkpoint of a supported family (vision-language or text-only): a hub id or a local folder. ``device_map``
-        (``"auto"``, ``"balanced"``, ``"sequential"``; with ``max_memory`` like ``"0=70GiB,cpu=200GiB"``)
-        spreads a model too large for one device over the GPUs and the CPU."""
+    def from_pretrained(cls, name: str, device: str = "auto", dtype="auto", device_map: str | None = None,
+                        max_memory: str | None = None, offload_folder: str | None = None, **hub) -> Analyzer:
+        """A checkpoint of a supported family (vision-language or text-only): a hub id or a local folder. ``dtype``:
+        ``"auto"`` (the default: bfloat16 on CUDA, float32 on the CPU), ``"float32"``, ``"bfloat16"``,
+        ``"float16"`` or the ``torch.dtype``. ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``; with
+        ``max_memory`` like ``"0=70GiB,cpu=200GiB"``) spreads a model too large for one device over the GPUs and the
+        CPU. Hugging Face keywords that choose the files (``revision``, ``cache_dir``, ``token``,
+        ``local_files_only``) go to every ``from_pretrained``; ``attn_implementation`` is accepted when it is the
+        family's own (the knockouts run through the tool's attention and are checked against that one);
+        quantisation is refused."""
         from .config import check_device, check_device_map
         from .models import VL_FAMILIES, _load_config, load_model, locate_model
 
-        for what, value in (("name", name), ("device", device), ("dtype", dtype)):
+        dtype = _dtype_name(dtype)
+        for what, value in (("name", name), ("device", device)):
             if not isinstance(value, (str, Path) if what == "name" else str):
                 kind = "a str or a path" if what == "name" else "a str"
                 raise InvalidType(f"from_pretrained(): {what} must be {kind}, not {type(value).__name__}")
+        attention = _hub_keywords(hub)
         with python_errors():
             check_device(device)
             check_device_map(device_map, max_memory, offload_folder, device)
-            vision = getattr(_load_config(locate_model(str(name))), "model_type", None) in VL_FAMILIES
-            return cls(load_model(str(name), vision, device, dtype, device_map, max_memory, offload_folder))
+            config = _load_config(locate_model(str(name), hub), hub)
+            if attention is not None:
+                _check_attention(attention, config)
+            vision = getattr(config, "model_type", None) in VL_FAMILIES
+            return cls(load_model(str(name), vision, device, dtype, device_map, max_memory, offload_folder, hub))
 
     @classmethod
     def demo(cls, vision: bool = True) -> Analyzer:
@@ -198,25 +297,53 @@ class Analyzer:
         loaded.name = f"demo ({loaded.name})"
         return cls(loaded)
 
-    def run(self, prompt: str, images=(), progress: bool | Callable[[int, int], None] = True,
-            **options) -> KnockoutResult:
+    def run(self, prompt: str | list[str], images=(), progress: bool | Callable[[int, int], None] = True,
+            metrics=None, knockouts=None, **options) -> KnockoutResult | list[KnockoutResult]:
         """Analyse ``prompt`` (with ``images``: paths or PIL images); ``options`` are the command line's, by their
         long names (``unit``, ``groups``, ``flows``, ``layers``, ``window``, ``stage``, ...). ``progress``: a
         tqdm bar (True, the default; a notebook bar in Jupyter), none (False), or a callable called with
         ``(done, total)`` (window, unit) cells after every head group of the sweep (its batches whose
-        answer rows share one call of the head: up to 512 answer rows)."""
+        answer rows share one call of the head: up to 512 answer rows).
+
+        ``metrics``: custom metrics computed beside the built-ins, ``{name: fn}`` with ``fn(base, knocked, answer)``
+        → one number per knockout (see ``mask_impact.register_metric``; registered ones are always computed).
+        ``knockouts``: ``Knockout`` objects (groups.py) to sweep instead of the ``unit``s: group knockouts (every
+        query) or flows. A list of prompts runs each in turn with the same settings and returns a list of results
+        (``images``: the same for every prompt, or one list of images per prompt)."""
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise InvalidArgument("prompt is an empty list; give a str or a list of str")
+            per_prompt = (isinstance(images, (list, tuple)) and len(images) > 0
+                          and all(isinstance(item, (list, tuple)) for item in images))
+            if per_prompt and len(images) != len(prompt):
+                raise InvalidArgument(f"images has {len(images)} lists for {len(prompt)} prompts; give one list per "
+                                      "prompt, or one list for all")
+            for number, text in enumerate(prompt):
+                if not isinstance(text, str):
+                    raise InvalidType(f"prompt[{number}] must be a str, not {type(text).__name__}")
+            return [self.run(text, images[number] if per_prompt else images, progress, metrics, knockouts,
+                             **options) for number, text in enumerate(prompt)]
         if not isinstance(prompt, str):
-            raise InvalidType(f"prompt must be a str, not {type(prompt).__name__}")
+            raise InvalidType(f"prompt must be a str or a list of str, not {type(prompt).__name__}")
         if not (isinstance(progress, bool) or callable(progress)):
             raise InvalidType(f"progress must be True, False or a callable(done, total), not {type(progress).__name__}")
+        extra = self._metrics(metrics)
         options = check_options(options)
+        if knockouts is not None:
+            from .groups import as_options
+
+            groups, flows, unit = as_options(knockouts, options.get("groups", []), options.get("flows", []),
+                                             options.get("unit"))
+            options.update(groups=groups, flows=flows, **({"unit": unit} if unit is not None else {}))
         one = isinstance(images, (str, Path)) or hasattr(images, "save") or hasattr(images, "__array__")
         images = [images] if one else images
         try:
             images = list(images)
         except TypeError:
             raise InvalidType(f"images must be a list of paths or PIL images, not {type(images).__name__}") from None
-        with tempfile.TemporaryDirectory() as folder, python_errors():
+        from .metrics import extra_metrics
+
+        with tempfile.TemporaryDirectory() as folder, python_errors(), extra_metrics(extra):
             paths, given = [], []
             for number, image in enumerate(images):
                 paths.append(image_file(image, number, Path(folder)))
@@ -231,6 +358,27 @@ class Analyzer:
         data["meta"]["settings"]["images"] = given
         data["meta"]["settings"]["output"] = None
         return KnockoutResult(data)
+
+    @staticmethod
+    def _metrics(metrics) -> dict:
+        """The custom metrics of one run: the registered ones, then ``metrics`` (a dict name → callable)."""
+        from .metrics import CUSTOM, check_metric
+
+        if metrics is None:
+            metrics = {}
+        if not isinstance(metrics, dict):
+            raise InvalidType(f"metrics must be a dict {{name: callable(base, knocked, answer)}}, not "
+                              f"{type(metrics).__name__}")
+        for name, metric in metrics.items():
+            check_metric(name, metric)
+        return {**CUSTOM, **metrics}
+
+    def __repr__(self) -> str:
+        loaded = self.loaded
+        kind = "vision-language" if self.vision else "text"
+        return (f"Analyzer({loaded.name!r}, {loaded.model.config.model_type} {kind}, "
+                f"{loaded.adapter.num_layers} layers, device={str(loaded.device)!r}, "
+                f"dtype={str(loaded.dtype).replace('torch.', '')!r})")
 
 
 def image_file(image, number: int, folder: Path) -> str:
@@ -408,24 +556,19 @@ class KnockoutResult:
         return cells
 
     def to_pandas(self):
-        """Long format: one row per (window, unit), with the unit's kind, label, keys and every metric (and the
-        estimate, ``estimated_logprob_drop``, in an ``estimate=K`` run)."""
+        """Long format: one row per (window, unit), the CSV's very columns (``layer_start`` ... ``queries``,
+        ``patches``, ``modality``, ``image``, ``x0`` ... ``y1``, every metric, custom metrics, and
+        ``estimated_logprob_drop`` in an ``estimate=K`` run), with the CSV's values: ``keys``, ``queries`` and
+        ``patches`` written like ``--layers`` (``4-5,8-9``; ``queries`` empty for every query, ``answer`` for the
+        answer positions), ``image`` counting from 1; empty cells are None (NaN in number columns)."""
         try:
             import pandas as pd
         except ImportError:
             raise MissingDependency("to_pandas() needs pandas: pip install pandas") from None
-        rows = []
-        estimated = (self.data.get("estimate") or {}).get("logprob_drop")
-        for w, (start, end) in enumerate(self.windows):
-            for u, unit in enumerate(self.units):
-                row = {"layer_start": start, "layer_end": end, "window_label": self.window_labels[w], "unit": u,
-                       "kind": unit["kind"], "label": unit["label"], "keys": unit["keys"],
-                       "modality": unit["modality"], "image": unit["image"]}
-                row.update({name: self.data["metrics"][name][w][u] for name in self.metric_names})
-                if estimated is not None:
-                    row["estimated_logprob_drop"] = estimated[w][u]
-                rows.append(row)
-        return pd.DataFrame(rows)
+        from .report import table_rows
+
+        header, rows = table_rows(self.data)
+        return pd.DataFrame(rows, columns=header)
 
     def save(self, path: str | Path, html: bool = True, overwrite: bool = False,
              figures: str | None = None) -> dict[str, Path]:
@@ -522,26 +665,68 @@ class KnockoutResult:
             raise NotAResult(f"{path} is not a mask_impact result: {problem}")
         return cls(data)
 
-    def show(self, top: int = 10):
-        """In Jupyter, the viewer with this result; elsewhere a text table of the top cells."""
+    def show(self, top: int = 10, viewer: bool = False):
+        """The ``top`` cells: in Jupyter a small HTML table (``viewer=True``: the whole viewer with this result,
+        about 160 KB for the demo), elsewhere a text table; token labels are shown escaped (a label ``\\n`` as
+        ``\\n``)."""
         try:
             from IPython import get_ipython
-            from IPython.display import HTML, display
+            from IPython.display import display
             notebook = get_ipython() is not None and "IPKernelApp" in get_ipython().config
         except ImportError:
             notebook = False
-        if notebook:
+        if notebook and viewer:
             import html as html_text
 
             from .report import _finite, viewer_html
 
             page = viewer_html(_finite(self.data))
-            return display(HTML(f'<iframe srcdoc="{html_text.escape(page)}" style="width:100%;height:900px;border:0">'
-                                "</iframe>"))
-        print(str(self) + "\n" + "\n".join(f"{c['window_label']:>14}  {c['label'][:24]:<24} {c['kind']:<7} "
-                                           f"{c['logprob_drop']:>10.4f}" for c in self.top(top)))
+            frame = f'<iframe srcdoc="{html_text.escape(page)}" style="width:100%;height:900px;border:0"></iframe>'
+            return display({"text/html": frame}, raw=True)  # raw: no warning about an iframe in HTML()
+        if notebook:
+            return display({"text/html": self._html(top)}, raw=True)
+        print(self._text(top))
         return None
 
+    def _text(self, top: int = 10) -> str:
+        cells = self.top(top)
+        width = max([len(_printable(c["label"])) for c in cells] + [5])
+        width = min(width, 40)
+        lines = [repr(self), f"{'window':>14}  {'label':<{width}} {'kind':<7} {'logprob_drop':>12}"]
+        for c in cells:
+            label = _printable(c["label"])
+            label = label if len(label) <= width else label[:width - 1] + "…"
+            lines.append(f"{c['window_label']:>14}  {label:<{width}} {c['kind']:<7} {c['logprob_drop']:>12.4f}")
+        return "\n".join(lines)
+
+    def _html(self, top: int = 10) -> str:
+        """A small HTML summary (Jupyter's rich display of a result): what was run and its ``top`` cells."""
+        from html import escape
+
+        meta = self.data.get("meta", {})
+        rows = "".join(f"<tr><td>{escape(c['window_label'])}</td><td><code>{escape(_printable(c['label']))}</code>"
+                       f"</td><td>{escape(c['kind'])}</td><td style='text-align:right'>{c['logprob_drop']:.4f}"
+                       "</td></tr>" for c in self.top(top))
+        return (f"<div><b>KnockoutResult</b> · {escape(str(meta.get('model', '')))} · stage "
+                f"{escape(str(self.data.get('stage', 'decoder')))} · {len(self.windows)} windows × "
+                f"{len(self.units)} units<br>answer: <code>{escape(_printable(self.answer))}</code>"
+                f"<table><thead><tr><th>window</th><th>unit</th><th>kind</th><th>logprob_drop</th></tr></thead>"
+                f"<tbody>{rows}</tbody></table><small>result.show(viewer=True): the interactive viewer; "
+                f"result.save(path): JSON, CSV and the viewer page</small></div>")
+
+    def _repr_html_(self) -> str:
+        return self._html()
+
     def __repr__(self) -> str:
-        return (f"KnockoutResult(answer={self.answer!r}, {len(self.windows)} windows × {len(self.units)} units, "
-                f"stage={self.data.get('stage', 'decoder')})")
+        kinds = sorted({unit["kind"] for unit in self.units})
+        top = self.top(1)
+        best = (f", top: {top[0]['window_label']} / {_printable(top[0]['label'])!r} logprob_drop="
+                f"{top[0]['logprob_drop']:.4g}" if top else "")
+        return (f"KnockoutResult(answer={self.answer!r}, stage={self.data.get('stage', 'decoder')!r}, "
+                f"{len(self.windows)} windows × {len(self.units)} {'/'.join(kinds)} units, "
+                f"model={self.data.get('meta', {}).get('model')!r}{best})")
+
+
+def _printable(text: str) -> str:
+    """``text`` with every character a terminal or table would act on escaped (``\\n``, ``\\t``, ``\\x1b``)."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))

@@ -5,13 +5,22 @@ answer log-probs without knockout, ``knocked`` the (B, T, V) log-probs under B k
 ``answer`` the (T,) greedy answer ids. ``METRICS`` is the registry; ``PRIMARY`` ranks knockouts.
 ``STEPS`` are the per-step metrics, ``(base, knocked, answer) -> (B, T)``: what each answer step
 contributes (the result's ``steps``; the viewer's answer-steps view).
+
+Custom metrics (the Python API): ``register_metric(name, fn)`` adds ``fn`` to ``CUSTOM``, which every later
+``Analyzer.run`` computes; ``run(metrics={name: fn})`` adds some to one run. They have the built-ins' signature,
+return one number per knockout, and are computed beside the built-ins (``extra_metrics``), never instead of them.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import re
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
+
+from .errors import InvalidArgument, InvalidType
 
 Metric = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -84,9 +93,70 @@ def compute_steps(base: torch.Tensor, knocked: torch.Tensor, answer: torch.Tenso
     return {name: metric(base, knocked, answer).cpu().tolist() for name, metric in STEPS.items()}
 
 
+CUSTOM: dict[str, Metric] = {}  # register_metric: every later Analyzer.run computes them too
+_EXTRA: ContextVar[dict[str, Metric]] = ContextVar("extra_metrics", default={})
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def check_metric(name, metric) -> None:
+    """A custom metric's name (not a built-in's) and callable, or the library's error."""
+    if not isinstance(name, str):
+        raise InvalidType(f"a metric's name must be a str, not {type(name).__name__}")
+    if not NAME.fullmatch(name):
+        raise InvalidArgument(f"metric name {name[:64]!r} must be letters, digits and '_' (not starting with a digit,"
+                              " at most 64 characters)")
+    if name in METRICS or name == "estimated_logprob_drop":
+        raise InvalidArgument(f"metric name {name!r} is a built-in metric's; choose another name")
+    if not callable(metric):
+        raise InvalidType(f"metric {name!r} must be a callable(base, knocked, answer), not {type(metric).__name__}")
+
+
+def register_metric(name: str, metric: Metric) -> None:
+    """Compute ``metric(base, knocked, answer) -> (B,)`` in every later ``Analyzer.run``, as ``metrics[name]``
+    (``base``: the (T, V) answer log-probs without knockout; ``knocked``: (B, T, V) under B knockouts; ``answer``:
+    the (T,) answer ids). Registering a name again replaces its metric."""
+    check_metric(name, metric)
+    CUSTOM[name] = metric
+
+
+@contextmanager
+def extra_metrics(metrics: dict[str, Metric]) -> Iterator[None]:
+    """Within the block, the sweep also computes ``metrics`` (name → callable) beside the built-ins."""
+    token = _EXTRA.set(dict(metrics))
+    try:
+        yield
+    finally:
+        _EXTRA.reset(token)
+
+
+def metric_names() -> list[str]:
+    """The metrics a sweep computes now: the built-ins, then the extra ones."""
+    return list(METRICS) + [name for name in _EXTRA.get() if name not in METRICS]
+
+
+def _extra_values(name: str, values, rows: int) -> list:
+    """A custom metric's output as one JSON number per knockout (bools stay bools, NaN becomes None)."""
+    try:
+        values = torch.as_tensor(values).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidType(f"metric {name!r} returned a {type(values).__name__}; return a tensor of one number per "
+                          "knockout") from None
+    if values.shape != (rows,):
+        raise InvalidArgument(f"metric {name!r} returned shape {tuple(values.shape)} for {rows} knockouts; return one "
+                              f"number per knockout, shape ({rows},)")
+    if values.dtype == torch.bool:
+        return [bool(v) for v in values]
+    if values.is_complex():
+        raise InvalidType(f"metric {name!r} returned complex numbers")
+    return [None if v != v else float(v) for v in values.double().tolist()]
+
+
 def compute_all(base: torch.Tensor, knocked: torch.Tensor, answer: torch.Tensor) -> dict[str, list]:
-    """Every registered metric for a batch, as plain Python lists (JSON-ready)."""
+    """Every registered metric for a batch (and the extra ones of ``extra_metrics``), as plain Python lists
+    (JSON-ready)."""
     out = {}
+    for name, metric in _EXTRA.get().items():
+        out[name] = _extra_values(name, metric(base, knocked, answer), knocked.shape[0])
     for name, metric in METRICS.items():
         values = metric(base, knocked, answer).cpu()
         if values.dtype == torch.bool:
@@ -95,4 +165,4 @@ def compute_all(base: torch.Tensor, knocked: torch.Tensor, answer: torch.Tensor)
             out[name] = [None if v < 0 else int(v) for v in values]
         else:
             out[name] = [float(v) for v in values]
-    return out
+    return {name: out[name] for name in metric_names()}

@@ -67,13 +67,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
-               max_memory: str | None = None, offload_folder: str | None = None) -> LoadedModel:
+               max_memory: str | None = None, offload_folder: str | None = None,
+               hub: dict | None = None) -> LoadedModel:
     """Load a checkpoint (hub id or local folder) through ``from_pretrained``; errors say what is wrong.
-    ``device_map`` (with ``max_memory``, ``offload_folder``): accelerate spreads the layers over the devices."""
+    ``device_map`` (with ``max_memory``, ``offload_folder``): accelerate spreads the layers over the devices.
+    ``hub``: Hugging Face keywords given to every ``from_pretrained`` (``HUB_KEYWORDS``: ``revision``, ...)."""
+    hub = dict(hub or {})
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    name = locate_model(name)
-    config = _load_config(name)
+    name = locate_model(name, hub)
+    config = _load_config(name, hub)
     model_type = getattr(config, "model_type", None)
     try:
         family = family_class(model_type)
@@ -88,14 +91,14 @@ def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto
                          "for it")
     if Path(name).is_dir():
         check_model_files(Path(name))
-    processor, tokenizer = _load_processor(name, vision)
+    processor, tokenizer = _load_processor(name, vision, hub)
     model_class = getattr(transformers, family.class_name(model_type))
     if device_map is None:
-        model = _load_weights(model_class, name, torch_dtype)
+        model = _load_weights(model_class, name, torch_dtype, **hub)
         model.to(torch_device).eval()
     else:
         placement = placement_for(model_class, config, torch_dtype, device_map, max_memory, offload_folder)
-        model = _load_weights(model_class, name, torch_dtype, **placement).eval()
+        model = _load_weights(model_class, name, torch_dtype, **placement, **hub).eval()
         torch_device = input_device(model)
     return LoadedModel(model, processor, tokenizer, adapter_for(model), name, torch_device, torch_dtype)
 
@@ -138,8 +141,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")  # one of them: fast, BPE or SentencePiece
 
 
-def locate_model(name: str) -> str:
-    """A local folder (checked for the files a checkpoint needs) or a hub id that can be had right now."""
+# Hugging Face keywords the Python API passes through to every from_pretrained (Analyzer.from_pretrained): they
+# choose which files are read, never how the model computes
+HUB_KEYWORDS = ("revision", "cache_dir", "token", "local_files_only")
+
+
+def locate_model(name: str, hub: dict | None = None) -> str:
+    """A local folder (checked for the files a checkpoint needs) or a hub id that can be had right now (``hub``:
+    its ``revision`` and ``cache_dir``, if given)."""
+    hub = hub or {}
     folder = Path(name).expanduser()
     if folder.is_dir():
         check_model_folder(folder)
@@ -148,9 +158,11 @@ def locate_model(name: str) -> str:
         raise UsageError(f"--model {bounded(name)} is a file; give the checkpoint's folder or a hub id")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise UsageError(f"model folder {bounded(name)} does not exist; check the --model path")
-    if try_to_load_from_cache(name, "config.json") is None:  # not cached: the hub must be reachable now
-        if hub_constants.HF_HUB_OFFLINE:
-            raise UsageError(f"model {quoted(name)} is not in the local hub cache and HF_HUB_OFFLINE is set; "
+    cached = try_to_load_from_cache(name, "config.json", cache_dir=hub.get("cache_dir"), revision=hub.get("revision"))
+    if cached is None:  # not cached: the hub must be reachable now
+        if hub_constants.HF_HUB_OFFLINE or hub.get("local_files_only"):
+            why = "local_files_only is given" if hub.get("local_files_only") else "HF_HUB_OFFLINE is set"
+            raise UsageError(f"model {quoted(name)} is not in the local hub cache and {why}; "
                              "download it first, or pass a local folder")
         if not _hub_reachable():
             raise UsageError(f"model {quoted(name)} is not a local folder, not in the local hub cache, and the hub "
@@ -214,14 +226,15 @@ def _short_reason(error: Exception) -> str:
     return str(error).splitlines()[0][:120]
 
 
-def _load_processor(name: str, vision: bool) -> tuple[object, object]:
+def _load_processor(name: str, vision: bool, hub: dict | None = None) -> tuple[object, object]:
+    hub = hub or {}
     try:
         if vision:
-            processor = transformers.AutoProcessor.from_pretrained(name)
+            processor = transformers.AutoProcessor.from_pretrained(name, **hub)
             if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
                 raise ValueError("no image processor")
             return processor, processor.tokenizer
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, **hub)
         return tokenizer, tokenizer
     except (OSError, ValueError, TypeError, KeyError) as error:
         what = "processor (tokenizer and image processor)" if vision else "tokenizer"
@@ -245,9 +258,9 @@ def _load_weights(model_class, name: str, dtype: torch.dtype, **placement) -> nn
     return model
 
 
-def _load_config(name: str):
+def _load_config(name: str, hub: dict | None = None):
     try:
-        return transformers.AutoConfig.from_pretrained(name)
+        return transformers.AutoConfig.from_pretrained(name, **(hub or {}))
     except (OSError, ValueError, TypeError, KeyError) as error:
         text = str(error)
         if "does not recognize this architecture" in text or "model type" in text and "not" in text:

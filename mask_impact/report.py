@@ -107,28 +107,60 @@ def csv_text(data: dict) -> str:
     for every query, and ends with ``answer`` (``10,answer``) where the answer positions are blocked too;
     ``patches`` (``--stage pixels``) lists the rows of ``pixel_values`` replaced; ``image`` counts from 1 and the
     box is in original-image pixels. A result with an estimate (``--estimate``) has one more column,
-    ``estimated_logprob_drop``; its metrics are empty where no exact value was computed."""
+    ``estimated_logprob_drop``; its metrics are empty where no exact value was computed. Custom metrics (the
+    Python API's) follow the built-in ones. ``KnockoutResult.to_pandas`` has the same columns (``table_rows``)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # RFC 4180 line ends: fields holding \r or \n get quoted
+    header, rows = table_rows(data)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_text_cell(value) if name in TEXT_COLUMNS else _blank(value)
+                         for name, value in zip(header, row)])
+    return buffer.getvalue()
+
+
+TEXT_COLUMNS = ("window_label", "label")  # cells a spreadsheet could run as a formula (``modality`` never can)
+
+
+def table_columns(data: dict) -> list[str]:
+    """The CSV's header (and ``to_pandas``' columns): ``CSV_COLUMNS``, custom metrics, the estimate."""
+    extra = [name for name in data["metrics"] if name not in CSV_COLUMNS]
     estimated = (data.get("estimate") or {}).get("logprob_drop")
-    writer.writerow(CSV_COLUMNS + (["estimated_logprob_drop"] if estimated else []))
+    return CSV_COLUMNS + extra + (["estimated_logprob_drop"] if estimated else [])
+
+
+def table_rows(data: dict) -> tuple[list[str], list[list]]:
+    """The header and one row per (window, unit), unescaped, None where a cell is empty."""
+    header = table_columns(data)
     metrics = data["metrics"]
+    names = [name for name in header[CSV_COLUMNS.index("y1") + 1:] if name != "estimated_logprob_drop"]
+    estimated = (data.get("estimate") or {}).get("logprob_drop")
     labels = data.get("window_labels") or [f"layers {a}–{b}" for a, b in data["windows"]]
+    rows = []
     for w, (start, end) in enumerate(data["windows"]):
-        for i, unit in enumerate(data["units"]):
+        for i, unit in enumerate(units_of(data)):
             queries = "" if unit["queries"] is None else ",".join(
                 ([position_ranges(unit["queries"])] if unit["queries"] else [])
                 + (["answer"] if unit["queries_from"] is not None else []))
             box = unit["box"] or [None] * 4
-            writer.writerow([
-                start, end, _text_cell(labels[w]), i, unit["kind"], _text_cell(unit["label"]),
-                position_ranges(unit["keys"]), queries,
-                position_ranges(unit.get("patches") or []), unit["modality"], "" if unit["image"] is None else unit["image"] + 1, *map(_blank, box),
-                metrics["logprob_drop"][w][i], metrics["prob_change_pct"][w][i], metrics["kl"][w][i],
-                metrics["top1_changed"][w][i], _blank(metrics["first_divergence"][w][i]),
+            rows.append([
+                start, end, labels[w], i, unit["kind"], unit["label"], position_ranges(unit["keys"]), queries,
+                position_ranges(unit.get("patches") or []), unit["modality"],
+                None if unit["image"] is None else unit["image"] + 1, *box,
+                *(metrics[name][w][i] for name in names),
                 *([estimated[w][i]] if estimated else []),
             ])
-    return buffer.getvalue()
+    return header, rows
+
+
+def units_of(data: dict) -> list[dict]:
+    """A result's units; a schema 1 result's swept positions as one token unit each."""
+    if "units" in data:
+        return data["units"]
+    tokens = data["tokens"]
+    return [{"index": i, "kind": "token", "label": tokens[p]["text"], "keys": [p], "queries": None,
+             "queries_from": None, "modality": tokens[p]["modality"], "image": tokens[p]["image"],
+             "box": tokens[p]["box"], "patches": None} for i, p in enumerate(data["positions"])]
 
 
 def position_ranges(positions: list[int]) -> str:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import RunConfig, UsageError
 from .engine import Analysis, Baseline
 from .inputs import Prompt
-from .metrics import METRICS, PRIMARY, STEPS, compute_all, compute_steps
+from .metrics import PRIMARY, STEPS, compute_all, compute_steps, metric_names
 from .models import LoadedModel
 from .shard import NOT_LAUNCHED
 from .units import Unit, build_units
@@ -189,7 +189,7 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
     answer = engine.tf.answer_ids
     count = len(knockouts)
     shard = store.shard if store is not None else NOT_LAUNCHED
-    metrics = {name: [[None] * count for _ in windows] for name in METRICS}
+    metrics = {name: [[None] * count for _ in windows] for name in metric_names()}
     steps = {name: [[None] * count for _ in windows] for name in STEPS}
     missing = set()
 

@@ -67,7 +67,7 @@ def test_pil_images_and_schema_1_results(analyzer, tmp_path):
 
 
 @pytest.mark.parametrize("call,kind,message", [
-    (lambda a: a.run(42), InvalidType, "prompt must be a str, not int"),
+    (lambda a: a.run(42), InvalidType, "prompt must be a str or a list of str, not int"),
     (lambda a: a.run("hi", units="word"), InvalidType, "unexpected keyword argument 'units' \\(did you mean 'unit'"),
     (lambda a: a.run("hi", output="x"), InvalidType, "unexpected keyword argument 'output'"),
     (lambda a: a.run("hi", num_tokens="5"), InvalidType, "num_tokens must be an int, not str"),
@@ -239,6 +239,195 @@ def test_per_step_drops_add_up_to_the_summed_drop(analyzer):
     assert (steps != 0).any()  # not a grid of zeros
     with pytest.raises(InvalidArgument, match="no per-step 'kl'"):
         result.steps("kl")
+
+
+def test_a_custom_metric_written_as_logprob_drop_gives_logprob_drop(analyzer, tmp_path):
+    """A callable of the baseline and knocked-out log-probabilities, passed to ``run`` or registered."""
+    import torch
+
+    import mask_impact
+    from mask_impact import metrics as registry
+
+    def my_drop(base, knocked, answer):  # Σ_t log p(y_t) − log p_KO(y_t), written from scratch
+        steps = torch.arange(len(answer))
+        return (base[steps, answer] - knocked[:, steps, answer]).sum(-1)
+
+    def answer_prob(base, knocked, answer):
+        return knocked[:, 0, answer[0]].exp()
+
+    options = dict(images=[str(DEMO_IMAGE)], unit="region:2", num_tokens=2, progress=False)
+    result = analyzer.run("What color is the shape?", metrics={"my_drop": my_drop}, **options)
+    assert list(result.data["metrics"])[-1] == "my_drop"
+    assert np.allclose(result.metric("my_drop"), result.metric("logprob_drop"), rtol=1e-6, atol=1e-6)
+    assert np.abs(result.metric("my_drop")).max() > 1  # the shape's block costs the answer: not a grid of zeros
+    assert "my_drop" in result.to_pandas().columns
+    paths = result.save(tmp_path / "custom")
+    assert paths["csv"].read_text().splitlines()[0].endswith("first_divergence,my_drop")
+    mask_impact.register_metric("answer_prob", answer_prob)
+    try:
+        registered = analyzer.run("What color is the shape?", **options)
+        base = np.exp(registered.data["baseline"]["logprobs"][0])
+        # prob_change_pct = 100 (p_KO − p) / p, so p_KO = p (1 + pct / 100)
+        assert np.allclose(registered.metric("answer_prob"), base * (1 + registered.metric("prob_change_pct") / 100),
+                           rtol=1e-4, atol=1e-7)
+        assert registered.data["metrics"]["logprob_drop"] == result.data["metrics"]["logprob_drop"]
+    finally:
+        registry.CUSTOM.pop("answer_prob")
+    assert "answer_prob" not in analyzer.run("What color is the shape?", **options).data["metrics"]
+    with pytest.raises(InvalidArgument, match="metric name 'kl' is a built-in metric's"):
+        analyzer.run("What color is the shape?", metrics={"kl": my_drop}, **options)
+    with pytest.raises(InvalidType, match="metric 'x' must be a callable"):
+        analyzer.run("What color is the shape?", metrics={"x": 3}, **options)
+    with pytest.raises(InvalidArgument, match=r"metric 'bad' returned shape \(2,\) for 4 knockouts"):
+        analyzer.run("What color is the shape?", metrics={"bad": lambda base, knocked, answer: base[:, 0]}, **options)
+
+
+def test_knockout_objects_give_the_numbers_of_the_equivalent_strings(analyzer):
+    from mask_impact import Box, Group, Knockout, Positions, Text
+
+    prompt, options = "What color is the shape?", dict(images=[str(DEMO_IMAGE)], num_tokens=2, progress=False)
+    strings = analyzer.run(prompt, unit="groups", groups=["shape=64,0,128,64", "q=text:\"color\""], **options)
+    objects = analyzer.run(prompt, knockouts=[Knockout(Box(64, 0, 128, 64), name="shape"),
+                                              Knockout(Text("color"), name="q")], **options)
+    grouped = analyzer.run(prompt, unit="groups", groups=[Group("shape", Box(64, 0, 128, 64)),
+                                                           Group("q", Text("color"))], **options)
+    assert objects.data["metrics"] == strings.data["metrics"] == grouped.data["metrics"]
+    assert [u["label"] for u in objects.units] == ["shape", "q"] and objects.metric()[2, 0] > 1
+    flows = analyzer.run(prompt, flows=["image->last", "question->last"], **options)
+    as_objects = analyzer.run(prompt, knockouts=[Knockout("image", "last"), Knockout("question", "last")], **options)
+    assert as_objects.data["metrics"] == flows.data["metrics"]
+    assert [u["label"] for u in as_objects.units] == ["image->last", "question->last"]
+    # one position, every query: the token knockout of the plain token sweep (in other batches: float32 rounding of
+    # the values' size)
+    tokens = analyzer.run(prompt, mask_mode="vision", **options)
+    column = next(u["index"] for u in tokens.units if u["label"] and u["box"] == [64.0, 32.0, 96.0, 64.0])
+    position = tokens.units[column]["keys"][0]
+    single = analyzer.run(prompt, knockouts=[Knockout(Positions(position))], **options)
+    expected = tokens.metric()[:, column]
+    rounding = 16 * np.finfo(np.float32).eps * abs(expected).max()
+    assert np.allclose(single.metric()[:, 0], expected, rtol=0, atol=rounding)
+    assert abs(expected).max() > 1
+    with pytest.raises(InvalidArgument, match="mixes group knockouts"):
+        analyzer.run(prompt, knockouts=[Knockout(Positions(3)), Knockout("image", "last")], **options)
+    with pytest.raises(InvalidArgument, match="swept as flows, which are the run's units; leave unit='groups' out"):
+        analyzer.run(prompt, unit="groups", knockouts=[Knockout("image", "last")], **options)
+    with pytest.raises(InvalidArgument, match="swept as groups; unit='region:2' asks for another unit"):
+        analyzer.run(prompt, unit="region:2", knockouts=[Knockout(Positions(3))], **options)
+    with pytest.raises(InvalidArgument, match="group far: the box 500,500,600,600 lies outside image 1"):
+        analyzer.run(prompt, knockouts=[Knockout(Box(500, 500, 600, 600), name="far")], **options)
+    with pytest.raises(InvalidType, match="keys must be a Box, Positions, Text, Group or a group name"):
+        Knockout(3)
+
+
+def test_a_list_of_prompts_is_the_runs_one_by_one(analyzer):
+    prompts = ["What color is the shape?", "What shape is it?"]
+    options = dict(images=[str(DEMO_IMAGE)], unit="region:2", num_tokens=2, progress=False)
+    both = analyzer.run(prompts, **options)
+    alone = [analyzer.run(prompt, **options) for prompt in prompts]
+    assert [r.answer for r in both] == [r.answer for r in alone] and both[0].answer == "red"
+    assert [r.data["metrics"] for r in both] == [r.data["metrics"] for r in alone]
+    per_prompt = analyzer.run(prompts, images=[[str(DEMO_IMAGE)], [str(DEMO_IMAGE)]], unit="region:2", num_tokens=2,
+                              progress=False)
+    assert [r.data["metrics"] for r in per_prompt] == [r.data["metrics"] for r in alone]
+    with pytest.raises(InvalidType, match=r"prompt\[1\] must be a str, not int"):
+        analyzer.run(["hi", 3])
+    with pytest.raises(InvalidArgument, match="images has 1 lists for 2 prompts"):
+        analyzer.run(prompts, images=[[str(DEMO_IMAGE)]])
+
+
+def test_to_pandas_has_the_csvs_columns_and_values(analyzer, tmp_path):
+    import pandas as pd
+
+    result = analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], unit="region:2",
+                          mask_mode="both", num_tokens=2, progress=False)
+    table = result.to_pandas()
+    paths = result.save(tmp_path / "r", html=False)
+    csv = pd.read_csv(paths["csv"], keep_default_na=False, dtype=str)
+    assert list(table.columns) == list(csv.columns)
+    assert {"queries", "patches", "x0", "y0", "x1", "y1"} <= set(table.columns)
+    assert table["keys"].tolist() == csv["keys"].tolist()  # one format: 4-5,8-9
+    assert any("-" in keys and "," in keys for keys in table["keys"])
+    assert table["image"].dropna().tolist() == [float(v) for v in csv["image"] if v]  # counted from 1
+    assert np.allclose(table["logprob_drop"].astype(float), csv["logprob_drop"].astype(float), rtol=1e-12)
+    flows = analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], flows=["image->last"], num_tokens=2,
+                         progress=False).to_pandas()
+    assert flows["queries"].iloc[0] != ""  # a flow lists its queries, written like its keys
+
+
+def test_repr_show_and_html_escape_token_labels(analyzer, capsys):
+    result = analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], unit="region:2", num_tokens=1,
+                          progress=False)
+    text = repr(result)
+    assert text.startswith("KnockoutResult(answer='red', stage='decoder', 3 windows × 4 region units")
+    assert "image1 r0-1 c2-3" in text
+    assert repr(analyzer).startswith("Analyzer('demo (") and "qwen3_vl vision-language, 3 layers" in repr(analyzer)
+    data = json.loads(json.dumps(result.data))
+    data["units"][0]["label"] = "a\nb\x1b[31m"
+    data["metrics"]["logprob_drop"][0][0] = 99.0
+    odd = KnockoutResult(data)
+    odd.show(top=2)
+    out = capsys.readouterr().out
+    assert "a\\nb\\x1b[31m" in out and "\x1b" not in out
+    assert len(out.splitlines()) == 4  # the repr, the header, two cells: the \n label breaks no line
+    page = odd._repr_html_()
+    assert len(page) < 5000 and "<iframe" not in page and "a\\nb\\x1b[31m" in page
+    assert "<script" not in KnockoutResult(dict(data, baseline=dict(data["baseline"], text="<script>")))._repr_html_()
+
+
+def test_from_pretrained_takes_torch_dtypes_and_hub_keywords(analyzer):
+    import torch
+
+    folder = demo_model_path(True)
+    own = Analyzer.from_pretrained(folder, device="cpu", dtype=torch.float32, revision="main",
+                                   attn_implementation="sdpa", local_files_only=True)
+    assert own.loaded.dtype == torch.float32
+    options = dict(images=[str(DEMO_IMAGE)], unit="region:2", num_tokens=2, progress=False)
+    assert own.run("What color is the shape?", **options).data["metrics"] == \
+        analyzer.run("What color is the shape?", **options).data["metrics"]
+    for keywords, kind, message in [
+        ({"dtype": torch.int8}, InvalidArgument, "dtype=torch.int8 is not supported"),
+        ({"dtype": 3}, InvalidType, "dtype must be a str .* or a torch.dtype, not int"),
+        ({"quantization_config": object()}, InvalidArgument, "quantization_config is refused: quantised weights"),
+        ({"load_in_4bit": True}, InvalidArgument, "load_in_4bit is refused"),
+        ({"revison": "main"}, InvalidType, "unexpected keyword argument 'revison' \\(did you mean 'revision'"),
+        ({"attn_implementation": "eager"}, InvalidArgument, "attn_implementation='eager' is refused for qwen3_vl: "
+                                                             "its native attention is 'sdpa'"),
+        ({"torch_dtype": torch.float32}, InvalidType, "write dtype=, not torch_dtype="),
+    ]:
+        with pytest.raises(kind, match=message):
+            Analyzer.from_pretrained(folder, device="cpu", **keywords)
+
+
+def test_a_module_wrapping_a_model_is_refused_in_the_librarys_words(analyzer):
+    import torch
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+    model = analyzer.loaded.model
+    with pytest.raises(InvalidType, match="model is a Wrap, not a Qwen3VLForConditionalGeneration .*not a module "
+                                          "wrapping it"):
+        Analyzer(Wrap(model), analyzer.loaded.processor)
+    with pytest.raises(InvalidType, match="model is a Qwen3VLModel, not a Qwen3VLForConditionalGeneration"):
+        Analyzer(model.model, analyzer.loaded.processor)
+
+
+def test_the_public_names_import_without_torch():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys, mask_impact\n"
+            "from mask_impact import Box, Group, Knockout, Positions, Text, demo_image, register_metric\n"
+            "assert demo_image().is_file() and demo_image().name == 'testimg.png'\n"
+            "assert str(Group('cat', Box(1, 2, 30.5, 40, image=2))) == 'cat=1,2,30.5,40@2'\n"
+            "assert str(Positions(3, range(5, 8), 10)) == 'pos:3,5-7,10' and str(Text('a b')) == 'text:\"a b\"'\n"
+            "assert 'torch' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
 
 
 def test_an_opened_photo_is_given_to_the_model_upright(tmp_path):
