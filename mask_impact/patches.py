@@ -1,8 +1,9 @@
-"""Where each image's patches lie among ``pixel_values``' rows, and in the picture (the Qwen VL families' layout).
+"""Where each image's patches lie among the patch rows of ``pixel_values``, and in the picture.
 
-The processor turns each image into ``pixel_values``: one row per 16×16 patch of the *resized* image (its
+The Qwen processors turn each image into ``pixel_values``: one row per 16×16 patch of the *resized* image (its
 temporal copies included), ordered image by image, then t, then decoder token (row, column of the merged grid),
-then the ``merge × merge`` patches inside that token. The occlusion and vision-encoder stages name a unit's
+then the ``merge × merge`` patches inside that token. Other families give their pictures in that form through
+their adapter (``patch_rows``: LLaVA-1.5's crop, one 14×14 patch per token). The occlusion and vision-encoder stages name a unit's
 patches by these rows (``units.pixel_units``) and their engines replace or knock out exactly those.
 """
 
@@ -79,6 +80,12 @@ def patch_box(prompt, layout: PatchLayout, row: int, exact: bool = False) -> lis
     image, _, patch_row, patch_col = layout.cell(row)
     info = prompt.images[image]
     _, h, w = layout.grids[image]
-    side_x, side_y = info.width / w, info.height / h  # a patch's size, mapped back by the resize ratio
-    box = [patch_col * side_x, patch_row * side_y, (patch_col + 1) * side_x, (patch_row + 1) * side_y]
+    if info.crop is None:  # the grid covers the whole resized picture
+        side_x, side_y = info.width / w, info.height / h  # a patch's size, mapped back by the resize ratio
+        box = [patch_col * side_x, patch_row * side_y, (patch_col + 1) * side_x, (patch_row + 1) * side_y]
+    else:  # the grid covers the crop (LLaVA-1.5's centre): its offset and size in the resized picture, mapped back
+        left, top, crop_width, crop_height = info.crop
+        sx, sy = info.width / info.resized_width, info.height / info.resized_height
+        box = [(left + patch_col * crop_width / w) * sx, (top + patch_row * crop_height / h) * sy,
+               (left + (patch_col + 1) * crop_width / w) * sx, (top + (patch_row + 1) * crop_height / h) * sy]
     return box if exact else [round(v, 2) for v in box]

@@ -248,7 +248,6 @@ def test_stages_fast_equal_naive(checkpoints, picture, model_type, stage):
     prompt = build_prompt(loaded, "What is in the picture?", [picture])
     analysis = Analysis(loaded, prompt)
     _, tf = analysis.baseline(2)
-    depth = len(loaded.model.model.visual.blocks)
     for unit in ("token", "region:2", "image"):
         config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage=stage)
         units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
@@ -257,11 +256,61 @@ def test_stages_fast_equal_naive(checkpoints, picture, model_type, stage):
                                                                                           units), [None]
         else:
             fast, naive = VisionEncoderEngine(analysis, tf, units), NaiveVisionEncoderEngine(analysis, tf, units)
-            windows = [(0, 0), (1, depth - 1)]
+            windows = [(0, 0), (1, loaded.adapter.vision_depth - 1)]
         for window in windows:
             expected = naive.logprobs(window, units)
             assert (fast.logprobs(window, units) - expected).abs().max() <= 2e-5, (unit, window)
             assert (expected - naive.base_logprobs).abs().max() > 1e-5, (unit, window)
+
+
+def test_llava_occlusion_is_the_model_on_the_picture_with_the_patch_filled_by_hand(checkpoints, picture):
+    """LLaVA-1.5 (one 14×14 patch of the centre crop per token): occluding a token is the model run natively on
+    ``pixel_values`` whose block under that token is set to the fill by hand; fast == naive == that; the patch rows
+    are the picture's blocks, row by row; a unit's box is its token's."""
+    from mask_impact.engines.pixels import NaivePixelEngine, PixelEngine
+
+    loaded = checkpoints.loaded("llava")
+    prompt = build_prompt(loaded, "What is in the picture?", [picture])
+    analysis = Analysis(loaded, prompt)
+    _, tf = analysis.baseline(2)
+    pixels, p = tf.model_kwargs["pixel_values"], loaded.adapter.patch_size  # (1, C, H, W)
+    rows = loaded.adapter.patch_rows(pixels)
+    side = pixels.shape[-1] // p
+    assert torch.equal(loaded.adapter.pixel_values_of(rows), pixels)
+    assert torch.equal(rows[side + 2], pixels[0, :, p: 2 * p, 2 * p: 3 * p].reshape(-1))  # row 1, column 2
+    config = SimpleNamespace(unit="token", groups=[], flows=[], mask_mode="vision", stage="pixels")
+    units = build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+    vision = [t for t in prompt.tokens if t.modality == "vision"]
+    assert [u.box for u in units] == [t.box for t in vision] and [u.patches for u in units] == [[n] for n in
+                                                                                               range(len(vision))]
+    processor = loaded.processor.image_processor
+    black = (0.0 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)  # (C,)
+    fast, naive = PixelEngine(analysis, tf, "black", units), NaivePixelEngine(analysis, tf, "black", units)
+    chosen = [0, side + 2, len(units) - 1]
+    expected = []
+    for n in chosen:
+        row, col = vision[n].row, vision[n].col
+        by_hand = pixels.clone()
+        by_hand[0, :, row * p: (row + 1) * p, col * p: (col + 1) * p] = black[:, None, None]
+        with torch.no_grad():
+            logits = loaded.model(input_ids=tf.input_ids, pixel_values=by_hand).logits
+        expected.append(torch.log_softmax(logits[0, tf.answer_positions].float(), dim=-1))
+    expected = torch.stack(expected)  # (3, T, V)
+    picked = [units[n] for n in chosen]
+    assert (naive.logprobs(None, picked) - expected).abs().max() <= 2e-5
+    assert (fast.logprobs(None, picked) - expected).abs().max() <= 2e-5
+    assert (expected - naive.base_logprobs).abs().max() > 1e-4  # the fill changes the answer's distribution
+
+
+def test_llava_occlusion_from_the_command_line(checkpoints, picture, in_tmp, capsys):
+    assert main(_argv(checkpoints.folder("llava"), "--image", picture, "--stage", "pixels", "--unit", "region:2",
+                      "--fill", "blur", "--output", "o"), True) == 0, capsys.readouterr().err
+    data = json.loads((in_tmp / "output" / "o.json").read_text())
+    assert data["stage"] == "pixels" and data["window_labels"] == ["occluded (blur)"]
+    assert len(data["units"]) == 4 and all(len(u["patches"]) == 4 for u in data["units"])  # 4×4 tokens, 2×2 blocks
+    assert data["units"][0]["box"] == [32.0, 0.0, 64.0, 32.0]  # the 128×64 picture's centre crop starts at x = 32
+    kl = [value for row in data["metrics"]["kl"] for value in row]
+    assert min(kl) >= -1e-6 and max(kl) > 0  # each blurred block changes the answer's distribution, some more
 
 
 def _argv(folder, *extra) -> list[str]:
@@ -284,7 +333,10 @@ def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, pictur
     ("qwen2_vl", "deepstack", "--stage deepstack is not available for qwen2_vl models (it has no DeepStack)"),
     ("qwen2_5_vl", "deepstack", "it has no DeepStack"),
     ("qwen2_5_vl", "vision-encoder", "--stage vision-encoder is not available for qwen2_5_vl"),
-    ("llava", "pixels", "--stage pixels is not available for llava models; it supports --stage decoder"),
+    ("llava_next", "pixels", "--stage pixels is not available for llava_next models; it supports --stage decoder"),
+    ("gemma3", "pixels", "--stage pixels is not available for gemma3 models; it supports --stage decoder"),
+    ("llava", "vision-encoder", "--stage vision-encoder is not available for llava models (its ViT knockout is not "
+                                "defined for it); it supports --stage decoder, pixels"),
     ("llava_next", "vision-encoder", "--stage vision-encoder is not available for llava_next models"),
 ])
 def test_a_stage_the_family_lacks_is_one_line(checkpoints, picture, in_tmp, capsys, model_type, stage, message):

@@ -33,12 +33,12 @@ class Filler:
 
     def __init__(self, loaded, pixel_values: torch.Tensor, layout: PatchLayout, fill: str):
         processor = loaded.processor.image_processor
-        self.pixel_values, self.layout, self.fill = pixel_values, layout, fill
+        self.pixel_values, self.layout, self.fill = pixel_values, layout, fill  # pixel_values: patch rows
         self.mean = torch.tensor(processor.image_mean, dtype=torch.float32)  # (C,)
         self.std = torch.tensor(processor.image_std, dtype=torch.float32)
         self.scale = processor.rescale_factor
         self.channels = len(processor.image_mean)
-        self.patch = processor.patch_size
+        self.patch = loaded.adapter.patch_size
         self._blurred: dict[int, torch.Tensor] = {}
 
     def _shaped(self, rows: torch.Tensor) -> torch.Tensor:
@@ -96,9 +96,9 @@ class Patches:
     def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
         self.analysis, self.tf = analysis, tf
         loaded = analysis.loaded
-        self.pixel_values = tf.model_kwargs["pixel_values"]
-        self.grid = tf.model_kwargs["image_grid_thw"]
-        self.layout = PatchLayout.of(analysis.prompt, loaded.model.config.vision_config.spatial_merge_size)
+        self.pixel_values = loaded.adapter.patch_rows(tf.model_kwargs["pixel_values"])  # (N, D) one row per patch
+        self.grid = loaded.adapter.grid_of(analysis.prompt)
+        self.layout = PatchLayout.of(analysis.prompt, loaded.adapter.patch_merge)
         self.filler = Filler(loaded, self.pixel_values, self.layout, fill)
         self.seeds = {id(unit): unit.index for unit in units}
         vision = [tok for tok in analysis.prompt.tokens if tok.modality == "vision"]
@@ -127,11 +127,15 @@ class Patches:
             deepstack.append(rows)
         return self.fast.visual_logprobs(self.image_start[image], full, deepstack)
 
+    def occluded_rows(self, unit) -> torch.Tensor:
+        """(N, D) the patch rows with ``unit``'s filled."""
+        rows = self.pixel_values.clone()
+        rows[unit.patches] = self.filler.values(unit.patches, self.seeds.get(id(unit), unit.index))
+        return rows
+
     def occluded(self, unit) -> torch.Tensor:
         """The model's ``pixel_values`` with ``unit``'s patches filled."""
-        pixel_values = self.pixel_values.clone()
-        pixel_values[unit.patches] = self.filler.values(unit.patches, self.seeds.get(id(unit), unit.index))
-        return pixel_values
+        return self.analysis.loaded.adapter.pixel_values_of(self.occluded_rows(unit))
 
 
 class PixelEngine(Patches):
@@ -149,7 +153,7 @@ class PixelEngine(Patches):
         adapter, device = self.analysis.loaded.adapter, self.analysis.loaded.device
         for image in sorted({unit.image for unit in units}):
             rows = [i for i, unit in enumerate(units) if unit.image == image]
-            images = [self.occluded(units[i])[list(self.layout.rows(image))] for i in rows]  # (n_i, D) each
+            images = [self.occluded_rows(units[i])[list(self.layout.rows(image))] for i in rows]  # (n_i, D) each
             original = self.pixel_values[list(self.layout.rows(image))]
             acting = [i for i, pixels in zip(rows, images) if not torch.equal(pixels, original)]
             if not acting:
@@ -168,7 +172,7 @@ class NaivePixelEngine(Patches):
 
     def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
         super().__init__(analysis, tf, fill, units)
-        self.base_logprobs = self._forward(self.pixel_values)[0]
+        self.base_logprobs = self._forward(self.analysis.loaded.adapter.pixel_values_of(self.pixel_values))[0]
 
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return whole_model_logprobs(self.analysis, self.tf, pixel_values=pixel_values)

@@ -146,6 +146,24 @@ class DecoderAdapter:
         """One image's markup in a raw prompt: the placeholder itself, unless the family wraps it (Qwen-VL)."""
         return self.image_placeholder(tokenizer)
 
+    # --- the picture as patches (the pixels stage; a family that supports it gives these) -------------------------
+
+    patch_merge: int = 1  # patches per side of one decoder token
+
+    def patch_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The processor's ``pixel_values`` as one row per patch, ordered image, t, decoder token, patch inside the
+        token (each row (C, T, P, P) flattened): the form the occlusion stage fills (``patches.PatchLayout``). The
+        Qwen families' processors give exactly that."""
+        return pixel_values
+
+    def pixel_values_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """``patch_rows`` undone: the model's ``pixel_values`` for patch rows of a whole number of images."""
+        return rows
+
+    def grid_of(self, prompt) -> torch.Tensor:
+        """(images, 3) each image's (t, h, w) in patches, as ``image_features`` takes it."""
+        return torch.tensor([image.grid_thw for image in prompt.images])
+
     def geometry(self) -> str | None:
         """How vision tokens map to pixels, for the result's ``meta`` (None: the family takes no images)."""
         return None

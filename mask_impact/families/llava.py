@@ -70,6 +70,7 @@ class Llava(DecoderAdapter):
     model_class = "LlavaForConditionalGeneration"
     label = "LLaVA-1.5"
     takes_images = True
+    stages = ("decoder", "pixels")
 
     def __init__(self, model: nn.Module):
         if model.config.vision_feature_select_strategy != "default":
@@ -95,6 +96,25 @@ class Llava(DecoderAdapter):
             hidden = hidden.masked_scatter(visual_mask[None, :, None].expand_as(hidden), image_embeds)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, S)
         return LayerInputs(hidden, positions, visual_mask)
+
+    # --- the picture as patches: one per token (the pixels stage) ------------------------------------------------
+
+    def patch_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) crops → one row per ``patch_size`` square, row by row (a token's patch), each (C, P, P)."""
+        n, c, h, w = pixel_values.shape
+        p = self.patch_size
+        patches = pixel_values.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (n, h/p, w/p, C, P, P)
+        return patches.reshape(n * (h // p) * (w // p), c * p * p)
+
+    def pixel_values_of(self, rows: torch.Tensor) -> torch.Tensor:
+        p, size = self.patch_size, self.model.config.vision_config.image_size
+        side, channels = size // p, rows.shape[1] // (p * p)
+        patches = rows.reshape(-1, side, side, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (n, C, h/p, P, w/p, P)
+        return patches.reshape(-1, channels, side * p, side * p)
+
+    def image_features(self, rows: torch.Tensor, grid_thw: torch.Tensor):
+        """The tower's projected patch features (``pooler_output``: per image (n_tok, H)) of patch rows."""
+        return self.model.model.get_image_features(pixel_values=self.pixel_values_of(rows), return_dict=True)
 
     # --- prompt markup and geometry --------------------------------------------------------------------------------
 

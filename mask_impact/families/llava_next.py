@@ -147,6 +147,7 @@ class LlavaNext(Llava):
     model_types = ("llava_next",)
     model_class = "LlavaNextForConditionalGeneration"
     label = "LLaVA-NeXT"
+    stages = ("decoder",)  # occlusion needs the patches of the base view and every tile: not yet given
 
     def layer_inputs(self, input_ids: torch.Tensor, model_kwargs: dict) -> LayerInputs:
         inner = self.model.model

@@ -98,6 +98,10 @@ class QwenVL(DecoderAdapter):
         return self.model.model.visual
 
     @property
+    def patch_merge(self) -> int:
+        return self.merge_size
+
+    @property
     def vision_depth(self) -> int:
         """The vision tower's layers, as ``--layers`` and ``--window`` count them with ``--stage vision-encoder``."""
         return len(self.vision_tower.blocks)
