@@ -33,11 +33,6 @@ VL_FAMILIES = supported(images=True)
 TEXT_FAMILIES = supported(images=False)
 
 
-def layer_types_for(model_type: str, text_config) -> list[str]:
-    """The mask type of each decoder layer; raises ``UsageError`` for a family we lack or masks we cannot rebuild."""
-    return family_class(model_type).checked_layer_types(model_type, text_config)
-
-
 @dataclass
 class LoadedModel:
     model: nn.Module
