@@ -1,5 +1,8 @@
 """What both entry points do: parse → validate → load → run → write. No tensors here.
 
+Parsing and validating import neither torch nor transformers (nor anything that does): ``--help``, ``--version``
+and a mistyped option answer at once; the heavy libraries load with the first step that needs them.
+
 Bad input is one line on stderr and exit status 2, with nothing written. A YAML batch loads the
 model once, runs every entry (one that fails, for whatever reason, is reported and the others still
 run), keeps ``OUTPUT_DIR/BATCH/index.json`` up to date, and exits 1 at the end if any run failed.
@@ -19,7 +22,6 @@ from pathlib import Path
 
 from .config import RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths, possible_figures
 from .errors import MaskImpactError
-from .inputs import load_image, read_prompt
 from .shard import is_main_process
 from .stopping import stop_signals_raise, stop_status
 
@@ -50,9 +52,12 @@ def say(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def one_line(error: Exception) -> str:
+def one_line(error: Exception | str) -> str:
+    """The message on one line, cut to ``MAX_MESSAGE`` characters unless it is one whose every part is bounded and
+    needed (``error.whole``: a list of the valid keys)."""
     text = " ".join(str(error).split())
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+    whole = getattr(error, "whole", False)
+    return text if len(text) <= MAX_MESSAGE or whole else text[: MAX_MESSAGE - 1] + "…"
 
 
 def main(argv: list[str] | None, vision: bool) -> int:
@@ -106,6 +111,8 @@ def precheck(config: RunConfig) -> str:
 
 
 def _precheck(config: RunConfig) -> str:
+    from .inputs import load_image, read_prompt
+
     prompt_text = read_prompt(config)
     for path in config.images:
         load_image(path)
@@ -210,13 +217,14 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
 def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     """Every run of a YAML batch with one model load; exit status 1 if any run failed."""
     from .batch import load_batch
-    from .report import write_index
     from .shard import Shard
+
+    name, folder, runs = load_batch(options["config"], options, vision)  # the whole file checked: no torch yet
+    from .report import write_index
 
     if not is_main_process():  # a launched batch: the main process keeps the index and says how it went
         def write_index(*args):
             return None
-    name, folder, runs = load_batch(options["config"], options, vision)
     configs = [run.config for run in runs if run.config]
     Shard.current().agree(lambda: check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite
                                                                                    for c in configs)))
@@ -285,6 +293,7 @@ class BatchState:
         """One run of the batch; a finished result is kept on --resume only if it was made from this entry."""
         finished = output_paths(config)["json"]
         if config.resume and not config.overwrite and finished.exists():
+            from .inputs import read_prompt
             from .resume import fingerprint_differences
 
             prompt_text = read_prompt(config)
