@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths, possible_figures
 from .errors import MaskImpactError
-from .shard import is_main_process
+from .shard import is_main_process, launch_shortfall
 from .stopping import stop_signals_raise, stop_status
 
 MAX_MESSAGE = 400  # characters: an error message never echoes an unbounded value
@@ -68,6 +68,7 @@ def main(argv: list[str] | None, vision: bool) -> int:
             if "config" in options:
                 return run_batch(options, vision, stage)
             config = make_config([options], vision)
+            note_launch()
             stage.now = "checking the input"
             prompt_text = precheck(config)
             stage.now = "loading the model"
@@ -87,6 +88,13 @@ def main(argv: list[str] | None, vision: bool) -> int:
             return status
     say(paths.pop("summary"))
     return 0
+
+
+def note_launch() -> None:
+    """One line when ``accelerate launch`` was asked for several processes and started one (shard.py)."""
+    shortfall = launch_shortfall()
+    if shortfall:
+        say(f"note: {shortfall}", file=sys.stderr)
 
 
 def speak(stage: Stage):
@@ -220,6 +228,7 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     from .shard import Shard
 
     name, folder, runs = load_batch(options["config"], options, vision)  # the whole file checked: no torch yet
+    note_launch()
     from .report import write_index
 
     if not is_main_process():  # a launched batch: the main process keeps the index and says how it went

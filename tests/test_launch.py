@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mask_impact.shard import Shard
+from mask_impact.shard import Shard, launch_shortfall
 from tests.conftest import ROOT
 
 TEXT = ["--demo", "--num-tokens", "3", "--batch-size", "4", "--no-html"]
@@ -156,3 +156,28 @@ def test_a_launched_batch_equals_the_one_process_batch(tmp_path):
     _, err = again.communicate(timeout=600)
     assert again.returncode != 0
     assert err.count("error: ") == 1 and "holds an earlier batch" in err
+
+
+def test_a_launch_that_starts_fewer_processes_than_asked_says_so():
+    """`accelerate launch --cpu --num_processes 2` runs one copy of the command (meta.processes 1): the run says so
+    in one line, with the count asked for, read from the launcher's command line."""
+    cpu_launch = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    note = launch_shortfall(cpu_launch, "python accelerate launch --cpu --num_processes 2 mask_impact_vl.py")
+    assert note.startswith("accelerate launch was asked for 2 processes but started 1") and "--multi_gpu" in note
+    assert "several processes" in launch_shortfall(cpu_launch, "")  # the launcher's command line unknown
+    assert launch_shortfall({**cpu_launch, "WORLD_SIZE": "2", "RANK": "0"}, "") is None  # several did start
+    assert launch_shortfall({"ACCELERATE_USE_CPU": "True"}, "") is None  # --num_processes 1: no MASTER_ADDR
+    assert launch_shortfall({"MASTER_ADDR": "10.0.0.1"}, "") is None  # not accelerate's launcher
+
+
+def test_the_cpu_launcher_asked_for_two_processes_is_named(tmp_path):
+    found = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("accelerate's launcher is not installed next to this Python")
+    command = [found, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(ROOT / "mask_impact_analysis.py"), "--demo", "--prompt-file", "none.txt"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("note: ", "error: "))]
+    assert lines[0].startswith("note: accelerate launch was asked for 2 processes but started 1"), done.stderr
+    assert lines[1].startswith("error: ") and "none.txt" in lines[1], done.stderr
+    assert done.returncode != 0 and "returned non-zero exit status 2" in done.stderr  # the launcher re-raises
