@@ -63,8 +63,8 @@ def read_yaml(path: Path) -> dict:
 def unknown_key(where: str, key: object, valid, what: str = "key") -> UsageError:
     """``unknown key 'num_token'; did you mean 'num_tokens'? valid keys: ...``: the whole list, never cut."""
     near = close_matches(str(key).replace("-", "_"), valid, 1)
-    error = UsageError(f"{where}: unknown {what} {quoted(key)}" + (f"; did you mean {near[0]!r}?" if near else "")
-                       + f" valid keys: {', '.join(valid)}")
+    error = UsageError(f"{where}: unknown {what} {quoted(key)}; " + (f"did you mean {near[0]!r}? " if near else "")
+                       + f"valid keys: {', '.join(valid)}")
     error.whole = True  # our own list: the command line prints it in full
     return error
 

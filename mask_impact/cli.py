@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -247,8 +247,9 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
                          flows=run.config.flows)
         index["runs"].append(entry)
     html = any(config.html for config in configs) if configs else options.get("html", True)
-    write_index(index, folder, html)
     batch = BatchState(vision)
+    batch.check_resume([(run.name, run.config) for run in runs if run.config], stage)  # before any run starts
+    write_index(index, folder, html)
     for run, entry in zip(runs, index["runs"]):
         if run.config is None:
             say(f"{run.name}: error: {run.error}", file=sys.stderr)
@@ -287,6 +288,7 @@ class BatchState:
     vision: bool
     loaded: object = None
     model_error: bool = False
+    kept: set = field(default_factory=set)  # the finished results --resume found to match their entries
 
     def model(self, config: RunConfig, stage: Stage):
         if self.loaded is None:
@@ -298,20 +300,41 @@ class BatchState:
                 raise
         return self.loaded
 
-    def run(self, config: RunConfig, stage: Stage) -> dict:
-        """One run of the batch; a finished result is kept on --resume only if it was made from this entry."""
-        finished = output_paths(config)["json"]
-        if config.resume and not config.overwrite and finished.exists():
-            from .inputs import read_prompt
-            from .resume import fingerprint_differences
+    def check_resume(self, runs: list[tuple[str, RunConfig]], stage: Stage) -> None:
+        """On ``--resume``, every entry with a finished result or a killed run's partial file must match it as the
+        entry is now, before any run starts: a flag added on resuming (``--engine naive``) would otherwise leave
+        the finished runs refused and the others computed with the new settings, a mixed batch."""
+        from .inputs import read_prompt
+        from .resume import fingerprint_differences, partial_differences, unfinished
 
-            prompt_text = read_prompt(config)
-            loaded = self.model(config, stage)
-            _, parts = prepare(loaded, config, prompt_text)
-            differs = fingerprint_differences(finished, parts)
+        stale = []
+        for name, config in runs:
+            finished, partial = output_paths(config)["json"], partial_path(config)
+            if not config.resume or config.overwrite or not (finished.exists() or unfinished(partial)):
+                continue
+            try:
+                prompt_text = read_prompt(config)
+            except UsageError:
+                continue  # its own input is bad: the run reports that itself
+            stage.now = "checking the runs to resume"
+            _, parts = prepare(self.model(config, stage), config, prompt_text)
+            differs = (fingerprint_differences(finished, parts) if finished.exists()
+                       else partial_differences(partial, parts))
             if differs:
-                raise UsageError(f"{finished} does not match this entry as it is now ({', '.join(differs)} "
-                                 "differ); pass --overwrite to compute it again")
+                stale.append(f"{name} ({', '.join(differs)})")
+            elif finished.exists():
+                self.kept.add(config.output)
+        if stale:
+            runs_do = f"{len(stale)} runs of this batch do" if len(stale) > 1 else "1 run of this batch does"
+            raise UsageError(f"--resume: {runs_do} not match how it was started: {'; '.join(stale)} differ; nothing "
+                             "was run. Resume with the settings it was started with, or pass --overwrite to compute "
+                             "again")
+
+    def run(self, config: RunConfig, stage: Stage) -> dict:
+        """One run of the batch; a finished result is kept on --resume only if it was made from this entry (checked
+        for every entry before the first run: ``check_resume``)."""
+        finished = output_paths(config)["json"]
+        if config.resume and not config.overwrite and finished.exists() and config.output in self.kept:
             return {"status": "done", "json": finished.name, "note": "kept from an earlier run"}
         prompt_text = precheck(config)
         paths = run_one(self.model(config, stage), config, prompt_text, stage)

@@ -393,12 +393,14 @@ def test_batch_resume_recomputes_nothing_stale(in_tmp, capsys):
     assert main(["--config", "b.yaml", "--no-progress"], False) == 0
     kept = (in_tmp / "output" / "b" / "same.json").read_text()
     (in_tmp / "b.yaml").write_text(text.format(prompt="A=3, B=7. What is A?"))
-    assert main(["--config", "b.yaml", "--no-progress", "--resume"], False) == 1
-    runs = {run["name"]: run for run in json.loads((in_tmp / "output" / "b" / "index.json").read_text())["runs"]}
-    assert runs["same"]["status"] == "done" and runs["same"]["note"] == "kept from an earlier run"
-    assert runs["edited"]["status"] == "error" and "does not match this entry" in runs["edited"]["error"]  # before: kept, stale
-    assert "input_ids" in runs["edited"]["error"] and "prompt" in runs["edited"]["error"]
+    index = (in_tmp / "output" / "b" / "index.json").read_text()
+    capsys.readouterr()
+    # every entry is checked before the first run starts: the stale one stops the batch, nothing runs
+    err = _error(capsys, ["--config", "b.yaml", "--no-progress", "--resume"], False)
+    assert "1 run of this batch does not match how it was started: edited (" in err  # before: kept, stale
+    assert "input_ids" in err and "prompt" in err and "same" not in err.split("differ")[0]
     assert (in_tmp / "output" / "b" / "same.json").read_text() == kept
+    assert (in_tmp / "output" / "b" / "index.json").read_text() == index
     assert main(["--config", "b.yaml", "--no-progress", "--overwrite"], False) == 0
     edited = json.loads((in_tmp / "output" / "b" / "edited.json").read_text())
     assert edited["prompt"] == "A=3, B=7. What is A?"
