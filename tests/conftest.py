@@ -15,6 +15,9 @@ from mask_impact.models import load_model
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 ROOT = Path(__file__).resolve().parent.parent
+# How long a test waits for a subprocess (or for a run to reach a point) before calling it hung: a guard against
+# hangs, never a speed test, so far above any run's time on a loaded machine. MASK_IMPACT_TEST_HANG_S changes it.
+HANG_S = int(os.environ.get("MASK_IMPACT_TEST_HANG_S", "3600"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,7 @@ import pytest
 
 from mask_impact import __version__
 from mask_impact.config import UsageError, build_parser, cli_options
-from tests.conftest import ROOT, cli_error
+from tests.conftest import HANG_S, ROOT, cli_error
 
 SCRIPTS = {True: "mask_impact_vl.py", False: "mask_impact_analysis.py"}
 GROUPS = ("input:", "what to knock out:", "stages:", "scoring:", "output:", "scale-out:", "batches:", "examples:")
@@ -32,12 +32,12 @@ def no_torch(tmp_path_factory) -> dict:
 
 def _run(env: dict, vision: bool, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / SCRIPTS[vision]), *args], env=env, cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_the_fake_torch_is_unimportable(no_torch):
     done = subprocess.run([sys.executable, "-c", "import torch"], env=no_torch, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG_S)
     assert done.returncode == 1 and "unimportable in this test" in done.stderr
 
 

@@ -16,7 +16,7 @@ import nbclient
 import nbformat
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import HANG_S, ROOT
 
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 KERNEL = "mask-impact-test"
@@ -37,7 +37,7 @@ def kernel(tmp_path, monkeypatch) -> str:
 def test_the_example_notebook_runs_without_error(kernel, tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # kept clean
-    client = nbclient.NotebookClient(notebook, kernel_name=kernel, timeout=300, allow_errors=False,
+    client = nbclient.NotebookClient(notebook, kernel_name=kernel, timeout=HANG_S, allow_errors=False,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]

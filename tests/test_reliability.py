@@ -26,7 +26,7 @@ from mask_impact.cli import main
 from mask_impact.config import UsageError
 from mask_impact.demo import demo_model_path
 from mask_impact.inputs import build_prompt, load_image
-from tests.conftest import ROOT, cli_error as _error
+from tests.conftest import HANG_S, ROOT, cli_error as _error
 
 
 # 5. every pixel mode converted faithfully ---------------------------------------------------------------------
@@ -208,6 +208,8 @@ def test_broken_model_folders_are_named(in_tmp, capsys, how, message):
 
 
 def test_a_hub_id_that_cannot_be_had_fails_at_once(in_tmp, capsys, monkeypatch):
+    # whatever this environment sets: HF_HUB_OFFLINE=1 would answer before the reachability check
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("mask_impact.models._hub_reachable", lambda timeout=3.0: False)
     err = _error(capsys, ["--model", "no-such-org/no-such-model", "--prompt", "hi"], vision=False)
     assert "cannot be reached" in err
@@ -320,16 +322,17 @@ def test_sigterm_mid_sweep_says_what_was_kept_and_resume_finishes(tmp_path):
             "--generate-top", "0")
     process = _start(tmp_path, *args)
     partial = tmp_path / "output" / "run.partial.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_S
     while time.time() < deadline and (not partial.exists() or partial.read_text().count("\n") < 4):
+        assert process.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    _, err = process.communicate(timeout=HANG_S)
     assert process.returncode == 143 and "Traceback" not in err, err  # before: no message at all
     assert err.count("\n") == 1 and "interrupted (SIGTERM) while running the sweep" in err
     assert "finished knockouts are kept in" in err and "--resume" in err
     done = subprocess.run([sys.executable, str(ROOT / "mask_impact_vl.py"), "--demo", "--no-progress", *args,
-                           "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0 and (tmp_path / "output" / "run.json").exists() and not partial.exists()
 
 
@@ -339,7 +342,7 @@ def test_a_stop_at_any_early_stage_is_one_line(tmp_path, delay):
     process = _start(tmp_path, "--output", "early")
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=HANG_S)
     if process.returncode == 0:
         pytest.skip("the run finished before the signal")
     assert process.returncode == 130 and "Traceback" not in err, err
