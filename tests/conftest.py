@@ -144,3 +144,13 @@ def shape_pictures(loaded, seed: int, count: int, question: str = "colour"):
             path = Path(folder) / f"{number}.png"
             example.image.save(path)
             yield example, build_prompt(loaded, QUESTIONS[question], [str(path)])
+
+
+def pytest_collection_modifyitems(config, items):
+    """The markers declared in pyproject.toml, where they follow from what a test uses: a test of the viewer in
+    Chromium (the ``browser`` fixture) is ``browser``, and every ``browser`` or ``launch`` test is ``slow`` too."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+        if item.get_closest_marker("browser") or item.get_closest_marker("launch"):
+            item.add_marker(pytest.mark.slow)

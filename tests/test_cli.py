@@ -29,6 +29,7 @@ def _run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProce
                           timeout=HANG_S)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [
     ("mask_impact_vl.py", ["--mask-mode", "both", "--window", "3", "--generate-top", "3"]),
     ("mask_impact_analysis.py", ["--num-tokens", "4"]),

@@ -23,6 +23,8 @@ from mask_impact.models import load_model
 from mask_impact.planted import vl_planted
 from tests.conftest import HANG_S, ROOT
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained_vl():

@@ -67,6 +67,8 @@ def test_each_process_gets_a_contiguous_part_of_equal_cost():
     assert Shard().part(cells, costs) == cells
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_two_processes_equal_one_for_token_units(tmp_path):
     single = _single(tmp_path, "mask_impact_analysis.py", [*TEXT, "--output", "one", "--no-progress"])
     assert single.returncode == 0, single.stderr
@@ -83,6 +85,8 @@ def test_two_processes_equal_one_for_token_units(tmp_path):
     assert sorted(p.name for p in (tmp_path / "output").iterdir()) == ["one.csv", "one.json", "two.csv", "two.json"]
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_three_processes_share_two_flow_cells(tmp_path):
     single = _single(tmp_path, "mask_impact_vl.py", [*FLOW, "--output", "one", "--no-progress"])
     assert single.returncode == 0, single.stderr
@@ -99,6 +103,8 @@ def _records(path: Path) -> int:
     return sum(1 for line in path.read_text().split("\n")[1:] if line.endswith("}"))
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_a_launch_killed_mid_sweep_resumes_with_one_process(tmp_path):
     reference = _single(tmp_path, "mask_impact_vl.py", [*SLOW, "--output", "reference"])
     assert reference.returncode == 0, reference.stderr
@@ -131,6 +137,8 @@ def test_a_launch_killed_mid_sweep_resumes_with_one_process(tmp_path):
     assert data["meta"]["processes"] == 1
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_a_launched_batch_equals_the_one_process_batch(tmp_path):
     batch = tmp_path / "batch.yaml"
     batch.write_text("defaults:\n  demo: true\n  num_tokens: 2\n  html: false\nruns:\n"
@@ -170,6 +178,8 @@ def test_a_launch_that_starts_fewer_processes_than_asked_says_so():
     assert launch_shortfall({"MASTER_ADDR": "10.0.0.1"}, "") is None  # not accelerate's launcher
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_the_cpu_launcher_asked_for_two_processes_is_named(tmp_path):
     found = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if found is None:

@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import HANG_S, ROOT
 
+pytestmark = pytest.mark.slow
+
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 KERNEL = "mask-impact-test"
 

@@ -317,6 +317,7 @@ def _start(tmp_path: Path, *args: str) -> subprocess.Popen:
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_sweep_says_what_was_kept_and_resume_finishes(tmp_path):
     args = ("--engine", "naive", "--batch-size", "1", "--mask-mode", "both", "--layers", "1", "--output", "run",
             "--generate-top", "0")
@@ -336,6 +337,7 @@ def test_sigterm_mid_sweep_says_what_was_kept_and_resume_finishes(tmp_path):
     assert done.returncode == 0 and (tmp_path / "output" / "run.json").exists() and not partial.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.2, 1.5, 3.0])
 def test_a_stop_at_any_early_stage_is_one_line(tmp_path, delay):
     """Start-up (imports), model load, prompt: whichever stage the signal meets, one line and no traceback."""

@@ -59,6 +59,7 @@ def reference(tmp_path_factory):
     return folder / "output"
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     partial = tmp_path / "output" / "run.partial.jsonl"
     assert _stop_mid_sweep(_start(tmp_path, "--output", "run"), partial, signal.SIGKILL) == -signal.SIGKILL
@@ -86,6 +87,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     assert len(list(csv.reader((reference / "run.csv").open()))) == 1 + knockouts
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_finished_work(tmp_path, reference):
     partial = tmp_path / "output" / "run.partial.jsonl"
     process = _start(tmp_path, "--output", "run")
@@ -167,6 +169,7 @@ def _count_new_records(monkeypatch, stop_after: int | None = None) -> list:
     return computed
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_output_at_once_the_second_is_refused(tmp_path):
     argv = [sys.executable, str(ROOT / "mask_impact_analysis.py"), *TEXT_ARGS, "--engine", "naive", "--batch-size",
             "1", "--output", "run"]
@@ -214,6 +217,7 @@ def test_records_of_another_run_are_never_merged(tmp_path, text_reference, monke
     assert len(computed) == len(foreign) - 4
 
 
+@pytest.mark.slow
 def test_changed_chat_template_between_kill_and_resume_is_refused(tmp_path, capsys):
     from mask_impact.cli import main
     from mask_impact.demo import demo_model_path

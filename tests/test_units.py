@@ -164,6 +164,7 @@ def test_token_units_are_the_positions_the_mask_mode_selects(vl_model, images):
     assert all(u.knockout().queries is None for u in units)
 
 
+@pytest.mark.slow
 def test_planted_region_ranks_first_and_image_to_last_destroys_the_answer():
     """On fresh pictures of the demo task: the 2×2 block holding the shape is the most needed region, and
     blocking the last position from the image at every layer loses the colour."""
