@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 from mask_impact.shard import Shard  # noqa: E402
 from mask_impact.sweep import cell_cost, sweep_flops  # noqa: E402
 
-CONFIG_4B = ROOT.parent / "shared" / "configs" / "qwen3-vl-4b-instruct.json"
+# the 4B model's architecture (its config.json, no weights), carried in the repository
+CONFIG_4B = ROOT / "benchmarks" / "configs" / "qwen3-vl-4b-instruct.json"
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16, per the data sheet
 SWEEP = ["--demo", "--mask-mode", "both", "--num-tokens", "5", "--generate-top", "0", "--no-html", "--no-progress"]
 

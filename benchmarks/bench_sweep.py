@@ -6,7 +6,7 @@
     python benchmarks/bench_sweep.py --arch qwen3-vl-4b --image-size 1024 --device cuda
     python benchmarks/bench_sweep.py --processes 1,2 --plan 8             # processes: see bench_processes.py
 
-``--arch qwen3-vl-4b`` builds ../shared/configs/qwen3-vl-4b-instruct.json with random weights (weights do not
+``--arch qwen3-vl-4b`` builds benchmarks/configs/qwen3-vl-4b-instruct.json with random weights (weights do not
 matter for speed); ``--arch medium`` is the same family at a width that fits a few CPU cores (hidden 1024,
 intermediate 3072, 8 query / 2 key-value heads of 128, 4 layers, a 3-block vision tower, float32).
 
@@ -68,7 +68,8 @@ from mask_impact.sweep import auto_batch_size, is_out_of_memory, next_batch, nex
 from mask_impact.units import build_units  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
-CONFIG_4B = ROOT.parent / "shared" / "configs" / "qwen3-vl-4b-instruct.json"
+# the 4B model's architecture (its config.json, no weights), carried in the repository
+CONFIG_4B = ROOT / "benchmarks" / "configs" / "qwen3-vl-4b-instruct.json"
 # --arch medium: the 4B configuration at a width a few CPU cores can sweep in a minute
 MEDIUM_TEXT = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=8, num_key_value_heads=2,
                    head_dim=128, num_hidden_layers=4)

@@ -1,6 +1,6 @@
 """mask_impact: which input tokens does a model need, at which layers, to produce its answer?"""
 
-__version__ = "0.3.0"
+from .version import __version__  # noqa: F401
 ERRORS = ("MaskImpactError", "InvalidArgument", "InvalidType", "NotAResult", "MissingDependency", "WriteFailed")
 
 

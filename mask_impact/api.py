@@ -656,7 +656,7 @@ class KnockoutResult:
             raise NotAResult(f"{path} is not a mask_impact result: not JSON text ({error.__class__.__name__})") from None
         version = data.get("schema_version") if isinstance(data, dict) else None
         if isinstance(version, int) and not isinstance(version, bool) and version > max(SCHEMAS):
-            from . import __version__
+            from .version import __version__
 
             raise NotAResult(f"{path} is a schema {version} result, written by a newer mask_impact; this version "
                              f"({__version__}) reads schemas 1 and 2: pip install --upgrade mask-impact")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, check_name, make_config, output_dir, quoted
+from .config import (BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, check_name, close_matches, make_config, output_dir,
+                     quoted)
 
 TOP_KEYS = ("defaults", "runs")
 ALIASES = {"name": "output", "image": "images", "group": "groups", "flow": "flows"}
@@ -75,12 +76,21 @@ def read_yaml(path: Path) -> dict:
         raise UsageError(f"config file {path}: the top level must be a mapping with 'runs:' (and optional 'defaults:')")
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
-        raise UsageError(f"config file {path}: unknown top-level key {unknown[0]!r}; valid keys: {', '.join(TOP_KEYS)}")
+        raise unknown_key(f"config file {path}", unknown[0], TOP_KEYS, "top-level key")
     if not isinstance(data["runs"], list) or not data["runs"]:
         raise UsageError(f"config file {path}: 'runs:' must be a non-empty list of runs")
     if data.get("defaults") is not None and not isinstance(data["defaults"], dict):
         raise UsageError(f"config file {path}: 'defaults:' must be a mapping of option: value")
     return data
+
+
+def unknown_key(where: str, key: object, valid, what: str = "key") -> UsageError:
+    """``unknown key 'num_token'; did you mean 'num_tokens'? valid keys: ...``: the whole list, never cut."""
+    near = close_matches(str(key).replace("-", "_"), valid, 1)
+    error = UsageError(f"{where}: unknown {what} {quoted(key)}; " + (f"did you mean {near[0]!r}? " if near else "")
+                       + f"valid keys: {', '.join(valid)}")
+    error.whole = True  # our own list: the command line prints it in full
+    return error
 
 
 VISION_ONLY = ("image", "images", "max_pixels", "min_pixels", "vision_attention", "stage", "fill")
@@ -98,7 +108,7 @@ def normalise(entry: dict, where: str, base: Path, vision: bool) -> dict:
     for key, value in entry.items():
         spelled = str(key).replace("-", "_")
         if spelled not in valid:
-            raise UsageError(f"{where}: unknown key {quoted(key)}; valid keys: {', '.join(valid)}")
+            raise unknown_key(where, key, valid)
         if spelled in NEGATED:
             if not isinstance(value, bool):
                 raise UsageError(f"{where}: {key} must be true or false (got {quoted(value)})")

@@ -1,5 +1,8 @@
 """What both entry points do: parse → validate → load → run → write. No tensors here.
 
+Parsing and validating import neither torch nor transformers (nor anything that does): ``--help``, ``--version``
+and a mistyped option answer at once; the heavy libraries load with the first step that needs them.
+
 Bad input is one line on stderr and exit status 2, with nothing written. A YAML batch loads the
 model once, runs every entry (one that fails, for whatever reason, is reported and the others still
 run), keeps ``OUTPUT_DIR/BATCH/index.json`` up to date, and exits 1 at the end if any run failed.
@@ -13,15 +16,14 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import (RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths,
                      possible_figures, prompt_from_command_line)
 from .errors import MaskImpactError
-from .inputs import load_image, read_prompt
-from .shard import is_main_process
+from .shard import is_main_process, launch_shortfall
 from .stopping import stop_signals_raise, stop_status
 
 MAX_MESSAGE = 400  # characters: an error message never echoes an unbounded value
@@ -51,9 +53,12 @@ def say(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def one_line(error: Exception) -> str:
+def one_line(error: Exception | str) -> str:
+    """The message on one line, cut to ``MAX_MESSAGE`` characters unless it is one whose every part is bounded and
+    needed (``error.whole``: a list of the valid keys)."""
     text = " ".join(str(error).split())
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+    whole = getattr(error, "whole", False)
+    return text if len(text) <= MAX_MESSAGE or whole else text[: MAX_MESSAGE - 1] + "…"
 
 
 def main(argv: list[str] | None, vision: bool) -> int:
@@ -66,6 +71,7 @@ def main(argv: list[str] | None, vision: bool) -> int:
                     say(note, file=sys.stderr)
                 return run_batch(options, vision, stage)
             config = make_config([options], vision)
+            note_launch()
             stage.now = "checking the input"
             prompt_text = precheck(config)
             if note:  # once the file is read: a file that cannot be is the one line of its error
@@ -87,6 +93,13 @@ def main(argv: list[str] | None, vision: bool) -> int:
             return status
     say(paths.pop("summary"))
     return 0
+
+
+def note_launch() -> None:
+    """One line when ``accelerate launch`` was asked for several processes and started one (shard.py)."""
+    shortfall = launch_shortfall()
+    if shortfall:
+        say(f"note: {shortfall}", file=sys.stderr)
 
 
 def speak(stage: Stage):
@@ -111,6 +124,8 @@ def precheck(config: RunConfig) -> str:
 
 
 def _precheck(config: RunConfig) -> str:
+    from .inputs import load_image, read_prompt
+
     prompt_text = read_prompt(config)
     for path in config.images:
         load_image(path)
@@ -215,13 +230,15 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
 def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     """Every run of a YAML batch with one model load; exit status 1 if any run failed."""
     from .batch import load_batch
-    from .report import write_index
     from .shard import Shard
+
+    name, folder, runs = load_batch(options["config"], options, vision)  # the whole file checked: no torch yet
+    note_launch()
+    from .report import write_index
 
     if not is_main_process():  # a launched batch: the main process keeps the index and says how it went
         def write_index(*args):
             return None
-    name, folder, runs = load_batch(options["config"], options, vision)
     configs = [run.config for run in runs if run.config]
     Shard.current().agree(lambda: check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite
                                                                                    for c in configs)))
@@ -235,8 +252,9 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
                          flows=run.config.flows)
         index["runs"].append(entry)
     html = any(config.html for config in configs) if configs else options.get("html", True)
-    write_index(index, folder, html)
     batch = BatchState(vision)
+    batch.check_resume([(run.name, run.config) for run in runs if run.config], stage)  # before any run starts
+    write_index(index, folder, html)
     for run, entry in zip(runs, index["runs"]):
         if run.config is None:
             say(f"{run.name}: error: {run.error}", file=sys.stderr)
@@ -275,6 +293,7 @@ class BatchState:
     vision: bool
     loaded: object = None
     model_error: bool = False
+    kept: set = field(default_factory=set)  # the finished results --resume found to match their entries
 
     def model(self, config: RunConfig, stage: Stage):
         if self.loaded is None:
@@ -286,19 +305,41 @@ class BatchState:
                 raise
         return self.loaded
 
-    def run(self, config: RunConfig, stage: Stage) -> dict:
-        """One run of the batch; a finished result is kept on --resume only if it was made from this entry."""
-        finished = output_paths(config)["json"]
-        if config.resume and not config.overwrite and finished.exists():
-            from .resume import fingerprint_differences
+    def check_resume(self, runs: list[tuple[str, RunConfig]], stage: Stage) -> None:
+        """On ``--resume``, every entry with a finished result or a killed run's partial file must match it as the
+        entry is now, before any run starts: a flag added on resuming (``--engine naive``) would otherwise leave
+        the finished runs refused and the others computed with the new settings, a mixed batch."""
+        from .inputs import read_prompt
+        from .resume import fingerprint_differences, partial_differences, unfinished
 
-            prompt_text = read_prompt(config)
-            loaded = self.model(config, stage)
-            _, parts = prepare(loaded, config, prompt_text)
-            differs = fingerprint_differences(finished, parts)
+        stale = []
+        for name, config in runs:
+            finished, partial = output_paths(config)["json"], partial_path(config)
+            if not config.resume or config.overwrite or not (finished.exists() or unfinished(partial)):
+                continue
+            try:
+                prompt_text = read_prompt(config)
+            except UsageError:
+                continue  # its own input is bad: the run reports that itself
+            stage.now = "checking the runs to resume"
+            _, parts = prepare(self.model(config, stage), config, prompt_text)
+            differs = (fingerprint_differences(finished, parts) if finished.exists()
+                       else partial_differences(partial, parts))
             if differs:
-                raise UsageError(f"{finished} does not match this entry as it is now ({', '.join(differs)} "
-                                 "differ); pass --overwrite to compute it again")
+                stale.append(f"{name} ({', '.join(differs)})")
+            elif finished.exists():
+                self.kept.add(config.output)
+        if stale:
+            runs_do = f"{len(stale)} runs of this batch do" if len(stale) > 1 else "1 run of this batch does"
+            raise UsageError(f"--resume: {runs_do} not match how it was started: {'; '.join(stale)} differ; nothing "
+                             "was run. Resume with the settings it was started with, or pass --overwrite to compute "
+                             "again")
+
+    def run(self, config: RunConfig, stage: Stage) -> dict:
+        """One run of the batch; a finished result is kept on --resume only if it was made from this entry (checked
+        for every entry before the first run: ``check_resume``)."""
+        finished = output_paths(config)["json"]
+        if config.resume and not config.overwrite and finished.exists() and config.output in self.kept:
             return {"status": "done", "json": finished.name, "note": "kept from an earlier run"}
         prompt_text = precheck(config)
         paths = run_one(self.model(config, stage), config, prompt_text, stage)

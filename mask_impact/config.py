@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
+import textwrap
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -192,13 +194,14 @@ def check_figures(fmt: str) -> None:
 
 
 def check_device(device: str) -> None:
-    """``--device`` names a device this machine has; checked before the model loads."""
-    import torch
-
+    """``--device`` names a device this machine has; checked before the model loads (torch is imported only to
+    count the GPUs that ``cuda`` names)."""
     match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d{1,3}))?", device)
     if not match or (match[2] is not None and match[1] != "cuda"):
         raise UsageError(f"--device {quoted(device)} is not understood; use auto, cpu, cuda or cuda:N")
     if match[1] == "cuda":
+        import torch
+
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
@@ -278,105 +281,194 @@ def windows_for(layers: list[int], window: int, num_layers: int) -> list[tuple[i
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2, no usage dump
+    """One line and exit status 2 for every error (no usage dump), no abbreviations, "did you mean" for a typo."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=_HelpFormatter, **kwargs)
+
+    def error(self, message: str) -> None:
         raise UsageError(f"{message} (see --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {bounded(' '.join(extras))}{self.suggestion(extras)}")
+        return namespace
+
+    def suggestion(self, extras: list[str]) -> str:
+        """``; did you mean --unit?`` for the first unknown flag that resembles one (a typo, or a shortened flag)."""
+        flags = [flag for flag in self._option_string_actions if flag.startswith("--")
+                 and self._option_string_actions[flag].help is not argparse.SUPPRESS]
+        for extra in extras:
+            if not extra.startswith("--"):
+                continue
+            given = extra.split("=", 1)[0]
+            near = [flag for flag in flags if flag.startswith(given)] or close_matches(given, flags, 1)
+            if near:
+                return f"; did you mean {' or '.join(near[:3])}?"
+        return ""
+
+
+def close_matches(word: str, valid, count: int = 3) -> list[str]:
+    """The valid words most like ``word`` (a typo), best first (difflib)."""
+    import difflib
+
+    return difflib.get_close_matches(word, list(valid), n=count, cutoff=0.6)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and the examples as written; each option's help wrapped."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=30, width=min(120, shutil.get_terminal_size().columns))
 
 
 def build_parser(vision: bool) -> argparse.ArgumentParser:
     """Options left out of the command line are absent from the parsed namespace (not defaulted), so
-    a YAML batch can tell what the user really gave; ``RunConfig`` holds the defaults."""
+    a YAML batch can tell what the user really gave; ``RunConfig`` holds the defaults, and each help
+    text says it. Nothing here imports torch: ``--help`` and a mistyped flag answer at once."""
+    from .version import __version__
+
     what = ("vision-language models (Qwen3-VL, Qwen2-VL, Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, "
             "Gemma 3; text + images)" if vision
             else "text-only causal LMs (Qwen3, Qwen2, Llama, Mistral, Gemma 2, Gemma 3)")
-    parser = _Parser(description=f"Attention-knockout analysis for {what}: which input tokens the model "
-                     "needs, at which layers, to produce its answer.", argument_default=argparse.SUPPRESS)
+    top = _Parser(description=textwrap.fill(f"Attention-knockout analysis for {what}: which input tokens the model "
+                                            "needs, at which layers, to produce its answer.", 100),
+                  usage="%(prog)s (--demo | --prompt TEXT|FILE | --prompt-text TEXT | --prompt-file FILE"
+                        + (" [--image PATH]..." if vision else "") + " | --config YAML) [options]",
+                  epilog=examples(vision), argument_default=argparse.SUPPRESS)
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     default_model = VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL
+    section = {name: top.add_argument_group(name, text) for name, text in (
+        ("input", "a prompt is required: --prompt, --prompt-text or --prompt-file (--demo brings its own)"),
+        ("what to knock out", "each knockout blocks a unit's keys from queries, in a window of layers"),
+        ("stages", "where a unit is removed" if vision else None),
+        ("scoring", "the answer is the model's own greedy continuation, scored teacher-forced"),
+        ("output", None),
+        ("scale-out", "devices, memory, speed"),
+        ("batches", None),
+    )}
+    parser = section["input"]
     parser.add_argument("--model", help=f"hub id or local folder (default {default_model})")
-    parser.add_argument("--demo", action="store_true", help="use a tiny offline demo model and default inputs")
-    parser.add_argument("--config", help="YAML file with defaults: and runs: (a batch, one model load)")
+    parser.add_argument("--demo", action="store_true", help="use a tiny offline demo model and default inputs "
+                        "(default off)")
     parser.add_argument("--prompt", metavar="TEXT|FILE",
                         help="the prompt: its text, or a UTF-8 text file to read it from when the value names one")
     parser.add_argument("--prompt-text", metavar="TEXT", help="the prompt's text, always (even if it names a file)")
     parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
     parser.add_argument("--allow-special-tokens", action="store_true",
-                        help="read control tokens typed in the prompt (e.g. <|im_end|>) as control tokens; by default "
-                             "they are plain text")
+                        help="read control tokens typed in the prompt (e.g. <|im_end|>) as control tokens (default "
+                             "off: they are plain text)")
     if vision:
         parser.add_argument("--image", dest="images", action="append", metavar="PATH",
-                            help="image file; give several times for several images")
+                            help="image file; give several times for several images (default none)")
         parser.add_argument("--max-pixels", type=int,
                             help="resize larger images down to at most this many pixels (default: the processor's)")
         parser.add_argument("--min-pixels", type=int,
                             help="resize smaller images up to at least this many pixels (default: the processor's)")
-    parser.add_argument("--raw-prompt", action="store_true", help="skip the chat template")
-    parser.add_argument("--mask-mode", choices=MASK_MODES if vision else ("text",),
-                        help="which positions to knock out (default text; special tokens are swept with text)")
+    parser.add_argument("--raw-prompt", action="store_true", help="skip the chat template (default off)")
+    knock = section["what to knock out"]
+    knock.add_argument("--mask-mode", choices=MASK_MODES if vision else ("text",),
+                       help="which positions to knock out (default text; special tokens are swept with text)"
+                       if vision else argparse.SUPPRESS)  # the text command has one choice: nothing to say
+    knock.add_argument("--unit", help="what one knockout removes: token (default), word, "
+                       + ("region:N (an N×N block of image tokens), image (each whole image), patch (--stage "
+                          "pixels and vision-encoder, the default there), " if vision else "")
+                       + "or groups (exactly the --group options)")
+    knock.add_argument("--group", dest="groups", action="append", metavar="NAME=SPEC",
+                       help="name a group of tokens: "
+                       + ("a pixel box x0,y0,x1,y1[@IMAGE] (inside the picture), " if vision else "")
+                       + "pos:10-20 (positions) or text:\"some words\" (their first occurrence in the prompt's "
+                       "text); repeatable (default none)")
+    knock.add_argument("--flow", dest="flows", action="append", metavar="SRC->DST",
+                       help="block DST's queries from SRC's keys, e.g. 'question->last' (quote it); groups: "
+                       + ("image, image1, ..., " if vision else "") + "question, last, answer, prompt and every "
+                       "--group; repeatable (default none)")
+    knock.add_argument("--layers", help="window centres: 'all' (default) or e.g. '0-11,20,30-35'")
+    knock.add_argument("--window", type=int, help="number of consecutive layers knocked out together (default 1)")
+    knock.add_argument("--block-from", choices=CHOICES["block_from"],
+                       help="which queries are blocked from the unit: all (default), or only the answer positions")
     if vision:
-        parser.add_argument("--stage", choices=CHOICES["stage"],
+        knock.add_argument("--vision-attention", choices=CHOICES["vision_attention"],
+                           help="causal (default) is what the model computes; bidirectional reproduces the original "
+                                "tool's mask (image tokens of one image see each other both ways). Gemma 3's own "
+                                "masks are bidirectional inside each image: there it changes nothing")
+        stages = section["stages"]
+        stages.add_argument("--stage", choices=CHOICES["stage"],
                             help="decoder (default): attention knockouts in the decoder; vision-encoder: attention "
                                  "knockouts between an image's patches in the ViT (--layers/--window count ViT "
-                                 "layers); pixels: occlusion of the image the model sees (units for both: patch, the "
-                                 "default there, token, region:N, image, groups); deepstack: remove a unit's DeepStack features, level by level, or replace "
-                                 "its main embedding by the image's mean")
-        parser.add_argument("--fill", choices=CHOICES["fill"],
+                                 "layers); pixels: occlusion of the image the model sees; deepstack: remove a unit's "
+                                 "DeepStack features, level by level, or replace its main embedding by the image's "
+                                 "mean")
+        stages.add_argument("--fill", choices=CHOICES["fill"],
                             help="--stage pixels: what replaces the occluded patches: mean (the image's mean colour, "
                                  "default), blur, black or noise (seeded)")
-    parser.add_argument("--unit", help="what one knockout removes: token (default), word, "
-                        + ("region:N (an N×N block of image tokens), image (each whole image), patch (--stage "
-                           "pixels), " if vision else "")
-                        + "or groups (exactly the --group options)")
-    parser.add_argument("--group", dest="groups", action="append", metavar="NAME=SPEC",
-                        help="name a group of tokens: "
-                        + ("a pixel box x0,y0,x1,y1[@IMAGE], " if vision else "")
-                        + "pos:10-20 (positions) or text:\"some words\" (their first occurrence in the prompt's "
-                        "text); repeatable")
-    parser.add_argument("--flow", dest="flows", action="append", metavar="SRC->DST",
-                        help="block DST's queries from SRC's keys, e.g. 'question->last' (quote it); groups: "
-                        + ("image, image1, ..., " if vision else "") + "question, last, answer, prompt and every "
-                        "--group; repeatable")
-    parser.add_argument("--num-tokens", type=int, help="answer length (default 5; greedy, stops at EOS)")
-    parser.add_argument("--layers", help="window centres: 'all' (default) or e.g. '0-11,20,30-35'")
-    parser.add_argument("--window", type=int, help="number of consecutive layers knocked out together (default 1)")
-    parser.add_argument("--block-from", choices=CHOICES["block_from"],
-                        help="which queries are blocked from the token: all (default), or only the answer positions")
+    scoring = section["scoring"]
+    scoring.add_argument("--num-tokens", type=int, help="answer length (default 5; greedy, stops at EOS)")
+    scoring.add_argument("--generate-top", type=int,
+                         help="run real greedy generation under the K most impactful knockouts (default 10)")
+    scoring.add_argument("--estimate", type=int, metavar="K",
+                         help="estimate every knockout from one forward and backward pass (first order), then "
+                              "compute exactly only the K cells with the largest estimated effect and a random "
+                              "sample of others (the estimate's quality is reported); default: every cell exactly")
+    scoring.add_argument("--estimate-sample", type=int, metavar="R",
+                         help="with --estimate: how many random other cells to compute exactly (default K)")
+    scoring.add_argument("--estimate-seed", type=int, metavar="N",
+                         help="with --estimate: the sample's seed (default 0)")
+    out = section["output"]
+    out.add_argument("--output", help="result name under OUTPUT_DIR (default mask_impact_YYYYMMDD_HHMMSS, the "
+                                      "start time; a batch: its folder, default the YAML file's name)")
+    out.add_argument("--output-dir", help="where results go (default output)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace an existing result of the same name (default off: refused)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue a killed run (or batch) where it stopped (default off)")
+    out.add_argument("--figures", metavar="png|svg|pdf",
+                     help="also write figures beside the results: OUTPUT_DIR/NAME.heatmap.FORMAT, .overlay (units "
+                          "on the image) or .flows (with --flow); needs matplotlib (default none)")
+    out.add_argument("--no-html", dest="html", action="store_false",
+                     help="skip OUTPUT_DIR/NAME.html, the viewer with this result embedded (default: written)")
+    out.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="hide the progress bar (default: shown)")
+    scale = section["scale-out"]
+    scale.add_argument("--engine", choices=CHOICES["engine"],
+                       help="fast (default), or naive: one full forward per knockout (the reference, slow)")
+    scale.add_argument("--batch-size", type=int, help="knockouts per forward (default: chosen from free memory)")
+    scale.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    scale.add_argument("--dtype", choices=CHOICES["dtype"], help="default auto: bfloat16 on CUDA, float32 on CPU")
+    scale.add_argument("--threads", metavar="N|auto",
+                       help="CPU threads (default: torch's own count; auto: the CPUs other processes leave idle)")
+    scale.add_argument("--device-map", metavar="|".join(DEVICE_MAPS),
+                       help="spread a model too large for one device over the GPUs and the CPU with accelerate "
+                            "(default none: the whole model on --device); for several processes use "
+                            "accelerate launch")
+    scale.add_argument("--max-memory", metavar="DEV=SIZE,...",
+                       help="with --device-map: memory each device may hold, e.g. 0=70GiB,cpu=200GiB (default: "
+                            "accelerate's estimate)")
+    scale.add_argument("--offload-folder", help="with --device-map: where weights that fit nowhere else go "
+                                                "(default: a temporary folder)")
+    section["batches"].add_argument(
+        "--config", metavar="YAML", help="a batch: a YAML file with defaults: and runs:, one model load; the other "
+                                         "options given apply to every run (default: one run)")
+    return top
+
+
+def examples(vision: bool) -> str:
+    """The help's closing examples."""
     if vision:
-        parser.add_argument("--vision-attention", choices=CHOICES["vision_attention"],
-                            help="causal (default) is what the model computes; bidirectional reproduces the original "
-                                 "tool's mask (image tokens of one image see each other both ways). Gemma 3's own "
-                                 "masks are bidirectional inside each image: there it changes nothing")
-    parser.add_argument("--generate-top", type=int,
-                        help="run real greedy generation under the K most impactful knockouts (default 10)")
-    parser.add_argument("--batch-size", type=int, help="knockouts per forward (default: automatic)")
-    parser.add_argument("--estimate", type=int, metavar="K",
-                        help="estimate every knockout from one forward and backward pass (first order), then compute "
-                             "exactly only the K cells with the largest estimated effect and a random sample of "
-                             "others (the estimate's quality is reported); default: every cell exactly")
-    parser.add_argument("--estimate-sample", type=int, metavar="R",
-                        help="with --estimate: how many random other cells to compute exactly (default K)")
-    parser.add_argument("--estimate-seed", type=int, metavar="N", help="with --estimate: the sample's seed (default 0)")
-    parser.add_argument("--engine", choices=CHOICES["engine"],
-                        help="fast (default), or naive: one full forward per knockout (the reference, slow)")
-    parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=CHOICES["dtype"], help="default auto: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--threads", metavar="N|auto",
-                        help="CPU threads (default: torch's own count; auto: the CPUs other processes leave idle)")
-    parser.add_argument("--device-map", metavar="|".join(DEVICE_MAPS),
-                        help="spread a model too large for one device over the GPUs and the CPU (accelerate)")
-    parser.add_argument("--max-memory", metavar="DEV=SIZE,...",
-                        help="with --device-map: memory each device may hold, e.g. 0=70GiB,cpu=200GiB")
-    parser.add_argument("--offload-folder", help="with --device-map: where weights that fit nowhere else go "
-                                                 "(default: a temporary folder)")
-    parser.add_argument("--output", help="result name (a batch: its folder name) under OUTPUT_DIR")
-    parser.add_argument("--output-dir", help="where results go (default output)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing result of the same name")
-    parser.add_argument("--resume", action="store_true", help="continue a killed run (or batch) where it stopped")
-    parser.add_argument("--figures", metavar="png|svg|pdf",
-                        help="also write figures beside the results: OUTPUT_DIR/NAME.heatmap.FORMAT, .overlay (units "
-                             "on the image) or .flows (with --flow); needs matplotlib")
-    parser.add_argument("--no-html", dest="html", action="store_false",
-                        help="skip OUTPUT_DIR/NAME.html (the viewer with this result embedded)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    return parser
+        command = "mask-impact-vl"
+        lines = [f"{command} --demo",
+                 f"{command} --image cat.png --prompt \"What's in this image?\" --mask-mode vision --unit region:2",
+                 f"{command} --image cat.png --prompt \"What color is the cat?\" --flow 'image->last' --window 3",
+                 f"{command} --image cat.png --prompt \"What's here?\" --stage pixels --fill blur --figures png",
+                 f"{command} --config prompts_config_vl.yaml"]
+    else:
+        command = "mask-impact"
+        lines = [f"{command} --demo",
+                 f"{command} --model Qwen/Qwen3-4B --prompt-file prompt.txt --num-tokens 10 --unit word",
+                 f"{command} --prompt \"A=3, B=7. What is B?\" --flow 'question->last' --layers 0-11",
+                 f"{command} --config prompts_config.yaml"]
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def cli_options(argv: list[str] | None, vision: bool) -> dict:

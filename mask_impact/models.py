@@ -89,11 +89,11 @@ def load_model(name: str, vision: bool, device: str = "auto", dtype: str = "auto
     processor, tokenizer = _load_processor(name, vision, hub)
     model_class = getattr(transformers, family.class_name(model_type))
     if device_map is None:
-        model = _load_weights(model_class, name, torch_dtype, **hub)
+        model = _load_weights(model_class, name, torch_dtype, family.native_attention, **hub)
         model.to(torch_device).eval()
     else:
         placement = placement_for(model_class, config, torch_dtype, device_map, max_memory, offload_folder)
-        model = _load_weights(model_class, name, torch_dtype, **placement, **hub).eval()
+        model = _load_weights(model_class, name, torch_dtype, family.native_attention, **placement, **hub).eval()
         torch_device = input_device(model)
     return LoadedModel(model, processor, tokenizer, adapter_for(model), name, torch_device, torch_dtype)
 
@@ -237,11 +237,12 @@ def _load_processor(name: str, vision: bool, hub: dict | None = None) -> tuple[o
                          "tokenizer.json / tokenizer_config.json" + (" and processor_config.json" if vision else ""))
 
 
-def _load_weights(model_class, name: str, dtype: torch.dtype, **placement) -> nn.Module:
-    """``from_pretrained``, refusing a checkpoint whose weights do not fill the model its config describes
+def _load_weights(model_class, name: str, dtype: torch.dtype, attention: str = "sdpa", **placement) -> nn.Module:
+    """``from_pretrained`` with the family's native attention (Gemma 2: eager, which transformers from 5.2x requires
+    at load: it refuses SDPA there), refusing a checkpoint whose weights do not fill the model its config describes
     (transformers would initialise the missing ones randomly and only log it)."""
     try:
-        model, info = model_class.from_pretrained(name, dtype=dtype, attn_implementation="sdpa",
+        model, info = model_class.from_pretrained(name, dtype=dtype, attn_implementation=attention,
                                                   output_loading_info=True, **placement)
     except (OSError, RuntimeError, ValueError) as error:
         raise UsageError(f"the weights of {name} do not load ({_short_reason(error)}); does config.json match "

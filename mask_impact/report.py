@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 import transformers
 
-from . import __version__
+from .version import __version__
 from .config import RunConfig, UsageError
 from .inputs import Prompt
 from .models import LoadedModel

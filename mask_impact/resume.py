@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import __version__
+from .version import __version__
 from .config import RunConfig, UsageError
 from .inputs import Prompt
 from .metrics import METRICS, STEPS
@@ -147,6 +147,23 @@ def fingerprint_differences(json_path: Path, parts: dict) -> list[str]:
     if not isinstance(saved, dict):
         return ["fingerprint"]
     return differing_parts(saved, parts)
+
+
+def partial_differences(partial: Path, parts: dict) -> list[str]:
+    """What differs between a killed run's partial file (its header; any process's file) and ``parts``: empty when
+    it matches or holds nothing yet. A header that cannot be read differs in ``fingerprint``."""
+    for path in (partial, *rank_files(partial)):
+        try:
+            lines, _ = read_lines(path)
+        except OSError:
+            continue
+        if not lines:
+            continue
+        header = _parse(lines[0])
+        if header_problem(header):
+            return ["fingerprint"]
+        return differing_parts(header["parts"], parts)
+    return []
 
 
 def finished_result_matches(json_path: Path, parts: dict) -> bool:

@@ -25,7 +25,35 @@ from itertools import accumulate
 
 def launched() -> bool:
     """Whether this process is one of several started by ``accelerate launch`` (or torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_from(os.environ)
+
+
+def launch_shortfall(environ=None, parent_cmdline: str | None = None) -> str | None:
+    """A note when ``accelerate launch`` was asked for several processes but started this one alone.
+
+    Its ``--cpu`` launcher (and its default one without ``--multi_gpu``) runs a single copy of the command whatever
+    ``--num_processes`` says; it sets ``MASTER_ADDR`` only when more than one process was asked for, and no
+    ``WORLD_SIZE``. The count asked for is read from the launcher's own command line where the system shows it
+    (Linux: ``/proc/PARENT/cmdline``). A launch that did start several processes is checked in ``Shard.current``."""
+    environ = os.environ if environ is None else environ
+    if "ACCELERATE_USE_CPU" not in environ or "MASTER_ADDR" not in environ or launched_from(environ):
+        return None
+    if parent_cmdline is None:
+        try:
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as file:
+                parent_cmdline = file.read().decode(errors="replace").replace("\0", " ")
+        except OSError:
+            parent_cmdline = ""
+    words = parent_cmdline.split()
+    asked = next((words[i + 1] for i, word in enumerate(words[:-1]) if word in ("--num_processes",
+                                                                                "--num-processes")), None)
+    count = f"{asked} processes" if asked and asked.isdigit() else "several processes"
+    return (f"accelerate launch was asked for {count} but started 1 (its --cpu and single-device launchers start "
+            "one); this run uses one process: for N CPU processes, launch with --multi_gpu --num_processes N")
+
+
+def launched_from(environ) -> bool:
+    return int(environ.get("WORLD_SIZE", "1")) > 1
 
 
 def is_main_process() -> bool:

@@ -15,8 +15,8 @@ them (spec.py's ``Knockout``), with a label and, for vision units, the image and
 - ``--flow SRC->DST``: one unit per flow; its keys are SRC's positions, its queries DST's.
 
 Groups (``--group NAME=SPEC``, and the built-in names of ``BUILTIN_GROUPS``) resolve against the prompt:
-a pixel box (``x0,y0,x1,y1[@N]``, original-image pixels: the vision tokens of image N whose boxes overlap
-it), a position list (``pos:10-20,25``) or a text span (``text:quick brown``: the tokens of its first
+a pixel box (``x0,y0,x1,y1[@N]``, original-image pixels inside image N: the vision tokens of image N whose
+boxes overlap it; a box reaching outside the picture is refused, with the part inside it suggested), a position list (``pos:10-20,25``) or a text span (``text:quick brown``: the tokens of its first
 occurrence in the user's text).
 
 The options are parsed and checked before the model loads (options.py: ``parse_unit``, ``parse_group``,
@@ -245,9 +245,13 @@ def resolve_group(spec: GroupSpec, prompt, tokenizer) -> Group:
     image = (spec.image or 1) - 1
     info = prompt.images[image]
     x0, y0, x1, y1 = spec.value
+    box = ','.join(f'{v:g}' for v in spec.value)
     if x1 <= 0 or y1 <= 0 or x0 >= info.width or y0 >= info.height:
-        raise UsageError(f"{what}: the box {','.join(f'{v:g}' for v in spec.value)} lies outside image {image + 1} "
-                         f"({info.width}×{info.height} pixels)")
+        raise UsageError(f"{what}: the box {box} lies outside image {image + 1} ({info.width}×{info.height} pixels)")
+    if x0 < 0 or y0 < 0 or x1 > info.width or y1 > info.height:  # refused, not clipped: a typo must not pass
+        inside = ','.join(f'{v:g}' for v in (max(0.0, x0), max(0.0, y0), min(info.width, x1), min(info.height, y1)))
+        raise UsageError(f"{what}: the box {box} reaches outside image {image + 1} ({info.width}×{info.height} "
+                         f"pixels: 0,0,{info.width},{info.height}); give the part inside it, {inside}")
     covered = [tok.index for tok in prompt.tokens if tok.image == image and tok.box is not None
                and overlaps(exact_box(prompt, tok), spec.value)]
     if not covered:

@@ -15,6 +15,9 @@ from mask_impact.models import load_model
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 ROOT = Path(__file__).resolve().parent.parent
+# How long a test waits for a subprocess (or for a run to reach a point) before calling it hung: a guard against
+# hangs, never a speed test, so far above any run's time on a loaded machine. MASK_IMPACT_TEST_HANG_S changes it.
+HANG_S = int(os.environ.get("MASK_IMPACT_TEST_HANG_S", "3600"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -141,3 +144,13 @@ def shape_pictures(loaded, seed: int, count: int, question: str = "colour"):
             path = Path(folder) / f"{number}.png"
             example.image.save(path)
             yield example, build_prompt(loaded, QUESTIONS[question], [str(path)])
+
+
+def pytest_collection_modifyitems(config, items):
+    """The markers declared in pyproject.toml, where they follow from what a test uses: a test of the viewer in
+    Chromium (the ``browser`` fixture) is ``browser``, and every ``browser`` or ``launch`` test is ``slow`` too."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+        if item.get_closest_marker("browser") or item.get_closest_marker("launch"):
+            item.add_marker(pytest.mark.slow)

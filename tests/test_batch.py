@@ -140,3 +140,28 @@ def test_shipped_example_configs_run(tmp_path, monkeypatch, script, config, visi
 def test_a_run_named_index_is_refused(tmp_path, name):
     with pytest.raises(UsageError, match=f"name '{name}' is reserved for the batch index"):
         _batch(tmp_path, f"defaults:\n  demo: true\nruns:\n  - name: {name}\n  - name: other\n")
+
+
+def test_a_resume_with_other_settings_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """A batch resumed with a flag it was not started with (`--engine naive`) refused the finished runs but computed
+    the others with the new settings, a mixed batch: now every entry is checked before the first run starts."""
+    monkeypatch.chdir(tmp_path)
+    head = "defaults:\n  demo: true\n  generate_top: 0\n  layers: '0'\n  num_tokens: 1\nruns:\n"
+    first = "  - name: first\n    prompt: 'A=3, B=7. What is B?'\n"
+    (tmp_path / "batch.yaml").write_text(head + first)
+    assert main(["--config", "batch.yaml", "--no-progress"], False) == 0
+    folder = tmp_path / "output" / "batch"
+    index = (folder / "index.json").read_text()
+    (tmp_path / "batch.yaml").write_text(head + first + "  - name: second\n    prompt: 'A=1, B=2. What is A?'\n")
+    capsys.readouterr()
+
+    assert main(["--config", "batch.yaml", "--no-progress", "--resume", "--engine", "naive"], False) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --resume: 1 run of this batch does not match"), err
+    assert "first (settings.engine) differ; nothing was run" in err
+    assert not (folder / "second.json").exists() and (folder / "index.json").read_text() == index
+
+    assert main(["--config", "batch.yaml", "--no-progress", "--resume"], False) == 0  # as started: goes on
+    runs = {run["name"]: run for run in json.loads((folder / "index.json").read_text())["runs"]}
+    assert runs["first"]["note"] == "kept from an earlier run" and runs["second"]["status"] == "done"
+    assert json.loads((folder / "second.json").read_text())["meta"]["settings"]["engine"] == "fast"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mask_impact.cli import main
-from tests.conftest import ROOT, cli_error as _error
+from tests.conftest import HANG_S, ROOT, cli_error as _error
 
 JSON_KEYS = {"schema_version", "meta", "prompt", "images", "tokens", "baseline", "windows", "units",
              "metrics", "generations"}
@@ -26,9 +26,10 @@ CSV_COLUMNS = ["layer_start", "layer_end", "window_label", "unit", "kind", "labe
 
 def _run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG_S)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [
     ("mask_impact_vl.py", ["--mask-mode", "both", "--window", "3", "--generate-top", "3"]),
     ("mask_impact_analysis.py", ["--num-tokens", "4"]),

@@ -21,7 +21,9 @@ import pytest
 from mask_impact.demo import SHIPPED
 from mask_impact.models import load_model
 from mask_impact.planted import vl_planted
-from tests.conftest import ROOT
+from tests.conftest import HANG_S, ROOT
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,6 @@ def test_what_an_estimate_run_finds(trained_vl):
 ])
 def test_bad_options_of_the_planted_tool_are_one_line(argv, message):
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "planted_signal.py"), *argv], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_S)
     assert done.returncode == 2 and done.stdout == "", done.stderr
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr

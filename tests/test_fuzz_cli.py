@@ -8,10 +8,13 @@ import itertools
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mask_impact.cli import main
+
+pytestmark = pytest.mark.slow
 
 OPTIONS = {
     "--num-tokens": ["-1", "0", "1", "3", "x"],

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mask_impact.shard import Shard
-from tests.conftest import ROOT
+from mask_impact.shard import Shard, launch_shortfall
+from tests.conftest import HANG_S, ROOT
 
 TEXT = ["--demo", "--num-tokens", "3", "--batch-size", "4", "--no-html"]
 # one flow over the VL demo: fewer cells (2 windows) than the 3 processes that share them
@@ -42,7 +42,7 @@ def _launch(folder: Path, processes: int, script: str, args: list[str], **kwargs
 
 def _single(folder: Path, script: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=folder, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG_S)
 
 
 def _assert_same_numbers(a: dict, b: dict, tolerance: float = 1e-5) -> None:
@@ -67,11 +67,13 @@ def test_each_process_gets_a_contiguous_part_of_equal_cost():
     assert Shard().part(cells, costs) == cells
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_two_processes_equal_one_for_token_units(tmp_path):
     single = _single(tmp_path, "mask_impact_analysis.py", [*TEXT, "--output", "one", "--no-progress"])
     assert single.returncode == 0, single.stderr
     launched = _launch(tmp_path, 2, "mask_impact_analysis.py", [*TEXT, "--output", "two"])
-    out, err = launched.communicate(timeout=600)
+    out, err = launched.communicate(timeout=HANG_S)
     assert launched.returncode == 0, err
     one = json.loads((tmp_path / "output" / "one.json").read_text())
     two = json.loads((tmp_path / "output" / "two.json").read_text())
@@ -83,11 +85,13 @@ def test_two_processes_equal_one_for_token_units(tmp_path):
     assert sorted(p.name for p in (tmp_path / "output").iterdir()) == ["one.csv", "one.json", "two.csv", "two.json"]
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_three_processes_share_two_flow_cells(tmp_path):
     single = _single(tmp_path, "mask_impact_vl.py", [*FLOW, "--output", "one", "--no-progress"])
     assert single.returncode == 0, single.stderr
     launched = _launch(tmp_path, 3, "mask_impact_vl.py", [*FLOW, "--output", "three", "--no-progress"])
-    _, err = launched.communicate(timeout=600)
+    _, err = launched.communicate(timeout=HANG_S)
     assert launched.returncode == 0, err  # the idle process finishes too
     one = json.loads((tmp_path / "output" / "one.json").read_text())
     three = json.loads((tmp_path / "output" / "three.json").read_text())
@@ -99,13 +103,15 @@ def _records(path: Path) -> int:
     return sum(1 for line in path.read_text().split("\n")[1:] if line.endswith("}"))
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_a_launch_killed_mid_sweep_resumes_with_one_process(tmp_path):
     reference = _single(tmp_path, "mask_impact_vl.py", [*SLOW, "--output", "reference"])
     assert reference.returncode == 0, reference.stderr
     partial = tmp_path / "output" / "run.partial.jsonl"
     rank1 = tmp_path / "output" / "run.partial.rank1.jsonl"
     launched = _launch(tmp_path, 2, "mask_impact_vl.py", [*SLOW, "--output", "run"])
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_S
     while time.time() < deadline:
         if rank1.exists() and _records(rank1) >= 3 and partial.exists() and _records(partial) >= 3:
             break
@@ -114,7 +120,7 @@ def test_a_launch_killed_mid_sweep_resumes_with_one_process(tmp_path):
         time.sleep(0.02)
     worker = json.loads(rank1.read_text().split("\n")[0])["pid"]
     os.kill(worker, signal.SIGKILL)  # one process dies; the launcher stops the other
-    launched.communicate(timeout=120)
+    launched.communicate(timeout=HANG_S)
     assert launched.returncode != 0
     assert not (tmp_path / "output" / "run.json").exists()
     kept = _records(partial) + _records(rank1)  # one knockout per record (batch size 1)
@@ -131,6 +137,8 @@ def test_a_launch_killed_mid_sweep_resumes_with_one_process(tmp_path):
     assert data["meta"]["processes"] == 1
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_a_launched_batch_equals_the_one_process_batch(tmp_path):
     batch = tmp_path / "batch.yaml"
     batch.write_text("defaults:\n  demo: true\n  num_tokens: 2\n  html: false\nruns:\n"
@@ -141,7 +149,7 @@ def test_a_launched_batch_equals_the_one_process_batch(tmp_path):
     assert single.returncode == 0, single.stderr
     launched = _launch(tmp_path, 2, "mask_impact_analysis.py", ["--config", str(batch), "--output", "two",
                                                                 "--no-progress"])
-    out, err = launched.communicate(timeout=600)
+    out, err = launched.communicate(timeout=HANG_S)
     assert launched.returncode == 0, err
     assert out.count("batch two: 2 done, 0 failed") == 1  # said once, by the main process
     for name in ("one", "two"):
@@ -153,6 +161,33 @@ def test_a_launched_batch_equals_the_one_process_batch(tmp_path):
     # bad input in a launch: the main process says it in one line, the other stops quietly, nothing is written
     again = _launch(tmp_path, 2, "mask_impact_analysis.py", ["--config", str(batch), "--output", "two",
                                                              "--no-progress"])
-    _, err = again.communicate(timeout=600)
+    _, err = again.communicate(timeout=HANG_S)
     assert again.returncode != 0
     assert err.count("error: ") == 1 and "holds an earlier batch" in err
+
+
+def test_a_launch_that_starts_fewer_processes_than_asked_says_so():
+    """`accelerate launch --cpu --num_processes 2` runs one copy of the command (meta.processes 1): the run says so
+    in one line, with the count asked for, read from the launcher's command line."""
+    cpu_launch = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    note = launch_shortfall(cpu_launch, "python accelerate launch --cpu --num_processes 2 mask_impact_vl.py")
+    assert note.startswith("accelerate launch was asked for 2 processes but started 1") and "--multi_gpu" in note
+    assert "several processes" in launch_shortfall(cpu_launch, "")  # the launcher's command line unknown
+    assert launch_shortfall({**cpu_launch, "WORLD_SIZE": "2", "RANK": "0"}, "") is None  # several did start
+    assert launch_shortfall({"ACCELERATE_USE_CPU": "True"}, "") is None  # --num_processes 1: no MASTER_ADDR
+    assert launch_shortfall({"MASTER_ADDR": "10.0.0.1"}, "") is None  # not accelerate's launcher
+
+
+@pytest.mark.launch
+@pytest.mark.slow
+def test_the_cpu_launcher_asked_for_two_processes_is_named(tmp_path):
+    found = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("accelerate's launcher is not installed next to this Python")
+    command = [found, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(ROOT / "mask_impact_analysis.py"), "--demo", "--prompt-file", "none.txt"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("note: ", "error: "))]
+    assert lines[0].startswith("note: accelerate launch was asked for 2 processes but started 1"), done.stderr
+    assert lines[1].startswith("error: ") and "none.txt" in lines[1], done.stderr
+    assert done.returncode != 0 and "returned non-zero exit status 2" in done.stderr  # the launcher re-raises

@@ -17,7 +17,9 @@ import nbclient
 import nbformat
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import HANG_S, ROOT
+
+pytestmark = pytest.mark.slow
 
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 KERNEL = "mask-impact-test"
@@ -41,7 +43,7 @@ def test_the_example_notebook_runs_without_error(kernel, tmp_path):
     code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
     imports = re.findall(r"^(?:from|import) (mask_impact\S*)", code, re.M)
     assert imports and set(imports) == {"mask_impact"}  # the public API only: no mask_impact.config, ...
-    client = nbclient.NotebookClient(notebook, kernel_name=kernel, timeout=300, allow_errors=False,
+    client = nbclient.NotebookClient(notebook, kernel_name=kernel, timeout=HANG_S, allow_errors=False,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mask_impact import __version__
-from tests.conftest import ROOT
+from tests.conftest import HANG_S, ROOT
 
 SHIPPED = ["visualize_results.html", "testimg.png",
            *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "models").glob("demo-*/*")) if p.is_file())]
@@ -36,11 +36,12 @@ def _setuptools_version() -> tuple[int, ...]:
         return ()
 
 
-pytestmark = pytest.mark.skipif(_setuptools_version() < (70, 1),
-                                reason="building the wheel offline needs setuptools>=70.1 (the test extra)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(_setuptools_version() < (77,),
+                                 reason="building the wheel offline needs setuptools>=77 (the test extra)")]
 
 
-def _run(argv: list, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+def _run(argv: list, cwd: Path, timeout: int = HANG_S) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH")}
     done = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -95,8 +96,12 @@ def test_wheel_carries_the_package_and_its_data(wheel):
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = archive.read(entry_points).decode()
         (metadata_file,) = [n for n in names if n.endswith(".dist-info/METADATA")]
-        requires = [line for line in archive.read(metadata_file).decode().splitlines()
-                    if line.startswith(("Provides-Extra:", "Requires-Dist:"))]
+        meta_lines = archive.read(metadata_file).decode().splitlines()
+        requires = [line for line in meta_lines if line.startswith(("Provides-Extra:", "Requires-Dist:"))]
+        licence = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert licence and archive.read(licence[0]) == (ROOT / "LICENSE").read_bytes()
+        assert archive.read("mask_impact/py.typed") == b""  # the package's type hints are for checkers too
+    assert "License-Expression: MIT" in meta_lines
     assert {"models/demo-vl/model.safetensors", "models/demo-text/model.safetensors"} <= set(SHIPPED)
     assert {n for n in names if n.count("/") == 1 and n.endswith(".py")} == {
         f"mask_impact/{p.name}" for p in (ROOT / "mask_impact").glob("*.py")}
@@ -104,11 +109,14 @@ def test_wheel_carries_the_package_and_its_data(wheel):
     for command, target in COMMANDS.items():
         assert f"{command} = {target}" in scripts
     # the figures extra is matplotlib, and the test extra has it too (plus what runs the example notebook)
-    assert {"Provides-Extra: figures", "Provides-Extra: test"} <= set(requires)
-    extras = {extra: {line.split()[1].split(">")[0].split(";")[0] for line in requires
+    assert {"Provides-Extra: figures", "Provides-Extra: notebook", "Provides-Extra: test"} <= set(requires)
+    extras = {extra: {line.split()[1].split(">")[0].split(";")[0].split("<")[0] for line in requires
                       if line.startswith("Requires-Dist:") and f'extra == "{extra}"' in line}
-              for extra in ("figures", "test")}
+              for extra in ("figures", "notebook", "test")}
     assert extras["figures"] == {"matplotlib"}
+    assert extras["notebook"] == {"pandas", "matplotlib", "ipywidgets"}
+    (transformers,) = [line for line in requires if line.startswith("Requires-Dist: transformers")]
+    assert set(transformers.split(maxsplit=1)[1].removeprefix("transformers").split(",")) == {">=5.17", "<6"}
     assert {"matplotlib", "pytest", "pandas", "nbclient", "nbformat", "ipykernel"} <= extras["test"]
 
 

@@ -19,6 +19,8 @@ from mask_impact.demo import SHIPPED
 from mask_impact.models import load_model
 from mask_impact.planted import text_planted, vl_planted
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained_vl():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import HANG_S, ROOT
 
 # slow enough to stop mid-sweep: the naive engine, one knockout per batch, every batch saved
 ARGS = ["--demo", "--mask-mode", "both", "--engine", "naive", "--batch-size", "1", "--num-tokens", "6",
@@ -28,7 +28,7 @@ def _start(tmp_path: Path, *extra: str) -> subprocess.Popen:
 
 
 def _stop_mid_sweep(process: subprocess.Popen, partial: Path, sig: int) -> int:
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_S
     while time.time() < deadline:
         if partial.exists() and partial.read_text().count("\n") >= 8:
             process.send_signal(sig)
@@ -36,7 +36,7 @@ def _stop_mid_sweep(process: subprocess.Popen, partial: Path, sig: int) -> int:
         if process.poll() is not None:
             pytest.fail("the run finished before it could be stopped")
         time.sleep(0.01)
-    process.wait(timeout=60)
+    process.wait(timeout=HANG_S)
     process.stderr_text = process.stderr.read()
     return process.returncode
 
@@ -54,11 +54,12 @@ def _comparable(path: Path) -> dict:
 def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     done = subprocess.run([sys.executable, str(ROOT / "mask_impact_vl.py"), *ARGS, "--output", "run"], cwd=folder,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     return folder / "output"
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     partial = tmp_path / "output" / "run.partial.jsonl"
     assert _stop_mid_sweep(_start(tmp_path, "--output", "run"), partial, signal.SIGKILL) == -signal.SIGKILL
@@ -70,15 +71,15 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
 
     # without --resume the partial run is not thrown away silently
     again = subprocess.run([sys.executable, str(ROOT / "mask_impact_vl.py"), *ARGS, "--output", "run"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert again.returncode == 2 and "--resume" in again.stderr
     # a resume with other settings says what differs
     other = subprocess.run([sys.executable, str(ROOT / "mask_impact_vl.py"), *ARGS, "--output", "run", "--resume",
-                            "--window", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            "--window", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert other.returncode == 2 and "settings.window" in other.stderr and "Traceback" not in other.stderr
 
     resumed = subprocess.run([sys.executable, str(ROOT / "mask_impact_vl.py"), *ARGS, "--output", "run", "--resume"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert resumed.returncode == 0, resumed.stderr
     assert not partial.exists()
     assert _comparable(tmp_path / "output" / "run.json") == _comparable(reference / "run.json")
@@ -86,6 +87,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     assert len(list(csv.reader((reference / "run.csv").open()))) == 1 + knockouts
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_finished_work(tmp_path, reference):
     partial = tmp_path / "output" / "run.partial.jsonl"
     process = _start(tmp_path, "--output", "run")
@@ -94,7 +96,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_work(tmp_path, reference):
     assert "Traceback" not in process.stderr_text
     assert partial.exists() and not (tmp_path / "output" / "run.json").exists()
     resumed = subprocess.run([sys.executable, str(ROOT / "mask_impact_vl.py"), *ARGS, "--output", "run", "--resume"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert resumed.returncode == 0, resumed.stderr
     assert _comparable(tmp_path / "output" / "run.json") == _comparable(reference / "run.json")
 
@@ -167,18 +169,19 @@ def _count_new_records(monkeypatch, stop_after: int | None = None) -> list:
     return computed
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_output_at_once_the_second_is_refused(tmp_path):
     argv = [sys.executable, str(ROOT / "mask_impact_analysis.py"), *TEXT_ARGS, "--engine", "naive", "--batch-size",
             "1", "--output", "run"]
     first = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / "output" / "run.partial.jsonl"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + HANG_S
         while not (partial.exists() and partial.read_text().count("\n") >= 2):
             assert first.poll() is None and time.time() < deadline, "the first run ended before the test"
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)  # paused, still holding its lock, so it cannot finish meanwhile
-        second = subprocess.run([*argv, "--overwrite"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        second = subprocess.run([*argv, "--overwrite"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
         assert first.poll() is None, "the first run ended before the second was refused"
         lines = [json.loads(line) for line in partial.read_text().splitlines()[:-1]]
     finally:
@@ -214,6 +217,7 @@ def test_records_of_another_run_are_never_merged(tmp_path, text_reference, monke
     assert len(computed) == len(foreign) - 4
 
 
+@pytest.mark.slow
 def test_changed_chat_template_between_kill_and_resume_is_refused(tmp_path, capsys):
     from mask_impact.cli import main
     from mask_impact.demo import demo_model_path

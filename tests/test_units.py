@@ -164,6 +164,7 @@ def test_token_units_are_the_positions_the_mask_mode_selects(vl_model, images):
     assert all(u.knockout().queries is None for u in units)
 
 
+@pytest.mark.slow
 def test_planted_region_ranks_first_and_image_to_last_destroys_the_answer():
     """On fresh pictures of the demo task: the 2×2 block holding the shape is the most needed region, and
     blocking the last position from the image at every layer loses the colour."""
@@ -245,6 +246,10 @@ def test_a_batch_names_groups_and_flows_in_yaml(tmp_path):
     (["--demo", "--flow", "image->last", "--flow", "image->last"], "given twice"),
     (["--demo", "--unit", "region:2", "--mask-mode", "text"], "--mask-mode text selects none"),
     (["--demo", "--group", "a=500,0,600,20", "--unit", "groups"], "lies outside image 1 (128×128 pixels)"),
+    (["--demo", "--group", "a=0,0,5000,5000", "--unit", "groups"],  # partly outside: refused, not clipped
+     "the box 0,0,5000,5000 reaches outside image 1 (128×128 pixels: 0,0,128,128); give the part inside it, "
+     "0,0,128,128"),
+    (["--demo", "--group", "a=-4,10,20,30", "--flow", "a->last"], "the box -4,10,20,30 reaches outside image 1"),
     (["--demo", "--group", "a=text:zebra", "--unit", "groups"], "does not occur in the prompt's text"),
     (["--demo", "--group", "a=pos:2-900", "--unit", "groups"], "position 32 is past the prompt's 32 positions"),
     (["--demo", "--flow", "question->image"], "--flow question->image blocks nothing"),

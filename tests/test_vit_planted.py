@@ -25,6 +25,8 @@ from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionEncoderEngin
 from mask_impact.units import build_units
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow
+
 SEED = 4242
 
 

@@ -183,7 +183,9 @@ class NaivePixelEngine(Patches):
 
 def deepstack_of(features) -> list[torch.Tensor]:
     """The vision tower's DeepStack features, per level (none for a family without DeepStack)."""
-    return list(getattr(features, "deepstack_features", None) or [])
+    from ..families.qwen_vl import deepstack_levels
+
+    return deepstack_levels(features)
 
 
 def plan(loaded, config, fast: bool) -> StagePlan:

@@ -105,8 +105,8 @@ class Gemma3Vision(DecoderAdapter):
         if visual_mask is not None:
             types[0, visual_mask.to(hidden.device)] = 1
         blocks = get_block_sequence_ids_for_mask(types, device=hidden.device)  # (1, S): image run index, -1 elsewhere
-        built = create_masks_for_vision_model(config=self.decoder.config, inputs_embeds=hidden, attention_mask=None,
-                                              past_key_values=None, position_ids=None, block_sequence_ids=blocks)
+        # by position: transformers 5.17 names the cache argument past_key_values, later 5.x (5.25) cache
+        built = create_masks_for_vision_model(self.decoder.config, hidden, None, None, None, blocks)
         return [built[kind] for kind in self.layer_types]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,14 @@ class PixelLimits:
         return {"size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
 
 
+def deepstack_levels(features) -> list[torch.Tensor]:
+    """``get_image_features(...).deepstack_features`` as one ``(n_vis, H)`` tensor per level, every image's rows in
+    order. transformers 5.17 returns a tensor per level; later 5.x releases (5.25) a tuple per level, split by image
+    (DESIGN.md §8). Empty for a family without DeepStack."""
+    return [torch.cat(list(level)) if isinstance(level, (tuple, list)) else level
+            for level in (getattr(features, "deepstack_features", None) or [])]
+
+
 class QwenVL(DecoderAdapter):
     takes_images = True
     stages = ("decoder", "vision-encoder", "pixels")
@@ -84,7 +92,7 @@ class QwenVL(DecoderAdapter):
             image_embeds = torch.cat(features.pooler_output, dim=0).to(hidden.device, hidden.dtype)
             visual_mask = (input_ids[0] == self.model.config.image_token_id)  # (S,)
             hidden = hidden.masked_scatter(visual_mask[None, :, None].expand_as(hidden), image_embeds)
-            deepstack = list(getattr(features, "deepstack_features", None) or [])
+            deepstack = deepstack_levels(features)
         rope_position_ids, _ = inner.get_rope_index(
             input_ids, mm_token_type_ids=model_kwargs["mm_token_type_ids"], image_grid_thw=grid
         )  # (3, 1, S)
