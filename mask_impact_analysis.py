@@ -6,7 +6,7 @@
 
 import sys
 
-from mask_impact.stopping import entry
+from mask_impact.entry import entry
 
 if __name__ == "__main__":
     sys.exit(entry(vision=False))

@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .config import FIELD_TYPES, RunConfig, UsageError, make_config
+from .pipeline import analyze
 from .errors import (
     InvalidArgument,
     InvalidType,
@@ -114,23 +115,6 @@ def _option_value(name: str, value):
     if expected is not int and isinstance(value, expected):
         return value
     raise InvalidType(f"{name} must be {TYPE_WORDS[expected]}, not {type(value).__name__} ({value!r:.40})")
-
-
-def analyze(loaded, config: RunConfig, prompt_text: str, store=None, prepared: tuple | None = None,
-            on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """One analysis of ``prompt_text`` under ``config``: the result as the JSON the command line writes
-    (``store``: the run's resume state, see resume.py, None in a launched process other than the main one, which
-    computes only its part; ``prepared``: ``cli.prepare``'s prompt and fingerprint, if the caller has them already;
-    ``on_progress(done, total)``: cells finished)."""
-    from . import report
-    from .cli import prepare
-    from .sweep import run
-
-    prompt, parts = prepared or prepare(loaded, config, prompt_text)
-    result = run(loaded, prompt, config, store, on_progress)
-    if result is None:  # a launched process other than the main one: its part is in its partial file
-        return None
-    return report.result_json(loaded, prompt, config, result, parts)
 
 
 def _base(path, method: str) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 from .config import (RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths,
                      possible_figures, prompt_from_command_line)
 from .errors import MaskImpactError
+from .pipeline import prepare, say
 from .shard import is_main_process, launch_shortfall
 from .stopping import stop_signals_raise, stop_status
 
@@ -45,12 +46,6 @@ class Stage:
             return (f"{done} finished knockouts are kept in {self.store.path}; rerun with --resume to continue"
                     if done else f"no knockout had finished; rerun with --resume to start from {self.store.path}")
         return "nothing was written"
-
-
-def say(*args, **kwargs) -> None:
-    """``print`` in the process that speaks for the run: the only one, or the main one of a launch."""
-    if is_main_process():
-        print(*args, **kwargs)
 
 
 def one_line(error: Exception | str) -> str:
@@ -174,25 +169,10 @@ def load(config: RunConfig, vision: bool):
     return loaded
 
 
-def prepare(loaded, config: RunConfig, prompt_text: str):
-    """The model's input for a run, and the fingerprint of everything that decides its numbers."""
-    from .inputs import build_prompt
-    from .resume import fingerprint_parts
-
-    prompt = build_prompt(loaded, prompt_text, config.images, config.raw_prompt, config.max_pixels,
-                          config.min_pixels, config.allow_special_tokens, config.num_tokens)
-    for path, image in zip(config.images, prompt.images):
-        area_ratio = image.resized_width * image.resized_height / (image.width * image.height)
-        resized = [f"{image.resize} ({image.width}×{image.height} → {image.resized_width}×{image.resized_height})"]
-        for note in image.notes + (resized if not 0.8 <= area_ratio <= 1.25 else []):
-            say(f"note: image {path}: {note}", file=sys.stderr)  # said once in a launch
-    return prompt, fingerprint_parts(loaded, config, prompt)
-
-
 def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = None) -> dict:
     """One analysis, written atomically; returns the paths written and the terminal summary."""
     from . import report
-    from .api import analyze
+    from .pipeline import analyze
     from .resume import PartialStore
     from .shard import Shard
 

@@ -185,11 +185,11 @@ def check_name(name: str, what: str) -> None:
 def check_figures(fmt: str) -> None:
     """``--figures``: a format matplotlib writes, and matplotlib installed (checked before the model loads)."""
     from .errors import FIGURES_INSTALL
-    from .figures import FORMATS, available
+    from .options import FIGURE_FORMATS, figures_available
 
-    if fmt not in FORMATS:
-        raise UsageError(f"--figures {quoted(fmt)} is not one of: {', '.join(FORMATS)}")
-    if not available():
+    if fmt not in FIGURE_FORMATS:
+        raise UsageError(f"--figures {quoted(fmt)} is not one of: {', '.join(FIGURE_FORMATS)}")
+    if not figures_available():
         raise UsageError(f"--figures needs matplotlib, which is not installed: {FIGURES_INSTALL}")
 
 

@@ -24,7 +24,6 @@ pyplot state (a notebook's inline backend) is left alone.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import math
 import re
@@ -34,8 +33,9 @@ import warnings
 import numpy as np
 
 from .errors import FIGURES_INSTALL, MissingDependency
+from .options import FIGURE_FORMATS, figures_available
 
-FORMATS = ("png", "svg", "pdf")
+FORMATS = FIGURE_FORMATS
 KINDS = ("heatmap", "overlay", "flows", "estimate")
 ESTIMATED = "estimated_logprob_drop"  # the estimate's map (``data["estimate"]["logprob_drop"]``), drawn as a metric
 ALL_LABELS = 80  # columns up to which every unit is labelled
@@ -55,8 +55,7 @@ ROW_TITLES = {"decoder": "decoder layers", "vision-encoder": "ViT layers", "pixe
 MODALITY_COLOURS = {"vision": "#1f5fa8", "special": "#7a7a7a"}
 
 
-def available() -> bool:
-    return importlib.util.find_spec("matplotlib") is not None
+available = figures_available
 
 
 def require() -> None:

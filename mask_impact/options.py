@@ -17,11 +17,19 @@ from dataclasses import dataclass
 
 from .errors import UsageError, quoted
 
+FIGURE_FORMATS = ("png", "svg", "pdf")  # --figures: what matplotlib writes (figures.py draws them)
 MAX_REGION = 1024
 MAX_POSITIONS = 1 << 20  # positions a pos: group may list
 GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 IMAGE_GROUP = re.compile(r"image([1-9][0-9]{0,3})")
 BUILTIN_GROUPS = ("image", "question", "last", "answer", "prompt")  # and image1, image2, ...
+
+
+def figures_available() -> bool:
+    """matplotlib is installed (figures need it; checked without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 # --- the stages -------------------------------------------------------------------------------------------------

@@ -5,14 +5,13 @@ a batch scheduler's time-out (Slurm sends SIGTERM) all unwind through the same `
 finished knockouts stay in the partial file, temporary files are removed, and the command line says
 what was kept and exits with 128 + the signal's number. ``signals_deferred`` holds both back for the
 few renames that put a run's result files in place together. This module imports nothing heavy, so the
-entry points install the handlers before torch and transformers start loading.
+entry points (entry.py) install the handlers before torch and transformers start loading.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 from typing import Iterator
 
@@ -91,28 +90,7 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
-def entry(vision: bool) -> int:
-    """What the two scripts and the two installed commands run: handlers first, then the (slow) imports,
-    then the command."""
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM raise ``Stopped`` in the main thread from now on."""
     for signum in SIGNALS:
         signal.signal(signum, _raise)
-    try:
-        from .cli import main
-    except KeyboardInterrupt as stop:
-        name, status = stop_status(stop)
-        print(f"interrupted ({name}) while starting; nothing was written", file=sys.stderr)
-        return status
-    try:
-        return main(sys.argv[1:], vision)
-    finally:  # the work is done or said: a signal during the interpreter's shutdown must not raise there
-        ignore_stop_signals()
-
-
-def entry_vl() -> int:
-    """The installed ``mask-impact-vl`` command (as ``mask_impact_vl.py``)."""
-    return entry(vision=True)
-
-
-def entry_text() -> int:
-    """The installed ``mask-impact`` command (as ``mask_impact_analysis.py``)."""
-    return entry(vision=False)

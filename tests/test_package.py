@@ -26,7 +26,7 @@ from tests.conftest import HANG_S, ROOT
 
 SHIPPED = ["visualize_results.html", "testimg.png",
            *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "models").glob("demo-*/*")) if p.is_file())]
-COMMANDS = {"mask-impact-vl": "mask_impact.stopping:entry_vl", "mask-impact": "mask_impact.stopping:entry_text"}
+COMMANDS = {"mask-impact-vl": "mask_impact.entry:entry_vl", "mask-impact": "mask_impact.entry:entry_text"}
 
 
 def _setuptools_version() -> tuple[int, ...]:

@@ -464,7 +464,8 @@ def test_palette_transparency_is_noted(tmp_path):
 
 def test_stop_signals_are_ignored_once_a_stop_is_being_handled(monkeypatch):
     """A second Ctrl-C, or one during the interpreter's shutdown, must not raise a traceback."""
-    from mask_impact.stopping import Stopped, entry, stop_status
+    from mask_impact.entry import entry
+    from mask_impact.stopping import Stopped, stop_status
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
