@@ -403,7 +403,7 @@ class KnockoutResult:
         from . import figures
 
         if path is None:
-            self._check_figures(format, metric)
+            self._check_figures(format, metric, windows)
             return figures.draw(self.data, metric, windows, self._kinds(kinds))
         base = _base(path, "plot")
         pictures = self._figure_files(base, format, metric, windows, kinds)
@@ -413,7 +413,7 @@ class KnockoutResult:
         self._write(files, overwrite, lambda: write_set(dict(pictures.values())))
         return files
 
-    def _check_figures(self, fmt, metric: str) -> None:
+    def _check_figures(self, fmt, metric: str, windows=None) -> None:
         from . import figures
 
         figures.require()
@@ -421,6 +421,7 @@ class KnockoutResult:
             raise InvalidArgument(f"format={fmt!r} is not one of: {', '.join(figures.FORMATS)}")
         if metric != figures.ESTIMATED or self.estimate is None:  # the estimated map: an estimate=K run's
             self.metric(metric)
+        figures.chosen_windows(self.data, windows)  # refused whatever figures are drawn (not only the overlay)
 
     def _kinds(self, kinds) -> list[str]:
         from .figures import kinds_for
@@ -436,7 +437,7 @@ class KnockoutResult:
         from . import figures
         from .config import figure_paths
 
-        self._check_figures(fmt, metric)
+        self._check_figures(fmt, metric, windows)
         asked = self._kinds(kinds)
         paths = figure_paths(base, fmt, asked)
         return {kind: (paths[kind], content) for kind, content in

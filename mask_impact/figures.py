@@ -162,8 +162,12 @@ def chosen_windows(data: dict, windows) -> list[int]:
         return sorted({round(x) for x in np.linspace(0, count - 1, min(count, MAX_PANELS))})
     from .errors import InvalidArgument, InvalidType
 
+    asked = [windows] if isinstance(windows, (int, np.integer, str)) else list(windows)
+    if not asked:
+        raise InvalidArgument(f"windows={windows!r} chooses no window; give window indices or labels, or leave it "
+                              f"out for up to {MAX_PANELS} evenly spaced ones")
     chosen = []
-    for window in ([windows] if isinstance(windows, (int, str)) else list(windows)):
+    for window in asked:
         if isinstance(window, str):
             if window not in labels:
                 raise InvalidArgument(f"windows={window!r} is not a window of this result; windows: "

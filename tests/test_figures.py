@@ -127,10 +127,23 @@ def test_flow_curves_one_line_per_flow(analyzer, tmp_path):
     (lambda r: r.plot(metric="loss"), "metric='loss' is not a metric"),
     (lambda r: r.plot(windows=["layer 9"]), "windows='layer 9' is not a window of this result"),
     (lambda r: r.plot(windows=[3]), "windows=3 is out of range: this result has 3 windows"),
+    (lambda r: r.plot(windows=[]), "windows=\\[\\] chooses no window"),
+    (lambda r: r.plot(windows=[99], kinds="heatmap"), "windows=99 is out of range: this result has 3 windows"),
+    (lambda r: r.plot(windows=(), kinds="heatmap"), "windows=\\(\\) chooses no window"),
 ])
 def test_bad_plot_arguments(regions, call, message):
     with pytest.raises(InvalidArgument, match=message):
         call(regions)
+
+
+def test_bad_windows_are_refused_whatever_the_unit_kind(analyzer, tmp_path):
+    tokens = analyzer.run(PROMPT, unit="token", layers="0-1", progress=False)  # text only: no overlay is drawn
+    for windows, message in (([], r"windows=\[\] chooses no window"), ([99], "windows=99 is out of range")):
+        with pytest.raises(InvalidArgument, match=message):
+            tokens.plot(windows=windows)
+        with pytest.raises(InvalidArgument, match=message):
+            tokens.plot(tmp_path / "tok", windows=windows)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_command_line_figures_for_each_stage(tmp_path):
