@@ -2011,3 +2011,34 @@ def test_maps_of_a_narrow_picture_keep_the_window_choice_above_and_the_colour_ba
         assert picture["width"] < select["width"]  # narrow indeed
         assert select["y"] + select["height"] <= picture["y"] + 1 and picture["y"] + picture["height"] <= bar["y"] + 1
     page.locator("#maps-section").screenshot(path=str(ARTIFACTS / "viewer_onevision_maps.png"))
+
+
+@pytest.mark.parametrize("thumbnail", ["data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB",  # cut short
+                                       "data:image/svg+xml,<svg", "data:image/png;base64,%%%not base64"])
+def test_a_picture_that_cannot_be_drawn_is_skipped_with_a_note_and_the_rest_drawn(page, onevision_images, tmp_path,
+                                                                                 thumbnail):
+    """A result whose first picture's thumbnail is a broken (or refused) data URL: no uncaught error, a visible note
+    names the picture (its units' areas drawn on grey), the other picture is drawn, and the overlay figures export."""
+    data = json.loads((onevision_images / "ov.json").read_text())
+    data["images"][0]["thumbnail"] = thumbnail
+    (tmp_path / "broken.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "broken.json")])
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    expect(page.locator("#overlay-section")).to_contain_text("image 1: its picture cannot be drawn")
+    assert page.locator(".picture-missing").first.is_visible()
+    assert _drawn_pixels(page, "#heatmap") > 100
+    expect(page.locator("canvas.overlay[data-painted='1']")).to_have_count(2)
+    assert page.locator("#overlay-1 .picture-missing").is_hidden()
+    picture = json.loads((onevision_images / "ov.json").read_text())["images"][1]
+    page.locator("#opacity").fill("0")  # the second picture alone: its own pixels, not grey
+    page.locator("#opacity").dispatch_event("input")
+    colours = page.evaluate("""() => { const c = document.querySelector('#overlay-1 canvas'), d = c.getContext('2d')
+        .getImageData(0, 0, c.width, c.height).data; const seen = new Set();
+        for (let o = 0; o < d.length; o += 4) seen.add(d[o] + ',' + d[o + 1] + ',' + d[o + 2]); return seen.size; }""")
+    assert picture["thumbnail"].startswith("data:image/png") and colours > 20
+    for panel in ("overlay", "overlay-grid"):
+        size, coloured = _png_colours(_export(page, panel, "png", tmp_path))
+        assert coloured > 100
+    page.select_option("#metric", "kl")  # a redraw repaints without the broken picture again
+    assert page.errors == []
