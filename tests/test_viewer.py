@@ -253,9 +253,10 @@ def test_a_full_size_sweep_renders_completely(page, tmp_path):
     page.goto((ROOT / "visualize_results.html").as_uri())
     started = time.perf_counter()
     page.set_input_files("#file-input", [str(path)])
-    expect(page.locator("#heatmap")).to_have_js_property("width", 1100)
+    expect(page.locator("#heatmap")).to_have_attribute("data-columns", "1100")
     elapsed = time.perf_counter() - started
-    assert _drawn_pixels(page, "#heatmap") > 36 * 1100 * 0.9
+    width = page.locator("#heatmap").evaluate("c => c.width")
+    assert width >= 1100 and _drawn_pixels(page, "#heatmap") > 36 * width * 0.9
     (ARTIFACTS / "viewer_full_size_render_seconds.txt").write_text(f"{elapsed:.3f}\n")
     page.screenshot(path=str(ARTIFACTS / "viewer_full_size.png"))
 
@@ -313,7 +314,7 @@ def test_a_long_prompt_fits_the_window_and_tooltips_stay_on_screen(page, tmp_pat
     path = _synthetic(tmp_path / "long.json", 1600, range(0))  # 1,600 text tokens
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(path)])
-    expect(page.locator("#heatmap")).to_have_js_property("width", 1600)
+    expect(page.locator("#heatmap")).to_have_attribute("data-columns", "1600")
     assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # before: 16,301 px wide
     assert page.locator("#strip").bounding_box()["width"] <= 1280  # the token strip wraps
     box = page.evaluate("""() => {
@@ -1303,7 +1304,8 @@ def test_column_groups_zoom_and_pan_for_a_long_prompt(page, results, tmp_path):
     path = _synthetic(tmp_path / "long.json", 1600, range(400, 800))  # 1,600 units: one pixel per column to fit
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(path)])
-    expect(page.locator("#heatmap")).to_have_js_property("width", 1600)
+    expect(page.locator("#heatmap")).to_have_attribute("data-columns", "1600")
+    assert page.locator("#heatmap").evaluate("c => c.width") < 1280  # fit: every column inside the box, pooled
     assert page.locator("#column-labels").get_attribute("data-labels") == "0"  # no room for labels
     page.select_option("#zoom", "12")
     assert page.locator("#heatmap").evaluate("c => c.width") == 1600 * 12
@@ -2042,3 +2044,69 @@ def test_a_picture_that_cannot_be_drawn_is_skipped_with_a_note_and_the_rest_draw
         assert coloured > 100
     page.select_option("#metric", "kl")  # a redraw repaints without the broken picture again
     assert page.errors == []
+
+
+def _peaks(path: Path, peaks: dict[tuple[int, int], float]) -> Path:
+    data = json.loads(path.read_text())
+    for (w, i), v in peaks.items():
+        data["metrics"]["logprob_drop"][w][i] = v
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("width", [1440, 1920])
+def test_fit_shows_every_column_max_pooled_with_an_overview_to_brush_a_zoom(browser, tmp_path, width):
+    """A 1,508-token prompt at 1440×900 and 1920×1080: "fit" draws every unit inside the visible box (no sideways
+    scroll, the box's width used), a one-column peak anywhere (the last token too) keeps its full colour where many
+    units share a pixel, hovering it names it; the overview shows every unit, and a drag across it zooms the heatmap
+    to those units."""
+    context = browser.new_context(viewport={"width": width, "height": 900 if width == 1440 else 1080})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    path = _peaks(_synthetic(tmp_path / "long.json", 1508, range(100, 884)), {(5, 1507): 40.0, (9, 777): 40.0})
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    expect(page.locator("#heatmap")).to_have_attribute("data-columns", "1508")
+    heat, scroller = page.locator("#heatmap"), page.locator("#heat-scroll")
+    assert scroller.evaluate("s => s.scrollWidth <= s.clientWidth")  # nothing hidden to the right
+    box = heat.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= width  # on screen
+    assert box["width"] >= scroller.evaluate("s => s.clientWidth") - 8  # the box's width is used (before: ≤ 1,100)
+    assert int(heat.get_attribute("data-pooled")) >= 2 if box["width"] < 1508 else True
+    red = page.evaluate("colourAt(1)")
+    cell_h = int(heat.get_attribute("data-cell-h"))
+    for w, i in ((5, 1507), (9, 777)):
+        x = heat.evaluate(f"c => Math.floor({i} * Number(c.dataset.cellW))")
+        assert _cell_pixel(page, x, w * cell_h + cell_h // 2) == red, (w, i)
+        heat.hover(position={"x": x + 1.5, "y": w * cell_h + cell_h / 2 + 1})  # 1 px border
+        assert "(position %d" % i in page.locator("#tooltip").text_content()
+    overview = page.locator("#heat-overview")
+    assert page.locator("#overview-box").is_visible() and overview.get_attribute("data-columns") == "1508"
+    assert overview.bounding_box()["x"] + overview.bounding_box()["width"] <= width
+    ob = overview.bounding_box()
+    page.mouse.move(ob["x"] + ob["width"] * 0.5, ob["y"] + 5)  # units 754 …
+    page.mouse.down()
+    page.mouse.move(ob["x"] + ob["width"] * 0.55, ob["y"] + 5, steps=4)
+    page.mouse.up()  # … about 829: zoomed so those ~75 units fill the box
+    assert page.evaluate("state.zoom") >= 9 and scroller.evaluate("s => s.scrollWidth > s.clientWidth")
+    first, last = map(int, overview.get_attribute("data-shown").split("-"))
+    assert abs(first - 754) <= 2 and last >= 820, (first, last)
+    assert page.locator("#column-labels").get_attribute("data-labels") == "1508"
+    assert page.locator("#overview-frame").is_visible()
+    page.screenshot(path=str(ARTIFACTS / f"viewer_fit_{width}.png"))
+    context.close()
+    assert errors == []
+
+
+def _cell_pixel(page, x: int, y: int, selector: str = "#heatmap") -> list[int]:
+    return page.evaluate("""([s, x, y]) => Array.from(document.querySelector(s).getContext('2d')
+        .getImageData(x, y, 1, 1).data.slice(0, 3))""", [selector, x, y])
+
+
+def test_labels_cut_keep_their_ends_so_region_labels_stay_distinct(page):
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    cut = page.evaluate("""() => { const ctx = document.createElement('canvas').getContext('2d');
+        ctx.font = '12px ui-monospace, monospace';
+        return ['image1 r12-15 c100-103 wide', 'image1 r12-15 c104-107 wide'].map((t) => fitMiddle(ctx, t, 90)); }""")
+    assert cut[0] != cut[1] and all("…" in c for c in cut), cut
