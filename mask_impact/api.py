@@ -395,18 +395,19 @@ class KnockoutResult:
         return {**paths, **{kind: path for kind, (path, _) in pictures.items()}}
 
     def plot(self, path: str | Path | None = None, format: str = "png", metric: str = "logprob_drop",
-             windows=None, kinds=None, overwrite: bool = False) -> dict:
+             windows=None, kinds=None, overwrite: bool = False, greyscale: bool = False) -> dict:
         """Publication figures (figures.py): the window × unit ``heatmap``; the ``overlay`` of the units' boxes on
         the image for the chosen ``windows`` (indices or labels; default up to six, evenly spaced); the ``flows``
         curves of a flow run. ``kinds`` picks some. With ``path`` (``output/cat`` or ``output/cat.json``) writes
-        ``PATH.KIND.FORMAT`` (png, svg or pdf) and returns their paths; without, returns matplotlib Figures."""
+        ``PATH.KIND.FORMAT`` (png, svg or pdf) and returns their paths; without, returns matplotlib Figures.
+        ``greyscale``: the overlay's picture drawn in grey, so only the effects are coloured."""
         from . import figures
 
         if path is None:
             self._check_figures(format, metric, windows)
-            return figures.draw(self.data, metric, windows, self._kinds(kinds))
+            return figures.draw(self.data, metric, windows, self._kinds(kinds), greyscale=bool(greyscale))
         base = _base(path, "plot")
-        pictures = self._figure_files(base, format, metric, windows, kinds)
+        pictures = self._figure_files(base, format, metric, windows, kinds, greyscale=bool(greyscale))
         from .report import write_set
 
         files = {kind: file for kind, (file, _) in pictures.items()}
@@ -433,7 +434,7 @@ class KnockoutResult:
                 raise InvalidArgument(f"kinds={kind!r} is not a figure of this result; its figures: {', '.join(have)}")
         return asked
 
-    def _figure_files(self, base: Path, fmt, metric: str, windows, kinds) -> dict[str, tuple[Path, bytes]]:
+    def _figure_files(self, base: Path, fmt, metric: str, windows, kinds, **options) -> dict[str, tuple[Path, bytes]]:
         from . import figures
         from .config import figure_paths
 
@@ -441,7 +442,7 @@ class KnockoutResult:
         asked = self._kinds(kinds)
         paths = figure_paths(base, fmt, asked)
         return {kind: (paths[kind], content) for kind, content in
-                figures.render(self.data, fmt, metric, windows, asked).items()}
+                figures.render(self.data, fmt, metric, windows, asked, **options).items()}
 
     @staticmethod
     def _write(paths: dict[str, Path], overwrite: bool, write: Callable[[], None]) -> None:

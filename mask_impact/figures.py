@@ -33,6 +33,7 @@ import warnings
 
 import numpy as np
 
+from . import colours
 from .errors import FIGURES_INSTALL, MissingDependency
 
 FORMATS = ("png", "svg", "pdf")
@@ -52,7 +53,7 @@ METRICS = {  # title, harm sign (+1: larger hurts), one-sided
 }
 ROW_TITLES = {"decoder": "decoder layers", "vision-encoder": "ViT layers", "pixels": "occlusion",
               "deepstack": "route removed"}
-MODALITY_COLOURS = {"vision": "#1f5fa8", "special": "#7a7a7a"}
+MODALITY_COLOURS = {"text": "black", **{k: v for k, v in colours.MODALITY_COLOURS.items() if k != "text"}}
 
 
 def available() -> bool:
@@ -76,16 +77,18 @@ def kinds_for(data: dict) -> list[str]:
     return ["heatmap", "overlay", *estimate] if boxed else ["heatmap", *estimate]
 
 
-def render(data: dict, fmt: str, metric: str = "logprob_drop", windows=None, kinds=None) -> dict[str, bytes]:
+def render(data: dict, fmt: str, metric: str = "logprob_drop", windows=None, kinds=None,
+           **options) -> dict[str, bytes]:
     """Each figure of ``data`` (``kinds``, default ``kinds_for``) as the bytes of a ``fmt`` file."""
-    return {kind: to_bytes(figure, fmt) for kind, figure in draw(data, metric, windows, kinds).items()}
+    return {kind: to_bytes(figure, fmt) for kind, figure in draw(data, metric, windows, kinds, **options).items()}
 
 
-def draw(data: dict, metric: str = "logprob_drop", windows=None, kinds=None) -> dict:
-    """The matplotlib ``Figure`` of each kind."""
+def draw(data: dict, metric: str = "logprob_drop", windows=None, kinds=None, greyscale: bool = False) -> dict:
+    """The matplotlib ``Figure`` of each kind; ``greyscale``: the overlay's picture in grey, so only the effects
+    are coloured."""
     require()
-    drawers = {"heatmap": heatmap, "overlay": overlay, "flows": flow_curves,
-               "estimate": lambda data, metric, windows: heatmap(data, ESTIMATED, windows)}
+    drawers = {"heatmap": heatmap, "overlay": lambda data, metric, windows: overlay(data, metric, windows, greyscale),
+               "flows": flow_curves, "estimate": lambda data, metric, windows: heatmap(data, ESTIMATED, windows)}
     return {kind: drawers[kind](data, metric, windows) for kind in (kinds or kinds_for(data))}
 
 
@@ -129,23 +132,26 @@ def window_labels(data: dict) -> list[str]:
     return data.get("window_labels") or [f"layers {a}–{b}" for a, b in data["windows"]]
 
 
+def colour_map(data: dict, harm: int = 1, one_sided: bool = False):
+    """The result's colour map (``colour_scale.colours``, else colours.COLOUR_MAP) as matplotlib's: red where a
+    knockout hurts the answer (``harm`` -1: where the value falls); one-sided metrics: its upper half."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    stored = (data.get("colour_scale") or {}).get("colours")
+    listed = stored if isinstance(stored, list) and len(stored) >= 3 else colours.COLOUR_MAP
+    listed = listed[len(listed) // 2:] if one_sided else listed if harm > 0 else listed[::-1]
+    return LinearSegmentedColormap.from_list("mask_impact", listed, N=256)
+
+
 def colour_scale(data: dict, metric: str, grid: np.ndarray):
-    """(colormap, norm, extend): the viewer's robust scale, red where a knockout hurts the answer; ``extend``
-    says which ends of the colour bar values run past."""
-    from matplotlib import colormaps
+    """(colormap, norm, extend): the viewer's scale (colours.py: the stored limit, else the same rule), red where
+    a knockout hurts the answer; ``extend`` says which ends of the colour bar values run past."""
     from matplotlib.colors import Normalize
 
     _, harm, one_sided = METRICS.get(metric, (metric, 1, False))
-    units = units_of(data)
-    keep = [u for u, unit in enumerate(units) if unit["modality"] != "special"] or list(range(len(units)))
-    finite = np.abs(grid[:, keep][np.isfinite(grid[:, keep])])
-    largest = float(finite.max()) if finite.size else 0.0
-    limit = float(np.percentile(finite, 99)) if finite.size else 0.0
-    limit = limit if limit > 0 else largest if largest > 0 else 1.0
-    if one_sided:
-        cmap, norm = colormaps["Reds"], Normalize(0.0, limit)
-    else:
-        cmap, norm = colormaps["RdBu_r" if harm > 0 else "RdBu"], Normalize(-limit, limit)
+    limit = colours.limit_of(data, metric)
+    cmap = colour_map(data, harm, one_sided)
+    norm = Normalize(0.0, limit) if one_sided else Normalize(-limit, limit)
     present = grid[np.isfinite(grid)]
     above = present.size and present.max() > norm.vmax * (1 + 1e-9)
     below = present.size and present.min() < norm.vmin * (1 + 1e-9) and norm.vmin < 0
@@ -259,26 +265,41 @@ def _mark_exact_cells(axes, data: dict, metric: str) -> str:
     return "\n" + textwrap.fill(line, int(axes.figure.get_figwidth() * 12))
 
 
+FIGURE_SIDE = 2048  # the longest side of a picture read from its file for a figure (more adds no detail at 200 dpi)
+
+
 def picture(info: dict) -> np.ndarray | None:
-    """The image as the result holds it (its thumbnail), or from its path; None if neither can be read."""
+    """The picture at the best resolution there is: its file where readable (downscaled to ``FIGURE_SIDE``), else the
+    result's embedded ``picture`` (up to 1024 px), else its 256-px ``thumbnail`` (the fallback); None if none reads."""
     from PIL import Image
 
     try:
-        if str(info.get("thumbnail", "")).startswith("data:image/png;base64,"):
-            raw = base64.b64decode(info["thumbnail"].split(",", 1)[1])
-            return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
         with Image.open(info["path"]) as image:
-            return np.asarray(image.convert("RGB"))
+            image = image.convert("RGB")
+            image.thumbnail((FIGURE_SIDE, FIGURE_SIDE))
+            if image.size == (info["width"], info["height"]) or max(image.size) == FIGURE_SIDE:
+                return np.asarray(image)  # the file still holds the picture measured (not another of that name)
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        pass
+    for key in ("picture", "thumbnail"):
+        url = str(info.get(key) or "")
+        if url.startswith("data:image/") and ";base64," in url:
+            try:
+                raw = base64.b64decode(url.split(",", 1)[1])
+                return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+            except (OSError, ValueError):
+                continue
+    return None
 
 
 ROW_ASPECT = (0.45, 3.0)  # the overlay's row height over the panel's width: at least (two lines of label), at most
 
 
-def overlay(data: dict, metric: str, windows=None):
-    """Each unit's box tinted by its value over its image: one row per image (per view of it), one column per
-    chosen window."""
+def overlay(data: dict, metric: str, windows=None, greyscale: bool = False):
+    """Each unit's box tinted by its value over its image (the picture at its best resolution, in grey with
+    ``greyscale``): as the viewer tints it, the more the larger the effect (60% at the colour limit, transparent where
+    there is none, so the picture's own colours never read as an effect); one row per image (per view of it), one
+    column per chosen window."""
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -308,13 +329,16 @@ def overlay(data: dict, metric: str, windows=None):
                 and (view is None or unit_view(data, unit, i) in (view, None))]
         mine.sort(key=lambda u: -_area(units[u]["box"]))  # large boxes first, so smaller ones stay visible
         pixels = picture(info)
+        if pixels is not None and greyscale:
+            pixels = np.repeat((pixels @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=2).astype(np.uint8)
         for c, w in enumerate(columns):
             ax = axes[r, c]
             if pixels is not None:
-                ax.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
+                ax.imshow(pixels, extent=(0, width, height, 0), interpolation="antialiased")
             boxes = [Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1]) for b in (units[u]["box"] for u in mine)]
-            shaded = PatchCollection(boxes, cmap=cmap, norm=norm, alpha=0.6, edgecolor="white", linewidth=0.3)
+            shaded = PatchCollection(boxes, cmap=cmap, norm=norm, edgecolor=(1, 1, 1, 0.25), linewidth=0.3)
             shaded.set_array(np.ma.masked_invalid(grid[w, mine]))
+            shaded.set_alpha(tint_alpha(grid[w, mine], norm))
             ax.add_collection(shaded)
             for x0, y0, x1, y1 in crop_strips(info):  # no token sees them: greyed, hatched, said
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=(0.27, 0.27, 0.27, 0.62),
@@ -339,6 +363,17 @@ def overlay(data: dict, metric: str, windows=None):
     bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return figure
+
+
+TINT = 0.6  # the overlay's opacity at the colour limit (the viewer's default)
+
+
+def tint_alpha(values: np.ndarray, norm) -> np.ndarray:
+    """Each box's opacity: ``TINT`` times the size of its place on the scale (0 at no change, 1 at the limit), as
+    the viewer's overlay draws it; a missing value: none."""
+    position = np.clip(np.asarray(norm(np.ma.masked_invalid(values)).filled(np.nan), dtype=float), 0, 1)
+    size = position if norm.vmin == 0 else np.abs(2 * position - 1)
+    return np.nan_to_num(TINT * size, nan=0.0)
 
 
 def crop_strips(info: dict) -> list[tuple[float, float, float, float]]:

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 import transformers
 
-from . import __version__
+from . import __version__, colours
 from .config import RunConfig, UsageError
 from .inputs import Prompt
 from .models import LoadedModel
@@ -59,7 +59,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
                 fingerprint: dict | None = None) -> dict:
     """The result; ``fingerprint`` (resume.fingerprint_parts) goes to ``meta.fingerprint``."""
     baseline = result.baseline
-    return {
+    data = {
         "schema_version": SCHEMA_VERSION,
         "meta": {
             "tool_version": __version__,
@@ -98,6 +98,8 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
         "generations": result.generations,
         **({"estimate": result.estimate} if result.estimate is not None else {}),
     }
+    data["colour_scale"] = colours.scale_block(data)  # the viewer's and the figures' one map and limits
+    return data
 
 
 def csv_text(data: dict) -> str:

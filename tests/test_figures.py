@@ -73,10 +73,11 @@ def test_overlay_tints_each_box_where_it_lies(regions):
     boxes = layer2.collections[0]
     picture = np.asarray(Image.open(DEMO_IMAGE).convert("RGB"), dtype=float)
     drops = regions.metric()[2]
-    for u, unit in enumerate(regions.units):  # each block: its value's colour at 60% over the picture
+    for u, unit in enumerate(regions.units):  # each block: its value's colour over the picture, 60% at the limit
         x0, _, _, y1 = unit["box"]
         x, y = x0 + 4, y1 - 4  # a corner of the block, away from the shape and the box edges
-        expected = 0.6 * 255 * np.array(boxes.cmap(boxes.norm(drops[u]))[:3]) + 0.4 * picture[int(y), int(x)]
+        alpha = 0.6 * min(1.0, abs(drops[u]) / boxes.norm.vmax)  # transparent where nothing changes
+        expected = alpha * 255 * np.array(boxes.cmap(boxes.norm(drops[u]))[:3]) + (1 - alpha) * picture[int(y), int(x)]
         assert np.abs(colour(x, y) - expected).max() <= 3, unit["label"]
     shape_block, empty_block = colour(124, 60), colour(4, 124)
     assert shape_block[0] - shape_block[2] > 30 and abs(empty_block[0] - empty_block[2]) < 10  # red; grey
@@ -294,3 +295,52 @@ def test_overlay_of_strip_pictures_in_one_prompt_stays_a_readable_size(tmp_path)
         assert abs((drawn.x0 + drawn.x1) / 2 - (cell.x0 + cell.x1) / 2) < 1e-6
         assert abs((drawn.y0 + drawn.y1) / 2 - (cell.y0 + cell.y1) / 2) < 1e-6
     assert panels[1].get_position().width < 0.5 * panels[1].get_position(original=True).width  # the tall one: narrower
+
+
+def test_the_colour_limits_are_stored_with_the_result_and_drawn_by_the_figures(regions):
+    """colour_scale: one map and each metric's limit by one rule (colours.py), the figures' norm; a result without
+    it (written before) gets the same limits by the same rule; the rule is the viewer's: the sorted sizes' entry at
+    ⌊0.99·n⌋ over non-special units."""
+    from mask_impact import colours
+    from mask_impact.figures import colour_scale, values
+
+    block = regions.data["colour_scale"]
+    assert block["colours"] == colours.COLOUR_MAP and block["modality_colours"] == colours.MODALITY_COLOURS
+    for metric, stored in block["limits"].items():
+        _, norm, _ = colour_scale(regions.data, metric, values(regions.data, metric))
+        assert norm.vmax == stored > 0, metric
+        older = {k: v for k, v in regions.data.items() if k != "colour_scale"}
+        assert colours.limit(older, metric) == stored
+    drops = regions.metric("logprob_drop")
+    kept = sorted(abs(v) for u, unit in enumerate(regions.units) if unit["modality"] != "special"
+                  for v in drops[:, u])
+    assert block["limits"]["logprob_drop"] == kept[min(len(kept) - 1, int(0.99 * len(kept)))]
+
+
+def test_overlays_draw_the_picture_at_full_resolution_the_thumbnail_only_as_a_fallback(analyzer, tmp_path):
+    """A 1024×768 picture with fine text-like stripes: the result embeds it at 1024 px (``picture``) beside the 256-px
+    thumbnail; the figure draws the file itself while it is readable, the embedded picture when it is gone, and
+    the thumbnail only where neither is there; ``greyscale`` draws the picture grey."""
+    from PIL import ImageDraw
+
+    from mask_impact.figures import picture
+
+    image = Image.new("RGB", (1024, 768), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    for x in range(0, 1024, 4):  # 2-px stripes: lost in a 256-px thumbnail
+        draw.rectangle([x, 0, x + 1, 767], fill=(20, 20, 20))
+    path = tmp_path / "stripes.png"
+    image.save(path)
+    result = analyzer.run(PROMPT, images=[str(path)], unit="region:2", layers="0", progress=False)
+    info = result.data["images"][0]
+    embedded = Image.open(io.BytesIO(__import__("base64").b64decode(info["picture"].split(",", 1)[1])))
+    assert embedded.size == (1024, 768) and info["thumbnail"].startswith("data:image/png")
+    assert picture(info).shape == (768, 1024, 3)
+    moved = dict(info, path=str(tmp_path / "gone.png"))
+    assert picture(moved).shape == (768, 1024, 3)  # the embedded picture, not the thumbnail
+    assert picture({k: v for k, v in moved.items() if k != "picture"}).shape == (192, 256, 3)
+    figure = result.plot(kinds="overlay")["overlay"]
+    drawn = figure.axes[0].images[0].get_array()
+    assert drawn.shape[:2] == (768, 1024)
+    grey = result.plot(kinds="overlay", greyscale=True)["overlay"].axes[0].images[0].get_array()
+    assert np.all(grey[..., 0] == grey[..., 1])
