@@ -204,7 +204,8 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
             stage.written = ", ".join(str(path) for path in written.values())
 
         report.write_results(data, paths, then=finished, figures=pictures)
-    return {**written, "summary": report.summary(data, written), "answer": data["baseline"]["text"]}
+    return {**written, "summary": report.summary(data, written), "answer": data["baseline"]["text"],
+            "top": report.largest_knockout(data)}
 
 
 def run_batch(options: dict, vision: bool, stage: Stage) -> int:
@@ -299,6 +300,7 @@ class BatchState:
         paths = run_one(self.model(config, stage), config, prompt_text, stage)
         figures = [Path(path).name for kind, path in paths.items() if kind in ("heatmap", "overlay", "flows")]
         return {"status": "done", "answer": paths["answer"], **({"figures": figures} if figures else {}),
+                **({"top": paths["top"]} if paths.get("top") else {}),  # the batch page's columns before any drop
                 **{kind: Path(path).name for kind, path in paths.items() if kind in ("json", "csv", "html")}}
 
 

@@ -102,6 +102,26 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
     return data
 
 
+def largest_knockout(data: dict) -> dict | None:
+    """The run's largest knockout by ``logprob_drop`` (special tokens left out where other units were swept), as the
+    viewer's batch overview names it: ``{unit, label, window, window_label, logprob_drop}``; None without values."""
+    grid = (data.get("metrics") or {}).get("logprob_drop") or []
+    units = data.get("units") or []
+    plain = any(unit["modality"] != "special" for unit in units)
+    best = None
+    for w, row in enumerate(grid):
+        for u, value in enumerate(row):
+            if value is None or (plain and units[u]["modality"] == "special") or not math.isfinite(value):
+                continue
+            if best is None or value > best[2]:
+                best = (w, u, value)
+    if best is None:
+        return None
+    w, u, value = best
+    labels = data.get("window_labels") or [f"layers {a}–{b}" for a, b in data["windows"]]
+    return {"unit": u, "label": units[u]["label"], "window": w, "window_label": labels[w], "logprob_drop": value}
+
+
 def csv_text(data: dict) -> str:
     """One row per (window, unit), in window-major order; text cells are made safe for spreadsheets.
 

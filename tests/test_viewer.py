@@ -1612,11 +1612,25 @@ def test_a_batch_overview_shows_each_runs_answer_and_top_unit_and_opens_runs_in_
     assert rows.count() == 3
     page.goto((folder / "index.html").as_uri())  # the batch's own page: its links, and results dropped onto it
     assert page.locator("#batch-runs a").count() == 2
+    for n, name in enumerate(("one", "two")):  # before any drop: the largest knockout the batch wrote in index.json
+        data = json.loads((folder / f"{name}.json").read_text())
+        w, i = _top(data)
+        assert index["runs"][n]["top"] == {"unit": i, "label": data["units"][i]["label"], "window": w,
+                                           "window_label": data["window_labels"][w],
+                                           "logprob_drop": data["metrics"]["logprob_drop"][w][i]}
+        cells = rows.nth(n).locator("td")
+        assert cells.nth(5).text_content() == data["units"][i]["label"].replace("\n", "⏎")
+        assert cells.nth(6).text_content() == data["window_labels"][w] and cells.nth(7).text_content() != ""
     page.set_input_files("#file-input", [str(folder / "one.json")])
     expect(page.locator("#batch-runs")).to_have_attribute("data-results", "1")
-    assert rows.nth(1).locator("td").nth(5).text_content() == "(drop its JSON here)"
     rows.nth(0).get_by_role("button", name="open here").click()
     expect(page).to_have_title("one.json — mask_impact viewer")
+    page.goto((folder / "index.html").as_uri())  # the README's way: index.json with the runs, onto index.html
+    page.set_input_files("#file-input", [str(folder / name) for name in ("index.json", "one.json", "two.json")])
+    expect(page.locator("#batch-runs")).to_have_attribute("data-results", "2")
+    hrefs = page.locator("#batch-runs a").evaluate_all("links => links.map(a => a.href)")
+    assert hrefs == [(folder / name).as_uri() for name in ("one.html", "two.html")]  # before: plain text, dead
+    assert "cannot reach the batch's files" not in page.locator("#message").text_content()
 
 
 def test_hostile_text_in_the_new_views_renders_inertly(page, results, tmp_path):
