@@ -304,7 +304,7 @@ def test_compare_with_nothing_shared_says_so_and_keeps_no_stale_map(page, result
     page.goto((ROOT / "visualize_results.html").as_uri())
     page.set_input_files("#file-input", [str(results / "vision.json"), str(results / "no_image.json")])
     page.wait_for_selector("#compare:not(.hidden)")
-    assert page.locator("#heatmap-diff").is_visible() and page.locator("#compare-message").text_content() == ""
+    assert page.locator("#heatmap-diff").is_visible() and "no difference" not in page.locator("#compare-message").text_content()
     page.set_input_files("#file-input", [str(results / "vision.json"), str(tmp_path / "elsewhere.json")])
     expect(page.locator("#compare-message")).to_contain_text("share no layer window")  # waits: files load async
     assert not page.locator("#heatmap-diff").is_visible()  # before: the previous pair's difference stayed
@@ -2215,3 +2215,33 @@ def test_overlays_and_their_exports_draw_the_full_resolution_picture(page, tmp_p
     page.set_input_files("#file-input", [str(tmp_path / "old.json")])
     page.wait_for_selector("canvas.overlay[data-painted='1']")
     assert page.evaluate("pictureOf(state.runs[0].images[0]).naturalWidth") == 256
+
+
+def test_compare_refuses_a_difference_of_other_pictures_or_answers_and_keeps_titles_whole(page, results, tmp_path):
+    """A − B of two runs of different pictures is refused with the reason (as the maps side by side refuse them), not
+    drawn; of different answers it is drawn with a note saying so; the panels' titles and colour-bar captions are not
+    cut by their canvas."""
+    data = json.loads((results / "vision.json").read_text())
+    other = json.loads(json.dumps(data))
+    other["meta"]["fingerprint"] = dict(other["meta"].get("fingerprint") or {}, **{"inputs.pixel_values": "another"})
+    data["meta"]["fingerprint"] = dict(data["meta"].get("fingerprint") or {}, **{"inputs.pixel_values": "this"})
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    (tmp_path / "picture.json").write_text(json.dumps(other))
+    answer = json.loads(json.dumps(data))
+    answer["baseline"] = dict(answer["baseline"], text="green", token_ids=[7, 2])
+    (tmp_path / "answer.json").write_text(json.dumps(answer))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "a.json"), str(tmp_path / "picture.json")])
+    expect(page.locator("#compare-message")).to_contain_text("no difference to show: A and B saw different images")
+    assert not page.locator("#heatmap-diff").is_visible()
+    page.set_input_files("#file-input", [str(tmp_path / "a.json"), str(tmp_path / "answer.json")])
+    expect(page.locator("#compare-message")).to_contain_text('note: the answers differ (A "')  # drawn, with a word
+    assert "A − B is a difference of two quantities" in page.locator("#compare-message").text_content()
+    page.set_input_files("#file-input", [str(tmp_path / "a.json"), str(tmp_path / "a.json")])
+    expect(page.locator("#heatmap-diff")).to_be_visible()
+    for selector in ("#heatmap-a", "#heatmap-b", "#heatmap-diff"):  # every title and caption inside its canvas
+        widths = page.locator(selector).evaluate("""(c) => { const l = c.layout, ctx = c.getContext('2d');
+            ctx.font = '600 13px system-ui, sans-serif'; const title = ctx.measureText(c.dataset.title).width + 14;
+            ctx.font = '11px system-ui, sans-serif'; const caption = ctx.measureText(c.dataset.caption).width;
+            return [title, caption + l.x + 160 + 8, c.width]; }""")
+        assert widths[0] <= widths[2] and widths[1] <= widths[2] + 1, (selector, widths)
