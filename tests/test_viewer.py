@@ -2245,3 +2245,37 @@ def test_compare_refuses_a_difference_of_other_pictures_or_answers_and_keeps_tit
             ctx.font = '11px system-ui, sans-serif'; const caption = ctx.measureText(c.dataset.caption).width;
             return [title, caption + l.x + 160 + 8, c.width]; }""")
         assert widths[0] <= widths[2] and widths[1] <= widths[2] + 1, (selector, widths)
+
+
+def _svg_overflow(page, path: Path) -> list[str]:
+    """The texts of an exported SVG that run past its right edge or end cut with "…" (measured in the page, in the
+    font the SVG gives them; turned texts left out)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    width = float(root.get("width") or root.get("viewBox").split()[2])
+    items = []
+    for node in root.iter(f"{SVG}text"):
+        if node.get("transform") or "rotate" in (node.get("style") or ""):
+            continue
+        font = (node.get("style") or "").removeprefix("font: ")
+        items.append([float(node.get("x")), node.get("text-anchor"), font, "".join(node.itertext())])
+    measured = page.evaluate("""(items) => { const ctx = document.createElement('canvas').getContext('2d');
+        return items.map(([x, anchor, font, text]) => { ctx.font = font; const w = ctx.measureText(text).width;
+            return anchor === 'middle' ? x + w / 2 : anchor === 'end' ? x : x + w; }); }""", items)
+    return [text for (_, _, _, text), right in zip(items, measured) if right > width + 1 or text.endswith("…")]
+
+
+def test_exported_figures_hold_their_captions_whole(page, stage_results, tmp_path):
+    """The overlay (one window and every window), the answer steps and the maps side by side (each panel's own scale,
+    and one shared scale) as SVG: no caption cut with "…" or past the figure's edge, a noise floor's note included."""
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(stage_results / f"{name}.json") for name in ("decoder", "vit", "pixels")])
+    expect(page.locator("#maps canvas.overlay[data-painted='1']")).to_have_count(3)
+    page.fill("#floor", "0.001")
+    page.dispatch_event("#floor", "change")
+    for scale in ("own", "shared"):
+        page.select_option("#maps-scale", scale)
+        for panel in ("overlay", "overlay-grid", "steps", "maps"):
+            path = _export(page, panel, "svg", tmp_path)
+            assert _svg_overflow(page, path) == [], (panel, scale, _svg_overflow(page, path))
