@@ -163,6 +163,7 @@ def test_the_maps_figure_enlarges_a_tiny_picture_as_the_page_does(page, tmp_path
     page.set_input_files("#file-input", [str(tmp_path / "decoder.json"), str(tmp_path / "pixels.json")])
     expect(page.locator("#maps canvas.overlay[data-painted='1']")).to_have_count(2)
     assert page.locator("#maps canvas.overlay").evaluate_all("cs => cs.map((c) => [c.width, c.height])") == [[64, 96]] * 2
+    page.select_option("#maps-scale", "own")  # a colour bar per panel
     root = ET.parse(_export(page, "maps", "svg", tmp_path)).getroot()
     sizes = [(node.get("width"), node.get("height")) for node in root.iter(f"{SVG}image")]
     assert sizes == [("64", "96"), ("120", "10")] * 2, sizes  # per panel: the picture, its colour bar
@@ -1047,6 +1048,10 @@ def test_decoder_vit_and_occlusion_maps_of_one_image_side_by_side(page, stage_re
     assert titles == ["attention knockout in the decoder · max over layer 0 … layer 2",
                       "attention knockout in the vision encoder · ViT layer 0", "occlusion (fill: mean) · occluded (mean)"]
     panels = page.locator("#maps .map-panel")
+    maxima = page.locator("#maps canvas.overlay").evaluate_all("cs => cs.map((c) => Number(c.dataset.max))")
+    assert len(set(maxima)) == 1 and "(one scale for every panel)" in panels.nth(0).text_content()  # the default
+    tops = page.locator("#maps canvas.overlay").evaluate_all("cs => cs.map((c) => c.getBoundingClientRect().top)")
+    assert max(tops) - min(tops) < 1, tops  # the pictures level (before: the third higher)
     for n, name in enumerate(names):
         text = panels.nth(n).text_content()
         assert f"{name}.json · image 1" in text and "logprob_drop: " in text  # its run, and its labelled scale
@@ -1055,6 +1060,7 @@ def test_decoder_vit_and_occlusion_maps_of_one_image_side_by_side(page, stage_re
     assert data["decoder"]["units"][decoder_top]["box"] == data["pixels"]["units"][pixels_top]["box"]
     scale = page.evaluate("document.querySelector('#maps canvas.overlay').scale")
     x0, y0, x1, y1 = (round(v * scale) for v in data["decoder"]["units"][decoder_top]["box"])
+    page.select_option("#maps-scale", "own")  # each at its own scale: each run's own top saturated
     page.locator("#opacity").fill("0")
     plain = [_panel_rgb(page, n)[1] for n in range(3)]
     page.locator("#opacity").fill("100")
@@ -1066,10 +1072,9 @@ def test_decoder_vit_and_occlusion_maps_of_one_image_side_by_side(page, stage_re
         assert (pixels == plain[n]) == (n == 1), n  # the ViT knockouts change exactly nothing: no tint anywhere
     assert reds[0] > 0.9 and reds[2] > 0.9, reds
     maxima = page.locator("#maps canvas.overlay").evaluate_all("cs => cs.map((c) => Number(c.dataset.max))")
-    assert len(set(maxima)) == 3  # each panel its own scale (the default)
+    assert len(set(maxima)) == 3  # each panel its own scale, on request, and the caption says so
+    assert "this panel's own scale: colours do not compare across panels" in panels.nth(0).text_content()
     page.select_option("#maps-scale", "shared")
-    maxima = page.locator("#maps canvas.overlay").evaluate_all("cs => cs.map((c) => Number(c.dataset.max))")
-    assert len(set(maxima)) == 1 and "(one scale for every panel)" in panels.nth(0).text_content()
     page.locator("#maps .map-panel select").first.select_option(label="layer 1")
     assert page.locator("#maps .map-title").first.text_content() == "attention knockout in the decoder · layer 1"
     page.screenshot(path=str(ARTIFACTS / "viewer_maps.png"), full_page=True)
@@ -1229,6 +1234,7 @@ def test_answer_steps_deepstack_and_maps_export_png_and_svg_with_title_labels_an
     size, coloured = _png_colours(_export(page, "deepstack", "png", tmp_path))
     assert size[0] >= 900 and coloured > 500, (size, coloured)
 
+    page.select_option("#maps-scale", "own")
     svg = _export(page, "maps", "svg", tmp_path)
     texts = _svg_texts(svg)
     assert svg.name == "deepstack-maps.svg" and "deepstack.json — maps side by side · logprob_drop" in texts
@@ -2028,7 +2034,7 @@ def test_maps_of_a_narrow_picture_keep_the_window_choice_above_and_the_colour_ba
     page.set_input_files("input[type=file]", [str(onevision_images / "ov.json"), str(tmp_path / "again.json")])
     page.wait_for_selector("#maps-section .map-panel canvas.overlay")
     panels = page.locator("#maps-section .map-panel")
-    narrow = [n for n in range(panels.count()) if panels.nth(n).locator("div").nth(1).text_content().endswith("image 2")]
+    narrow = [n for n in range(panels.count()) if panels.nth(n).locator(".map-head > div").nth(1).text_content().endswith("image 2")]
     assert narrow
     for n in narrow:
         panel = panels.nth(n)
