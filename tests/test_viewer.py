@@ -2285,3 +2285,20 @@ def test_exported_figures_hold_their_captions_whole(page, stage_results, tmp_pat
         for panel in ("overlay", "overlay-grid", "steps", "maps"):
             path = _export(page, panel, "svg", tmp_path)
             assert _svg_overflow(page, path) == [], (panel, scale, _svg_overflow(page, path))
+
+
+def test_a_link_to_a_unit_scrolls_its_column_into_view(browser, tmp_path):
+    """#unit=1400&zoom=12 on a 1,508-unit result at 1440×900: the selected column is inside the heatmap's visible box
+    (sideways) and the heatmap on screen (before: selected, but off-screen)."""
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    path = _synthetic(tmp_path / "long.json", 1508, range(100, 884))
+    page.goto((ROOT / "visualize_results.html").as_uri() + "#unit=1400&zoom=12")
+    page.set_input_files("#file-input", [str(path)])
+    expect(page.locator("#heatmap")).to_have_attribute("data-columns", "1508")
+    assert page.evaluate("[state.selected, state.zoom]") == [1400, 12]
+    left, visible = page.locator("#heat-scroll").evaluate("s => [s.scrollLeft, s.clientWidth]")
+    assert left <= 1400 * 12 and 1401 * 12 <= left + visible, (left, visible)
+    box = page.locator("#heatmap").bounding_box()
+    assert 0 <= box["y"] and box["y"] + box["height"] <= 900
+    context.close()
