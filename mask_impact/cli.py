@@ -194,7 +194,16 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
             from .figures import render
 
             stage.now = "drawing the figures"
-            pictures = {possible[kind]: content for kind, content in render(data, config.figures).items()}
+            from .figures import parse_options
+
+            from .errors import MaskImpactError
+
+            options = parse_options(config.figure_options or [])
+            try:  # an option that does not fit this result (units past its last): one line, as any bad option
+                drawn = render(data, config.figures, **options)
+            except MaskImpactError as error:
+                raise UsageError(f"--figure-option: {error}") from None
+            pictures = {possible[kind]: content for kind, content in drawn.items() if kind in possible}
         stage.now = "writing the results"
         written = {**paths, **{kind: possible[kind] for kind in possible if possible[kind] in pictures}}
         report.check_writable(written, config.overwrite)
