@@ -2329,3 +2329,31 @@ def test_key_presses_on_a_36_by_4156_result_redraw_only_what_changed(browser, tm
     assert page.evaluate("state.selected") == 9 and page.evaluate("state.window") == 11
     assert medians["ArrowRight"] < 120 and medians["ArrowDown"] < 120, medians
     context.close()
+
+
+def test_the_heatmap_and_the_image_overlay_are_seen_together_at_1440_by_900(browser, results):
+    """Linked brushing can be seen: at 1440×900 the heatmap starts on the first screen, and with the heatmap in view
+    the image overlay is on screen beside it (it stays there as the page scrolls), so hovering a vision column shows
+    its outline on the picture at once."""
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    data = json.loads((results / "vision.json").read_text())
+    page.goto((results / "vision.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    assert page.locator("#heatmap").bounding_box()["y"] < 900  # before: at y ≈ 740 below the fold's worth of header
+    page.evaluate("document.querySelector('#heat-title').scrollIntoView()")  # the heatmap's section at the top
+    page.wait_for_timeout(100)
+    heat, picture = page.locator("#heatmap").bounding_box(), page.locator("canvas.overlay").bounding_box()
+    for box in (heat, picture):
+        assert 0 <= box["y"] and box["y"] + box["height"] <= 900 and box["x"] + box["width"] <= 1440, (heat, picture)
+    assert picture["x"] >= heat["x"] + heat["width"] - 1  # beside the map, not under it
+    column = next(i for i, unit in enumerate(data["units"]) if unit["modality"] == "vision")
+    _hover_column(page, column)
+    brush = page.locator("#overlays .brush").bounding_box()
+    assert brush and 0 <= brush["y"] <= 900
+    page.screenshot(path=str(ARTIFACTS / "viewer_1440x900.png"))
+    page.mouse.wheel(0, 250)  # further down (answer steps, tokens): the overlay stays in view beside them
+    page.wait_for_timeout(200)
+    box = page.locator("canvas.overlay").bounding_box()
+    assert 0 <= box["y"] and box["y"] + box["height"] <= 900, box
+    context.close()
