@@ -2357,3 +2357,15 @@ def test_the_heatmap_and_the_image_overlay_are_seen_together_at_1440_by_900(brow
     box = page.locator("canvas.overlay").bounding_box()
     assert 0 <= box["y"] and box["y"] + box["height"] <= 900, box
     context.close()
+
+
+def test_an_occlusions_answer_steps_name_the_unit_and_maps_export_is_off_without_maps(page, stage_results):
+    data = json.loads((stage_results / "pixels.json").read_text())
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(stage_results / "pixels.json"), str(stage_results / "decoder.json")])
+    expect(page.locator("#maps canvas.overlay[data-painted='1']")).to_have_count(2)
+    title = page.locator("#steps-title").text_content()
+    assert "image_pad" not in title and any(f'"{u["label"]}"' in title for u in data["units"]), title
+    assert not page.locator('button[data-export="maps"]').first.is_disabled()
+    page.set_input_files("#file-input", [str(stage_results / "pixels.json")])
+    expect(page.locator('button[data-export="maps"]').first).to_be_disabled()
