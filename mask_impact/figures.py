@@ -593,15 +593,18 @@ def _readable(rgb) -> str:
     return "black" if 0.2126 * lum[0] + 0.7152 * lum[1] + 0.0722 * lum[2] > 0.179 else "white"
 
 
-def _token_rows(chips: list[tuple[str, tuple | None]], per_line: int) -> list[list[tuple[str, tuple | None]]]:
-    """Chips (text, colour) laid out in lines of at most ``per_line`` characters, never breaking a chip."""
-    lines, line, used = [], [], 0
+def _token_rows(chips: list[tuple[str, tuple | None]], room: float, char_w: float,
+                gap: float) -> list[list[tuple[str, tuple | None]]]:
+    """Chips (text, colour) laid out in lines ``room`` inches wide (a chip: its characters and ``gap``), never
+    breaking a chip."""
+    lines, line, used = [], [], 0.0
     for text, colour in chips:
-        if line and used + len(text) > per_line:
+        width = len(text.replace(r"\$", "$")) * char_w + gap
+        if line and used + width > room:
             lines.append(line)
-            line, used = [], 0
+            line, used = [], 0.0
         line.append((text, colour))
-        used += len(text)
+        used += width
     return lines + ([line] if line else [])
 
 
@@ -660,12 +663,12 @@ def token_text(data: dict, metric: str, windows=None, vmax=None, title=None, siz
         knockout = f"answer steps under the largest knockout: {tick_label(units[u]['label'], 40)}, {window_labels(data)[w]}"
     base = font_size or 9.0
     width = size[0] if size is not None else 10.0
-    char_w = 0.6 * base / 72  # inches a monospace character takes
-    per_line = max(10, int((width - 0.6) / char_w))
-    lines = _token_rows(chips, per_line)
-    answer_lines = _token_rows(answer, per_line) if answer else []
+    char_w = 0.602 * base / 72  # inches a monospace character takes (DejaVu Sans Mono)
+    gap = 0.26 * base / 72 + 0.03  # a chip's padding and the space after it
+    lines = _token_rows(chips, width - 0.7, char_w, gap)
+    answer_lines = _token_rows(answer, width - 0.7, char_w, gap) if answer else []
     line_h = 1.9 * base / 72
-    height = size[1] if size is not None else (1.3 + line_h * (len(lines) + len(answer_lines) + (2 if answer else 0)) + 0.6)
+    height = size[1] if size is not None else (1.25 + line_h * (len(lines) + len(answer_lines) + (2 if answer else 0)) + 0.45)
     figure = Figure(figsize=(width, height))
     y = height - 0.95
 
@@ -677,7 +680,7 @@ def token_text(data: dict, metric: str, windows=None, vmax=None, title=None, siz
                         color=_readable(face) if colour is not None else "#555555",
                         bbox={"boxstyle": "square,pad=0.12", "facecolor": face, "edgecolor": "none" if colour is not None else "#bbbbbb",
                               "linewidth": 0.4})
-            x += len(text.replace(r"\$", "$")) * char_w + 0.02
+            x += len(text.replace(r"\$", "$")) * char_w + gap
 
     figure.text(0.3 / width, (height - 0.3) / height, title if title is not None else _title(data, metric),
                 fontsize=base, va="top", ha="left")
