@@ -2369,3 +2369,21 @@ def test_an_occlusions_answer_steps_name_the_unit_and_maps_export_is_off_without
     assert not page.locator('button[data-export="maps"]').first.is_disabled()
     page.set_input_files("#file-input", [str(stage_results / "pixels.json")])
     expect(page.locator('button[data-export="maps"]').first).to_be_disabled()
+
+
+def test_the_token_strip_breaks_between_words_not_inside_one(page, results, tmp_path):
+    data = json.loads((results / "text.json").read_text())
+    words = ["Un", "believ", "ably", " long", " sentence"] * 40
+    data["tokens"] = [dict(data["tokens"][0], index=p, text=text, modality="text") for p, text in enumerate(words)]
+    data["units"] = [dict(data["units"][0], index=p, keys=[p], label=text) for p, text in enumerate(words)]
+    for name in data["metrics"]:
+        data["metrics"][name] = [[row[0]] * len(words) for row in data["metrics"][name]]
+    data.pop("steps", None)
+    (tmp_path / "words.json").write_text(json.dumps(data))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "words.json")])
+    expect(page.locator("#strip .tok")).to_have_count(len(words))
+    tops = page.locator("#strip .tok").evaluate_all("ts => ts.map((t) => Math.round(t.getBoundingClientRect().top))")
+    assert len(set(tops)) > 1  # the strip wraps
+    for k in range(0, len(words), 5):  # "Un" "believ" "ably": one word, one line
+        assert tops[k] == tops[k + 1] == tops[k + 2], k
