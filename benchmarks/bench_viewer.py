@@ -4,8 +4,10 @@
 
 The result is a synthetic schema-2 one with per-step drops (3 answer steps): one token unit per column, the image tokens on a square grid over a
 1024×1024 image (as Qwen3-VL's 64×64 merged grid is), so the image overlay is drawn too (--no-image: without).
-Prints the time from file selection to a drawn heatmap, of one window-slider step (heatmap, strip, overlay), and of
-drawing each exported figure (heatmap, overlay, overlay per window, curves, answer steps) as PNG or SVG.
+Prints the time from file selection to a drawn heatmap, of one window-slider step (heatmap, strip, overlay), of a
+key press on the focused heatmap (→ a unit, ↓ a window; the median and the slowest of ten, in the page: the handler
+and the layout it forces), of a metric change, and of drawing each exported figure (heatmap, overlay, overlay per
+window, curves, answer steps) as PNG or SVG.
 """
 
 from __future__ import annotations
@@ -63,10 +65,28 @@ def with_steps(path: Path) -> None:
     path.write_text(json.dumps(data))
 
 
+KEY = """([key, presses]) => {  // each press: the keydown handler and the layout it forces, in ms
+    const heat = document.querySelector('#heatmap'), times = [];
+    heat.focus();
+    for (let n = 0; n < presses; n++) {
+        const started = performance.now();
+        heat.dispatchEvent(new KeyboardEvent('keydown', { key, bubbles: true, cancelable: true }));
+        document.body.getBoundingClientRect();
+        times.push(performance.now() - started);
+    }
+    return times; }"""
+
+
+def key_times(page, key: str, presses: int = 10) -> str:
+    times = sorted(page.evaluate(KEY, [key, presses]))
+    return f"median {times[len(times) // 2]:.1f} ms, slowest {times[-1]:.1f} ms"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--columns", type=int, default=4156, help="swept units, one token each (36 windows each)")
     parser.add_argument("--no-image", action="store_true", help="no image: the vision tokens have no boxes, no overlay")
+    parser.add_argument("--width", type=int, default=1440, help="window width (px); height 900")
     args = parser.parse_args()
     vision = range(30, args.columns - 30)
     path = _synthetic(Path(tempfile.mkdtemp()) / "big.json", args.columns, vision)
@@ -75,11 +95,11 @@ def main() -> None:
         with_image(path, vision)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": args.width, "height": 900})
         page.goto((ROOT / "visualize_results.html").as_uri())
         started = time.perf_counter()
         page.set_input_files("#file-input", [str(path)])
-        expect(page.locator("#heatmap")).to_have_js_property("width", args.columns)
+        expect(page.locator("#heatmap")).to_have_attribute("data-columns", str(args.columns))
         if not args.no_image:
             page.wait_for_selector("canvas.overlay[data-painted='1']")
         what = "heatmap drawn" if args.no_image else "heatmap and overlay drawn"
@@ -88,7 +108,15 @@ def main() -> None:
             started = time.perf_counter()
             page.locator("#window").fill(str(window))
             print(f"window slider step to {window}: {time.perf_counter() - started:.3f} s")
-        print(f"page width {page.evaluate('document.documentElement.scrollWidth')} px (window 1280)")
+        print(f"page width {page.evaluate('document.documentElement.scrollWidth')} px (window {args.width})")
+        print(f"key → (next unit), 10 presses: {key_times(page, 'ArrowRight')}")
+        print(f"key ↓ (next window), 10 presses: {key_times(page, 'ArrowDown')}")
+        print(f"key End, Home: End {key_times(page, 'End', 3)}; Home {key_times(page, 'Home', 3)}")
+        for metric in ("kl", "prob_change_pct", "logprob_drop"):
+            seconds = page.evaluate("""(metric) => { const started = performance.now(), select = document.querySelector('#metric');
+                select.value = metric; select.dispatchEvent(new Event('change')); document.body.getBoundingClientRect();
+                return (performance.now() - started) / 1000; }""", metric)
+            print(f"metric change to {metric}: {seconds:.3f} s")
         for panel, fmt in (("heatmap", "png"), ("heatmap", "svg"), ("overlay", "png"), ("overlay-grid", "png"),
                            ("overlay-grid", "svg"), ("curves", "svg"), ("steps", "png")):
             if args.no_image and panel.startswith("overlay"):

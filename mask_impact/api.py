@@ -569,25 +569,35 @@ class KnockoutResult:
         return {**paths, **{kind: path for kind, (path, _) in pictures.items()}}
 
     def plot(self, path: str | Path | None = None, format: str = "png", metric: str = "logprob_drop",
-             windows=None, kinds=None, overwrite: bool = False) -> dict:
+             windows=None, kinds=None, overwrite: bool = False, greyscale: bool = False, units=None,
+             vmax: float | None = None, title: str | None = None, size=None, font_size: float | None = None) -> dict:
         """Publication figures (figures.py): the window × unit ``heatmap``; the ``overlay`` of the units' boxes on
         the image for the chosen ``windows`` (indices or labels; default up to six, evenly spaced); the ``flows``
         curves of a flow run. ``kinds`` picks some. With ``path`` (``output/cat`` or ``output/cat.json``) writes
-        ``PATH.KIND.FORMAT`` (png, svg or pdf) and returns their paths; without, returns matplotlib Figures."""
+        ``PATH.KIND.FORMAT`` (png, svg or pdf) and returns their paths; without, returns matplotlib Figures.
+        ``greyscale``: the overlay's picture drawn in grey, so only the effects are coloured. For a paper: ``units``
+        ((first, last) or indices) and ``windows`` choose the heatmap's columns and rows, ``vmax`` the colour limit
+        (default: the result's ``colour_scale``), ``title``, ``size`` ((width, height) in inches), ``font_size``;
+        ``kinds="tokens"`` draws the prompt's tokens coloured by impact and the answer's steps (not drawn by
+        default)."""
         from . import figures
 
+        options = {"greyscale": bool(greyscale), "units": units, "vmax": vmax, "title": title, "size": size,
+                   "font_size": font_size}
         if path is None:
-            self._check_figures(format, metric)
-            return figures.draw(self.data, metric, windows, self._kinds(kinds))
+            self._check_figures(format, metric, windows)
+            asked = self._kinds(kinds)
+            figures.check_options(self.data, options)
+            return figures.draw(self.data, metric, windows, asked, **options)
         base = _base(path, "plot")
-        pictures = self._figure_files(base, format, metric, windows, kinds)
+        pictures = self._figure_files(base, format, metric, windows, kinds, **options)
         from .report import write_set
 
         files = {kind: file for kind, (file, _) in pictures.items()}
         self._write(files, overwrite, lambda: write_set(dict(pictures.values())))
         return files
 
-    def _check_figures(self, fmt, metric: str) -> None:
+    def _check_figures(self, fmt, metric: str, windows=None) -> None:
         from . import figures
 
         figures.require()
@@ -595,6 +605,7 @@ class KnockoutResult:
             raise InvalidArgument(f"format={fmt!r} is not one of: {', '.join(figures.FORMATS)}")
         if metric != figures.ESTIMATED or self.estimate is None:  # the estimated map: an estimate=K run's
             self.metric(metric)
+        figures.chosen_windows(self.data, windows)  # refused whatever figures are drawn (not only the overlay)
 
     def _kinds(self, kinds) -> list[str]:
         from .figures import kinds_for
@@ -602,19 +613,20 @@ class KnockoutResult:
         have = kinds_for(self.data)
         asked = have if kinds is None else [kinds] if isinstance(kinds, str) else list(kinds)
         for kind in asked:
-            if kind not in have:
-                raise InvalidArgument(f"kinds={kind!r} is not a figure of this result; its figures: {', '.join(have)}")
+            if kind not in have + ["tokens"]:  # the token-text figure: any result, on request
+                raise InvalidArgument(f"kinds={kind!r} is not a figure of this result; its figures: "
+                                      f"{', '.join(have + ['tokens'])}")
         return asked
 
-    def _figure_files(self, base: Path, fmt, metric: str, windows, kinds) -> dict[str, tuple[Path, bytes]]:
+    def _figure_files(self, base: Path, fmt, metric: str, windows, kinds, **options) -> dict[str, tuple[Path, bytes]]:
         from . import figures
         from .config import figure_paths
 
-        self._check_figures(fmt, metric)
+        self._check_figures(fmt, metric, windows)
         asked = self._kinds(kinds)
         paths = figure_paths(base, fmt, asked)
         return {kind: (paths[kind], content) for kind, content in
-                figures.render(self.data, fmt, metric, windows, asked).items()}
+                figures.render(self.data, fmt, metric, windows, asked, **options).items()}
 
     @staticmethod
     def _write(paths: dict[str, Path], overwrite: bool, write: Callable[[], None]) -> None:

@@ -194,7 +194,16 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
             from .figures import render
 
             stage.now = "drawing the figures"
-            pictures = {possible[kind]: content for kind, content in render(data, config.figures).items()}
+            from .options import parse_figure_options
+
+            from .errors import MaskImpactError
+
+            options = parse_figure_options(config.figure_options or [])
+            try:  # an option that does not fit this result (units past its last): one line, as any bad option
+                drawn = render(data, config.figures, **options)
+            except MaskImpactError as error:
+                raise UsageError(f"--figure-option: {error}") from None
+            pictures = {possible[kind]: content for kind, content in drawn.items() if kind in possible}
         stage.now = "writing the results"
         written = {**paths, **{kind: possible[kind] for kind in possible if possible[kind] in pictures}}
         report.check_writable(written, config.overwrite)
@@ -204,7 +213,8 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
             stage.written = ", ".join(str(path) for path in written.values())
 
         report.write_results(data, paths, then=finished, figures=pictures)
-    return {**written, "summary": report.summary(data, written), "answer": data["baseline"]["text"]}
+    return {**written, "summary": report.summary(data, written), "answer": data["baseline"]["text"],
+            "top": report.largest_knockout(data)}
 
 
 def run_batch(options: dict, vision: bool, stage: Stage) -> int:
@@ -325,6 +335,7 @@ class BatchState:
         paths = run_one(self.model(config, stage), config, prompt_text, stage)
         figures = [Path(path).name for kind, path in paths.items() if kind in ("heatmap", "overlay", "flows")]
         return {"status": "done", "answer": paths["answer"], **({"figures": figures} if figures else {}),
+                **({"top": paths["top"]} if paths.get("top") else {}),  # the batch page's columns before any drop
                 **{kind: Path(path).name for kind, path in paths.items() if kind in ("json", "csv", "html")}}
 
 

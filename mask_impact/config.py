@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import UsageError, bounded, quoted
-from .options import STAGES, check_units
+from .options import STAGES, check_units, parse_figure_options
 from .resources import data_path
 
 VL_DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
@@ -50,6 +50,7 @@ FIELD_TYPES = {
     "max_memory": str, "offload_folder": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
     "min_pixels": int, "figures": str, "estimate": int, "estimate_sample": int, "estimate_seed": int,
+    "figure_options": list,
 }
 # Options that name the prompt: a layer of settings that gives one replaces the other from lower layers.
 PROMPT_SOURCES = ("prompt", "prompt_file")
@@ -103,6 +104,7 @@ class RunConfig:
     estimate: int | None = None  # K: estimate every cell (estimate.py), compute only the K largest exactly; None: all
     estimate_sample: int | None = None  # with estimate: random other cells computed exactly too (None: K of them)
     estimate_seed: int = 0  # with estimate: the seed of that sample
+    figure_options: list[str] | None = None  # --figure-option KEY=VALUE: the figures' options (options.py)
 
     def settings(self) -> dict:
         return asdict(self)
@@ -147,6 +149,8 @@ class RunConfig:
             check_name(self.output, "--output")
         if self.figures is not None:
             check_figures(self.figures)
+        if self.figure_options:  # its words checked before the model loads
+            parse_figure_options(self.figure_options)
         check_device(self.device)
         if self.threads is not None and str(self.threads) != "auto" and not (
                 str(self.threads).isdigit() and 1 <= int(self.threads) <= 4096):
@@ -426,6 +430,9 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     out.add_argument("--figures", metavar="png|svg|pdf",
                      help="also write figures beside the results: OUTPUT_DIR/NAME.heatmap.FORMAT, .overlay (units "
                           "on the image) or .flows (with --flow); needs matplotlib (default none)")
+    out.add_argument("--figure-option", dest="figure_options", action="append", metavar="KEY=VALUE",
+                     help="with --figures: units=A-B, vmax=X, title=TEXT, size=WxH (inches), font_size=PT, "
+                          "greyscale=1; repeat for several (default none)")
     out.add_argument("--no-html", dest="html", action="store_false",
                      help="skip OUTPUT_DIR/NAME.html, the viewer with this result embedded (default: written)")
     out.add_argument("--no-progress", dest="progress", action="store_false",

@@ -32,11 +32,13 @@ import warnings
 
 import numpy as np
 
+from . import colours
 from .errors import FIGURES_INSTALL, MissingDependency
-from .options import FIGURE_FORMATS, figures_available
+from .options import FIGURE_FORMATS, FIGURE_OPTIONS, figures_available
+from .pictures import upright
 
 FORMATS = FIGURE_FORMATS
-KINDS = ("heatmap", "overlay", "flows", "estimate")
+KINDS = ("heatmap", "overlay", "flows", "estimate", "tokens")  # tokens: on request (kinds=...), not by default
 ESTIMATED = "estimated_logprob_drop"  # the estimate's map (``data["estimate"]["logprob_drop"]``), drawn as a metric
 ALL_LABELS = 80  # columns up to which every unit is labelled
 SOME_LABELS = 600  # columns up to which every k-th unit is labelled (about 60 labels); beyond: unit indices
@@ -52,7 +54,7 @@ METRICS = {  # title, harm sign (+1: larger hurts), one-sided
 }
 ROW_TITLES = {"decoder": "decoder layers", "vision-encoder": "ViT layers", "pixels": "occlusion",
               "deepstack": "route removed"}
-MODALITY_COLOURS = {"vision": "#1f5fa8", "special": "#7a7a7a"}
+MODALITY_COLOURS = {"text": "black", **{k: v for k, v in colours.MODALITY_COLOURS.items() if k != "text"}}
 
 
 available = figures_available
@@ -75,16 +77,53 @@ def kinds_for(data: dict) -> list[str]:
     return ["heatmap", "overlay", *estimate] if boxed else ["heatmap", *estimate]
 
 
-def render(data: dict, fmt: str, metric: str = "logprob_drop", windows=None, kinds=None) -> dict[str, bytes]:
+def render(data: dict, fmt: str, metric: str = "logprob_drop", windows=None, kinds=None,
+           **options) -> dict[str, bytes]:
     """Each figure of ``data`` (``kinds``, default ``kinds_for``) as the bytes of a ``fmt`` file."""
-    return {kind: to_bytes(figure, fmt) for kind, figure in draw(data, metric, windows, kinds).items()}
+    return {kind: to_bytes(figure, fmt) for kind, figure in draw(data, metric, windows, kinds, **options).items()}
 
 
-def draw(data: dict, metric: str = "logprob_drop", windows=None, kinds=None) -> dict:
-    """The matplotlib ``Figure`` of each kind."""
+OPTIONS = FIGURE_OPTIONS  # plot()'s and --figure-option's
+
+
+def check_options(data: dict, options: dict) -> dict:
+    """The figure options, checked (``InvalidArgument``/``InvalidType`` in the caller's words): ``units`` (first,
+    last) or indices, ``vmax`` > 0, ``title`` text, ``size`` (width, height) in inches, ``font_size`` > 0 (points),
+    ``greyscale``."""
+    from .errors import InvalidArgument, InvalidType
+
+    for name in options:
+        if name not in OPTIONS:
+            raise InvalidType(f"{name!r} is not a figure option; the options: {', '.join(OPTIONS)}")
+    checked = dict(options)
+    if checked.get("units") is not None:
+        chosen_units(data, checked["units"])
+    for name in ("vmax", "font_size"):
+        value = checked.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or not math.isfinite(value)):
+            raise InvalidArgument(f"{name}={value!r} must be a positive number")
+    size = checked.get("size")
+    if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 100 for v in size)):
+        raise InvalidArgument(f"size={size!r} must be (width, height) in inches, each above 0 and at most 100")
+    if checked.get("title") is not None and not isinstance(checked["title"], str):
+        raise InvalidType(f"title must be a str, not {type(checked['title']).__name__}")
+    return checked
+
+
+def draw(data: dict, metric: str = "logprob_drop", windows=None, kinds=None, **options) -> dict:
+    """The matplotlib ``Figure`` of each kind; ``options`` (``OPTIONS``): ``units`` and ``windows`` choose the
+    heatmap's columns and rows (the overlay's panels: ``windows``), ``vmax`` the colour limit (default: the result's,
+    colours.py), ``title``, ``size`` (inches), ``font_size``, ``greyscale`` (the overlay's picture in grey)."""
     require()
-    drawers = {"heatmap": heatmap, "overlay": overlay, "flows": flow_curves,
-               "estimate": lambda data, metric, windows: heatmap(data, ESTIMATED, windows)}
+    options = check_options(data, options)
+    style = {k: options.get(k) for k in ("vmax", "title", "size", "font_size")}
+    drawers = {"heatmap": lambda d, m, w: heatmap(d, m, w, options.get("units"), **style),
+               "overlay": lambda d, m, w: overlay(d, m, w, bool(options.get("greyscale")), **style),
+               "flows": lambda d, m, w: flow_curves(d, m, w, **style),
+               "tokens": lambda d, m, w: token_text(d, m, w, **style),
+               "estimate": lambda d, m, w: heatmap(d, ESTIMATED, w, options.get("units"), **style)}
     return {kind: drawers[kind](data, metric, windows) for kind in (kinds or kinds_for(data))}
 
 
@@ -128,23 +167,26 @@ def window_labels(data: dict) -> list[str]:
     return data.get("window_labels") or [f"layers {a}–{b}" for a, b in data["windows"]]
 
 
-def colour_scale(data: dict, metric: str, grid: np.ndarray):
-    """(colormap, norm, extend): the viewer's robust scale, red where a knockout hurts the answer; ``extend``
-    says which ends of the colour bar values run past."""
-    from matplotlib import colormaps
+def colour_map(data: dict, harm: int = 1, one_sided: bool = False):
+    """The result's colour map (``colour_scale.colours``, else colours.COLOUR_MAP) as matplotlib's: red where a
+    knockout hurts the answer (``harm`` -1: where the value falls); one-sided metrics: its upper half."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    stored = (data.get("colour_scale") or {}).get("colours")
+    listed = stored if isinstance(stored, list) and len(stored) >= 3 else colours.COLOUR_MAP
+    listed = listed[len(listed) // 2:] if one_sided else listed if harm > 0 else listed[::-1]
+    return LinearSegmentedColormap.from_list("mask_impact", listed, N=256)
+
+
+def colour_scale(data: dict, metric: str, grid: np.ndarray, vmax: float | None = None):
+    """(colormap, norm, extend): the viewer's scale (colours.py: the stored limit, else the same rule), red where
+    a knockout hurts the answer; ``extend`` says which ends of the colour bar values run past."""
     from matplotlib.colors import Normalize
 
     _, harm, one_sided = METRICS.get(metric, (metric, 1, False))
-    units = units_of(data)
-    keep = [u for u, unit in enumerate(units) if unit["modality"] != "special"] or list(range(len(units)))
-    finite = np.abs(grid[:, keep][np.isfinite(grid[:, keep])])
-    largest = float(finite.max()) if finite.size else 0.0
-    limit = float(np.percentile(finite, 99)) if finite.size else 0.0
-    limit = limit if limit > 0 else largest if largest > 0 else 1.0
-    if one_sided:
-        cmap, norm = colormaps["Reds"], Normalize(0.0, limit)
-    else:
-        cmap, norm = colormaps["RdBu_r" if harm > 0 else "RdBu"], Normalize(-limit, limit)
+    limit = float(vmax) if vmax is not None else colours.limit_of(data, metric)
+    cmap = colour_map(data, harm, one_sided)
+    norm = Normalize(0.0, limit) if one_sided else Normalize(-limit, limit)
     present = grid[np.isfinite(grid)]
     above = present.size and present.max() > norm.vmax * (1 + 1e-9)
     below = present.size and present.min() < norm.vmin * (1 + 1e-9) and norm.vmin < 0
@@ -161,8 +203,12 @@ def chosen_windows(data: dict, windows) -> list[int]:
         return sorted({round(x) for x in np.linspace(0, count - 1, min(count, MAX_PANELS))})
     from .errors import InvalidArgument, InvalidType
 
+    asked = [windows] if isinstance(windows, (int, np.integer, str)) else list(windows)
+    if not asked:
+        raise InvalidArgument(f"windows={windows!r} chooses no window; give window indices or labels, or leave it "
+                              f"out for up to {MAX_PANELS} evenly spaced ones")
     chosen = []
-    for window in ([windows] if isinstance(windows, (int, str)) else list(windows)):
+    for window in asked:
         if isinstance(window, str):
             if window not in labels:
                 raise InvalidArgument(f"windows={window!r} is not a window of this result; windows: "
@@ -177,59 +223,133 @@ def chosen_windows(data: dict, windows) -> list[int]:
     return chosen
 
 
-def tick_label(text: str, width: int = 18) -> str:
-    """A unit's label as plain text for matplotlib: whitespace shown, ``$`` not read as maths, cut to ``width``."""
+def tick_label(text: str, width: int = 18, middle: bool = False) -> str:
+    """A unit's label as plain text for matplotlib: whitespace shown, ``$`` not read as maths, cut to ``width`` (at
+    its end, or with ``middle`` in its middle, so labels that share a start stay told apart)."""
     shown = text.strip() or repr(text)
     shown = shown.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     shown = re.sub(r"[\x00-\x1f\x7f]", "?", shown)
-    shown = shown if len(shown) <= width else shown[: width - 1] + "…"
+    if len(shown) > width:
+        head = (width - 1 + 1) // 2 if middle else width - 1
+        shown = shown[:head] + "…" + (shown[len(shown) - (width - 1 - head):] if middle else "")
     return shown.replace("$", r"\$")
 
 
-def _title(data: dict) -> str:
-    answer = data["baseline"]["text"]
+def _title(data: dict, metric: str | None = None) -> str:
+    """What a figure shows, for a paper: the stage, the metric and the model (its name, not a local path), then the
+    prompt and the answer."""
+    stage = {"decoder": "attention knockout in the decoder", "vision-encoder": "attention knockout in the vision encoder",
+             "pixels": "occlusion", "deepstack": "DeepStack routes"}.get(data.get("stage", "decoder"), "knockout")
+    model = str((data.get("meta") or {}).get("model") or "").rstrip("/\\")
+    model = re.split(r"[/\\]", model)[-1] if model else "?"
+    first = " · ".join(part for part in (stage, METRICS.get(metric, (metric,))[0] if metric else "", model) if part)
+    prompt, answer = " ".join(str(data.get("prompt") or "").split()), data["baseline"]["text"]
+    prompt = prompt if len(prompt) <= 70 else prompt[:69] + "…"
     answer = answer if len(answer) <= 40 else answer[:39] + "…"
-    return f"answer {tick_label(repr(answer), 42)}  ·  {tick_label(str(data['meta']['model']), 60)}"
+    return f"{tick_label(first, 120)}\nprompt {tick_label(repr(prompt), 74)}  →  answer {tick_label(repr(answer), 44)}"
+
+
+MAX_COLUMNS = 1600  # a heatmap with more units pools them (max |value|: no peak lost), as the viewer's "fit" does
+MAX_TICKS = 60  # unit labels at most, every k-th, at any width
+
+
+def chosen_units(data: dict, units) -> list[int]:
+    """Column indices: ``units`` as (first, last) inclusive, a range or a list of indices; None: every unit."""
+    from .errors import InvalidArgument, InvalidType
+
+    count = len(units_of(data))
+    if units is None:
+        return list(range(count))
+    if isinstance(units, tuple) and len(units) == 2 and all(isinstance(u, (int, np.integer)) for u in units):
+        first, last = int(units[0]), int(units[1])
+        if not 0 <= first <= last < count:
+            raise InvalidArgument(f"units={units!r} is not a range of this result's units 0…{count - 1}")
+        return list(range(first, last + 1))
+    if not isinstance(units, (list, range, np.ndarray)):
+        raise InvalidType(f"units must be (first, last), a range or a list of unit indices, not {type(units).__name__}")
+    chosen = [int(u) for u in units]
+    if not chosen or any(not 0 <= u < count for u in chosen):
+        raise InvalidArgument(f"units={list(units)!r} chooses no unit, or one this result lacks (it has {count})")
+    return chosen
+
+
+def _pooled(grid: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``grid``'s columns pooled into ``bins`` (the value of largest size in each, its sign kept) and each bin's
+    first column."""
+    starts = np.floor(np.arange(bins) * grid.shape[1] / bins).astype(int)
+    out = np.full((grid.shape[0], bins), np.nan)
+    for b, start in enumerate(starts):
+        block = grid[:, start: starts[b + 1] if b + 1 < bins else grid.shape[1]]
+        sizes = np.where(np.isfinite(block), np.abs(block), -1.0)
+        pick = sizes.argmax(axis=1)
+        out[:, b] = np.where(sizes.max(axis=1) >= 0, block[np.arange(block.shape[0]), pick], np.nan)
+    return out, starts
 
 
 # ------------------------------------------------------------------------------------------------- figures
 
 
-def heatmap(data: dict, metric: str, windows=None):
-    """Window × unit, labelled, with a colour bar."""
+def heatmap(data: dict, metric: str, windows=None, units=None, vmax=None, title=None, size=None, font_size=None):
+    """Window × unit, labelled (every unit up to ``ALL_LABELS`` columns, else every k-th, at most ``MAX_TICKS``, at
+    any count, coloured by modality), a modality band under the cells, and a colour bar. ``windows`` and ``units``
+    choose rows and columns; more than ``MAX_COLUMNS`` columns are max-pooled."""
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
-    grid = values(data, metric)
-    units = units_of(data)
+    everything = values(data, metric)
+    all_units = units_of(data)
+    rows_shown = list(range(everything.shape[0])) if windows is None else chosen_windows(data, windows)
+    columns = chosen_units(data, units)
+    grid = everything[np.ix_(rows_shown, columns)]
+    shown_units = [all_units[u] for u in columns]
     rows, count = grid.shape
-    labels = window_labels(data)
-    cmap, norm, extend = colour_scale(data, metric, grid)
-    labelled = count <= SOME_LABELS
-    width = min(18.0, max(6.0, 2.8 + 0.17 * min(count, 90)))
-    longest = max((len(tick_label(unit["label"])) for unit in units), default=4) if labelled else 4
-    height = min(14.0, max(2.8, 1.3 + 0.28 * rows + 0.075 * longest))
+    labels = [window_labels(data)[w] for w in rows_shown]
+    cmap, norm, extend = colour_scale(data, metric, everything, vmax)
+    starts = np.arange(count)
+    if count > MAX_COLUMNS:
+        grid, starts = _pooled(grid, MAX_COLUMNS)
+    base = font_size or 8.0
+    step = 1 if count <= ALL_LABELS else math.ceil(count / MAX_TICKS)
+    ticks = list(range(0, count, step))
+    longest = max((len(tick_label(shown_units[u]["label"], 24)) for u in ticks), default=4)
+    width = min(12.0, max(6.0, 2.8 + 0.17 * min(count, 56)))
+    height = min(7.5, max(2.8, 1.5 + 0.16 * rows + 0.065 * longest * base / 8))
+    width, height = size if size is not None else (width, height)
     figure = Figure(figsize=(width, height), layout="constrained")
     axes = figure.add_subplot()
-    image = axes.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-    axes.set_yticks(range(rows), [tick_label(label, 28) for label in labels], fontsize=8)
-    kinds = sorted({unit["kind"] for unit in units})
-    if labelled:
-        step = 1 if count <= ALL_LABELS else math.ceil(count / 60)
-        shown = list(range(0, count, step))
-        size = 8 if count <= 40 else 6.5
-        axes.set_xticks(shown, [tick_label(units[u]["label"]) for u in shown], rotation=90, fontsize=size)
-        for tick, u in zip(axes.get_xticklabels(), shown):
-            tick.set_color(MODALITY_COLOURS.get(units[u]["modality"], "black"))
-        unit_title = f"unit ({', '.join(kinds)})" + (f", every {step}th labelled" if step > 1 else "")
-    else:
-        unit_title = f"unit index ({', '.join(kinds)}; {count:,} units)"
-    axes.set_xlabel(unit_title)
-    axes.set_ylabel(ROW_TITLES.get(data.get("stage", "decoder"), "window"))
-    axes.set_title(_title(data) + _mark_exact_cells(axes, data, metric), fontsize=9, loc="left")
+    image = axes.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest",
+                        extent=(-0.5, grid.shape[1] - 0.5, rows - 0.5, -0.5))
+    band_h = max(0.35, 0.025 * rows)  # the modality band, as the viewer's: under the cells, a gap between
+    codes = {"text": 0, "vision": 1, "special": 2, "mixed": 3}
+    band = np.array([[codes.get(all_units[columns[int(start)]]["modality"], 0) for start in starts]], dtype=float)
+    palette = ListedColormap([colours.MODALITY_COLOURS[name] for name in codes])
+    axes.imshow(band, aspect="auto", cmap=palette, vmin=-0.5, vmax=3.5, interpolation="nearest",
+                extent=(-0.5, grid.shape[1] - 0.5, rows - 0.5 + 0.25 + band_h, rows - 0.5 + 0.25))
+    axes.set_ylim(rows - 0.5 + 0.25 + band_h, -0.5)
+    row_step = 1 if rows * base * 1.25 <= height * 72 * 0.8 else math.ceil(rows * base * 1.25 / (height * 72 * 0.8))
+    axes.set_yticks(range(0, rows, row_step), [tick_label(labels[w], 28) for w in range(0, rows, row_step)],
+                    fontsize=base)
+    scale_x = grid.shape[1] / count  # pooled: a unit's place among the pooled columns
+    tick_size = base if count <= 40 else base * 0.85
+    axes.set_xticks([u * scale_x + (scale_x - 1) / 2 for u in ticks],
+                    [tick_label(shown_units[u]["label"], 24, middle=True) for u in ticks], rotation=90,
+                    fontsize=tick_size)
+    for tick, u in zip(axes.get_xticklabels(), ticks):
+        tick.set_color(MODALITY_COLOURS.get(shown_units[u]["modality"], "black"))
+    kinds = sorted({unit["kind"] for unit in shown_units})
+    notes = [f"every {step}th of {count:,} labelled" if step > 1 else "",
+             f"max-pooled into {grid.shape[1]:,} columns" if grid.shape[1] < count else "",
+             f"units {columns[0]}–{columns[-1]}" if units is not None else ""]
+    axes.set_xlabel(f"unit ({', '.join(kinds)})" + "".join(f", {note}" for note in notes if note)
+                    + "; band: modality (text, vision, special, mixed)" * (count > ALL_LABELS), fontsize=base)
+    axes.set_ylabel(ROW_TITLES.get(data.get("stage", "decoder"), "window"), fontsize=base)
+    exact = _mark_exact_cells(axes, data, metric) if count <= MAX_COLUMNS and windows is None and units is None else ""
+    axes.set_title((title if title is not None else _title(data, metric)) + exact, fontsize=base + 1, loc="left")
     axes.tick_params(length=2)
     bar = figure.colorbar(image, ax=axes, extend=extend, fraction=0.04, pad=0.01)
-    bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=8)
-    bar.ax.tick_params(labelsize=7)
+    bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=base)
+    bar.ax.tick_params(labelsize=base * 0.9)
+    bar.ax.yaxis.set_major_locator(__import__("matplotlib.ticker", fromlist=["MaxNLocator"]).MaxNLocator(7))
     return figure
 
 
@@ -254,36 +374,51 @@ def _mark_exact_cells(axes, data: dict, metric: str) -> str:
     return "\n" + textwrap.fill(line, int(axes.figure.get_figwidth() * 12))
 
 
+FIGURE_SIDE = 2048  # the longest side of a picture read from its file for a figure (more adds no detail at 200 dpi)
+
+
 def picture(info: dict) -> np.ndarray | None:
-    """The image as the result holds it (its thumbnail), or from its path; None if neither can be read."""
+    """The picture at the best resolution there is: its file where readable (downscaled to ``FIGURE_SIDE``), else the
+    result's embedded ``picture`` (up to 1024 px), else its 256-px ``thumbnail`` (the fallback); None if none reads."""
     from PIL import Image
 
     try:
-        if str(info.get("thumbnail", "")).startswith("data:image/png;base64,"):
-            raw = base64.b64decode(info["thumbnail"].split(",", 1)[1])
-            return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
-        from .pictures import upright
-
         with Image.open(info["path"]) as image:
-            return np.asarray(upright(image).convert("RGB"))  # the frame the boxes are in
+            image = upright(image).convert("RGB")  # the frame the boxes are in
+            image.thumbnail((FIGURE_SIDE, FIGURE_SIDE))
+            if image.size == (info["width"], info["height"]) or max(image.size) == FIGURE_SIDE:
+                return np.asarray(image)  # the file still holds the picture measured (not another of that name)
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        pass
+    for key in ("picture", "thumbnail"):
+        url = str(info.get(key) or "")
+        if url.startswith("data:image/") and ";base64," in url:
+            try:
+                raw = base64.b64decode(url.split(",", 1)[1])
+                return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+            except (OSError, ValueError):
+                continue
+    return None
 
 
 ROW_ASPECT = (0.45, 3.0)  # the overlay's row height over the panel's width: at least (two lines of label), at most
 
 
-def overlay(data: dict, metric: str, windows=None):
-    """Each unit's box tinted by its value over its image: one row per image (per view of it), one column per
-    chosen window."""
+def overlay(data: dict, metric: str, windows=None, greyscale: bool = False, vmax=None, title=None, size=None,
+            font_size=None):
+    """Each unit's box tinted by its value over its image (the picture at its best resolution, in grey with
+    ``greyscale``): as the viewer tints it, the more the larger the effect (60% at the colour limit, transparent where
+    there is none, so the picture's own colours never read as an effect); one row per image (per view of it), one
+    column per chosen window."""
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     grid = values(data, metric)
     units = units_of(data)
-    cmap, norm, extend = colour_scale(data, metric, grid)
+    cmap, norm, extend = colour_scale(data, metric, grid, vmax)
     columns = chosen_windows(data, windows)
+    base = font_size or 8.0
     labels = window_labels(data)
     images = sorted({unit["image"] for unit in units if unit.get("box") and unit.get("image") is not None})
     rows = [(i, view) for i in images for view in image_views(data, i)]
@@ -295,6 +430,7 @@ def overlay(data: dict, metric: str, windows=None):
     panel = 2.4
     figure_width = max(4.2, 0.9 + panel * len(columns))  # one column still leaves room for labels and the bar
     height = max(3.0, 0.7 + panel * sum(ratios))  # the colour bar's label fits beside a wide picture
+    figure_width, height = size if size is not None else (figure_width, height)
     figure = Figure(figsize=(figure_width, height), layout="constrained")
     axes = np.atleast_2d(figure.subplots(len(rows), len(columns), squeeze=False,
                                          gridspec_kw={"height_ratios": ratios}))
@@ -305,13 +441,16 @@ def overlay(data: dict, metric: str, windows=None):
                 and (view is None or unit_view(data, unit, i) in (view, None))]
         mine.sort(key=lambda u: -_area(units[u]["box"]))  # large boxes first, so smaller ones stay visible
         pixels = picture(info)
+        if pixels is not None and greyscale:
+            pixels = np.repeat((pixels @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=2).astype(np.uint8)
         for c, w in enumerate(columns):
             ax = axes[r, c]
             if pixels is not None:
-                ax.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
+                ax.imshow(pixels, extent=(0, width, height, 0), interpolation="antialiased")
             boxes = [Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1]) for b in (units[u]["box"] for u in mine)]
-            shaded = PatchCollection(boxes, cmap=cmap, norm=norm, alpha=0.6, edgecolor="white", linewidth=0.3)
+            shaded = PatchCollection(boxes, cmap=cmap, norm=norm, edgecolor=(1, 1, 1, 0.25), linewidth=0.3)
             shaded.set_array(np.ma.masked_invalid(grid[w, mine]))
+            shaded.set_alpha(tint_alpha(grid[w, mine], norm))
             ax.add_collection(shaded)
             for x0, y0, x1, y1 in crop_strips(info):  # no token sees them: greyed, hatched, said
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=(0.27, 0.27, 0.27, 0.62),
@@ -323,19 +462,30 @@ def overlay(data: dict, metric: str, windows=None):
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(tick_label(labels[w], 28), fontsize=9)
+                ax.set_title(tick_label(labels[w], 28), fontsize=base + 1)
             if c == 0:
-                ax.set_ylabel(f"image {i + 1}{f' {view}' if view else ''}\n({width}×{height} px)", fontsize=8)
-    figure.suptitle(textwrap.fill(_title(data), int(figure_width * 12)), fontsize=9, x=0.01, ha="left")
+                ax.set_ylabel(f"image {i + 1}{f' {view}' if view else ''}\n({width}×{height} px)", fontsize=base)
+    figure.suptitle(title if title is not None else _title(data, metric), fontsize=base + 1, x=0.01, ha="left")
     from matplotlib.cm import ScalarMappable
 
     # panchor=False: the colour bar leaves the panels' anchor at the centre (its default moves them to the right
     # edge of their cells, where a narrow picture's panel then sits)
     bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, extend=extend,
                           fraction=0.05, pad=0.02, shrink=0.9, panchor=False)
-    bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=8)
-    bar.ax.tick_params(labelsize=7)
+    bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=base)
+    bar.ax.tick_params(labelsize=base * 0.9)
     return figure
+
+
+TINT = 0.6  # the overlay's opacity at the colour limit (the viewer's default)
+
+
+def tint_alpha(values: np.ndarray, norm) -> np.ndarray:
+    """Each box's opacity: ``TINT`` times the size of its place on the scale (0 at no change, 1 at the limit), as
+    the viewer's overlay draws it; a missing value: none."""
+    position = np.clip(np.asarray(norm(np.ma.masked_invalid(values)).filled(np.nan), dtype=float), 0, 1)
+    size = position if norm.vmin == 0 else np.abs(2 * position - 1)
+    return np.nan_to_num(TINT * size, nan=0.0)
 
 
 def crop_strips(info: dict) -> list[tuple[float, float, float, float]]:
@@ -375,7 +525,7 @@ def _area(box: list[float]) -> float:
     return (box[2] - box[0]) * (box[3] - box[1])
 
 
-def flow_curves(data: dict, metric: str, windows=None):
+def flow_curves(data: dict, metric: str, windows=None, vmax=None, title=None, size=None, font_size=None):
     """One curve per flow over the layer windows (x: the window's centre layer), with a legend."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -383,8 +533,9 @@ def flow_curves(data: dict, metric: str, windows=None):
     grid = values(data, metric)
     units = units_of(data)
     centres = [(a + b) / 2 for a, b in data["windows"]]
-    figure = Figure(figsize=(6.4, 3.8), layout="constrained")
+    figure = Figure(figsize=size or (6.4, 3.8), layout="constrained")
     axes = figure.add_subplot()
+    base = font_size or 8.0
     for u, unit in enumerate(units):
         axes.plot(centres, grid[:, u], marker="o", markersize=3, linewidth=1.4, label=tick_label(unit["label"], 32))
     axes.axhline(0, color="#999999", linewidth=0.8, zorder=0)
@@ -392,7 +543,127 @@ def flow_curves(data: dict, metric: str, windows=None):
     spans = {b - a + 1 for a, b in data["windows"]}
     axes.set_xlabel("decoder layer" if spans == {1} else f"decoder layer (centre of a {max(spans)}-layer window)")
     axes.set_ylabel(METRICS.get(metric, (metric,))[0])
-    axes.set_title(_title(data), fontsize=9, loc="left")
-    axes.legend(title="flow", fontsize=8, title_fontsize=8, frameon=False, loc="best")
+    axes.yaxis.set_major_locator(MaxNLocator(6))  # enough ticks to read a value off (it had two)
+    if vmax is not None:
+        axes.set_ylim(-vmax, vmax)
+    axes.set_title(title if title is not None else _title(data, metric), fontsize=base + 1, loc="left")
+    axes.legend(title="flow", fontsize=base, title_fontsize=base, frameon=False, loc="best")
     axes.grid(alpha=0.3, linewidth=0.5)
+    return figure
+
+
+def _readable(rgb) -> str:
+    """Black or white text, whichever reads on ``rgb`` (relative luminance, WCAG), as the viewer chooses."""
+    lum = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return "black" if 0.2126 * lum[0] + 0.7152 * lum[1] + 0.0722 * lum[2] > 0.179 else "white"
+
+
+def _token_rows(chips: list[tuple[str, tuple | None]], room: float, char_w: float,
+                gap: float) -> list[list[tuple[str, tuple | None]]]:
+    """Chips (text, colour) laid out in lines ``room`` inches wide (a chip: its characters and ``gap``), never
+    breaking a chip."""
+    lines, line, used = [], [], 0.0
+    for text, colour in chips:
+        width = len(text.replace(r"\$", "$")) * char_w + gap
+        if line and used + width > room:
+            lines.append(line)
+            line, used = [], 0.0
+        line.append((text, colour))
+        used += width
+    return lines + ([line] if line else [])
+
+
+def token_text(data: dict, metric: str, windows=None, vmax=None, title=None, size=None, font_size=None):
+    """The prompt's tokens coloured by their unit's impact (its largest over the chosen windows; an image's vision
+    tokens one chip) and, below, the answer's tokens coloured by each step's drop under the run's largest knockout
+    (``steps.logprob_drop``), as Inseq shows them; the colour bars of both scales."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.figure import Figure
+
+    grid = values(data, metric)
+    units = units_of(data)
+    rows = list(range(grid.shape[0])) if windows is None else chosen_windows(data, windows)
+    _, harm, _ = METRICS.get(metric, (metric, 1, False))
+    cmap, norm, _ = colour_scale(data, metric, grid, vmax)
+    unit_of = {}
+    for u, unit in enumerate(units):
+        for p in unit.get("keys") or []:
+            unit_of.setdefault(p, u)
+
+    def impact(u):
+        column = grid[rows, u] * harm
+        column = column[np.isfinite(column)]
+        return None if column.size == 0 else float(column.max()) * harm
+
+    def chip_colour(v):
+        return None if v is None else cmap(norm(v))
+
+    chips, seen = [], set()
+    for token in data.get("tokens") or []:
+        if token.get("modality") == "vision":
+            if token.get("image") in seen:
+                continue
+            seen.add(token.get("image"))
+            keys = [t["index"] for t in data["tokens"] if t.get("modality") == "vision" and t.get("image") == token["image"]]
+            whole = {unit_of.get(p) for p in keys}
+            u = whole.pop() if len(whole) == 1 else None
+            chips.append((f" image {token['image'] + 1} · {len(keys)} tokens ", chip_colour(impact(u)) if u is not None else None))
+            continue
+        u = unit_of.get(token["index"])
+        text = tick_label(token["text"], 40) if token["text"].strip() else token["text"].replace("\n", "⏎") or "∅"
+        chips.append((text.replace("\\$", "$").replace("$", r"\$"), chip_colour(impact(u)) if u is not None else None))
+    # the answer: each step's drop under the run's largest knockout by logprob_drop (special tokens left out)
+    drops = values(data, "logprob_drop") if "logprob_drop" in data.get("metrics", {}) else None
+    answer, knockout = [], ""
+    steps = ((data.get("steps") or {}).get("logprob_drop")) if drops is not None else None
+    if steps:
+        plain = [u for u, unit in enumerate(units) if unit["modality"] != "special"] or list(range(len(units)))
+        masked = np.full(drops.shape, -np.inf)
+        masked[:, plain] = np.where(np.isfinite(drops[:, plain]), drops[:, plain], -np.inf)
+        w, u = np.unravel_index(int(np.argmax(masked)), masked.shape)
+        step_cmap, step_norm, _ = colour_scale(data, "logprob_drop", drops)
+        for t, text in enumerate(data["baseline"].get("tokens") or []):
+            value = steps[w][u][t] if t < len(steps[w][u]) else None
+            answer.append((tick_label(text, 40) if text.strip() else text or "∅", None if value is None else step_cmap(step_norm(value))))
+        knockout = f"answer steps under the largest knockout: {tick_label(units[u]['label'], 40)}, {window_labels(data)[w]}"
+    base = font_size or 9.0
+    width = size[0] if size is not None else 10.0
+    char_w = 0.602 * base / 72  # inches a monospace character takes (DejaVu Sans Mono)
+    gap = 0.26 * base / 72 + 0.03  # a chip's padding and the space after it
+    lines = _token_rows(chips, width - 0.7, char_w, gap)
+    answer_lines = _token_rows(answer, width - 0.7, char_w, gap) if answer else []
+    line_h = 1.9 * base / 72
+    height = size[1] if size is not None else (1.25 + line_h * (len(lines) + len(answer_lines) + (2 if answer else 0)) + 0.45)
+    figure = Figure(figsize=(width, height))
+    y = height - 0.95
+
+    def put(line_chips, y):
+        x = 0.3
+        for text, colour in line_chips:
+            face = colour if colour is not None else (1, 1, 1, 1)
+            figure.text(x / width, y / height, text, fontsize=base, family="monospace", va="baseline", ha="left",
+                        color=_readable(face) if colour is not None else "#555555",
+                        bbox={"boxstyle": "square,pad=0.12", "facecolor": face, "edgecolor": "none" if colour is not None else "#bbbbbb",
+                              "linewidth": 0.4})
+            x += len(text.replace(r"\$", "$")) * char_w + gap
+
+    figure.text(0.3 / width, (height - 0.3) / height, title if title is not None else _title(data, metric),
+                fontsize=base, va="top", ha="left")
+    figure.text(0.3 / width, (y + line_h * 0.9) / height, f"prompt tokens: {METRICS.get(metric, (metric,))[0]}, "
+                f"their unit's largest over {'every window' if windows is None else f'{len(rows)} window(s)'}",
+                fontsize=base * 0.85, color="#555555", va="baseline")
+    for line in lines:
+        y -= line_h
+        put(line, y)
+    if answer_lines:
+        y -= line_h * 1.4
+        figure.text(0.3 / width, y / height, knockout + " (the step's logprob drop)", fontsize=base * 0.85,
+                    color="#555555", va="baseline")
+        for line in answer_lines:
+            y -= line_h
+            put(line, y)
+    bar_axes = figure.add_axes((0.3 / width, 0.25 / height, min(0.35, 3 / width), 0.12 / height))
+    bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=bar_axes, orientation="horizontal")
+    bar.ax.tick_params(labelsize=base * 0.8)
+    bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=base * 0.85)
     return figure

@@ -39,6 +39,9 @@ class ImageInfo:
     notes: list[str] = field(default_factory=list)  # frames dropped, bit depth scaled, transparency
     crop: list[int] | None = None  # [left, top, width, height] of the resized picture the tower sees; None: all
     layout: dict | None = None  # the family's view arithmetic (LLaVA-NeXT/OneVision: anyres tiles, a padded square)
+    # data: URL (PNG or JPEG, the smaller) of the picture at up to PICTURE_SIDE px, what overlays and figures draw;
+    # None where the picture is no larger than its thumbnail
+    picture: str | None = None
 
 
 @dataclass
@@ -373,7 +376,26 @@ def _image_info(path: str, file: ImageFile, grid_thw: list[int], loaded, limits)
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
     return ImageInfo(path, image.width, image.height, grid_thw, resized_width, resized_height, url, resize,
                      file.mode, file.notes(), loaded.adapter.crop(grid_thw, resized_width, resized_height),
-                     loaded.adapter.layout(limits, image.width, image.height, path))
+                     loaded.adapter.layout(limits, image.width, image.height, path), _picture(image))
+
+
+PICTURE_SIDE = 1024  # the longer side of the picture a result embeds for overlays and figures (text in it readable)
+
+
+def _picture(image) -> str | None:
+    """The picture at up to ``PICTURE_SIDE`` px as a data: URL, PNG or JPEG (quality 90), whichever is smaller; None
+    for a picture no larger than the 256-px thumbnail (the thumbnail is the picture then)."""
+    if max(image.width, image.height) <= 256:
+        return None
+    shown = image.convert("RGB")
+    shown.thumbnail((PICTURE_SIDE, PICTURE_SIDE))
+    encoded = []
+    for kind, options in (("png", {"optimize": True}), ("jpeg", {"quality": 90})):
+        buffer = io.BytesIO()
+        shown.save(buffer, format=kind.upper(), **options)
+        encoded.append((len(buffer.getvalue()), kind, buffer.getvalue()))
+    _, kind, raw = min(encoded)
+    return f"data:image/{kind};base64," + base64.b64encode(raw).decode("ascii")
 
 
 def token_table(ids: list[int], tokenizer, adapter, images: list[ImageInfo]) -> list[TokenInfo]:

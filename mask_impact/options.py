@@ -25,6 +25,42 @@ IMAGE_GROUP = re.compile(r"image([1-9][0-9]{0,3})")
 BUILTIN_GROUPS = ("image", "question", "last", "answer", "prompt")  # and image1, image2, ...
 
 
+FIGURE_OPTIONS = ("units", "vmax", "title", "size", "font_size", "greyscale")  # plot()'s and --figure-option's
+
+
+def parse_figure_options(items: list[str]) -> dict:
+    """``--figure-option KEY=VALUE`` (repeated) as ``figures.draw``'s options, checked in the command line's words
+    (``UsageError``): ``units=A-B``, ``vmax=X``, ``title=TEXT``, ``size=WxH``, ``font_size=PT``, ``greyscale=1``."""
+    options = {}
+    for item in items:
+        key, equals, value = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not equals or key not in FIGURE_OPTIONS:
+            raise UsageError(f"--figure-option {item!r} is not KEY=VALUE with KEY one of: {', '.join(FIGURE_OPTIONS)}")
+        try:
+            if key == "units":
+                first, _, last = value.partition("-")
+                options[key] = (int(first), int(last or first))
+            elif key in ("vmax", "font_size"):
+                options[key] = float(value)
+                if not options[key] > 0 or not math.isfinite(options[key]):
+                    raise ValueError
+            elif key == "size":
+                width, _, height = value.lower().partition("x")
+                options[key] = (float(width), float(height))
+                if not all(0 < v <= 100 for v in options[key]):
+                    raise ValueError
+            elif key == "greyscale":
+                options[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                options[key] = value
+        except ValueError:
+            raise UsageError(f"--figure-option {item!r}: {key} takes " + {
+                "units": "A-B (unit indices)", "vmax": "a positive number", "font_size": "a positive number",
+                "size": "WxH in inches (each above 0, at most 100)"}.get(key, "a value")) from None
+    return options
+
+
 def figures_available() -> bool:
     """matplotlib is installed (figures need it; checked without importing it)."""
     import importlib.util

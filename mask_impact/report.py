@@ -26,13 +26,14 @@ from typing import Callable, Iterator
 import torch
 import transformers
 
-from .version import __version__
+from . import colours
 from .config import RunConfig, UsageError
 from .inputs import Prompt
 from .models import LoadedModel
 from .resources import data_path
 from .stopping import signals_deferred
 from .sweep import RunResult, top_knockouts
+from .version import __version__
 
 SCHEMA_VERSION = 2
 VIEWER = data_path("visualize_results.html")
@@ -59,7 +60,7 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
                 fingerprint: dict | None = None) -> dict:
     """The result; ``fingerprint`` (resume.fingerprint_parts) goes to ``meta.fingerprint``."""
     baseline = result.baseline
-    return {
+    data = {
         "schema_version": SCHEMA_VERSION,
         "meta": {
             "tool_version": __version__,
@@ -98,6 +99,28 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
         "generations": result.generations,
         **({"estimate": result.estimate} if result.estimate is not None else {}),
     }
+    data["colour_scale"] = colours.scale_block(data)  # the viewer's and the figures' one map and limits
+    return data
+
+
+def largest_knockout(data: dict) -> dict | None:
+    """The run's largest knockout by ``logprob_drop`` (special tokens left out where other units were swept), as the
+    viewer's batch overview names it: ``{unit, label, window, window_label, logprob_drop}``; None without values."""
+    grid = (data.get("metrics") or {}).get("logprob_drop") or []
+    units = data.get("units") or []
+    plain = any(unit["modality"] != "special" for unit in units)
+    best = None
+    for w, row in enumerate(grid):
+        for u, value in enumerate(row):
+            if value is None or (plain and units[u]["modality"] == "special") or not math.isfinite(value):
+                continue
+            if best is None or value > best[2]:
+                best = (w, u, value)
+    if best is None:
+        return None
+    w, u, value = best
+    labels = data.get("window_labels") or [f"layers {a}–{b}" for a, b in data["windows"]]
+    return {"unit": u, "label": units[u]["label"], "window": w, "window_label": labels[w], "logprob_drop": value}
 
 
 def csv_text(data: dict) -> str:

@@ -73,10 +73,11 @@ def test_overlay_tints_each_box_where_it_lies(regions):
     boxes = layer2.collections[0]
     picture = np.asarray(Image.open(DEMO_IMAGE).convert("RGB"), dtype=float)
     drops = regions.metric()[2]
-    for u, unit in enumerate(regions.units):  # each block: its value's colour at 60% over the picture
+    for u, unit in enumerate(regions.units):  # each block: its value's colour over the picture, 60% at the limit
         x0, _, _, y1 = unit["box"]
         x, y = x0 + 4, y1 - 4  # a corner of the block, away from the shape and the box edges
-        expected = 0.6 * 255 * np.array(boxes.cmap(boxes.norm(drops[u]))[:3]) + 0.4 * picture[int(y), int(x)]
+        alpha = 0.6 * min(1.0, abs(drops[u]) / boxes.norm.vmax)  # transparent where nothing changes
+        expected = alpha * 255 * np.array(boxes.cmap(boxes.norm(drops[u]))[:3]) + (1 - alpha) * picture[int(y), int(x)]
         assert np.abs(colour(x, y) - expected).max() <= 3, unit["label"]
     shape_block, empty_block = colour(124, 60), colour(4, 124)
     assert shape_block[0] - shape_block[2] > 30 and abs(empty_block[0] - empty_block[2]) < 10  # red; grey
@@ -127,10 +128,23 @@ def test_flow_curves_one_line_per_flow(analyzer, tmp_path):
     (lambda r: r.plot(metric="loss"), "metric='loss' is not a metric"),
     (lambda r: r.plot(windows=["layer 9"]), "windows='layer 9' is not a window of this result"),
     (lambda r: r.plot(windows=[3]), "windows=3 is out of range: this result has 3 windows"),
+    (lambda r: r.plot(windows=[]), "windows=\\[\\] chooses no window"),
+    (lambda r: r.plot(windows=[99], kinds="heatmap"), "windows=99 is out of range: this result has 3 windows"),
+    (lambda r: r.plot(windows=(), kinds="heatmap"), "windows=\\(\\) chooses no window"),
 ])
 def test_bad_plot_arguments(regions, call, message):
     with pytest.raises(InvalidArgument, match=message):
         call(regions)
+
+
+def test_bad_windows_are_refused_whatever_the_unit_kind(analyzer, tmp_path):
+    tokens = analyzer.run(PROMPT, unit="token", layers="0-1", progress=False)  # text only: no overlay is drawn
+    for windows, message in (([], r"windows=\[\] chooses no window"), ([99], "windows=99 is out of range")):
+        with pytest.raises(InvalidArgument, match=message):
+            tokens.plot(windows=windows)
+        with pytest.raises(InvalidArgument, match=message):
+            tokens.plot(tmp_path / "tok", windows=windows)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_command_line_figures_for_each_stage(tmp_path):
@@ -211,7 +225,7 @@ def test_an_estimate_runs_figures_mark_the_exact_cells(analyzer, regions, tmp_pa
         assert "computed exactly: the top 3 by |estimate| (outlined) and a random sample of 2 (dot)" in title
     assert figures["estimate"].axes[1].get_ylabel() == "estimated log-prob drop (nats)"
     plain = regions.plot(kinds="heatmap")["heatmap"].axes[0]  # no estimate: no marks
-    assert len(plain.patches) == 0 and len(plain.collections) == 0 and "\n" not in plain.get_title(loc="left")
+    assert len(plain.patches) == 0 and len(plain.collections) == 0 and "computed exactly" not in plain.get_title(loc="left")
     assert main(["--demo", "--unit", "region:2", "--estimate", "2", "--output", "est", "--figures", "png",
                  "--output-dir", str(tmp_path), "--no-progress"], True) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == [
@@ -281,3 +295,146 @@ def test_overlay_of_strip_pictures_in_one_prompt_stays_a_readable_size(tmp_path)
         assert abs((drawn.x0 + drawn.x1) / 2 - (cell.x0 + cell.x1) / 2) < 1e-6
         assert abs((drawn.y0 + drawn.y1) / 2 - (cell.y0 + cell.y1) / 2) < 1e-6
     assert panels[1].get_position().width < 0.5 * panels[1].get_position(original=True).width  # the tall one: narrower
+
+
+def test_the_colour_limits_are_stored_with_the_result_and_drawn_by_the_figures(regions):
+    """colour_scale: one map and each metric's limit by one rule (colours.py), the figures' norm; a result without
+    it (written before) gets the same limits by the same rule; the rule is the viewer's: the sorted sizes' entry at
+    ⌊0.99·n⌋ over non-special units."""
+    from mask_impact import colours
+    from mask_impact.figures import colour_scale, values
+
+    block = regions.data["colour_scale"]
+    assert block["colours"] == colours.COLOUR_MAP and block["modality_colours"] == colours.MODALITY_COLOURS
+    for metric, stored in block["limits"].items():
+        _, norm, _ = colour_scale(regions.data, metric, values(regions.data, metric))
+        assert norm.vmax == stored > 0, metric
+        older = {k: v for k, v in regions.data.items() if k != "colour_scale"}
+        assert colours.limit(older, metric) == stored
+    drops = regions.metric("logprob_drop")
+    kept = sorted(abs(v) for u, unit in enumerate(regions.units) if unit["modality"] != "special"
+                  for v in drops[:, u])
+    assert block["limits"]["logprob_drop"] == kept[min(len(kept) - 1, int(0.99 * len(kept)))]
+
+
+def test_overlays_draw_the_picture_at_full_resolution_the_thumbnail_only_as_a_fallback(analyzer, tmp_path):
+    """A 1024×768 picture with fine text-like stripes: the result embeds it at 1024 px (``picture``) beside the 256-px
+    thumbnail; the figure draws the file itself while it is readable, the embedded picture when it is gone, and
+    the thumbnail only where neither is there; ``greyscale`` draws the picture grey."""
+    from PIL import ImageDraw
+
+    from mask_impact.figures import picture
+
+    image = Image.new("RGB", (1024, 768), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    for x in range(0, 1024, 4):  # 2-px stripes: lost in a 256-px thumbnail
+        draw.rectangle([x, 0, x + 1, 767], fill=(20, 20, 20))
+    path = tmp_path / "stripes.png"
+    image.save(path)
+    result = analyzer.run(PROMPT, images=[str(path)], unit="region:2", layers="0", progress=False)
+    info = result.data["images"][0]
+    embedded = Image.open(io.BytesIO(__import__("base64").b64decode(info["picture"].split(",", 1)[1])))
+    assert embedded.size == (1024, 768) and info["thumbnail"].startswith("data:image/png")
+    assert picture(info).shape == (768, 1024, 3)
+    moved = dict(info, path=str(tmp_path / "gone.png"))
+    assert picture(moved).shape == (768, 1024, 3)  # the embedded picture, not the thumbnail
+    assert picture({k: v for k, v in moved.items() if k != "picture"}).shape == (192, 256, 3)
+    figure = result.plot(kinds="overlay")["overlay"]
+    drawn = figure.axes[0].images[0].get_array()
+    assert drawn.shape[:2] == (768, 1024)
+    grey = result.plot(kinds="overlay", greyscale=True)["overlay"].axes[0].images[0].get_array()
+    assert np.all(grey[..., 0] == grey[..., 1])
+
+
+def _big(tmp_path, columns: int):
+    """benchmarks/bench_viewer.py's synthetic result: 36 windows × ``columns`` token units, most on a 1024-px image."""
+    from benchmarks.bench_viewer import with_image, with_steps
+    from tests.test_viewer import _synthetic
+
+    vision = range(30, columns - 30)
+    path = _synthetic(tmp_path / f"big{columns}.json", columns, vision)
+    with_steps(path)
+    with_image(path, vision)
+    data = json.loads(path.read_text())
+    data["meta"]["model"] = "/home/someone/models/Qwen3-VL-2B-Instruct"
+    data["prompt"] = "What is written on the sign?"
+    path.write_text(json.dumps(data))
+    return KnockoutResult.load(path)
+
+
+def test_figures_are_paper_ready_at_real_size(tmp_path):
+    """36 × 784 units: the title names the stage, metric, model (not its local path), prompt and answer; the heatmap
+    is at most 3:1 and a few inches, its x axis has at most 60 labels and a modality band in the viewer's colours;
+    4,156 units are max-pooled (a one-cell peak kept); both figures draw and encode in a few seconds."""
+    import time
+
+    from mask_impact import colours
+
+    result = _big(tmp_path, 784)
+    started = time.perf_counter()
+    written = result.plot(tmp_path / "big", kinds=["heatmap", "overlay"])
+    seconds = time.perf_counter() - started
+    (tmp_path / "seconds.txt").write_text(f"{seconds:.2f}\n")
+    assert seconds < 20, seconds  # was 24 s; a few seconds on an idle machine
+    size = Image.open(written["heatmap"]).size
+    assert size[0] / size[1] <= 3 and size[0] <= 2600, size
+    figure = result.plot(kinds="heatmap")["heatmap"]
+    axes = figure.axes[0]
+    title = axes.get_title(loc="left")
+    assert "/home/someone" not in title and "Qwen3-VL-2B-Instruct" in title
+    assert "attention knockout in the decoder" in title and "log-prob drop" in title and "What is written" in title
+    ticks = axes.get_xticklabels()
+    assert 10 <= len(ticks) <= 60 and all(t.get_text() for t in ticks)
+    band = axes.images[1]
+    codes = np.asarray(band.get_array())[0]
+    vision = [u for u, unit in enumerate(result.units) if unit["modality"] == "vision"]
+    assert codes[vision[0]] == 1 and codes[0] == 0
+    assert matplotlib_hex(band.cmap(band.norm(1))) == colours.MODALITY_COLOURS["vision"]
+    big = _big(tmp_path, 4156)
+    data = big.data
+    data["metrics"]["logprob_drop"][7][3001] = 50.0  # one decisive cell among many per column
+    pooled = big.plot(kinds="heatmap")["heatmap"].axes[0]
+    drawn = np.asarray(pooled.images[0].get_array())
+    assert drawn.shape == (36, 1600) and np.nanmax(drawn[7]) == 50.0
+    assert len(pooled.get_xticklabels()) <= 60 and "max-pooled into 1,600 columns" in pooled.get_xlabel()
+
+
+def matplotlib_hex(rgba) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(rgba)
+
+
+def test_plot_options_for_a_paper_and_the_token_text_figure(regions):
+    figure = regions.plot(kinds="heatmap", units=(1, 2), windows=[0, 2], vmax=0.5, title="Figure 3", size=(5, 3),
+                          font_size=11)["heatmap"]
+    axes = figure.axes[0]
+    assert np.array_equal(np.asarray(axes.images[0].get_array()), regions.metric()[[0, 2]][:, 1:3])
+    assert axes.images[0].norm.vmax == 0.5 and axes.get_title(loc="left") == "Figure 3"
+    assert tuple(figure.get_size_inches()) == (5, 3) and axes.get_yticklabels()[0].get_fontsize() == 11
+    for bad, message in (({"vmax": -1}, "vmax=-1 must be a positive number"),
+                         ({"units": (3, 99)}, r"units=\(3, 99\) is not a range"),
+                         ({"size": (0, 3)}, "size=")):
+        with pytest.raises(InvalidArgument, match=message):
+            regions.plot(kinds="heatmap", **bad)
+    tokens = regions.plot(kinds="tokens")["tokens"]
+    texts = {t.get_text(): t for t in tokens.texts}
+    assert " image 1 · 4 tokens " not in texts  # region units: no one unit holds all of the image's tokens
+    prompt_words = [t["text"] for t in regions.data["tokens"] if t["modality"] == "text" and t["text"].strip()]
+    assert any(word.strip() in texts or word in texts for word in prompt_words)
+    assert any(text.startswith("answer steps under the largest knockout") for text in texts)
+    answer = regions.data["baseline"]["tokens"]
+    assert all(token in texts for token in answer if token.strip())
+
+
+def test_command_line_figure_options(tmp_path, capsys):
+    out = ["--output-dir", str(tmp_path), "--no-progress", "--layers", "0-1"]
+    assert main(["--demo", "--output", "opt", "--figures", "svg", "--figure-option", "vmax=0.25",
+                 "--figure-option", "title=Figure 2", "--figure-option", "size=5x3", "--figure-option", "units=0-3",
+                 *out], True) == 0
+    svg = (tmp_path / "opt.heatmap.svg").read_text()
+    assert "Figure 2" in svg and 'width="360pt"' in svg and "0.2" in svg  # 5 in wide, the bar to ±0.25
+    assert "--figure-option 'loud=1' is not KEY=VALUE" in cli_error(
+        capsys, ["--demo", "--figures", "png", "--figure-option", "loud=1", *out])
+    assert "vmax takes a positive number" in cli_error(
+        capsys, ["--demo", "--figures", "png", "--figure-option", "vmax=-2", *out])

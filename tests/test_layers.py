@@ -17,7 +17,7 @@ LAYERS = {
     "families": ["families", "families.*"],
     "core": ["spec", "patches", "units", "inputs", "knockout", "models", "engine", "engines", "engines.*", "stages",
              "shard", "sweep", "metrics", "estimate", "demo_tasks"],
-    "input/output": ["report", "resume", "figures"],
+    "input/output": ["colours", "report", "resume", "figures"],
     "pipeline": ["pipeline"],
     "front ends": ["mask_impact", "entry", "api", "cli", "batch", "demo", "tiny", "planted"],
 }
