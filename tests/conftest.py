@@ -101,7 +101,7 @@ def tiny_llava_runs(folder: Path, layers: str) -> Path:
     off each side) and LLaVA-NeXT (a 100×150 picture: a 4×4 base view, then 8 rows × 6 kept columns of tiles and
     their newlines), vision tokens over ``layers``: ``folder/llava.json`` and ``folder/llava_next.json``."""
     from mask_impact.cli import main
-    from mask_impact.tiny import build_tiny
+    from tests.tiny import build_tiny
 
     for model_type, size in (("llava", (128, 64)), ("llava_next", (100, 150))):
         picture = draw_image(folder / f"{model_type}.png", *size)

@@ -40,7 +40,7 @@ def gemma3_model(tmp_path_factory):
     """Gemma 3 with images: the tokens of one image attend to each other both ways in the model's own masks, and
     sliding layers of 4 keys."""
     from mask_impact.models import load_model
-    from mask_impact.tiny import build_tiny
+    from tests.tiny import build_tiny
 
     return load_model(str(build_tiny(tmp_path_factory.mktemp("gemma3"), "gemma3")), True, device="cpu",
                       dtype="float32")

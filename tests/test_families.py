@@ -23,7 +23,7 @@ from mask_impact.families import REGISTRY
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import knockout_attention_installed
 from mask_impact.models import load_model
-from mask_impact.tiny import WINDOW, build_tiny
+from tests.tiny import WINDOW, build_tiny
 from mask_impact.units import build_units, overlaps, positions_for
 from tests.conftest import cli_error, draw_image, hidden_states_under
 from tests.test_identities import _plan_logits, assert_no_knockout_is_native

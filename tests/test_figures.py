@@ -270,7 +270,7 @@ def test_overlay_of_strip_pictures_in_one_prompt_stays_a_readable_size(tmp_path)
     panel's width only within bounds, so the figure is not metres tall (it was 2100×64140 pixels for four such
     pictures) and a strip's row still holds its two-line label; every picture is drawn whole, at its aspect."""
     from mask_impact.figures import DPI
-    from mask_impact.tiny import build_tiny
+    from tests.tiny import build_tiny
     from tests.conftest import draw_image
 
     checkpoint = build_tiny(tmp_path / "model", "llava_onevision")

@@ -19,7 +19,7 @@ from mask_impact.engine import Analysis, FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import apply_plan, knockout_attention_installed
 from mask_impact.models import load_model
-from mask_impact.tiny import WINDOW, build_tiny
+from tests.tiny import WINDOW, build_tiny
 from tests.conftest import cli_error, draw_image
 
 PROMPT = "A=3, B=7, C=1. What is B?"

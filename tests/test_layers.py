@@ -19,7 +19,7 @@ LAYERS = {
              "shard", "sweep", "metrics", "estimate", "demo_tasks"],
     "input/output": ["colours", "report", "resume", "figures"],
     "pipeline": ["pipeline"],
-    "front ends": ["mask_impact", "entry", "api", "cli", "batch", "demo", "tiny", "planted"],
+    "front ends": ["mask_impact", "entry", "api", "cli", "batch", "demo", "planted"],
 }
 
 def module_name(path: Path) -> str:

@@ -1962,7 +1962,7 @@ def test_llava_next_views_are_chosen_not_drawn_over_each_other(page, llava_resul
 def onevision_images(tmp_path_factory):
     """The tiny LLaVA-OneVision with a 150×40 and a 40×150 picture in one prompt (each padded to a square: whole rows
     or columns of padding patches, no box), region units, vision tokens over layers 0 and 1."""
-    from mask_impact.tiny import build_tiny
+    from tests.tiny import build_tiny
     from tests.conftest import draw_image
 
     folder = tmp_path_factory.mktemp("onevision_viewer")
@@ -2003,7 +2003,7 @@ def test_a_sliver_token_first_does_not_hide_the_token_grid(page, tmp_path):
     """A 52×100 picture beside another in one LLaVA-OneVision prompt: padded to a 100-px square (24 px left), so its
     first column of tokens covers 1 px of the picture. That sliver is too thin to outline, but the grid of the other
     tokens is still drawn (it was not drawn at all: the first thin token stopped the outlining)."""
-    from mask_impact.tiny import build_tiny
+    from tests.tiny import build_tiny
     from tests.conftest import draw_image
 
     checkpoint = build_tiny(tmp_path / "model", "llava_onevision")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .demo import CHAT_TEMPLATE, _special_ids, build_demo, build_tokenizer
+from mask_impact.demo import CHAT_TEMPLATE, _special_ids, build_demo, build_tokenizer
 
 WINDOW = 4  # every sliding layer's window: far shorter than the test prompts
 FULL, SLIDE = "full_attention", "sliding_attention"
