@@ -87,13 +87,13 @@ def _under(analysis, tf, window, knockout, on_weights) -> float:
     """Σ_t log p(y_t) under ``knockout`` in ``window`` (None: none), probabilities through ``on_weights``."""
     from dataclasses import replace
 
-    from mask_impact.engine import _to
+    from mask_impact.engine import to_device
     from mask_impact.knockout import apply_plan, knockout_attention_installed
 
     loaded = analysis.loaded
     plan = analysis.plan(reference=True) if window is None else analysis.plan(window, [knockout], reference=True)
     plan = replace(plan, on_weights=on_weights)
-    inputs = _to(dict(input_ids=tf.input_ids, **tf.model_kwargs), loaded.device)
+    inputs = to_device(dict(input_ids=tf.input_ids, **tf.model_kwargs), loaded.device)
     with torch.no_grad(), knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan):
         logits = loaded.model(**inputs).logits[0, tf.answer_positions]  # (T, V)
     return float(torch.log_softmax(logits.float(), -1).gather(-1, tf.answer_ids[:, None]).sum())
