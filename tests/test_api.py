@@ -173,6 +173,7 @@ def test_loading_what_is_not_a_result(analyzer, tmp_path):
         result.top(-1)
 
 
+@pytest.mark.slow
 def test_an_analyzer_around_a_model_the_caller_loaded(analyzer):
     """``Analyzer(model, processor)``: a model loaded with transformers directly gives the demo's very numbers."""
     import torch

@@ -124,6 +124,7 @@ def test_the_estimate_is_the_gradient_applied_to_the_knockouts_own_change(reques
         assert formula.abs().max() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vl_model", "text_model"])
 def test_a_partial_knockout_changes_the_answer_as_the_estimate_says(request, images, model):
     """Central differences of the answer's log-prob under a partial knockout of strength ±ε, in every layer of the
@@ -166,6 +167,7 @@ def test_spearman_is_the_rank_correlation():
     assert spearman([1, None, 3, 4], [1, 5, 3, 4]) == pytest.approx(1.0)  # a missing exact cell is left out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,message", [(["--arch", "tiny", "--image-size", "100"], "--image-size 100"),
                                           (["--arch", "qwen3-vl-4b", "--flops-only", "--image-size", "0"],
                                            "--image-size 0"),

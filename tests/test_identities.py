@@ -70,6 +70,7 @@ def test_baseline_is_native_greedy_generation(case):
     assert len(ids) == 6 or ids[-1] in Analysis(loaded, prompt).eos_ids()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window_size", [1, 3])
 @pytest.mark.parametrize("block_from", ["all", "answer"])
 @pytest.mark.parametrize("mode", ["text", "vision", "both"])
