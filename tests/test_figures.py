@@ -133,6 +133,7 @@ def test_bad_plot_arguments(regions, call, message):
         call(regions)
 
 
+@pytest.mark.slow
 def test_command_line_figures_for_each_stage(tmp_path):
     out = ["--output-dir", str(tmp_path), "--no-progress"]
     assert main(["--demo", "--stage", "pixels", "--output", "pix", "--figures", "png", *out], True) == 0
@@ -154,6 +155,7 @@ def test_command_line_figures_for_each_stage(tmp_path):
         ["occluded (mean)"]
 
 
+@pytest.mark.slow
 def test_yaml_batch_figures(tmp_path):
     config = tmp_path / "b.yaml"
     config.write_text(f"defaults:\n  demo: true\n  output_dir: {tmp_path / 'out'}\n  figures: png\nruns:\n"
@@ -190,6 +192,7 @@ def test_plot_without_matplotlib_raises_the_librarys_error(regions, tmp_path, mo
     assert len(list(tmp_path.iterdir())) == 3
 
 
+@pytest.mark.slow
 def test_an_estimate_runs_figures_mark_the_exact_cells(analyzer, regions, tmp_path):
     """--estimate K: every heatmap outlines the top-K cells and dots the random sample (the exact cells), and the
     estimated map gets its own heatmap; the command line writes it beside the others."""
