@@ -16,8 +16,9 @@ them (spec.py's ``Knockout``), with a label and, for vision units, the image and
 
 Groups (``--group NAME=SPEC``, and the built-in names of ``BUILTIN_GROUPS``) resolve against the prompt:
 a pixel box (``x0,y0,x1,y1[@N]``, original-image pixels inside image N: the vision tokens of image N whose
-boxes overlap it; a box reaching outside the picture is refused, with the part inside it suggested), a position list (``pos:10-20,25``) or a text span (``text:quick brown``: the tokens of its first
-occurrence in the user's text).
+boxes overlap it; a box reaching outside the picture is refused, with the part inside it suggested), a position
+list (``pos:10-20,25``) or a text span (``text:quick brown``: the tokens of its first occurrence in the user's
+text).
 
 The options are parsed and checked before the model loads (options.py: ``parse_unit``, ``parse_group``,
 ``parse_flow``, ``check_units``); ``build_units`` resolves them here once the prompt is tokenized. No torch

@@ -211,6 +211,7 @@ def test_a_damaged_result_is_refused_when_loaded_naming_what_is_wrong(analyzer, 
     assert len(KnockoutResult.load(tmp_path / "good.json").to_pandas()) == units * windows
 
 
+@pytest.mark.slow
 def test_an_analyzer_around_a_model_the_caller_loaded(analyzer):
     """``Analyzer(model, processor)``: a model loaded with transformers directly gives the demo's very numbers."""
     import torch

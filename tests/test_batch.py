@@ -119,6 +119,7 @@ def test_one_bad_run_is_reported_and_the_others_run(tmp_path, monkeypatch, capsy
     assert (tmp_path / "output" / "batch" / "index.html").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,config,vision", [
     ("mask_impact_vl.py", "prompts_config_vl.yaml", True),
     ("mask_impact_analysis.py", "prompts_config.yaml", False),

@@ -164,6 +164,7 @@ def test_prompt_text_that_only_mentions_a_file_is_text(in_tmp, capsys):
         assert json.loads((in_tmp / "output" / f"t{number}.json").read_text())["prompt"] == value
 
 
+@pytest.mark.slow
 def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     done = _run_script("mask_impact_vl.py", "--demo", "--image", "missing.png", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -183,6 +184,7 @@ def test_csv_keeps_one_row_per_knockout_when_tokens_hold_line_breaks():
     assert [row[5] for row in rows[1:]] == ["0\r", "a\nb", "plain"] and len(rows) == 4
 
 
+@pytest.mark.slow
 def test_threads_set_the_cpu_threads_and_leave_the_numbers(tmp_path, capsys):
     import torch
 

@@ -31,6 +31,7 @@ def spread(tmp_path_factory):
     return analyzer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [
     {"mask_mode": "both", "num_tokens": 3},
     {"flows": ["image->last", "question->last"], "window": 2, "num_tokens": 2, "block_from": "answer"},
@@ -45,6 +46,7 @@ def test_a_device_map_with_offload_gives_the_same_numbers(whole, spread, options
     assert a.data["generations"] == b.data["generations"]
 
 
+@pytest.mark.slow
 def test_the_estimate_on_a_device_map_with_offload_is_the_same(whole, spread):
     """--estimate's forward and backward pass run through accelerate's hooks too (offloaded weights included)."""
     options = dict(images=[DEMO_IMAGE], progress=False, mask_mode="both", num_tokens=2, estimate=4, estimate_sample=3)

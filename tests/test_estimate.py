@@ -126,6 +126,7 @@ def test_the_estimate_is_the_gradient_applied_to_the_knockouts_own_change(reques
         assert formula.abs().max() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vl_model", "text_model"])
 def test_a_partial_knockout_changes_the_answer_as_the_estimate_says(request, images, model):
     """Central differences of the answer's log-prob under a partial knockout of strength ±ε, in every layer of the
@@ -196,6 +197,7 @@ def test_the_missed_cells_interval_is_exact_and_covers_every_count(population, d
         assert mean == pytest.approx(unseen, abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,message", [(["--arch", "tiny", "--image-size", "100"], "--image-size 100"),
                                           (["--arch", "qwen3-vl-4b", "--flops-only", "--image-size", "0"],
                                            "--image-size 0"),

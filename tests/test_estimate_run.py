@@ -64,6 +64,7 @@ def _exact_cells(result) -> set[tuple[int, int]]:
     return {(w, u) for w, row in enumerate(grid) for u, value in enumerate(row) if value is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fast", "naive"])
 def test_the_exact_cells_are_the_full_sweeps(analyzer, images, full, engine):
     if engine == "naive":

@@ -105,6 +105,7 @@ def test_baseline_is_native_greedy_generation(case):
     assert ids == native.tolist()[: len(ids)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_from", ["all", "answer"])
 def test_fast_equals_naive_for_token_and_group_units(case, block_from):
     loaded, prompt = case

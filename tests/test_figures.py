@@ -147,6 +147,7 @@ def test_bad_windows_are_refused_whatever_the_unit_kind(analyzer, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_command_line_figures_for_each_stage(tmp_path):
     out = ["--output-dir", str(tmp_path), "--no-progress"]
     assert main(["--demo", "--stage", "pixels", "--output", "pix", "--figures", "png", *out], True) == 0
@@ -168,6 +169,7 @@ def test_command_line_figures_for_each_stage(tmp_path):
         ["occluded (mean)"]
 
 
+@pytest.mark.slow
 def test_yaml_batch_figures(tmp_path):
     config = tmp_path / "b.yaml"
     config.write_text(f"defaults:\n  demo: true\n  output_dir: {tmp_path / 'out'}\n  figures: png\nruns:\n"
@@ -204,6 +206,7 @@ def test_plot_without_matplotlib_raises_the_librarys_error(regions, tmp_path, mo
     assert len(list(tmp_path.iterdir())) == 3
 
 
+@pytest.mark.slow
 def test_an_estimate_runs_figures_mark_the_exact_cells(analyzer, regions, tmp_path):
     """--estimate K: every heatmap outlines the top-K cells and dots the random sample (the exact cells), and the
     estimated map gets its own heatmap; the command line writes it beside the others."""

@@ -79,6 +79,7 @@ def test_the_engine_masks_are_the_models_own_and_bidirectional_inside_each_image
             assert allowed[last, last - WINDOW + 1] and not allowed[last, last - WINDOW]
 
 
+@pytest.mark.slow
 def test_a_later_image_token_knockout_changes_the_earlier_ones_of_its_image(loaded, pictures):
     """Knock out the last token of the first image at layer 0 (a sliding layer) and at layer 1 (a full one): the
     image's earlier tokens change from that layer on, every position before the image stays bit-identical;

@@ -70,6 +70,7 @@ def test_baseline_is_native_greedy_generation(case):
     assert len(ids) == 6 or ids[-1] in Analysis(loaded, prompt).eos_ids()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window_size", [1, 3])
 @pytest.mark.parametrize("block_from", ["all", "answer"])
 @pytest.mark.parametrize("mode", ["text", "vision", "both"])
@@ -78,12 +79,14 @@ def test_fast_engine_equals_naive_reference(vl_model, images, mode, block_from, 
     _assert_engines_agree(vl_model, prompt, mode, block_from, window_size, "causal")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_from", ["all", "answer"])
 def test_fast_engine_equals_naive_with_bidirectional_vision(vl_model, images, block_from):
     prompt = _prompt(vl_model, images, ("wide", "square"))
     _assert_engines_agree(vl_model, prompt, "both", block_from, 1, "bidirectional")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_from", ["all", "answer"])
 def test_fast_engine_equals_naive_on_text_models(text_model, llama_model, images, block_from):
     for loaded in (text_model, llama_model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from mask_impact.cli import main
@@ -19,6 +20,7 @@ def test_the_moe_checkpoint_loads_as_the_moe_class_with_its_sparse_blocks(moe_mo
     assert all(type(layer.mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock" for layer in moe_model.adapter.layers)
 
 
+@pytest.mark.slow
 def test_no_knockout_is_native_and_fast_equals_naive_on_moe(moe_model, images):
     assert_no_knockout_is_native(moe_model, _prompt(moe_model, images, ("wide", "square")))
     prompt = _prompt(moe_model, images, ("wide",))

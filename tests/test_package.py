@@ -116,7 +116,7 @@ def test_wheel_carries_the_package_and_its_data(wheel):
     assert extras["figures"] == {"matplotlib"}
     assert extras["notebook"] == {"pandas", "matplotlib", "ipywidgets"}
     (transformers,) = [line for line in requires if line.startswith("Requires-Dist: transformers")]
-    assert set(transformers.split(maxsplit=1)[1].removeprefix("transformers").split(",")) == {">=5.17", "<6"}
+    assert set(transformers.split(maxsplit=1)[1].removeprefix("transformers").split(",")) == {">=5.17", "<5.40"}
     assert {"matplotlib", "pytest", "pandas", "nbclient", "nbformat", "ipykernel"} <= extras["test"]
 
 

@@ -325,6 +325,7 @@ def test_kill_resume_kill_resume_equals_an_uninterrupted_run(tmp_path, text_refe
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_a_stop_between_the_batches_of_one_head_group_resumes_to_the_same_bits(tmp_path, monkeypatch):
     """The fast engine puts several batches' answer rows through the head in one matrix product, whose float
     grouping depends on its rows (one row alone takes another kernel than many). A run stopped after some of a

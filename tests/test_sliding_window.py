@@ -82,6 +82,7 @@ def test_generation_under_a_knockout_is_greedy_decoding_by_full_forwards(case):
             sequence = torch.cat([sequence, torch.tensor([[expected]])], dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window_size", [1, 3])
 @pytest.mark.parametrize("block_from", ["all", "answer"])
 def test_fast_engine_equals_naive_reference(case, block_from, window_size):

@@ -138,6 +138,7 @@ CASES = [("vl", dict(unit="region:2", mask_mode="both")), ("vl", dict(unit="imag
          ("text", dict(flows=["question->last", "prompt->answer"]))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_from", ["all", "answer"])
 @pytest.mark.parametrize("family,options", CASES, ids=[f"{f}-{o.get('unit', 'flow')}" for f, o in CASES])
 def test_fast_equals_naive_for_every_kind_of_unit(family, options, block_from, vl_model, text_model, images):
