@@ -78,7 +78,7 @@ class Stage:
     removes: str = ""  # what it removes, in refusals: "--stage pixels occludes image patches"
     on_patches: bool = False  # its units are the patches of ``pixel_values`` (their default: ``patch``)
     unit_kinds: str = "token, word, region:N, image or groups"  # what ``--unit`` may be, said when one is refused
-    has_layers: bool = True  # --layers, --window and --block-from apply
+    no_layers: str = ""  # a stage without layers: the refusal of --layers, --window and --block-from
     estimable: bool = False  # --estimate has a first-order estimate of it
     images_only: bool = True  # it removes image tokens only: a run needs an image, its units are vision units
 
@@ -92,6 +92,8 @@ class Stage:
             raise UsageError(f"--fill {config.fill} says what replaces occluded pixels, and only --stage pixels "
                              f"occludes them (this run is --stage {self.name}, where nothing is filled); drop --fill, "
                              "or use --stage pixels")
+        if self.no_layers and (config.layers != "all" or config.window != 1 or config.block_from != "all"):
+            raise UsageError(self.no_layers)
 
 
 class VisionEncoderStage(Stage):
@@ -102,31 +104,17 @@ class VisionEncoderStage(Stage):
                              "of the image is blocked from the unit; drop it")
 
 
-class PixelStage(Stage):
-    def check(self, config) -> None:
-        super().check(config)
-        if config.layers != "all" or config.window != 1 or config.block_from != "all":
-            raise UsageError("--stage pixels occludes the image before the model: it has no layers, so --layers, "
-                             "--window and --block-from do not apply; drop them")
-
-
-class DeepStackStage(Stage):
-    def check(self, config) -> None:
-        super().check(config)
-        if config.layers != "all" or config.window != 1 or config.block_from != "all":
-            raise UsageError("--stage deepstack removes features where the model adds them (its rows are the "
-                             "DeepStack levels and the main embedding), so --layers, --window and --block-from do "
-                             "not apply; drop them")
-
-
 PATCH_UNITS = "patch, token, region:N, image or groups"
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("decoder", estimable=True, images_only=False),
     VisionEncoderStage("vision-encoder", "knocks out image patches in the vision encoder", on_patches=True,
                        unit_kinds=PATCH_UNITS),
-    PixelStage("pixels", "occludes image patches", on_patches=True, unit_kinds=PATCH_UNITS, has_layers=False),
-    DeepStackStage("deepstack", "removes image features", unit_kinds="token, region:N, image or groups",
-                   has_layers=False),
+    Stage("pixels", "occludes image patches", on_patches=True, unit_kinds=PATCH_UNITS,
+          no_layers="--stage pixels occludes the image before the model: it has no layers, so --layers, --window and "
+                    "--block-from do not apply; drop them"),
+    Stage("deepstack", "removes image features", unit_kinds="token, region:N, image or groups",
+          no_layers="--stage deepstack removes features where the model adds them (its rows are the DeepStack levels "
+                    "and the main embedding), so --layers, --window and --block-from do not apply; drop them"),
 )}
 
 
