@@ -23,6 +23,9 @@ def prepare(loaded, config: RunConfig, prompt_text: str):
     """The model's input for a run, and the fingerprint of everything that decides its numbers."""
     from .inputs import build_prompt
     from .resume import fingerprint_parts
+    from .stages import check_available
+
+    check_available(loaded, config)  # before the prompt's notes: a refusal is the run's one line
 
     prompt = build_prompt(loaded, prompt_text, config.images, config.raw_prompt, config.max_pixels,
                           config.min_pixels, config.allow_special_tokens, config.num_tokens)

@@ -27,11 +27,16 @@ from .options import STAGES
 PLANS = {"decoder": decoder.plan, "vision-encoder": vit.plan, "pixels": pixels.plan, "deepstack": deepstack.plan}
 
 
-def stage_plan(loaded, config) -> StagePlan:
-    """The plan of ``config.stage`` for this model; the stage's availability and the layer options are checked
-    here, before any work."""
+def check_available(loaded, config) -> None:
+    """The model's family supports ``config.stage`` (checked as soon as the model is loaded, before the prompt)."""
     if config.stage not in loaded.adapter.stages:
         why = {"deepstack": " (it has no DeepStack)", "vision-encoder": " (its ViT knockout is not defined for it)"}
         raise UsageError(f"--stage {config.stage} is not available for {loaded.adapter.name} models"
                          f"{why.get(config.stage, '')}; it supports --stage {', '.join(loaded.adapter.stages)}")
+
+
+def stage_plan(loaded, config) -> StagePlan:
+    """The plan of ``config.stage`` for this model; the stage's availability and the layer options are checked
+    here, before any work."""
+    check_available(loaded, config)
     return PLANS[STAGES[config.stage].name](loaded, config, config.engine == "fast")
