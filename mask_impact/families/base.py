@@ -6,6 +6,7 @@ family file, so importing ``mask_impact.families`` fills the registry. See the p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -203,9 +204,11 @@ class DecoderAdapter:
         (1, 1, S, S) mask of allowed scores, or None where it is plain causal (``sdpa_mask`` skips it:
         full layers, and sliding layers whose window covers the whole sequence).
         """
-        built = {kind: LAYER_MASKS[kind](config=self.decoder.config, inputs_embeds=hidden, attention_mask=None,
-                                         past_key_values=None)
-                 for kind in set(self.layer_types)}
+        with warnings.catch_warnings():  # 5.17 names the cache past_key_values; 5.2x warns it will be cache (§8)
+            warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
+            built = {kind: LAYER_MASKS[kind](config=self.decoder.config, inputs_embeds=hidden, attention_mask=None,
+                                             past_key_values=None)
+                     for kind in set(self.layer_types)}
         return [built[kind] for kind in self.layer_types]
 
 
