@@ -29,12 +29,12 @@ Neither engine touches files or argparse.
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache, GenerationConfig
 
+from .families.base import past_key_values_accepted
 from .inputs import Prompt, with_text_tokens
 from .knockout import AttentionPlan, apply_plan, knockout_attention_installed
 from .models import LoadedModel
@@ -138,9 +138,7 @@ class Analysis:
         # the knockout names keys by absolute position; the sliding masks still come from the model.
         cache = DynamicCache()
         with knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan or self.plan()), \
-                warnings.catch_warnings():
-            # 5.17 knows the cache only as past_key_values; 5.2x still takes it, with a FutureWarning (DESIGN §8)
-            warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
+                past_key_values_accepted():
             output = loaded.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]),
                                            past_key_values=cache, generation_config=config)
         new = output[0, prompt.length:].tolist()

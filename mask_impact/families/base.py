@@ -6,8 +6,9 @@ family file, so importing ``mask_impact.families`` fills the registry. See the p
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -204,12 +205,20 @@ class DecoderAdapter:
         (1, 1, S, S) mask of allowed scores, or None where it is plain causal (``sdpa_mask`` skips it:
         full layers, and sliding layers whose window covers the whole sequence).
         """
-        with warnings.catch_warnings():  # 5.17 names the cache past_key_values; 5.2x warns it will be cache (§8)
-            warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
+        with past_key_values_accepted():
             built = {kind: LAYER_MASKS[kind](config=self.decoder.config, inputs_embeds=hidden, attention_mask=None,
                                              past_key_values=None)
                      for kind in set(self.layer_types)}
         return [built[kind] for kind in self.layer_types]
+
+
+@contextlib.contextmanager
+def past_key_values_accepted() -> Iterator[None]:
+    """transformers 5.17 knows the cache argument only as ``past_key_values``; 5.2x still takes it, with a
+    FutureWarning (DESIGN.md §8), which would reach every run's stderr: silenced where the tool passes it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
+        yield
 
 
 REGISTRY: dict[str, type[DecoderAdapter]] = {}
