@@ -517,7 +517,7 @@ class KnockoutResult:
         if name not in grids:
             raise InvalidArgument(f"steps(): this result has no per-step {name!r}"
                                   + (f"; it has {', '.join(grids)}" if grids else " (made before version 0.3)"))
-        length = len(self.data["baseline"]["token_ids"])
+        length = len((self.data.get("target") or self.data["baseline"])["token_ids"])  # the scored answer's steps
         return np.array([[cell if cell is not None else [np.nan] * length for cell in row] for row in grids[name]],
                         dtype=float).reshape(len(grids[name]), -1, length)
 

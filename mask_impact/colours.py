@@ -52,7 +52,7 @@ def limit(data: dict, metric: str, percentile: float = PERCENTILE) -> float:
         modalities = [tokens[p]["modality"] for p in data["positions"]]
     else:
         modalities = [unit["modality"] for unit in units]
-    steps = len((data.get("baseline") or {}).get("token_ids") or [])
+    steps = len((data.get("target") or data.get("baseline") or {}).get("token_ids") or [])  # the scored answer's
     kept, largest = [], 0.0
     for row in grid_of(data, metric):
         for u, value in enumerate(row):

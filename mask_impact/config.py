@@ -50,7 +50,7 @@ FIELD_TYPES = {
     "max_memory": str, "offload_folder": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
     "min_pixels": int, "figures": str, "estimate": int, "estimate_sample": int, "estimate_seed": int,
-    "figure_options": list,
+    "figure_options": list, "target": str, "contrast": str,
 }
 # Options that name the prompt: a layer of settings that gives one replaces the other from lower layers.
 PROMPT_SOURCES = ("prompt", "prompt_file")
@@ -105,6 +105,8 @@ class RunConfig:
     estimate_sample: int | None = None  # with estimate: random other cells computed exactly too (None: K of them)
     estimate_seed: int = 0  # with estimate: the seed of that sample
     figure_options: list[str] | None = None  # --figure-option KEY=VALUE: the figures' options (options.py)
+    target: str | None = None  # --target TEXT: the answer scored (teacher-forced); None: the greedy answer
+    contrast: str | None = None  # --contrast TEXT: a foil scored beside the target (metric logit_diff_change)
 
     def settings(self) -> dict:
         return asdict(self)
@@ -141,6 +143,7 @@ class RunConfig:
             raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
         STAGES[self.stage].check(self)  # the options that do not apply to the stage
         check_estimate(self)
+        check_target(self.target, self.contrast)
         if self.prompt is None and self.prompt_file is None:
             raise UsageError("no prompt given: pass --prompt TEXT or --prompt-file FILE, or --demo")
         if self.prompt is not None and self.prompt_file is not None:
@@ -177,6 +180,17 @@ def check_estimate(config: RunConfig) -> None:
     if not STAGES[config.stage].estimable:
         raise UsageError(f"--estimate estimates attention knockouts in the decoder; --stage {config.stage} has no "
                          "such estimate: drop --estimate, or use --stage decoder")
+
+
+def check_target(target: str | None, contrast: str | None) -> None:
+    """``--target`` (and ``--contrast``, which needs it): answers with some text in them."""
+    for name, value in (("target", target), ("contrast", contrast)):
+        if value is not None and not value.strip():
+            raise UsageError(f"--{name} is empty; give the answer's text (e.g. --{name} 'Paris')")
+    if contrast is not None and target is None:
+        raise UsageError("--contrast is the foil of a --target: give --target too (the correct answer)")
+    if contrast is not None and contrast.strip() == target.strip():
+        raise UsageError(f"--contrast {quoted(contrast)} is the --target itself; give a different answer as the foil")
 
 
 def check_name(name: str, what: str) -> None:
@@ -347,7 +361,7 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
         ("input", "a prompt is required: --prompt, --prompt-text or --prompt-file (--demo brings its own)"),
         ("what to knock out", "each knockout blocks a unit's keys from queries, in a window of layers"),
         ("stages", "where a unit is removed" if vision else None),
-        ("scoring", "the answer is the model's own greedy continuation, scored teacher-forced"),
+        ("scoring", "the answer scored (teacher-forced) is the model's own greedy continuation, or --target"),
         ("output", None),
         ("scale-out", "devices, memory, speed"),
         ("batches", None),
@@ -409,6 +423,13 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
                                  "default), blur, black or noise (seeded)")
     scoring = section["scoring"]
     scoring.add_argument("--num-tokens", type=int, help="answer length (default 5; greedy, stops at EOS)")
+    scoring.add_argument("--target", metavar="TEXT",
+                         help="score this answer (the gold label) instead of the greedy one: every metric is about "
+                              "its tokens; the greedy answer is still recorded, with whether it starts with the "
+                              "target (default: the greedy answer)")
+    scoring.add_argument("--contrast", metavar="TEXT",
+                         help="with --target: a foil; adds the metric logit_diff_change, the change in "
+                              "log p(target) - log p(foil) (default none)")
     scoring.add_argument("--generate-top", type=int,
                          help="run real greedy generation under the K most impactful knockouts (default 10)")
     scoring.add_argument("--estimate", type=int, metavar="K",

@@ -622,7 +622,7 @@ def token_text(data: dict, metric: str, windows=None, vmax=None, title=None, siz
         masked[:, plain] = np.where(np.isfinite(drops[:, plain]), drops[:, plain], -np.inf)
         w, u = np.unravel_index(int(np.argmax(masked)), masked.shape)
         step_cmap, step_norm, _ = colour_scale(data, "logprob_drop", drops)
-        for t, text in enumerate(data["baseline"].get("tokens") or []):
+        for t, text in enumerate((data.get("target") or data["baseline"]).get("tokens") or []):
             value = steps[w][u][t] if t < len(steps[w][u]) else None
             answer.append((tick_label(text, 40) if text.strip() else text or "∅", None if value is None else step_cmap(step_norm(value))))
         knockout = f"answer steps under the largest knockout: {tick_label(units[u]['label'], 40)}, {window_labels(data)[w]}"

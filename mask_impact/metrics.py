@@ -93,6 +93,28 @@ def compute_steps(base: torch.Tensor, knocked: torch.Tensor, answer: torch.Tenso
     return {name: metric(base, knocked, answer).cpu().tolist() for name, metric in STEPS.items()}
 
 
+def logit_diff_change(base: torch.Tensor, knocked: torch.Tensor, target: torch.Tensor, foil_base: torch.Tensor,
+                      foil_knocked: torch.Tensor, foil: torch.Tensor) -> torch.Tensor:
+    """(B,): the change of Σ_t log p(target_t) − Σ_t log p(foil_t), each teacher-forced, under each knockout
+    (``--contrast``; negative when the knockout moves the model from the target towards the foil)."""
+    knocked_diff = _answer_logprobs(knocked, target).sum(-1) - _answer_logprobs(foil_knocked, foil).sum(-1)
+    base_diff = _answer_logprobs(base, target).sum(-1) - _answer_logprobs(foil_base, foil).sum(-1)
+    return knocked_diff - base_diff
+
+
+CONTRAST = "logit_diff_change"  # the metric a --contrast run adds (after the built-ins)
+
+
+def normalised_answer(text: str) -> str:
+    """An answer compared as text: case folded, white space at the ends dropped and inside it made single."""
+    return " ".join(text.split()).casefold()
+
+
+def starts_with(answer: str, target: str) -> bool:
+    """Whether a generated answer gives ``target`` (``correct``): it starts with it, normalised (normalised_answer)."""
+    return normalised_answer(answer).startswith(normalised_answer(target))
+
+
 CUSTOM: dict[str, Metric] = {}  # register_metric: every later Analyzer.run computes them too
 _EXTRA: ContextVar[dict[str, Metric]] = ContextVar("extra_metrics", default={})
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -105,7 +127,7 @@ def check_metric(name, metric) -> None:
     if not NAME.fullmatch(name):
         raise InvalidArgument(f"metric name {name[:64]!r} must be letters, digits and '_' (not starting with a digit,"
                               " at most 64 characters)")
-    if name in METRICS or name == "estimated_logprob_drop":
+    if name in METRICS or name in ("estimated_logprob_drop", CONTRAST):
         raise InvalidArgument(f"metric name {name!r} is a built-in metric's; choose another name")
     if not callable(metric):
         raise InvalidType(f"metric {name!r} must be a callable(base, knocked, answer), not {type(metric).__name__}")

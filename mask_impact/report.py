@@ -90,6 +90,8 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
             "logprobs": baseline.logprobs,
             "stopped_at_eos": baseline.stopped_at_eos,
         },
+        **({"target": answer_block(result.target), "correct": result.correct} if result.target else {}),
+        **({"contrast": answer_block(result.contrast)} if result.contrast else {}),
         "stage": config.stage,
         "windows": [list(window) for window in result.windows],
         "window_labels": result.window_labels,
@@ -101,6 +103,16 @@ def result_json(loaded: LoadedModel, prompt: Prompt, config: RunConfig, result: 
     }
     data["colour_scale"] = colours.scale_block(data)  # the viewer's and the figures' one map and limits
     return data
+
+
+def answer_block(answer) -> dict:
+    """A given answer (``--target``, ``--contrast``) as the result holds it: its text, tokens and log-probs."""
+    return {"text": answer.text, "token_ids": answer.token_ids, "tokens": answer.tokens, "logprobs": answer.logprobs}
+
+
+def scored_answer(data: dict) -> dict:
+    """The answer a result's metrics are about: its ``target`` if it has one, else the greedy ``baseline``."""
+    return data.get("target") or data["baseline"]
 
 
 def largest_knockout(data: dict) -> dict | None:
@@ -376,7 +388,10 @@ def _finite(value):
 def summary(data: dict, paths: dict[str, Path], top: int = 10) -> str:
     """The baseline, the most impactful knockouts as a table, and where the files are."""
     metrics, units, windows = data["metrics"], data["units"], data["windows"]
-    lines = [f"baseline answer: {data['baseline']['text']!r}", "",
+    given = [f"target: {data['target']['text']!r} (the greedy answer {'starts' if data['correct'] else 'does not start'}"
+             " with it; the metrics are about the target)"] if data.get("target") else []
+    given += [f"contrast: {data['contrast']['text']!r}"] if data.get("contrast") else []
+    lines = [f"baseline answer: {data['baseline']['text']!r}", *given, "",
              f"{'layers':>9}  {'keys':>9}  {'unit':<20} {'modality':<8} {'logprob_drop':>12} {'prob_chg%':>10} "
              f"{'kl':>8}"]
     for w, i in top_knockouts(metrics, top):

@@ -50,6 +50,7 @@ WEIGHT_LIKE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf",
 RESULT_SETTINGS = ("mask_mode", "stage", "fill", "unit", "groups", "flows", "num_tokens", "layers", "window", "block_from", "vision_attention", "raw_prompt",
                    "engine", "generate_top")
 ESTIMATE_SETTINGS = ("estimate", "estimate_sample", "estimate_seed")
+TARGET_SETTINGS = ("target", "contrast")
 
 
 def file_digest(path: Path, whole: bool) -> str:
@@ -130,6 +131,8 @@ def fingerprint_parts(loaded, config: RunConfig, prompt: Prompt) -> dict:
         **{f"settings.{name}": getattr(measured, name) for name in RESULT_SETTINGS},
         # which cells are exact (only in an --estimate run, so other fingerprints stay as they were)
         **({f"settings.{name}": getattr(config, name) for name in ESTIMATE_SETTINGS} if config.estimate else {}),
+        # the answer scored (only in a --target run, so other fingerprints stay as they were)
+        **({f"settings.{name}": getattr(config, name) for name in TARGET_SETTINGS} if config.target else {}),
     }
 
 

@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import RunConfig, UsageError
-from .engine import Analysis, Baseline
+from .engine import Analysis, Baseline, TeacherForced, whole_model_logprobs
 from .inputs import Prompt
-from .metrics import PRIMARY, STEPS, compute_all, compute_steps, metric_names
+from .metrics import CONTRAST, PRIMARY, STEPS, compute_all, compute_steps, logit_diff_change, metric_names, starts_with
 from .models import LoadedModel
 from .shard import NOT_LAUNCHED
 from .units import Unit, build_units
@@ -43,6 +43,9 @@ class RunResult:
     answer_start: int = 0
     processes: int = 1  # that computed the cells (accelerate launch); the numbers do not depend on it
     estimate: dict | None = None  # --estimate: the estimated map and its quality (estimate.Triage.block)
+    target: Baseline | None = None  # --target: the answer scored, its log-probs without knockout
+    contrast: Baseline | None = None  # --contrast: the foil, the same
+    correct: bool | None = None  # --target: whether the greedy answer starts with it
 
 
 def bytes_per_row(loaded: LoadedModel, sequence_length: int) -> int:
@@ -172,7 +175,7 @@ def next_group(engine, knockouts: list, done: int, batch_size: int, head_rows: i
 def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, progress: bool = True, store=None,
                     labels: list[str] | None = None, costs=None,
                     on_progress: Callable[[int, int], None] | None = None,
-                    cells: list[tuple[int, int]] | None = None) -> tuple[dict, dict, int]:
+                    cells: list[tuple[int, int]] | None = None, contrast=None) -> tuple[dict, dict, int]:
     """Metrics for every (window, knockout) cell (or only ``cells``); returns them (name → [window][unit], None
     where not computed), the per-step ones (name → [window][unit][step]) and the batch size that finally fit.
     A knockout is a ``Knockout`` (or a bare position: that token's knockout); they are the units of the
@@ -185,11 +188,14 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
     files, and returns when every cell is in; the other processes return theirs only.
 
     ``cells``: only these (window, knockout) cells are computed (``--estimate``); the others stay None.
+    ``contrast``: the same stage's engine on the foil's answer (``--contrast``): each batch runs through it too, for
+    the metric ``logit_diff_change``.
     """
     answer = engine.tf.answer_ids
     count = len(knockouts)
     shard = store.shard if store is not None else NOT_LAUNCHED
-    metrics = {name: [[None] * count for _ in windows] for name in metric_names()}
+    names = metric_names() + ([CONTRAST] if contrast is not None else [])
+    metrics = {name: [[None] * count for _ in windows] for name in names}
     steps = {name: [[None] * count for _ in windows] for name in STEPS}
     missing = set()
 
@@ -243,6 +249,9 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                 try:
                     knocked_batches = (engine.logprobs_batches(windows[w], group) if grouped
                                        else [engine.logprobs(windows[w], group[0])])  # (B, T, V) each
+                    foil_batches = [None] * len(group) if contrast is None else (
+                        contrast.logprobs_batches(windows[w], group) if grouped
+                        else [contrast.logprobs(windows[w], group[0])])
                 except (RuntimeError, MemoryError) as error:
                     if not is_out_of_memory(error):
                         raise
@@ -253,8 +262,12 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
-                for chunk, knocked in zip(group, knocked_batches):
+                for chunk, knocked, foil_knocked in zip(group, knocked_batches, foil_batches):
                     values = compute_all(engine.base_logprobs, knocked, answer)
+                    if contrast is not None:
+                        values[CONTRAST] = [float(v) for v in logit_diff_change(
+                            engine.base_logprobs, knocked, answer, contrast.base_logprobs, foil_knocked,
+                            contrast.tf.answer_ids).cpu()]
                     per_step = compute_steps(engine.base_logprobs, knocked, answer)
                     cells = indices[done: done + len(chunk)]
                     for grids, computed in ((metrics, values), (steps, per_step)):
@@ -306,8 +319,18 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
     if decoder:
         check_blocks_something(analysis, units, knockouts, config)
     baseline, tf = analysis.baseline(config.num_tokens)
+    target = foil = contrast = correct = None
+    if config.target is not None:  # the metrics are about the target; the greedy answer is recorded beside it
+        correct = starts_with(baseline.text, config.target)
+        baseline.logprobs = answer_logprobs(whole_model_logprobs(analysis, tf)[0], tf)
+        target, tf = scored_answer(analysis, config.target, "--target")
     engine = plan.make_engine(analysis, tf, units)
-    baseline.logprobs = engine.base_logprobs.gather(-1, tf.answer_ids[:, None].to(loaded.device))[:, 0].tolist()
+    scored = target or baseline
+    scored.logprobs = answer_logprobs(engine.base_logprobs, tf)
+    if config.contrast is not None:
+        foil, foil_tf = scored_answer(analysis, config.contrast, "--contrast")
+        contrast = plan.make_engine(analysis, foil_tf, units)
+        foil.logprobs = answer_logprobs(contrast.base_logprobs, foil_tf)
     batch_size = config.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
     if store is not None:
         store.check_baseline(baseline.token_ids)
@@ -324,7 +347,7 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
                    else triage.describe(what), file=sys.stderr)
     metrics, steps, batch_size = score_knockouts(engine, plan.rows, knockouts, batch_size, config.progress, store,
                                           plan.labels, cell_cost(loaded, engine, plan.rows, knockouts, decoder),
-                                          on_progress, None if triage is None else triage.cells)
+                                          on_progress, None if triage is None else triage.cells, contrast)
     if store is not None and not store.shard.is_main:
         return None  # its part is in its partial file; the main process writes the result
     generations = []
@@ -332,10 +355,24 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
         ids = plan.generate(analysis, engine, w, units[i], knockouts[i], config.num_tokens)
         text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
         generations.append({"window": list(plan.windows[w]), "unit": i, "label": units[i].label, "text": text,
-                            "token_ids": ids})
+                            "token_ids": ids, **({"correct": starts_with(text, config.target)} if target else {})})
     return RunResult(baseline, plan.windows, units, metrics, steps, plan.labels, generations, batch_size,
                      time.perf_counter() - started, loaded.adapter.num_layers, analysis.answer_start,
-                     store.shard.count if store is not None else 1, None if triage is None else triage.block(metrics))
+                     store.shard.count if store is not None else 1, None if triage is None else triage.block(metrics),
+                     target, foil, correct)
+
+
+def answer_logprobs(logprobs: torch.Tensor, tf: TeacherForced) -> list[float]:
+    """The (T,) log-probs of ``tf``'s answer tokens in (T, V) answer log-probs, as a list."""
+    return logprobs.gather(-1, tf.answer_ids[:, None].to(logprobs.device))[:, 0].tolist()
+
+
+def scored_answer(analysis: Analysis, text: str, option: str) -> tuple[Baseline, TeacherForced]:
+    """A given answer (``--target``, ``--contrast``) as a ``Baseline`` record (its log-probs filled in later) and
+    its teacher-forced sequence."""
+    ids = analysis.answer_ids(text, option)
+    tokenizer = analysis.loaded.tokenizer
+    return Baseline(ids, [tokenizer.decode([i]) for i in ids], text, [], False), analysis.teacher_forced(ids)
 
 
 def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: list, config: RunConfig) -> None:
