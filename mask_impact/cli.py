@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import (RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths,
+from .config import (STUDY_OPTIONS, RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths,
                      possible_figures, prompt_from_command_line)
 from .errors import MaskImpactError
 from .pipeline import prepare, say
@@ -61,10 +61,13 @@ def main(argv: list[str] | None, vision: bool) -> int:
     with stop_signals_raise():
         try:
             options, note = prompt_from_command_line(cli_options(argv, vision))
-            if "config" in options:
+            if "config" in options or "dataset" in options:
                 if note:
                     say(note, file=sys.stderr)
-                return run_batch(options, vision, stage)
+                return (run_batch if "config" in options else run_study)(options, vision, stage)
+            stray = next((key for key in STUDY_OPTIONS if key in options), None)
+            if stray:
+                raise UsageError(f"--{stray.replace('_', '-')} belongs to a study: give --dataset FILE too")
             config = make_config([options], vision)
             note_launch()
             stage.now = "checking the input"
@@ -214,32 +217,63 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
 
         report.write_results(data, paths, then=finished, figures=pictures)
     return {**written, "summary": report.summary(data, written), "answer": data["baseline"]["text"],
-            "top": report.largest_knockout(data)}
+            "top": report.largest_knockout(data), "correct": data.get("correct")}
 
 
 def run_batch(options: dict, vision: bool, stage: Stage) -> int:
     """Every run of a YAML batch with one model load; exit status 1 if any run failed."""
     from .batch import load_batch
-    from .shard import Shard
 
     name, folder, runs = load_batch(options["config"], options, vision)  # the whole file checked: no torch yet
     note_launch()
+    index = run_all(name, folder, runs, {"config": str(options["config"])}, options, vision, stage)
+    return 1 if any(entry["status"] not in ("done", "excluded") for entry in index["runs"]) else 0
+
+
+def run_study(options: dict, vision: bool, stage: Stage) -> int:
+    """A study (``--dataset``): one run per row with one model load, then the aggregates over the rows (study.py);
+    exit status 1 if any row failed."""
+    from .study import load_study, row_runs, write_study
+
+    study = load_study(options, vision)  # the dataset read and every option checked: no torch yet
+    note_launch()
+    from .shard import Shard
+
+    Shard.current().agree(lambda: check_batch_folder(study.folder, study.may_continue))
+    runs = row_runs(study, vision)
+    index = run_all(study.name, study.folder, runs, {"dataset": study.dataset, "study": "study.json"}, options,
+                    vision, stage, what="study")
+    if is_main_process():
+        stage.now = "writing the study"
+        paths = write_study(study, index)
+        say(f"study {study.name}: wrote " + ", ".join(str(path) for path in paths))
+    return 1 if any(entry["status"] not in ("done", "excluded") for entry in index["runs"]) else 0
+
+
+def run_all(name: str, folder: Path, runs: list, about: dict, options: dict, vision: bool, stage: Stage,
+            what: str = "batch") -> dict:
+    """The runs of a batch or study, one model load, ``folder/index.json`` kept up to date; returns the index. A
+    run that fails, for whatever reason, is reported and the others still run; a study's row whose answer misses
+    its target under ``only_correct`` is ``excluded``."""
+    from .errors import NotCorrect
     from .report import write_index
+    from .shard import Shard
 
     if not is_main_process():  # a launched batch: the main process keeps the index and says how it went
         def write_index(*args):
             return None
     configs = [run.config for run in runs if run.config]
-    Shard.current().agree(lambda: check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite
-                                                                                   for c in configs)))
-    index = {"schema_version": 1, "kind": "batch", "batch": name, "config": str(options["config"]),
+    if what == "batch":
+        Shard.current().agree(lambda: check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite
+                                                                                       for c in configs)))
+    index = {"schema_version": 1, "kind": "batch", "batch": name, **about,
              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": []}
     for run in runs:
         entry = {"name": run.name, "status": "pending" if run.config else "error", "error": run.error}
         if run.config:
             entry.update(prompt=run.config.prompt, prompt_file=run.config.prompt_file, images=run.config.images,
                          mask_mode=run.config.mask_mode, stage=run.config.stage, unit=run.config.unit,
-                         flows=run.config.flows)
+                         flows=run.config.flows, **({"target": run.config.target} if run.config.target else {}))
         index["runs"].append(entry)
     html = any(config.html for config in configs) if configs else options.get("html", True)
     batch = BatchState(vision)
@@ -249,13 +283,16 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
         if run.config is None:
             say(f"{run.name}: error: {run.error}", file=sys.stderr)
             continue
-        stage.now, stage.store, stage.written = f"running {run.name} of batch {name}", None, ""
+        stage.now, stage.store, stage.written = f"running {run.name} of {what} {name}", None, ""
         started = time.perf_counter()
         try:
             entry.update(batch.run(run.config, stage), error=None)
             if "note" not in entry:
                 entry["elapsed_s"] = round(time.perf_counter() - started, 3)
             say(f"{run.name}: {entry.get('note', 'done')} ({folder / entry['json']})")
+        except NotCorrect as excluded:
+            entry.update(status="excluded", answer=excluded.answer, correct=False, error=None)
+            say(f"{run.name}: excluded: {one_line(excluded)}")
         except UsageError as error:
             entry.update(status="error", error=one_line(error))
             if batch.model_error:  # no run can go on without the model: the batch ends with this one line
@@ -269,11 +306,13 @@ def run_batch(options: dict, vision: bool, stage: Stage) -> int:
             say(f"{run.name}: failed: {entry['error']}", file=sys.stderr)
         finally:  # also on the way out: the index always shows the latest status
             write_index(index, folder, html)
-    failed = [entry["name"] for entry in index["runs"] if entry["status"] != "done"]
-    done = len(index["runs"]) - len(failed)
-    say(f"batch {name}: {done} done, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else "")
-          + f"; index {folder / 'index.json'}")
-    return 1 if failed else 0
+    failed = [entry["name"] for entry in index["runs"] if entry["status"] not in ("done", "excluded")]
+    excluded = sum(entry["status"] == "excluded" for entry in index["runs"])
+    done = len(index["runs"]) - len(failed) - excluded
+    say(f"{what} {name}: {done} done" + (f", {excluded} excluded (answer not the target)" if excluded else "")
+        + f", {len(failed)} failed" + (f" ({', '.join(failed[:20])}{', …' if len(failed) > 20 else ''})"
+                                        if failed else "") + f"; index {folder / 'index.json'}")
+    return index
 
 
 @dataclass
@@ -335,6 +374,7 @@ class BatchState:
         paths = run_one(self.model(config, stage), config, prompt_text, stage)
         figures = [Path(path).name for kind, path in paths.items() if kind in ("heatmap", "overlay", "flows")]
         return {"status": "done", "answer": paths["answer"], **({"figures": figures} if figures else {}),
+                **({"correct": paths["correct"]} if paths.get("correct") is not None else {}),
                 **({"top": paths["top"]} if paths.get("top") else {}),  # the batch page's columns before any drop
                 **{kind: Path(path).name for kind, path in paths.items() if kind in ("json", "csv", "html")}}
 

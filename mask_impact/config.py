@@ -50,7 +50,7 @@ FIELD_TYPES = {
     "max_memory": str, "offload_folder": str, "output": str,
     "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
     "min_pixels": int, "figures": str, "estimate": int, "estimate_sample": int, "estimate_seed": int,
-    "figure_options": list, "target": str, "contrast": str,
+    "figure_options": list, "target": str, "contrast": str, "only_correct": bool,
 }
 # Options that name the prompt: a layer of settings that gives one replaces the other from lower layers.
 PROMPT_SOURCES = ("prompt", "prompt_file")
@@ -59,6 +59,8 @@ PROMPT_FILE_SUFFIXES = (".txt", ".md", ".prompt")
 # Upper bounds checked before anything is allocated: beyond them the request cannot be meant.
 MAX_NUM_TOKENS = 1 << 20
 MAX_LAYER_INDEX = 1 << 16
+# A study's options (--dataset): only_correct is a run's too, the others the study's alone.
+STUDY_OPTIONS = ("dataset", "fields", "limit", "sample", "seed", "ci", "only_correct")
 # Set once for a whole batch (one model load, one folder): allowed in ``defaults:`` and on the command line.
 BATCH_KEYS = ("model", "demo", "device", "dtype", "threads", "device_map", "max_memory", "offload_folder", "output_dir")
 
@@ -107,6 +109,7 @@ class RunConfig:
     figure_options: list[str] | None = None  # --figure-option KEY=VALUE: the figures' options (options.py)
     target: str | None = None  # --target TEXT: the answer scored (teacher-forced); None: the greedy answer
     contrast: str | None = None  # --contrast TEXT: a foil scored beside the target (metric logit_diff_change)
+    only_correct: bool = False  # a study's --only-correct: measure only if the greedy answer starts with the target
 
     def settings(self) -> dict:
         return asdict(self)
@@ -144,6 +147,9 @@ class RunConfig:
         STAGES[self.stage].check(self)  # the options that do not apply to the stage
         check_estimate(self)
         check_target(self.target, self.contrast)
+        if self.only_correct and self.target is None:
+            raise UsageError("--only-correct measures the rows whose answer starts with their target: give a target "
+                             "(a dataset's target column, or --target)")
         if self.prompt is None and self.prompt_file is None:
             raise UsageError("no prompt given: pass --prompt TEXT or --prompt-file FILE, or --demo")
         if self.prompt is not None and self.prompt_file is not None:
@@ -189,7 +195,7 @@ def check_target(target: str | None, contrast: str | None) -> None:
             raise UsageError(f"--{name} is empty; give the answer's text (e.g. --{name} 'Paris')")
     if contrast is not None and target is None:
         raise UsageError("--contrast is the foil of a --target: give --target too (the correct answer)")
-    if contrast is not None and contrast.strip() == target.strip():
+    if contrast is not None and target is not None and contrast.strip() == target.strip():
         raise UsageError(f"--contrast {quoted(contrast)} is the --target itself; give a different answer as the foil")
 
 
@@ -365,6 +371,8 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
         ("output", None),
         ("scale-out", "devices, memory, speed"),
         ("batches", None),
+        ("studies", "a dataset of prompts (and images, targets): one run per row, then averages with confidence "
+                    "intervals over the rows"),
     )}
     parser = section["input"]
     parser.add_argument("--model", help=f"hub id or local folder (default {default_model})")
@@ -478,6 +486,21 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
     section["batches"].add_argument(
         "--config", metavar="YAML", help="a batch: a YAML file with defaults: and runs:, one model load; the other "
                                          "options given apply to every run (default: one run)")
+    study = section["studies"]
+    study.add_argument("--dataset", metavar="FILE",
+                       help="a study: JSON Lines, CSV or Parquet, or a folder saved by datasets' save_to_disk; one "
+                            "run per row, the other options given apply to every row (default: one run)")
+    study.add_argument("--fields", action="append", metavar="FIELD=COLUMN,...",
+                       help="which columns hold prompt, image, target, contrast and group (default: the columns of "
+                            "those names)")
+    study.add_argument("--limit", type=int, metavar="N", help="study the first N rows (default all)")
+    study.add_argument("--sample", type=int, metavar="N", help="study N rows drawn at random, seeded (default all)")
+    study.add_argument("--seed", type=int, metavar="N", help="the seed of --sample and of the bootstrap (default 0)")
+    study.add_argument("--only-correct", action="store_true",
+                       help="measure only the rows whose greedy answer starts with their target, as the papers do "
+                            "(default off: every row)")
+    study.add_argument("--ci", type=float, metavar="LEVEL",
+                       help="the confidence level of the intervals, a bootstrap over rows (default 0.95)")
     return top
 
 

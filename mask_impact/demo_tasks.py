@@ -124,3 +124,36 @@ def draw_shape_example_off(rng: random.Random, cell: tuple[int, int] = READ_CELL
         example = draw_shape_example(rng)
         if (example.row, example.col) != cell:
             return example
+
+
+# --- the demo study (mask-impact-vl --demo --dataset demo-shapes) -----------------------------------------------
+
+DEMO_DATASET = "demo-shapes"  # --dataset's name for the shapes drawn afresh: the trained demo's study
+DEMO_STUDY_SEED = 1000  # its pictures' seed, plus --seed (training drew from other seeds)
+
+
+def write_shape_dataset(folder, count: int = 50, seed: int = 0):
+    """``count`` fresh shape pictures (``folder/NNN.png``) and ``folder/shapes.jsonl`` with the colour question and
+    each picture's gold answer (``prompt``, ``image``, ``target``); the same ``seed`` writes the same files.
+    Returns the JSON Lines file's path."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(DEMO_STUDY_SEED + seed)
+    lines = []
+    for number in range(count):
+        example = draw_shape_example(rng)
+        name = f"{number:03d}.png"
+        if not (folder / name).exists():
+            example.image.save(folder / name)
+        lines.append(json.dumps({"prompt": QUESTIONS["colour"], "image": name, "target": example.colour,
+                                 "shape": example.shape, "row": example.row, "col": example.col}))
+    path = folder / "shapes.jsonl"
+    text = "\n".join(lines) + "\n"
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        temporary = path.with_suffix(".jsonl.tmp")
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(path)
+    return path

@@ -48,6 +48,15 @@ class WriteFailed(MaskImpactError, OSError):
     """A result file could not be written; the message names it and says why."""
 
 
+class NotCorrect(MaskImpactError):
+    """``only_correct``: the greedy answer does not start with the target, so the run measures nothing."""
+
+    def __init__(self, answer: str, target: str):
+        self.answer, self.target = answer, target
+        super().__init__(f"the answer {answer!r} does not start with the target {target!r}: not measured "
+                         "(--only-correct)")
+
+
 MAX_ECHO = 160  # characters of a user's value quoted back in an error message
 
 

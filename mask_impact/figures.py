@@ -667,3 +667,120 @@ def token_text(data: dict, metric: str, windows=None, vmax=None, title=None, siz
     bar.ax.tick_params(labelsize=base * 0.8)
     bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=base * 0.85)
     return figure
+
+
+# ---------------------------------------------------------------------------------------------------- studies
+
+
+def render_study(study: dict, fmt: str, metric: str | None = None) -> dict[str, bytes]:
+    """A study's figures (study.py) as the bytes of ``fmt`` files: ``curves`` (always) and ``map`` (where its
+    units have grid cells)."""
+    require()
+    metric = metric or study["primary"]
+    figures = {"curves": study_curves(study, metric)}
+    if any(entry["kind"] == "grid" for entry in study["aggregates"]):
+        figures["map"] = study_map(study, metric)
+    return {kind: to_bytes(figure, fmt) for kind, figure in figures.items()}
+
+
+def _study_caption(study: dict, metric: str) -> str:
+    """What a study figure shows, for a paper: the metric, the rows it averages, the interval, the model."""
+    rows, ci = study["rows"], study["ci"]
+    model = re.split(r"[/\\]", str(study.get("model") or "?").rstrip("/\\"))[-1]
+    kept = f", {rows['excluded']} excluded as answered wrongly" if rows["excluded"] else ""
+    accuracy = study["accuracy"]["value"]
+    accuracy = f"; baseline accuracy {accuracy:.0%}" if accuracy is not None else ""
+    return (f"{METRICS.get(metric, (metric,))[0]} · mean over {rows['measured']} rows{kept} · "
+            f"{ci['level']:.0%} CI ({ci['method']}, {ci['resamples']} resamples, seed {ci['seed']}){accuracy} · "
+            f"{model}")
+
+
+def study_curves(study: dict, metric: str, size=None, font_size=None):
+    """One curve per unit (flows, groups, images; else the token and word modalities) over the layer windows: the
+    mean over rows with its confidence band, as the papers draw attention-knockout curves."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    entries = [e for e in study["aggregates"] if e["metric"] == metric]
+    named = [e for e in entries if e["kind"] in ("flow", "group", "image")] or [
+        e for e in entries if e["kind"] in ("tokens", "words")]
+    units = list(dict.fromkeys(e["unit"] for e in named))
+    figure = Figure(figsize=size or (6.4, 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    base = font_size or 8.0
+    windows = sorted({(e["layer_start"], e["layer_end"], e["window_label"]) for e in named})
+    position = {window[:2]: k for k, window in enumerate(windows)}
+    for unit in units:
+        rows = sorted((e for e in named if e["unit"] == unit), key=lambda e: position[e["layer_start"], e["layer_end"]])
+        xs = [position[e["layer_start"], e["layer_end"]] for e in rows]
+        mean = [np.nan if e["mean"] is None else e["mean"] for e in rows]
+        low = [np.nan if e["ci_low"] is None else e["ci_low"] for e in rows]
+        high = [np.nan if e["ci_high"] is None else e["ci_high"] for e in rows]
+        n = max((e["n"] for e in rows), default=0)
+        line, = axes.plot(xs, mean, marker="o", markersize=3, linewidth=1.4, label=f"{tick_label(unit, 32)} (n={n})")
+        axes.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    axes.axhline(0, color="#999999", linewidth=0.8, zorder=0)
+    step = max(1, math.ceil(len(windows) / 12))  # at most about 12 window labels
+    axes.set_xticks(range(0, len(windows), step), [windows[k][2] for k in range(0, len(windows), step)],
+                    fontsize=base, rotation=30 if len(windows) > 6 else 0, ha="right" if len(windows) > 6 else "center")
+    axes.set_xlabel("knocked-out layers (window)")
+    axes.set_ylabel(METRICS.get(metric, (metric,))[0])
+    axes.yaxis.set_major_locator(MaxNLocator(6))
+    axes.set_title(f"study {study['name']}\n" + textwrap.fill(_study_caption(study, metric), 90),
+                   fontsize=base, loc="left")
+    if units:
+        axes.legend(fontsize=base, frameon=False, loc="best")
+    axes.grid(alpha=0.3, linewidth=0.5)
+    return figure
+
+
+def study_map(study: dict, metric: str, size=None, font_size=None):
+    """The image tokens' mean effect on the study's grid of each picture's normalised coordinates, one panel per
+    window (up to ``MAX_PANELS``), one colour scale for all (symmetric about no change)."""
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
+    from matplotlib.figure import Figure
+
+    entries = [e for e in study["aggregates"] if e["metric"] == metric and e["kind"] == "grid"
+               and e["unit"].startswith("image1 ")]
+    windows = list(dict.fromkeys((e["layer_start"], e["layer_end"], e["window_label"]) for e in entries))
+    if len(windows) > MAX_PANELS:
+        windows = [windows[round(k * (len(windows) - 1) / (MAX_PANELS - 1))] for k in range(MAX_PANELS)]
+    cells = study["grid"]
+    grids = []
+    for start, end, _ in windows:
+        grid = np.full((cells, cells), np.nan)
+        for e in entries:
+            if (e["layer_start"], e["layer_end"]) == (start, end) and e["mean"] is not None:
+                r, c = _grid_cell(e["unit"])
+                grid[r, c] = e["mean"]
+        grids.append(grid)
+    present = np.concatenate([g[np.isfinite(g)] for g in grids]) if grids else np.array([])
+    limit = float(np.abs(present).max()) if present.size and np.abs(present).max() > 0 else 1.0
+    _, harm, one_sided = METRICS.get(metric, (metric, 1, False))
+    listed = colours.COLOUR_MAP[len(colours.COLOUR_MAP) // 2:] if one_sided else (
+        colours.COLOUR_MAP if harm > 0 else colours.COLOUR_MAP[::-1])
+    cmap = LinearSegmentedColormap.from_list("mask_impact", listed, N=256).with_extremes(bad="#d9d9d9")
+    norm = Normalize(0.0, limit) if one_sided else Normalize(-limit, limit)
+    count = max(1, len(grids))
+    figure = Figure(figsize=size or (2.2 * count + 1.2, 3.2), layout="constrained")
+    axes_list = figure.subplots(1, count, squeeze=False)[0]
+    base = font_size or 8.0
+    image = None
+    for axes, grid, (_, _, label) in zip(axes_list, grids, windows):
+        image = axes.imshow(grid, cmap=cmap, norm=norm, extent=(0, 1, 1, 0))
+        axes.set_title(label, fontsize=base)
+        axes.set_xticks([0, 0.5, 1])
+        axes.set_yticks([0, 0.5, 1])
+        axes.tick_params(labelsize=base - 1)
+    if image is not None:
+        bar = figure.colorbar(image, ax=list(axes_list), shrink=0.8)
+        bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=base)
+    figure.suptitle(f"study {study['name']}: image tokens on a {cells}×{cells} grid of each picture (x, y: its "
+                    f"width and height)\n" + textwrap.fill(_study_caption(study, metric), 120),
+                    fontsize=base, x=0.01, ha="left")
+    return figure
+
+
+def _grid_cell(name: str) -> tuple[int, int]:
+    row, column = name.rpartition(" grid ")[2].split()
+    return int(row[1:]), int(column[1:])

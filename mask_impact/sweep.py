@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import RunConfig, UsageError
+from .errors import NotCorrect
 from .engine import Analysis, Baseline, TeacherForced, whole_model_logprobs
 from .inputs import Prompt
 from .metrics import CONTRAST, PRIMARY, STEPS, compute_all, compute_steps, logit_diff_change, metric_names, starts_with
@@ -322,6 +323,8 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
     target = foil = contrast = correct = None
     if config.target is not None:  # the metrics are about the target; the greedy answer is recorded beside it
         correct = starts_with(baseline.text, config.target)
+        if config.only_correct and not correct:
+            raise NotCorrect(baseline.text, config.target)
         baseline.logprobs = answer_logprobs(whole_model_logprobs(analysis, tf)[0], tf)
         target, tf = scored_answer(analysis, config.target, "--target")
     engine = plan.make_engine(analysis, tf, units)

@@ -13,13 +13,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mask_impact"
 # Lowest first. A module not listed here fails the test: every new module takes its place in the layers.
 LAYERS = {
     "options, errors and utilities": ["version", "errors", "options", "groups", "config", "resources", "pictures",
-                                      "threads", "stopping"],
+                                      "threads", "stopping", "dataset"],
     "families": ["families", "families.*"],
     "core": ["spec", "patches", "units", "inputs", "knockout", "models", "engine", "engines", "engines.*", "stages",
              "shard", "sweep", "metrics", "estimate", "demo_tasks"],
-    "input/output": ["colours", "report", "resume", "figures"],
+    "input/output": ["colours", "report", "resume", "figures", "aggregate"],
     "pipeline": ["pipeline"],
-    "front ends": ["mask_impact", "entry", "api", "cli", "batch", "demo", "planted"],
+    "front ends": ["mask_impact", "entry", "api", "cli", "batch", "study", "demo", "planted"],
 }
 
 def module_name(path: Path) -> str:
