@@ -24,7 +24,7 @@ def register_metric(name: str, metric) -> None:
 
 def __getattr__(name: str):
     """``from mask_impact import Analyzer, KnockoutResult, MaskImpactError`` without importing torch up front."""
-    if name in ("Analyzer", "KnockoutResult"):
+    if name in ("Analyzer", "KnockoutResult", "StudyResult"):
         from . import api
 
         return getattr(api, name)

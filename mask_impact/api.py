@@ -45,7 +45,7 @@ from .errors import (
     python_wording,
 )
 
-__all__ = ["Analyzer", "KnockoutResult", "MaskImpactError", "InvalidArgument", "InvalidType", "NotAResult",
+__all__ = ["Analyzer", "KnockoutResult", "StudyResult", "MaskImpactError", "InvalidArgument", "InvalidType", "NotAResult",
            "MissingDependency", "WriteFailed", "analyze"]
 NOT_RUN_OPTIONS = ("model", "demo", "device", "dtype", "threads", "device_map", "max_memory", "offload_folder",
                    "prompt", "prompt_file", "images", "output", "output_dir", "overwrite", "resume", "html", "progress",
@@ -342,6 +342,67 @@ class Analyzer:
         data["meta"]["settings"]["images"] = given
         data["meta"]["settings"]["output"] = None
         return KnockoutResult(data)
+
+    def study(self, dataset, fields=None, limit: int | None = None, sample: int | None = None, seed: int = 0,
+              ci: float = 0.95, only_correct: bool = False, progress: bool = True, **options) -> StudyResult:
+        """A study: one run per row of ``dataset`` with the same ``options`` (``run``'s), then each unit's metrics
+        averaged over the rows with a bootstrap confidence interval (study.py, aggregate.py). ``dataset``: a file or
+        folder the command line's ``--dataset`` reads, a list of dicts, a pandas DataFrame or a ``datasets.Dataset``;
+        its rows give ``prompt`` and, where present, ``image``, ``target``, ``contrast`` and ``group`` (``fields``:
+        ``{"prompt": "question", ...}`` maps them to other columns). ``limit``, ``sample`` (with ``seed``),
+        ``ci`` (the level), ``only_correct`` as on the command line. A row that cannot run is recorded with its
+        error (``result.data["row_table"]``) and the others still run."""
+        from tqdm.auto import tqdm
+
+        from .dataset import FIELDS, check_counts, parse_fields, read_dataset, select_rows
+        from .errors import NotCorrect
+        from .study import ROW_KEYS, Study, row_runs, study_data
+
+        given = sorted(set(options) & set(ROW_KEYS))
+        if given:
+            raise InvalidArgument(f"{given[0]} is given by each row of the dataset; map its column with "
+                                  f"fields={{'{given[0].rstrip('s').replace('_file', '')}': COLUMN}}")
+        if isinstance(fields, dict):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
+                raise InvalidType(f"fields must map field names ({', '.join(FIELDS)}) to column names")
+            fields = [f"{k}={v}" for k, v in fields.items()]
+        for name, value in (("limit", limit), ("sample", sample), ("seed", seed)):
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                raise InvalidType(f"{name} must be an int, not {type(value).__name__}")
+        if isinstance(ci, bool) or not isinstance(ci, numbers.Real) or not 0 < ci < 1:
+            raise InvalidArgument(f"ci must be a level between 0 and 1, e.g. 0.95 (got {ci!r})")
+        options = check_options({**options, **({"only_correct": True} if only_correct else {})})
+        with tempfile.TemporaryDirectory() as folder, python_errors():
+            if isinstance(dataset, (str, Path)):
+                rows, _ = read_dataset(str(dataset), fields, limit, sample, seed)
+                name = str(dataset)
+            else:
+                check_counts(limit, sample)
+                records = dataset.to_dict("records") if hasattr(dataset, "to_dict") and hasattr(dataset, "columns") \
+                    else [dict(row) for row in dataset] if not isinstance(dataset, dict) else None
+                if records is None:
+                    raise InvalidType("dataset must be a path, a list of dicts, a DataFrame or a datasets.Dataset, "
+                                      "not a dict")
+                rows = select_rows(records, Path.cwd(), parse_fields(fields), limit, sample, seed, "dataset")
+                name = f"<{type(dataset).__name__} of {len(records)} rows>"
+            settings = dict(options, model=self.loaded.name, progress=False, html=False)
+            study = Study("study", Path(folder), name, rows, settings, fields or [], seed, float(ci), limit, sample)
+            runs = row_runs(study, self.vision)
+            index, results = {"runs": []}, {}
+            for run in tqdm(runs, unit="row", disable=progress is not True, dynamic_ncols=True):
+                entry = {"name": run.name, "status": "error", "error": run.error}
+                if run.config is not None:
+                    try:
+                        results[run.name] = analyze(self.loaded, run.config, read_inputs(run.config))
+                        entry.update(status="done", error=None, json=None)
+                    except NotCorrect as excluded:
+                        entry.update(status="excluded", answer=excluded.answer, correct=False)
+                    except UsageError as error:
+                        entry["error"] = str(error)
+                index["runs"].append(entry)
+            data = study_data(study, index, results)
+        return StudyResult(data, [KnockoutResult(results[entry["name"]]) for entry in index["runs"]
+                                  if entry["status"] == "done"])
 
     @staticmethod
     def _metrics(metrics) -> dict:
@@ -721,6 +782,108 @@ class KnockoutResult:
         return (f"KnockoutResult(answer={self.answer!r}, stage={self.data.get('stage', 'decoder')!r}, "
                 f"{len(self.windows)} windows × {len(self.units)} {'/'.join(kinds)} units, "
                 f"model={self.data.get('meta', {}).get('model')!r}{best})")
+
+
+class StudyResult:
+    """A study's aggregates (``data``: what ``study.json`` holds) and its measured rows' results (``runs``)."""
+
+    def __init__(self, data: dict, runs: list[KnockoutResult]):
+        self.data, self.runs = data, runs
+
+    @property
+    def accuracy(self) -> float | None:
+        """The share of rows (with a target) whose greedy answer starts with it."""
+        return self.data["accuracy"]["value"]
+
+    def to_pandas(self):
+        """The aggregates as ``study.csv`` holds them: one row per (unit, window, metric)."""
+        from .aggregate import COLUMNS
+        from .errors import MissingDependency
+
+        try:
+            import pandas
+        except ImportError:
+            raise MissingDependency('to_pandas() needs pandas: pip install "mask-impact[notebook]"') from None
+        return pandas.DataFrame(self.data["aggregates"], columns=COLUMNS)
+
+    def plot(self, path: str | Path | None = None, format: str = "png", metric: str | None = None,
+             overwrite: bool = False) -> dict:
+        """The study's figures: the units' ``curves`` over the layer windows with their confidence bands, and the
+        averaged image ``map`` (where the units have grid cells); ``metric`` default: ``prob_change_pct`` with
+        targets, else ``logprob_drop``. With ``path``: written as ``PATH.KIND.FORMAT``, their paths returned;
+        without: matplotlib Figures."""
+        from . import figures
+        from .options import FIGURE_FORMATS
+
+        figures.require()
+        if format not in FIGURE_FORMATS:
+            raise InvalidArgument(f"format={format!r} is not one of: {', '.join(FIGURE_FORMATS)}")
+        metric = metric or self.data["primary"]
+        if not any(entry["metric"] == metric for entry in self.data["aggregates"]):
+            raise InvalidArgument(f"metric={metric!r} is not aggregated in this study")
+        if path is None:
+            drawn = {"curves": figures.study_curves(self.data, metric)}
+            if any(entry["kind"] == "grid" for entry in self.data["aggregates"]):
+                drawn["map"] = figures.study_map(self.data, metric)
+            return drawn
+        base = _base(path, "plot")
+        contents = figures.render_study(self.data, format, metric)
+        files = {kind: base.with_name(f"{base.name}.{kind}.{format}") for kind in contents}
+        from .report import write_set
+
+        KnockoutResult._write(files, overwrite, lambda: write_set({files[k]: contents[k] for k in contents}))
+        return files
+
+    def save(self, folder: str | Path, overwrite: bool = False) -> dict[str, Path]:
+        """``folder/study.json``, ``study.csv`` and each measured row's result (``rowN.json``, ``.csv``), as the
+        command line writes a study; returns the study's two paths."""
+        from .aggregate import csv_text
+        from .report import _finite, write_set
+
+        folder = Path(folder).expanduser()
+        paths = {"json": folder / "study.json", "csv": folder / "study.csv"}
+        rows = {}
+        data = json.loads(json.dumps(_finite(self.data)))
+        for entry, run in zip([e for e in data["row_table"] if e["status"] == "done"], self.runs):
+            entry["json"] = f"{entry['name']}.json"
+            rows[folder / entry["json"]] = run
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def write() -> None:
+            from .report import csv_text as result_csv
+
+            texts: dict[Path, str | bytes] = {}
+            for path, run in rows.items():
+                texts[path.with_suffix(".csv")] = result_csv(_finite(run.data))
+                texts[path] = json.dumps(_finite(run.data), ensure_ascii=False, indent=1)
+            texts[paths["csv"]] = csv_text(data["aggregates"])
+            texts[paths["json"]] = json.dumps(data, ensure_ascii=False, indent=1)
+            write_set(texts)
+
+        KnockoutResult._write({**paths, **{str(p): p for p in rows}}, overwrite, write)
+        return paths
+
+    @classmethod
+    def load(cls, path: str | Path) -> StudyResult:
+        """A study the command line or ``save`` wrote: its ``study.json`` (or the folder holding it), with the
+        measured rows' results read from their files beside it."""
+        path = Path(path)
+        path = path / "study.json" if path.is_dir() else path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise NotAResult(f"{path} cannot be read as a study ({type(error).__name__})") from None
+        if not isinstance(data, dict) or data.get("kind") != "study" or "aggregates" not in data:
+            raise NotAResult(f"{path} is not a mask_impact study (no kind 'study' with aggregates)")
+        runs = [KnockoutResult.load(path.parent / entry["json"]) for entry in data["row_table"]
+                if entry["status"] == "done" and entry.get("json")]
+        return cls(data, runs)
+
+    def __repr__(self) -> str:
+        rows = self.data["rows"]
+        accuracy = "" if self.accuracy is None else f", accuracy {self.accuracy:.0%}"
+        return (f"StudyResult({self.data['name']!r}: {rows['measured']} of {rows['total']} rows measured"
+                f"{accuracy}, {len(self.data['aggregates'])} aggregates)")
 
 
 def _printable(text: str) -> str:

@@ -135,31 +135,43 @@ def read_dataset(path: str, fields: list[str] | None = None, limit: int | None =
     """The study's rows (``sample``: that many drawn with ``seed``, in the dataset's order; ``limit``: the first
     that many of those), and the folder relative image paths are read from."""
     mapping = parse_fields(fields)
+    check_counts(limit, sample)
+    records, base = read_records(Path(path).expanduser())
+    return select_rows(records, base, mapping, limit, sample, seed, f"--dataset {bounded(str(path))}"), base
+
+
+def check_counts(limit: int | None, sample: int | None) -> None:
     for name, value in (("limit", limit), ("sample", sample)):
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be at least 1 (got {value})")
-    records, base = read_records(Path(path).expanduser())
+
+
+def select_rows(records: list[dict], base: Path, mapping: dict[str, str], limit: int | None = None,
+                sample: int | None = None, seed: int = 0, what: str = "the dataset") -> list[Row]:
+    """``records`` (dicts, one per row) as the study's ``Row``s; ``mapping``: field → column (parse_fields)."""
     if not records:
-        raise UsageError(f"--dataset {bounded(str(path))} has no rows")
-    columns = list(records[0])
+        raise UsageError(f"{what} has no rows")
+    if not all(isinstance(record, dict) for record in records):
+        raise UsageError(f"{what}: each row must be a mapping of column: value")
+    columns = list(dict.fromkeys(column for record in records for column in record))
     for name, column in mapping.items():
         if not any(column in record for record in records):
             from .config import close_matches
 
-            near = close_matches(column, columns, 1)
-            raise UsageError(f"--fields {name}={column}: the dataset has no column {quoted(column)}"
+            near = close_matches(str(column), [str(c) for c in columns], 1)
+            raise UsageError(f"--fields {name}={column}: {what} has no column {quoted(column)}"
                              + (f"; did you mean {near[0]!r}?" if near else "") + f" (columns: "
                              f"{bounded(', '.join(map(str, columns)))})")
     column_of = {name: mapping.get(name, name) for name in FIELDS}
     if not any(column_of["prompt"] in record for record in records):
-        raise UsageError(f"--dataset {bounded(str(path))} has no column {quoted(column_of['prompt'])} for the prompts; "
-                         f"map one with --fields prompt=COLUMN (columns: {bounded(', '.join(map(str, columns)))})")
+        raise UsageError(f"{what} has no column {quoted(column_of['prompt'])} for the prompts; map one with "
+                         f"--fields prompt=COLUMN (columns: {bounded(', '.join(map(str, columns)))})")
     numbers = list(range(len(records)))
     if sample is not None and sample < len(numbers):
         numbers = sorted(random.Random(seed).sample(numbers, sample))
     if limit is not None:
         numbers = numbers[:limit]
-    return [row_of(records[i], i + 1, column_of, base) for i in numbers], base
+    return [row_of(records[i], i + 1, column_of, base) for i in numbers]
 
 
 def row_of(record: dict, number: int, column_of: dict[str, str], base: Path) -> Row:
