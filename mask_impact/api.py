@@ -385,7 +385,7 @@ class Analyzer:
                                       "not a dict")
                 rows = select_rows(records, Path.cwd(), parse_fields(fields), limit, sample, seed, "dataset")
                 name = f"<{type(dataset).__name__} of {len(records)} rows>"
-            settings = dict(options, model=self.loaded.name, progress=False, html=False)
+            settings = dict({"generate_top": 0}, **options, model=self.loaded.name, progress=False, html=False)
             study = Study("study", Path(folder), name, rows, settings, fields or [], seed, float(ci), limit, sample)
             runs = row_runs(study, self.vision)
             index, results = {"runs": []}, {}

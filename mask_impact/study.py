@@ -81,6 +81,7 @@ def load_study(options: dict, vision: bool) -> Study:
         dataset = str(write_shape_dataset(folder / f"dataset-seed{seed}", DEMO_STUDY_ROWS, seed))
     rows, _ = read_dataset(dataset, options.get("fields"), options.get("limit"), options.get("sample"), seed)
     settings = {key: value for key, value in options.items() if key not in (*STUDY_KEYS, "output", "output_dir")}
+    settings.setdefault("generate_top", 0)  # the aggregates use none: a row's generations would cost most of its time
     figures = settings.pop("figures", None)
     settings.pop("figure_options", None)
     if figures is not None:
