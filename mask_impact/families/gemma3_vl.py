@@ -23,7 +23,9 @@ none. Attention-score soft-capping is not applied by Gemma 3's attention either.
 
 Geometry: the processor resizes the whole picture to its ``size`` (the tower's square ``image_size``), no crop;
 token (r, c) of the pooled s×s grid covers k×k patches (k = P / s), i.e. a (k·patch)-pixel square of the resized
-picture, mapped back by the resize ratio. Pan-and-scan (extra crops, each its own block) is refused, as are
+picture, mapped back by the resize ratio. Occlusion (``--stage pixels``) fills exactly those k×k patches: the adapter
+gives the square as patch rows in the Qwen order (``patch_rows``: token by token, its k×k patches inside,
+``patch_merge`` = k), their inverse (``pixel_values_of``) and the tower's features of such rows (``image_features``). Pan-and-scan (extra crops, each its own block) is refused, as are
 ``--min-pixels``/``--max-pixels`` (the size is fixed) and a pooling that does not tile the patch grid evenly.
 """
 
