@@ -330,3 +330,27 @@ def test_occlusion_from_the_command_line(folder, pictures, in_tmp, capsys):
     assert [u["box"] for u in data["units"]] == [[0, 0, 64, 32], [64, 0, 128, 32], [0, 32, 64, 64], [64, 32, 128, 64]]
     kl = [value for row in data["metrics"]["kl"] for value in row]
     assert min(kl) >= -1e-6 and max(kl) > 0
+
+
+def test_the_released_geometry_a_token_s_rows_are_its_56_pixel_block():
+    """The released checkpoints' square (896 px, 14-px patches, 256 tokens: pooled 4×4) on a model of that geometry
+    with tiny widths: a token's 16 consecutive rows are its 56-px block of ``pixel_values``, patch by patch."""
+    import transformers
+
+    from mask_impact.families.gemma3_vl import Gemma3Vision
+
+    vision = transformers.SiglipVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                             num_attention_heads=1, image_size=896, patch_size=14)
+    text = dict(vocab_size=300, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=1,
+                num_key_value_heads=1, head_dim=16, model_type="gemma3_text", sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"])
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                                       boi_token_index=290, eoi_token_index=291, image_token_index=292)
+    adapter = Gemma3Vision(transformers.Gemma3ForConditionalGeneration(config))
+    assert (adapter.patch_merge, adapter.cell, adapter.tokens_per_side) == (4, 56, 16)
+    pixels = torch.randn(2, 3, 896, 896)
+    rows = adapter.patch_rows(pixels)
+    assert rows.shape == (2 * 64 * 64, 3 * 14 * 14) and torch.equal(adapter.pixel_values_of(rows), pixels)
+    n = 5 * 16 + 9  # image 1's token (5, 9)
+    block = pixels[1, :, 5 * 56:6 * 56, 9 * 56:10 * 56].reshape(3, 4, 14, 4, 14).permute(1, 3, 0, 2, 4)
+    assert torch.equal(rows[4096 + 16 * n: 4096 + 16 * (n + 1)], block.reshape(16, -1))
