@@ -3,7 +3,8 @@
 The Qwen processors turn each image into ``pixel_values``: one row per 16×16 patch of the *resized* image (its
 temporal copies included), ordered image by image, then t, then decoder token (row, column of the merged grid),
 then the ``merge × merge`` patches inside that token. Other families give their pictures in that form through
-their adapter (``patch_rows``: LLaVA-1.5's crop, one 14×14 patch per token). The occlusion and vision-encoder stages name a unit's
+their adapter (``patch_rows``: LLaVA-1.5's crop, one 14×14 patch per token; Gemma 3's square, the k×k patches
+each token's pooling averages). The occlusion and vision-encoder stages name a unit's
 patches by these rows (``units.pixel_units``) and their engines replace or knock out exactly those.
 """
 

@@ -339,7 +339,8 @@ def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, pictur
     ("qwen2_5_vl", "deepstack", "it has no DeepStack"),
     ("qwen2_5_vl", "vision-encoder", "--stage vision-encoder is not available for qwen2_5_vl"),
     ("llava_next", "pixels", "--stage pixels is not available for llava_next models; it supports --stage decoder"),
-    ("gemma3", "pixels", "--stage pixels is not available for gemma3 models; it supports --stage decoder"),
+    ("gemma3", "vision-encoder", "--stage vision-encoder is not available for gemma3 models (its ViT knockout is not "
+                                 "defined for it); it supports --stage decoder, pixels"),
     ("llava", "vision-encoder", "--stage vision-encoder is not available for llava models (its ViT knockout is not "
                                 "defined for it); it supports --stage decoder, pixels"),
     ("llava_next", "vision-encoder", "--stage vision-encoder is not available for llava_next models"),

@@ -3,22 +3,27 @@
 The tokens of one image attend to each other both ways in every decoder layer (the model's own masks): the engine's
 masks are the model's, bit for bit; a knockout of a *later* image token changes an *earlier* one of the same image,
 and the fast engine agrees with the naive one there; ``--vision-attention`` changes nothing; the head applies no
-soft-capping (as ``Gemma3ForConditionalGeneration``); bad settings are one line.
+soft-capping (as ``Gemma3ForConditionalGeneration``); bad settings are one line. Occlusion (``--stage pixels``): a
+token's pixels are the k×k patches its pooling averages; occluding it is the model on ``pixel_values`` with that block
+filled by hand; fast == naive for every fill and unit kind; a fill equal to the pixels changes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mask_impact.cli import main
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine
+from mask_impact.engines.pixels import FILLS, NaivePixelEngine, PixelEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import apply_plan, knockout_attention_installed
 from mask_impact.models import load_model
+from mask_impact.units import build_units
 from tests.tiny import WINDOW, build_tiny
 from tests.conftest import cli_error, draw_image
 
@@ -179,7 +184,9 @@ def test_a_run_records_its_geometry(folder, pictures, in_tmp, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (("--stage", "pixels"), "--stage pixels is not available for gemma3 models; it supports --stage decoder"),
+    (("--stage", "vision-encoder"), "--stage vision-encoder is not available for gemma3 models (its ViT knockout is "
+                                    "not defined for it); it supports --stage decoder, pixels"),
+    (("--stage", "pixels", "--unit", "word"), "use --unit patch"),
     (("--min-pixels", "1000"), "--min-pixels/--max-pixels: a gemma3 processor resizes every image to a fixed size"),
 ])
 def test_what_gemma3_lacks_is_one_line(folder, pictures, in_tmp, capsys, extra, message):
@@ -209,3 +216,141 @@ def test_a_typed_image_soft_token_is_one_line(folder, pictures, in_tmp, capsys, 
     assert ("the prompt holds the image token <image_soft_token>, which the processor writes itself; mark each "
             "image with <start_of_image> (one per --image)") in cli_error(capsys, argv)
     assert not (in_tmp / "output").exists() or not any((in_tmp / "output").iterdir())
+
+
+# --- occlusion (--stage pixels): a token's k×k patches of the tower's square ---------------------------------------
+
+
+def _pixel_units(loaded, prompt, analysis, unit: str) -> list:
+    config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage="pixels")
+    return build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+
+
+def _model_logprobs(loaded, tf, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(T, V) the answer's log-probs of the model's own forward on ``pixel_values`` (its token_type_ids, its masks)."""
+    kwargs = dict(tf.model_kwargs, pixel_values=pixel_values)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=tf.input_ids, **kwargs).logits
+    return torch.log_softmax(logits[0, tf.answer_positions].float(), dim=-1)
+
+
+def test_occlusion_is_the_model_on_the_picture_with_the_block_filled_by_hand(loaded, pictures):
+    """Two pictures. A token's patches are the k×k patches its pooling averages, a (k·P)-pixel block of the square:
+    occluding it (black) is the model's forward on ``pixel_values`` with that block set to black by hand, and a
+    patch unit (mean) the same with one P-pixel patch set to its picture's mean colour; fast == naive == that. The
+    patch rows are the square's blocks in token order, and a unit's box is its token's."""
+    prompt = build_prompt(loaded, "What is in the picture?", pictures[:2])
+    analysis = Analysis(loaded, prompt)
+    _, tf = analysis.baseline(2)
+    pixels, p, k = tf.model_kwargs["pixel_values"], loaded.adapter.patch_size, loaded.adapter.patch_merge
+    cell, side = loaded.adapter.cell, loaded.adapter.tokens_per_side
+    assert (k, cell, side, pixels.shape) == (2, 32, 2, (2, 3, 64, 64))  # 16-px patches pooled 2×2 into 2×2 tokens
+    rows = loaded.adapter.patch_rows(pixels)
+    assert torch.equal(loaded.adapter.pixel_values_of(rows), pixels)
+    # image 1, token (0, 1), its patch (1, 0): the square's patch at row 1, column 2
+    assert torch.equal(rows[4 * 4 + 1 * 4 + 2], pixels[1, :, p: 2 * p, 2 * p: 3 * p].reshape(-1))
+
+    tokens = _pixel_units(loaded, prompt, analysis, "token")
+    vision = [t for t in prompt.tokens if t.modality == "vision"]
+    assert [u.box for u in tokens] == [t.box for t in vision]
+    assert [u.patches for u in tokens] == [list(range(4 * n, 4 * n + 4)) for n in range(len(vision))]
+    processor = loaded.processor.image_processor
+    black = (0.0 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)  # (C,)
+    chosen = [1, 6]  # image 0's token (0, 1), image 1's token (1, 0)
+    expected = []
+    for n in chosen:
+        t = vision[n]
+        by_hand = pixels.clone()
+        by_hand[t.image, :, t.row * cell:(t.row + 1) * cell, t.col * cell:(t.col + 1) * cell] = black[:, None, None]
+        expected.append(_model_logprobs(loaded, tf, by_hand))
+    expected = torch.stack(expected)
+    picked = [tokens[n] for n in chosen]
+    fast, naive = PixelEngine(analysis, tf, "black", tokens), NaivePixelEngine(analysis, tf, "black", tokens)
+    assert (naive.logprobs(None, picked) - expected).abs().max() <= 2e-5
+    assert (fast.logprobs(None, picked) - expected).abs().max() <= 2e-5
+    assert (expected - naive.base_logprobs).abs().max() > 1e-4  # the fill changes the answer's distribution
+
+    patches = _pixel_units(loaded, prompt, analysis, "patch")
+    unit = next(u for u in patches if u.label == "image2 p3,1")  # the square's patch at row 3, column 1
+    image, y, x = 1, 3 * p, 1 * p
+    by_hand = pixels.clone()
+    by_hand[image, :, y:y + p, x:x + p] = pixels[image].double().mean(dim=(1, 2)).float()[:, None, None]
+    expected = _model_logprobs(loaded, tf, by_hand)[None]
+    fast, naive = PixelEngine(analysis, tf, "mean", patches), NaivePixelEngine(analysis, tf, "mean", patches)
+    assert (naive.logprobs(None, [unit]) - expected).abs().max() <= 2e-5
+    assert (fast.logprobs(None, [unit]) - expected).abs().max() <= 2e-5
+    assert unit.box == [12.5, 67.5, 25.0, 90.0]  # x 16-32, y 48-64 of the 64-px square, the 50×90 picture's pixels
+
+
+@pytest.mark.parametrize("unit", ["patch", "token", "region:1", "image"])
+def test_occlusion_fast_equals_naive_for_every_fill(loaded, pictures, unit):
+    """Two pictures, every fill: the tower on a batch of occluded copies and the decoder from the image's first
+    position == one whole-model forward per unit."""
+    prompt = build_prompt(loaded, "What is in the picture?", pictures[:2])
+    analysis = Analysis(loaded, prompt)
+    _, tf = analysis.baseline(2)
+    units = _pixel_units(loaded, prompt, analysis, unit)
+    for fill in FILLS if unit != "patch" else ("noise",):
+        fast, naive = PixelEngine(analysis, tf, fill, units), NaivePixelEngine(analysis, tf, fill, units)
+        expected = naive.logprobs(None, units)
+        assert (fast.logprobs(None, units) - expected).abs().max() <= 2e-5, fill
+        assert ((expected - naive.base_logprobs).abs().amax(dim=(1, 2)) > 1e-5).all(), fill  # every unit acts
+
+
+def test_an_occlusion_whose_fill_equals_the_pixels_changes_nothing(loaded, tmp_path):
+    """A picture black on its left three quarters: a black fill of a token there is the baseline itself, in both
+    engines, bit for bit; the tokens of the right half, which are not all black, change the answer."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (128, 64), (0, 0, 0))
+    ImageDraw.Draw(image).rectangle([96, 0, 127, 63], fill=(200, 120, 30))
+    image.save(tmp_path / "black.png")
+    prompt = build_prompt(loaded, "What is in the picture?", [str(tmp_path / "black.png")])
+    analysis = Analysis(loaded, prompt)
+    _, tf = analysis.baseline(2)
+    units = _pixel_units(loaded, prompt, analysis, "token")
+    fast, naive = PixelEngine(analysis, tf, "black", units), NaivePixelEngine(analysis, tf, "black", units)
+    got, expected = fast.logprobs(None, units), naive.logprobs(None, units)
+    left = [n for n, u in enumerate(units) if u.box[2] <= 64]  # column 0 of the 2×2 grid: x 0-32 of the 64-px square
+    assert len(left) == 2
+    for n in range(len(units)):
+        if n in left:
+            assert torch.equal(got[n], fast.base_logprobs) and torch.equal(expected[n], naive.base_logprobs)
+        else:
+            assert (expected[n] - naive.base_logprobs).abs().max() > 1e-5
+    assert (got - expected).abs().max() <= 2e-5
+
+
+def test_occlusion_from_the_command_line(folder, pictures, in_tmp, capsys):
+    assert main(_argv(folder, "--image", pictures[0], "--stage", "pixels", "--unit", "token", "--fill", "blur",
+                      "--output", "o"), True) == 0, capsys.readouterr().err
+    data = json.loads((in_tmp / "output" / "o.json").read_text())
+    assert data["stage"] == "pixels" and data["window_labels"] == ["occluded (blur)"]
+    assert [u["patches"] for u in data["units"]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert [u["box"] for u in data["units"]] == [[0, 0, 64, 32], [64, 0, 128, 32], [0, 32, 64, 64], [64, 32, 128, 64]]
+    kl = [value for row in data["metrics"]["kl"] for value in row]
+    assert min(kl) >= -1e-6 and max(kl) > 0
+
+
+def test_the_released_geometry_a_token_s_rows_are_its_56_pixel_block():
+    """The released checkpoints' square (896 px, 14-px patches, 256 tokens: pooled 4×4) on a model of that geometry
+    with tiny widths: a token's 16 consecutive rows are its 56-px block of ``pixel_values``, patch by patch."""
+    import transformers
+
+    from mask_impact.families.gemma3_vl import Gemma3Vision
+
+    vision = transformers.SiglipVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                             num_attention_heads=1, image_size=896, patch_size=14)
+    text = dict(vocab_size=300, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=1,
+                num_key_value_heads=1, head_dim=16, model_type="gemma3_text", sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"])
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                                       boi_token_index=290, eoi_token_index=291, image_token_index=292)
+    adapter = Gemma3Vision(transformers.Gemma3ForConditionalGeneration(config))
+    assert (adapter.patch_merge, adapter.cell, adapter.tokens_per_side) == (4, 56, 16)
+    pixels = torch.randn(2, 3, 896, 896)
+    rows = adapter.patch_rows(pixels)
+    assert rows.shape == (2 * 64 * 64, 3 * 14 * 14) and torch.equal(adapter.pixel_values_of(rows), pixels)
+    n = 5 * 16 + 9  # image 1's token (5, 9)
+    block = pixels[1, :, 5 * 56:6 * 56, 9 * 56:10 * 56].reshape(3, 4, 14, 4, 14).permute(1, 3, 0, 2, 4)
+    assert torch.equal(rows[4096 + 16 * n: 4096 + 16 * (n + 1)], block.reshape(16, -1))

@@ -23,7 +23,9 @@ none. Attention-score soft-capping is not applied by Gemma 3's attention either.
 
 Geometry: the processor resizes the whole picture to its ``size`` (the tower's square ``image_size``), no crop;
 token (r, c) of the pooled s×s grid covers k×k patches (k = P / s), i.e. a (k·patch)-pixel square of the resized
-picture, mapped back by the resize ratio. Pan-and-scan (extra crops, each its own block) is refused, as are
+picture, mapped back by the resize ratio. Occlusion (``--stage pixels``) fills exactly those k×k patches: the adapter
+gives the square as patch rows in the Qwen order (``patch_rows``: token by token, its k×k patches inside,
+``patch_merge`` = k), their inverse (``pixel_values_of``) and the tower's features of such rows (``image_features``). Pan-and-scan (extra crops, each its own block) is refused, as are
 ``--min-pixels``/``--max-pixels`` (the size is fixed) and a pooling that does not tile the patch grid evenly.
 """
 
@@ -60,6 +62,7 @@ class Gemma3Vision(DecoderAdapter):
     model_class = "Gemma3ForConditionalGeneration"
     label = "Gemma 3 (images)"
     takes_images = True
+    stages = ("decoder", "pixels")
     bidirectional_images = True
     layer_type_rule = staticmethod(declared_types)
     position_embeddings = Gemma3Text.position_embeddings
@@ -112,6 +115,37 @@ class Gemma3Vision(DecoderAdapter):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``Gemma3ForConditionalGeneration.forward``: the head on the normed state, no soft-capping."""
         return self.lm_head(self.norm(hidden))
+
+    # --- the picture as patches: k×k per token (the pixels stage) ------------------------------------------------
+
+    @property
+    def patch_merge(self) -> int:
+        """Patches per side of one decoder token: the projector's pooling kernel k."""
+        return self.model.model.multi_modal_projector.kernel_size
+
+    def patch_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) squares → one row per ``patch_size`` square, ordered image, token (row, column of the pooled
+        s×s grid), then the k×k patches the token pools (row by row), each (C, P, P) flattened: the order of the Qwen
+        processors' rows, so a token's rows are k² consecutive ones (``patches.PatchLayout`` with merge k)."""
+        n, c, h, w = pixel_values.shape
+        p, k = self.patch_size, self.patch_merge
+        down, across = h // (k * p), w // (k * p)
+        blocks = pixel_values.reshape(n, c, down, k, p, across, k, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        return blocks.reshape(n * down * across * k * k, c * p * p)  # (n, s, s, k, k, C, P, P) flattened
+
+    def pixel_values_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """``patch_rows`` undone: (n, C, H, W) squares of the tower's ``image_size``."""
+        p, k, s = self.patch_size, self.patch_merge, self.tokens_per_side
+        channels = rows.shape[1] // (p * p)
+        blocks = rows.reshape(-1, s, s, k, k, channels, p, p).permute(0, 5, 1, 3, 6, 2, 4, 7)  # (n, C, s, k, P, s, k, P)
+        return blocks.reshape(-1, channels, s * k * p, s * k * p)
+
+    def image_features(self, rows: torch.Tensor, grid_thw: torch.Tensor):
+        """The tower's pooled, projected features of patch rows of whole images, ``pooler_output`` per image (s², H)
+        as the other families give it (the model returns one (n, s², H) tensor)."""
+        features = self.model.model.get_image_features(self.pixel_values_of(rows), return_dict=True)
+        features.pooler_output = tuple(features.pooler_output)
+        return features
 
     # --- prompt markup and geometry --------------------------------------------------------------------------------
 
