@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -239,25 +240,35 @@ def run_study(options: dict, vision: bool, stage: Stage) -> int:
     note_launch()
     from .shard import Shard
 
-    Shard.current().agree(lambda: check_batch_folder(study.folder, study.may_continue))
+    shard = Shard.current()
+    shard.agree(lambda: check_batch_folder(study.folder, study.may_continue))
     runs = row_runs(study, vision)
     index = run_all(study.name, study.folder, runs, {"dataset": study.dataset, "study": "study.json"}, options,
-                    vision, stage, what="study")
+                    vision, stage, what="study", share=shard)
     if is_main_process():
         stage.now = "writing the study"
-        paths = write_study(study, index)
+        paths, data = write_study(study, index)
+        if options.get("html", True):  # the batch page, with the study's aggregates to draw
+            from .report import write_index
+
+            write_index({**index, "study_data": data}, study.folder, True)
         say(f"study {study.name}: wrote " + ", ".join(str(path) for path in paths))
     return 1 if any(entry["status"] not in ("done", "excluded") for entry in index["runs"]) else 0
 
 
 def run_all(name: str, folder: Path, runs: list, about: dict, options: dict, vision: bool, stage: Stage,
-            what: str = "batch") -> dict:
+            what: str = "batch", share=None) -> dict:
     """The runs of a batch or study, one model load, ``folder/index.json`` kept up to date; returns the index. A
     run that fails, for whatever reason, is reported and the others still run; a study's row whose answer misses
-    its target under ``only_correct`` is ``excluded``."""
-    from .errors import NotCorrect
+    its target under ``only_correct`` is ``excluded``.
+
+    ``share``: a launch's ``Shard`` that shares the runs themselves (a study's rows): process k takes runs k, k + N,
+    ... and computes each alone (``shard.alone``: no collective call, its own partial file); each finished run's
+    entry goes to ``folder/.status/NAME.json`` (tagged with this launch's token), and the main process, after its
+    own runs, merges the others' entries as they come and writes the index. Returns, in a process other than the
+    main one, the index of its own runs."""
     from .report import write_index
-    from .shard import Shard
+    from .shard import Shard, alone
 
     if not is_main_process():  # a launched batch: the main process keeps the index and says how it went
         def write_index(*args):
@@ -267,7 +278,8 @@ def run_all(name: str, folder: Path, runs: list, about: dict, options: dict, vis
         Shard.current().agree(lambda: check_batch_folder(folder, bool(configs) and all(c.resume or c.overwrite
                                                                                        for c in configs)))
     index = {"schema_version": 1, "kind": "batch", "batch": name, **about,
-             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": []}
+             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "processes": share.count if share is not None else 1, "runs": []}
     for run in runs:
         entry = {"name": run.name, "status": "pending" if run.config else "error", "error": run.error}
         if run.config:
@@ -277,35 +289,35 @@ def run_all(name: str, folder: Path, runs: list, about: dict, options: dict, vis
         index["runs"].append(entry)
     html = any(config.html for config in configs) if configs else options.get("html", True)
     batch = BatchState(vision)
-    batch.check_resume([(run.name, run.config) for run in runs if run.config], stage)  # before any run starts
-    write_index(index, folder, html)
-    for run, entry in zip(runs, index["runs"]):
-        if run.config is None:
-            say(f"{run.name}: error: {run.error}", file=sys.stderr)
-            continue
-        stage.now, stage.store, stage.written = f"running {run.name} of {what} {name}", None, ""
-        started = time.perf_counter()
-        try:
-            entry.update(batch.run(run.config, stage), error=None)
-            if "note" not in entry:
-                entry["elapsed_s"] = round(time.perf_counter() - started, 3)
-            say(f"{run.name}: {entry.get('note', 'done')} ({folder / entry['json']})")
-        except NotCorrect as excluded:
-            entry.update(status="excluded", answer=excluded.answer, correct=False, error=None)
-            say(f"{run.name}: excluded: {one_line(excluded)}")
-        except UsageError as error:
-            entry.update(status="error", error=one_line(error))
-            if batch.model_error:  # no run can go on without the model: the batch ends with this one line
-                raise
-            say(f"{run.name}: error: {one_line(error)}", file=sys.stderr)
-        except KeyboardInterrupt as stop:
-            entry.update(status="interrupted", error=f"{stop_status(stop)[0]}: {stage.kept()}")
-            raise
-        except Exception as error:  # a defect in one run must not cost the others theirs
-            entry.update(status="failed", error=one_line(f"{type(error).__name__}: {error}"))
-            say(f"{run.name}: failed: {entry['error']}", file=sys.stderr)
-        finally:  # also on the way out: the index always shows the latest status
-            write_index(index, folder, html)
+    shared = share is not None and share.count > 1
+    mine = [k for k in range(len(runs)) if not shared or k % share.count == share.index]
+    if shared:
+        import secrets
+        from dataclasses import replace
+
+        token = share.broadcast(secrets.token_hex(8) if share.is_main else None)  # this launch's status files
+        batch.model(configs[0], stage)  # on this process's device, before the runs go alone
+        runs = [run if run.config is None else type(run)(run.name, replace(run.config, progress=False), run.error)
+                for run in runs]
+    started = time.perf_counter()
+    with alone() if shared else _nothing():
+        batch.check_resume([(runs[k].name, runs[k].config) for k in mine if runs[k].config], stage)  # before any run
+        write_index(index, folder, html)
+        bar = _rows_bar(len(runs), shared and is_main_process() and options.get("progress", True))
+        for k in mine:
+            _run_entry(runs[k], index["runs"][k], batch, folder, what, name, stage,
+                       lambda: write_index(index, folder, html))
+            bar.update(1)
+            if shared and not is_main_process():
+                _write_status(folder, runs[k].name, token, index["runs"][k])
+        if shared and is_main_process():
+            _gather_statuses(folder, index, [k for k in range(len(runs)) if k not in mine], token, bar,
+                             lambda: write_index(index, folder, html))
+        bar.close()
+    index["elapsed_s"] = round(time.perf_counter() - started, 3)  # the runs, all processes' (not the start-up)
+    if shared and not is_main_process():
+        index["runs"] = [index["runs"][k] for k in mine]
+        return index
     failed = [entry["name"] for entry in index["runs"] if entry["status"] not in ("done", "excluded")]
     excluded = sum(entry["status"] == "excluded" for entry in index["runs"])
     done = len(index["runs"]) - len(failed) - excluded
@@ -313,6 +325,89 @@ def run_all(name: str, folder: Path, runs: list, about: dict, options: dict, vis
         + f", {len(failed)} failed" + (f" ({', '.join(failed[:20])}{', …' if len(failed) > 20 else ''})"
                                         if failed else "") + f"; index {folder / 'index.json'}")
     return index
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _rows_bar(total: int, shown: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="row", disable=not shown, dynamic_ncols=True)
+
+
+def _write_status(folder: Path, name: str, token: str, entry: dict) -> None:
+    """A run's index entry for the main process (``run_all``'s ``share``), written atomically."""
+    import json
+
+    from .report import write_atomic
+
+    (folder / ".status").mkdir(exist_ok=True)
+    write_atomic(folder / ".status" / f"{name}.json", json.dumps({"token": token, "entry": entry}))
+
+
+def _gather_statuses(folder: Path, index: dict, others: list[int], token: str, bar, save) -> None:
+    """The main process: the other processes' entries, as their status files appear (this launch's only)."""
+    import json
+
+    waiting = {index["runs"][k]["name"]: k for k in others if index["runs"][k]["status"] != "error"}
+    while waiting:
+        merged = 0
+        for name, k in list(waiting.items()):
+            path = folder / ".status" / f"{name}.json"
+            try:
+                status = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if status.get("token") == token:
+                index["runs"][k] = status["entry"]
+                del waiting[name]
+                path.unlink(missing_ok=True)
+                merged += 1
+        if merged:  # the index once per look, not once per entry: it is rewritten whole
+            bar.update(merged)
+            save()
+        if waiting:
+            time.sleep(0.1)
+    try:
+        (folder / ".status").rmdir()  # empty once every entry is in
+    except OSError:
+        pass
+    bar.update(sum(index["runs"][k]["status"] == "error" for k in others))
+
+
+def _run_entry(run, entry: dict, batch, folder: Path, what: str, name: str, stage: Stage, save) -> None:
+    """One run of a batch or study, its outcome in ``entry``; ``save()`` writes the index."""
+    from .errors import NotCorrect
+
+    if run.config is None:
+        say(f"{run.name}: error: {run.error}", file=sys.stderr)
+        return
+    stage.now, stage.store, stage.written = f"running {run.name} of {what} {name}", None, ""
+    started = time.perf_counter()
+    try:
+        entry.update(batch.run(run.config, stage), error=None)
+        if "note" not in entry:
+            entry["elapsed_s"] = round(time.perf_counter() - started, 3)
+        say(f"{run.name}: {entry.get('note', 'done')} ({folder / entry['json']})")
+    except NotCorrect as excluded:
+        entry.update(status="excluded", answer=excluded.answer, correct=False, error=None)
+        say(f"{run.name}: excluded: {one_line(excluded)}")
+    except UsageError as error:
+        entry.update(status="error", error=one_line(error))
+        if batch.model_error:  # no run can go on without the model: the batch ends with this one line
+            raise
+        say(f"{run.name}: error: {one_line(error)}", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        entry.update(status="interrupted", error=f"{stop_status(stop)[0]}: {stage.kept()}")
+        raise
+    except Exception as error:  # a defect in one run must not cost the others theirs
+        entry.update(status="failed", error=one_line(f"{type(error).__name__}: {error}"))
+        say(f"{run.name}: failed: {entry['error']}", file=sys.stderr)
+    finally:  # also on the way out: the index always shows the latest status
+        save()
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +249,7 @@ def save_images(row: Row, folder: Path) -> list[str]:
 
             folder.mkdir(parents=True, exist_ok=True)
             picture = Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image
-            temporary = path.with_suffix(".png.tmp")
+            temporary = path.with_suffix(f".png.{os.getpid()}.tmp")  # processes of a launch may write it at once
             picture.save(temporary, format="PNG")
             temporary.replace(path)
         paths.append(str(path))

@@ -13,6 +13,7 @@ tests draw from differently seeded generators.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -146,14 +147,16 @@ def write_shape_dataset(folder, count: int = 50, seed: int = 0):
     for number in range(count):
         example = draw_shape_example(rng)
         name = f"{number:03d}.png"
-        if not (folder / name).exists():
-            example.image.save(folder / name)
+        if not (folder / name).exists():  # atomically: the processes of a launch write the same files at once
+            temporary = folder / f"{name}.{os.getpid()}.tmp"
+            example.image.save(temporary, format="PNG")
+            temporary.replace(folder / name)
         lines.append(json.dumps({"prompt": QUESTIONS["colour"], "image": name, "target": example.colour,
                                  "shape": example.shape, "row": example.row, "col": example.col}))
     path = folder / "shapes.jsonl"
     text = "\n".join(lines) + "\n"
     if not path.exists() or path.read_text(encoding="utf-8") != text:
-        temporary = path.with_suffix(".jsonl.tmp")
+        temporary = path.with_suffix(f".jsonl.{os.getpid()}.tmp")
         temporary.write_text(text, encoding="utf-8")
         temporary.replace(path)
     return path

@@ -19,8 +19,24 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Iterator
+
+_ALONE: ContextVar[bool] = ContextVar("alone", default=False)
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Within the block this process works as if it were not launched (``Shard.current()`` is one process): a
+    study shared by rows runs each of its rows alone, with no collective call."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
 
 
 def launched() -> bool:
@@ -73,8 +89,9 @@ class Shard:
 
     @classmethod
     def current(cls) -> Shard:
-        """This process's place in the launch (the process group is set up on first use)."""
-        if not launched():
+        """This process's place in the launch (the process group is set up on first use); one process within
+        ``alone()``."""
+        if not launched() or _ALONE.get():
             return cls()
         import torch
         from accelerate import PartialState

@@ -78,7 +78,8 @@ def load_study(options: dict, vision: bool) -> Study:
     if dataset == DEMO_DATASET and options.get("demo") and not Path(dataset).exists():
         if not vision:
             raise UsageError(f"--dataset {DEMO_DATASET} is the vision-language demo's study: use mask-impact-vl")
-        dataset = str(write_shape_dataset(folder / f"dataset-seed{seed}", DEMO_STUDY_ROWS, seed))
+        count = max(DEMO_STUDY_ROWS, options.get("limit") or 0)  # --limit beyond 50 draws more pictures
+        dataset = str(write_shape_dataset(folder / f"dataset-seed{seed}", count, seed))
     rows, _ = read_dataset(dataset, options.get("fields"), options.get("limit"), options.get("sample"), seed)
     settings = {key: value for key, value in options.items() if key not in (*STUDY_KEYS, "output", "output_dir")}
     settings.setdefault("generate_top", 0)  # the aggregates use none: a row's generations would cost most of its time
@@ -151,6 +152,8 @@ def study_data(study: Study, index: dict, results: dict | None = None) -> dict:
         "row_settings": ({key: value for key, value in first["meta"]["settings"].items()
                           if key not in ("prompt", "prompt_file", "images", "target", "contrast", "groups", "output")}
                          if first else None),
+        "elapsed_s": index.get("elapsed_s"),  # the rows (in a launch: all processes'), not the start-up
+        "processes": index.get("processes", 1),
         "rows": {"total": len(statuses), "measured": statuses.count("done"), "excluded": statuses.count("excluded"),
                  "failed": len(statuses) - statuses.count("done") - statuses.count("excluded"),
                  "limit": study.limit, "sample": study.sample, "seed": study.seed},
@@ -181,8 +184,9 @@ def study_paths(folder: Path, figures: str | None) -> dict[str, Path]:
     return paths
 
 
-def write_study(study: Study, index: dict) -> list[Path]:
-    """``study.json``, ``study.csv`` (and the figures) as one set, the JSON last; returns the paths written."""
+def write_study(study: Study, index: dict) -> tuple[list[Path], dict]:
+    """``study.json``, ``study.csv`` (and the figures) as one set, the JSON last; returns the paths written and
+    the study's data."""
     from .report import _finite, write_set
 
     data = _finite(study_data(study, index))
@@ -195,4 +199,4 @@ def write_study(study: Study, index: dict) -> list[Path]:
             texts[paths[kind]] = content
     texts[paths["json"]] = json.dumps(data, ensure_ascii=False, indent=1)
     write_set(texts)
-    return list(texts)
+    return list(texts), data

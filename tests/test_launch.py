@@ -191,3 +191,47 @@ def test_the_cpu_launcher_asked_for_two_processes_is_named(tmp_path):
     assert lines[0].startswith("note: accelerate launch was asked for 2 processes but started 1"), done.stderr
     assert lines[1].startswith("error: ") and "none.txt" in lines[1], done.stderr
     assert done.returncode != 0 and "returned non-zero exit status 2" in done.stderr  # the launcher re-raises
+
+
+STUDY = ["--demo", "--dataset", "demo-shapes", "--flow", "image->last", "--flow", "question->last", "--window", "3",
+         "--limit", "7", "--no-html", "--no-progress", "--threads", "1"]
+
+
+def _study(folder: Path) -> dict:
+    return json.loads((folder / "s" / "study.json").read_text())
+
+
+@pytest.mark.launch
+def test_a_study_shared_by_rows_equals_the_one_process_study(tmp_path):
+    """Two processes take whole rows (1, 3, 5, 7 and 2, 4, 6); two launchers as two "machines" sharing the folder
+    do the same: the aggregates and every row's result equal the one-process study's."""
+    one, two, machines = tmp_path / "one", tmp_path / "two", tmp_path / "machines"
+    for folder in (one, two, machines):
+        folder.mkdir()
+    args = [*STUDY, "--output", "s", "--output-dir"]
+    single = _single(one, "mask_impact_vl.py", [*args, str(one)])
+    assert single.returncode == 0, single.stderr
+    launched = _launch(two, 2, "mask_impact_vl.py", [*args, str(two)])
+    out, err = launched.communicate(timeout=HANG_S)
+    assert launched.returncode == 0, err
+    found = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    port = str(29500 + os.getpid() % 1000)
+    launchers = [subprocess.Popen([found, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
+                                   "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--num_processes",
+                                   "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                   str(ROOT / "mask_impact_vl.py"), *args, str(machines)],
+                                  cwd=machines, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank in (0, 1)]
+    for process in launchers:
+        _, err = process.communicate(timeout=HANG_S)
+        assert process.returncode == 0, err
+    reference = _study(one)
+    for folder in (two, machines):
+        data = _study(folder)
+        assert data["aggregates"] == reference["aggregates"] and data["rows"] == reference["rows"]
+        assert data["processes"] == 2 and not (folder / "s" / ".status").exists()
+        for row in range(1, 8):
+            a = json.loads((one / "s" / f"row{row}.json").read_text())
+            b = json.loads((folder / "s" / f"row{row}.json").read_text())
+            assert a["metrics"] == b["metrics"] and a["baseline"] == b["baseline"]
+    assert "study s: 7 done" in out
