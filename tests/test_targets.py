@@ -111,3 +111,16 @@ def test_correct_is_a_normalised_prefix():
     assert starts_with("  Red shape.", "red") and starts_with("red", " RED ")
     assert starts_with("a  big\nred", "A big red") and not starts_with("blue", "red")
     assert not starts_with("re", "red")
+
+
+def test_a_yaml_batch_takes_target_and_contrast(tmp_path):
+    config = tmp_path / "runs.yaml"
+    config.write_text("defaults:\n  demo: true\n  layers: '2'\n  flows: ['image->last']\nruns:\n"
+                      "  - {name: gold, target: red, contrast: blue}\n  - {name: plain}\n")
+    assert main(["--config", str(config), "--output-dir", str(tmp_path), "--no-progress", "--no-html"], True) == 0
+    gold = json.loads((tmp_path / "runs" / "gold.json").read_text())
+    plain = json.loads((tmp_path / "runs" / "plain.json").read_text())
+    assert gold["target"]["text"] == "red" and gold["contrast"]["text"] == "blue" and "target" not in plain
+    assert "logit_diff_change" in gold["metrics"] and "logit_diff_change" not in plain["metrics"]
+    index = json.loads((tmp_path / "runs" / "index.json").read_text())
+    assert index["runs"][0]["target"] == "red" and index["runs"][0]["correct"] is True
