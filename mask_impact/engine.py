@@ -121,16 +121,24 @@ class Analysis:
         return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
                 if i is not None]
 
-    @torch.no_grad()
     def generate(self, num_tokens: int, plan: AttentionPlan | None = None,
                  pixel_values: torch.Tensor | None = None) -> tuple[list[int], bool]:
         """Greedy continuation under ``plan`` (default: no knockout), on ``pixel_values`` in place of the prompt's
         own (an occluded image) if given; stops early at EOS."""
+        new, stopped, _ = self._generate(num_tokens, plan, pixel_values, False)
+        return new, stopped
+
+    @torch.no_grad()
+    def _generate(self, num_tokens: int, plan: AttentionPlan | None, pixel_values: torch.Tensor | None,
+                  logprobs: bool) -> tuple[list[int], bool, list[float] | None]:
+        """``generate``, and with ``logprobs`` each generated token's log-probability under the model's own logits
+        at its step (before the suppression of the placeholder ids)."""
         loaded, prompt = self.loaded, self.prompt
         eos = self.eos_ids()
         config = GenerationConfig(max_new_tokens=num_tokens, do_sample=False, eos_token_id=eos,
                                   pad_token_id=loaded.tokenizer.pad_token_id or eos[0],
-                                  suppress_tokens=self.placeholder_ids() or None)
+                                  suppress_tokens=self.placeholder_ids() or None, output_logits=logprobs,
+                                  return_dict_in_generate=logprobs)
         kwargs = dict(prompt.model_kwargs) if pixel_values is None else dict(prompt.model_kwargs,
                                                                               pixel_values=pixel_values)
         inputs = to_device(dict(input_ids=prompt.input_ids, **kwargs), loaded.device)
@@ -141,15 +149,21 @@ class Analysis:
                 past_key_values_accepted():
             output = loaded.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]),
                                            past_key_values=cache, generation_config=config)
-        new = output[0, prompt.length:].tolist()
+        sequences = output.sequences if logprobs else output
+        new = sequences[0, prompt.length:].tolist()
         stopped = bool(new) and new[-1] in eos
-        return new, stopped
+        scores = None
+        if logprobs:
+            scores = [torch.log_softmax(step[0].float(), dim=-1)[token].item() for step, token in zip(output.logits, new)]
+        return new, stopped, scores
 
-    def baseline(self, num_tokens: int) -> tuple[Baseline, TeacherForced]:
-        ids, stopped = self.generate(num_tokens)
+    def baseline(self, num_tokens: int, logprobs: bool = False) -> tuple[Baseline, TeacherForced]:
+        """The greedy answer and its teacher-forced sequence; with ``logprobs``, its log-probs as the generation
+        saw them (otherwise the caller fills them in from the engine's unmasked pass)."""
+        ids, stopped, scores = self._generate(num_tokens, None, None, logprobs)
         tf = self.teacher_forced(ids)
         return Baseline(ids, [self.loaded.tokenizer.decode([i]) for i in ids],
-                        self.loaded.tokenizer.decode(ids, skip_special_tokens=True), [], stopped), tf
+                        self.loaded.tokenizer.decode(ids, skip_special_tokens=True), scores or [], stopped), tf
 
     def answer_ids(self, text: str, option: str = "--target") -> list[int]:
         """The token ids of an answer given as text (``--target``, ``--contrast``), as they follow the prompt: the

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig, UsageError
 from .errors import NotCorrect
-from .engine import Analysis, Baseline, TeacherForced, whole_model_logprobs
+from .engine import Analysis, Baseline, TeacherForced
 from .inputs import Prompt
 from .metrics import CONTRAST, PRIMARY, STEPS, compute_all, compute_steps, logit_diff_change, metric_names, starts_with
 from .models import LoadedModel
@@ -319,13 +319,13 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
     knockouts = [unit.knockout() for unit in units] if decoder else units  # the stages take units as they are
     if decoder:
         check_blocks_something(analysis, units, knockouts, config)
-    baseline, tf = analysis.baseline(config.num_tokens)
+    # a --target run scores the target: the greedy answer's log-probs come from its generation, not a forward
+    baseline, tf = analysis.baseline(config.num_tokens, logprobs=config.target is not None)
     target = foil = contrast = correct = None
     if config.target is not None:  # the metrics are about the target; the greedy answer is recorded beside it
         correct = starts_with(baseline.text, config.target)
         if config.only_correct and not correct:
             raise NotCorrect(baseline.text, config.target)
-        baseline.logprobs = answer_logprobs(whole_model_logprobs(analysis, tf)[0], tf)
         target, tf = scored_answer(analysis, config.target, "--target")
     engine = plan.make_engine(analysis, tf, units)
     scored = target or baseline
