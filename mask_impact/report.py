@@ -110,11 +110,6 @@ def answer_block(answer) -> dict:
     return {"text": answer.text, "token_ids": answer.token_ids, "tokens": answer.tokens, "logprobs": answer.logprobs}
 
 
-def scored_answer(data: dict) -> dict:
-    """The answer a result's metrics are about: its ``target`` if it has one, else the greedy ``baseline``."""
-    return data.get("target") or data["baseline"]
-
-
 def largest_knockout(data: dict) -> dict | None:
     """The run's largest knockout by ``logprob_drop`` (special tokens left out where other units were swept), as the
     viewer's batch overview names it: ``{unit, label, window, window_label, logprob_drop}``; None without values."""

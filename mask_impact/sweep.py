@@ -326,12 +326,12 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
         correct = starts_with(baseline.text, config.target)
         if config.only_correct and not correct:
             raise NotCorrect(baseline.text, config.target)
-        target, tf = scored_answer(analysis, config.target, "--target")
+        target, tf = given_answer(analysis, config.target, "--target")
     engine = plan.make_engine(analysis, tf, units)
     scored = target or baseline
     scored.logprobs = answer_logprobs(engine.base_logprobs, tf)
     if config.contrast is not None:
-        foil, foil_tf = scored_answer(analysis, config.contrast, "--contrast")
+        foil, foil_tf = given_answer(analysis, config.contrast, "--contrast")
         contrast = plan.make_engine(analysis, foil_tf, units)
         foil.logprobs = answer_logprobs(contrast.base_logprobs, foil_tf)
     batch_size = config.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
@@ -370,7 +370,7 @@ def answer_logprobs(logprobs: torch.Tensor, tf: TeacherForced) -> list[float]:
     return logprobs.gather(-1, tf.answer_ids[:, None].to(logprobs.device))[:, 0].tolist()
 
 
-def scored_answer(analysis: Analysis, text: str, option: str) -> tuple[Baseline, TeacherForced]:
+def given_answer(analysis: Analysis, text: str, option: str) -> tuple[Baseline, TeacherForced]:
     """A given answer (``--target``, ``--contrast``) as a ``Baseline`` record (its log-probs filled in later) and
     its teacher-forced sequence."""
     ids = analysis.answer_ids(text, option)
