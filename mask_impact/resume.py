@@ -169,11 +169,6 @@ def partial_differences(partial: Path, parts: dict) -> list[str]:
     return []
 
 
-def finished_result_matches(json_path: Path, parts: dict) -> bool:
-    """Whether a finished result was made from exactly what ``parts`` describes (batch ``--resume`` reuses it)."""
-    return not fingerprint_differences(json_path, parts)
-
-
 # --- the lock -------------------------------------------------------------------------------------------------
 
 def lock_path(partial: Path) -> Path:

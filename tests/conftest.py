@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import transformers
-from PIL import Image, ImageDraw
 
 from mask_impact.demo import build_demo
 from mask_impact.models import load_model
+from tests.support import draw_image
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
-ROOT = Path(__file__).resolve().parent.parent
-# How long a test waits for a subprocess (or for a run to reach a point) before calling it hung: a guard against
-# hangs, never a speed test, so far above any run's time on a loaded machine. MASK_IMPACT_TEST_HANG_S changes it.
-HANG_S = int(os.environ.get("MASK_IMPACT_TEST_HANG_S", "3600"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,17 +21,6 @@ def demo_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo_cache")
     os.environ["MASK_IMPACT_CACHE"] = str(folder)
     return folder
-
-
-def cli_error(capsys, argv: list[str], vision: bool = True) -> str:
-    """Run the command line in-process on bad input: exit status 2 and exactly one line on stderr."""
-    from mask_impact.cli import main
-
-    code = main(argv, vision)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 @pytest.fixture()
@@ -71,48 +55,6 @@ def llama_model(tmp_path_factory):
     return _loaded(tmp_path_factory, "tiny_llama", False, text_model_type="llama")
 
 
-def draw_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
-    """A picture with some structure, so image tokens differ from each other."""
-    image = Image.new("RGB", (width, height), (30 + 40 * seed, 60, 150))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([width // 2, height // 4, width - 8, height - 8], fill=(220, 40, 40))
-    draw.ellipse([4, 4, width // 3, height // 2], fill=(240, 210, 40 + 50 * seed))
-    image.save(path)
-    return path
-
-
-def hidden_states_under(loaded, tf, plans) -> list:
-    """Every layer's hidden states of the teacher-forced sequence, the model run once under each attention plan
-    (the registered knockout attention installed)."""
-    import torch
-
-    from mask_impact.knockout import apply_plan, knockout_attention_installed
-
-    inputs = dict(input_ids=tf.input_ids, **tf.model_kwargs)
-    states = []
-    for plan in plans:
-        with torch.no_grad(), knockout_attention_installed(loaded.adapter.attention_configs()), apply_plan(plan):
-            states.append(loaded.model(**inputs, output_hidden_states=True).hidden_states)
-    return states
-
-
-def tiny_llava_runs(folder: Path, layers: str) -> Path:
-    """Real command-line runs of the tiny LLaVA-1.5 (a 128×64 picture: its centre 64×64 seen, 32-px strips cropped
-    off each side) and LLaVA-NeXT (a 100×150 picture: a 4×4 base view, then 8 rows × 6 kept columns of tiles and
-    their newlines), vision tokens over ``layers``: ``folder/llava.json`` and ``folder/llava_next.json``."""
-    from mask_impact.cli import main
-    from tests.tiny import build_tiny
-
-    for model_type, size in (("llava", (128, 64)), ("llava_next", (100, 150))):
-        picture = draw_image(folder / f"{model_type}.png", *size)
-        checkpoint = build_tiny(folder / f"{model_type}_model", model_type)
-        assert main(["--model", str(checkpoint), "--image", str(picture), "--prompt", "What is in the picture?",
-                     "--device", "cpu", "--dtype", "float32", "--num-tokens", "2", "--layers", layers, "--mask-mode",
-                     "vision", "--no-progress", "--generate-top", "0", "--output-dir", str(folder), "--output",
-                     model_type], True) == 0
-    return folder
-
-
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
@@ -127,23 +69,6 @@ def images(tmp_path_factory):
 def images_fixture(images):
     """The same pictures, under a name that does not clash with hypothesis' arguments."""
     return images
-
-
-def shape_pictures(loaded, seed: int, count: int, question: str = "colour"):
-    """Fresh pictures of the demo's shape task, drawn with a seeded rng: (example, prompt) pairs."""
-    import random
-    import tempfile
-
-    from mask_impact.demo_tasks import QUESTIONS, draw_shape_example
-    from mask_impact.inputs import build_prompt
-
-    rng = random.Random(seed)
-    with tempfile.TemporaryDirectory() as folder:
-        for number in range(count):
-            example = draw_shape_example(rng)
-            path = Path(folder) / f"{number}.png"
-            example.image.save(path)
-            yield example, build_prompt(loaded, QUESTIONS[question], [str(path)])
 
 
 def pytest_collection_modifyitems(config, items):

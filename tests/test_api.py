@@ -419,7 +419,7 @@ def test_the_public_names_import_without_torch():
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support import ROOT
 
     code = ("import sys, mask_impact\n"
             "from mask_impact import Box, Group, Knockout, Positions, Text, demo_image, register_metric\n"

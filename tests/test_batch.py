@@ -10,7 +10,7 @@ import pytest
 from mask_impact.batch import load_batch
 from mask_impact.cli import main
 from mask_impact.config import UsageError
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def _batch(tmp_path: Path, text: str, cli: dict | None = None, vision: bool = True):

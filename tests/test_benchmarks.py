@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import HANG_S, ROOT
+from tests.support import HANG_S, ROOT
 
 CONFIG = ROOT / "benchmarks" / "configs" / "qwen3-vl-4b-instruct.json"
 

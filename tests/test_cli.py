@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mask_impact.cli import main
-from tests.conftest import HANG_S, ROOT, cli_error as _error
+from tests.support import HANG_S, ROOT, cli_error as _error
 
 JSON_KEYS = {"schema_version", "meta", "prompt", "images", "tokens", "baseline", "windows", "units",
              "metrics", "generations"}

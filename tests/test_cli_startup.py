@@ -14,7 +14,7 @@ import pytest
 
 from mask_impact import __version__
 from mask_impact.config import UsageError, build_parser, cli_options
-from tests.conftest import HANG_S, ROOT, cli_error
+from tests.support import HANG_S, ROOT, cli_error
 
 SCRIPTS = {True: "mask_impact_vl.py", False: "mask_impact_analysis.py"}
 GROUPS = ("input:", "what to knock out:", "stages:", "scoring:", "output:", "scale-out:", "batches:", "examples:")

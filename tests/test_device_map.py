@@ -8,7 +8,7 @@ import pytest
 from mask_impact import Analyzer
 from mask_impact.config import DEMO_IMAGE
 from mask_impact.demo import demo_model_path
-from tests.conftest import cli_error
+from tests.support import cli_error
 
 # the demo VL model is 2.8 MB: 1.5 MB of CPU memory holds some of it, the rest goes to the offload folder
 SPREAD = {"device_map": "auto", "max_memory": "cpu=1500KB"}

@@ -21,7 +21,7 @@ from mask_impact.engine import Analysis
 from mask_impact.estimate import UnitIndex, answer_logprob, layer_change, layer_changes, spearman
 from mask_impact.inputs import build_prompt
 from mask_impact.spec import Knockout
-from tests.conftest import HANG_S
+from tests.support import HANG_S
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_the_estimate_benchmark_refuses_a_bad_size_or_top_in_one_line(argv, mess
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support import ROOT
 
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_estimate.py"), *argv], capture_output=True,
                           text=True, timeout=HANG_S)

@@ -21,7 +21,7 @@ import pytest
 from mask_impact.demo import SHIPPED
 from mask_impact.models import load_model
 from mask_impact.planted import vl_planted
-from tests.conftest import HANG_S, ROOT
+from tests.support import HANG_S, ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from mask_impact.cli import main
 from mask_impact.config import DEMO_IMAGE
 from mask_impact.errors import python_wording
 from mask_impact.estimate import spearman
-from tests.conftest import cli_error
+from tests.support import cli_error
 
 OPTIONS = dict(mask_mode="both", window=2, num_tokens=3, generate_top=2, progress=False)
 

@@ -25,7 +25,7 @@ from mask_impact.knockout import knockout_attention_installed
 from mask_impact.models import load_model
 from tests.tiny import WINDOW, build_tiny
 from mask_impact.units import build_units, overlaps, positions_for
-from tests.conftest import cli_error, draw_image, hidden_states_under
+from tests.support import cli_error, draw_image, hidden_states_under
 from tests.test_identities import _plan_logits, assert_no_knockout_is_native
 
 PROMPT = "A=3, B=7, C=1. What is B?"

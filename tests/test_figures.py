@@ -15,7 +15,7 @@ from PIL import Image
 from mask_impact import Analyzer, InvalidArgument, KnockoutResult, MissingDependency
 from mask_impact.cli import main
 from mask_impact.config import DEMO_IMAGE
-from tests.conftest import cli_error
+from tests.support import cli_error
 
 PROMPT = "What color is the shape?"
 
@@ -238,7 +238,7 @@ def test_an_estimate_runs_figures_mark_the_exact_cells(analyzer, regions, tmp_pa
 
 @pytest.fixture(scope="module")
 def llava_runs(tmp_path_factory):
-    from tests.conftest import tiny_llava_runs
+    from tests.support import tiny_llava_runs
 
     folder = tiny_llava_runs(tmp_path_factory.mktemp("llava_figures"), "0")
     return {name: KnockoutResult.load(folder / f"{name}.json") for name in ("llava", "llava_next")}
@@ -274,7 +274,7 @@ def test_overlay_of_strip_pictures_in_one_prompt_stays_a_readable_size(tmp_path)
     pictures) and a strip's row still holds its two-line label; every picture is drawn whole, at its aspect."""
     from mask_impact.figures import DPI
     from tests.tiny import build_tiny
-    from tests.conftest import draw_image
+    from tests.support import draw_image
 
     checkpoint = build_tiny(tmp_path / "model", "llava_onevision")
     sizes = ((1000, 30), (30, 1000))

@@ -25,7 +25,7 @@ from mask_impact.knockout import apply_plan, knockout_attention_installed
 from mask_impact.models import load_model
 from mask_impact.units import build_units
 from tests.tiny import WINDOW, build_tiny
-from tests.conftest import cli_error, draw_image
+from tests.support import cli_error, draw_image
 
 PROMPT = "A=3, B=7, C=1. What is B?"
 

@@ -9,7 +9,7 @@ from mask_impact.engine import Analysis, FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import AttentionPlan, apply_plan, knockout_attention_installed
 from mask_impact.units import positions_for
-from tests.conftest import hidden_states_under
+from tests.support import hidden_states_under
 
 PROMPT = "What's in this image? Describe the picture."
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mask_impact.shard import Shard, launch_shortfall
-from tests.conftest import HANG_S, ROOT
+from tests.support import HANG_S, ROOT
 
 TEXT = ["--demo", "--num-tokens", "3", "--batch-size", "4", "--no-html"]
 # one flow over the VL demo: fewer cells (2 windows) than the 3 processes that share them

@@ -17,7 +17,7 @@ import nbclient
 import nbformat
 import pytest
 
-from tests.conftest import HANG_S, ROOT
+from tests.support import HANG_S, ROOT
 
 pytestmark = pytest.mark.slow
 

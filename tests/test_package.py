@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mask_impact import __version__
-from tests.conftest import HANG_S, ROOT
+from tests.support import HANG_S, ROOT
 
 SHIPPED = ["visualize_results.html", "testimg.png",
            *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "models").glob("demo-*/*")) if p.is_file())]

@@ -26,7 +26,7 @@ from mask_impact.cli import main
 from mask_impact.config import UsageError
 from mask_impact.demo import demo_model_path
 from mask_impact.inputs import build_prompt, load_image
-from tests.conftest import HANG_S, ROOT, cli_error as _error
+from tests.support import HANG_S, ROOT, cli_error as _error
 
 
 # 5. every pixel mode converted faithfully ---------------------------------------------------------------------

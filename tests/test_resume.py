@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HANG_S, ROOT
+from tests.support import HANG_S, ROOT
 
 # slow enough to stop mid-sweep: the naive engine, one knockout per batch, every batch saved
 ARGS = ["--demo", "--mask-mode", "both", "--engine", "naive", "--batch-size", "1", "--num-tokens", "6",
@@ -247,7 +247,7 @@ def test_finished_result_carries_its_fingerprint_and_can_be_checked(tmp_path, te
     from mask_impact.cli import load
     from mask_impact.config import make_config
     from mask_impact.inputs import build_prompt
-    from mask_impact.resume import fingerprint_differences, fingerprint_parts, finished_result_matches
+    from mask_impact.resume import fingerprint_differences, fingerprint_parts
 
     result = tmp_path / "run.json"
     result.write_text(json.dumps(text_reference))
@@ -257,9 +257,10 @@ def test_finished_result_carries_its_fingerprint_and_can_be_checked(tmp_path, te
     assert text_reference["meta"]["fingerprint"] == parts
     assert {"weights", "input_ids", "files.chat_template.jinja", "files.config.json", "settings.window",
             "transformers", "torch"} <= set(parts)
-    assert finished_result_matches(result, parts)
+    assert fingerprint_differences(result, parts) == []  # a finished result made from exactly these
     assert fingerprint_differences(result, {**parts, "settings.window": 3}) == ["settings.window"]
-    assert not finished_result_matches(result, {**parts, "files.chat_template.jinja": "edited"})
+    assert fingerprint_differences(result, {**parts, "files.chat_template.jinja": "edited"}) == [
+        "files.chat_template.jinja"]
     without = dict(text_reference, meta={key: value for key, value in text_reference["meta"].items()
                                           if key != "fingerprint"})
     result.write_text(json.dumps(without))

@@ -19,7 +19,7 @@ from mask_impact.inputs import build_prompt
 from mask_impact.engines.pixels import FILLS, Filler, NaivePixelEngine, PixelEngine
 from mask_impact.patches import PatchLayout, merge_size
 from mask_impact.units import build_units
-from tests.conftest import cli_error, shape_pictures
+from tests.support import cli_error, shape_pictures
 
 PROMPT = "What's in this image?"
 

@@ -107,7 +107,7 @@ def _bench_sweep(monkeypatch):
     import importlib.util
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_sweep", ROOT / "benchmarks" / "bench_sweep.py")
     module = importlib.util.module_from_spec(spec)

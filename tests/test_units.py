@@ -15,7 +15,7 @@ from mask_impact.config import UsageError
 from mask_impact.engine import Analysis, FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.units import WORD, build_units, check_units, parse_group
-from tests.conftest import ROOT, cli_error, shape_pictures
+from tests.support import ROOT, cli_error, shape_pictures
 from tests.test_spec import _explicit_mask_logits
 
 PROMPT = "What's in this image? Describe the picture."

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mask_impact.cli import main
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -1884,7 +1884,7 @@ def test_tiled_views_and_newline_tokens_are_named_not_shown_as_null(page, result
 
 @pytest.fixture(scope="module")
 def llava_results(tmp_path_factory):
-    from tests.conftest import tiny_llava_runs
+    from tests.support import tiny_llava_runs
 
     return tiny_llava_runs(tmp_path_factory.mktemp("llava_viewer"), "0,1")
 
@@ -1963,7 +1963,7 @@ def onevision_images(tmp_path_factory):
     """The tiny LLaVA-OneVision with a 150×40 and a 40×150 picture in one prompt (each padded to a square: whole rows
     or columns of padding patches, no box), region units, vision tokens over layers 0 and 1."""
     from tests.tiny import build_tiny
-    from tests.conftest import draw_image
+    from tests.support import draw_image
 
     folder = tmp_path_factory.mktemp("onevision_viewer")
     checkpoint = build_tiny(folder / "model", "llava_onevision")
@@ -2004,7 +2004,7 @@ def test_a_sliver_token_first_does_not_hide_the_token_grid(page, tmp_path):
     first column of tokens covers 1 px of the picture. That sliver is too thin to outline, but the grid of the other
     tokens is still drawn (it was not drawn at all: the first thin token stopped the outlining)."""
     from tests.tiny import build_tiny
-    from tests.conftest import draw_image
+    from tests.support import draw_image
 
     checkpoint = build_tiny(tmp_path / "model", "llava_onevision")
     sizes = ((52, 100), (64, 64))

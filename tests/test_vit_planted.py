@@ -23,7 +23,7 @@ from mask_impact.metrics import logprob_drop
 from mask_impact.models import load_model
 from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionEncoderEngine
 from mask_impact.units import build_units
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 pytestmark = pytest.mark.slow
 
