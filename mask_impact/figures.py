@@ -690,9 +690,15 @@ def _study_caption(study: dict, metric: str) -> str:
     kept = f", {rows['excluded']} excluded as answered wrongly" if rows["excluded"] else ""
     accuracy = study["accuracy"]["value"]
     accuracy = f"; baseline accuracy {accuracy:.0%}" if accuracy is not None else ""
+    settings = study.get("row_settings") or {}
+    what = [settings.get("stage", "decoder")]
+    what += [f"flows {', '.join(settings['flows'])}"] if settings.get("flows") else [
+        f"unit {settings.get('unit', 'token')}, mask mode {settings.get('mask_mode', 'text')}"]
+    what += [f"layers {settings.get('layers', 'all')}, window {settings.get('window', 1)}"]
+    what += [f"block from {settings['block_from']}"] if settings.get("block_from", "all") != "all" else []
     return (f"{METRICS.get(metric, (metric,))[0]} · mean over {rows['measured']} rows{kept} · "
             f"{ci['level']:.0%} CI ({ci['method']}, {ci['resamples']} resamples, seed {ci['seed']}){accuracy} · "
-            f"{model}")
+            f"{model} · {'; '.join(what)}")
 
 
 def study_curves(study: dict, metric: str, size=None, font_size=None):
@@ -762,7 +768,8 @@ def study_map(study: dict, metric: str, size=None, font_size=None):
     cmap = LinearSegmentedColormap.from_list("mask_impact", listed, N=256).with_extremes(bad="#d9d9d9")
     norm = Normalize(0.0, limit) if one_sided else Normalize(-limit, limit)
     count = max(1, len(grids))
-    figure = Figure(figsize=size or (2.2 * count + 1.2, 3.2), layout="constrained")
+    width = size[0] if size else max(5.0, 2.2 * count + 1.2)
+    figure = Figure(figsize=size or (width, 3.6), layout="constrained")
     axes_list = figure.subplots(1, count, squeeze=False)[0]
     base = font_size or 8.0
     image = None
@@ -775,8 +782,10 @@ def study_map(study: dict, metric: str, size=None, font_size=None):
     if image is not None:
         bar = figure.colorbar(image, ax=list(axes_list), shrink=0.8)
         bar.set_label(METRICS.get(metric, (metric,))[0], fontsize=base)
-    figure.suptitle(f"study {study['name']}: image tokens on a {cells}×{cells} grid of each picture (x, y: its "
-                    f"width and height)\n" + textwrap.fill(_study_caption(study, metric), 120),
+    heading = (f"study {study['name']}: image tokens on a {cells}×{cells} grid of each picture (x, y: its width and "
+               f"height)")
+    figure.suptitle("\n".join(textwrap.wrap(heading, int(width * 13)) + textwrap.wrap(_study_caption(study, metric),
+                                                                                      int(width * 13))),
                     fontsize=base, x=0.01, ha="left")
     return figure
 
