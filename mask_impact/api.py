@@ -42,7 +42,7 @@ from .errors import (
     MissingDependency,
     NotAResult,
     WriteFailed,
-    python_wording,
+    worded,
 )
 
 __all__ = ["Analyzer", "KnockoutResult", "StudyResult", "MaskImpactError", "InvalidArgument", "InvalidType", "NotAResult",
@@ -64,7 +64,7 @@ def python_errors() -> Iterator[None]:
         from .report import WriteError
 
         kind = WriteFailed if isinstance(error, WriteError) else InvalidArgument
-        raise kind(python_wording(str(error))) from None
+        raise kind(worded(error, "python")) from None
 
 
 def check_options(options: dict) -> dict:
@@ -387,7 +387,7 @@ class Analyzer:
                 name = f"<{type(dataset).__name__} of {len(records)} rows>"
             settings = dict({"generate_top": 0}, **options, model=self.loaded.name, progress=False, html=False)
             study = Study("study", Path(folder), name, rows, settings, fields or [], seed, float(ci), limit, sample)
-            runs = row_runs(study, self.vision)
+            runs = row_runs(study, self.vision, "python")
             index, results = {"runs": []}, {}
             for run in tqdm(runs, unit="row", disable=progress is not True, dynamic_ncols=True):
                 entry = {"name": run.name, "status": "error", "error": run.error}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import worded
 from .config import (BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, check_name, close_matches, make_config, output_dir,
                      quoted)
 
@@ -177,6 +178,6 @@ def load_batch(path: str, cli: dict, vision: bool) -> tuple[str, Path, list[Batc
         try:
             config = make_config([defaults, run, command_line, {"output_dir": str(folder)}], vision)
             runs.append(BatchRun(run["output"], config))
-        except UsageError as error:
-            runs.append(BatchRun(run["output"], None, str(error)))
+        except UsageError as error:  # an option's value worded as the YAML file gives it (errors.OptionError)
+            runs.append(BatchRun(run["output"], None, worded(error, "yaml")))
     return name, folder, runs

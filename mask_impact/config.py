@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from .errors import UsageError, bounded, quoted
+from .errors import OptionError, UsageError, bounded, quoted
 from .options import STAGES, check_units, parse_figure_options
 from .resources import data_path
 
@@ -125,18 +125,18 @@ class RunConfig:
             if name in ("mask_mode", "stage") and not vision:
                 allowed = allowed[:1]
             if getattr(self, name) not in allowed:
-                raise UsageError(f"{name} {quoted(getattr(self, name))} is not one of: {', '.join(allowed)}")
+                raise OptionError(name, f"not one of: {', '.join(allowed)}", getattr(self, name))
         if not 1 <= self.num_tokens <= MAX_NUM_TOKENS:
-            raise UsageError(f"--num-tokens must be between 1 and {MAX_NUM_TOKENS:,} (got {quoted(self.num_tokens)})")
+            raise OptionError("num_tokens", f"must be between 1 and {MAX_NUM_TOKENS:,}", self.num_tokens)
         if self.window < 1:
-            raise UsageError(f"--window must be at least 1 (got {self.window})")
+            raise OptionError("window", "must be at least 1", self.window)
         if self.generate_top < 0:
-            raise UsageError(f"--generate-top must be 0 or more (got {self.generate_top})")
+            raise OptionError("generate_top", "must be 0 or more", self.generate_top)
         if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size})")
+            raise OptionError("batch_size", "must be at least 1", self.batch_size)
         for name in ("max_pixels", "min_pixels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {quoted(getattr(self, name))})")
+                raise OptionError(name, "must be at least 1", getattr(self, name))
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise UsageError(f"--min-pixels {self.min_pixels:,} is larger than --max-pixels {self.max_pixels:,}")
         if not vision and self.images:
@@ -163,7 +163,7 @@ class RunConfig:
         check_device(self.device)
         if self.threads is not None and str(self.threads) != "auto" and not (
                 str(self.threads).isdigit() and 1 <= int(self.threads) <= 4096):
-            raise UsageError(f"--threads {quoted(self.threads)} is not understood; use auto or a count from 1")
+            raise OptionError("threads", "is not understood; use auto or a count from 1", self.threads)
         check_device_map(self.device_map, self.max_memory, self.offload_folder, self.device)
         parse_layers(self.layers, None)
 
@@ -177,12 +177,11 @@ def check_estimate(config: RunConfig) -> None:
                                  "drop it")
         return
     if config.estimate < 1:
-        raise UsageError(f"--estimate must be at least 1: the number of cells computed exactly (got "
-                         f"{quoted(config.estimate)})")
+        raise OptionError("estimate", "must be at least 1: the number of cells computed exactly", config.estimate)
     if config.estimate_sample is not None and config.estimate_sample < 0:
-        raise UsageError(f"--estimate-sample must be 0 or more (got {quoted(config.estimate_sample)})")
+        raise OptionError("estimate_sample", "must be 0 or more", config.estimate_sample)
     if config.estimate_seed < 0:
-        raise UsageError(f"--estimate-seed must be 0 or more (got {quoted(config.estimate_seed)})")
+        raise OptionError("estimate_seed", "must be 0 or more", config.estimate_seed)
     if not STAGES[config.stage].estimable:
         raise UsageError(f"--estimate estimates attention knockouts in the decoder; --stage {config.stage} has no "
                          "such estimate: drop --estimate, or use --stage decoder")
@@ -192,7 +191,7 @@ def check_target(target: str | None, contrast: str | None) -> None:
     """``--target`` (and ``--contrast``, which needs it): answers with some text in them."""
     for name, value in (("target", target), ("contrast", contrast)):
         if value is not None and not value.strip():
-            raise UsageError(f"--{name} is empty; give the answer's text (e.g. --{name} 'Paris')")
+            raise OptionError(name, "is empty; give the answer's text", value)
     if contrast is not None and target is None:
         raise UsageError("--contrast is the foil of a --target: give --target too (the correct answer)")
     if contrast is not None and target is not None and contrast.strip() == target.strip():
@@ -212,7 +211,7 @@ def check_figures(fmt: str) -> None:
     from .options import FIGURE_FORMATS, figures_available
 
     if fmt not in FIGURE_FORMATS:
-        raise UsageError(f"--figures {quoted(fmt)} is not one of: {', '.join(FIGURE_FORMATS)}")
+        raise OptionError("figures", f"not one of: {', '.join(FIGURE_FORMATS)}", fmt)
     if not figures_available():
         raise UsageError(f"--figures needs matplotlib, which is not installed: {FIGURES_INSTALL}")
 
@@ -222,15 +221,15 @@ def check_device(device: str) -> None:
     count the GPUs that ``cuda`` names)."""
     match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d{1,3}))?", device)
     if not match or (match[2] is not None and match[1] != "cuda"):
-        raise UsageError(f"--device {quoted(device)} is not understood; use auto, cpu, cuda or cuda:N")
+        raise OptionError("device", "is not understood; use auto, cpu, cuda or cuda:N", device)
     if match[1] == "cuda":
         import torch
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+            raise OptionError("device", "no CUDA device is available here; use cpu", device)
         if match[2] is not None and int(match[2]) >= count:
-            raise UsageError(f"--device {device}: this machine has CUDA devices 0-{count - 1}")
+            raise OptionError("device", f"this machine has CUDA devices 0-{count - 1}", device)
 
 
 def check_device_map(device_map: str | None, max_memory: str | None, offload_folder: str | None,
@@ -284,23 +283,24 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
     for part in spec.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match:
-            raise UsageError(f"--layers {quoted(spec)} is not understood; write e.g. 'all' or '0-11,20,30-35'")
+            raise OptionError("layers", "is not understood; write e.g. 'all' or '0-11,20,30-35'", spec)
         first, last = (int(text) if len(text) <= 12 else 10 ** 12 for text in (match[1], match[2] or match[1]))
         if last < first:
-            raise UsageError(f"--layers range {quoted(part.strip())} runs backwards; write it as {last}-{first}")
+            raise OptionError("layers", f"the range {quoted(part.strip())} runs backwards; write it as {last}-{first}",
+                              spec)
         ranges.append((first, last))
     highest = max(last for _, last in ranges)  # checked before any list of layers is made
     limit = num_layers if num_layers is not None else MAX_LAYER_INDEX
     if highest >= limit:
         have = f"the model has layers 0-{num_layers - 1}" if num_layers is not None else "no model has that many"
-        raise UsageError(f"--layers names layer {highest:,}, but {have}")
+        raise OptionError("layers", f"names layer {highest:,}, but {have}", spec)
     return sorted({layer for first, last in ranges for layer in range(first, last + 1)})
 
 
 def windows_for(layers: list[int], window: int, num_layers: int) -> list[tuple[int, int]]:
     """Window k centred on layer l: ``max(0, l - k//2) .. min(L-1, l + ceil(k/2) - 1)`` (Geva et al.)."""
     if window > num_layers:
-        raise UsageError(f"--window {window} is wider than the model's {num_layers} layers")
+        raise OptionError("window", f"is wider than the model's {num_layers} layers", window)
     return [(max(0, layer - window // 2), min(num_layers - 1, layer + -(-window // 2) - 1)) for layer in layers]
 
 

@@ -1,12 +1,16 @@
 """The library's exceptions, and the one place that words a command-line error for a Python caller.
 
-Every check of the input is written once, in the command line's words (``--unit region:0``), because the
-command line, YAML batches and the API share it (config.py, units.py, inputs.py, ...). The command line
-prints such a ``UsageError`` as one line and exits 2; the API (api.py) raises it again as one of the types
-below, its flags rewritten by ``python_wording`` into the keywords a caller wrote (``unit='region:0'``).
+Every check of the input is written once, because the command line, YAML batches and the API share it
+(config.py, units.py, inputs.py, ...). An option's bad value is an ``OptionError``, ``(option, value, why)``,
+that each front end renders its own way (``worded``: ``--window 0: ...``, ``window=0: ...``, ``window: 0: ...``).
+The other checks are still worded for the command line (``--unit region:0``): the command line prints such a
+``UsageError`` as one line and exits 2; the API (api.py) raises it again as one of the types below, its flags
+rewritten by ``python_wording`` into the keywords a caller wrote (``unit='region:0'``).
 
     MaskImpactError                     the base: every error the library raises on bad input
     ├── UsageError                      bad input in the command line's words (rewritten for the API)
+    │   └── OptionError                 one option's bad value, as (option, value, why): each front end names
+    │                                   the option its own way (``render``), no text rewritten
     ├── InvalidArgument (ValueError)    a value that cannot be meant
     ├── InvalidType (TypeError)         a wrong type, or a keyword ``run`` does not take
     ├── NotAResult (ValueError)         ``KnockoutResult.load`` of a file that is not a result it can read
@@ -26,6 +30,51 @@ class MaskImpactError(Exception):
 class UsageError(MaskImpactError):
     """Bad input, worded for the command line (``--unit``): reported as one line on stderr with exit status 2.
     The API raises it again worded for Python (``python_wording``)."""
+
+
+_UNSET = object()
+# The command line's flag where it is not the option's name with dashes (repeatable flags fill a list option).
+FLAGS = {"images": "--image", "groups": "--group", "flows": "--flow", "figure_options": "--figure-option",
+         "html": "--no-html", "progress": "--no-progress"}
+YAML_KEYS = {"images": "image", "output": "name"}  # a YAML file's key where it is not the option's name
+FRONTS = ("command line", "python", "yaml")
+
+
+class OptionError(UsageError):
+    """One option's bad value, as ``(option, value, why)`` (``option``: its ``RunConfig`` name; ``value``: as
+    given, left out where the option is what is wrong, not its value). Each front end names the option its own way
+    (``render``): ``--num-tokens 0: ...`` on the command line (``str(error)``), ``num_tokens=0: ...`` in Python,
+    ``num_tokens: 0: ...`` in a YAML file."""
+
+    def __init__(self, option: str, why: str, value=_UNSET):
+        self.option, self.why, self.value = option, why, value
+        super().__init__(self.render("command line"))
+
+    def subject(self, front: str) -> str:
+        """The option (and its value) as ``front`` writes it."""
+        given = self.value is not _UNSET
+        if front == "python":
+            return f"{self.option}={self.value!r}" if given else f"{self.option}="
+        if front == "yaml":
+            key = YAML_KEYS.get(self.option, self.option)
+            return f"{key}: {self.value!r}" if given else key
+        flag = FLAGS.get(self.option, "--" + self.option.replace("_", "-"))
+        if not given:
+            return flag
+        shown = self.value if isinstance(self.value, (int, float)) and not isinstance(self.value, bool) else (
+            quoted(self.value))
+        return f"{flag} {shown}"
+
+    def render(self, front: str = "command line") -> str:
+        return f"{bounded(self.subject(front))}: {self.why}"
+
+
+def worded(error: UsageError, front: str) -> str:
+    """``error``'s message for ``front`` (``FRONTS``): an ``OptionError`` rendered there; another usage error's
+    command-line text, its flags rewritten for Python (``python_wording``) where it has no structure yet."""
+    if isinstance(error, OptionError):
+        return error.render(front)
+    return python_wording(str(error)) if front == "python" else str(error)
 
 
 class InvalidArgument(MaskImpactError, ValueError):

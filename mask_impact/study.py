@@ -28,7 +28,7 @@ from .batch import BatchRun
 from .config import STUDY_OPTIONS, UsageError, check_name, make_config, output_dir
 from .dataset import Row, read_dataset, save_images
 from .demo_tasks import DEMO_DATASET, write_shape_dataset
-from .errors import quoted
+from .errors import quoted, worded
 
 STUDY_KEYS = STUDY_OPTIONS[:-1]  # the study's own options (only_correct is also a run's)
 ROW_KEYS = ("prompt", "prompt_file", "images", "target", "contrast")  # what the rows give: not on the command line
@@ -93,9 +93,9 @@ def load_study(options: dict, vision: bool) -> Study:
                  options.get("limit"), options.get("sample"), figures)
 
 
-def row_runs(study: Study, vision: bool) -> list[BatchRun]:
-    """One ``BatchRun`` per row (``rowN``, N its number in the dataset); a row that cannot run carries its error.
-    Pictures held in the dataset are written to ``images/`` first."""
+def row_runs(study: Study, vision: bool, front: str = "command line") -> list[BatchRun]:
+    """One ``BatchRun`` per row (``rowN``, N its number in the dataset); a row that cannot run carries its error,
+    worded for ``front`` (errors.worded). Pictures held in the dataset are written to ``images/`` first."""
     runs = []
     for row in study.rows:
         name = f"row{row.number}"
@@ -109,7 +109,7 @@ def row_runs(study: Study, vision: bool) -> list[BatchRun]:
                    "output_dir": str(study.folder), "html": study.settings.get("html", True)}
             runs.append(BatchRun(name, make_config([study.settings, own], vision)))
         except UsageError as error:
-            runs.append(BatchRun(name, None, f"row {row.number}: {error}"))
+            runs.append(BatchRun(name, None, f"row {row.number}: {worded(error, front)}"))
         except OSError as error:  # a picture the dataset holds that cannot be decoded or written
             runs.append(BatchRun(name, None, f"row {row.number}: its image cannot be read ({error})"))
     if not any(run.config for run in runs):  # the options themselves, or the dataset as a whole, are wrong

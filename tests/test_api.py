@@ -447,3 +447,28 @@ def test_an_opened_photo_is_given_to_the_model_upright(tmp_path):
         shown = np.asarray(given.convert("RGB"))
     assert shown.shape == (128, 64, 3)
     assert shown[:8, -1].min() == 255 and shown[8:, -1].max() == 0 and shown[:, :-1].max() == 0
+
+
+@pytest.mark.parametrize("options,flags,cli,python,yaml", [
+    ({"num_tokens": 0}, ["--num-tokens", "0"], "--num-tokens 0: must be between 1 and 1,048,576",
+     "num_tokens=0: must be between 1 and 1,048,576", "num_tokens: 0: must be between 1 and 1,048,576"),
+    ({"layers": "5-2"}, ["--layers", "5-2"], "--layers '5-2': the range '5-2' runs backwards; write it as 2-5",
+     "layers='5-2': the range '5-2' runs backwards; write it as 2-5",
+     "layers: '5-2': the range '5-2' runs backwards; write it as 2-5"),
+    ({"generate_top": -1}, ["--generate-top", "-1"], "--generate-top -1: must be 0 or more",
+     "generate_top=-1: must be 0 or more", "generate_top: -1: must be 0 or more"),
+])
+def test_an_option_error_is_one_error_worded_by_each_front_end(analyzer, tmp_path, capsys, options, flags, cli, python,
+                                                                yaml):
+    """(option, value, why) rendered where it is read: the command line's flag, Python's keyword, YAML's key; no
+    message text rewritten."""
+    assert main(["--demo", *flags, "--output-dir", str(tmp_path), "--no-progress"], True) == 2
+    assert capsys.readouterr().err == f"error: {cli}\n"
+    with pytest.raises(InvalidArgument) as caught:
+        analyzer.run("What color is the shape?", images=[str(DEMO_IMAGE)], progress=False, **options)
+    assert str(caught.value) == python
+    name, value = next(iter(options.items()))
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(f"defaults:\n  demo: true\nruns:\n  - {{name: bad, {name}: {json.dumps(value)}}}\n")
+    assert main(["--config", str(batch), "--output-dir", str(tmp_path), "--no-progress"], True) == 1
+    assert f"bad: error: {yaml}" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(in_tmp, capsys, images):
         "--num-tokens": ["--demo", "--num-tokens", "0"],
         "invalid choice": ["--demo", "--mask-mode", "pixels"],
         "needs an image": ["--model", "x", "--prompt", "hi", "--mask-mode", "vision"],
-        "--window must": ["--demo", "--window", "0"],
+        "--window 0: must be at least 1": ["--demo", "--window", "0"],
         "--layers": ["--demo", "--layers", "2-1"],
     }
     for expected, argv in cases.items():

@@ -96,7 +96,7 @@ def test_the_command_line_records_the_target_and_refuses_bad_ones(tmp_path, caps
     assert data["correct"] is True and data["meta"]["settings"]["target"] == " RED "
     assert data["meta"]["fingerprint"]["settings.target"] == " RED "
     assert "target: ' RED ' (the greedy answer starts with it" in capsys.readouterr().out
-    for argv, message in ((["--target", "  "], "--target is empty"),
+    for argv, message in ((["--target", "  "], ": is empty; give the answer's text"),
                           (["--contrast", "blue"], "--contrast is the foil of a --target: give --target too"),
                           (["--target", "red", "--contrast", "red "], "is the --target itself")):
         assert main(["--demo", *argv, "--output-dir", str(tmp_path), "--output", "bad"], True) == 2
