@@ -488,8 +488,10 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
                                          "options given apply to every run (default: one run)")
     study = section["studies"]
     study.add_argument("--dataset", metavar="FILE",
-                       help="a study: JSON Lines, CSV or Parquet, or a folder saved by datasets' save_to_disk; one "
-                            "run per row, the other options given apply to every row (default: one run)")
+                       help="a study: JSON Lines, CSV or Parquet, or a folder saved by datasets' save_to_disk "
+                            "(with --demo: demo-shapes, fresh pictures of the demo's task); one run per row, the "
+                            "other options given apply to every row, --generate-top defaulting to 0 (default: one "
+                            "run)")
     study.add_argument("--fields", action="append", metavar="FIELD=COLUMN,...",
                        help="which columns hold prompt, image, target, contrast and group (default: the columns of "
                             "those names)")
@@ -512,13 +514,15 @@ def examples(vision: bool) -> str:
                  f"{command} --image cat.png --prompt \"What's in this image?\" --mask-mode vision --unit region:2",
                  f"{command} --image cat.png --prompt \"What color is the cat?\" --flow 'image->last' --window 3",
                  f"{command} --image cat.png --prompt \"What's here?\" --stage pixels --fill blur --figures png",
-                 f"{command} --config prompts_config_vl.yaml"]
+                 f"{command} --config prompts_config_vl.yaml",
+                 f"{command} --dataset vqa.jsonl --fields target=answer --flow 'image->last' --window 3 --only-correct"]
     else:
         command = "mask-impact"
         lines = [f"{command} --demo",
                  f"{command} --model Qwen/Qwen3-4B --prompt-file prompt.txt --num-tokens 10 --unit word",
                  f"{command} --prompt \"A=3, B=7. What is B?\" --flow 'question->last' --layers 0-11",
-                 f"{command} --config prompts_config.yaml"]
+                 f"{command} --config prompts_config.yaml",
+                 f"{command} --dataset facts.csv --fields target=object --flow 'subject->last' --window 9"]
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
