@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import textwrap
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -41,17 +41,6 @@ CHOICES = {
 }
 # accelerate's ways of spreading a model's layers over the devices (``from_pretrained(device_map=...)``)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-# What a YAML value must be, per RunConfig field.
-FIELD_TYPES = {
-    "model": str, "prompt": str, "prompt_file": str, "images": list, "demo": bool, "raw_prompt": bool,
-    "allow_special_tokens": bool, "mask_mode": str, "unit": str, "groups": list, "flows": list, "stage": str, "fill": str,
-    "num_tokens": int, "layers": str, "window": int, "block_from": str, "vision_attention": str,
-    "generate_top": int, "batch_size": int, "engine": str, "device": str, "dtype": str, "threads": str, "device_map": str,
-    "max_memory": str, "offload_folder": str, "output": str,
-    "output_dir": str, "overwrite": bool, "resume": bool, "html": bool, "progress": bool, "max_pixels": int,
-    "min_pixels": int, "figures": str, "estimate": int, "estimate_sample": int, "estimate_seed": int,
-    "figure_options": list, "target": str, "contrast": str, "only_correct": bool,
-}
 # Options that name the prompt: a layer of settings that gives one replaces the other from lower layers.
 PROMPT_SOURCES = ("prompt", "prompt_file")
 # A --prompt value that ends so (and has no white space) is meant as a file: refused when it names none.
@@ -166,6 +155,26 @@ class RunConfig:
             raise OptionError("threads", "is not understood; use auto or a count from 1", self.threads)
         check_device_map(self.device_map, self.max_memory, self.offload_folder, self.device)
         parse_layers(self.layers, None)
+
+
+def field_types() -> dict[str, type]:
+    """What a YAML value or an API keyword must be, per ``RunConfig`` field: read from the dataclass's own
+    annotations (the first type of a union that is not None; ``list`` for ``list[str]``), so the one model of the
+    options is ``RunConfig`` and no second table can drift from it."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(RunConfig)
+
+    def first(hint) -> type:
+        members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kind = next(member for member in members if member is not type(None))
+        return typing.get_origin(kind) or kind
+
+    return {f.name: first(hints[f.name]) for f in fields(RunConfig)}
+
+
+FIELD_TYPES = field_types()
 
 
 def check_estimate(config: RunConfig) -> None:
