@@ -63,9 +63,9 @@ def test_version_without_torch(no_torch, vision):
 @pytest.mark.parametrize("args,message", [
     (["--unitt", "word"], "unrecognized arguments: --unitt word; did you mean --unit?"),
     (["--num", "1", "--demo"], "did you mean --num-tokens?"),  # an abbreviation is not taken silently
-    (["--demo", "--num-tokens", "0"], "--num-tokens must be between 1"),  # validation, not only parsing
+    (["--demo", "--num-tokens", "0"], "--num-tokens 0: must be between 1"),  # validation, not only parsing
     (["--demo", "--window", "x"], "argument --window: invalid int value: 'x'"),
-    (["--demo", "--device", "gpu"], "--device 'gpu' is not understood"),
+    (["--demo", "--device", "gpu"], "--device 'gpu': is not understood"),
 ])
 def test_argument_errors_without_torch_are_one_line(no_torch, args, message):
     done = _run(no_torch, True, *args)

@@ -188,7 +188,7 @@ def test_bad_figures_option_is_one_line_before_the_model_loads(capsys, tmp_path,
 
     monkeypatch.setattr(cli, "load", lambda *a: pytest.fail("the model must not load"))
     out = ["--output-dir", str(tmp_path)]
-    assert "--figures 'gif' is not one of: png, svg, pdf" in cli_error(capsys, ["--demo", "--figures", "gif", *out])
+    assert "--figures 'gif': not one of: png, svg, pdf" in cli_error(capsys, ["--demo", "--figures", "gif", *out])
     (tmp_path / "x.overlay.png").write_bytes(b"")
     assert "x.overlay.png already exists" in cli_error(capsys, ["--demo", "--figures", "png", "--output", "x", *out])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed

@@ -293,8 +293,8 @@ def _png_claiming(path: Path, width: int, height: int) -> Path:
 
 def test_small_inputs_that_ask_for_huge_work_are_refused_at_once(in_tmp, capsys):
     started = time.perf_counter()
-    assert "--layers names layer 999,999,999" in _error(capsys, ["--demo", "--layers", "0-999999999"])
-    assert "--num-tokens must be between" in _error(capsys, ["--demo", "--num-tokens", "1000000000000"])
+    assert "--layers '0-999999999': names layer 999,999,999" in _error(capsys, ["--demo", "--layers", "0-999999999"])
+    assert "--num-tokens 1000000000000: must be between" in _error(capsys, ["--demo", "--num-tokens", "1000000000000"])
     bomb = _png_claiming(in_tmp / "bomb.png", 60000, 60000)
     assert "shrink it first" in _error(capsys, ["--demo", "--image", str(bomb)])
     assert time.perf_counter() - started < 10  # before: minutes and gigabytes for the layer set alone
