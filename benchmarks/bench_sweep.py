@@ -371,11 +371,11 @@ def stage_engines(loaded, analysis, tf, stage: str):
     """The rows, units, fast and naive engines of a stage's sweep, as the command line makes them (the stage
     registry's plan, its default units, every layer)."""
     from mask_impact.config import RunConfig
-    from mask_impact.stages import STAGES
+    from mask_impact.stages import PLANS, STAGES
 
     config = RunConfig(model=loaded.name, stage=stage, unit=STAGES[stage].default_unit, mask_mode="vision")
     units = build_units(analysis.prompt, loaded.tokenizer, config, analysis.answer_start)
-    fast, naive = (STAGES[stage].plan(loaded, config, fast) for fast in (True, False))
+    fast, naive = (PLANS[stage](loaded, config, fast) for fast in (True, False))
     return fast.rows, units, fast.make_engine(analysis, tf, units), naive.make_engine(analysis, tf, units)
 
 

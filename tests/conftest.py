@@ -79,3 +79,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.browser)
         if item.get_closest_marker("browser") or item.get_closest_marker("launch"):
             item.add_marker(pytest.mark.slow)
+
+

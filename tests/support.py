@@ -84,3 +84,54 @@ def shape_pictures(loaded, seed: int, count: int, question: str = "colour"):
             path = Path(folder) / f"{number}.png"
             example.image.save(path)
             yield example, build_prompt(loaded, QUESTIONS[question], [str(path)])
+
+
+def tower_by_hand(loaded, tf, removed: list[set[int]], exempt: frozenset[int] = frozenset()):
+    """(T, V) the answer's log-probs of the model's own forward with every attention call of its vision tower (a
+    batched tower: CLIP, SigLIP; batch element b is image b) replaced by a masked softmax written out here, not the
+    tool's: in image b's sequence every query loses each key in ``removed[b]`` but itself, at every layer of the
+    tower; a query in ``exempt`` keeps every key."""
+    import torch
+    from transformers import AttentionInterface
+
+    def by_hand(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        assert attention_mask is None
+        out = torch.zeros_like(query)  # (B, nh, n, hs)
+        for b in range(query.shape[0]):
+            for q in range(query.shape[2]):
+                keep = [k for k in range(key.shape[2]) if k not in removed[b] or k == q or q in exempt]
+                scores = query[b, :, q:q + 1] @ key[b, :, keep].transpose(1, 2) * scaling  # (nh, 1, K')
+                out[b, :, q:q + 1] = torch.softmax(scores, dim=-1) @ value[b, :, keep]
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("tower_by_hand", by_hand)
+    config = loaded.model.model.vision_tower.config
+    saved = config._attn_implementation_internal
+    try:
+        config._attn_implementation_internal = "tower_by_hand"
+        with torch.no_grad():
+            logits = loaded.model(input_ids=tf.input_ids, **tf.model_kwargs).logits[0]
+    finally:
+        config._attn_implementation_internal = saved
+    return torch.log_softmax(logits[tf.answer_positions].float(), dim=-1)
+
+
+def tower_pass(loaded, tf, plan=None, registered: bool = True) -> tuple[list, object]:
+    """Each vision-tower block's input and the model's logits, one forward of the whole model: through the
+    registered ViT attention with ``plan`` active, or (``registered`` False) the model as loaded."""
+    import contextlib
+
+    import torch
+
+    from mask_impact.engines.vit import vit_plan
+
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+             for layer in loaded.adapter.vision_layers]
+    try:
+        with torch.no_grad(), (vit_plan(loaded, plan) if registered else contextlib.nullcontext()):
+            logits = loaded.model(input_ids=tf.input_ids, **tf.model_kwargs).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen, logits

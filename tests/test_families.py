@@ -25,7 +25,7 @@ from mask_impact.knockout import knockout_attention_installed
 from mask_impact.models import load_model
 from tests.tiny import WINDOW, build_tiny
 from mask_impact.units import build_units, overlaps, positions_for
-from tests.support import cli_error, draw_image, hidden_states_under
+from tests.support import cli_error, draw_image, hidden_states_under, tower_by_hand, tower_pass
 from tests.test_identities import _plan_logits, assert_no_knockout_is_native
 
 PROMPT = "A=3, B=7, C=1. What is B?"
@@ -318,6 +318,86 @@ def test_llava_occlusion_from_the_command_line(checkpoints, picture, in_tmp, cap
     assert min(kl) >= -1e-6 and max(kl) > 0  # each blurred block changes the answer's distribution, some more
 
 
+# --- LLaVA-1.5's vision encoder: CLIP, its CLS first, its features those of layer −2 ------------------------------
+
+def _llava_two(checkpoints, tmp_path):
+    """The tiny LLaVA-1.5 (3 CLIP layers, features of layer −2) on two pictures: two 17-long sequences, a batch."""
+    loaded = checkpoints.loaded("llava")
+    paths = [str(draw_image(tmp_path / f"{n}.png", w, h, seed=n)) for n, (w, h) in enumerate(((128, 64), (50, 90)))]
+    prompt = build_prompt(loaded, "What is in the picture?", paths)
+    analysis = Analysis(loaded, prompt)
+    _, tf = analysis.baseline(2)
+    return loaded, prompt, analysis, tf
+
+
+def _vit_units(loaded, prompt, analysis, unit: str) -> list:
+    config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage="vision-encoder")
+    return build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+
+
+def test_llava_vit_without_a_knockout_is_native_and_the_blocks_after_the_feature_layer_are_no_rows(checkpoints,
+                                                                                                   tmp_path):
+    """The model's forward through the registered ViT attention with no plan, or a plan that blocks nothing, is the
+    model as loaded, bit for bit (every block's input, the logits). A knockout at ViT layer 1 leaves the inputs of
+    blocks 0 and 1 bit-identical; one at block 2, after the feature layer (−2: block 2's input), changes nothing the
+    decoder gets: only blocks 0 and 1 are rows."""
+    from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionPlan
+
+    loaded, prompt, analysis, tf = _llava_two(checkpoints, tmp_path)
+    adapter = loaded.adapter
+    assert (len(adapter.vision_layers), adapter.vision_depth, loaded.model.config.vision_feature_layer) == (3, 2, -2)
+    native = tower_pass(loaded, tf, registered=False)
+    for plan in (None, VisionPlan(range(3), [None, None])):
+        blocks, logits = tower_pass(loaded, tf, plan)
+        assert all(torch.equal(a, b) for a, b in zip(native[0], blocks)) and torch.equal(native[1], logits)
+    unit = _vit_units(loaded, prompt, analysis, "token")[5]
+    engine = NaiveVisionEncoderEngine(analysis, tf, [unit])
+    blocks, logits = tower_pass(loaded, tf, engine.plan_for((1, 1), unit))
+    assert torch.equal(blocks[0], native[0][0]) and torch.equal(blocks[1], native[0][1])
+    assert not torch.equal(blocks[2], native[0][2]) and not torch.equal(logits, native[1])
+    blocks, logits = tower_pass(loaded, tf, engine.plan_for((2, 2), unit))
+    assert torch.equal(logits, native[1])
+
+
+def test_llava_vit_knockout_at_every_layer_equals_attention_written_out_by_hand(checkpoints, tmp_path):
+    """CLIP's sequence is CLS at position 0, then the crop's patches row by row. A unit knocked out at every ViT layer
+    == the model's forward with its tower's attention written out in the test at all three blocks (the one after
+    the feature layer included): in the unit's image, every position, CLS included, loses the unit's patches but a
+    patch itself; CLS is never removed. The CLS decision matters: exempting CLS's query gives another answer. Fast ==
+    naive == that, also for the two units of both images in one batch."""
+    from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionEncoderEngine
+
+    loaded, prompt, analysis, tf = _llava_two(checkpoints, tmp_path)
+    tokens, regions = _vit_units(loaded, prompt, analysis, "token"), _vit_units(loaded, prompt, analysis, "region:2")
+    picked = [tokens[5], regions[6]]  # image 0's token (1, 1), image 1's bottom-right 2×2 block
+    naive, fast = NaiveVisionEncoderEngine(analysis, tf, picked), VisionEncoderEngine(analysis, tf, picked)
+    for n, unit in enumerate(picked):
+        removed = [set(), set()]
+        for row in unit.patches:  # 16 patches per image, row by row
+            removed[row // 16].add(1 + row % 16)  # after CLS
+        reference = tower_by_hand(loaded, tf, removed)
+        assert (naive.logprobs((0, 1), [unit])[0] - reference).abs().max() <= 1e-5
+        assert (fast.logprobs((0, 1), [unit])[0] - reference).abs().max() <= 2e-5
+        assert (reference - naive.base_logprobs).abs().max() > 1e-4
+        if n == 0:
+            assert (tower_by_hand(loaded, tf, removed, exempt=frozenset({0})) - reference).abs().max() > 1e-6
+    assert (fast.logprobs((1, 1), picked) - naive.logprobs((1, 1), picked)).abs().max() <= 2e-5  # one batch, 2 images
+
+
+def test_llava_vit_from_the_command_line(checkpoints, picture, in_tmp, capsys):
+    assert main(_argv(checkpoints.folder("llava"), "--image", picture, "--stage", "vision-encoder", "--unit",
+                      "region:2", "--output", "v"), True) == 0, capsys.readouterr().err
+    data = json.loads((in_tmp / "output" / "v.json").read_text())
+    assert data["stage"] == "vision-encoder" and data["window_labels"] == ["ViT layer 0", "ViT layer 1"]
+    assert len(data["units"]) == 4 and data["units"][0]["box"] == [32.0, 0.0, 64.0, 32.0]  # the centre crop's
+    kl = [value for row in data["metrics"]["kl"] for value in row]
+    assert min(kl) >= -1e-6 and max(kl) > 0
+    err = cli_error(capsys, _argv(checkpoints.folder("llava"), "--image", picture, "--stage", "vision-encoder",
+                                  "--layers", "2", "--output", "w"))
+    assert ("layers are the vision tower's 2 below its feature layer (vision_feature_layer -2; the blocks after it "
+            "change nothing)") in err
+
+
 def _argv(folder, *extra) -> list[str]:
     return ["--model", str(folder), "--prompt", PROMPT, "--device", "cpu", "--dtype", "float32", "--num-tokens", "2",
             "--no-progress", "--generate-top", "0", *extra]
@@ -339,11 +419,8 @@ def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, pictur
     ("qwen2_5_vl", "deepstack", "it has no DeepStack"),
     ("qwen2_5_vl", "vision-encoder", "--stage vision-encoder is not available for qwen2_5_vl"),
     ("llava_next", "pixels", "--stage pixels is not available for llava_next models; it supports --stage decoder"),
-    ("gemma3", "vision-encoder", "--stage vision-encoder is not available for gemma3 models (its ViT knockout is not "
-                                 "defined for it); it supports --stage decoder, pixels"),
-    ("llava", "vision-encoder", "--stage vision-encoder is not available for llava models (its ViT knockout is not "
-                                "defined for it); it supports --stage decoder, pixels"),
-    ("llava_next", "vision-encoder", "--stage vision-encoder is not available for llava_next models"),
+    ("llava_next", "vision-encoder", "--stage vision-encoder is not available for llava_next models (its ViT "
+                                     "knockout is not defined for it); it supports --stage decoder"),
 ])
 def test_a_stage_the_family_lacks_is_one_line(checkpoints, picture, in_tmp, capsys, model_type, stage, message):
     err = cli_error(capsys, _argv(checkpoints.folder(model_type), "--image", picture, "--stage", stage, "--output",

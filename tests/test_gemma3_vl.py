@@ -5,7 +5,9 @@ masks are the model's, bit for bit; a knockout of a *later* image token changes 
 and the fast engine agrees with the naive one there; ``--vision-attention`` changes nothing; the head applies no
 soft-capping (as ``Gemma3ForConditionalGeneration``); bad settings are one line. Occlusion (``--stage pixels``): a
 token's pixels are the k×k patches its pooling averages; occluding it is the model on ``pixel_values`` with that block
-filled by hand; fast == naive for every fill and unit kind; a fill equal to the pixels changes nothing.
+filled by hand; fast == naive for every fill and unit kind; a fill equal to the pixels changes nothing. The vision
+encoder (``--stage vision-encoder``): SigLIP's sequence is the square's patches row by row, no CLS; no knockout is
+the native forward bit for bit; a knockout at every ViT layer is attention written out by hand; fast == naive.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mask_impact.knockout import apply_plan, knockout_attention_installed
 from mask_impact.models import load_model
 from mask_impact.units import build_units
 from tests.tiny import WINDOW, build_tiny
-from tests.support import cli_error, draw_image
+from tests.support import cli_error, draw_image, tower_by_hand, tower_pass
 
 PROMPT = "A=3, B=7, C=1. What is B?"
 
@@ -184,8 +186,8 @@ def test_a_run_records_its_geometry(folder, pictures, in_tmp, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (("--stage", "vision-encoder"), "--stage vision-encoder is not available for gemma3 models (its ViT knockout is "
-                                    "not defined for it); it supports --stage decoder, pixels"),
+    (("--stage", "vision-encoder", "--layers", "2"), "(with --stage vision-encoder, layers are the vision tower's 2)"),
+    (("--stage", "vision-encoder", "--unit", "word"), "use --unit patch"),
     (("--stage", "pixels", "--unit", "word"), "use --unit patch"),
     (("--min-pixels", "1000"), "--min-pixels/--max-pixels: a gemma3 processor resizes every image to a fixed size"),
 ])
@@ -354,3 +356,84 @@ def test_the_released_geometry_a_token_s_rows_are_its_56_pixel_block():
     n = 5 * 16 + 9  # image 1's token (5, 9)
     block = pixels[1, :, 5 * 56:6 * 56, 9 * 56:10 * 56].reshape(3, 4, 14, 4, 14).permute(1, 3, 0, 2, 4)
     assert torch.equal(rows[4096 + 16 * n: 4096 + 16 * (n + 1)], block.reshape(16, -1))
+
+
+# --- the vision encoder (--stage vision-encoder): SigLIP, one sequence per image, its patches row by row -----------
+
+
+def _vit(loaded, pictures):
+    prompt = build_prompt(loaded, "What is in the picture?", pictures[:2])
+    analysis = Analysis(loaded, prompt)
+    _, tf = analysis.baseline(2)
+    return prompt, analysis, tf
+
+
+def _vit_units(loaded, prompt, analysis, unit: str) -> list:
+    config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage="vision-encoder")
+    return build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+
+
+def test_vit_without_a_knockout_is_native_and_layers_below_the_window_stay_bit_identical(loaded, pictures):
+    """The model's forward through the registered ViT attention with no plan, or a plan that blocks nothing, is the
+    model as loaded, bit for bit (every block's input, the logits); a knockout at ViT layer 1 leaves block 0's and
+    block 1's inputs bit-identical and changes the answer. Every block reaches the features: both are rows."""
+    from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionPlan
+
+    prompt, analysis, tf = _vit(loaded, pictures)
+    assert len(loaded.adapter.vision_layers) == loaded.adapter.vision_depth == 2
+    native = tower_pass(loaded, tf, registered=False)
+    for plan in (None, VisionPlan(range(2), [None, None])):
+        blocks, logits = tower_pass(loaded, tf, plan)
+        assert all(torch.equal(a, b) for a, b in zip(native[0], blocks)) and torch.equal(native[1], logits)
+    unit = _vit_units(loaded, prompt, analysis, "token")[6]
+    blocks, logits = tower_pass(loaded, tf, NaiveVisionEncoderEngine(analysis, tf, [unit]).plan_for((1, 1), unit))
+    assert torch.equal(blocks[0], native[0][0]) and torch.equal(blocks[1], native[0][1])
+    assert not torch.equal(logits, native[1])
+
+
+def test_vit_knockout_at_every_layer_equals_attention_written_out_by_hand(loaded, pictures):
+    """SigLIP's sequence: the 64-px square's 4×4 patches row by row (no CLS), while a token's patch rows come token by
+    token, its 2×2 inside. A unit knocked out at both ViT layers == the model's forward with the tower's attention
+    written out in the test: in the unit's image every patch loses the unit's patches but itself. Fast == naive ==
+    that, for a token, a single patch, and both in one batch."""
+    from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionEncoderEngine
+
+    prompt, analysis, tf = _vit(loaded, pictures)
+    token = _vit_units(loaded, prompt, analysis, "token")[6]  # image 1's token (1, 0)
+    patch = next(u for u in _vit_units(loaded, prompt, analysis, "patch") if u.label == "image1 p1,2")
+    picked = [token, patch]
+    naive, fast = NaiveVisionEncoderEngine(analysis, tf, picked), VisionEncoderEngine(analysis, tf, picked)
+    for unit, image, cells in ((token, 1, [(2, 0), (2, 1), (3, 0), (3, 1)]), (patch, 0, [(1, 2)])):
+        removed = [set(), set()]
+        removed[image] = {row * 4 + col for row, col in cells}  # raster positions over the 4×4 patches
+        assert sorted(unit.patches) == sorted(16 * image + 4 * (2 * (r // 2) + c // 2) + 2 * (r % 2) + c % 2
+                                              for r, c in cells)  # the rows: token by token, 2×2 inside
+        reference = tower_by_hand(loaded, tf, removed)
+        assert (naive.logprobs((0, 1), [unit])[0] - reference).abs().max() <= 1e-5
+        assert (fast.logprobs((0, 1), [unit])[0] - reference).abs().max() <= 2e-5
+        assert (reference - naive.base_logprobs).abs().max() > 1e-5
+    assert (fast.logprobs((0, 1), picked) - naive.logprobs((0, 1), picked)).abs().max() <= 2e-5
+
+
+@pytest.mark.parametrize("unit", ["patch", "token", "image"])
+def test_vit_fast_equals_naive_for_every_unit_kind(loaded, pictures, unit):
+    from mask_impact.engines.vit import NaiveVisionEncoderEngine, VisionEncoderEngine
+
+    prompt, analysis, tf = _vit(loaded, pictures)
+    units = _vit_units(loaded, prompt, analysis, unit)
+    units = units[::5] if unit == "patch" else units
+    fast, naive = VisionEncoderEngine(analysis, tf, units), NaiveVisionEncoderEngine(analysis, tf, units)
+    for window in ((1, 1), (0, 1)):  # from the cached input of block 1, and from block 0
+        expected = naive.logprobs(window, units)
+        assert (fast.logprobs(window, units) - expected).abs().max() <= 2e-5, window
+        assert ((expected - naive.base_logprobs).abs().amax(dim=(1, 2)) > 1e-6).all(), window  # every unit acts
+
+
+def test_vit_from_the_command_line(folder, pictures, in_tmp, capsys):
+    assert main(_argv(folder, "--image", pictures[0], "--stage", "vision-encoder", "--unit", "token", "--output",
+                      "v"), True) == 0, capsys.readouterr().err
+    data = json.loads((in_tmp / "output" / "v.json").read_text())
+    assert data["stage"] == "vision-encoder" and data["window_labels"] == ["ViT layer 0", "ViT layer 1"]
+    assert [u["patches"] for u in data["units"]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    kl = [value for row in data["metrics"]["kl"] for value in row]
+    assert min(kl) >= -1e-6 and max(kl) > 0

@@ -294,7 +294,7 @@ def _block_inputs(loaded, prompt, plan=None) -> list[torch.Tensor]:
 def test_the_registered_vit_attention_without_a_knockout_is_the_native_one_and_layers_below_stay_bit_identical(
         vl_model, images):
     from mask_impact.patches import PatchLayout
-    from mask_impact.engines.vit import VisionPlan, _chunk_keys
+    from mask_impact.engines.vit import VisionPlan, _chunk_keys, image_sequences
 
     prompt = build_prompt(vl_model, PROMPT, [images["wide"], images["square"]])
     native = _block_inputs(vl_model, prompt)
@@ -306,7 +306,8 @@ def test_the_registered_vit_attention_without_a_knockout_is_the_native_one_and_l
     unit = _vit_units(vl_model, prompt, "token")[3]
     depth = len(vl_model.model.model.visual.blocks)
     assert depth >= 2
-    knocked = _block_inputs(vl_model, prompt, VisionPlan(range(1, depth), _chunk_keys(layout, unit, range(2))))
+    chunks = _chunk_keys(image_sequences(vl_model.adapter, layout), layout, unit, range(2))
+    knocked = _block_inputs(vl_model, prompt, VisionPlan(range(1, depth), chunks))
     assert all(torch.equal(a, b) for a, b in zip(native[:2], knocked[:2]))  # the inputs of layers 0 and 1
     assert not torch.equal(native[2], knocked[2])
 

@@ -76,12 +76,12 @@ def _gemma_config(tokenizer, model_type: str) -> transformers.PretrainedConfig:
 LLAVA_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
 
 
-def _clip_and_llama(tokenizer):
-    """The LLaVA models' parts in small: an ``<image>`` token and its chat template, a 2-layer CLIP tower over 64×64
-    images of 16-px patches, a Llama decoder's config."""
+def _clip_and_llama(tokenizer, layers: int = 2):
+    """The LLaVA models' parts in small: an ``<image>`` token and its chat template, a CLIP tower of ``layers``
+    layers over 64×64 images of 16-px patches, a Llama decoder's config."""
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.chat_template = LLAVA_TEMPLATE
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                            num_attention_heads=2, image_size=64, patch_size=16)
     text = dict(_text(tokenizer, head_dim=16), model_type="llama",
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
@@ -89,8 +89,10 @@ def _clip_and_llama(tokenizer):
 
 
 def _llava(tokenizer):
-    """LLaVA-1.5 in small: a 2-layer CLIP tower over 64×64 crops of 16-px patches (a 4×4 grid), a Llama decoder."""
-    vision, text = _clip_and_llama(tokenizer)
+    """LLaVA-1.5 in small: a 3-layer CLIP tower over 64×64 crops of 16-px patches (a 4×4 grid) whose features are
+    layer −2's (the input of the last block: two blocks reach the decoder, the third changes nothing), a Llama
+    decoder."""
+    vision, text = _clip_and_llama(tokenizer, layers=3)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text,
                                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                       vision_feature_layer=-2, vision_feature_select_strategy="default",

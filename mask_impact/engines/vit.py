@@ -1,12 +1,15 @@
 """The vision encoder (``--stage vision-encoder``): attention knockouts between an image's patches in the ViT.
 
-At every ViT layer of the window, every other patch of the unit's image is blocked from the unit's patches,
-through an attention function registered in transformers' ``AttentionInterface`` (``vit_knockout_attention``)
-and called by the tower's own attention modules; chunks (the packed images of the tower's sequence) are met in
-order. ``VisionEncoderEngine`` caches each ViT layer's input once and re-runs the layers from the window's first
-for a batch of knockouts of one image (one stacked chunk, split into a batched SDPA call), the mergers, then the
-decoder from that image's first position; ``NaiveVisionEncoderEngine`` is its oracle: the whole model per
-knockout, the ViT attention written out.
+At every ViT layer of the window, every other position of the unit's image (a CLS token included) is blocked from
+the unit's patches, through an attention function registered in transformers' ``AttentionInterface``
+(``vit_knockout_attention``) and called by the tower's own attention modules. Chunks (one image's sequence each) are
+met in order: the packed images of a Qwen tower, one attention call each, or the batch of a CLIP or SigLIP tower,
+one call for all. The family's adapter says where each patch row sits in its image's sequence
+(``vision_sequence``), which blocks reach the features (``vision_depth``) and how to re-run them
+(``vision_rerun``). ``VisionEncoderEngine`` caches each ViT layer's input once and re-runs the layers from the
+window's first for a batch of knockouts of one image (Qwen: one stacked chunk, split into a batched SDPA call; CLIP,
+SigLIP: a batch of copies), the tower's head (mergers, projector), then the decoder from that image's first
+position; ``NaiveVisionEncoderEngine`` is its oracle: the whole model per knockout, the ViT attention written out.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ _ACTIVE_VIT_PLAN: contextvars.ContextVar[VisionPlan | None] = contextvars.Contex
 
 @dataclass
 class VisionPlan:
-    """What the registered ViT attention blocks: at every ViT layer of ``layers``, in each packed image (a
-    "chunk" of the vision tower's sequence, met in order), every patch but itself is blocked from the chunk's
-    knocked-out patches (``chunks``: per chunk, (n,) True at them; None: the chunk is untouched).
+    """What the registered ViT attention blocks: at every ViT layer of ``layers``, in each image's sequence (a
+    "chunk", met in order: a packed tower's images one attention call each, a batched tower's all in one call),
+    every position but itself is blocked from the chunk's knocked-out patches (``chunks``: per chunk, (n,) True at
+    their positions in the sequence; None: the chunk is untouched).
 
     ``stacked``: the vision tower is given one chunk of ``len(chunks)`` equal images of ``stacked`` patches each (a
     batch of knockouts of one image); the attention splits it into a batch of images and runs them in one SDPA call,
@@ -50,13 +54,16 @@ class VisionPlan:
     def __post_init__(self) -> None:
         self.calls: dict[int, int] = {}
 
-    def next_chunk(self, layer: int, length: int) -> torch.Tensor | None:
+    def next_chunks(self, layer: int, count: int, length: int) -> list[torch.Tensor | None]:
+        """The next ``count`` chunks at ``layer`` (one attention call over a batch of ``count`` sequences)."""
         index = self.calls.get(layer, 0)
-        self.calls[layer] = index + 1
-        keys = self.chunks[index % len(self.chunks)]
-        if keys is not None and keys.shape[0] != length:
-            raise RuntimeError(f"ViT layer {layer}: chunk {index} has {length} patches, the plan {keys.shape[0]}")
-        return keys
+        self.calls[layer] = index + count
+        chunks = [self.chunks[(index + b) % len(self.chunks)] for b in range(count)]
+        for b, keys in enumerate(chunks):
+            if keys is not None and keys.shape[0] != length:
+                raise RuntimeError(f"ViT layer {layer}: chunk {index + b} has {length} positions, the plan "
+                                   f"{keys.shape[0]}")
+        return chunks
 
 
 def vit_knockout_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -66,21 +73,24 @@ def vit_knockout_attention(module, query, key, value, attention_mask, dropout: f
     layer = getattr(module, "mask_impact_layer", None)
     if plan is not None and plan.stacked is not None:
         return _stacked_attention(plan, layer in plan.layers, query, key, value, scaling)
-    keys = plan.next_chunk(layer, query.shape[2]) if plan is not None and layer in plan.layers else None
-    if keys is None and not (plan is not None and plan.reference):
+    batch, length = query.shape[0], query.shape[2]
+    chunks = plan.next_chunks(layer, batch, length) if plan is not None and layer in plan.layers else [None] * batch
+    if all(keys is None for keys in chunks) and not (plan is not None and plan.reference):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    length = query.shape[2]
+    if attention_mask is not None:
+        raise RuntimeError("the vision tower passed its attention a mask; the ViT knockout assumes none")
     eye = torch.eye(length, dtype=torch.bool, device=query.device)
-    blocked = torch.zeros(length, length, dtype=torch.bool, device=query.device) if keys is None else \
-        keys.to(query.device)[None, :] & ~eye  # (Q, K): every other patch from the knocked-out ones
+    keys = torch.stack([torch.zeros(length, dtype=torch.bool) if chunk is None else chunk.cpu()
+                        for chunk in chunks]).to(query.device)  # (B, n)
+    blocked = keys[:, None, None, :] & ~eye  # (B, 1, Q, K): every other position from the knocked-out patches
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if plan.reference:
-        scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (1, nh, n, n)
+        scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (B, nh, n, n)
         scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         output = torch.matmul(weights, value)
     else:
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=~blocked[None, None], scale=scale)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=~blocked, scale=scale)
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -109,28 +119,38 @@ AttentionInterface.register(VIT_ATTENTION, vit_knockout_attention)
 @contextlib.contextmanager
 def vit_plan(loaded, plan: VisionPlan | None):
     """Route the vision tower's attention through ``vit_knockout_attention`` with ``plan`` active."""
-    visual = loaded.adapter.vision_tower
-    for index, block in enumerate(visual.blocks):
-        block.attn.mask_impact_layer = index
-    config = visual.config
-    saved = config._attn_implementation_internal
+    adapter = loaded.adapter
+    for index, layer in enumerate(adapter.vision_layers):
+        adapter.vision_attention(layer).mask_impact_layer = index
+    configs = adapter.vision_attention_configs()
+    saved = [config._attn_implementation_internal for config in configs]
     token = _ACTIVE_VIT_PLAN.set(plan)
     try:
-        config._attn_implementation_internal = VIT_ATTENTION
+        for config in configs:
+            config._attn_implementation_internal = VIT_ATTENTION
         yield
     finally:
-        config._attn_implementation_internal = saved
+        for config, value in zip(configs, saved):
+            config._attn_implementation_internal = value
         _ACTIVE_VIT_PLAN.reset(token)
 
 
-def _chunk_keys(layout: PatchLayout, unit, images: range) -> list[torch.Tensor | None]:
-    """Per image chunk of one forward: the unit's patches among that image's rows (None where it has none)."""
+def image_sequences(adapter, layout: PatchLayout) -> list[tuple[int, torch.Tensor]]:
+    """Per image: its sequence's length in the tower, and where each of its patch rows sits in it."""
+    return [adapter.vision_sequence(grid) for grid in layout.grids]
+
+
+def _chunk_keys(sequences: list[tuple[int, torch.Tensor]], layout: PatchLayout, unit,
+                images: range) -> list[torch.Tensor | None]:
+    """Per image chunk of one forward: the unit's patches at their positions in that image's sequence (None where
+    it has none)."""
     chunks = []
     for image in images:
         rows = layout.rows(image)
-        keys = torch.zeros(len(rows), dtype=torch.bool)
+        length, positions = sequences[image]
         inside = [row - rows.start for row in unit.patches if row in rows]
-        keys[inside] = True
+        keys = torch.zeros(length, dtype=torch.bool)
+        keys[positions[inside]] = True
         chunks.append(keys if inside else None)
     return chunks
 
@@ -138,10 +158,17 @@ def _chunk_keys(layout: PatchLayout, unit, images: range) -> list[torch.Tensor |
 class _KnockedOutPatches(Patches):
     """Patches, and the model with a unit's patches knocked out in a window of ViT layers (for generation)."""
 
+    def __init__(self, analysis: Analysis, tf: TeacherForced, units: list):
+        super().__init__(analysis, tf, "mean", units)
+        self.sequences = image_sequences(analysis.loaded.adapter, self.layout)
+
+    def plan_for(self, window: tuple[int, int], unit, reference: bool = False) -> VisionPlan:
+        """The knockout of ``unit`` at ViT layers ``window`` over every image of the prompt."""
+        return VisionPlan(range(window[0], window[1] + 1),
+                          _chunk_keys(self.sequences, self.layout, unit, range(len(self.layout.grids))), reference)
+
     def knocked_out(self, window: tuple[int, int], unit):
-        images = range(len(self.layout.grids))
-        return vit_plan(self.analysis.loaded, VisionPlan(range(window[0], window[1] + 1),
-                                                         _chunk_keys(self.layout, unit, images)))
+        return vit_plan(self.analysis.loaded, self.plan_for(window, unit))
 
 
 class VisionEncoderEngine(_KnockedOutPatches):
@@ -150,21 +177,20 @@ class VisionEncoderEngine(_KnockedOutPatches):
     position. A row whose visual features come out unchanged is the baseline row itself."""
 
     def __init__(self, analysis: Analysis, tf: TeacherForced, units: list):
-        super().__init__(analysis, tf, "mean", units)
+        super().__init__(analysis, tf, units)
         self.fast = FastEngine(analysis, tf)
         self.base_logprobs = self.fast.base_logprobs
-        visual = analysis.loaded.adapter.vision_tower
-        self.inputs: list[tuple] = []  # per ViT layer: (hidden (N, D), the block's keyword arguments)
+        adapter, device = analysis.loaded.adapter, analysis.loaded.device
+        self.recorded: list[tuple[tuple, dict]] = []  # per ViT layer: the block's arguments in the unmasked pass
 
         def record(module, args, kwargs):
-            self.inputs.append((args[0] if args else kwargs["hidden_states"], dict(kwargs)))
+            self.recorded.append((args, dict(kwargs)))
 
-        hooks = [block.register_forward_pre_hook(record, with_kwargs=True) for block in visual.blocks]
+        hooks = [layer.register_forward_pre_hook(record, with_kwargs=True)
+                 for layer in list(adapter.vision_layers)[:adapter.vision_depth]]
         try:
             with torch.no_grad(), vit_plan(analysis.loaded, None):
-                grid = self.grid.to(analysis.loaded.device)
-                self.features = visual(self.pixel_values.to(analysis.loaded.device, visual.dtype), grid_thw=grid,
-                                       return_dict=True)
+                self.features = adapter.image_features(self.pixel_values.to(device), self.grid.to(device))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -188,38 +214,18 @@ class VisionEncoderEngine(_KnockedOutPatches):
         return out
 
     def _encode(self, window: tuple[int, int], image: int, units: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """ViT layers ``window[0] ..`` over ``image`` for each unit: (B, n_tok, H) embeddings and, per DeepStack
-        level, (B, n_tok, H) features."""
-        visual = self.analysis.loaded.adapter.vision_tower
-        first = window[0]
-        rows = self.layout.rows(image)
+        """ViT layers ``window[0] ..`` over ``image`` for each unit: (B, n_tok, H) features and, per DeepStack
+        level, (B, n_tok, H) features (the levels of layers below the window are the cached ones)."""
+        adapter = self.analysis.loaded.adapter
         batch = len(units)
-        hidden, kwargs = self.inputs[first]
-        hidden = hidden[rows.start: rows.stop].repeat(batch, 1)  # (B·n, D), one image per row
-        cos, sin = kwargs["position_embeddings"]
-        kwargs = dict(kwargs, position_embeddings=(cos[rows.start: rows.stop].repeat(batch, 1),
-                                                   sin[rows.start: rows.stop].repeat(batch, 1)),
-                      cu_seqlens=torch.tensor([0, batch * len(rows)], dtype=torch.int32, device=hidden.device),
-                      max_seqlen=batch * len(rows))  # one stacked chunk: the attention splits it per row
-        kwargs.pop("hidden_states", None)
-        plan = VisionPlan(range(window[0], window[1] + 1), [_chunk_keys(self.layout, unit, range(image, image + 1))[0]
-                                                            for unit in units], stacked=len(rows))
-        tokens = self.token_slices[image]
-        levels = []
+        chunks = [_chunk_keys(self.sequences, self.layout, unit, range(image, image + 1))[0] for unit in units]
+        stacked = self.sequences[image][0] if adapter.vision_packed else None  # one stacked chunk, split per row
+        plan = VisionPlan(range(window[0], window[1] + 1), chunks, stacked=stacked)
         with vit_plan(self.analysis.loaded, plan):
-            for index in range(first, len(visual.blocks)):
-                hidden = visual.blocks[index](hidden, **kwargs)
-                if index in getattr(visual, "deepstack_visual_indexes", ()):
-                    level = visual.deepstack_visual_indexes.index(index)
-                    levels.append((level, visual.deepstack_merger_list[level](hidden)))
-            embeds = visual.merger(hidden).reshape(batch, -1, self.fast.image_embeds.shape[-1])
-        computed = dict(levels)
-        deepstack = []
-        for level, cached in enumerate(deepstack_of(self.features)):  # levels below the window are unchanged
-            if level in computed:
-                deepstack.append(computed[level].reshape(batch, -1, cached.shape[-1]))
-            else:
-                deepstack.append(cached[tokens][None].expand(batch, -1, -1))
+            embeds, computed = adapter.vision_rerun(self.recorded, window[0], image, self.layout.rows(image), batch)
+        tokens = self.token_slices[image]
+        deepstack = [computed[level] if level in computed else cached[tokens][None].expand(batch, -1, -1)
+                     for level, cached in enumerate(deepstack_of(self.features))]
         return embeds, deepstack
 
 
@@ -227,7 +233,7 @@ class NaiveVisionEncoderEngine(_KnockedOutPatches):
     """The oracle: the whole model per knockout, the ViT attention written out with the plan's blocks."""
 
     def __init__(self, analysis: Analysis, tf: TeacherForced, units: list):
-        super().__init__(analysis, tf, "mean", units)
+        super().__init__(analysis, tf, units)
         self.base_logprobs = self._forward(None)[0]
 
     def _forward(self, plan: VisionPlan | None) -> torch.Tensor:
@@ -235,10 +241,7 @@ class NaiveVisionEncoderEngine(_KnockedOutPatches):
             return whole_model_logprobs(self.analysis, self.tf)
 
     def logprobs(self, window: tuple[int, int], units: list) -> torch.Tensor:
-        images = range(len(self.layout.grids))
-        return torch.cat([self._forward(VisionPlan(range(window[0], window[1] + 1),
-                                                   _chunk_keys(self.layout, unit, images), reference=True))
-                          for unit in units], dim=0)
+        return torch.cat([self._forward(self.plan_for(window, unit, reference=True)) for unit in units], dim=0)
 
 
 def plan(loaded, config, fast: bool) -> StagePlan:
@@ -247,7 +250,8 @@ def plan(loaded, config, fast: bool) -> StagePlan:
     try:
         windows = windows_for(parse_layers(config.layers, depth), config.window, depth)
     except UsageError as error:
-        raise UsageError(f"{error} (with --stage vision-encoder, layers are the vision tower's {depth})") from None
+        raise UsageError(f"{error} (with --stage vision-encoder, layers are {loaded.adapter.vision_depth_note()})") \
+            from None
 
     def generate(analysis, engine, w, unit, knockout, n):
         with engine.knocked_out(windows[w], unit):

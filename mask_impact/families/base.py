@@ -166,6 +166,54 @@ class DecoderAdapter:
         """(images, 3) each image's (t, h, w) in patches, as ``image_features`` takes it."""
         return torch.tensor([image.grid_thw for image in prompt.images])
 
+    # --- the vision tower's layers (the vision-encoder stage; a family that supports it gives these) ---------------
+    # The defaults are the Qwen towers': a prompt's images packed into one sequence (the tower's attention called once
+    # per image), each image's sequence its patch rows in order, every block reaching the features.
+
+    vision_packed: bool = True  # False: one sequence per image, the images a batch (CLIP, SigLIP)
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The tower's blocks, in order (all of them; ``vision_depth`` says how many reach the features)."""
+        return self.vision_tower.blocks
+
+    @property
+    def vision_depth(self) -> int:
+        """The tower's layers that reach the features the decoder gets, ``vision_layers[:vision_depth]``: the rows
+        ``--layers`` and ``--window`` count with ``--stage vision-encoder``."""
+        return len(self.vision_layers)
+
+    def vision_depth_note(self) -> str:
+        """What ``--layers`` counts with ``--stage vision-encoder``, for its messages."""
+        return f"the vision tower's {self.vision_depth}"
+
+    def vision_attention(self, layer: nn.Module) -> nn.Module:
+        """The module of a tower block that calls transformers' attention interface."""
+        return layer.attn
+
+    def vision_attention_configs(self) -> list:
+        """The config objects the tower's attention modules read ``_attn_implementation`` from."""
+        configs = {id(self.vision_tower.config): self.vision_tower.config}
+        for layer in self.vision_layers:
+            config = getattr(self.vision_attention(layer), "config", None)
+            if config is not None:
+                configs[id(config)] = config
+        return list(configs.values())
+
+    def vision_sequence(self, grid_thw) -> tuple[int, torch.Tensor]:
+        """One image's sequence in the tower: its length, and the position in it of each of the image's patch rows
+        (``patch_rows`` order), (n,). Qwen: the rows themselves, in order."""
+        t, h, w = (int(v) for v in grid_thw)
+        return t * h * w, torch.arange(t * h * w)
+
+    def vision_rerun(self, recorded: list[tuple[tuple, dict]], first: int, image: int, rows: range,
+                     batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Blocks ``first .. vision_depth - 1`` over ``batch`` copies of image ``image`` (its patch rows ``rows``),
+        from ``recorded``: each block's (args, kwargs) in the tower's pass over the prompt's images. Returns the
+        features the decoder gets, (B, n_tok, H), and the DeepStack levels recomputed, {level: (B, n_tok, H)}. The
+        caller holds the knockout plan (for a packed tower: one stacked sequence of the copies)."""
+        raise NotImplementedError(f"{self.name}: no ViT stage")
+
     def geometry(self) -> str | None:
         """How vision tokens map to pixels, for the result's ``meta`` (None: the family takes no images)."""
         return None
@@ -244,3 +292,30 @@ def family_class(model_type: str | None) -> type[DecoderAdapter]:
 
 def adapter_for(model: nn.Module) -> DecoderAdapter:
     return family_class(model.config.model_type)(model)
+
+
+def raster_positions(grid_thw, merge: int, prefix: int = 0) -> torch.Tensor:
+    """(n,) where each patch row (the Qwen order: t, token, the ``merge``² patches inside it) sits in a tower's
+    sequence that takes the patches row by row after ``prefix`` tokens of its own (CLIP: its CLS)."""
+    t, h, w = (int(v) for v in grid_thw)
+    frame, row, col, dy, dx = torch.meshgrid(torch.arange(t), torch.arange(h // merge), torch.arange(w // merge),
+                                             torch.arange(merge), torch.arange(merge), indexing="ij")
+    return (prefix + frame * h * w + (row * merge + dy) * w + col * merge + dx).flatten()
+
+
+def rerun_batched(layers: nn.ModuleList, recorded: list[tuple[tuple, dict]], first: int, image: int, batch: int,
+                  stop: int) -> list[torch.Tensor]:
+    """A tower that takes one sequence per image, batched (CLIP, SigLIP): blocks ``first .. stop - 1`` over ``batch``
+    copies of image ``image`` from the recorded inputs of block ``first``; each block's output (B, L, D)."""
+    args, kwargs = recorded[first]
+    kwargs = dict(kwargs)
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    rest = args[1:]
+    if any(arg is not None for arg in rest) or kwargs.get("attention_mask") is not None:
+        raise RuntimeError("the vision tower passed its blocks an attention mask; the ViT knockout assumes none")
+    hidden = hidden[image:image + 1].repeat(batch, *([1] * (hidden.dim() - 1)))
+    outputs = []
+    for index in range(first, stop):
+        hidden = layers[index](hidden, *rest, **kwargs)
+        outputs.append(hidden)
+    return outputs

@@ -25,8 +25,15 @@ Geometry: the processor resizes the whole picture to its ``size`` (the tower's s
 token (r, c) of the pooled s×s grid covers k×k patches (k = P / s), i.e. a (k·patch)-pixel square of the resized
 picture, mapped back by the resize ratio. Occlusion (``--stage pixels``) fills exactly those k×k patches: the adapter
 gives the square as patch rows in the Qwen order (``patch_rows``: token by token, its k×k patches inside,
-``patch_merge`` = k), their inverse (``pixel_values_of``) and the tower's features of such rows (``image_features``). Pan-and-scan (extra crops, each its own block) is refused, as are
-``--min-pixels``/``--max-pixels`` (the size is fixed) and a pooling that does not tile the patch grid evenly.
+``patch_merge`` = k), their inverse (``pixel_values_of``) and the tower's features of such rows (``image_features``).
+Pan-and-scan (extra crops, each its own block) is refused, as are ``--min-pixels``/``--max-pixels`` (the size is
+fixed) and a pooling that does not tile the patch grid evenly.
+
+The vision encoder (``--stage vision-encoder``): SigLIP takes one sequence per image (a batch), no CLS, its patches
+row by row over the whole square; a patch row (token by token, k×k inside) sits at its raster position there
+(``vision_sequence``). Every block reaches the features (the last hidden state, post-layernormed, pooled and
+projected), so every block is a row. ``vision_rerun`` runs the blocks of the window's first on for a batch of copies
+of one image, then ``post_layernorm`` and the projector, as ``get_image_features`` does.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 from ..errors import UsageError
-from .base import DecoderAdapter, LayerInputs, declared_types, register
+from .base import DecoderAdapter, LayerInputs, declared_types, raster_positions, register, rerun_batched
 from .gemma import Gemma3Text
 from .llava import FixedResize
 
@@ -62,8 +69,9 @@ class Gemma3Vision(DecoderAdapter):
     model_class = "Gemma3ForConditionalGeneration"
     label = "Gemma 3 (images)"
     takes_images = True
-    stages = ("decoder", "pixels")
+    stages = ("decoder", "pixels", "vision-encoder")
     bidirectional_images = True
+    vision_packed = False  # SigLIP: one sequence per image, a batch
     layer_type_rule = staticmethod(declared_types)
     position_embeddings = Gemma3Text.position_embeddings
     rotary = Gemma3Text.rotary
@@ -146,6 +154,32 @@ class Gemma3Vision(DecoderAdapter):
         features = self.model.model.get_image_features(self.pixel_values_of(rows), return_dict=True)
         features.pooler_output = tuple(features.pooler_output)
         return features
+
+    # --- the vision tower's layers (the vision-encoder stage) -------------------------------------------------------
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The SigLIP vision model: embeddings (patches only), ``encoder.layers``, ``post_layernorm``."""
+        return self.model.model.vision_tower
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.encoder.layers
+
+    def vision_attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def vision_sequence(self, grid_thw) -> tuple[int, torch.Tensor]:
+        """No CLS; the square's patches row by row: a patch row (token, then k×k) at its raster position."""
+        t, h, w = (int(v) for v in grid_thw)
+        return t * h * w, raster_positions(grid_thw, self.patch_merge)
+
+    def vision_rerun(self, recorded: list[tuple[tuple, dict]], first: int, image: int, rows: range,
+                     batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Blocks ``first ..`` for ``batch`` copies of the image, then ``get_image_features``: the post-layernorm,
+        the projector's pooling, norm and projection."""
+        hidden = rerun_batched(self.vision_layers, recorded, first, image, batch, self.vision_depth)[-1]
+        return self.model.model.multi_modal_projector(self.vision_tower.post_layernorm(hidden)), {}
 
     # --- prompt markup and geometry --------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 The decoder is ``model.model.language_model``: its masks are those of its own family (``text_config.model_type``,
 e.g. Llama: one causal mask), its positions plain 0..S-1. Layer 0's input: the token embeddings with the projected
 CLIP features of ViT layer ``vision_feature_layer`` (the CLS feature dropped, ``vision_feature_select_strategy:
-default``) scattered into the ``<image>`` placeholders. No DeepStack; only the decoder stage.
+default``) scattered into the ``<image>`` placeholders. No DeepStack.
 
 Geometry: the processor resizes the image so that its shorter side is ``size.shortest_edge`` (the longer one
 ``int(edge · long / short)``), crops the centre ``crop_size`` square (top and left ``int((side − crop) / 2)``) and
@@ -11,6 +11,15 @@ the tower cuts it into ``patch_size`` patches: a fixed grid (24×24 of 14 px in 
 patch in row, column order. A token's box is its patch in the resized picture, shifted by the crop and mapped back
 by the resize ratio; the strips the crop cuts off belong to no token. ``--min-pixels``/``--max-pixels`` are refused:
 the processor's size is fixed.
+
+The vision encoder (``--stage vision-encoder``): CLIP takes one sequence per image (the crop's images a batch), its
+CLS token at position 0, then the patches row by row (``vision_sequence``). A knockout blocks every other position
+of the image's sequence, CLS included, from the unit's patches; CLS is never a unit and never a blocked key (it has
+no decoder token and no pixels of its own), so its own key and value stay as the model computes them. The features
+are ``hidden_states[vision_feature_layer]`` (−2: the input of the last block), so only the blocks below it reach the
+decoder: ``vision_depth`` counts those, and the blocks after the feature layer, which change nothing, are not rows.
+``vision_rerun`` runs the blocks of the window's first on for a batch of copies of one image, takes the feature
+layer's states, drops CLS, and projects them as ``get_image_features`` does.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError, bounded
-from .base import REGISTRY, DecoderAdapter, LayerInputs, register
+from .base import REGISTRY, DecoderAdapter, LayerInputs, raster_positions, register, rerun_batched
 
 
 @dataclass
@@ -70,7 +79,8 @@ class Llava(DecoderAdapter):
     model_class = "LlavaForConditionalGeneration"
     label = "LLaVA-1.5"
     takes_images = True
-    stages = ("decoder", "pixels")
+    stages = ("decoder", "pixels", "vision-encoder")
+    vision_packed = False  # CLIP: one sequence per image, a batch
 
     def __init__(self, model: nn.Module):
         if model.config.vision_feature_select_strategy != "default":
@@ -115,6 +125,58 @@ class Llava(DecoderAdapter):
     def image_features(self, rows: torch.Tensor, grid_thw: torch.Tensor):
         """The tower's projected patch features (``pooler_output``: per image (n_tok, H)) of patch rows."""
         return self.model.model.get_image_features(pixel_values=self.pixel_values_of(rows), return_dict=True)
+
+    # --- the vision tower's layers (the vision-encoder stage) -------------------------------------------------------
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The CLIP vision model: embeddings (CLS + patches), ``pre_layrnorm``, ``encoder.layers``."""
+        return self.model.model.vision_tower
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.encoder.layers
+
+    def vision_attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def feature_states(self) -> list[int]:
+        """The indices into the tower's ``hidden_states`` (0: the input of block 0, i: the output of block i − 1)
+        whose states the model takes (``vision_feature_layer``, an index or a list, negative from the end)."""
+        chosen = self.model.config.vision_feature_layer
+        count = len(self.vision_layers) + 1
+        return [index % count for index in ([chosen] if isinstance(chosen, int) else chosen)]
+
+    @property
+    def vision_depth(self) -> int:
+        """The blocks below the deepest feature layer: those after it change nothing the decoder gets."""
+        return max(self.feature_states())
+
+    def vision_depth_note(self) -> str:
+        return (f"the vision tower's {self.vision_depth} below its feature layer (vision_feature_layer "
+                f"{self.model.config.vision_feature_layer}; the blocks after it change nothing)")
+
+    def vision_sequence(self, grid_thw) -> tuple[int, torch.Tensor]:
+        """CLS at position 0, then the patches row by row (the order of ``patch_rows``)."""
+        t, h, w = (int(v) for v in grid_thw)
+        return 1 + t * h * w, raster_positions(grid_thw, 1, prefix=1)
+
+    def vision_rerun(self, recorded: list[tuple[tuple, dict]], first: int, image: int, rows: range,
+                     batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Blocks ``first ..`` up to the feature layer for ``batch`` copies of the image, then what
+        ``get_image_features`` does: the feature layer's states (several concatenated, for a list), CLS dropped,
+        the projector."""
+        outputs = rerun_batched(self.vision_layers, recorded, first, image, batch, self.vision_depth)
+
+        def state(index: int) -> torch.Tensor:  # hidden_states[index]: block ``index``'s input
+            if index <= first:
+                args, kwargs = recorded[index]
+                hidden = args[0] if args else kwargs["hidden_states"]
+                return hidden[image:image + 1].expand(batch, -1, -1)
+            return outputs[index - 1 - first]
+
+        selected = torch.cat([state(index)[:, 1:] for index in self.feature_states()], dim=-1)  # CLS dropped
+        return self.model.model.multi_modal_projector(selected), {}
 
     # --- prompt markup and geometry --------------------------------------------------------------------------------
 

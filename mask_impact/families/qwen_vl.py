@@ -110,11 +110,6 @@ class QwenVL(DecoderAdapter):
         return self.merge_size
 
     @property
-    def vision_depth(self) -> int:
-        """The vision tower's layers, as ``--layers`` and ``--window`` count them with ``--stage vision-encoder``."""
-        return len(self.vision_tower.blocks)
-
-    @property
     def deepstack_levels(self) -> int:
         """DeepStack features added to the decoder (after layers 0 .. levels - 1); 0 without DeepStack."""
         return len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ())
@@ -123,6 +118,31 @@ class QwenVL(DecoderAdapter):
         """The tower's output for ``pixel_values`` (``pooler_output``: per image (n_tok, H); Qwen3-VL also
         ``deepstack_features``), as the model's forward gets it."""
         return self.model.model.get_image_features(pixel_values, grid_thw, return_dict=True)
+
+    def vision_rerun(self, recorded: list[tuple[tuple, dict]], first: int, image: int, rows: range,
+                     batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The packed tower: the image's rows of block ``first``'s recorded input (and of its rotary cos, sin),
+        ``batch`` copies stacked into one sequence (``cu_seqlens`` one chunk; the plan splits it per copy), blocks
+        ``first ..``, the merger, and the DeepStack mergers of the blocks from ``first`` on."""
+        visual = self.vision_tower
+        args, kwargs = recorded[first]
+        kwargs = dict(kwargs)
+        hidden = (args[0] if args else kwargs.pop("hidden_states"))[rows.start: rows.stop].repeat(batch, 1)  # (B·n, D)
+        cos, sin = kwargs["position_embeddings"]
+        kwargs.update(position_embeddings=(cos[rows.start: rows.stop].repeat(batch, 1),
+                                           sin[rows.start: rows.stop].repeat(batch, 1)),
+                      cu_seqlens=torch.tensor([0, batch * len(rows)], dtype=torch.int32, device=hidden.device),
+                      max_seqlen=batch * len(rows))
+        indexes = list(getattr(visual, "deepstack_visual_indexes", None) or ())
+        levels = {}
+        for index in range(first, self.vision_depth):
+            hidden = self.vision_layers[index](hidden, **kwargs)
+            if index in indexes:
+                level = indexes.index(index)
+                merged = visual.deepstack_merger_list[level](hidden)
+                levels[level] = merged.reshape(batch, -1, merged.shape[-1])
+        embeds = visual.merger(hidden)
+        return embeds.reshape(batch, -1, embeds.shape[-1]), levels
 
     # --- prompt markup and geometry --------------------------------------------------------------------------------
 
