@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_sweep import CONFIG_4B, DEFAULT_IMAGE, DTYPES, build, check_sizes  # noqa: E402
 from mask_impact.config import UsageError, windows_for  # noqa: E402
-from mask_impact.engine import Analysis, FastEngine  # noqa: E402
+from mask_impact.engine import Analysis  # noqa: E402
+from mask_impact.engines.decoder import FastEngine  # noqa: E402
 from mask_impact.estimate import estimate_flops, forward_flops, layer_changes, spearman  # noqa: E402
 from mask_impact.metrics import logprob_drop  # noqa: E402
 from mask_impact.sweep import auto_batch_size, next_group  # noqa: E402

@@ -12,7 +12,7 @@ intermediate 3072, 8 query / 2 key-value heads of 128, 4 layers, a 3-block visio
 
 Timings on a shared machine are noisy, so every figure is measured side by side: each repeat runs the whole
 sweep batch by batch, every batch once with each fast-engine variant (the engine as it is; ``--without SAVING``:
-one of ``engine.Savings`` off; ``--also-threads N``), a different variant going first each batch; the naive engine
+one of ``engines.decoder.Savings`` off; ``--also-threads N``), a different variant going first each batch; the naive engine
 runs its sample of knockouts window by window in between, and the plain matmul of the model's MLP shapes at the
 row counts the sweep used ends the repeat. Min and median over the repeats are
 printed for each, and every ratio comes from the same repeats. Both engines must agree on the sample before a
@@ -59,7 +59,8 @@ sys.path.insert(0, str(ROOT))
 
 from mask_impact.config import UsageError, windows_for  # noqa: E402
 from mask_impact.demo import build_demo  # noqa: E402
-from mask_impact.engine import Analysis, FastEngine, NaiveEngine, Savings  # noqa: E402
+from mask_impact.engine import Analysis  # noqa: E402
+from mask_impact.engines.decoder import FastEngine, NaiveEngine, Savings  # noqa: E402
 from mask_impact.inputs import Prompt, TokenInfo  # noqa: E402
 from mask_impact.models import LoadedModel, adapter_for, load_model  # noqa: E402
 from mask_impact.metrics import METRICS, compute_all  # noqa: E402

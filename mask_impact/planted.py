@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .demo_tasks import QUESTIONS, draw_recall_example, draw_shape_example
-from .engine import Analysis, FastEngine
+from .engine import Analysis
+from .engines.decoder import FastEngine
 from .estimate import layer_changes, triage as triage_cells
 from .inputs import build_prompt
 from .metrics import logprob_drop

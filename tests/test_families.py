@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from mask_impact.cli import main
-from mask_impact.engine import Analysis, FastEngine, NaiveEngine
+from mask_impact.engine import Analysis
+from mask_impact.engines.decoder import FastEngine, NaiveEngine
 from mask_impact.families import REGISTRY
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import knockout_attention_installed

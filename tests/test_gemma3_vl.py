@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from mask_impact.cli import main
-from mask_impact.engine import Analysis, FastEngine, NaiveEngine
+from mask_impact.engine import Analysis
+from mask_impact.engines.decoder import FastEngine, NaiveEngine
 from mask_impact.engines.pixels import FILLS, NaivePixelEngine, PixelEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import apply_plan, knockout_attention_installed

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mask_impact.engine import Analysis, FastEngine, NaiveEngine
+from mask_impact.engine import Analysis
+from mask_impact.engines.decoder import FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import AttentionPlan, apply_plan, knockout_attention_installed
 from mask_impact.units import positions_for

@@ -245,7 +245,7 @@ def test_rerunning_a_batch_without_resume_leaves_its_index_alone(in_tmp, capsys)
 
 def test_cpu_out_of_memory_halves_the_batch_and_keeps_the_numbers(vl_model, images, monkeypatch):
     from mask_impact.config import RunConfig
-    from mask_impact.engine import FastEngine
+    from mask_impact.engines.decoder import FastEngine
     from mask_impact.sweep import run
 
     prompt = build_prompt(vl_model, "What's in this image?", [images["wide"]])

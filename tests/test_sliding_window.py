@@ -181,7 +181,7 @@ def test_cli_fast_and_naive_engines_agree(folders, tmp_path, monkeypatch, capsys
 def test_a_knockout_no_window_lets_through_is_the_baseline_exactly(models):
     """On sliding layers a key further back than the window is invisible to the answer: knocking it out from
     the answer's queries must give the baseline itself (found by a hostile test: -1e-7 KL from recomputing)."""
-    from mask_impact.engine import FastEngine, NaiveEngine
+    from mask_impact.engines.decoder import FastEngine, NaiveEngine
     from mask_impact.spec import Knockout
 
     loaded = models["mistral"]

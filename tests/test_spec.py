@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mask_impact.engine import Analysis, FastEngine, NaiveEngine
+from mask_impact.engine import Analysis
+from mask_impact.engines.decoder import FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import AttentionPlan
 from mask_impact.spec import Knockout

@@ -1,4 +1,4 @@
-"""The fast engine's exact savings (``engine.Savings``) change no result, and each one really applies.
+"""The fast engine's exact savings (``engines.decoder.Savings``) change no result, and each one really applies.
 
 Every saving switched off, alone or all together, gives the same numbers as with all of them on and as the
 naive reference (≤ 2e-5 in float32, the fast == naive tolerance of DESIGN.md §2); a knockout that changes
@@ -16,7 +16,8 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 from mask_impact.config import windows_for
 from mask_impact.demo import build_demo
-from mask_impact.engine import Analysis, FastEngine, NaiveEngine, Savings
+from mask_impact.engine import Analysis
+from mask_impact.engines.decoder import FastEngine, NaiveEngine, Savings
 from mask_impact.inputs import build_prompt
 from mask_impact.knockout import _gqa_in_sdpa
 from mask_impact.models import load_model

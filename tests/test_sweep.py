@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mask_impact.config import UsageError
-from mask_impact.engine import Analysis, FastEngine
+from mask_impact.engine import Analysis
+from mask_impact.engines.decoder import FastEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.sweep import next_batch, score_knockouts, top_knockouts
 from mask_impact.units import positions_for

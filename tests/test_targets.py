@@ -10,7 +10,8 @@ import torch
 from mask_impact import Analyzer, InvalidArgument
 from mask_impact.cli import main
 from mask_impact.config import DEMO_IMAGE, DEMO_PROMPT_VL
-from mask_impact.engine import Analysis, NaiveEngine
+from mask_impact.engine import Analysis
+from mask_impact.engines.decoder import NaiveEngine
 from mask_impact.metrics import starts_with
 
 SETTINGS = dict(layers="0-2", flows=["image->last", "question->last", "image->question"], progress=False)

@@ -12,7 +12,8 @@ import pytest
 
 from mask_impact.cli import main
 from mask_impact.config import UsageError
-from mask_impact.engine import Analysis, FastEngine, NaiveEngine
+from mask_impact.engine import Analysis
+from mask_impact.engines.decoder import FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.units import WORD, build_units, check_units, parse_group
 from tests.support import ROOT, cli_error, shape_pictures

@@ -15,7 +15,8 @@ import contextlib
 
 import torch
 
-from ..engine import Analysis, FastEngine, TeacherForced, whole_model_logprobs
+from ..engine import Analysis, TeacherForced, whole_model_logprobs
+from .decoder import FastEngine
 from .base import StagePlan
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import Analysis, FastEngine, TeacherForced, whole_model_logprobs
+from ..engine import Analysis, TeacherForced, whole_model_logprobs
+from .decoder import FastEngine
 from ..patches import PatchLayout
 from .base import StagePlan
 

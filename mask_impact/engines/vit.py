@@ -24,7 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..config import parse_layers, windows_for
-from ..engine import Analysis, FastEngine, TeacherForced, whole_model_logprobs
+from ..engine import Analysis, TeacherForced, whole_model_logprobs
+from .decoder import FastEngine
 from ..errors import UsageError
 from .base import StagePlan, window_labels
 from ..patches import PatchLayout
