@@ -26,7 +26,7 @@ from pathlib import Path
 from .aggregate import aggregate, csv_text
 from .batch import BatchRun
 from .config import STUDY_OPTIONS, UsageError, check_name, make_config, output_dir
-from .dataset import Row, read_dataset, save_images
+from .dataset import SUFFIXES, Row, read_dataset, save_images
 from .demo_tasks import DEMO_DATASET, write_shape_dataset
 from .errors import quoted, worded
 
@@ -72,7 +72,9 @@ def load_study(options: dict, vision: bool) -> Study:
     if seed < 0:
         raise UsageError(f"--seed must be 0 or more (got {seed})")
     dataset = str(options["dataset"])
-    name = options.get("output") or Path(dataset).expanduser().resolve().name.split(".")[0]
+    file = Path(dataset).expanduser()
+    name = options.get("output") or (file.name.removesuffix(file.suffix) if file.suffix.lower() in SUFFIXES
+                                     else file.name)  # vqa.test.jsonl: vqa.test
     check_name(name, "the study name (--output, or the dataset's name)")
     folder = output_dir(options.get("output_dir") or "output") / name
     if dataset == DEMO_DATASET and options.get("demo") and not Path(dataset).exists():
@@ -80,11 +82,14 @@ def load_study(options: dict, vision: bool) -> Study:
             raise UsageError(f"--dataset {DEMO_DATASET} is the vision-language demo's study: use mask-impact-vl")
         count = max(DEMO_STUDY_ROWS, options.get("limit") or 0)  # --limit beyond 50 draws more pictures
         dataset = str(write_shape_dataset(folder / f"dataset-seed{seed}", count, seed))
+    elif dataset == DEMO_DATASET and not Path(dataset).exists():
+        raise UsageError(f"--dataset {DEMO_DATASET} is the demo's study: give --demo too (or name a dataset file)")
     rows, _ = read_dataset(dataset, options.get("fields"), options.get("limit"), options.get("sample"), seed)
     settings = {key: value for key, value in options.items() if key not in (*STUDY_KEYS, "output", "output_dir")}
     settings.setdefault("generate_top", 0)  # the aggregates use none: a row's generations would cost most of its time
     figures = settings.pop("figures", None)
-    settings.pop("figure_options", None)
+    if settings.pop("figure_options", None):
+        raise UsageError("--figure-option sets a run's figures; a study's figures (--figures) take none yet: drop it")
     if figures is not None:
         from .config import check_figures
 

@@ -237,3 +237,18 @@ def test_the_demo_study_shows_the_planted_flows(tmp_path):
     assert abs(side["mean"]) < 15 and side["ci_low"] > every["ci_high"]
     assert (tmp_path / "demo" / "study.curves.png").stat().st_size > 10_000
     assert not math.isnan(every["ci_low"])
+
+
+def test_a_study_is_named_after_its_file_and_refuses_what_it_cannot_take(tmp_path, shapes, capsys):
+    dataset = tmp_path / "vqa.test.jsonl"
+    dataset.write_text(shapes.read_text().splitlines()[0] + "\n")
+    assert main(["--demo", "--dataset", str(dataset), "--flow", "image->last", "--layers", "2", "--output-dir",
+                 str(tmp_path), "--no-progress", "--no-html"], True) == 0
+    assert (tmp_path / "vqa.test" / "study.json").exists()  # the file's name less its suffix, not "vqa"
+    for argv, message in ((["--dataset", "demo-shapes"], "is the demo's study: give --demo too"),
+                          (["--demo", "--dataset", str(dataset), "--figures", "png", "--figure-option", "vmax=2"],
+                           "a study's figures (--figures) take none yet")):
+        assert main([*argv, "--output-dir", str(tmp_path / "no"), "--no-progress"], True) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "no").exists()
