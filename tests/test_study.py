@@ -241,7 +241,8 @@ def test_the_demo_study_shows_the_planted_flows(tmp_path):
 
 def test_a_study_is_named_after_its_file_and_refuses_what_it_cannot_take(tmp_path, shapes, capsys):
     dataset = tmp_path / "vqa.test.jsonl"
-    dataset.write_text(shapes.read_text().splitlines()[0] + "\n")
+    row = json.loads(shapes.read_text().splitlines()[0])
+    dataset.write_text(json.dumps(dict(row, image=str(shapes.parent / row["image"]))) + "\n")
     assert main(["--demo", "--dataset", str(dataset), "--flow", "image->last", "--layers", "2", "--output-dir",
                  str(tmp_path), "--no-progress", "--no-html"], True) == 0
     assert (tmp_path / "vqa.test" / "study.json").exists()  # the file's name less its suffix, not "vqa"
