@@ -7,7 +7,7 @@ The result is a synthetic schema-2 one with per-step drops (3 answer steps): one
 Prints the time from file selection to a drawn heatmap, of one window-slider step (heatmap, strip, overlay), of a
 key press on the focused heatmap (→ a unit, ↓ a window; the median and the slowest of ten, in the page: the handler
 and the layout it forces), of a metric change, and of drawing each exported figure (heatmap, overlay, overlay per
-window, curves, answer steps) as PNG or SVG.
+window, curves, answer steps, token strip) as PNG or SVG.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def main() -> None:
                 return (performance.now() - started) / 1000; }""", metric)
             print(f"metric change to {metric}: {seconds:.3f} s")
         for panel, fmt in (("heatmap", "png"), ("heatmap", "svg"), ("overlay", "png"), ("overlay-grid", "png"),
-                           ("overlay-grid", "svg"), ("curves", "svg"), ("steps", "png")):
+                           ("overlay-grid", "svg"), ("curves", "svg"), ("steps", "png"), ("tokens", "png"),
+                           ("tokens", "svg")):
             if args.no_image and panel.startswith("overlay"):
                 continue
             seconds = page.evaluate("""([panel, fmt]) => { const started = performance.now();

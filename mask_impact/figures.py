@@ -77,13 +77,25 @@ def kinds_for(data: dict) -> list[str]:
     return ["heatmap", "overlay", *estimate] if boxed else ["heatmap", *estimate]
 
 
-def render(data: dict, fmt: str, metric: str = "logprob_drop", windows=None, kinds=None,
+FLOW_METRIC = "prob_change_pct"  # the flow curves' default (the papers plot flows so), as the viewer's flow chart
+
+
+def default_metric(data: dict, kind: str) -> str:
+    """A figure's metric when none is asked for: ``prob_change_pct`` for the flow curves (where the result has it, as
+    the viewer's flow chart), ``logprob_drop`` for every other figure."""
+    if kind == "flows" and (data.get("metrics") or {}).get(FLOW_METRIC) is not None:
+        return FLOW_METRIC
+    return "logprob_drop"
+
+
+def render(data: dict, fmt: str, metric: str | None = None, windows=None, kinds=None,
            **options) -> dict[str, bytes]:
-    """Each figure of ``data`` (``kinds``, default ``kinds_for``) as the bytes of a ``fmt`` file."""
+    """Each figure of ``data`` (``kinds``, default ``kinds_for``) as the bytes of a ``fmt`` file; ``metric`` None:
+    each figure's own default (``default_metric``)."""
     return {kind: to_bytes(figure, fmt) for kind, figure in draw(data, metric, windows, kinds, **options).items()}
 
 
-OPTIONS = FIGURE_OPTIONS  # plot()'s and --figure-option's
+OPTIONS = (*FIGURE_OPTIONS, "contours")  # plot()'s and --figure-option's; contours: the overlay's (figures.draw)
 
 
 def check_options(data: dict, options: dict) -> dict:
@@ -112,19 +124,23 @@ def check_options(data: dict, options: dict) -> dict:
     return checked
 
 
-def draw(data: dict, metric: str = "logprob_drop", windows=None, kinds=None, **options) -> dict:
-    """The matplotlib ``Figure`` of each kind; ``options`` (``OPTIONS``): ``units`` and ``windows`` choose the
-    heatmap's columns and rows (the overlay's panels: ``windows``), ``vmax`` the colour limit (default: the result's,
-    colours.py), ``title``, ``size`` (inches), ``font_size``, ``greyscale`` (the overlay's picture in grey)."""
+def draw(data: dict, metric: str | None = None, windows=None, kinds=None, **options) -> dict:
+    """The matplotlib ``Figure`` of each kind; ``metric`` None: each figure's default (``default_metric``: the flow
+    curves ``prob_change_pct``, the others ``logprob_drop``); ``options`` (``OPTIONS``): ``units`` and ``windows``
+    choose the heatmap's columns and rows (the overlay's panels: ``windows``), ``vmax`` the colour limit (default:
+    the result's, colours.py), ``title``, ``size`` (inches), ``font_size``, ``greyscale`` (the overlay's picture in
+    grey), ``contours`` (the overlay's effects as contour lines, not a tint)."""
     require()
     options = check_options(data, options)
     style = {k: options.get(k) for k in ("vmax", "title", "size", "font_size")}
     drawers = {"heatmap": lambda d, m, w: heatmap(d, m, w, options.get("units"), **style),
-               "overlay": lambda d, m, w: overlay(d, m, w, bool(options.get("greyscale")), **style),
+               "overlay": lambda d, m, w: overlay(d, m, w, bool(options.get("greyscale")), **style,
+                                                  contours=bool(options.get("contours"))),
                "flows": lambda d, m, w: flow_curves(d, m, w, **style),
                "tokens": lambda d, m, w: token_text(d, m, w, **style),
                "estimate": lambda d, m, w: heatmap(d, ESTIMATED, w, options.get("units"), **style)}
-    return {kind: drawers[kind](data, metric, windows) for kind in (kinds or kinds_for(data))}
+    return {kind: drawers[kind](data, metric or default_metric(data, kind), windows)
+            for kind in (kinds or kinds_for(data))}
 
 
 def to_bytes(figure, fmt: str) -> bytes:
@@ -326,7 +342,8 @@ def heatmap(data: dict, metric: str, windows=None, units=None, vmax=None, title=
     axes.imshow(band, aspect="auto", cmap=palette, vmin=-0.5, vmax=3.5, interpolation="nearest",
                 extent=(-0.5, grid.shape[1] - 0.5, rows - 0.5 + 0.25 + band_h, rows - 0.5 + 0.25))
     axes.set_ylim(rows - 0.5 + 0.25 + band_h, -0.5)
-    row_step = 1 if rows * base * 1.25 <= height * 72 * 0.8 else math.ceil(rows * base * 1.25 / (height * 72 * 0.8))
+    room = height * 72 * 0.82  # points for the rows (the title, the unit labels and the band take the rest)
+    row_step = 1 if rows * base * 1.15 <= room else math.ceil(rows * base * 1.15 / room)
     axes.set_yticks(range(0, rows, row_step), [tick_label(labels[w], 28) for w in range(0, rows, row_step)],
                     fontsize=base)
     scale_x = grid.shape[1] / count  # pooled: a unit's place among the pooled columns
@@ -405,11 +422,12 @@ ROW_ASPECT = (0.45, 3.0)  # the overlay's row height over the panel's width: at 
 
 
 def overlay(data: dict, metric: str, windows=None, greyscale: bool = False, vmax=None, title=None, size=None,
-            font_size=None):
+            font_size=None, contours: bool = False):
     """Each unit's box tinted by its value over its image (the picture at its best resolution, in grey with
     ``greyscale``): as the viewer tints it, the more the larger the effect (60% at the colour limit, transparent where
-    there is none, so the picture's own colours never read as an effect); one row per image (per view of it), one
-    column per chosen window."""
+    there is none, so the picture's own colours never read as an effect); with ``contours``, no tint: contour lines
+    where the effect crosses 25%, 50% and 75% of the colour limit (the viewer's "effects as contours"), the picture
+    left as it is between them; one row per image (per view of it), one column per chosen window."""
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -447,11 +465,14 @@ def overlay(data: dict, metric: str, windows=None, greyscale: bool = False, vmax
             ax = axes[r, c]
             if pixels is not None:
                 ax.imshow(pixels, extent=(0, width, height, 0), interpolation="antialiased")
-            boxes = [Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1]) for b in (units[u]["box"] for u in mine)]
-            shaded = PatchCollection(boxes, cmap=cmap, norm=norm, edgecolor=(1, 1, 1, 0.25), linewidth=0.3)
-            shaded.set_array(np.ma.masked_invalid(grid[w, mine]))
-            shaded.set_alpha(tint_alpha(grid[w, mine], norm))
-            ax.add_collection(shaded)
+            if contours:
+                _contour_lines(ax, [units[u]["box"] for u in mine], grid[w, mine], width, height, cmap, norm)
+            else:
+                boxes = [Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1]) for b in (units[u]["box"] for u in mine)]
+                shaded = PatchCollection(boxes, cmap=cmap, norm=norm, edgecolor=(1, 1, 1, 0.25), linewidth=0.3)
+                shaded.set_array(np.ma.masked_invalid(grid[w, mine]))
+                shaded.set_alpha(tint_alpha(grid[w, mine], norm))
+                ax.add_collection(shaded)
             for x0, y0, x1, y1 in crop_strips(info):  # no token sees them: greyed, hatched, said
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=(0.27, 0.27, 0.27, 0.62),
                                        edgecolor=(1, 1, 1, 0.45), hatch="//", linewidth=0, label="cropped"))
@@ -478,6 +499,45 @@ def overlay(data: dict, metric: str, windows=None, greyscale: bool = False, vmax
 
 
 TINT = 0.6  # the overlay's opacity at the colour limit (the viewer's default)
+CONTOUR_LEVELS = (0.25, 0.5, 0.75)  # the overlay's contours: these fractions of the colour limit, either side of 0
+CONTOUR_SIDE = 384  # the longest side of the grid the boxes' values are laid on for the contours
+
+
+def effect_grid(boxes: list, values: np.ndarray, width: float, height: float, side: int = CONTOUR_SIDE) -> np.ndarray:
+    """The boxes' values on a grid over the picture (``side`` cells along its longer side; the boxes in the order
+    given, later ones over earlier ones), 0 where no box lies or a value is missing."""
+    scale = side / max(width, height)
+    rows, cols = max(2, round(height * scale)), max(2, round(width * scale))
+    out = np.zeros((rows, cols))
+    for box, value in zip(boxes, values):
+        if not np.isfinite(value):
+            continue
+        x0, y0 = int(round(box[0] * scale)), int(round(box[1] * scale))
+        x1, y1 = max(x0 + 1, int(round(box[2] * scale))), max(y0 + 1, int(round(box[3] * scale)))
+        out[max(0, y0):min(rows, y1), max(0, x0):min(cols, x1)] = value
+    return out
+
+
+def _contour_lines(ax, boxes: list, values: np.ndarray, width: float, height: float, cmap, norm) -> None:
+    """Contour lines of the boxes' values at ``CONTOUR_LEVELS`` of the colour limit (hurts and helps), each in its
+    level's colour, deeper for a stronger level — the viewer's "effects as contours"."""
+    grid = effect_grid(boxes, values, width, height)
+    limit = max(abs(norm.vmin), abs(norm.vmax))
+    levels = sorted({sign * f * limit for f in CONTOUR_LEVELS for sign in ((1,) if norm.vmin == 0 else (-1, 1))})
+    present = [level for level in levels if grid.min() < level < grid.max()]
+    if not present:
+        return
+    rows, cols = grid.shape
+    xs, ys = (np.arange(cols) + 0.5) * width / cols, (np.arange(rows) + 0.5) * height / rows
+
+    def deeper(level):  # the line's colour: its side of the map, past its level (a pale line would not read on grey)
+        position = float(norm(level))
+        centre = 0.0 if norm.vmin == 0 else 0.5
+        return cmap(centre + (position - centre) * 1.25 + np.sign(position - centre) * 0.1)
+
+    ax.contour(xs, ys, grid, levels=present, colors=[deeper(level) for level in present],
+               linewidths=[0.9 + 0.5 * CONTOUR_LEVELS.index(min(CONTOUR_LEVELS, key=lambda f: abs(abs(level) / limit - f)))
+                           for level in present])
 
 
 def tint_alpha(values: np.ndarray, norm) -> np.ndarray:
@@ -558,17 +618,34 @@ def _readable(rgb) -> str:
     return "black" if 0.2126 * lum[0] + 0.7152 * lum[1] + 0.0722 * lum[2] > 0.179 else "white"
 
 
-def _token_rows(chips: list[tuple[str, tuple | None]], room: float, char_w: float,
-                gap: float) -> list[list[tuple[str, tuple | None]]]:
-    """Chips (text, colour) laid out in lines ``room`` inches wide (a chip: its characters and ``gap``), never
-    breaking a chip."""
+WORD_START = re.compile(r"^[\s\u2581\u0120]")  # a token that starts a word (a space, SentencePiece's ▁, GPT-2's Ġ)
+
+
+def _words(chips: list[tuple]) -> list[list[tuple[str, tuple | None]]]:
+    """Chips (text, colour[, starts]) grouped into words as the viewer's strip groups them: a chip starts a word
+    where ``starts`` says so (else where its text starts with a space, ▁ or Ġ), or after 12 chips or 40 characters."""
+    words, length = [], 0
+    for chip in chips:
+        text, colour = chip[0], chip[1]
+        starts = chip[2] if len(chip) > 2 else bool(WORD_START.match(text))
+        if not words or starts or length >= 40 or len(words[-1]) >= 12:
+            words.append([])
+            length = 0
+        words[-1].append((text, colour))
+        length += len(text)
+    return words
+
+
+def _token_rows(chips: list[tuple], room: float, char_w: float, gap: float) -> list[list[tuple[str, tuple | None]]]:
+    """Chips (text, colour[, starts]) laid out in lines ``room`` inches wide (a chip: its characters and ``gap``),
+    never breaking a chip, and a line breaking between words, not inside one (``_words``), as the viewer's strip."""
     lines, line, used = [], [], 0.0
-    for text, colour in chips:
-        width = len(text.replace(r"\$", "$")) * char_w + gap
+    for word in _words(chips):
+        width = sum(len(text.replace(r"\$", "$")) * char_w + gap for text, _ in word)
         if line and used + width > room:
             lines.append(line)
             line, used = [], 0.0
-        line.append((text, colour))
+        line.extend(word)
         used += width
     return lines + ([line] if line else [])
 
@@ -607,11 +684,13 @@ def token_text(data: dict, metric: str, windows=None, vmax=None, title=None, siz
             keys = [t["index"] for t in data["tokens"] if t.get("modality") == "vision" and t.get("image") == token["image"]]
             whole = {unit_of.get(p) for p in keys}
             u = whole.pop() if len(whole) == 1 else None
-            chips.append((f" image {token['image'] + 1} · {len(keys)} tokens ", chip_colour(impact(u)) if u is not None else None))
+            chips.append((f" image {token['image'] + 1} · {len(keys)} tokens ", chip_colour(impact(u)) if u is not None else None,
+                          True))
             continue
         u = unit_of.get(token["index"])
         text = tick_label(token["text"], 40) if token["text"].strip() else token["text"].replace("\n", "⏎") or "∅"
-        chips.append((text.replace("\\$", "$").replace("$", r"\$"), chip_colour(impact(u)) if u is not None else None))
+        chips.append((text.replace("\\$", "$").replace("$", r"\$"), chip_colour(impact(u)) if u is not None else None,
+                      bool(WORD_START.match(token["text"])) or token.get("modality") == "special"))
     # the answer: each step's drop under the run's largest knockout by logprob_drop (special tokens left out)
     drops = values(data, "logprob_drop") if "logprob_drop" in data.get("metrics", {}) else None
     answer, knockout = [], ""
@@ -624,7 +703,8 @@ def token_text(data: dict, metric: str, windows=None, vmax=None, title=None, siz
         step_cmap, step_norm, _ = colour_scale(data, "logprob_drop", drops)
         for t, text in enumerate((data.get("target") or data["baseline"]).get("tokens") or []):
             value = steps[w][u][t] if t < len(steps[w][u]) else None
-            answer.append((tick_label(text, 40) if text.strip() else text or "∅", None if value is None else step_cmap(step_norm(value))))
+            answer.append((tick_label(text, 40) if text.strip() else text or "∅",
+                           None if value is None else step_cmap(step_norm(value)), bool(WORD_START.match(text))))
         knockout = f"answer steps under the largest knockout: {tick_label(units[u]['label'], 40)}, {window_labels(data)[w]}"
     base = font_size or 9.0
     width = size[0] if size is not None else 10.0

@@ -441,3 +441,70 @@ def test_command_line_figure_options(tmp_path, capsys):
         capsys, ["--demo", "--figures", "png", "--figure-option", "loud=1", *out])
     assert "vmax takes a positive number" in cli_error(
         capsys, ["--demo", "--figures", "png", "--figure-option", "vmax=-2", *out])
+
+
+def test_flow_curves_default_to_prob_change_pct_as_the_viewers_flow_chart(analyzer):
+    """One default for flows, the viewer's and the papers': the change in the answer's probability (before: the
+    figures drew logprob_drop, the viewer prob_change_pct); a metric asked for is still drawn."""
+    from mask_impact import figures
+
+    result = analyzer.run(PROMPT, images=[str(DEMO_IMAGE)], flows=["image->last", "question->last"], progress=False)
+    drawn = figures.draw(result.data)  # as --figures draws them: no metric given
+    axes = drawn["flows"].axes[0]
+    assert axes.get_ylabel() == "change of p(first answer token) (%)"
+    for u, line in enumerate(axes.get_lines()[:2]):
+        assert np.array_equal(line.get_ydata(), result.metric("prob_change_pct")[:, u])
+    assert drawn["heatmap"].axes[1].get_ylabel() == "log-prob drop of the answer (nats)"  # the heatmap keeps its own
+    assert figures.draw(result.data, "logprob_drop", kinds=["flows"])["flows"].axes[0].get_ylabel().startswith("log-prob")
+
+
+def test_36_windows_label_every_row_and_the_colour_bar_has_intermediate_ticks(regions):
+    data = json.loads(json.dumps(regions.data))
+    grid = data["metrics"]["logprob_drop"]
+    data["windows"] = [[w, w] for w in range(36)]
+    data["window_labels"] = [f"layer {w}" for w in range(36)]
+    for name in data["metrics"]:
+        data["metrics"][name] = [data["metrics"][name][w % len(grid)] for w in range(36)]
+    data.pop("steps", None)
+    data.pop("colour_scale", None)
+    from mask_impact import figures
+
+    figure = figures.draw(data, kinds=["heatmap"], font_size=10)["heatmap"]
+    axes, bar = figure.axes[0], figure.axes[1]
+    assert [t.get_text() for t in axes.get_yticklabels()] == data["window_labels"]  # before: every other row
+    assert len([t for t in bar.get_yticks() if bar.get_ylim()[0] <= t <= bar.get_ylim()[1]]) >= 5
+
+
+def test_overlay_contours_over_a_grey_picture(regions):
+    """figures.overlay(contours=True): no tint, contour lines where the effect crosses 25/50/75% of the limit; the
+    picture in grey elsewhere (the viewer's "effects as contours")."""
+    from matplotlib.collections import PatchCollection
+
+    from mask_impact import figures
+
+    figure = figures.draw(regions.data, kinds=["overlay"], greyscale=True, contours=True)["overlay"]
+    panels = [ax for ax in figure.axes if ax.get_title()]
+    assert not any(isinstance(c, PatchCollection) for ax in panels for c in ax.collections)  # no tint
+    layer2 = panels[2]
+    lines = [c for c in layer2.collections if hasattr(c, "levels")]
+    assert lines and len(lines[0].levels) >= 1
+    limit = figures.colours.limit_of(regions.data, "logprob_drop")
+    assert all(abs(abs(level) / limit - f) < 1e-9 for level, f in zip(lines[0].levels, (0.25, 0.5, 0.75)))
+    pixels = _canvas(figure)
+    height = pixels.shape[0]
+    cx, cy = layer2.transData.transform((110, 20))  # inside the top block, away from its edges: grey
+    r, g, b = pixels[int(round(height - cy)), int(round(cx))]
+    assert abs(r - g) <= 2 and abs(g - b) <= 2
+    tinted = figures.draw(regions.data, kinds=["overlay"], greyscale=True)["overlay"]
+    r, g, b = _canvas(tinted)[int(round(height - cy)), int(round(cx))]
+    assert r - b > 30  # the tint (the default) colours it
+
+
+def test_token_text_breaks_lines_between_words_never_inside_one():
+    from mask_impact.figures import _token_rows
+
+    chips = [(text, None, text.startswith(" ")) for text in ["Un", "believ", "ably", " long", " sentence"] * 12]
+    lines = _token_rows(chips, 3.0, 0.1, 0.05)
+    assert len(lines) > 3
+    for line in lines:  # before: a line could begin with "believ" or "ably"
+        assert line[0][0] in ("Un", " long", " sentence"), line

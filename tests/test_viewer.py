@@ -2392,3 +2392,106 @@ def test_the_token_strip_breaks_between_words_not_inside_one(page, results, tmp_
     assert len(set(tops)) > 1  # the strip wraps
     for k in range(0, len(words), 5):  # "Un" "believ" "ably": one word, one line
         assert tops[k] == tops[k + 1] == tops[k + 2], k
+
+
+def test_the_top_tables_first_row_is_the_runs_largest_knockout_by_the_same_rule(page, results, tmp_path):
+    """The top-knockouts table ranks as "the run's largest knockout" is found (answer steps, batch overview,
+    report.largest_knockout): by the metric, special tokens left out where other units were swept (they come last,
+    said so); under logprob_drop its row 1 is that knockout, even where the run generated no answer under it."""
+    from mask_impact.report import largest_knockout
+
+    data = json.loads((results / "text.json").read_text())
+    special = next(i for i, unit in enumerate(data["units"]) if unit["modality"] == "special")
+    plain = [i for i, unit in enumerate(data["units"]) if unit["modality"] != "special"]
+    drops = data["metrics"]["logprob_drop"]
+    drops[0][special] = 50.0  # a sink token: the largest value of all, generated under
+    drops[1][plain[-1]] = 20.0  # the largest of the other units: not generated under
+    window = lambda w: list(data["windows"][w])  # noqa: E731
+    data["generations"] = [{"window": window(0), "unit": special, "label": data["units"][special]["label"],
+                            "text": "sink", "token_ids": [1]},
+                           {"window": window(0), "unit": plain[0], "label": data["units"][plain[0]]["label"],
+                            "text": "other", "token_ids": [1]}]
+    data.pop("colour_scale", None)
+    (tmp_path / "sink.json").write_text(json.dumps(data))
+    top = largest_knockout(data)
+    assert (top["window"], top["unit"]) == (1, plain[-1])
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(tmp_path / "sink.json")])
+    page.wait_for_selector("#run:not(.hidden)")
+    rows = page.locator("#top tbody tr")
+    first = rows.nth(1).locator("td")
+    assert int(first.nth(1).text_content()) == top["unit"]  # before: the sink token, ranked by its raw value
+    assert first.nth(5).text_content() == "(not generated)" and rows.nth(1).get_attribute("data-largest") == "1"
+    last = rows.nth(rows.count() - 1).locator("td")
+    assert int(last.nth(1).text_content()) == special and "special token (ranked last)" in last.nth(3).text_content()
+    assert "row 1 (bold) is the run's largest knockout by logprob_drop" in page.locator("#top-note").text_content()
+    label = data["units"][top["unit"]]["label"]
+    assert json.dumps(label) in page.locator("#steps-title").text_content() or label in page.locator("#steps-title").text_content()
+    assert page.evaluate("(() => { const t = topKnockout(state.runs[0]); return [t.w, t.i]; })()") == [1, top["unit"]]
+    page.select_option("#metric", "kl")  # another metric: ranked by it, the largest knockout still marked where shown
+    assert page.locator("#top-note").text_content().startswith("ranked by kl")
+
+
+def test_flow_and_impact_curves_have_round_ticks_on_the_page_and_in_their_figures(page, unit_results, tmp_path):
+    page.goto((unit_results / "flow.html").as_uri())
+    page.wait_for_selector("#flow-section:not(.hidden)")
+    ticks = json.loads(page.locator("#flow-chart").get_attribute("data-ticks"))  # before: no ticks, the two ends only
+    assert len(ticks) >= 4 and 0 in ticks, ticks
+    steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
+    assert len(steps) == 1 and f"{steps.pop():g}"[0] in "125", ticks  # evenly spaced round values
+    texts = _svg_texts(_export(page, "flows", "svg", tmp_path))
+    assert sum(text.lstrip("-").replace(".", "").isdigit() for text in texts) >= 4 + 3  # y ticks and x layers
+
+
+def test_colour_bars_have_intermediate_ticks_and_36_windows_each_a_label_in_the_figure(page, tmp_path):
+    path = _synthetic(tmp_path / "w36.json", 40, range(0))
+    page.goto((ROOT / "visualize_results.html").as_uri())
+    page.set_input_files("#file-input", [str(path)])
+    expect(page.locator("#heatmap")).to_have_attribute("data-columns", "40")
+    bar = json.loads(page.locator("#colorbar").get_attribute("data-ticks"))
+    assert len(bar) >= 3 and "0" in bar, bar  # before: only the ends, in words beside the bar
+    rows = page.locator("#row-labels div").all_text_contents()
+    assert all(rows) and len(rows) == 36
+    texts = _svg_texts(_export(page, "heatmap", "svg", tmp_path))
+    assert all(str(w) in texts for w in range(36)), texts  # before: every other window ("0", "2", …)
+    assert sum(text in bar for text in texts) >= 3  # the figure's colour bar has the same ticks
+    page.screenshot(path=str(ARTIFACTS / "viewer_36_windows.png"))
+
+
+def test_the_token_strip_exports_png_and_svg_with_words_whole(page, results, tmp_path):
+    data = json.loads((results / "xss.json").read_text())
+    page.goto((results / "xss.html").as_uri())
+    page.wait_for_selector("#run:not(.hidden)")
+    svg = _export(page, "tokens", "svg", tmp_path)
+    assert svg.name.endswith("-tokens.svg"), svg.name
+    texts = _svg_texts(svg)
+    shown = [tok["text"].replace("\n", "⏎") for tok in data["tokens"] if tok["modality"] != "vision"]
+    start = texts.index(shown[0])
+    assert texts[start:start + len(shown)] == shown  # every token, whole, in order, as text
+    assert any(" — prompt tokens · " in text for text in texts) and any("(hurts)" in text for text in texts), texts[:3]
+    assert page.dialogs == []
+    png = _export(page, "tokens", "png", tmp_path)
+    size, coloured = _png_colours(png)
+    assert size[0] >= 1900 and coloured > 100  # drawn at twice the size, tokens and the bar coloured
+
+
+def test_the_overlay_draws_effects_as_contours_over_a_grey_picture(page, unit_results):
+    data = json.loads((unit_results / "region.json").read_text())
+    page.goto((unit_results / "region.html").as_uri())
+    page.wait_for_selector("canvas.overlay[data-painted='1']")
+    page.locator("#grey-picture").check()
+    page.select_option("#overlay-style", "contours")
+    expect(page.locator("canvas.overlay")).to_have_attribute("data-painted", "1")
+    canvas = page.locator("canvas.overlay")
+    assert int(canvas.get_attribute("data-contours") or 0) > 50  # before: no such option
+    top = max(range(len(data["units"])), key=lambda i: max(row[i] for row in data["metrics"]["logprob_drop"]))
+    x0, y0, x1, y1 = data["units"][top]["box"]
+    scale = canvas.evaluate("c => c.scale")
+    centre = page.evaluate("""([x, y]) => Array.from(document.querySelector('canvas.overlay').getContext('2d')
+        .getImageData(x, y, 1, 1).data.slice(0, 3))""", [round((x0 + x1) / 2 * scale) - 3, round((y0 + y1) / 2 * scale) - 3])
+    assert max(centre) - min(centre) <= 2, centre  # inside the area: the grey picture, no tint
+    coloured = page.evaluate("""() => { const c = document.querySelector('canvas.overlay'), d = c.getContext('2d')
+        .getImageData(0, 0, c.width, c.height).data; let n = 0;
+        for (let o = 0; o < d.length; o += 4) if (d[o] - d[o + 2] > 50 && d[o] > d[o + 1]) n++; return n; }""")
+    assert coloured > 20  # red lines where the effect crosses its levels
+    page.screenshot(path=str(ARTIFACTS / "viewer_contours.png"))
