@@ -624,14 +624,15 @@ class KnockoutResult:
         base = _base(path, "save")
         paths = {kind: base.with_name(f"{base.name}.{kind}") for kind in (("json", "csv", "html") if html else
                                                                           ("json", "csv"))}
-        pictures = self._figure_files(base, figures, "logprob_drop", None, None) if figures is not None else {}
+        pictures = self._figure_files(base, figures, None, None, None) if figures is not None else {}
         self._write({**paths, **{kind: path for kind, (path, _) in pictures.items()}}, overwrite,
                     lambda: write_results(self.data, paths, figures=dict(pictures.values())))
         return {**paths, **{kind: path for kind, (path, _) in pictures.items()}}
 
-    def plot(self, path: str | Path | None = None, format: str = "png", metric: str = "logprob_drop",
+    def plot(self, path: str | Path | None = None, format: str = "png", metric: str | None = None,
              windows=None, kinds=None, overwrite: bool = False, greyscale: bool = False, units=None,
-             vmax: float | None = None, title: str | None = None, size=None, font_size: float | None = None) -> dict:
+             vmax: float | None = None, title: str | None = None, size=None, font_size: float | None = None,
+             contours: bool = False) -> dict:
         """Publication figures (figures.py): the window × unit ``heatmap``; the ``overlay`` of the units' boxes on
         the image for the chosen ``windows`` (indices or labels; default up to six, evenly spaced); the ``flows``
         curves of a flow run. ``kinds`` picks some. With ``path`` (``output/cat`` or ``output/cat.json``) writes
@@ -640,11 +641,13 @@ class KnockoutResult:
         ((first, last) or indices) and ``windows`` choose the heatmap's columns and rows, ``vmax`` the colour limit
         (default: the result's ``colour_scale``), ``title``, ``size`` ((width, height) in inches), ``font_size``;
         ``kinds="tokens"`` draws the prompt's tokens coloured by impact and the answer's steps (not drawn by
-        default)."""
+        default). ``metric``: default each figure's own (flows ``prob_change_pct``, as the viewer draws them; the
+        others ``logprob_drop``). ``contours``: the overlay's effects as contour lines over the picture, not a
+        tint."""
         from . import figures
 
         options = {"greyscale": bool(greyscale), "units": units, "vmax": vmax, "title": title, "size": size,
-                   "font_size": font_size}
+                   "font_size": font_size, "contours": bool(contours)}
         if path is None:
             self._check_figures(format, metric, windows)
             asked = self._kinds(kinds)
@@ -658,13 +661,13 @@ class KnockoutResult:
         self._write(files, overwrite, lambda: write_set(dict(pictures.values())))
         return files
 
-    def _check_figures(self, fmt, metric: str, windows=None) -> None:
+    def _check_figures(self, fmt, metric: str | None, windows=None) -> None:
         from . import figures
 
         figures.require()
         if fmt not in figures.FORMATS:
             raise InvalidArgument(f"format={fmt!r} is not one of: {', '.join(figures.FORMATS)}")
-        if metric != figures.ESTIMATED or self.estimate is None:  # the estimated map: an estimate=K run's
+        if metric is not None and (metric != figures.ESTIMATED or self.estimate is None):  # ESTIMATED: an estimate run's
             self.metric(metric)
         figures.chosen_windows(self.data, windows)  # refused whatever figures are drawn (not only the overlay)
 

@@ -470,7 +470,7 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
                           "on the image) or .flows (with --flow); needs matplotlib (default none)")
     out.add_argument("--figure-option", dest="figure_options", action="append", metavar="KEY=VALUE",
                      help="with --figures: units=A-B, vmax=X, title=TEXT, size=WxH (inches), font_size=PT, "
-                          "greyscale=1; repeat for several (default none)")
+                          "greyscale=1, contours=1; repeat for several (default none)")
     out.add_argument("--no-html", dest="html", action="store_false",
                      help="skip OUTPUT_DIR/NAME.html, the viewer with this result embedded (default: written)")
     out.add_argument("--no-progress", dest="progress", action="store_false",

@@ -95,7 +95,7 @@ def render(data: dict, fmt: str, metric: str | None = None, windows=None, kinds=
     return {kind: to_bytes(figure, fmt) for kind, figure in draw(data, metric, windows, kinds, **options).items()}
 
 
-OPTIONS = (*FIGURE_OPTIONS, "contours")  # plot()'s and --figure-option's; contours: the overlay's (figures.draw)
+OPTIONS = FIGURE_OPTIONS  # plot()'s and --figure-option's
 
 
 def check_options(data: dict, options: dict) -> dict:

@@ -25,12 +25,13 @@ IMAGE_GROUP = re.compile(r"image([1-9][0-9]{0,3})")
 BUILTIN_GROUPS = ("image", "question", "last", "answer", "prompt")  # and image1, image2, ...
 
 
-FIGURE_OPTIONS = ("units", "vmax", "title", "size", "font_size", "greyscale")  # plot()'s and --figure-option's
+FIGURE_OPTIONS = ("units", "vmax", "title", "size", "font_size", "greyscale", "contours")  # plot()'s, --figure-option's
 
 
 def parse_figure_options(items: list[str]) -> dict:
     """``--figure-option KEY=VALUE`` (repeated) as ``figures.draw``'s options, checked in the command line's words
-    (``UsageError``): ``units=A-B``, ``vmax=X``, ``title=TEXT``, ``size=WxH``, ``font_size=PT``, ``greyscale=1``."""
+    (``UsageError``): ``units=A-B``, ``vmax=X``, ``title=TEXT``, ``size=WxH``, ``font_size=PT``, ``greyscale=1``,
+    ``contours=1``."""
     options = {}
     for item in items:
         key, equals, value = str(item).partition("=")
@@ -50,7 +51,7 @@ def parse_figure_options(items: list[str]) -> dict:
                 options[key] = (float(width), float(height))
                 if not all(0 < v <= 100 for v in options[key]):
                     raise ValueError
-            elif key == "greyscale":
+            elif key in ("greyscale", "contours"):
                 options[key] = value.strip().lower() in ("1", "true", "yes", "on")
             else:
                 options[key] = value

@@ -113,9 +113,11 @@ def test_flow_curves_one_line_per_flow(analyzer, tmp_path):
     figures = result.plot()
     assert sorted(figures) == ["flows", "heatmap"]  # a flow's box is the whole image: no overlay
     axes = figures["flows"].axes[0]
-    drops = result.metric("logprob_drop")
+    changes = result.metric("prob_change_pct")  # a flow figure's default, as the viewer's flow chart
     for u, line in enumerate(axes.get_lines()[:2]):
-        assert np.array_equal(line.get_xdata(), [0, 1, 2]) and np.array_equal(line.get_ydata(), drops[:, u])
+        assert np.array_equal(line.get_xdata(), [0, 1, 2]) and np.array_equal(line.get_ydata(), changes[:, u])
+    drops = result.plot(metric="logprob_drop")["flows"].axes[0].get_lines()
+    assert np.array_equal(drops[0].get_ydata(), result.metric("logprob_drop")[:, 0])
     assert [t.get_text() for t in axes.get_legend().get_texts()] == ["image->last", "question->last"]
     assert axes.get_xlabel() == "decoder layer"
     with pytest.raises(InvalidArgument, match="kinds='overlay' is not a figure of this result; its figures: "
