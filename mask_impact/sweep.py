@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig, UsageError
 from .errors import NotCorrect
-from .engine import Analysis, Baseline, TeacherForced
+from .engine import Analysis, Baseline, TeacherForced, reused_image_features
 from .inputs import Prompt
 from .metrics import CONTRAST, PRIMARY, STEPS, compute_all, compute_steps, logit_diff_change, metric_names, starts_with
 from .models import LoadedModel
@@ -319,21 +320,23 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
     knockouts = [unit.knockout() for unit in units] if decoder else units  # the stages take units as they are
     if decoder:
         check_blocks_something(analysis, units, knockouts, config)
-    # a --target run scores the target: the greedy answer's log-probs come from its generation, not a forward
-    baseline, tf = analysis.baseline(config.num_tokens, logprobs=config.target is not None)
-    target = foil = contrast = correct = None
-    if config.target is not None:  # the metrics are about the target; the greedy answer is recorded beside it
-        correct = starts_with(baseline.text, config.target)
-        if config.only_correct and not correct:
-            raise NotCorrect(baseline.text, config.target)
-        target, tf = given_answer(analysis, config.target, "--target")
-    engine = plan.make_engine(analysis, tf, units)
-    scored = target or baseline
-    scored.logprobs = answer_logprobs(engine.base_logprobs, tf)
-    if config.contrast is not None:
-        foil, foil_tf = given_answer(analysis, config.contrast, "--contrast")
-        contrast = plan.make_engine(analysis, foil_tf, units)
-        foil.logprobs = answer_logprobs(contrast.base_logprobs, foil_tf)
+    # the decoder's set-up sees the pictures the baseline's generation saw: their features are computed once
+    with reused_image_features(loaded) if decoder else nullcontext():
+        # a --target run scores the target: the greedy answer's log-probs come from its generation, not a forward
+        baseline, tf = analysis.baseline(config.num_tokens, logprobs=config.target is not None)
+        target = foil = contrast = correct = None
+        if config.target is not None:  # the metrics are about the target; the greedy answer is recorded beside it
+            correct = starts_with(baseline.text, config.target)
+            if config.only_correct and not correct:
+                raise NotCorrect(baseline.text, config.target)
+            target, tf = given_answer(analysis, config.target, "--target")
+        engine = plan.make_engine(analysis, tf, units)
+        scored = target or baseline
+        scored.logprobs = answer_logprobs(engine.base_logprobs, tf)
+        if config.contrast is not None:
+            foil, foil_tf = given_answer(analysis, config.contrast, "--contrast")
+            contrast = plan.make_engine(analysis, foil_tf, units)
+            foil.logprobs = answer_logprobs(contrast.base_logprobs, foil_tf)
     batch_size = config.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
     if store is not None:
         store.check_baseline(baseline.token_ids)

@@ -125,3 +125,25 @@ def test_a_yaml_batch_takes_target_and_contrast(tmp_path):
     assert "logit_diff_change" in gold["metrics"] and "logit_diff_change" not in plain["metrics"]
     index = json.loads((tmp_path / "runs" / "index.json").read_text())
     assert index["runs"][0]["target"] == "red" and index["runs"][0]["correct"] is True
+
+
+def test_a_runs_set_up_runs_the_vision_tower_once_and_changes_no_number(analyzer, monkeypatch):
+    """The baseline's generation, the engine's unmasked pass and the foil's engine see the same picture: its
+    features are computed once (engine.reused_image_features), and every number is what recomputing them gives."""
+    import contextlib
+
+    from mask_impact import sweep
+
+    calls = []
+    hook = analyzer.loaded.model.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        reused = run(analyzer, target="red", contrast="blue", mask_mode="both", flows=[], layers="1-2", generate_top=0)
+        once = len(calls)
+        monkeypatch.setattr(sweep, "reused_image_features", lambda loaded: contextlib.nullcontext())
+        calls.clear()
+        again = run(analyzer, target="red", contrast="blue", mask_mode="both", flows=[], layers="1-2", generate_top=0)
+    finally:
+        hook.remove()
+    assert once == 1 and len(calls) == 3  # the generation's prefill, the target's engine, the foil's engine
+    assert reused["metrics"] == again["metrics"] and reused["steps"] == again["steps"]
+    assert reused["baseline"] == again["baseline"] and reused["target"] == again["target"]
