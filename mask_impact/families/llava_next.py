@@ -2,7 +2,7 @@
 
 Decoder inputs as LLaVA-1.5 (``llava.py``): projected CLIP features scattered into the ``<image>`` placeholders,
 plain 1-D positions, the language model's own masks; the features come from ``get_image_features(pixel_values,
-image_sizes)``. Only the decoder stage.
+image_sizes)``. The decoder stage and occlusion (``--stage pixels``).
 
 Geometry (what ``LlavaNextImageProcessor`` and ``pack_image_features`` do, with transformers' own functions):
 
@@ -21,6 +21,13 @@ Geometry (what ``LlavaNextImageProcessor`` and ``pack_image_features`` do, with 
 ``ImageInfo.layout`` records the arithmetic (canvas, resized size, padding offset, kept rows and columns), so
 ``units.exact_box`` and the viewer get the same boxes. ``--unit region:N`` groups N×N blocks of each view's grid
 and leaves out tokens without a box; ``image`` includes every token of the image, newlines too.
+
+Occlusion: the patch rows are each image's own views (the views padding ``pixel_values`` to the most views of the
+prompt's images dropped), view by view, each view's patches row by row (``patch_rows``); the model takes them back
+as one (views, C, H, W) tensor, which ``get_image_features`` splits by ``image_sizes`` (``grid_of``). A token's patch
+is named from the layout (``layout_patches``: a base token its patch of the base view, a tile token its kept cell of
+the canvas in the tile holding it, a newline none) and placed in the picture by ``layout_patch_box``;
+``patches.PatchLayout`` reads both for an image that records a layout.
 """
 
 from __future__ import annotations
