@@ -6,6 +6,12 @@ then the ``merge × merge`` patches inside that token. Other families give their
 their adapter (``patch_rows``: LLaVA-1.5's crop, one 14×14 patch per token; Gemma 3's square, the k×k patches
 each token's pooling averages). The occlusion and vision-encoder stages name a unit's
 patches by these rows (``units.pixel_units``) and their engines replace or knock out exactly those.
+
+An image whose family records its views (``ImageInfo.layout``: LLaVA-NeXT's base view and tiles) has one patch per
+token, its rows a (views, g, g) grid, but a token's patch is not at a fixed stride: the one hook here,
+``families.llava_next.layout_patches``, names it from the layout (a newline token has none), and
+``layout_patch_box`` places a patch of any view in the picture; the mean colour is the base view's (the tiles carry
+padding).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ class PatchLayout:
     offsets: list[int]  # first row of each image
     grids: list[tuple[int, int, int]]  # (t, h, w) in patches
     merge: int  # spatial merge size: a decoder token is merge × merge patches
+    views: list[dict | None] | None = None  # per image, the family's recorded views (ImageInfo.layout), or None
 
     @classmethod
     def of(cls, prompt, merge: int) -> PatchLayout:
@@ -28,7 +35,13 @@ class PatchLayout:
         for t, h, w in grids:
             offsets.append(row)
             row += t * h * w
-        return cls(offsets, grids, merge)
+        views = [image.layout for image in prompt.images]
+        if any(layout is not None for layout in views):
+            merge = 1  # one patch per token, in every view
+        return cls(offsets, grids, merge, views)
+
+    def layout_of(self, image: int) -> dict | None:
+        return None if self.views is None else self.views[image]
 
     def rows(self, image: int) -> range:
         t, h, w = self.grids[image]
@@ -36,9 +49,23 @@ class PatchLayout:
 
     def token_rows(self, image: int, n: int) -> list[int]:
         """The rows of the patches that make image ``image``'s ``n``-th decoder token."""
+        layout = self.layout_of(image)
+        if layout is not None:
+            from .families.llava_next import layout_patches
+
+            _, h, w = self.grids[image]
+            return [self.offsets[image] + (view * h + row) * w + col for view, row, col in layout_patches(layout, n)]
         size = self.merge * self.merge
         first = self.offsets[image] + n * size
         return list(range(first, first + size))
+
+    def colour_rows(self, image: int) -> range:
+        """The rows whose mean is the image's mean colour: all of its rows, or its base view's where it has views
+        (the tiles' canvas is padded)."""
+        if self.layout_of(image) is None:
+            return self.rows(image)
+        _, h, w = self.grids[image]
+        return range(self.offsets[image], self.offsets[image] + h * w)
 
     def cell(self, row: int) -> tuple[int, int, int, int]:
         """(image, t, patch row, patch column) of a ``pixel_values`` row."""
@@ -72,16 +99,22 @@ def patch_rows(prompt, layout: PatchLayout, positions: list[int]) -> list[int]:
 def merge_size(prompt) -> int:
     """Patches per side of a decoder token, from the first image's grid and token count."""
     t, h, w = prompt.images[0].grid_thw
+    if prompt.images[0].layout is not None:  # views: one patch per token
+        return 1
     tokens = sum(tok.image == 0 for tok in prompt.tokens if tok.modality == "vision")
     return round((t * h * w / tokens) ** 0.5)
 
 
 def patch_box(prompt, layout: PatchLayout, row: int, exact: bool = False) -> list[float]:
     """A patch's box in original-image pixels (rounded to 0.01 for reading, unless ``exact``)."""
-    image, _, patch_row, patch_col = layout.cell(row)
+    image, view, patch_row, patch_col = layout.cell(row)
     info = prompt.images[image]
     _, h, w = layout.grids[image]
-    if info.crop is None:  # the grid covers the whole resized picture
+    if layout.layout_of(image) is not None:  # a view's patch: its place in the picture, from the recorded views
+        from .families.llava_next import layout_patch_box
+
+        box = list(layout_patch_box(layout.layout_of(image), info.width, info.height, view, patch_row, patch_col))
+    elif info.crop is None:  # the grid covers the whole resized picture
         side_x, side_y = info.width / w, info.height / h  # a patch's size, mapped back by the resize ratio
         box = [patch_col * side_x, patch_row * side_y, (patch_col + 1) * side_x, (patch_row + 1) * side_y]
     else:  # the grid covers the crop (LLaVA-1.5's centre): its offset and size in the resized picture, mapped back

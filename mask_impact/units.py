@@ -382,6 +382,8 @@ def pixel_units(prompt, choice, groups: dict) -> list:
             rows = patch_rows(prompt, layout, group.positions)
             if group.box is not None:  # a pixel box: its own patches, finer than the tokens
                 rows = [row for row in rows if overlaps(patch_box(prompt, layout, row, exact=True), group.box)]
+            if not rows:
+                raise UsageError(f"--group {group.name} holds no image patch (an image newline token has no pixels)")
             parts.append(("group", group.name, group.positions, rows, group.box))
     else:
         size = None if choice.kind == "image" else choice.size if choice.kind == "region" else 1  # token: 1×1

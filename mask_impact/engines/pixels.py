@@ -50,7 +50,7 @@ class Filler:
         original = self.pixel_values[rows].float()
         if self.fill == "mean":
             image = self.layout.cell(rows[0])[0]
-            pixels = self._shaped(self.pixel_values[list(self.layout.rows(image))].float())
+            pixels = self._shaped(self.pixel_values[list(self.layout.colour_rows(image))].float())
             colour = pixels.double().mean(dim=(0, 2)).float()  # (C,); in float64 so a uniform image keeps its value
             out = colour[None, :, None].expand(len(rows), -1, self._shaped(original).shape[-1])
         elif self.fill == "black":
@@ -74,17 +74,25 @@ class Filler:
 
     def _blur(self, image: int) -> torch.Tensor:
         """The image's rows, Gaussian-blurred as a picture (σ = one patch side, edges reflected)."""
-        from torchvision.transforms.functional import gaussian_blur
-
         t, h, w = self.layout.grids[image]
         m, p, c = self.layout.merge, self.patch, self.channels
         rows = self.pixel_values[list(self.layout.rows(image))].float()
+        layout = self.layout.layout_of(image)
+        if layout is not None:  # views: the base view one picture, the tiles another (their padded canvas)
+            across, down = layout["tiles"]
+            views = rows.reshape(t, h, w, c, p, p)
+            base = _blurred(views[:1].permute(0, 3, 1, 4, 2, 5).reshape(1, c, h * p, w * p), p)
+            canvas = views[1:].reshape(down, across, h, w, c, p, p).permute(4, 0, 2, 5, 1, 3, 6)
+            tiles = _blurred(canvas.reshape(1, c, down * h * p, across * w * p), p)
+            base = base.reshape(1, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
+            tiles = tiles.reshape(c, down, h, p, across, w, p).permute(1, 4, 2, 5, 0, 3, 6)
+            tiles = tiles.reshape(t - 1, h, w, c, p, p)
+            return torch.cat([base, tiles]).reshape(rows.shape)
         temporal = rows.shape[-1] // (c * p * p)
         # rows: (t, h/m, w/m, m, m) patches of (C, T, P, P) → pictures (t·T, C, h·P, w·P)
         grid = rows.reshape(t, h // m, w // m, m, m, c, temporal, p, p)
         picture = grid.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * temporal, c, h * p, w * p)
-        kernel = min(4 * p + 1, 2 * ((min(h, w) * p - 1) // 2) + 1)  # odd, shorter than the picture
-        blurred = gaussian_blur(picture, [kernel, kernel], [float(p), float(p)])
+        blurred = _blurred(picture, p)
         back = blurred.reshape(t, temporal, c, h // m, m, p, w // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return back.reshape(rows.shape)
 
@@ -97,8 +105,8 @@ class Patches:
     def __init__(self, analysis: Analysis, tf: TeacherForced, fill: str, units: list):
         self.analysis, self.tf = analysis, tf
         loaded = analysis.loaded
-        self.pixel_values = loaded.adapter.patch_rows(tf.model_kwargs["pixel_values"])  # (N, D) one row per patch
         self.grid = loaded.adapter.grid_of(analysis.prompt)
+        self.pixel_values = loaded.adapter.patch_rows(tf.model_kwargs["pixel_values"], self.grid)  # (N, D): patches
         self.layout = PatchLayout.of(analysis.prompt, loaded.adapter.patch_merge)
         self.filler = Filler(loaded, self.pixel_values, self.layout, fill)
         self.seeds = {id(unit): unit.index for unit in units}
@@ -180,6 +188,14 @@ class NaivePixelEngine(Patches):
 
     def logprobs(self, window, units: list) -> torch.Tensor:
         return torch.cat([self._forward(self.occluded(unit)) for unit in units], dim=0)
+
+
+def _blurred(picture: torch.Tensor, p: int) -> torch.Tensor:
+    """(n, C, H, W) Gaussian-blurred with σ = one patch side, edges reflected (a kernel shorter than the picture)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    kernel = min(4 * p + 1, 2 * ((min(picture.shape[-2:]) - 1) // 2) + 1)
+    return gaussian_blur(picture, [kernel, kernel], [float(p), float(p)])
 
 
 def deepstack_of(features) -> list[torch.Tensor]:

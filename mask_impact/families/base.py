@@ -152,10 +152,11 @@ class DecoderAdapter:
 
     patch_merge: int = 1  # patches per side of one decoder token
 
-    def patch_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def patch_rows(self, pixel_values: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         """The processor's ``pixel_values`` as one row per patch, ordered image, t, decoder token, patch inside the
         token (each row (C, T, P, P) flattened): the form the occlusion stage fills (``patches.PatchLayout``). The
-        Qwen families' processors give exactly that."""
+        Qwen families' processors give exactly that. ``grid``: ``grid_of``'s, for a family whose ``pixel_values`` are
+        padded between images (LLaVA-NeXT's views)."""
         return pixel_values
 
     def pixel_values_of(self, rows: torch.Tensor) -> torch.Tensor:

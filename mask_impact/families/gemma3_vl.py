@@ -131,7 +131,7 @@ class Gemma3Vision(DecoderAdapter):
         """Patches per side of one decoder token: the projector's pooling kernel k."""
         return self.model.model.multi_modal_projector.kernel_size
 
-    def patch_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def patch_rows(self, pixel_values: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         """(n, C, H, W) squares → one row per ``patch_size`` square, ordered image, token (row, column of the pooled
         s×s grid), then the k×k patches the token pools (row by row), each (C, P, P) flattened: the order of the Qwen
         processors' rows, so a token's rows are k² consecutive ones (``patches.PatchLayout`` with merge k)."""

@@ -109,7 +109,7 @@ class Llava(DecoderAdapter):
 
     # --- the picture as patches: one per token (the pixels stage) ------------------------------------------------
 
-    def patch_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def patch_rows(self, pixel_values: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         """(n, C, H, W) crops → one row per ``patch_size`` square, row by row (a token's patch), each (C, P, P)."""
         n, c, h, w = pixel_values.shape
         p = self.patch_size

@@ -2,7 +2,7 @@
 
 Decoder inputs as LLaVA-1.5 (``llava.py``): projected CLIP features scattered into the ``<image>`` placeholders,
 plain 1-D positions, the language model's own masks; the features come from ``get_image_features(pixel_values,
-image_sizes)``. Only the decoder stage.
+image_sizes)``. The decoder stage and occlusion (``--stage pixels``).
 
 Geometry (what ``LlavaNextImageProcessor`` and ``pack_image_features`` do, with transformers' own functions):
 
@@ -21,6 +21,13 @@ Geometry (what ``LlavaNextImageProcessor`` and ``pack_image_features`` do, with 
 ``ImageInfo.layout`` records the arithmetic (canvas, resized size, padding offset, kept rows and columns), so
 ``units.exact_box`` and the viewer get the same boxes. ``--unit region:N`` groups N×N blocks of each view's grid
 and leaves out tokens without a box; ``image`` includes every token of the image, newlines too.
+
+Occlusion: the patch rows are each image's own views (the views padding ``pixel_values`` to the most views of the
+prompt's images dropped), view by view, each view's patches row by row (``patch_rows``); the model takes them back
+as one (views, C, H, W) tensor, which ``get_image_features`` splits by ``image_sizes`` (``grid_of``). A token's patch
+is named from the layout (``layout_patches``: a base token its patch of the base view, a tile token its kept cell of
+the canvas in the tile holding it, a newline none) and placed in the picture by ``layout_patch_box``;
+``patches.PatchLayout`` reads both for an image that records a layout.
 """
 
 from __future__ import annotations
@@ -100,6 +107,42 @@ def layout_cell(layout: dict, width: int, height: int, n: int) -> tuple[int, int
     return 1, row, col, "tiles", (x0, y0, x1, y1)
 
 
+def layout_patches(layout: dict, n: int) -> list[tuple[int, int, int]]:
+    """The patches an image's ``n``-th token is made of, as (view, patch row, patch column) of the views in
+    ``pixel_values`` (0: the base view; 1 + i: tile i, row-major over the canvas): a base token its patch, a tile token
+    its cell of the canvas (the tile holding it, the cell inside that tile), a newline none. A pooled tile token
+    (LLaVA-OneVision's resized map) mixes up to four cells by bilinear interpolation and has no patch of its own:
+    refused (its family does not offer the pixels stage)."""
+    grid = layout["base_grid"]
+    if "square" in layout:
+        return [] if n == grid * grid else [(0, *divmod(n, grid))]
+    if n < grid * grid:
+        return [(0, *divmod(n, grid))]
+    if layout.get("pooled"):
+        raise ValueError("a pooled tile token mixes several cells; it has no patch of its own")
+    row, col = divmod(n - grid * grid, len(layout["cols"]) + 1)
+    if col == len(layout["cols"]):
+        return []  # an image newline: a learned vector, no pixels
+    cell_row, cell_col = layout["rows"][row], layout["cols"][col]
+    tile = (cell_row // grid) * layout["tiles"][0] + cell_col // grid
+    return [(1 + tile, cell_row % grid, cell_col % grid)]
+
+
+def layout_patch_box(layout: dict, width: int, height: int, view: int, row: int, col: int) -> tuple:
+    """A patch's box ``(x0, y0, x1, y1)`` in original-image pixels, unrounded: in the base view its g×g share of the
+    picture; in a tile its cell of the canvas, less the padding offset, scaled back and clipped to the picture (a
+    patch of a token's cell: it overlaps the picture, ``layout_cell``)."""
+    grid = layout["base_grid"]
+    if view == 0:
+        return layout_cell(layout, width, height, row * grid + col)[4]
+    p, (ox, oy), (rw, rh) = layout["patch"], layout["offset"], layout["resized"]
+    tile_row, tile_col = divmod(view - 1, layout["tiles"][0])
+    r, c = tile_row * grid + row, tile_col * grid + col
+    sx, sy = width / rw, height / rh
+    return (max(0.0, (c * p - ox) * sx), max(0.0, (r * p - oy) * sy), min(float(width), ((c + 1) * p - ox) * sx),
+            min(float(height), ((r + 1) * p - oy) * sy))
+
+
 def square_cell(layout: dict, width: int, height: int, n: int) -> tuple[int, int, int | None, str, tuple | None]:
     """LLaVA-OneVision's one view of an image in a multi-image prompt: the picture padded to a ``square`` (its
     longer side) at ``offset`` (left, top), squashed to the tower's input, g×g patches, then one newline after the
@@ -147,7 +190,7 @@ class LlavaNext(Llava):
     model_types = ("llava_next",)
     model_class = "LlavaNextForConditionalGeneration"
     label = "LLaVA-NeXT"
-    stages = ("decoder",)  # occlusion needs the patches of the base view and every tile: not yet given
+    stages = ("decoder", "pixels")
 
     def layer_inputs(self, input_ids: torch.Tensor, model_kwargs: dict) -> LayerInputs:
         inner = self.model.model
@@ -166,6 +209,40 @@ class LlavaNext(Llava):
     def feature_kwargs(self, model_kwargs: dict) -> dict:
         """What else ``get_image_features`` takes from the processor's output (LLaVA-OneVision: ``batch_num_images``)."""
         return {}
+
+    # --- the picture as patches: its views' patches, view by view (the pixels stage) -----------------------------
+
+    def patch_rows(self, pixel_values: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """(images, most views, C, H, W) → one row per ``patch_size`` square of each image's own views (the base view,
+        then the tiles, row-major over the canvas; the views padding an image to the most views are dropped: ``grid``,
+        ``grid_of``'s image sizes, says how many it has), each view's patches row by row: rows of a (views, g, g) grid
+        per image, one patch per token (``patches.PatchLayout`` names a tile token's patch from the image's
+        layout)."""
+        if pixel_values.dim() == 5:
+            views = [int(v) for v in self.view_counts(grid)] if grid is not None else [pixel_values.shape[1]] * len(
+                pixel_values)
+            pixel_values = torch.cat([image[:count] for image, count in zip(pixel_values, views)])
+        return Llava.patch_rows(self, pixel_values)
+
+    def pixel_values_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """``patch_rows`` undone as the model also takes it: (all views, C, H, W), the images' views one after the
+        other, unpadded (``get_image_features`` splits them by ``image_sizes``)."""
+        return Llava.pixel_values_of(self, rows)
+
+    def grid_of(self, prompt) -> torch.Tensor:
+        """(images, 2) each image's original (height, width): the ``image_sizes`` its views follow from."""
+        return torch.tensor([[image.height, image.width] for image in prompt.images])
+
+    def view_counts(self, image_sizes: torch.Tensor) -> list[int]:
+        return [1 + down * across for down, across in (
+            get_anyres_image_grid_shape((int(h), int(w)), self.model.config.image_grid_pinpoints, self.tile)
+            for h, w in image_sizes.tolist())]
+
+    def image_features(self, rows: torch.Tensor, grid: torch.Tensor):
+        """The projected, packed features (``pooler_output``: per image (tokens, H), newlines included) of the patch
+        rows of whole images whose original sizes are ``grid`` (images, 2)."""
+        return self.model.model.get_image_features(pixel_values=self.pixel_values_of(rows), image_sizes=grid,
+                                                   return_dict=True, **self.feature_kwargs({}))
 
     @property
     def tile(self) -> int:

@@ -104,6 +104,9 @@ class LlavaOnevision(LlavaNext):
     model_types = ("llava_onevision",)
     model_class = "LlavaOnevisionForConditionalGeneration"
     label = "LLaVA-OneVision"
+    # no occlusion: a pooled tile token is a bilinear mix of up to four cells of the map, so it has no patch of its own
+    # (DESIGN.md §7)
+    stages = ("decoder",)
 
     def __init__(self, model):
         vision = model.config.vision_config
