@@ -10,6 +10,8 @@ the oracle of its fast one. The decoder's engines are in engines/decoder.py, the
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -181,7 +183,20 @@ def reused_image_features(loaded: LoadedModel) -> Iterator[None]:
     if original is None:
         yield
         return
-    seen: list[tuple[tuple, dict, object]] = []
+    signature = inspect.signature(original)
+    seen: list[tuple[dict, object]] = []
+
+    def arguments(args, kwargs) -> dict:
+        """The call's arguments by name, however they were passed (positionally or by keyword), less the flags
+        that do not reach the tower."""
+        bound = signature.bind(*args, **kwargs)
+        named = {}
+        for name, value in bound.arguments.items():
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
+        return {name: value for name, value in named.items() if name not in FORWARD_ONLY}
 
     def same(a, b) -> bool:
         if torch.is_tensor(a) or torch.is_tensor(b):
@@ -191,14 +206,14 @@ def reused_image_features(loaded: LoadedModel) -> Iterator[None]:
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
         return type(a) is type(b) and a == b
 
+    @functools.wraps(original)  # its signature too: generation reads it to pick the features' arguments
     def features(*args, **kwargs):
-        kwargs_seen = {k: v for k, v in kwargs.items() if k not in FORWARD_ONLY}
-        for given, named, output in seen:
-            if same(given, args) and named.keys() == kwargs_seen.keys() and all(
-                    same(named[k], kwargs_seen[k]) for k in named):
+        named = arguments(args, kwargs)
+        for earlier, output in seen:
+            if earlier.keys() == named.keys() and all(same(earlier[k], named[k]) for k in named):
                 return output
         output = original(*args, **kwargs)
-        seen.append((args, kwargs_seen, output))
+        seen.append((named, output))
         return output
 
     inner.get_image_features = features  # the instance's attribute, over the class's method, for the block only

@@ -455,10 +455,11 @@ def test_top_rows_open_their_knockout_and_compare_shares_one_scale(page, results
 
 
 def _panel_bar_pixels(page, selector: str) -> int:
-    """Clearly red or blue pixels in a heatmap panel's colour bar (24 px above its cells, 160 px wide)."""
+    """Clearly red or blue pixels in a heatmap panel's colour bar (36 px above its cells, 10 px tall, 160 px wide;
+    its ticks below it)."""
     return page.evaluate("""(selector) => {
         const c = document.querySelector(selector), { x, y } = c.layout;
-        const d = c.getContext('2d').getImageData(x, y - 24, 160, 10).data; let n = 0;
+        const d = c.getContext('2d').getImageData(x, y - 36, 160, 10).data; let n = 0;
         for (let o = 0; o < d.length; o += 4) if (Math.max(d[o], d[o + 2]) - Math.min(d[o], d[o + 2]) > 60) n++;
         return n; }""", selector)
 
