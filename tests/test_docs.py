@@ -28,9 +28,10 @@ def test_every_relative_link_names_a_file_that_exists():
 
 def test_the_readme_starts_with_what_to_run_and_keeps_cis_test_command():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
-    assert ci == 'pip install -e ".[test]" && python -m pytest -q'
-    assert ci in readme
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+    command = 'pip install -e ".[test]" && python -m pytest -q'
+    assert command in ci  # CI runs the README's command (then the fast subset on 5.17.0)
+    assert command in readme
     first_command = next(n for n, line in enumerate(readme.splitlines(), 1) if line.startswith("pip install"))
     assert first_command < 40 and len(readme.splitlines()) < 150
     assert "docs/viewer.png" in readme and "(docs/index.md)" in readme
