@@ -4,6 +4,7 @@ which pytest loads by itself and no test imports."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -14,6 +15,21 @@ ROOT = Path(__file__).resolve().parent.parent
 # How long a test waits for a subprocess (or for a run to reach a point) before calling it hung: a guard against
 # hangs, never a speed test, so far above any run's time on a loaded machine. MASK_IMPACT_TEST_HANG_S changes it.
 HANG_S = int(os.environ.get("MASK_IMPACT_TEST_HANG_S", "3600"))
+
+
+@contextmanager
+def watched_page(browser, width: int, height: int, **options):
+    """A page of a fresh browser context at width×height that records its dialogs (dismissed) in ``page.dialogs``
+    and its script errors in ``page.errors``; on leaving, no script error may have happened."""
+    context = browser.new_context(viewport={"width": width, "height": height}, **options)
+    page = context.new_page()
+    page.dialogs = []
+    page.errors = []
+    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    yield page
+    assert page.errors == []
+    context.close()
 
 
 def cli_error(capsys, argv: list[str], vision: bool = True) -> str:

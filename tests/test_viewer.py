@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mask_impact.cli import main
-from tests.support import ROOT
+from tests.support import ROOT, watched_page
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -55,15 +55,8 @@ def browser():
 
 @pytest.fixture()
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.dialogs = []
-    page.errors = []
-    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
-    page.on("pageerror", lambda error: page.errors.append(str(error)))
-    yield page
-    assert page.errors == []
-    context.close()
+    with watched_page(browser, 1280, 900) as page:
+        yield page
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 
 from mask_impact.cli import main
 from mask_impact.report import viewer_html
+from tests.support import watched_page
 from tests.test_viewer import ARTIFACTS, SVG, XSS_PROMPT, _export, _png_colours, browser, expect  # noqa: F401
 
 FLOWS = ["image->last", "question->last"]
@@ -20,15 +21,8 @@ FLOWS = ["image->last", "question->last"]
 
 @pytest.fixture()
 def page(browser):  # noqa: F811  (the 1440×900 screen the page is laid out for)
-    context = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
-    page = context.new_page()
-    page.dialogs = []
-    page.errors = []
-    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
-    page.on("pageerror", lambda error: page.errors.append(str(error)))
-    yield page
-    assert page.errors == []
-    context.close()
+    with watched_page(browser, 1440, 900, accept_downloads=True) as page:
+        yield page
 
 
 @pytest.fixture(scope="module")
