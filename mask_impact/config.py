@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import OptionError, UsageError, bounded, quoted
-from .options import STAGES, check_units, parse_figure_options
+from .options import STAGES, UnitOptions, check_units, parse_figure_options, parse_units
 from .resources import data_path
 
 VL_DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
@@ -103,6 +103,10 @@ class RunConfig:
     def settings(self) -> dict:
         return asdict(self)
 
+    def unit_options(self) -> UnitOptions:
+        """``unit``, ``groups`` and ``flows`` as typed values (options.parse_units: parsed once)."""
+        return parse_units(self.unit, self.groups, self.flows)
+
     def as_measured(self, loaded) -> RunConfig:
         """The settings the numbers were computed under: a family whose own masks let the tokens of one image
         attend to each other both ways (Gemma 3) is measured bidirectional whatever ``--vision-attention`` says."""
@@ -130,7 +134,7 @@ class RunConfig:
             raise UsageError(f"--min-pixels {self.min_pixels:,} is larger than --max-pixels {self.max_pixels:,}")
         if not vision and self.images:
             raise UsageError("text-only models take no image; use mask-impact-vl (mask_impact_vl.py) with a vision-language model")
-        check_units(self.unit, self.groups, self.flows, len(self.images), vision, self.stage)  # says what needs images
+        check_units(self.unit_options(), len(self.images), vision, self.stage)  # says what needs images
         if self.mask_mode in ("vision", "both") and not self.images:
             raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
         STAGES[self.stage].check(self)  # the options that do not apply to the stage

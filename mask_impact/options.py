@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import UsageError, quoted
 
@@ -234,10 +235,36 @@ def parse_flow(text: str) -> FlowSpec:
     return FlowSpec(parts[0].strip(), parts[1].strip())
 
 
-def check_units(unit: str, groups: list[str], flows: list[str], images: int, vision: bool,
-                stage: str = "decoder") -> None:
+@dataclass(frozen=True)
+class UnitOptions:
+    """The ``unit``, ``groups`` and ``flows`` options as typed values (``text``: the unit as written, for
+    messages). A run's options are parsed once (``parse_units``); the checks (``check_units``) and the units of a
+    prompt (units.build_units) read these."""
+
+    text: str
+    unit: UnitChoice
+    groups: tuple[GroupSpec, ...]
+    flows: tuple[FlowSpec, ...]
+
+
+@lru_cache(maxsize=256)
+def _parsed_units(unit: str, groups: tuple[str, ...], flows: tuple[str, ...]) -> UnitOptions:
+    return UnitOptions(unit, parse_unit(unit), tuple(map(parse_group, groups)), tuple(map(parse_flow, flows)))
+
+
+def parse_units(unit: str, groups=(), flows=()) -> UnitOptions:
+    """The unit, group and flow options as written (``config.unit``, ``groups``, ``flows``) as ``UnitOptions``;
+    one line (UsageError) for the first that is not understood. Equal options are parsed once per process."""
+    groups, flows = tuple(groups or ()), tuple(flows or ())
+    try:
+        return _parsed_units(unit, groups, flows)
+    except TypeError:  # a value that cannot be a cache key (a list in a YAML list, say): parsed, and refused there
+        return UnitOptions(unit, parse_unit(unit), tuple(map(parse_group, groups)), tuple(map(parse_flow, flows)))
+
+
+def check_units(options: UnitOptions, images: int, vision: bool, stage: str = "decoder") -> None:
     """Every check of the unit, group and flow options that needs no model (``images``: how many are given)."""
-    choice = parse_unit(unit)
+    unit, choice, specs, flows = options.text, options.unit, list(options.groups), list(options.flows)
     where = STAGES[stage]
     if where.images_only:
         what = where.removes
@@ -249,12 +276,11 @@ def check_units(unit: str, groups: list[str], flows: list[str], images: int, vis
             raise UsageError(f"--flow blocks attention in the decoder; it has no meaning with --stage {stage}")
         if choice.kind == "word":
             raise UsageError(f"--stage {stage} {what}; use --unit {where.unit_kinds}")
-        text = next((spec for spec in map(parse_group, groups) if spec.kind == "text"), None)
+        text = next((spec for spec in specs if spec.kind == "text"), None)
         if text is not None:
             raise UsageError(f"--group {text.name} is a text span; --stage {stage} {what} only")
     if choice.kind == "patch" and not where.on_patches:
         raise UsageError("--unit patch is a 16×16-pixel patch of the image: it needs --stage pixels or vision-encoder")
-    specs = [parse_group(text) for text in groups]
     names = [spec.name for spec in specs]
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
@@ -277,18 +303,17 @@ def check_units(unit: str, groups: list[str], flows: list[str], images: int, vis
                                  f"{images} image{'s are' if images != 1 else ' is'} given")
     if flows and choice.kind != "token":
         raise UsageError(f"--flow runs sweep the flows themselves; drop --unit {unit}")
-    for text in flows:
-        flow = parse_flow(text)
+    for flow in flows:
         for name in (flow.source, flow.target):
             check_group_name(name, names, images, vision, f"--flow {flow.label}")
         if flow.source == "answer":
             raise UsageError(f"--flow {flow.label}: answer can only be a flow's destination (its positions follow "
                              "the prompt, so nothing attends to them from it)")
-    labels = [parse_flow(text).label for text in flows]
+    labels = [flow.label for flow in flows]
     repeated = next((label for label in labels if labels.count(label) > 1), None)
     if repeated:
         raise UsageError(f"--flow {repeated} is given twice")
-    used = {name for text in flows for name in (parse_flow(text).source, parse_flow(text).target)}
+    used = {name for flow in flows for name in (flow.source, flow.target)}
     unused = next((name for name in names if name not in used), None) if choice.kind != "groups" else None
     if unused:
         raise UsageError(f"--group {unused} is not used: sweep the groups with --unit groups, or name it in a --flow")

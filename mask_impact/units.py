@@ -20,8 +20,8 @@ boxes overlap it; a box reaching outside the picture is refused, with the part i
 list (``pos:10-20,25``) or a text span (``text:quick brown``: the tokens of its first occurrence in the user's
 text).
 
-The options are parsed and checked before the model loads (options.py: ``parse_unit``, ``parse_group``,
-``parse_flow``, ``check_units``); ``build_units`` resolves them here once the prompt is tokenized. No torch
+The options are parsed once and checked before the model loads (options.py: ``parse_units``, a cached
+``UnitOptions``, and ``check_units``); ``build_units`` resolves those values here once the prompt is tokenized. No torch
 at import: the command line's ``--help`` and its early checks stay quick.
 """
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError, quoted
 from .options import (BUILTIN_GROUPS, IMAGE_GROUP, STAGES, GroupSpec, UnitChoice, check_units,  # noqa: F401
-                      parse_flow, parse_group, parse_unit)
+                      parse_flow, parse_group, parse_unit, parse_units)
 from .patches import PatchLayout, merge_size, patch_box, patch_rows, token_numbers
 
 UNIT_KINDS = ("token", "word", "region", "image", "group", "flow")
@@ -299,8 +299,9 @@ def positions_for(prompt, mask_mode: str) -> list[int]:
 
 def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
     """The units a run sweeps, in the order their first keys come (so the engine's batches waste little)."""
-    choice = parse_unit(config.unit)
-    groups = {spec.name: resolve_group(spec, prompt, tokenizer) for spec in map(parse_group, config.groups)}
+    options = parse_units(config.unit, config.groups, config.flows)  # parsed once: the checks' own values
+    choice = options.unit
+    groups = {spec.name: resolve_group(spec, prompt, tokenizer) for spec in options.groups}
     stage = STAGES[getattr(config, "stage", "decoder")]
     if stage.on_patches:
         return pixel_units(prompt, choice, groups)
@@ -313,7 +314,7 @@ def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
                                  f"holds position {outside[0] if outside else 'answer'}, which is not an image token")
     if config.flows:
         units = []
-        for index, flow in enumerate(map(parse_flow, config.flows)):
+        for index, flow in enumerate(options.flows):
             source = named_group(flow.source, groups, prompt, tokenizer)
             target = named_group(flow.target, groups, prompt, tokenizer)
             unit = _unit(prompt, index, "flow", flow.label, source.positions, target.positions, target.tail)

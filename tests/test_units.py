@@ -15,7 +15,7 @@ from mask_impact.config import UsageError
 from mask_impact.engine import Analysis
 from mask_impact.engines.decoder import FastEngine, NaiveEngine
 from mask_impact.inputs import build_prompt
-from mask_impact.units import WORD, build_units, check_units, parse_group
+from mask_impact.units import WORD, build_units, check_units, parse_group, parse_units
 from tests.support import ROOT, cli_error, shape_pictures
 from tests.test_spec import _explicit_mask_logits
 
@@ -278,10 +278,10 @@ def test_image_groups_on_a_text_model_are_refused(argv, message, capsys, in_tmp)
 
 
 def test_check_units_needs_no_model():
-    check_units("groups", ["a=1,2,3,4@2", "b=pos:1-3", "c=text:x y"], [], 2, True)
-    check_units("token", ["a=1,2,3,4@2"], ["a->last", "image2->a"], 2, True)
+    check_units(parse_units("groups", ["a=1,2,3,4@2", "b=pos:1-3", "c=text:x y"], []), 2, True)
+    check_units(parse_units("token", ["a=1,2,3,4@2"], ["a->last", "image2->a"]), 2, True)
     with pytest.raises(UsageError, match="say which one the box is on with @N"):
-        check_units("token", ["a=1,2,3,4"], [], 2, True)
+        check_units(parse_units("token", ["a=1,2,3,4"], []), 2, True)
     assert parse_group("q=text:'quick brown'").value == ("quick brown",)
     assert parse_group("p=pos:3,1-2").value == (1, 2, 3)
     assert parse_group("b=0,0,10.5,20@1").value == (0.0, 0.0, 10.5, 20.0)
@@ -358,3 +358,29 @@ def test_a_yaml_group_without_spec_is_one_line(tmp_path, capsys):
     config = tmp_path / "b.yaml"
     config.write_text("defaults: {demo: true}\nruns:\n  - {unit: groups, group: {a: }}\n")
     assert "group 'a' has no SPEC" in cli_error(capsys, ["--config", str(config), "--output-dir", str(tmp_path)])
+
+
+def test_a_runs_unit_group_and_flow_options_are_parsed_once(vl_model, images, monkeypatch):
+    """The checks before loading (RunConfig.validate) and the units of the prompt (build_units) read one parse of
+    each option: each group and flow is parsed once, and equal options give the same UnitOptions."""
+    from collections import Counter
+
+    from mask_impact import options
+    from mask_impact.config import RunConfig
+
+    calls = Counter()
+    for name in ("parse_unit", "parse_group", "parse_flow"):
+        original = getattr(options, name)
+        monkeypatch.setattr(options, name, lambda text, original=original, name=name: (
+            calls.update([(name, text)]), original(text))[1])
+    options._parsed_units.cache_clear()
+    config = RunConfig(model="demo", prompt=PROMPT, images=[images["square"]], mask_mode="both",
+                       groups=["a=0,0,48,48"], flows=["a->last", "question->last"])
+    config.validate(True)
+    prompt = build_prompt(vl_model, PROMPT, config.images)
+    units = build_units(prompt, vl_model.tokenizer, config, prompt.length - 1)
+    assert [u.label for u in units] == ["a->last", "question->last"]
+    assert calls == Counter({("parse_unit", "token"): 1, ("parse_group", "a=0,0,48,48"): 1,
+                             ("parse_flow", "a->last"): 1, ("parse_flow", "question->last"): 1})
+    assert config.unit_options() is parse_units("token", ["a=0,0,48,48"], ["a->last", "question->last"])
+    options._parsed_units.cache_clear()
