@@ -227,7 +227,7 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
         bar.update(cells)
         if on_progress is not None and cells:
             on_progress(finished, total)
-    grouped, head_rows = hasattr(engine, "logprobs_batches"), HEAD_ROWS
+    grouped, head_rows = engine.shares_head, HEAD_ROWS
     walked: dict[int, list[int]] = {}  # window -> the knockouts this process walks in it, in order
     for row, i in every if shard.count == 1 else mine:
         walked.setdefault(row, []).append(i)
@@ -249,11 +249,9 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                     done += size
                     continue
                 try:
-                    knocked_batches = (engine.logprobs_batches(windows[w], group) if grouped
-                                       else [engine.logprobs(windows[w], group[0])])  # (B, T, V) each
-                    foil_batches = [None] * len(group) if contrast is None else (
-                        contrast.logprobs_batches(windows[w], group) if grouped
-                        else [contrast.logprobs(windows[w], group[0])])
+                    knocked_batches = engine.logprobs_batches(windows[w], group)  # (B, T, V) each
+                    foil_batches = ([None] * len(group) if contrast is None
+                                    else contrast.logprobs_batches(windows[w], group))
                 except (RuntimeError, MemoryError) as error:
                     if not is_out_of_memory(error):
                         raise

@@ -7,6 +7,7 @@ import torch
 
 from mask_impact.config import UsageError
 from mask_impact.engine import Analysis
+from mask_impact.engines.base import Engine
 from mask_impact.engines.decoder import FastEngine
 from mask_impact.inputs import build_prompt
 from mask_impact.sweep import next_batch, score_knockouts, top_knockouts
@@ -21,8 +22,9 @@ def engine(vl_model, images):
     return FastEngine(analysis, tf)
 
 
-class RunsOutOfMemory:
-    """An engine that fails like CUDA does when a batch has more than ``limit`` rows."""
+class RunsOutOfMemory(Engine):
+    """An engine that fails like CUDA does when a batch has more than ``limit`` rows (one batch per call, as every
+    engine but the decoder's fast one takes them)."""
 
     def __init__(self, engine, limit):
         self.engine, self.limit, self.calls = engine, limit, []

@@ -35,10 +35,10 @@ from ..config import parse_layers, windows_for
 from ..engine import Analysis, TeacherForced, to_device, whole_model_logprobs
 from ..knockout import AttentionPlan, apply_plan, knockout_attention_installed
 from ..spec import Knockout
-from .base import StagePlan, window_labels
+from .base import Engine, StagePlan, window_labels
 
 
-class NaiveEngine:
+class NaiveEngine(Engine):
     """The oracle: one full forward of the whole model per knockout, attention computed explicitly."""
 
     def __init__(self, analysis: Analysis, tf: TeacherForced):
@@ -120,8 +120,10 @@ class Savings:
     shared_head: bool = True
 
 
-class FastEngine:
+class FastEngine(Engine):
     """Same numbers as ``NaiveEngine``, computing only what a knockout can change."""
+
+    shares_head = True  # logprobs_batches: one call of the head for a group of batches
 
     def __init__(self, analysis: Analysis, tf: TeacherForced, savings: Savings = Savings()):
         self.analysis, self.tf, self.savings = analysis, tf, savings

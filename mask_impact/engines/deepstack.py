@@ -17,7 +17,7 @@ import torch
 
 from ..engine import Analysis, TeacherForced, whole_model_logprobs
 from .decoder import FastEngine
-from .base import StagePlan
+from .base import Engine, StagePlan
 
 
 def deepstack_routes(levels: int, num_layers: int) -> list[tuple[str, int | None]]:
@@ -41,7 +41,7 @@ def route_label(route: tuple[str, int | None]) -> str:
     return f"DeepStack after layer {level}" if level is not None else "all DeepStack levels"
 
 
-class _Routes:
+class _Routes(Engine):
     """What both DeepStack engines share: each row's main embeddings and DeepStack features."""
 
     def __init__(self, analysis: Analysis, tf: TeacherForced):

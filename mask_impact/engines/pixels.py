@@ -24,7 +24,7 @@ import torch
 from ..engine import Analysis, TeacherForced, whole_model_logprobs
 from .decoder import FastEngine
 from ..patches import PatchLayout
-from .base import StagePlan
+from .base import Engine, StagePlan
 
 FILLS = ("mean", "blur", "black", "noise")
 
@@ -97,7 +97,7 @@ class Filler:
         return back.reshape(rows.shape)
 
 
-class Patches:
+class Patches(Engine):
     """What the patch-level engines share (occlusion and the vision encoder, ``vit.py``): the patch layout, the fill,
     where each image starts and its tokens lie among the visual features, and the decoder run with one image's
     features replaced."""
