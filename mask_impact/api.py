@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .config import FIELD_TYPES, RunConfig, UsageError, make_config
+from .config import FIELD_TYPES, RunConfig, UsageError, has_field_type, make_config
 from .pipeline import analyze
 from .errors import (
     InvalidArgument,
@@ -108,12 +108,8 @@ def _option_value(name: str, value):
             raise InvalidArgument("layers is empty; give at least one layer, or 'all'")
         return ",".join(str(int(layer)) for layer in layers)
     expected = FIELD_TYPES[name]
-    if value is None and name in ("batch_size", "max_pixels", "min_pixels", "estimate", "estimate_sample"):
-        return None
-    if expected is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if expected is not int and isinstance(value, expected):
-        return value
+    if has_field_type(name, value):
+        return int(value) if expected is int and value is not None else value  # a numpy integer as an int
     raise InvalidType(f"{name} must be {TYPE_WORDS[expected]}, not {type(value).__name__} ({value!r:.40})")
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 
 from .errors import worded
-from .config import (BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, check_name, close_matches, make_config, output_dir,
-                     quoted)
+from .config import (BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, check_name, close_matches, has_field_type,
+                     make_config, output_dir, quoted)
 
 TOP_KEYS = ("defaults", "runs")
 ALIASES = {"name": "output", "image": "images", "group": "groups", "flow": "flows"}
@@ -125,11 +125,8 @@ def normalise(entry: dict, where: str, base: Path, vision: bool) -> dict:
             value = [f"{name}={spec}" for name, spec in value.items()]
         if field in ("layers", "threads") and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # `layers: 3` means layer 3, `threads: 2` two threads
-        expected = FIELD_TYPES[field]
-        good = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        good = good and (expected is not list or all(isinstance(item, str) for item in value))
-        if not good and not (value is None and field in ("batch_size", "max_pixels", "min_pixels")):
-            kind = LIST_NAMES.get(field, TYPE_NAMES[expected])
+        if not has_field_type(field, value):
+            kind = LIST_NAMES.get(field, TYPE_NAMES[FIELD_TYPES[field]])
             raise UsageError(f"{where}: {key} must be {kind} (got {quoted(value)})")
         out[field] = value
     if "images" in out:

@@ -178,7 +178,35 @@ def field_types() -> dict[str, type]:
     return {f.name: first(hints[f.name]) for f in fields(RunConfig)}
 
 
+def optional_fields() -> frozenset[str]:
+    """The ``RunConfig`` fields whose annotation admits None (``int | None``: None means the default rule)."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(RunConfig)
+    return frozenset(name for name, hint in hints.items()
+                     if isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint))
+
+
 FIELD_TYPES = field_types()
+OPTIONAL_FIELDS = optional_fields()
+
+
+def has_field_type(name: str, value) -> bool:
+    """Whether ``value`` has the type of ``RunConfig``'s field ``name``, as its annotation says: None where the
+    field admits None, an integer (any ``numbers.Integral``) but not a bool for an int, strings only in a list. The
+    one type check of the YAML keys (batch.normalise) and the API's keywords (api.check_options); each front end
+    words the refusal its own way."""
+    import numbers
+
+    if value is None:
+        return name in OPTIONAL_FIELDS
+    expected = FIELD_TYPES[name]
+    if expected is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if expected is list:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return isinstance(value, expected)
 
 
 def check_estimate(config: RunConfig) -> None:

@@ -166,3 +166,27 @@ def test_a_resume_with_other_settings_is_refused_before_any_run(tmp_path, monkey
     runs = {run["name"]: run for run in json.loads((folder / "index.json").read_text())["runs"]}
     assert runs["first"]["note"] == "kept from an earlier run" and runs["second"]["status"] == "done"
     assert json.loads((folder / "second.json").read_text())["meta"]["settings"]["engine"] == "fast"
+
+
+@pytest.mark.parametrize("name,value,ok", [
+    ("num_tokens", 3, True), ("num_tokens", True, False), ("num_tokens", "3", False), ("num_tokens", None, False),
+    ("batch_size", None, True), ("estimate", None, True), ("max_pixels", 2.5, False), ("window", None, False),
+    ("unit", 3, False), ("groups", ["a=pos:1"], True), ("groups", [1], False), ("flows", ["a->b"], True),
+    ("target", None, True), ("target", "red", True), ("raw_prompt", "yes", False), ("raw_prompt", False, True),
+])
+def test_the_yaml_keys_and_the_api_keywords_share_one_type_check(tmp_path, name, value, ok):
+    """A value's type is refused or taken alike by a YAML run and by run()'s keyword (config.has_field_type, read
+    from RunConfig's annotations): before, None passed for estimate in Python but not in YAML."""
+    from mask_impact.api import check_options
+    from mask_impact.batch import normalise
+    from mask_impact.errors import MaskImpactError
+
+    def takes(check) -> bool:
+        try:
+            check()
+        except MaskImpactError:
+            return False
+        return True
+
+    assert takes(lambda: check_options({name: value})) is ok
+    assert takes(lambda: normalise({name: value}, "batch.yaml: run 1", tmp_path, True)) is ok
