@@ -55,6 +55,8 @@ class DecoderAdapter:
     label: str = ""  # the family's name in messages and the README
     takes_images: bool = False
     stages: tuple[str, ...] = ("decoder",)
+    # why a stage the family lacks is missing, where the stage's own reason (stages.check_available) says too little
+    stage_notes: dict[str, str] = {}
     native_attention: str = "sdpa"  # the attention the model runs with outside a knockout
     # the model's own masks let the tokens of one image attend to each other both ways (Gemma 3): the analysis
     # always knows the blocks, and lays knockouts over these masks without adding blocks of its own
