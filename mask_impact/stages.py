@@ -30,9 +30,10 @@ PLANS = {"decoder": decoder.plan, "vision-encoder": vit.plan, "pixels": pixels.p
 def check_available(loaded, config) -> None:
     """The model's family supports ``config.stage`` (checked as soon as the model is loaded, before the prompt)."""
     if config.stage not in loaded.adapter.stages:
-        why = {"deepstack": " (it has no DeepStack)", "vision-encoder": " (its ViT knockout is not defined for it)"}
+        why = {"deepstack": "it has no DeepStack", "vision-encoder": "its ViT knockout is not defined for it"}
+        why = loaded.adapter.stage_notes.get(config.stage, why.get(config.stage))
         raise UsageError(f"--stage {config.stage} is not available for {loaded.adapter.name} models"
-                         f"{why.get(config.stage, '')}; it supports --stage {', '.join(loaded.adapter.stages)}")
+                         f"{f' ({why})' if why else ''}; it supports --stage {', '.join(loaded.adapter.stages)}")
 
 
 def stage_plan(loaded, config) -> StagePlan:

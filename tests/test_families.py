@@ -421,8 +421,10 @@ def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, pictur
     ("qwen2_5_vl", "vision-encoder", "--stage vision-encoder is not available for qwen2_5_vl"),
     ("llava_onevision", "pixels", "--stage pixels is not available for llava_onevision models; it supports --stage "
                                   "decoder"),
-    ("llava_next", "vision-encoder", "--stage vision-encoder is not available for llava_next models (its ViT "
-                                     "knockout is not defined for it); it supports --stage decoder, pixels"),
+    ("llava_onevision", "vision-encoder", "--stage vision-encoder is not available for llava_onevision models (its "
+                                          "units are the patches under decoder tokens, and where the tile map exceeds "
+                                          "vision_aspect_ratio's anyres_max_N, a tile token is a bilinear mix of up "
+                                          "to four cells with no patches of its own); it supports --stage decoder"),
 ])
 def test_a_stage_the_family_lacks_is_one_line(checkpoints, picture, in_tmp, capsys, model_type, stage, message):
     err = cli_error(capsys, _argv(checkpoints.folder(model_type), "--image", picture, "--stage", stage, "--output",

@@ -110,8 +110,9 @@ PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]  # LLaVA-Ne
 
 def _llava_next(tokenizer):
     """LLaVA-NeXT in small: the base image and "anyres" tiles of 64×64 (a 4×4 grid of 16-px patches each), best fit
-    among ``PINPOINTS``, a learned image newline after each row of the tiles' unpadded feature map; a Llama decoder."""
-    vision, text = _clip_and_llama(tokenizer)
+    among ``PINPOINTS``, a learned image newline after each row of the tiles' unpadded feature map; a 3-layer CLIP
+    tower whose features are layer −2's (two blocks reach the decoder, as in ``_llava``); a Llama decoder."""
+    vision, text = _clip_and_llama(tokenizer, layers=3)
     config = transformers.LlavaNextConfig(vision_config=vision, text_config=text,
                                           image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                           vision_feature_layer=-2, vision_feature_select_strategy="default",

@@ -136,23 +136,25 @@ def vit_plan(loaded, plan: VisionPlan | None):
         _ACTIVE_VIT_PLAN.reset(token)
 
 
-def image_sequences(adapter, layout: PatchLayout) -> list[tuple[int, torch.Tensor]]:
-    """Per image: its sequence's length in the tower, and where each of its patch rows sits in it."""
-    return [adapter.vision_sequence(grid) for grid in layout.grids]
+def image_sequences(adapter, layout: PatchLayout) -> list[tuple[int, torch.Tensor, int]]:
+    """Per image: its sequence's length in the tower, where each of its patch rows sits in it, and how many such
+    sequences (views) it takes (positions run over its views' sequences end to end)."""
+    return [(*adapter.vision_sequence(grid), adapter.vision_views(grid)) for grid in layout.grids]
 
 
-def _chunk_keys(sequences: list[tuple[int, torch.Tensor]], layout: PatchLayout, unit,
+def _chunk_keys(sequences: list[tuple[int, torch.Tensor, int]], layout: PatchLayout, unit,
                 images: range) -> list[torch.Tensor | None]:
-    """Per image chunk of one forward: the unit's patches at their positions in that image's sequence (None where
-    it has none)."""
+    """Per sequence (chunk) of the images of one forward, in order (an image's views one after the other): the
+    unit's patches at their positions in that sequence (None where it has none)."""
     chunks = []
     for image in images:
         rows = layout.rows(image)
-        length, positions = sequences[image]
+        length, positions, views = sequences[image]
         inside = [row - rows.start for row in unit.patches if row in rows]
-        keys = torch.zeros(length, dtype=torch.bool)
+        keys = torch.zeros(views * length, dtype=torch.bool)
         keys[positions[inside]] = True
-        chunks.append(keys if inside else None)
+        for view in keys.split(length):
+            chunks.append(view if view.any() else None)
     return chunks
 
 
@@ -219,11 +221,13 @@ class VisionEncoderEngine(_KnockedOutPatches):
         level, (B, n_tok, H) features (the levels of layers below the window are the cached ones)."""
         adapter = self.analysis.loaded.adapter
         batch = len(units)
-        chunks = [_chunk_keys(self.sequences, self.layout, unit, range(image, image + 1))[0] for unit in units]
+        chunks = [keys for unit in units for keys in _chunk_keys(self.sequences, self.layout, unit,
+                                                                 range(image, image + 1))]  # each copy's views
         stacked = self.sequences[image][0] if adapter.vision_packed else None  # one stacked chunk, split per row
         plan = VisionPlan(range(window[0], window[1] + 1), chunks, stacked=stacked)
         with vit_plan(self.analysis.loaded, plan):
-            embeds, computed = adapter.vision_rerun(self.recorded, window[0], image, self.layout.rows(image), batch)
+            embeds, computed = adapter.vision_rerun(self.recorded, window[0], image, self.layout.rows(image), batch,
+                                                    self.grid[image])
         tokens = self.token_slices[image]
         deepstack = [computed[level] if level in computed else cached[tokens][None].expand(batch, -1, -1)
                      for level, cached in enumerate(deepstack_of(self.features))]

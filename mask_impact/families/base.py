@@ -55,6 +55,8 @@ class DecoderAdapter:
     label: str = ""  # the family's name in messages and the README
     takes_images: bool = False
     stages: tuple[str, ...] = ("decoder",)
+    # why a stage the family lacks is missing, where the stage's own reason (stages.check_available) says too little
+    stage_notes: dict[str, str] = {}
     native_attention: str = "sdpa"  # the attention the model runs with outside a knockout
     # the model's own masks let the tokens of one image attend to each other both ways (Gemma 3): the analysis
     # always knows the blocks, and lays knockouts over these masks without adding blocks of its own
@@ -201,18 +203,26 @@ class DecoderAdapter:
                 configs[id(config)] = config
         return list(configs.values())
 
+    def vision_views(self, grid_thw) -> int:
+        """The tower sequences one image takes (its views: LLaVA-NeXT's base view and tiles), each ``vision_sequence``
+        long, one after the other in the tower's batch; 1 for every other family."""
+        return 1
+
     def vision_sequence(self, grid_thw) -> tuple[int, torch.Tensor]:
         """One image's sequence in the tower: its length, and the position in it of each of the image's patch rows
-        (``patch_rows`` order), (n,). Qwen: the rows themselves, in order."""
+        (``patch_rows`` order), (n,). Qwen: the rows themselves, in order. An image of several views
+        (``vision_views``): one view's length, and positions in the views' sequences laid end to end (view v's from
+        v · length)."""
         t, h, w = (int(v) for v in grid_thw)
         return t * h * w, torch.arange(t * h * w)
 
     def vision_rerun(self, recorded: list[tuple[tuple, dict]], first: int, image: int, rows: range,
-                     batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Blocks ``first .. vision_depth - 1`` over ``batch`` copies of image ``image`` (its patch rows ``rows``),
-        from ``recorded``: each block's (args, kwargs) in the tower's pass over the prompt's images. Returns the
-        features the decoder gets, (B, n_tok, H), and the DeepStack levels recomputed, {level: (B, n_tok, H)}. The
-        caller holds the knockout plan (for a packed tower: one stacked sequence of the copies)."""
+                     batch: int, grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Blocks ``first .. vision_depth - 1`` over ``batch`` copies of image ``image`` (its patch rows ``rows``; its
+        row of ``grid_of``, ``grid``), from ``recorded``: each block's (args, kwargs) in the tower's pass over the
+        prompt's images. Returns the features the decoder gets, (B, n_tok, H), and the DeepStack levels recomputed,
+        {level: (B, n_tok, H)}. The caller holds the knockout plan (for a packed tower: one stacked sequence of the
+        copies; for an image of several views, each copy's views one after the other)."""
         raise NotImplementedError(f"{self.name}: no ViT stage")
 
     def geometry(self) -> str | None:
@@ -305,16 +315,18 @@ def raster_positions(grid_thw, merge: int, prefix: int = 0) -> torch.Tensor:
 
 
 def rerun_batched(layers: nn.ModuleList, recorded: list[tuple[tuple, dict]], first: int, image: int, batch: int,
-                  stop: int) -> list[torch.Tensor]:
+                  stop: int, views: int = 1) -> list[torch.Tensor]:
     """A tower that takes one sequence per image, batched (CLIP, SigLIP): blocks ``first .. stop - 1`` over ``batch``
-    copies of image ``image`` from the recorded inputs of block ``first``; each block's output (B, L, D)."""
+    copies of image ``image`` from the recorded inputs of block ``first``; each block's output (B, L, D). An image of
+    several views (LLaVA-NeXT): ``image`` is its first view's place in the tower's batch, and each copy is its
+    ``views`` sequences one after the other, (B · views, L, D)."""
     args, kwargs = recorded[first]
     kwargs = dict(kwargs)
     hidden = args[0] if args else kwargs.pop("hidden_states")
     rest = args[1:]
     if any(arg is not None for arg in rest) or kwargs.get("attention_mask") is not None:
         raise RuntimeError("the vision tower passed its blocks an attention mask; the ViT knockout assumes none")
-    hidden = hidden[image:image + 1].repeat(batch, *([1] * (hidden.dim() - 1)))
+    hidden = hidden[image:image + views].repeat(batch, *([1] * (hidden.dim() - 1)))
     outputs = []
     for index in range(first, stop):
         hidden = layers[index](hidden, *rest, **kwargs)

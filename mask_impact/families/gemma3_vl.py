@@ -175,7 +175,7 @@ class Gemma3Vision(DecoderAdapter):
         return t * h * w, raster_positions(grid_thw, self.patch_merge)
 
     def vision_rerun(self, recorded: list[tuple[tuple, dict]], first: int, image: int, rows: range,
-                     batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     batch: int, grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Blocks ``first ..`` for ``batch`` copies of the image, then ``get_image_features``: the post-layernorm,
         the projector's pooling, norm and projection."""
         hidden = rerun_batched(self.vision_layers, recorded, first, image, batch, self.vision_depth)[-1]

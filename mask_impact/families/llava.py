@@ -162,21 +162,28 @@ class Llava(DecoderAdapter):
         return 1 + t * h * w, raster_positions(grid_thw, 1, prefix=1)
 
     def vision_rerun(self, recorded: list[tuple[tuple, dict]], first: int, image: int, rows: range,
-                     batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     batch: int, grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Blocks ``first ..`` up to the feature layer for ``batch`` copies of the image, then what
         ``get_image_features`` does: the feature layer's states (several concatenated, for a list), CLS dropped,
         the projector."""
-        outputs = rerun_batched(self.vision_layers, recorded, first, image, batch, self.vision_depth)
+        return self.projected_views(recorded, first, image, 1, batch), {}
+
+    def projected_views(self, recorded: list[tuple[tuple, dict]], first: int, start: int, views: int,
+                        batch: int) -> torch.Tensor:
+        """(B · views, g², H): blocks ``first ..`` up to the feature layer over ``batch`` copies of the ``views``
+        sequences from ``start`` in the tower's batch (each copy's views one after the other), the feature layer's
+        states (several concatenated, for a list), CLS dropped, projected."""
+        outputs = rerun_batched(self.vision_layers, recorded, first, start, batch, self.vision_depth, views)
 
         def state(index: int) -> torch.Tensor:  # hidden_states[index]: block ``index``'s input
             if index <= first:
                 args, kwargs = recorded[index]
                 hidden = args[0] if args else kwargs["hidden_states"]
-                return hidden[image:image + 1].expand(batch, -1, -1)
+                return hidden[start:start + views].repeat(batch, 1, 1)
             return outputs[index - 1 - first]
 
         selected = torch.cat([state(index)[:, 1:] for index in self.feature_states()], dim=-1)  # CLS dropped
-        return self.model.model.multi_modal_projector(selected), {}
+        return self.model.model.multi_modal_projector(selected)
 
     # --- prompt markup and geometry --------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Decoder inputs as LLaVA-1.5 (``llava.py``): projected CLIP features scattered into the ``<image>`` placeholders,
 plain 1-D positions, the language model's own masks; the features come from ``get_image_features(pixel_values,
-image_sizes)``. The decoder stage and occlusion (``--stage pixels``).
+image_sizes)``. The decoder stage, occlusion (``--stage pixels``) and the ViT knockout (``--stage vision-encoder``).
 
 Geometry (what ``LlavaNextImageProcessor`` and ``pack_image_features`` do, with transformers' own functions):
 
@@ -28,6 +28,16 @@ as one (views, C, H, W) tensor, which ``get_image_features`` splits by ``image_s
 is named from the layout (``layout_patches``: a base token its patch of the base view, a tile token its kept cell of
 the canvas in the tile holding it, a newline none) and placed in the picture by ``layout_patch_box``;
 ``patches.PatchLayout`` reads both for an image that records a layout.
+
+The vision encoder (``--stage vision-encoder``): each view is its own CLIP sequence (CLS at position 0, then the
+view's patches row by row), the prompt's views one batch, in the order of the patch rows (``vision_views``,
+``vision_sequence``). A unit is the same set of patches as in occlusion (a token's patch, a region's, an image's
+over all its views); knocking it out blocks, in each view's sequence, every other position (CLS included) from the
+unit's patches of that view, at the blocks of the window below ``vision_feature_layer``: LLaVA-1.5's rule view by
+view (a query of one view never attends to another view's patches anyway). A newline has no patch and is no unit.
+``vision_rerun`` re-runs the image's views for a batch of copies, takes the feature layer's states, drops CLS,
+projects them and packs them (``pack_image_features``: the tiles unpadded, the newlines appended) as
+``get_image_features`` does.
 """
 
 from __future__ import annotations
@@ -190,7 +200,7 @@ class LlavaNext(Llava):
     model_types = ("llava_next",)
     model_class = "LlavaNextForConditionalGeneration"
     label = "LLaVA-NeXT"
-    stages = ("decoder", "pixels")
+    stages = ("decoder", "pixels", "vision-encoder")
 
     def layer_inputs(self, input_ids: torch.Tensor, model_kwargs: dict) -> LayerInputs:
         inner = self.model.model
@@ -243,6 +253,35 @@ class LlavaNext(Llava):
         rows of whole images whose original sizes are ``grid`` (images, 2)."""
         return self.model.model.get_image_features(pixel_values=self.pixel_values_of(rows), image_sizes=grid,
                                                    return_dict=True, **self.feature_kwargs({}))
+
+    # --- the vision tower's layers: one CLIP sequence per view (the vision-encoder stage) -------------------------
+
+    def vision_views(self, grid_thw) -> int:
+        """Each of the image's views (the base view, then the tiles: ``grid_thw``'s t) is one sequence of the tower."""
+        return int(grid_thw[0])
+
+    def vision_sequence(self, grid_thw) -> tuple[int, torch.Tensor]:
+        """One view's sequence: CLS at position 0, then its patches row by row; a patch row of view v (the rows are
+        view by view) at ``v · (1 + g²) + 1 + its place in the view``."""
+        views, h, w = (int(v) for v in grid_thw)
+        row = torch.arange(views * h * w)
+        return 1 + h * w, (row // (h * w)) * (1 + h * w) + 1 + row % (h * w)
+
+    def vision_rerun(self, recorded: list[tuple[tuple, dict]], first: int, image: int, rows: range,
+                     batch: int, grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Blocks ``first ..`` up to the feature layer over ``batch`` copies of the image's views (its patch rows
+        ``rows``, g² a view: the views before it are ``rows.start / g²`` sequences of the tower's batch), then what
+        ``get_image_features`` does: the feature layer's states, CLS dropped, the projector, ``pack_image_features``
+        with the image's original size ``grid`` (height, width): (B, tokens, H), newlines included."""
+        per_view = (self.tile // self.patch_size) ** 2
+        start, views = rows.start // per_view, len(rows) // per_view
+        features = self.projected_views(recorded, first, start, views, batch)  # (B · views, g², H)
+        inner = self.model.model
+        sizes = grid.reshape(1, 2).repeat(batch, 1).to(features.device)
+        packed, _ = inner.pack_image_features(list(features.split(views)), sizes,
+                                              vision_feature_select_strategy=self.model.config
+                                              .vision_feature_select_strategy, image_newline=inner.image_newline)
+        return torch.stack(packed), {}
 
     @property
     def tile(self) -> int:

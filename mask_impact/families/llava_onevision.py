@@ -3,7 +3,8 @@
 Decoder inputs as LLaVA-NeXT (``llava_next.py``): projected vision features scattered into the ``<image>``
 placeholders, plain 1-D positions, the language model's own masks (Qwen2's sliding layers where it has them); the
 features come from ``get_image_features(pixel_values, image_sizes)``, which follows ``config.vision_aspect_ratio``.
-Only the decoder stage; images, not videos.
+Only the decoder stage (occlusion and the ViT knockout take a unit's patches from its tokens, and a pooled tile token
+has none: DESIGN.md §7); images, not videos.
 
 Geometry: LLaVA-NeXT's (``LlavaOnevisionImageProcessor`` resizes and pads exactly as LLaVA-NeXT's, with its own
 ``image_grid_pinpoints``; the base view is the whole picture squashed to ``size``), plus the one step
@@ -104,9 +105,12 @@ class LlavaOnevision(LlavaNext):
     model_types = ("llava_onevision",)
     model_class = "LlavaOnevisionForConditionalGeneration"
     label = "LLaVA-OneVision"
-    # no occlusion: a pooled tile token is a bilinear mix of up to four cells of the map, so it has no patch of its own
-    # (DESIGN.md §7)
+    # no occlusion and no ViT knockout: a pooled tile token is a bilinear mix of up to four cells of the map, so it has
+    # no patch of its own, and both stages take a unit's patches from its tokens (DESIGN.md §7)
     stages = ("decoder",)
+    stage_notes = {"vision-encoder": "its units are the patches under decoder tokens, and where the tile map exceeds "
+                                     "vision_aspect_ratio's anyres_max_N, a tile token is a bilinear mix of up to "
+                                     "four cells with no patches of its own"}
 
     def __init__(self, model):
         vision = model.config.vision_config

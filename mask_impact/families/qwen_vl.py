@@ -120,7 +120,7 @@ class QwenVL(DecoderAdapter):
         return self.model.model.get_image_features(pixel_values, grid_thw, return_dict=True)
 
     def vision_rerun(self, recorded: list[tuple[tuple, dict]], first: int, image: int, rows: range,
-                     batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     batch: int, grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The packed tower: the image's rows of block ``first``'s recorded input (and of its rotary cos, sin),
         ``batch`` copies stacked into one sequence (``cu_seqlens`` one chunk; the plan splits it per copy), blocks
         ``first ..``, the merger, and the DeepStack mergers of the blocks from ``first`` on."""
