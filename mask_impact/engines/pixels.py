@@ -171,7 +171,7 @@ class PixelEngine(Patches):
             grid = self.grid[image: image + 1].repeat(len(acting), 1).to(device)
             features = adapter.image_features(batch, grid)
             embeds = torch.stack(features.pooler_output)  # (B', n_tok, H)
-            levels = [level.reshape(len(acting), -1, level.shape[-1]) for level in deepstack_of(features)]
+            levels = [level.reshape(len(acting), -1, level.shape[-1]) for level in adapter.deepstack_features(features)]
             out[torch.tensor(acting)] = self._decode(image, embeds, levels).to(out.device)
         return out
 
@@ -196,13 +196,6 @@ def _blurred(picture: torch.Tensor, p: int) -> torch.Tensor:
 
     kernel = min(4 * p + 1, 2 * ((min(picture.shape[-2:]) - 1) // 2) + 1)
     return gaussian_blur(picture, [kernel, kernel], [float(p), float(p)])
-
-
-def deepstack_of(features) -> list[torch.Tensor]:
-    """The vision tower's DeepStack features, per level (none for a family without DeepStack)."""
-    from ..families.qwen_vl import deepstack_levels
-
-    return deepstack_levels(features)
 
 
 def plan(loaded, config, fast: bool) -> StagePlan:

@@ -29,7 +29,7 @@ from .decoder import FastEngine
 from ..errors import UsageError
 from .base import StagePlan, window_labels
 from ..patches import PatchLayout
-from .pixels import Patches, deepstack_of
+from .pixels import Patches
 
 
 VIT_ATTENTION = "mask_impact_vit"
@@ -230,7 +230,7 @@ class VisionEncoderEngine(_KnockedOutPatches):
                                                     self.grid[image])
         tokens = self.token_slices[image]
         deepstack = [computed[level] if level in computed else cached[tokens][None].expand(batch, -1, -1)
-                     for level, cached in enumerate(deepstack_of(self.features))]
+                     for level, cached in enumerate(adapter.deepstack_features(self.features))]
         return embeds, deepstack
 
 

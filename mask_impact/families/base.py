@@ -169,6 +169,11 @@ class DecoderAdapter:
         """(images, 3) each image's (t, h, w) in patches, as ``image_features`` takes it."""
         return torch.tensor([image.grid_thw for image in prompt.images])
 
+    def deepstack_features(self, features) -> list[torch.Tensor]:
+        """``image_features``' DeepStack features as one ``(n_vis, H)`` tensor per level, every image's rows in
+        order; none for a family without DeepStack (Qwen3-VL's adapter gives them)."""
+        return []
+
     # --- the vision tower's layers (the vision-encoder stage; a family that supports it gives these) ---------------
     # The defaults are the Qwen towers': a prompt's images packed into one sequence (the tower's attention called once
     # per image), each image's sequence its patch rows in order, every block reaching the features.

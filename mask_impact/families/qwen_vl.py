@@ -114,6 +114,9 @@ class QwenVL(DecoderAdapter):
         """DeepStack features added to the decoder (after layers 0 .. levels - 1); 0 without DeepStack."""
         return len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ())
 
+    def deepstack_features(self, features) -> list[torch.Tensor]:
+        return deepstack_levels(features)
+
     def image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         """The tower's output for ``pixel_values`` (``pooler_output``: per image (n_tok, H); Qwen3-VL also
         ``deepstack_features``), as the model's forward gets it."""
