@@ -418,7 +418,8 @@ def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, pictur
 @pytest.mark.parametrize("model_type,stage,message", [
     ("qwen2_vl", "deepstack", "--stage deepstack is not available for qwen2_vl models (it has no DeepStack)"),
     ("qwen2_5_vl", "deepstack", "it has no DeepStack"),
-    ("qwen2_5_vl", "vision-encoder", "--stage vision-encoder is not available for qwen2_5_vl"),
+    ("qwen2_5_vl", "vision-encoder", "--stage vision-encoder is not available for qwen2_5_vl models (its ViT attends "
+                                     "within windows of reordered patches"),
     ("llava_onevision", "pixels", "--stage pixels is not available for llava_onevision models; it supports --stage "
                                   "decoder"),
     ("llava_onevision", "vision-encoder", "--stage vision-encoder is not available for llava_onevision models (its "

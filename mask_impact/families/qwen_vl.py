@@ -242,5 +242,7 @@ class Qwen25VL(QwenVL):
     model_types = ("qwen2_5_vl",)
     model_class = "Qwen2_5_VLForConditionalGeneration"
     label = "Qwen2.5-VL"
-    stages = ("decoder", "pixels")  # its windowed ViT reorders patches: the ViT knockout is not defined for it
+    stages = ("decoder", "pixels")
+    stage_notes = {"vision-encoder": "its ViT attends within windows of reordered patches on every block but "
+                                     "fullatt_block_indexes, which the ViT knockout does not handle"}
     layer_type_rule = staticmethod(declared_types)
