@@ -10,6 +10,7 @@ import transformers
 from mask_impact.demo import build_demo
 from mask_impact.models import load_model
 from tests.support import draw_image
+from tests.tiny import build_tiny
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -53,6 +54,26 @@ def moe_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_model(tmp_path_factory):
     return _loaded(tmp_path_factory, "tiny_llama", False, text_model_type="llama")
+
+
+@pytest.fixture(scope="session")
+def next_folder(tmp_path_factory):
+    """The tiny LLaVA-NeXT checkpoint (tests/tiny.py: 64-px tiles of 16-px patches, a 3-block CLIP tower)."""
+    return build_tiny(tmp_path_factory.mktemp("llava_next"), "llava_next")
+
+
+@pytest.fixture(scope="session")
+def next_model(next_folder):
+    return load_model(str(next_folder), True, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def next_pictures(tmp_path_factory):
+    """For LLaVA-NeXT's views: 128×64, 2 tiles across (3 views); 90×90, 2×2 tiles (5 views); 40×128, 2 tiles, half
+    their columns unpadded."""
+    base = tmp_path_factory.mktemp("next_pictures")
+    return [str(draw_image(base / name, w, h, seed=n)) for n, (name, w, h) in enumerate(
+        (("wide.png", 128, 64), ("square.png", 90, 90), ("tall.png", 40, 128)))]
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,16 @@ def watched_page(browser, width: int, height: int, **options):
     context.close()
 
 
+TINY_PROMPT = "A=3, B=7, C=1. What is B?"
+
+
+def tiny_argv(folder, *extra: str, generate_top: int = 0) -> list[str]:
+    """The command line on a tiny checkpoint (tests/tiny.py) in ``folder``: ``TINY_PROMPT``, CPU, float32, a 2-token
+    answer, no progress bar, then ``extra``."""
+    return ["--model", str(folder), "--prompt", TINY_PROMPT, "--device", "cpu", "--dtype", "float32", "--num-tokens",
+            "2", "--no-progress", "--generate-top", str(generate_top), *extra]
+
+
 def cli_error(capsys, argv: list[str], vision: bool = True) -> str:
     """Run the command line in-process on bad input: exit status 2 and exactly one line on stderr."""
     from mask_impact.cli import main

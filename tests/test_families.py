@@ -26,10 +26,10 @@ from mask_impact.knockout import knockout_attention_installed
 from mask_impact.models import load_model
 from tests.tiny import WINDOW, build_tiny
 from mask_impact.units import build_units, overlaps, positions_for
-from tests.support import cli_error, draw_image, hidden_states_under, tower_by_hand, tower_pass
+from tests.support import TINY_PROMPT, cli_error, draw_image, hidden_states_under, tiny_argv, tower_by_hand, tower_pass
 from tests.test_identities import _plan_logits, assert_no_knockout_is_native
 
-PROMPT = "A=3, B=7, C=1. What is B?"
+PROMPT = TINY_PROMPT  # the prompt tiny_argv gives
 
 # model_type: the group units swept beside the tokens (VL families: image regions and whole images too)
 TABLE = {
@@ -309,7 +309,7 @@ def test_llava_occlusion_is_the_model_on_the_picture_with_the_patch_filled_by_ha
 
 
 def test_llava_occlusion_from_the_command_line(checkpoints, picture, in_tmp, capsys):
-    assert main(_argv(checkpoints.folder("llava"), "--image", picture, "--stage", "pixels", "--unit", "region:2",
+    assert main(tiny_argv(checkpoints.folder("llava"), "--image", picture, "--stage", "pixels", "--unit", "region:2",
                       "--fill", "blur", "--output", "o"), True) == 0, capsys.readouterr().err
     data = json.loads((in_tmp / "output" / "o.json").read_text())
     assert data["stage"] == "pixels" and data["window_labels"] == ["occluded (blur)"]
@@ -386,27 +386,22 @@ def test_llava_vit_knockout_at_every_layer_equals_attention_written_out_by_hand(
 
 
 def test_llava_vit_from_the_command_line(checkpoints, picture, in_tmp, capsys):
-    assert main(_argv(checkpoints.folder("llava"), "--image", picture, "--stage", "vision-encoder", "--unit",
+    assert main(tiny_argv(checkpoints.folder("llava"), "--image", picture, "--stage", "vision-encoder", "--unit",
                       "region:2", "--output", "v"), True) == 0, capsys.readouterr().err
     data = json.loads((in_tmp / "output" / "v.json").read_text())
     assert data["stage"] == "vision-encoder" and data["window_labels"] == ["ViT layer 0", "ViT layer 1"]
     assert len(data["units"]) == 4 and data["units"][0]["box"] == [32.0, 0.0, 64.0, 32.0]  # the centre crop's
     kl = [value for row in data["metrics"]["kl"] for value in row]
     assert min(kl) >= -1e-6 and max(kl) > 0
-    err = cli_error(capsys, _argv(checkpoints.folder("llava"), "--image", picture, "--stage", "vision-encoder",
+    err = cli_error(capsys, tiny_argv(checkpoints.folder("llava"), "--image", picture, "--stage", "vision-encoder",
                                   "--layers", "2", "--output", "w"))
     assert ("layers are the vision tower's 2 below its feature layer (vision_feature_layer -2; the blocks after it "
             "change nothing)") in err
 
 
-def _argv(folder, *extra) -> list[str]:
-    return ["--model", str(folder), "--prompt", PROMPT, "--device", "cpu", "--dtype", "float32", "--num-tokens", "2",
-            "--no-progress", "--generate-top", "0", *extra]
-
-
 @pytest.mark.parametrize("model_type,crop", [("qwen2_5_vl", None), ("llava", [32, 0, 64, 64])])
 def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, picture, in_tmp, capsys, model_type, crop):
-    assert main(_argv(checkpoints.folder(model_type), "--image", picture, "--unit", "region:2", "--layers", "0",
+    assert main(tiny_argv(checkpoints.folder(model_type), "--image", picture, "--unit", "region:2", "--layers", "0",
                       "--output", "r"), True) == 0, capsys.readouterr().err
     data = json.loads((in_tmp / "output" / "r.json").read_text())
     assert data["meta"]["model_type"] == model_type and data["meta"]["geometry"].startswith(
@@ -428,7 +423,7 @@ def test_a_vl_family_run_records_its_model_type_and_geometry(checkpoints, pictur
                                           "to four cells with no patches of its own); it supports --stage decoder"),
 ])
 def test_a_stage_the_family_lacks_is_one_line(checkpoints, picture, in_tmp, capsys, model_type, stage, message):
-    err = cli_error(capsys, _argv(checkpoints.folder(model_type), "--image", picture, "--stage", stage, "--output",
+    err = cli_error(capsys, tiny_argv(checkpoints.folder(model_type), "--image", picture, "--stage", stage, "--output",
                                   "s"))
     assert message in err
     assert not (in_tmp / "output").exists() or not any((in_tmp / "output").iterdir())
@@ -438,7 +433,7 @@ def test_a_stage_the_family_lacks_is_one_line(checkpoints, picture, in_tmp, caps
                                               ("llava_onevision", "fixed sizes"), ("gemma3", "a fixed size")])
 def test_pixel_bounds_on_a_fixed_size_processor_are_one_line(checkpoints, picture, in_tmp, capsys, model_type,
                                                              sizes):
-    err = cli_error(capsys, _argv(checkpoints.folder(model_type), "--image", picture, "--max-pixels", "4096",
+    err = cli_error(capsys, tiny_argv(checkpoints.folder(model_type), "--image", picture, "--max-pixels", "4096",
                                   "--output", "s"))
     assert f"--min-pixels/--max-pixels: a {model_type} processor resizes every image to {sizes}" in err
     assert not (in_tmp / "output").exists() or not any((in_tmp / "output").iterdir())
@@ -451,7 +446,7 @@ def test_a_model_type_without_an_adapter_is_one_line_naming_the_families(tmp_pat
 
     transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
     build_tokenizer().save_pretrained(tmp_path / "gpt2")
-    err = cli_error(capsys, _argv(tmp_path / "gpt2", "--output", "g"), vision=False)
+    err = cli_error(capsys, tiny_argv(tmp_path / "gpt2", "--output", "g"), vision=False)
     assert "model type 'gpt2' is not supported" in err and all(t in err for t in REGISTRY)
 
 
@@ -613,7 +608,7 @@ def test_llava_onevision_lays_out_exactly_the_tokens_the_processor_inserts(check
 
 def test_llava_next_run_records_its_geometry_and_regions_skip_the_newlines(checkpoints, in_tmp, capsys, tmp_path):
     path = str(draw_image(tmp_path / "tall.png", 100, 150))
-    assert main(_argv(checkpoints.folder("llava_next"), "--image", path, "--unit", "region:2", "--layers", "0",
+    assert main(tiny_argv(checkpoints.folder("llava_next"), "--image", path, "--unit", "region:2", "--layers", "0",
                       "--output", "r"), True) == 0, capsys.readouterr().err
     data = json.loads((in_tmp / "output" / "r.json").read_text())
     assert data["meta"]["model_type"] == "llava_next" and data["meta"]["geometry"].startswith("anyres")

@@ -28,9 +28,9 @@ from mask_impact.knockout import apply_plan, knockout_attention_installed
 from mask_impact.models import load_model
 from mask_impact.units import build_units
 from tests.tiny import WINDOW, build_tiny
-from tests.support import cli_error, draw_image, tower_by_hand, tower_pass
+from tests.support import TINY_PROMPT, cli_error, draw_image, tiny_argv, tower_by_hand, tower_pass
 
-PROMPT = "A=3, B=7, C=1. What is B?"
+PROMPT = TINY_PROMPT  # the prompt tiny_argv gives
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +169,8 @@ def test_raw_prompt_markup_is_the_processors_image_sequence(loaded, pictures):
     assert [t.modality for t in raw.tokens if t.id in (config.boi_token_id, config.eoi_token_id)] == ["special"] * 2
 
 
-def _argv(folder, *extra) -> list[str]:
-    return ["--model", str(folder), "--prompt", PROMPT, "--device", "cpu", "--dtype", "float32", "--num-tokens", "2",
-            "--no-progress", "--generate-top", "0", *extra]
-
-
 def test_a_run_records_its_geometry(folder, pictures, in_tmp, capsys):
-    assert main(_argv(folder, "--image", pictures[0], "--unit", "region:1", "--layers", "0", "--output", "r"),
+    assert main(tiny_argv(folder, "--image", pictures[0], "--unit", "region:1", "--layers", "0", "--output", "r"),
                 True) == 0, capsys.readouterr().err
     data = json.loads((in_tmp / "output" / "r.json").read_text())
     assert data["meta"]["model_type"] == "gemma3" and data["meta"]["geometry"].startswith(
@@ -194,7 +189,7 @@ def test_a_run_records_its_geometry(folder, pictures, in_tmp, capsys):
 ])
 def test_what_gemma3_lacks_is_one_line(folder, pictures, in_tmp, capsys, extra, message):
     # the square picture keeps its size: no note about the resize before the error
-    assert message in cli_error(capsys, _argv(folder, "--image", pictures[2], *extra, "--output", "s"))
+    assert message in cli_error(capsys, tiny_argv(folder, "--image", pictures[2], *extra, "--output", "s"))
 
 
 def test_pan_and_scan_is_refused_in_one_line(folder, pictures, tmp_path, in_tmp, capsys):
@@ -206,7 +201,7 @@ def test_pan_and_scan_is_refused_in_one_line(folder, pictures, tmp_path, in_tmp,
     data = json.loads(config_path.read_text())
     (data["image_processor"] if "image_processor" in data else data)["do_pan_and_scan"] = True
     config_path.write_text(json.dumps(data))
-    err = cli_error(capsys, _argv(copy, "--image", pictures[2], "--output", "p"))
+    err = cli_error(capsys, tiny_argv(copy, "--image", pictures[2], "--output", "p"))
     assert "this gemma3 processor has do_pan_and_scan on" in err
 
 
@@ -214,7 +209,7 @@ def test_pan_and_scan_is_refused_in_one_line(folder, pictures, tmp_path, in_tmp,
 def test_a_typed_image_soft_token_is_one_line(folder, pictures, in_tmp, capsys, markup):
     """The processor writes the image tokens for each boi token; one typed in the prompt has no pixels (it was an
     IndexError in the token table)."""
-    argv = _argv(folder, "--image", pictures[2], markup, "--output", "t")
+    argv = tiny_argv(folder, "--image", pictures[2], markup, "--output", "t")
     argv[argv.index("--prompt") + 1] = "Look: <image_soft_token> What is B?"
     assert ("the prompt holds the image token <image_soft_token>, which the processor writes itself; mark each "
             "image with <start_of_image> (one per --image)") in cli_error(capsys, argv)
@@ -325,7 +320,7 @@ def test_an_occlusion_whose_fill_equals_the_pixels_changes_nothing(loaded, tmp_p
 
 
 def test_occlusion_from_the_command_line(folder, pictures, in_tmp, capsys):
-    assert main(_argv(folder, "--image", pictures[0], "--stage", "pixels", "--unit", "token", "--fill", "blur",
+    assert main(tiny_argv(folder, "--image", pictures[0], "--stage", "pixels", "--unit", "token", "--fill", "blur",
                       "--output", "o"), True) == 0, capsys.readouterr().err
     data = json.loads((in_tmp / "output" / "o.json").read_text())
     assert data["stage"] == "pixels" and data["window_labels"] == ["occluded (blur)"]
@@ -431,7 +426,7 @@ def test_vit_fast_equals_naive_for_every_unit_kind(loaded, pictures, unit):
 
 
 def test_vit_from_the_command_line(folder, pictures, in_tmp, capsys):
-    assert main(_argv(folder, "--image", pictures[0], "--stage", "vision-encoder", "--unit", "token", "--output",
+    assert main(tiny_argv(folder, "--image", pictures[0], "--stage", "vision-encoder", "--unit", "token", "--output",
                       "v"), True) == 0, capsys.readouterr().err
     data = json.loads((in_tmp / "output" / "v.json").read_text())
     assert data["stage"] == "vision-encoder" and data["window_labels"] == ["ViT layer 0", "ViT layer 1"]

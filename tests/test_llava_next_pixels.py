@@ -14,48 +14,27 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from mask_impact.cli import main
 from mask_impact.engine import Analysis
 from mask_impact.engines.pixels import FILLS, NaivePixelEngine, PixelEngine
 from mask_impact.inputs import build_prompt
-from mask_impact.models import load_model
 from mask_impact.units import build_units
-from tests.support import cli_error, draw_image
-from tests.tiny import build_tiny
+from tests.support import TINY_PROMPT, cli_error, tiny_argv
 
-PROMPT = "A=3, B=7, C=1. What is B?"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("llava_next"), "llava_next")
+PROMPT = TINY_PROMPT  # the prompt tiny_argv gives
 
 
-@pytest.fixture(scope="module")
-def loaded(folder):
-    return load_model(str(folder), True, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    """128×64: 2 tiles across (3 views); 90×90: 2×2 tiles (5 views); 40×128: 2 tiles, half their columns unpadded."""
-    base = tmp_path_factory.mktemp("pictures")
-    return [str(draw_image(base / name, w, h, seed=n)) for n, (name, w, h) in enumerate(
-        (("wide.png", 128, 64), ("square.png", 90, 90), ("tall.png", 40, 128)))]
-
-
-def _units(loaded, prompt, analysis, unit: str) -> list:
+def _units(next_model, prompt, analysis, unit: str) -> list:
     config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage="pixels")
-    return build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+    return build_units(prompt, next_model.tokenizer, config, analysis.answer_start)
 
 
-def _model_logprobs(loaded, tf, pixel_values: torch.Tensor) -> torch.Tensor:
+def _model_logprobs(next_model, tf, pixel_values: torch.Tensor) -> torch.Tensor:
     """(T, V) the model's own forward on ``pixel_values`` (the processor's form), the prompt's other inputs kept."""
     with torch.no_grad():
-        logits = loaded.model(input_ids=tf.input_ids, **dict(tf.model_kwargs, pixel_values=pixel_values)).logits
+        logits = next_model.model(input_ids=tf.input_ids, **dict(tf.model_kwargs, pixel_values=pixel_values)).logits
     return torch.log_softmax(logits[0, tf.answer_positions].float(), dim=-1)
 
 
@@ -68,28 +47,28 @@ def _view_cell(prompt, tok, grid: int) -> tuple[int, int, int]:
     return 1 + (r // grid) * layout["tiles"][0] + c // grid, r % grid, c % grid
 
 
-def test_occlusion_is_the_model_on_the_views_with_the_patch_filled_by_hand(loaded, pictures):
+def test_occlusion_is_the_model_on_the_views_with_the_patch_filled_by_hand(next_model, next_pictures):
     """Two pictures of 3 and 5 views: ``pixel_values`` is padded to 5 views for both; the patch rows are each
     image's own views, and their inverse gives the model the same answer. Occluding a base token, a tile token and
     a tile token of the second picture's last tile (black) is the model's forward with that patch set to black by
     hand; a patch unit (mean) is the same with the base view's mean colour; fast == naive == that."""
-    prompt = build_prompt(loaded, "What is in the picture?", pictures[:2])
-    analysis = Analysis(loaded, prompt)
+    prompt = build_prompt(next_model, "What is in the picture?", next_pictures[:2])
+    analysis = Analysis(next_model, prompt)
     _, tf = analysis.baseline(2)
-    pixels, p = tf.model_kwargs["pixel_values"], loaded.adapter.patch_size  # (2, 5, C, 64, 64)
-    grid = loaded.adapter.tile // p
+    pixels, p = tf.model_kwargs["pixel_values"], next_model.adapter.patch_size  # (2, 5, C, 64, 64)
+    grid = next_model.adapter.tile // p
     assert [image.grid_thw[0] for image in prompt.images] == [3, 5] and pixels.shape[:2] == (2, 5)
-    rows = loaded.adapter.patch_rows(pixels, loaded.adapter.grid_of(prompt))
+    rows = next_model.adapter.patch_rows(pixels, next_model.adapter.grid_of(prompt))
     assert rows.shape[0] == (3 + 5) * grid * grid
-    assert torch.equal(loaded.adapter.pixel_values_of(rows), torch.cat([pixels[0, :3], pixels[1]]))
+    assert torch.equal(next_model.adapter.pixel_values_of(rows), torch.cat([pixels[0, :3], pixels[1]]))
     assert torch.equal(rows[(3 + 2) * grid * grid + grid + 3], pixels[1, 2, :, p:2 * p, 3 * p:4 * p].reshape(-1))
 
-    tokens = _units(loaded, prompt, analysis, "token")
+    tokens = _units(next_model, prompt, analysis, "token")
     vision = [t for t in prompt.tokens if t.modality == "vision"]
     cells = [t for t in vision if t.part != "newline"]
     assert [u.keys for u in tokens] == [[t.index] for t in cells]  # every token with pixels, no newline
     assert [u.box for u in tokens] == [t.box for t in cells] and all(len(u.patches) == 1 for u in tokens)
-    processor = loaded.processor.image_processor
+    processor = next_model.processor.image_processor
     black = (0.0 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)  # (C,)
     chosen = [5, next(n for n, t in enumerate(cells) if t.image == 0 and t.part == "tiles" and t.col == 5),
               max(n for n, t in enumerate(cells) if t.image == 1)]
@@ -98,21 +77,21 @@ def test_occlusion_is_the_model_on_the_views_with_the_patch_filled_by_hand(loade
         view, r, c = _view_cell(prompt, cells[n], grid)
         by_hand = pixels.clone()
         by_hand[cells[n].image, view, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = black[:, None, None]
-        expected.append(_model_logprobs(loaded, tf, by_hand))
+        expected.append(_model_logprobs(next_model, tf, by_hand))
     assert {_view_cell(prompt, cells[n], grid)[0] for n in chosen} == {0, 2, 4}
     expected = torch.stack(expected)
     picked = [tokens[n] for n in chosen]
     fast, naive = PixelEngine(analysis, tf, "black", tokens), NaivePixelEngine(analysis, tf, "black", tokens)
-    assert (naive.base_logprobs - _model_logprobs(loaded, tf, pixels)).abs().max() <= 1e-5  # the round trip
+    assert (naive.base_logprobs - _model_logprobs(next_model, tf, pixels)).abs().max() <= 1e-5  # the round trip
     assert (naive.logprobs(None, picked) - expected).abs().max() <= 2e-5
     assert (fast.logprobs(None, picked) - expected).abs().max() <= 2e-5
     assert ((expected - naive.base_logprobs).abs().amax(dim=(1, 2)) > 1e-5).all()  # each fill changes the answer
 
-    patches = _units(loaded, prompt, analysis, "patch")
+    patches = _units(next_model, prompt, analysis, "patch")
     unit = next(u for u in patches if u.label == "image2 t3 p1,2")  # tile 2 (bottom left) of the 90×90 picture
     by_hand = pixels.clone()
     by_hand[1, 3, :, p:2 * p, 2 * p:3 * p] = pixels[1, 0].double().mean(dim=(1, 2)).float()[:, None, None]
-    expected = _model_logprobs(loaded, tf, by_hand)[None]
+    expected = _model_logprobs(next_model, tf, by_hand)[None]
     fast, naive = PixelEngine(analysis, tf, "mean", patches), NaivePixelEngine(analysis, tf, "mean", patches)
     assert (naive.logprobs(None, [unit]) - expected).abs().max() <= 2e-5
     assert (fast.logprobs(None, [unit]) - expected).abs().max() <= 2e-5
@@ -121,16 +100,16 @@ def test_occlusion_is_the_model_on_the_views_with_the_patch_filled_by_hand(loade
     assert unit.box == [round(v * 90 / 128, 2) for v in (2 * p, 64 + p, 3 * p, 64 + 2 * p)]
 
 
-def test_occlusion_fast_equals_naive_for_every_fill(loaded, pictures):
+def test_occlusion_fast_equals_naive_for_every_fill(next_model, next_pictures):
     """The unpadded 40×128 picture beside the 3-view one: the tower on a batch of occluded copies and the decoder
     from the image's first position == one whole-model forward per unit, for every fill and unit kind (a spread of
     the tokens and regions of both pictures, both whole images)."""
-    prompt = build_prompt(loaded, "What is in the picture?", [pictures[0], pictures[2]])
+    prompt = build_prompt(next_model, "What is in the picture?", [next_pictures[0], next_pictures[2]])
     assert prompt.images[1].layout["cols"] == [1, 2]
-    analysis = Analysis(loaded, prompt)
+    analysis = Analysis(next_model, prompt)
     _, tf = analysis.baseline(2)
     units = [u for kind, step in (("token", 17), ("region:2", 7), ("image", 1))
-             for u in _units(loaded, prompt, analysis, kind)[::step]]
+             for u in _units(next_model, prompt, analysis, kind)[::step]]
     assert {u.image for u in units} == {0, 1} and {u.kind for u in units} == {"token", "region", "image"}
     for fill in FILLS:
         fast, naive = PixelEngine(analysis, tf, fill, units), NaivePixelEngine(analysis, tf, fill, units)
@@ -139,18 +118,18 @@ def test_occlusion_fast_equals_naive_for_every_fill(loaded, pictures):
         assert ((expected - naive.base_logprobs).abs().amax(dim=(1, 2)) > 1e-5).all(), fill  # every unit acts
 
 
-def test_the_mean_is_the_base_views_and_the_blur_runs_over_the_tiles_canvas(loaded, pictures):
+def test_the_mean_is_the_base_views_and_the_blur_runs_over_the_tiles_canvas(next_model, next_pictures):
     """The mean fill is the base view's mean colour (the tiles' canvas carries padding); the blur fill is the base
     view blurred as one picture and the tiles blurred as the one canvas they were cut from (σ = one patch side),
     computed here with torchvision from the processor's ``pixel_values``."""
     from torchvision.transforms.functional import gaussian_blur
 
-    prompt = build_prompt(loaded, "What is in the picture?", [pictures[2]])
-    analysis = Analysis(loaded, prompt)
+    prompt = build_prompt(next_model, "What is in the picture?", [next_pictures[2]])
+    analysis = Analysis(next_model, prompt)
     _, tf = analysis.baseline(1)
-    pixels, p = tf.model_kwargs["pixel_values"][0], loaded.adapter.patch_size  # (3, C, 64, 64)
-    grid = loaded.adapter.tile // p
-    units = _units(loaded, prompt, analysis, "image")
+    pixels, p = tf.model_kwargs["pixel_values"][0], next_model.adapter.patch_size  # (3, C, 64, 64)
+    grid = next_model.adapter.tile // p
+    units = _units(next_model, prompt, analysis, "image")
     mean = PixelEngine(analysis, tf, "mean", units).filler.values(units[0].patches, 0)
     colour = pixels[0].double().mean(dim=(1, 2)).float()
     assert torch.equal(mean, colour[None, :, None].expand(len(units[0].patches), -1, p * p).reshape(mean.shape))
@@ -162,7 +141,7 @@ def test_the_mean_is_the_base_views_and_the_blur_runs_over_the_tiles_canvas(load
     canvas = torch.cat([torch.cat(list(pixels[1 + i * across: 1 + (i + 1) * across]), dim=-1) for i in range(down)],
                        dim=-2)
     canvas = gaussian_blur(canvas[None], kernel, sigma)[0]  # (C, 128, 64)
-    side = loaded.adapter.tile
+    side = next_model.adapter.tile
     views = [base] + [canvas[:, i * side:(i + 1) * side, j * side:(j + 1) * side] for i in range(down)
                       for j in range(across)]
     for view, picture in enumerate(views):
@@ -174,7 +153,7 @@ def test_the_mean_is_the_base_views_and_the_blur_runs_over_the_tiles_canvas(load
     assert (blurred[grid * grid + (grid - 1) * grid] - alone).abs().max() > 1e-3  # its bottom sees the next tile
 
 
-def test_an_occlusion_whose_fill_equals_the_pixels_changes_nothing(loaded, tmp_path):
+def test_an_occlusion_whose_fill_equals_the_pixels_changes_nothing(next_model, tmp_path):
     """A picture black on its left half: a black fill of a token whose patch is all black (in the base view and in
     the tiles) is the baseline itself, in both engines, bit for bit; the other tokens change the answer."""
     from PIL import Image, ImageDraw
@@ -182,10 +161,10 @@ def test_an_occlusion_whose_fill_equals_the_pixels_changes_nothing(loaded, tmp_p
     image = Image.new("RGB", (128, 64), (0, 0, 0))
     ImageDraw.Draw(image).rectangle([64, 0, 127, 63], fill=(200, 120, 30))
     image.save(tmp_path / "black.png")
-    prompt = build_prompt(loaded, "What is in the picture?", [str(tmp_path / "black.png")])
-    analysis = Analysis(loaded, prompt)
+    prompt = build_prompt(next_model, "What is in the picture?", [str(tmp_path / "black.png")])
+    analysis = Analysis(next_model, prompt)
     _, tf = analysis.baseline(2)
-    every = _units(loaded, prompt, analysis, "token")
+    every = _units(next_model, prompt, analysis, "token")
     fast, naive = PixelEngine(analysis, tf, "black", every), NaivePixelEngine(analysis, tf, "black", every)
     black = fast.filler.values(every[0].patches, 0)[0]
     still = [u for u in every if torch.equal(fast.pixel_values[u.patches[0]], black)]
@@ -202,14 +181,9 @@ def test_an_occlusion_whose_fill_equals_the_pixels_changes_nothing(loaded, tmp_p
     assert (got - expected).abs().max() <= 2e-5
 
 
-def _argv(folder, *extra) -> list[str]:
-    return ["--model", str(folder), "--prompt", PROMPT, "--device", "cpu", "--dtype", "float32", "--num-tokens", "2",
-            "--no-progress", "--generate-top", "1", *extra]
-
-
-def test_occlusion_from_the_command_line(folder, pictures, in_tmp, capsys):
-    assert main(_argv(folder, "--image", pictures[0], "--stage", "pixels", "--unit", "region:2", "--fill", "blur",
-                      "--output", "o"), True) == 0, capsys.readouterr().err
+def test_occlusion_from_the_command_line(next_folder, next_pictures, in_tmp, capsys):
+    assert main(tiny_argv(next_folder, "--image", next_pictures[0], "--stage", "pixels", "--unit", "region:2",
+                          "--fill", "blur", "--output", "o", generate_top=1), True) == 0, capsys.readouterr().err
     data = json.loads((in_tmp / "output" / "o.json").read_text())
     assert data["stage"] == "pixels" and data["window_labels"] == ["occluded (blur)"]
     newlines = {t["index"] for t in data["tokens"] if t.get("part") == "newline"}
@@ -222,9 +196,9 @@ def test_occlusion_from_the_command_line(folder, pictures, in_tmp, capsys):
     assert min(kl) >= -1e-6 and max(kl) > 0
 
 
-def test_a_group_of_newlines_alone_is_one_line(folder, loaded, pictures, in_tmp, capsys):
-    prompt = build_prompt(loaded, PROMPT, [pictures[0]])
+def test_a_group_of_newlines_alone_is_one_line(next_folder, next_model, next_pictures, in_tmp, capsys):
+    prompt = build_prompt(next_model, PROMPT, [next_pictures[0]])
     newline = next(t.index for t in prompt.tokens if t.part == "newline")
-    err = cli_error(capsys, _argv(folder, "--image", pictures[0], "--stage", "pixels", "--unit", "groups", "--group",
-                                  f"nl=pos:{newline}", "--output", "g"))
+    err = cli_error(capsys, tiny_argv(next_folder, "--image", next_pictures[0], "--stage", "pixels", "--unit", "groups",
+                                      "--group", f"nl=pos:{newline}", "--output", "g", generate_top=1))
     assert "--group nl holds no image patch (an image newline token has no pixels)" in err
