@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import worded
+from .errors import mention, worded
 from .config import (BATCH_KEYS, FIELD_TYPES, RunConfig, UsageError, check_name, close_matches, has_field_type,
                      make_config, output_dir, quoted)
 
@@ -148,7 +148,7 @@ def load_batch(path: str, cli: dict, vision: bool) -> tuple[str, Path, list[Batc
     base = file.resolve().parent
     defaults = normalise(data.get("defaults") or {}, f"{file}: defaults", base, vision)
     name = cli.get("output") or file.stem
-    check_name(name, "the batch name (--output, or the YAML file's name)")
+    check_name(name, f"the batch name ({mention('output')}, or the YAML file's name)")
     folder = output_dir(cli.get("output_dir") or defaults.get("output_dir") or "output") / name
     entries, seen = [], set()
     for number, entry in enumerate(data["runs"], start=1):

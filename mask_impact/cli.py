@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import (STUDY_OPTIONS, RunConfig, UsageError, bounded, cli_options, make_config, output_dir, output_paths,
                      possible_figures, prompt_from_command_line)
-from .errors import MaskImpactError
+from .errors import MaskImpactError, mention, message_of
 from .pipeline import prepare, say
 from .shard import is_main_process, launch_shortfall
 from .stopping import stop_signals_raise, stop_status
@@ -68,7 +68,7 @@ def main(argv: list[str] | None, vision: bool) -> int:
                 return (run_batch if "config" in options else run_study)(options, vision, stage)
             stray = next((key for key in STUDY_OPTIONS if key in options), None)
             if stray:
-                raise UsageError(f"--{stray.replace('_', '-')} belongs to a study: give --dataset FILE too")
+                raise UsageError(f"{mention(stray)} belongs to a study: give {mention('dataset', 'FILE')} too")
             config = make_config([options], vision)
             note_launch()
             stage.now = "checking the input"
@@ -136,8 +136,8 @@ def _precheck(config: RunConfig) -> str:
     partial = partial_path(config)
     check_unlocked(partial)
     if unfinished(partial) and not (config.resume or config.overwrite):
-        raise UsageError(f"{partial} holds an unfinished run; pass --resume to continue it, or --overwrite to "
-                         "start over")
+        raise UsageError(f"{partial} holds an unfinished run; pass {mention('resume')} to continue it, or "
+                         f"{mention('overwrite')} to start over")
     return prompt_text
 
 
@@ -158,11 +158,11 @@ def load(config: RunConfig, vision: bool):
         say(f"note: {chosen}", file=sys.stderr)
     name = str(demo_model_path(vision)) if config.demo else config.model
     if config.device_map is not None and launched():
-        raise UsageError("--device-map spreads one model over several devices, but a launched process takes one "
-                         "GPU; drop --device-map, or run one process")
+        raise UsageError(f"{mention('device_map')} spreads one model over several devices, but a launched process "
+                         f"takes one GPU; drop {mention('device_map')}, or run one process")
     if config.estimate is not None and launched():
-        raise UsageError("--estimate computes few cells exactly, chosen by one process's estimate; run it as one "
-                         "process, not under accelerate launch")
+        raise UsageError(f"{mention('estimate')} computes few cells exactly, chosen by one process's estimate; run it "
+                         "as one process, not under accelerate launch")
     device = config.device
     if config.device == "auto" and config.device_map is None and launched():
         device = Shard.current().device  # one device per process
@@ -200,13 +200,11 @@ def run_one(loaded, config: RunConfig, prompt_text: str, stage: Stage | None = N
             stage.now = "drawing the figures"
             from .options import parse_figure_options
 
-            from .errors import MaskImpactError
-
             options = parse_figure_options(config.figure_options or [])
             try:  # an option that does not fit this result (units past its last): one line, as any bad option
                 drawn = render(data, config.figures, **options)
             except MaskImpactError as error:
-                raise UsageError(f"--figure-option: {error}") from None
+                raise UsageError(f"{mention('figure_options')}: {message_of(error)}") from None
             pictures = {possible[kind]: content for kind, content in drawn.items() if kind in possible}
         stage.now = "writing the results"
         written = {**paths, **{kind: possible[kind] for kind in possible if possible[kind] in pictures}}
@@ -455,9 +453,9 @@ class BatchState:
                 self.kept.add(config.output)
         if stale:
             runs_do = f"{len(stale)} runs of this batch do" if len(stale) > 1 else "1 run of this batch does"
-            raise UsageError(f"--resume: {runs_do} not match how it was started: {'; '.join(stale)} differ; nothing "
-                             "was run. Resume with the settings it was started with, or pass --overwrite to compute "
-                             "again")
+            raise UsageError(f"{mention('resume')}: {runs_do} not match how it was started: {'; '.join(stale)} "
+                             "differ; nothing was run. Resume with the settings it was started with, or pass "
+                             f"{mention('overwrite')} to compute again")
 
     def run(self, config: RunConfig, stage: Stage) -> dict:
         """One run of the batch; a finished result is kept on --resume only if it was made from this entry (checked
@@ -477,13 +475,15 @@ class BatchState:
 def check_batch_folder(folder: Path, may_continue: bool) -> None:
     """A batch folder is created if need be; an earlier batch in it is touched only with --resume/--overwrite."""
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"batch output {folder} is a file, not a folder; choose another --output or --output-dir")
+        raise UsageError(f"batch output {folder} is a file, not a folder; choose another {mention('output')} or "
+                         f"{mention('output_dir')}")
     if (folder / "index.json").exists() and not may_continue:
-        raise UsageError(f"{folder} holds an earlier batch (index.json); pass --resume to continue it, or "
-                         "--overwrite to compute it again")
+        raise UsageError(f"{folder} holds an earlier batch (index.json); pass {mention('resume')} to continue it, or "
+                         f"{mention('overwrite')} to compute it again")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"batch output folder {folder} cannot be created ({error.strerror})") from None
     if not os.access(folder, os.W_OK):
-        raise UsageError(f"batch output folder {folder} is not writable; choose another --output-dir")
+        raise UsageError(f"batch output folder {folder} is not writable; choose another {mention('output_dir')}")
+

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
-from .errors import OptionError, UsageError, bounded, quoted
+from .errors import OptionError, UsageError, bounded, mention, quoted, spelled
 from .options import STAGES, UnitOptions, check_units, parse_figure_options, parse_units
 from .resources import data_path
 
@@ -131,24 +131,27 @@ class RunConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionError(name, "must be at least 1", getattr(self, name))
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise UsageError(f"--min-pixels {self.min_pixels:,} is larger than --max-pixels {self.max_pixels:,}")
+            raise UsageError(f"{mention('min_pixels', self.min_pixels, shown=f'{self.min_pixels:,}')} is larger "
+                             f"than {mention('max_pixels', self.max_pixels, shown=f'{self.max_pixels:,}')}")
         if not vision and self.images:
             raise UsageError("text-only models take no image; use mask-impact-vl (mask_impact_vl.py) with a vision-language model")
         check_units(self.unit_options(), len(self.images), vision, self.stage)  # says what needs images
         if self.mask_mode in ("vision", "both") and not self.images:
-            raise UsageError(f"--mask-mode {self.mask_mode} needs an image: add --image PATH, or use --mask-mode text")
+            raise UsageError(f"{mention('mask_mode', self.mask_mode)} needs an image: add "
+                             f"{mention('images', 'PATH')}, or use {mention('mask_mode', 'text')}")
         STAGES[self.stage].check(self)  # the options that do not apply to the stage
         check_estimate(self)
         check_target(self.target, self.contrast)
         if self.only_correct and self.target is None:
-            raise UsageError("--only-correct measures the rows whose answer starts with their target: give a target "
-                             "(a dataset's target column, or --target)")
+            raise UsageError(f"{mention('only_correct')} measures the rows whose answer starts with their target: "
+                             f"give a target (a dataset's target column, or {mention('target')})")
         if self.prompt is None and self.prompt_file is None:
-            raise UsageError("no prompt given: pass --prompt TEXT or --prompt-file FILE, or --demo")
+            raise UsageError(f"no prompt given: pass {mention('prompt')} TEXT or {mention('prompt_file')} FILE, or "
+                             f"{mention('demo')}")
         if self.prompt is not None and self.prompt_file is not None:
-            raise UsageError("give --prompt or --prompt-file, not both")
+            raise UsageError(f"give {mention('prompt')} or {mention('prompt_file')}, not both")
         if self.output is not None:
-            check_name(self.output, "--output")
+            check_name(self.output, mention("output"))
         if self.figures is not None:
             check_figures(self.figures)
         if self.figure_options:  # its words checked before the model loads
@@ -214,8 +217,8 @@ def check_estimate(config: RunConfig) -> None:
     if config.estimate is None:
         for name in ("estimate_sample", "estimate_seed"):
             if getattr(config, name) not in (None, 0):
-                raise UsageError(f"--{name.replace('_', '-')} belongs to an --estimate run; give --estimate too, or "
-                                 "drop it")
+                raise UsageError(f"{mention(name)} belongs to {spelled('an --estimate', 'an estimate=', 'an estimate')} "
+                                 f"run; give {mention('estimate')} too, or drop it")
         return
     if config.estimate < 1:
         raise OptionError("estimate", "must be at least 1: the number of cells computed exactly", config.estimate)
@@ -224,8 +227,9 @@ def check_estimate(config: RunConfig) -> None:
     if config.estimate_seed < 0:
         raise OptionError("estimate_seed", "must be 0 or more", config.estimate_seed)
     if not STAGES[config.stage].estimable:
-        raise UsageError(f"--estimate estimates attention knockouts in the decoder; --stage {config.stage} has no "
-                         "such estimate: drop --estimate, or use --stage decoder")
+        raise UsageError(f"{mention('estimate')} estimates attention knockouts in the decoder; "
+                         f"{mention('stage', config.stage)} has no such estimate: drop {mention('estimate')}, or use "
+                         f"{mention('stage', 'decoder')}")
 
 
 def check_target(target: str | None, contrast: str | None) -> None:
@@ -234,9 +238,11 @@ def check_target(target: str | None, contrast: str | None) -> None:
         if value is not None and not value.strip():
             raise OptionError(name, "is empty; give the answer's text", value)
     if contrast is not None and target is None:
-        raise UsageError("--contrast is the foil of a --target: give --target too (the correct answer)")
+        raise UsageError(f"{mention('contrast')} is the foil of a {mention('target')}: give {mention('target')} too "
+                         "(the correct answer)")
     if contrast is not None and target is not None and contrast.strip() == target.strip():
-        raise UsageError(f"--contrast {quoted(contrast)} is the --target itself; give a different answer as the foil")
+        raise UsageError(f"{mention('contrast', contrast, quote=True)} is the {mention('target')} itself; give a "
+                         "different answer as the foil")
 
 
 def check_name(name: str, what: str) -> None:
@@ -254,7 +260,7 @@ def check_figures(fmt: str) -> None:
     if fmt not in FIGURE_FORMATS:
         raise OptionError("figures", f"not one of: {', '.join(FIGURE_FORMATS)}", fmt)
     if not figures_available():
-        raise UsageError(f"--figures needs matplotlib, which is not installed: {FIGURES_INSTALL}")
+        raise UsageError(f"{mention('figures')} needs matplotlib, which is not installed: {FIGURES_INSTALL}")
 
 
 def check_device(device: str) -> None:
@@ -278,13 +284,16 @@ def check_device_map(device_map: str | None, max_memory: str | None, offload_fol
     """``--device-map``, ``--max-memory`` and ``--offload-folder`` go together and name what exists."""
     if device_map is None:
         if max_memory is not None or offload_folder is not None:
-            raise UsageError(f"--{'max-memory' if max_memory is not None else 'offload-folder'} places the model "
-                             "with accelerate: give it with --device-map auto (or balanced, sequential)")
+            raise UsageError(f"{mention('max_memory' if max_memory is not None else 'offload_folder')} places the "
+                             f"model with accelerate: give it with {mention('device_map', 'auto')} (or balanced, "
+                             "sequential)")
         return
     if device_map not in DEVICE_MAPS:
-        raise UsageError(f"--device-map {quoted(device_map)} is not one of accelerate's: {', '.join(DEVICE_MAPS)}")
+        raise UsageError(f"{mention('device_map', device_map, quote=True)} is not one of accelerate's: "
+                         f"{', '.join(DEVICE_MAPS)}")
     if device != "auto":
-        raise UsageError("--device-map places every layer itself; drop --device (or drop --device-map)")
+        raise UsageError(f"{mention('device_map')} places every layer itself; drop {mention('device')} (or drop "
+                         f"{mention('device_map')})")
     if max_memory is not None:
         parse_max_memory(max_memory)
 
@@ -300,19 +309,19 @@ def parse_max_memory(text: str) -> dict:
         device, _, size = (piece.strip() for piece in part.partition("="))
         match = re.fullmatch(r"(?:cuda:)?(\d{1,3})|cpu|disk", device)
         if not match or not size:
-            raise UsageError(f"--max-memory {quoted(text)}: write DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=200GiB "
-                             "(DEVICE: a GPU number, cpu or disk)")
+            raise UsageError(f"{mention('max_memory', text, quote=True)}: write DEVICE=SIZE pairs, e.g. "
+                             "0=70GiB,cpu=200GiB (DEVICE: a GPU number, cpu or disk)")
         key = int(match[1]) if match[1] is not None else device
         if isinstance(key, int) and key >= count:
-            raise UsageError(f"--max-memory names GPU {key}, but this machine has "
+            raise UsageError(f"{mention('max_memory')} names GPU {key}, but this machine has "
                              + (f"GPUs 0-{count - 1}" if count else "no GPU"))
         try:
             out[key] = int(size) if size.isdigit() else convert_file_size_to_int(size)  # digits: bytes
         except ValueError:
-            raise UsageError(f"--max-memory {quoted(part.strip())}: {quoted(size)} is not a size like 70GiB, "
-                             "512MB or 2000000") from None
+            raise UsageError(f"{mention('max_memory', part.strip(), quote=True)}: {quoted(size)} is not a size like "
+                             "70GiB, 512MB or 2000000") from None
         if out[key] <= 0:
-            raise UsageError(f"--max-memory {quoted(part.strip())}: the size must be more than 0")
+            raise UsageError(f"{mention('max_memory', part.strip(), quote=True)}: the size must be more than 0")
     return out
 
 
@@ -352,7 +361,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, formatter_class=_HelpFormatter, **kwargs)
 
     def error(self, message: str) -> None:
-        raise UsageError(f"{message} (see --help)")
+        raise UsageError(f"{message} (see {mention('help')})")
 
     def parse_args(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)
@@ -581,8 +590,7 @@ def prompt_from_command_line(options: dict) -> tuple[dict, str | None]:
     ``prompt:`` and the API's prompt are too); ``--prompt-file`` always a file."""
     given = [name for name in ("prompt", "prompt_text", "prompt_file") if name in options]
     if len(given) > 1:
-        raise UsageError(f"give one prompt: --{given[0].replace('_', '-')} or --{given[1].replace('_', '-')}, "
-                         "not both")
+        raise UsageError(f"give one prompt: {mention(given[0])} or {mention(given[1])}, not both")
     options = dict(options)
     if "prompt_text" in options:
         options["prompt"] = options.pop("prompt_text")
@@ -595,8 +603,8 @@ def prompt_from_command_line(options: dict) -> tuple[dict, str | None]:
         return options, (f"note: --prompt {bounded(value)} names a file: the prompt is read from it (use "
                          "--prompt-text to analyse these characters as text)")
     if not any(c.isspace() for c in value) and value.lower().endswith(PROMPT_FILE_SUFFIXES):
-        raise UsageError(f"no prompt file {quoted(value)} (--prompt reads a file when its value names one); to "
-                         "analyse these characters as text use --prompt-text")
+        raise UsageError(f"no prompt file {quoted(value)} ({mention('prompt')} reads a file when its value names "
+                         f"one); to analyse these characters as text use {mention('prompt_text')}")
     return options, None
 
 
@@ -610,7 +618,9 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
         merged.update(layer)
     if merged.get("demo"):
         if merged.get("model") not in (None, "demo"):
-            raise UsageError("--demo brings its own model; drop --model, or drop --demo")
+            raise UsageError(f"{mention('demo')} brings its own model; drop {mention('model')}, or drop "
+                             f"{mention('demo')}")
+
         merged["model"] = "demo"
         if merged.get("prompt_file") is None:
             merged.setdefault("prompt", DEMO_PROMPT_VL if vision else DEMO_PROMPT_TEXT)

@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError, bounded, quoted
+from .errors import UsageError, bounded, mention, quoted
 
 FIELDS = ("prompt", "image", "target", "contrast", "group")
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -53,35 +53,41 @@ def parse_fields(specs: list[str] | None) -> dict[str, str]:
         for part in spec.split(","):
             name, sep, column = (piece.strip() for piece in part.partition("="))
             if not sep or not name or not column:
-                raise UsageError(f"--fields {quoted(part.strip())}: write FIELD=COLUMN, e.g. prompt=question")
+                raise UsageError(f"{mention('fields', part.strip(), quote=True)}: write FIELD=COLUMN, e.g. "
+                                 "prompt=question")
             if name not in FIELDS:
                 near = close_matches(name, FIELDS, 1)
-                raise UsageError(f"--fields: unknown field {quoted(name)}" + (f"; did you mean {near[0]!r}?" if near
-                                                                              else "") + f" (fields: {', '.join(FIELDS)})")
+                raise UsageError(f"{mention('fields')}: unknown field {quoted(name)}"
+                                 + (f"; did you mean {near[0]!r}?" if near else "") + f" (fields: {', '.join(FIELDS)})")
             if name in mapping:
-                raise UsageError(f"--fields maps {name} twice; give each field once")
+                raise UsageError(f"{mention('fields')} maps {name} twice; give each field once")
             mapping[name] = column
     return mapping
+
+
+def _dataset(path: Path | str) -> str:
+    """The dataset option and its file, for a message."""
+    return mention("dataset", bounded(str(path)))
 
 
 def read_records(path: Path) -> tuple[list[dict], Path]:
     """The dataset's rows as dicts, and the folder its relative image paths are read from."""
     if not path.exists():
-        raise UsageError(f"--dataset {bounded(str(path))} does not exist")
+        raise UsageError(f"{_dataset(path)} does not exist")
     if path.is_dir():
         return _saved_dataset(path), path
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
-        raise UsageError(f"--dataset {bounded(str(path))}: read are JSON Lines (.jsonl), CSV (.csv), Parquet "
+        raise UsageError(f"{_dataset(path)}: read are JSON Lines (.jsonl), CSV (.csv), Parquet "
                          "(.parquet) or a folder saved by datasets' save_to_disk")
     try:
         if kind == "parquet":
             return _parquet(path), path.parent
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise UsageError(f"--dataset {bounded(str(path))} is not UTF-8 text") from None
+        raise UsageError(f"{_dataset(path)} is not UTF-8 text") from None
     except OSError as error:
-        raise UsageError(f"--dataset {bounded(str(path))} cannot be read ({error.strerror or error})") from None
+        raise UsageError(f"{_dataset(path)} cannot be read ({error.strerror or error})") from None
     if kind == "csv":
         return [dict(row) for row in csv.DictReader(io.StringIO(text, newline=""))], path.parent
     records = []
@@ -91,10 +97,10 @@ def read_records(path: Path) -> tuple[list[dict], Path]:
         try:
             record = json.loads(line)
         except ValueError as error:
-            raise UsageError(f"--dataset {bounded(str(path))} line {number}: not JSON ({error.msg}); write one JSON "
+            raise UsageError(f"{_dataset(path)} line {number}: not JSON ({error.msg}); write one JSON "
                              "object per line") from None
         if not isinstance(record, dict):
-            raise UsageError(f"--dataset {bounded(str(path))} line {number}: a JSON object per line, not a "
+            raise UsageError(f"{_dataset(path)} line {number}: a JSON object per line, not a "
                              f"{type(record).__name__}")
         records.append(record)
     return records, path.parent
@@ -104,11 +110,11 @@ def _parquet(path: Path) -> list[dict]:
     try:
         import pyarrow.parquet as parquet
     except ImportError:
-        raise UsageError(f"--dataset {bounded(str(path))}: reading Parquet needs pyarrow: {DATASETS_INSTALL}") from None
+        raise UsageError(f"{_dataset(path)}: reading Parquet needs pyarrow: {DATASETS_INSTALL}") from None
     try:
         return parquet.read_table(path).to_pylist()
     except Exception as error:  # pyarrow's own errors: a file that is not Parquet
-        raise UsageError(f"--dataset {bounded(str(path))} cannot be read as Parquet ({type(error).__name__}: "
+        raise UsageError(f"{_dataset(path)} cannot be read as Parquet ({type(error).__name__}: "
                          f"{bounded(str(error))})") from None
 
 
@@ -116,16 +122,16 @@ def _saved_dataset(path: Path) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"--dataset {bounded(str(path))} is a folder: reading one saved by datasets needs the "
+        raise UsageError(f"{_dataset(path)} is a folder: reading one saved by datasets needs the "
                          f"datasets package: {DATASETS_INSTALL}") from None
     try:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError:
-        raise UsageError(f"--dataset {bounded(str(path))} is a folder but not one saved by datasets' "
+        raise UsageError(f"{_dataset(path)} is a folder but not one saved by datasets' "
                          "save_to_disk") from None
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
-            raise UsageError(f"--dataset {bounded(str(path))} holds the splits {', '.join(loaded)}; save the one to "
+            raise UsageError(f"{_dataset(path)} holds the splits {', '.join(loaded)}; save the one to "
                              "study on its own (dataset_dict['test'].save_to_disk(...))")
         loaded = next(iter(loaded.values()))
     return [dict(row) for row in loaded]
@@ -138,13 +144,13 @@ def read_dataset(path: str, fields: list[str] | None = None, limit: int | None =
     mapping = parse_fields(fields)
     check_counts(limit, sample)
     records, base = read_records(Path(path).expanduser())
-    return select_rows(records, base, mapping, limit, sample, seed, f"--dataset {bounded(str(path))}"), base
+    return select_rows(records, base, mapping, limit, sample, seed, f"{_dataset(path)}"), base
 
 
 def check_counts(limit: int | None, sample: int | None) -> None:
     for name, value in (("limit", limit), ("sample", sample)):
         if value is not None and value < 1:
-            raise UsageError(f"--{name} must be at least 1 (got {value})")
+            raise UsageError(f"{mention(name)} must be at least 1 (got {value})")
 
 
 def select_rows(records: list[dict], base: Path, mapping: dict[str, str], limit: int | None = None,
@@ -160,13 +166,13 @@ def select_rows(records: list[dict], base: Path, mapping: dict[str, str], limit:
             from .config import close_matches
 
             near = close_matches(str(column), [str(c) for c in columns], 1)
-            raise UsageError(f"--fields {name}={column}: {what} has no column {quoted(column)}"
+            raise UsageError(f"{mention('fields', f'{name}={column}')}: {what} has no column {quoted(column)}"
                              + (f"; did you mean {near[0]!r}?" if near else "") + f" (columns: "
                              f"{bounded(', '.join(map(str, columns)))})")
     column_of = {name: mapping.get(name, name) for name in FIELDS}
     if not any(column_of["prompt"] in record for record in records):
         raise UsageError(f"{what} has no column {quoted(column_of['prompt'])} for the prompts; map one with "
-                         f"--fields prompt=COLUMN (columns: {bounded(', '.join(map(str, columns)))})")
+                         f"{mention('fields', 'prompt=COLUMN')} (columns: {bounded(', '.join(map(str, columns)))})")
     numbers = list(range(len(records)))
     if sample is not None and sample < len(numbers):
         numbers = sorted(random.Random(seed).sample(numbers, sample))

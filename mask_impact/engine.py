@@ -150,14 +150,15 @@ class Analysis:
         return Baseline(ids, [self.loaded.tokenizer.decode([i]) for i in ids],
                         self.loaded.tokenizer.decode(ids, skip_special_tokens=True), scores or [], stopped), tf
 
-    def answer_ids(self, text: str, option: str = "--target") -> list[int]:
+    def answer_ids(self, text: str, option: str = "target") -> list[int]:
         """The token ids of an answer given as text (``--target``, ``--contrast``), as they follow the prompt: the
         tokenizer's encoding of ``text`` alone, no special tokens added."""
         ids = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
-            from .errors import UsageError, quoted
+            from .errors import UsageError, mention
 
-            raise UsageError(f"{option} {quoted(text)} tokenises to nothing; give an answer with some text")
+            raise UsageError(f"{mention(option, text, quote=True)} tokenises to nothing; give an answer with some "
+                             "text")
         return list(ids)
 
     def teacher_forced(self, answer_ids: list[int]) -> TeacherForced:

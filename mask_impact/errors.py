@@ -1,16 +1,19 @@
-"""The library's exceptions, and the one place that words a command-line error for a Python caller.
+"""The library's exceptions, and how an error message names the options it speaks of.
 
 Every check of the input is written once, because the command line, YAML batches and the API share it
-(config.py, units.py, inputs.py, ...). An option's bad value is an ``OptionError``, ``(option, value, why)``,
-that each front end renders its own way (``worded``: ``--window 0: ...``, ``window=0: ...``, ``window: 0: ...``).
-The other checks are still worded for the command line (``--unit region:0``): the command line prints such a
-``UsageError`` as one line and exits 2; the API (api.py) raises it again as one of the types below, its flags
-rewritten by ``python_wording`` into the keywords a caller wrote (``unit='region:0'``).
+(config.py, units.py, inputs.py, ...). A message names an option the way the reader wrote it: ``--unit region:0``
+on the command line, ``unit='region:0'`` in Python, ``unit: region:0`` in a YAML file. So a message never spells a
+flag: it holds a *mention* (``mention("unit", "region:0")``, ``mention_name("group", "cat")``), which carries the
+option's three spellings, and each front end renders the message for its reader (``worded``). The command line
+prints ``str(error)``, the command line's wording; the API raises the error again as one of the types below in
+Python's (api.py), a batch records a run's error in YAML's. Nothing is guessed from message text.
+
+An option's bad value is an ``OptionError``, ``(option, value, why)``: ``--num-tokens 0: ...``, ``num_tokens=0:
+...``, ``num_tokens: 0: ...``.
 
     MaskImpactError                     the base: every error the library raises on bad input
-    ├── UsageError                      bad input in the command line's words (rewritten for the API)
-    │   └── OptionError                 one option's bad value, as (option, value, why): each front end names
-    │                                   the option its own way (``render``), no text rewritten
+    ├── UsageError                      bad input: one line on stderr and exit status 2 on the command line
+    │   └── OptionError                 one option's bad value, as (option, value, why)
     ├── InvalidArgument (ValueError)    a value that cannot be meant
     ├── InvalidType (TypeError)         a wrong type, or a keyword ``run`` does not take
     ├── NotAResult (ValueError)         ``KnockoutResult.load`` of a file that is not a result it can read
@@ -20,61 +23,107 @@ rewritten by ``python_wording`` into the keywords a caller wrote (``unit='region
 
 from __future__ import annotations
 
-import re
-
-
-class MaskImpactError(Exception):
-    """Bad input, said in one sentence."""
-
-
-class UsageError(MaskImpactError):
-    """Bad input, worded for the command line (``--unit``): reported as one line on stderr with exit status 2.
-    The API raises it again worded for Python (``python_wording``)."""
-
-
+FRONTS = ("command line", "python", "yaml")
 _UNSET = object()
+# A mention in a message: its spellings for FRONTS, between characters of Unicode's private use area (which no
+# option, value or path the tool quotes back can hold: see ``bounded``).
+_OPEN, _SEP, _CLOSE = "\ue000", "\ue001", "\ue002"
 # The command line's flag where it is not the option's name with dashes (repeatable flags fill a list option).
 FLAGS = {"images": "--image", "groups": "--group", "flows": "--flow", "figure_options": "--figure-option",
          "html": "--no-html", "progress": "--no-progress"}
 YAML_KEYS = {"images": "image", "output": "name"}  # a YAML file's key where it is not the option's name
-FRONTS = ("command line", "python", "yaml")
+# An option named without a value, in Python's words where the API asks for it in another way than ``name=``.
+PYTHON_PHRASES = {
+    "overwrite": "overwrite=True", "raw_prompt": "raw_prompt=True", "allow_special_tokens": "allow_special_tokens=True",
+    "html": "html=False", "progress": "progress=False", "demo": "Analyzer.demo()", "help": "help(Analyzer.run)",
+    "model": "model", "prompt": "the prompt", "prompt_file": "the prompt file", "output": "path",
+    "output_dir": "folder", "resume": "resume", "config": "the YAML file", "only_correct": "only_correct=True",
+}
+SWITCHES = {"overwrite": True, "raw_prompt": True, "allow_special_tokens": True, "html": False, "progress": False,
+            "demo": True, "resume": True, "only_correct": True}  # and the value that the flag sets
+LISTS = ("images", "groups", "flows", "figure_options")  # a value given to these is one item of the list
+
+
+def flag(option: str) -> str:
+    """``option``'s flag on the command line: ``num_tokens`` → ``--num-tokens``."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def mention(option: str, value=_UNSET, *, quote: bool = False, shown: str | None = None) -> str:
+    """``option`` (a ``RunConfig`` name, or a command-line-only one such as ``config``), with ``value`` where the
+    message speaks of one, for a message of this module's errors: ``--layers 7`` / ``layers=7`` / ``layers: 7``.
+    On the command line the value is shown as ``shown``, else quoted (``quote``) or as it is; in Python and YAML as
+    its repr (one item of a list option: ``images=[...]``)."""
+    if value is _UNSET:
+        python = PYTHON_PHRASES.get(option, f"{option}=")
+        yaml = YAML_KEYS.get(option, option)
+        if option in SWITCHES:
+            yaml = f"{yaml}: {'true' if SWITCHES[option] else 'false'}"
+        return spelled(flag(option), python, yaml)
+    if shown is None:
+        shown = quoted(value) if quote else str(value)
+    python = f"{option}=[{value!r}]" if option in LISTS else f"{option}={value!r}"
+    return spelled(f"{flag(option)} {shown}", python, f"{YAML_KEYS.get(option, option)}: {value!r}")
+
+
+def mention_name(option: str, name: str) -> str:
+    """A group or flow the user named (``option``: ``group`` or ``flow``): ``--group cat`` on the command line,
+    ``group cat`` in Python and YAML."""
+    return spelled(f"--{option} {name}", f"{option} {name}", f"{option} {name}")
+
+
+def spelled(command_line: str, python: str, yaml: str) -> str:
+    """A phrase that each front end words its own way, for a message of this module's errors (``mention`` where
+    it is one option)."""
+    return _OPEN + _SEP.join((command_line, python, yaml)) + _CLOSE
+
+
+def render(message: str, front: str = "command line") -> str:
+    """``message`` with each mention spelled for ``front`` (``FRONTS``)."""
+    if _OPEN not in message:
+        return message
+    index, out, rest = FRONTS.index(front), [], message
+    while _OPEN in rest:
+        before, _, rest = rest.partition(_OPEN)
+        inside, _, rest = rest.partition(_CLOSE)
+        out += [before, inside.split(_SEP)[index]]
+    return "".join(out) + rest
+
+
+class MaskImpactError(Exception):
+    """Bad input, said in one sentence. ``str(error)`` words it for the command line; ``worded`` for each front
+    end, from ``message`` (which holds the mentions)."""
+
+    def __init__(self, message: str = ""):
+        self.message = message
+        super().__init__(render(message))
+
+
+class UsageError(MaskImpactError):
+    """Bad input: reported as one line on stderr with exit status 2 on the command line, raised again as an
+    ``InvalidArgument`` by the API."""
 
 
 class OptionError(UsageError):
     """One option's bad value, as ``(option, value, why)`` (``option``: its ``RunConfig`` name; ``value``: as
-    given, left out where the option is what is wrong, not its value). Each front end names the option its own way
-    (``render``): ``--num-tokens 0: ...`` on the command line (``str(error)``), ``num_tokens=0: ...`` in Python,
-    ``num_tokens: 0: ...`` in a YAML file."""
+    given, left out where the option is what is wrong, not its value): ``--num-tokens 0: ...`` on the command line,
+    ``num_tokens=0: ...`` in Python, ``num_tokens: 0: ...`` in a YAML file."""
 
     def __init__(self, option: str, why: str, value=_UNSET):
         self.option, self.why, self.value = option, why, value
-        super().__init__(self.render("command line"))
-
-    def subject(self, front: str) -> str:
-        """The option (and its value) as ``front`` writes it."""
-        given = self.value is not _UNSET
-        if front == "python":
-            return f"{self.option}={self.value!r}" if given else f"{self.option}="
-        if front == "yaml":
-            key = YAML_KEYS.get(self.option, self.option)
-            return f"{key}: {self.value!r}" if given else key
-        flag = FLAGS.get(self.option, "--" + self.option.replace("_", "-"))
-        if not given:
-            return flag
-        shown = self.value if isinstance(self.value, (int, float)) and not isinstance(self.value, bool) else (
-            quoted(self.value))
-        return f"{flag} {shown}"
-
-    def render(self, front: str = "command line") -> str:
-        return f"{bounded(self.subject(front))}: {self.why}"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        subject = mention(option, value, quote=not number) if value is not _UNSET else mention(option)
+        super().__init__(f"{subject}: {why}")
 
 
-def worded(error: UsageError, front: str) -> str:
-    """``error``'s message for ``front`` (``FRONTS``): an ``OptionError`` rendered there; another usage error's
-    command-line text, its flags rewritten for Python (``python_wording``) where it has no structure yet."""
-    if isinstance(error, OptionError):
-        return error.render(front)
-    return python_wording(str(error)) if front == "python" else str(error)
+def worded(error: BaseException, front: str) -> str:
+    """``error``'s message for ``front`` (``FRONTS``): its mentions spelled there."""
+    return render(error.message, front) if isinstance(error, MaskImpactError) else str(error)
+
+
+def message_of(error: BaseException) -> str:
+    """``error``'s message with its mentions, to be quoted in another error's message."""
+    return error.message if isinstance(error, MaskImpactError) else str(error)
 
 
 class InvalidArgument(MaskImpactError, ValueError):
@@ -103,9 +152,10 @@ class NotCorrect(MaskImpactError):
     def __init__(self, answer: str, target: str):
         self.answer, self.target = answer, target
         super().__init__(f"the answer {answer!r} does not start with the target {target!r}: not measured "
-                         "(--only-correct)")
+                         f"({mention('only_correct')})")
 
 
+_ESCAPED = {ord(mark): mark.encode("unicode_escape").decode() for mark in (_OPEN, _SEP, _CLOSE)}
 MAX_ECHO = 160  # characters of a user's value quoted back in an error message
 
 
@@ -117,80 +167,8 @@ def quoted(value: object) -> str:
 def bounded(text: str) -> str:
     """A user's text (a path, say) for an error message, its middle cut to keep ``MAX_ECHO`` characters."""
     half = MAX_ECHO // 2
+    text = text.translate(_ESCAPED)  # a mention's marks in a user's text would read as one
     return text if len(text) <= MAX_ECHO else text[:half] + "…" + text[-half:]
 
 
 FIGURES_INSTALL = 'pip install "mask-impact[figures]" (or pip install matplotlib)'
-
-# Choice values a flag may be followed by in a message: rendered as the keyword with a quoted value.
-_CHOICES = {
-    "mask-mode": ("text", "vision", "both"),
-    "stage": ("decoder", "vision-encoder", "pixels", "deepstack"),
-    "fill": ("mean", "blur", "black", "noise"),
-    "block-from": ("all", "answer"),
-    "vision-attention": ("causal", "bidirectional"),
-    "engine": ("fast", "naive"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "figures": ("png", "svg", "pdf"),
-}
-_UNIT_VALUE = r"(?:token|word|image|groups|patch|region:\d+)\b"
-_DEVICE_VALUE = r"(?:auto|cpu|cuda(?::\d+)?)\b"
-# Flags whose Python form is not ``name=``: switches, and what the API asks for in another way.
-_PHRASES = {
-    "overwrite": "overwrite=True", "raw-prompt": "raw_prompt=True", "allow-special-tokens": "allow_special_tokens=True",
-    "no-html": "html=False", "no-progress": "progress=False", "demo": "Analyzer.demo()", "help": "help(Analyzer.run)",
-    "model": "model", "prompt": "the prompt", "prompt-file": "the prompt file", "output": "path",
-    "output-dir": "folder", "resume": "resume", "config": "the YAML file",
-}
-_KEYWORDS = {"image": "images", "group": "groups", "flow": "flows"}  # repeatable flags: one list keyword
-_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z-]*)")
-
-
-def python_wording(message: str) -> str:
-    """A command-line error message with every ``--flag`` written as the keyword a Python caller gives:
-    ``--unit region:0`` → ``unit='region:0'``, ``--num-tokens`` → ``num_tokens=``, ``--image PATH`` →
-    ``images=[PATH]``, ``--group cat`` → ``group cat``, ``--overwrite`` → ``overwrite=True``."""
-    out, last = [], 0
-    for match in _FLAG.finditer(message):
-        flag = match[1]
-        out.append(message[last:match.start()])
-        rest = message[match.end():]
-        phrase, used = _flag_phrase(flag, rest)
-        if phrase.endswith("s=") and out[-1].endswith(" a "):  # "name it in a --flow" → "name it in flows="
-            out[-1] = out[-1][:-2]
-        out.append(phrase)
-        last = match.end() + used
-    out.append(message[last:])
-    return "".join(out)
-
-
-def _flag_phrase(flag: str, rest: str) -> tuple[str, int]:
-    """The Python form of ``--flag`` and how many characters of ``rest`` (its value) it took along."""
-    keyword = _KEYWORDS.get(flag, flag.replace("-", "_"))
-    if flag in ("group", "flow"):
-        spec = re.match(r" (\w+=\S+|SRC->DST|NAME=SPEC)", rest)
-        if spec:
-            return f'{keyword}=["{spec[1]}"]', spec.end()
-        name = re.match(r" ([\w'][^\s:;,)]*)", rest)
-        return (f"{flag} {name[1]}", name.end()) if name else (f"{keyword}=", 0)
-    if flag == "image":
-        path = re.match(r" (PATH)\b", rest)
-        return (f"{keyword}=[PATH]", path.end()) if path else (f"{keyword}=", 0)
-    if flag in _PHRASES:
-        return _PHRASES[flag], 0
-    patterns = [r"'[^']*'|\"[^\"]*\"", r"\d[\d,]*\b(?!-)"]
-    if flag in _CHOICES:
-        patterns.append("(?:" + "|".join(map(re.escape, _CHOICES[flag])) + r")(?![\w-])")
-    elif flag == "unit":
-        patterns.append(_UNIT_VALUE)
-    elif flag == "device":
-        patterns.append(_DEVICE_VALUE)
-    value = re.match(r" (" + "|".join(patterns) + ")", rest)
-    if not value:
-        return f"{keyword}=", 0
-    text = value[1]
-    if text[0].isdigit():
-        text = text.replace(",", "")
-    elif text[0] not in "'\"":
-        text = repr(text)
-    return f"{keyword}={text}", value.end()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import UsageError, bounded
+from .errors import UsageError, bounded, mention
 from .families.base import TOKEN_TYPES
 from .pictures import ORIENTATIONS, orientation_of, upright
 from .units import token_spans
@@ -89,7 +89,7 @@ def check_prompt_text(value: str) -> str:
         raise UsageError(f"the prompt has {len(value):,} characters, more than any model's context "
                          f"(limit {MAX_PROMPT_CHARS:,})")
     if not value.strip():
-        raise UsageError("the prompt is empty; give --prompt some text")
+        raise UsageError(f"the prompt is empty; give {mention('prompt')} some text")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
@@ -99,7 +99,7 @@ def check_prompt_text(value: str) -> str:
 
 def read_prompt_file(path: str) -> str:
     """``--prompt-file``: a UTF-8 text file (a leading byte-order mark is not part of the prompt)."""
-    file = regular_file(path, "prompt file", "--prompt-file")
+    file = regular_file(path, "prompt file", "prompt_file")
     if file.stat().st_size > 4 * MAX_PROMPT_CHARS:
         raise UsageError(f"prompt file {bounded(path)} is {file.stat().st_size:,} bytes, more than any model's "
                          "context; shorten it")
@@ -120,8 +120,10 @@ def read_prompt(config) -> str:
 
 
 def regular_file(path: str, what: str, option: str) -> Path:
-    """``path`` as a regular file, or one line saying exactly what it is instead."""
+    """``path`` as a regular file, or one line saying exactly what it is instead (``option``: the option that gave
+    it)."""
     file = Path(path)
+    option = mention(option)
     try:
         info = file.stat()
     except FileNotFoundError:
@@ -165,7 +167,7 @@ HIGH_DEPTH = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 def load_image(path: str) -> ImageFile:
     """An image file as the RGB picture the model should see (every Pillow mode converted faithfully)."""
-    file = regular_file(path, "image", "--image")
+    file = regular_file(path, "image", "images")
     try:
         with Image.open(file) as image:
             width, height = image.size
@@ -228,8 +230,9 @@ def check_fits(loaded, prompt_tokens: int, answer_tokens: int, what: str = "the 
     """Refuse a sequence longer than the model's context before any work is done."""
     limit = context_length(loaded)
     if limit is not None and prompt_tokens + answer_tokens > limit:
-        raise UsageError(f"{what}: {prompt_tokens:,} tokens, plus --num-tokens {answer_tokens:,}, exceed the "
-                         f"model's context of {limit:,} tokens")
+        raise UsageError(f"{what}: {prompt_tokens:,} tokens, plus "
+                         f"{mention('num_tokens', answer_tokens, shown=f'{answer_tokens:,}')}, exceed the model's "
+                         f"context of {limit:,} tokens")
 
 
 def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = False,
@@ -242,7 +245,8 @@ def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = F
     """
     files = [load_image(path) for path in image_paths]
     if files and not loaded.is_vl:
-        raise UsageError("text-only models take no --image; use mask-impact-vl (mask_impact_vl.py) with a vision-language model")
+        raise UsageError(f"text-only models take no {mention('images')}; use mask-impact-vl (mask_impact_vl.py) with "
+                         "a vision-language model")
     literal = not (allow_special_tokens or raw_prompt)
     if loaded.is_vl:
         limits = loaded.adapter.prompt_limits(pixel_limits(loaded, min_pixels, max_pixels), len(files))
@@ -300,7 +304,7 @@ def _encode_text_model(loaded, text: str, raw_prompt: bool, literal: bool) -> tu
     if raw_prompt:
         return tokenizer(text, return_tensors="pt")["input_ids"], None
     if not tokenizer.chat_template:
-        raise UsageError(f"{loaded.name} has no chat template; pass --raw-prompt to use the text as is")
+        raise UsageError(f"{loaded.name} has no chat template; pass {mention('raw_prompt')} to use the text as is")
     render = lambda content: tokenizer.apply_chat_template(  # noqa: E731
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, enable_thinking=False)
     template = render(USER_TEXT)
@@ -348,11 +352,13 @@ def _encode_vl(loaded, text: str, images: list[Image.Image], raw_prompt: bool, l
     image_token = None if image_id is None else loaded.tokenizer.convert_ids_to_tokens(image_id)
     if image_token is not None and image_token != image_pad and image_token in full_text:  # Gemma 3's soft token
         raise UsageError(f"the prompt holds the image token {image_token}, which the processor writes itself; mark "
-                         f"each image with {image_pad} (one per --image)")
+                         f"each image with {image_pad} (one per {mention('images')})")
     if full_text.count(image_pad) != len(images):
         count = full_text.count(image_pad)
         raise UsageError(f"the prompt has {count} image placeholder{'s' if count != 1 else ''} ({image_pad}) for "
-                         f"{len(images)} image{'s' if len(images) != 1 else ''}; give one --image per placeholder")
+                         f"{len(images)} image{'s' if len(images) != 1 else ''}; give one {mention('images')} per "
+                         "placeholder")
+
     encoded = processor(text=[full_text], images=loaded.adapter.processor_images(images) if images else None,
                         return_tensors="pt", **limits.processor_kwargs())
     model_kwargs = loaded.adapter.model_inputs(encoded)

@@ -26,6 +26,7 @@ from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from .config import UsageError, bounded, check_device, quoted
+from .errors import mention
 from .families import DecoderAdapter, LayerInputs, adapter_for, family_class, supported  # noqa: F401
 
 # One adapter per family, registered by model_type (families/); these names stay for the callers.
@@ -115,7 +116,8 @@ def placement_for(model_class, config, dtype: torch.dtype, device_map: str, max_
         layer = sum(p.numel() * p.element_size() for p in adapter_for(empty).layers[0].parameters())
         room = max((size for device, size in budgets.items() if device != "disk"), default=0)
         if room < layer:
-            raise UsageError(f"--max-memory {max_memory} holds no decoder layer of this model ({layer / 2**20:.3g} "
+            raise UsageError(f"{mention('max_memory', max_memory)} holds no decoder layer of this model "
+                             f"({layer / 2**20:.3g} "
                              "MiB each in this dtype; accelerate never splits one); give some device at least that")
         placement["max_memory"] = budgets
     if offload_folder is None:
@@ -150,9 +152,10 @@ def locate_model(name: str, hub: dict | None = None) -> str:
         check_model_folder(folder)
         return str(folder)
     if folder.exists():
-        raise UsageError(f"--model {bounded(name)} is a file; give the checkpoint's folder or a hub id")
+        raise UsageError(f"{mention('model', bounded(name))} is a file; give the checkpoint's folder or a hub id")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        raise UsageError(f"model folder {bounded(name)} does not exist; check the --model path")
+        raise UsageError(f"model folder {bounded(name)} does not exist; check the {mention('model')} path")
+
     cached = try_to_load_from_cache(name, "config.json", cache_dir=hub.get("cache_dir"), revision=hub.get("revision"))
     if cached is None:  # not cached: the hub must be reachable now
         if hub_constants.HF_HUB_OFFLINE or hub.get("local_files_only"):

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import UsageError, quoted
+from .errors import UsageError, mention, mention_name, quoted, spelled
 
 FIGURE_FORMATS = ("png", "svg", "pdf")  # --figures: what matplotlib writes (figures.py draws them)
 MAX_REGION = 1024
@@ -38,7 +38,8 @@ def parse_figure_options(items: list[str]) -> dict:
         key, equals, value = str(item).partition("=")
         key = key.strip().replace("-", "_")
         if not equals or key not in FIGURE_OPTIONS:
-            raise UsageError(f"--figure-option {item!r} is not KEY=VALUE with KEY one of: {', '.join(FIGURE_OPTIONS)}")
+            raise UsageError(f"{mention('figure_options', item, quote=True)} is not KEY=VALUE with KEY one of: "
+                             f"{', '.join(FIGURE_OPTIONS)}")
         try:
             if key == "units":
                 first, _, last = value.partition("-")
@@ -57,7 +58,7 @@ def parse_figure_options(items: list[str]) -> dict:
             else:
                 options[key] = value
         except ValueError:
-            raise UsageError(f"--figure-option {item!r}: {key} takes " + {
+            raise UsageError(f"{mention('figure_options', item, quote=True)}: {key} takes " + {
                 "units": "A-B (unit indices)", "vmax": "a positive number", "font_size": "a positive number",
                 "size": "WxH in inches (each above 0, at most 100)"}.get(key, "a value")) from None
     return options
@@ -91,9 +92,9 @@ class Stage:
     def check(self, config) -> None:
         """The settings that do not apply to this stage, refused before the model loads."""
         if config.fill != "mean" and self.name != "pixels":
-            raise UsageError(f"--fill {config.fill} says what replaces occluded pixels, and only --stage pixels "
-                             f"occludes them (this run is --stage {self.name}, where nothing is filled); drop --fill, "
-                             "or use --stage pixels")
+            raise UsageError(f"{mention('fill', config.fill)} says what replaces occluded pixels, and only "
+                             f"{mention('stage', 'pixels')} occludes them (this run is {mention('stage', self.name)}, "
+                             f"where nothing is filled); drop {mention('fill')}, or use {mention('stage', 'pixels')}")
         if self.no_layers and (config.layers != "all" or config.window != 1 or config.block_from != "all"):
             raise UsageError(self.no_layers)
 
@@ -102,8 +103,8 @@ class VisionEncoderStage(Stage):
     def check(self, config) -> None:
         super().check(config)
         if config.block_from != "all":
-            raise UsageError("--block-from answer restricts decoder queries; in the vision encoder every other patch "
-                             "of the image is blocked from the unit; drop it")
+            raise UsageError(f"{mention('block_from', 'answer')} restricts decoder queries; in the vision encoder "
+                             "every other patch of the image is blocked from the unit; drop it")
 
 
 PATCH_UNITS = "patch, token, region:N, image or groups"
@@ -112,11 +113,12 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     VisionEncoderStage("vision-encoder", "knocks out image patches in the vision encoder", on_patches=True,
                        unit_kinds=PATCH_UNITS),
     Stage("pixels", "occludes image patches", on_patches=True, unit_kinds=PATCH_UNITS,
-          no_layers="--stage pixels occludes the image before the model: it has no layers, so --layers, --window and "
-                    "--block-from do not apply; drop them"),
+          no_layers=f"{mention('stage', 'pixels')} occludes the image before the model: it has no layers, so "
+                    f"{mention('layers')}, {mention('window')} and {mention('block_from')} do not apply; drop them"),
     Stage("deepstack", "removes image features", unit_kinds="token, region:N, image or groups",
-          no_layers="--stage deepstack removes features where the model adds them (its rows are the DeepStack levels "
-                    "and the main embedding), so --layers, --window and --block-from do not apply; drop them"),
+          no_layers=f"{mention('stage', 'deepstack')} removes features where the model adds them (its rows are the "
+                    f"DeepStack levels and the main embedding), so {mention('layers')}, {mention('window')} and "
+                    f"{mention('block_from')} do not apply; drop them"),
 )}
 
 
@@ -141,10 +143,11 @@ def parse_unit(text: str) -> UnitChoice:
     if match:
         size = int(match[1])
         if not 1 <= size <= MAX_REGION:
-            raise UsageError(f"--unit region:{size}: the block side must be between 1 and {MAX_REGION} tokens")
+            raise UsageError(f"{mention('unit', f'region:{size}')}: the block side must be between 1 and "
+                             f"{MAX_REGION} tokens")
         return UnitChoice("region", size)
-    raise UsageError(f"--unit {quoted(text)} is not understood; use token, word, region:N (e.g. region:2), image, "
-                     "groups, or patch (with --stage pixels or vision-encoder)")
+    raise UsageError(f"{mention('unit', text, quote=True)} is not understood; use token, word, region:N (e.g. "
+                     f"region:2), image, groups, or patch (with {mention('stage', 'pixels')} or vision-encoder)")
 
 
 @dataclass(frozen=True)
@@ -180,15 +183,18 @@ def _positions(text: str, what: str) -> tuple[int, ...]:
 def parse_group(text: str) -> GroupSpec:
     """``NAME=x0,y0,x1,y1[@N]``, ``NAME=pos:10-20`` or ``NAME=text:quick brown`` (quotes optional)."""
     if not isinstance(text, str) or "=" not in text:
-        raise UsageError(f"--group {quoted(text)} is not understood; write NAME=x0,y0,x1,y1[@IMAGE], NAME=pos:10-20 "
+        raise UsageError(f"{mention_name('group', quoted(text))} is not understood; write NAME=x0,y0,x1,y1[@IMAGE], "
+                         "NAME=pos:10-20 "
                          "or NAME=text:\"some words\"")
     name, spec = (part.strip() for part in text.split("=", 1))
-    what = f"--group {name}"
+    what = mention_name("group", name)
     if not GROUP_NAME.fullmatch(name) or len(name) > 64:
-        raise UsageError(f"--group name {quoted(name)} must be letters, digits and '_' (not starting with a digit, "
+        raise UsageError(f"{mention_name('group', f'name {quoted(name)}')} must be letters, digits and '_' (not "
+                         "starting with a digit, "
                          "at most 64 characters)")
     if name in BUILTIN_GROUPS or IMAGE_GROUP.fullmatch(name):
-        raise UsageError(f"--group name {name!r} is built in ({', '.join(BUILTIN_GROUPS)}, image1, image2, ...); "
+        raise UsageError(f"{mention_name('group', f'name {name!r}')} is built in ({', '.join(BUILTIN_GROUPS)}, "
+                         "image1, image2, ...); "
                          "choose another name")
     if spec.startswith("pos:"):
         return GroupSpec(name, "pos", _positions(spec[4:], what), source=text)
@@ -230,7 +236,8 @@ def parse_flow(text: str) -> FlowSpec:
     """``SRC->DST``: DST's queries are blocked from SRC's keys."""
     parts = text.split("->") if isinstance(text, str) else []
     if len(parts) != 2 or not all(part.strip() for part in parts):
-        raise UsageError(f"--flow {quoted(text)} is not understood; write SOURCE->DESTINATION, e.g. 'image->last' "
+        raise UsageError(f"{mention_name('flow', quoted(text))} is not understood; write SOURCE->DESTINATION, e.g. "
+                         "'image->last' "
                          "(quote it in the shell)")
     return FlowSpec(parts[0].strip(), parts[1].strip())
 
@@ -269,54 +276,61 @@ def check_units(options: UnitOptions, images: int, vision: bool, stage: str = "d
     if where.images_only:
         what = where.removes
         if not vision:
-            raise UsageError(f"--stage {stage} {what}; text-only models have none")
+            raise UsageError(f"{mention('stage', stage)} {what}; text-only models have none")
         if not images:
-            raise UsageError(f"--stage {stage} {what}, but no --image is given")
+            raise UsageError(f"{mention('stage', stage)} {what}, but no {mention('images')} is given")
         if flows:
-            raise UsageError(f"--flow blocks attention in the decoder; it has no meaning with --stage {stage}")
+            raise UsageError(f"{mention('flows')} blocks attention in the decoder; it has no meaning with "
+                             f"{mention('stage', stage)}")
         if choice.kind == "word":
-            raise UsageError(f"--stage {stage} {what}; use --unit {where.unit_kinds}")
+            raise UsageError(f"{mention('stage', stage)} {what}; use {mention('unit')} {where.unit_kinds}")
         text = next((spec for spec in specs if spec.kind == "text"), None)
         if text is not None:
-            raise UsageError(f"--group {text.name} is a text span; --stage {stage} {what} only")
+            raise UsageError(f"{mention_name('group', text.name)} is a text span; {mention('stage', stage)} {what} "
+                             "only")
     if choice.kind == "patch" and not where.on_patches:
-        raise UsageError("--unit patch is a 16×16-pixel patch of the image: it needs --stage pixels or vision-encoder")
+        raise UsageError(f"{mention('unit', 'patch')} is a 16×16-pixel patch of the image: it needs "
+                         f"{mention('stage', 'pixels')} or vision-encoder")
     names = [spec.name for spec in specs]
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
-        raise UsageError(f"--group {duplicate} is given twice; give each group one name")
+        raise UsageError(f"{mention_name('group', duplicate)} is given twice; give each group one name")
     if choice.groups_vision and not vision:
-        raise UsageError(f"--unit {unit} groups image tokens; text-only models have none (use token, word or groups)")
+        raise UsageError(f"{mention('unit', unit)} groups image tokens; text-only models have none (use token, word "
+                         "or groups)")
     if choice.groups_vision and not images:
-        raise UsageError(f"--unit {unit} groups image tokens, but no --image is given")
+        raise UsageError(f"{mention('unit', unit)} groups image tokens, but no {mention('images')} is given")
     if choice.kind == "groups" and not specs:
-        raise UsageError("--unit groups sweeps the --group options, but none is given; add --group NAME=SPEC")
+        raise UsageError(f"{mention('unit', 'groups')} sweeps the {mention('groups')} options, but none is given; "
+                         f"add {mention('groups', 'NAME=SPEC')}")
     for spec in specs:
+        group = mention_name("group", spec.name)
         if spec.kind == "box":
             if not images:
-                raise UsageError(f"--group {spec.name} is a pixel box, but no --image is given")
+                raise UsageError(f"{group} is a pixel box, but no {mention('images')} is given")
             if spec.image is None and images > 1:
-                raise UsageError(f"--group {spec.name}: {images} images are given; say which one the box is on with "
-                                 f"@N (e.g. {spec.source}@1)")
+                raise UsageError(f"{group}: {images} images are given; say which one the box is on with @N (e.g. "
+                                 f"{spec.source}@1)")
             if spec.image is not None and spec.image > images:
-                raise UsageError(f"--group {spec.name}: @{spec.image} names image {spec.image}, but "
+                raise UsageError(f"{group}: @{spec.image} names image {spec.image}, but "
                                  f"{images} image{'s are' if images != 1 else ' is'} given")
     if flows and choice.kind != "token":
-        raise UsageError(f"--flow runs sweep the flows themselves; drop --unit {unit}")
+        raise UsageError(f"{mention('flows')} runs sweep the flows themselves; drop {mention('unit', unit)}")
     for flow in flows:
         for name in (flow.source, flow.target):
-            check_group_name(name, names, images, vision, f"--flow {flow.label}")
+            check_group_name(name, names, images, vision, mention_name("flow", flow.label))
         if flow.source == "answer":
-            raise UsageError(f"--flow {flow.label}: answer can only be a flow's destination (its positions follow "
-                             "the prompt, so nothing attends to them from it)")
+            raise UsageError(f"{mention_name('flow', flow.label)}: answer can only be a flow's destination (its "
+                             "positions follow the prompt, so nothing attends to them from it)")
     labels = [flow.label for flow in flows]
     repeated = next((label for label in labels if labels.count(label) > 1), None)
     if repeated:
-        raise UsageError(f"--flow {repeated} is given twice")
+        raise UsageError(f"{mention_name('flow', repeated)} is given twice")
     used = {name for flow in flows for name in (flow.source, flow.target)}
     unused = next((name for name in names if name not in used), None) if choice.kind != "groups" else None
     if unused:
-        raise UsageError(f"--group {unused} is not used: sweep the groups with --unit groups, or name it in a --flow")
+        raise UsageError(f"{mention_name('group', unused)} is not used: sweep the groups with "
+                         f"{mention('unit', 'groups')}, or name it in {spelled('a --flow', 'flows=', 'flows')}")
 
 
 def check_group_name(name: str, groups: list[str], images: int, vision: bool, what: str) -> None:
@@ -325,11 +339,13 @@ def check_group_name(name: str, groups: list[str], images: int, vision: bool, wh
         if not vision:
             raise UsageError(f"{what}: {name!r} names image tokens; text-only models have none")
         if not images:
-            raise UsageError(f"{what}: {name!r} names image tokens, but no --image is given")
+            raise UsageError(f"{what}: {name!r} names image tokens, but no {mention('images')} is given")
         if image and int(image[1]) > images:
             raise UsageError(f"{what}: {name!r} names image {image[1]}, but {images} "
                              f"image{'s are' if images != 1 else ' is'} given")
         return
     if name not in BUILTIN_GROUPS and name not in groups:
         known = ", ".join(list(BUILTIN_GROUPS) + (["image1", "..."] if vision else []) + groups)
-        raise UsageError(f"{what}: no group is named {name!r}; known groups: {known} (name others with --group)")
+        raise UsageError(f"{what}: no group is named {name!r}; known groups: {known} (name others with "
+                         f"{mention('groups')})")
+

@@ -28,6 +28,7 @@ import transformers
 
 from . import colours
 from .config import RunConfig, UsageError
+from .errors import mention
 from .inputs import Prompt
 from .models import LoadedModel
 from .resources import data_path
@@ -225,16 +226,18 @@ def check_writable(paths: dict[str, Path], overwrite: bool) -> None:
     Nothing is created here: the folder appears only when the run writes into it (``make_folder``)."""
     existing = [str(path) for path in paths.values() if path.exists()]
     if existing and not overwrite:
-        raise UsageError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output")
+        raise UsageError(f"{existing[0]} already exists; pass {mention('overwrite')} to replace it, or choose another "
+                         f"{mention('output')}")
     folder = next(iter(paths.values())).parent
     nearest = folder
     while not nearest.exists() and nearest != nearest.parent:
         nearest = nearest.parent
     if not nearest.is_dir():
         raise UsageError(f"output folder {folder} cannot be created ({nearest} is a file); choose another "
-                         "--output-dir")
+                         f"{mention('output_dir')}")
     if not os.access(nearest, os.W_OK):
-        raise UsageError(f"output folder {folder} is not writable; choose another --output-dir")
+        raise UsageError(f"output folder {folder} is not writable; choose another {mention('output_dir')}")
+
 
 
 @contextmanager

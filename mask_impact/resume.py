@@ -36,6 +36,7 @@ import transformers
 
 from .version import __version__
 from .config import RunConfig, UsageError
+from .errors import mention, message_of
 from .inputs import Prompt
 from .metrics import METRICS, STEPS
 from .models import WEIGHT_SUFFIXES
@@ -185,7 +186,7 @@ def _locked_by(path: Path) -> str:
 def _busy(partial: Path, lock: Path) -> UsageError:
     name = partial.name.removesuffix(".partial.jsonl")
     return UsageError(f"another run is writing {name} (pid {_locked_by(lock)}) in {partial.parent}; wait for it "
-                      "to finish, or choose another --output")
+                      f"to finish, or choose another {mention('output')}")
 
 
 class RunLock:
@@ -384,8 +385,8 @@ class PartialStore:
         self.lock.release()
         if isinstance(error, WriteError):
             advice = "free space" if error.disk_full else "fix that"
-            raise UsageError(f"{error}; {self.kept()} finished knockouts are kept in {self.path}; {advice} and "
-                             "rerun with --resume") from None
+            raise UsageError(f"{message_of(error)}; {self.kept()} finished knockouts are kept in {self.path}; "
+                             f"{advice} and rerun with {mention('resume')}") from None
 
     def kept(self) -> int:
         return len(self.saved)
@@ -407,15 +408,15 @@ class PartialStore:
         header = _parse(lines[0])
         problem = header_problem(header)
         if problem:
-            raise UsageError(f"{path} has no valid header ({problem}); rerun without --resume and with "
-                             "--overwrite to start over")
+            raise UsageError(f"{path} has no valid header ({problem}); rerun without {mention('resume')} and with "
+                             f"{mention('overwrite')} to start over")
         differs = differing_parts(header["parts"], self.parts)
         if differs:
             raise UsageError(f"{path} does not match this run ({', '.join(differs)} differ); rerun without "
-                             "--resume (and with --overwrite) to start over")
+                             f"{mention('resume')} (and with {mention('overwrite')}) to start over")
         if self.header is not None and header["baseline"] != self.header["baseline"]:
             raise UsageError(f"{path}: the baseline answer differs from the one in {self.path} (non-deterministic "
-                             "hardware?); rerun with --overwrite to start over")
+                             f"hardware?); rerun with {mention('overwrite')} to start over")
         cells = {}
         for line in lines[1:]:
             record = _parse(line)
@@ -466,8 +467,8 @@ class PartialStore:
                     if problem or differing_parts(record["parts"], self.parts) or (
                             self.header is not None and record["baseline"] != self.header["baseline"]):
                         why = problem or "another fingerprint or baseline"
-                        raise UsageError(f"{path} does not belong to this run ({why}); rerun with --overwrite to "
-                                         "start over")
+                        raise UsageError(f"{path} does not belong to this run ({why}); rerun with "
+                                         f"{mention('overwrite')} to start over")
                     header = record
                 elif valid_record(record, header["run"]):
                     new.update(_cells(record))
@@ -478,7 +479,8 @@ class PartialStore:
     def check_baseline(self, token_ids: list[int]) -> None:
         if self.header is not None and "baseline" in self.header and self.header["baseline"] != token_ids:
             raise UsageError(f"{self.path}: the baseline answer differs from the one the partial run had "
-                             "(non-deterministic hardware?); rerun with --overwrite to start over")
+                             f"(non-deterministic hardware?); rerun with {mention('overwrite')} to start over")
+
 
     def batch_size(self, default: int) -> int:
         """The batch size the partial run was made with, so the remaining batches fall where they would have.

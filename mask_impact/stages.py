@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from .engines import decoder, deepstack, pixels, vit
 from .engines.base import StagePlan
-from .errors import UsageError
+from .errors import UsageError, mention
 from .options import STAGES
 
 PLANS = {"decoder": decoder.plan, "vision-encoder": vit.plan, "pixels": pixels.plan, "deepstack": deepstack.plan}
@@ -32,8 +32,10 @@ def check_available(loaded, config) -> None:
     if config.stage not in loaded.adapter.stages:
         why = {"deepstack": "it has no DeepStack", "vision-encoder": "its ViT knockout is not defined for it"}
         why = loaded.adapter.stage_notes.get(config.stage, why.get(config.stage))
-        raise UsageError(f"--stage {config.stage} is not available for {loaded.adapter.name} models"
-                         f"{f' ({why})' if why else ''}; it supports --stage {', '.join(loaded.adapter.stages)}")
+        raise UsageError(f"{mention('stage', config.stage)} is not available for {loaded.adapter.name} models"
+                         f"{f' ({why})' if why else ''}; it supports {mention('stage')} "
+                         f"{', '.join(loaded.adapter.stages)}")
+
 
 
 def stage_plan(loaded, config) -> StagePlan:

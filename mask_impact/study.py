@@ -28,7 +28,7 @@ from .batch import BatchRun
 from .config import STUDY_OPTIONS, UsageError, check_name, make_config, output_dir
 from .dataset import SUFFIXES, Row, read_dataset, save_images
 from .demo_tasks import DEMO_DATASET, write_shape_dataset
-from .errors import quoted, worded
+from .errors import mention, quoted, worded
 
 STUDY_KEYS = STUDY_OPTIONS[:-1]  # the study's own options (only_correct is also a run's)
 ROW_KEYS = ("prompt", "prompt_file", "images", "target", "contrast")  # what the rows give: not on the command line
@@ -61,35 +61,40 @@ def load_study(options: dict, vision: bool) -> Study:
     """The study's rows and settings, every option checked (one row's own bad values are that row's error)."""
     given = sorted(key for key in ROW_KEYS if key in options)
     if given:
-        raise UsageError(f"--{given[0].replace('_', '-')} is given by each row of a --dataset; map its column with "
-                         f"--fields {'image' if given[0] == 'images' else given[0].replace('_file', '')}=COLUMN")
+        field = "image" if given[0] == "images" else given[0].replace("_file", "")
+        raise UsageError(f"{mention(given[0])} is given by each row of a {mention('dataset')}; map its column with "
+                         f"{mention('fields', f'{field}=COLUMN')}")
     if "config" in options:
-        raise UsageError("give --config (a batch) or --dataset (a study), not both")
+        raise UsageError(f"give {mention('config')} (a batch) or {mention('dataset')} (a study), not both")
     level = options.get("ci", 0.95)
     if not 0 < level < 1:
-        raise UsageError(f"--ci must be a level between 0 and 1, e.g. 0.95 (got {quoted(level)})")
+        raise UsageError(f"{mention('ci')} must be a level between 0 and 1, e.g. 0.95 (got {quoted(level)})")
     seed = options.get("seed", 0)
     if seed < 0:
-        raise UsageError(f"--seed must be 0 or more (got {seed})")
+        raise UsageError(f"{mention('seed')} must be 0 or more (got {seed})")
     dataset = str(options["dataset"])
     file = Path(dataset).expanduser()
     name = options.get("output") or (file.name.removesuffix(file.suffix) if file.suffix.lower() in SUFFIXES
                                      else file.name)  # vqa.test.jsonl: vqa.test
-    check_name(name, "the study name (--output, or the dataset's name)")
+    check_name(name, f"the study name ({mention('output')}, or the dataset's name)")
     folder = output_dir(options.get("output_dir") or "output") / name
     if dataset == DEMO_DATASET and options.get("demo") and not Path(dataset).exists():
         if not vision:
-            raise UsageError(f"--dataset {DEMO_DATASET} is the vision-language demo's study: use mask-impact-vl")
+            raise UsageError(f"{mention('dataset', DEMO_DATASET)} is the vision-language demo's study: use "
+                             "mask-impact-vl")
         count = max(DEMO_STUDY_ROWS, options.get("limit") or 0)  # --limit beyond 50 draws more pictures
         dataset = str(write_shape_dataset(folder / f"dataset-seed{seed}", count, seed))
     elif dataset == DEMO_DATASET and not Path(dataset).exists():
-        raise UsageError(f"--dataset {DEMO_DATASET} is the demo's study: give --demo too (or name a dataset file)")
+        raise UsageError(f"{mention('dataset', DEMO_DATASET)} is the demo's study: give {mention('demo')} too (or "
+                         "name a dataset file)")
     rows, _ = read_dataset(dataset, options.get("fields"), options.get("limit"), options.get("sample"), seed)
     settings = {key: value for key, value in options.items() if key not in (*STUDY_KEYS, "output", "output_dir")}
     settings.setdefault("generate_top", 0)  # the aggregates use none: a row's generations would cost most of its time
     figures = settings.pop("figures", None)
     if settings.pop("figure_options", None):
-        raise UsageError("--figure-option sets a run's figures; a study's figures (--figures) take none yet: drop it")
+        raise UsageError(f"{mention('figure_options')} sets a run's figures; a study's figures "
+                         f"({mention('figures')}) take none yet: drop it")
+
     if figures is not None:
         from .config import check_figures
 

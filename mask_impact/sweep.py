@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import RunConfig, UsageError
-from .errors import NotCorrect
+from .errors import NotCorrect, mention, mention_name
 from .engine import Analysis, Baseline, TeacherForced, reused_image_features
 from .inputs import Prompt
 from .metrics import CONTRAST, PRIMARY, STEPS, compute_all, compute_steps, logit_diff_change, metric_names, starts_with
@@ -257,7 +257,8 @@ def score_knockouts(engine, windows: list, knockouts: list, batch_size: int, pro
                         raise
                     if batch_size == 1 and len(group) == 1:
                         raise UsageError("out of memory with one knockout per forward; use a shorter prompt, a "
-                                         "smaller image (--max-pixels), or a device with more memory") from None
+                                         f"smaller image ({mention('max_pixels')}), or a device with more memory"
+                                         ) from None
                     batch_size, head_rows = max(1, batch_size // 2), max(1, head_rows // 2)
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
@@ -327,12 +328,12 @@ def run(loaded: LoadedModel, prompt: Prompt, config: RunConfig, store=None,
             correct = starts_with(baseline.text, config.target)
             if config.only_correct and not correct:
                 raise NotCorrect(baseline.text, config.target)
-            target, tf = given_answer(analysis, config.target, "--target")
+            target, tf = given_answer(analysis, config.target, "target")
         engine = plan.make_engine(analysis, tf, units)
         scored = target or baseline
         scored.logprobs = answer_logprobs(engine.base_logprobs, tf)
         if config.contrast is not None:
-            foil, foil_tf = given_answer(analysis, config.contrast, "--contrast")
+            foil, foil_tf = given_answer(analysis, config.contrast, "contrast")
             contrast = plan.make_engine(analysis, foil_tf, units)
             foil.logprobs = answer_logprobs(contrast.base_logprobs, foil_tf)
     batch_size = config.batch_size or auto_batch_size(loaded, tf.input_ids.shape[1])
@@ -386,14 +387,16 @@ def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: lis
     for unit, knockout in zip(units, knockouts):
         if analysis.first_affected(knockout) is None:
             run = analysis.knockout(knockout)  # as run: --block-from answer keeps only the answer's queries
+            from_answer = mention("block_from", "answer")
             if not knockout.keys:
                 why = ": it names no key"
             elif run.queries == () and run.queries_from is None:  # no query left to block
-                why = (" with --block-from answer: none of its queries is an answer position (that option keeps "
-                       "only those)")
+                why = (f" with {from_answer}: none of its queries is an answer position (that option keeps only "
+                       "those)")
             else:  # every query at or before the first key: before it, or the key itself (never blocked)
                 itself = " or is the first key itself (a position is never blocked from itself)" if min(
                     knockout.keys) in (run.queries or ()) else ""
-                why = (" with --block-from answer" if config.block_from == "answer" else "") + (
+                why = (f" with {from_answer}" if config.block_from == "answer" else "") + (
                     f": every query comes before every key{itself}, and attention only looks back")
-            raise UsageError(f"{'--flow' if unit.kind == 'flow' else '--group'} {unit.label} blocks nothing{why}")
+            raise UsageError(f"{mention_name('flow' if unit.kind == 'flow' else 'group', unit.label)} blocks nothing{why}")
+

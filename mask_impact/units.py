@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import UsageError, quoted
+from .errors import UsageError, mention, mention_name, quoted
 from .options import (BUILTIN_GROUPS, IMAGE_GROUP, STAGES, GroupSpec, UnitChoice, check_units,  # noqa: F401
                       parse_flow, parse_group, parse_unit, parse_units)
 from .patches import PatchLayout, merge_size, patch_box, patch_rows, token_numbers
@@ -227,7 +227,7 @@ def question_positions(prompt, tokenizer) -> list[int]:
 
 def resolve_group(spec: GroupSpec, prompt, tokenizer) -> Group:
     """A ``--group`` as positions of this prompt; one line if it covers none."""
-    what = f"--group {spec.name}"
+    what = mention_name("group", spec.name)
     if spec.kind == "pos":
         outside = [p for p in spec.value if p >= prompt.length]
         if outside:
@@ -293,7 +293,7 @@ def positions_for(prompt, mask_mode: str) -> list[int]:
     wanted = {"text": ("text", "special"), "vision": ("vision",), "both": ("text", "special", "vision")}[mask_mode]
     positions = [tok.index for tok in prompt.tokens if tok.modality in wanted]
     if not positions:
-        raise UsageError(f"--mask-mode {mask_mode} selects no positions in this prompt")
+        raise UsageError(f"{mention('mask_mode', mask_mode)} selects no positions in this prompt")
     return positions
 
 
@@ -310,8 +310,9 @@ def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
         for group in groups.values():
             outside = [p for p in group.positions if p not in vision]
             if outside or group.tail is not None:
-                raise UsageError(f"--group {group.name}: --stage {stage.name} {stage.removes}, but the group "
-                                 f"holds position {outside[0] if outside else 'answer'}, which is not an image token")
+                raise UsageError(f"{mention_name('group', group.name)}: {mention('stage', stage.name)} "
+                                 f"{stage.removes}, but the group holds position "
+                                 f"{outside[0] if outside else 'answer'}, which is not an image token")
     if config.flows:
         units = []
         for index, flow in enumerate(options.flows):
@@ -332,10 +333,12 @@ def build_units(prompt, tokenizer, config, answer_start: int) -> list[Unit]:
     text = [p for p in positions if prompt.tokens[p].modality == "text"]
     vision = [p for p in positions if prompt.tokens[p].modality == "vision"]
     if choice.kind == "word" and not text:
-        raise UsageError(f"--unit word groups text tokens, but --mask-mode {config.mask_mode} selects none")
+        raise UsageError(f"{mention('unit', 'word')} groups text tokens, but "
+                         f"{mention('mask_mode', config.mask_mode)} selects none")
     if choice.groups_vision and not vision:
-        raise UsageError(f"--unit {config.unit} groups image tokens, but --mask-mode {config.mask_mode} selects none; "
-                         "use --mask-mode vision or both")
+        raise UsageError(f"{mention('unit', config.unit)} groups image tokens, but "
+                         f"{mention('mask_mode', config.mask_mode)} selects none; use "
+                         f"{mention('mask_mode', 'vision')} or both")
     parts: list[tuple[str, list[int]]] = [("token", [p]) for p in positions]
     if choice.kind == "word":
         grouped = words(prompt, tokenizer, text)
@@ -375,16 +378,19 @@ def pixel_units(prompt, choice, groups: dict) -> list:
         for group in groups.values():
             outside = [p for p in group.positions if p not in numbers]
             if outside or group.tail is not None:
-                raise UsageError(f"--group {group.name}: this stage removes image patches, but the group holds "
-                                 f"position {outside[0] if outside else 'answer'}, which is not an image token")
+                raise UsageError(f"{mention_name('group', group.name)}: this stage removes image patches, but the "
+                                 f"group holds position {outside[0] if outside else 'answer'}, which is not an image "
+                                 "token")
             if len({numbers[p][0] for p in group.positions}) > 1:
-                raise UsageError(f"--group {group.name} holds tokens of several images; this stage removes the patches "
-                                 "of one image at a time: give one group per image")
+                raise UsageError(f"{mention_name('group', group.name)} holds tokens of several images; this stage "
+                                 "removes the patches of one image at a time: give one group per image")
             rows = patch_rows(prompt, layout, group.positions)
             if group.box is not None:  # a pixel box: its own patches, finer than the tokens
                 rows = [row for row in rows if overlaps(patch_box(prompt, layout, row, exact=True), group.box)]
             if not rows:
-                raise UsageError(f"--group {group.name} holds no image patch (an image newline token has no pixels)")
+                raise UsageError(f"{mention_name('group', group.name)} holds no image patch (an image newline token "
+                                 "has no pixels)")
+
             parts.append(("group", group.name, group.positions, rows, group.box))
     else:
         size = None if choice.kind == "image" else choice.size if choice.kind == "region" else 1  # token: 1×1

@@ -42,6 +42,22 @@ def tiny_argv(folder, *extra: str, generate_top: int = 0) -> list[str]:
             "2", "--no-progress", "--generate-top", str(generate_top), *extra]
 
 
+def one_error_worded_twice(api_error: Exception, cli: str) -> None:
+    """The API's error and the command line's line (``cli``, without ``error: ``) are one error of the shared checks
+    rendered for each reader (errors.worded): the same words outside the options it mentions, and no flag in
+    Python's."""
+    import re
+
+    from mask_impact.errors import UsageError, worded
+
+    error = api_error.__context__  # the shared check's error, which the API raised again in Python's words
+    assert isinstance(error, UsageError)
+    assert str(error) == cli and worded(error, "python") == str(api_error)
+    literal = [part for part in re.split("\ue000[^\ue002]*\ue002", error.message) if part]
+    assert literal and all(part in cli and part in str(api_error) for part in literal)
+    assert not re.search(r"(?<![\w-])--[a-z]", str(api_error))
+
+
 def cli_error(capsys, argv: list[str], vision: bool = True) -> str:
     """Run the command line in-process on bad input: exit status 2 and exactly one line on stderr."""
     from mask_impact.cli import main

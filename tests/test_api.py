@@ -13,7 +13,7 @@ from mask_impact import Analyzer, InvalidArgument, InvalidType, KnockoutResult, 
 from mask_impact.cli import main
 from mask_impact.config import DEMO_IMAGE, UsageError
 from mask_impact.demo import demo_model_path
-from mask_impact.errors import python_wording
+from tests.support import one_error_worded_twice
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def _closed_picture():
 
 
 # The same bad setting given to the API and to the command line: the API's message is the command line's with
-# each flag written as the keyword (errors.python_wording), and names no flag.
+# each option named as Python names it (errors.mention), and no flag.
 @pytest.mark.parametrize("options,flags,keyword,flag", [
     ({"unit": "region:0"}, ["--unit", "region:0"], "unit='region:0'", "--unit region:0"),
     ({"num_tokens": 0}, ["--num-tokens", "0"], "num_tokens=", "--num-tokens"),
@@ -124,7 +124,7 @@ def test_api_errors_name_keywords_where_the_command_line_names_flags(analyzer, t
                    "--no-progress", "--device", "cpu"], True)
     cli = capsys.readouterr().err
     assert status == 2 and cli.count("\n") == 1 and flag in cli and not list(tmp_path.iterdir())
-    assert api == python_wording(cli.removeprefix("error: ").strip())
+    one_error_worded_twice(caught.value, cli.removeprefix("error: ").strip())
 
 
 def test_saving_over_a_result_names_the_keyword(analyzer, tmp_path):

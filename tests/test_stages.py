@@ -199,7 +199,10 @@ def test_a_fill_outside_the_pixel_stage_is_refused_in_python_and_yaml_too(tmp_pa
         Analyzer.demo(vision=True).run("What color is the shape?", fill="noise", progress=False)
     (tmp_path / "b.yaml").write_text("defaults: {demo: true}\nruns:\n  - {name: a, stage: deepstack, fill: blur}\n")
     (run,) = load_batch(str(tmp_path / "b.yaml"), {}, True)[2]
-    assert run.config is None and "this run is --stage deepstack" in run.error
+    # in the YAML file's words: its keys, not the command line's flags
+    assert run.config is None and run.error == ("fill: 'blur' says what replaces occluded pixels, and only stage: "
+                                                "'pixels' occludes them (this run is stage: 'deepstack', where nothing "
+                                                "is filled); drop fill, or use stage: 'pixels'")
 
 
 def test_text_models_have_no_pixel_stage(capsys, in_tmp):

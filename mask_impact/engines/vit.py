@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..config import parse_layers, windows_for
 from ..engine import Analysis, TeacherForced, whole_model_logprobs
 from .decoder import FastEngine
-from ..errors import UsageError
+from ..errors import UsageError, mention, message_of
 from .base import StagePlan, window_labels
 from ..patches import PatchLayout
 from .pixels import Patches
@@ -255,8 +255,9 @@ def plan(loaded, config, fast: bool) -> StagePlan:
     try:
         windows = windows_for(parse_layers(config.layers, depth), config.window, depth)
     except UsageError as error:
-        raise UsageError(f"{error} (with --stage vision-encoder, layers are {loaded.adapter.vision_depth_note()})") \
-            from None
+        raise UsageError(f"{message_of(error)} (with {mention('stage', 'vision-encoder')}, layers are "
+                         f"{loaded.adapter.vision_depth_note()})") from None
+
 
     def generate(analysis, engine, w, unit, knockout, n):
         with engine.knocked_out(windows[w], unit):

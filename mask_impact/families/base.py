@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from ..errors import UsageError
+from ..errors import UsageError, spelled
 
 TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")  # Qwen-VL's and Gemma 3's names for them
 
@@ -121,8 +121,9 @@ class DecoderAdapter:
     def fixed_size_only(self, min_pixels: int | None, max_pixels: int | None, sizes: str = "a fixed size") -> None:
         """A family whose processor resizes every image to ``sizes`` of its own takes no pixel bounds."""
         if min_pixels is not None or max_pixels is not None:
-            raise UsageError(f"--min-pixels/--max-pixels: a {self.model.config.model_type} processor resizes every "
-                             f"image to {sizes}")
+            bounds = spelled("--min-pixels/--max-pixels", "min_pixels=/max_pixels=", "min_pixels/max_pixels")
+            raise UsageError(f"{bounds}: a {self.model.config.model_type} processor resizes every image to {sizes}")
+
 
     def prompt_limits(self, limits, images: int):
         """How the processor treats each image of a prompt with ``images`` images (LLaVA-OneVision: one way for a

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from ..errors import UsageError, bounded
+from ..errors import UsageError, bounded, mention
 from .base import DecoderAdapter, LayerInputs, all_full, declared_types, register
 
 
@@ -163,10 +163,13 @@ class QwenVL(DecoderAdapter):
         limits = PixelLimits(min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"], self.cell_pixels)
         if limits.min_pixels > limits.max_pixels:
             if min_pixels is None:
-                raise UsageError(f"--max-pixels {limits.max_pixels:,} is below the processor's minimum of "
-                                 f"{limits.min_pixels:,} pixels; raise it, or lower --min-pixels too")
-            raise UsageError(f"--min-pixels {limits.min_pixels:,} is larger than the maximum of "
-                             f"{limits.max_pixels:,} pixels; lower it or raise --max-pixels")
+                raise UsageError(f"{mention('max_pixels', limits.max_pixels, shown=f'{limits.max_pixels:,}')} is "
+                                 f"below the processor's minimum of {limits.min_pixels:,} pixels; raise it, or lower "
+                                 f"{mention('min_pixels')} too")
+            raise UsageError(f"{mention('min_pixels', limits.min_pixels, shown=f'{limits.min_pixels:,}')} is larger "
+                             f"than the maximum of {limits.max_pixels:,} pixels; lower it or raise "
+                             f"{mention('max_pixels')}")
+
         return limits
 
     def image_grids(self, model_kwargs: dict, count: int) -> list[list[int]]:
