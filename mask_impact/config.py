@@ -164,35 +164,25 @@ class RunConfig:
         parse_layers(self.layers, None)
 
 
-def field_types() -> dict[str, type]:
-    """What a YAML value or an API keyword must be, per ``RunConfig`` field: read from the dataclass's own
-    annotations (the first type of a union that is not None; ``list`` for ``list[str]``), so the one model of the
-    options is ``RunConfig`` and no second table can drift from it."""
+def field_types() -> tuple[dict[str, type], frozenset[str]]:
+    """What a YAML value or an API keyword must be, per ``RunConfig`` field, read from the dataclass's own
+    annotations (the first type of a union that is not None; ``list`` for ``list[str]``), and the fields whose
+    annotation admits None (``int | None``: None means the default rule). So the one model of the options is
+    ``RunConfig`` and no second table can drift from it."""
     import types
     import typing
 
-    hints = typing.get_type_hints(RunConfig)
-
-    def first(hint) -> type:
+    kinds, optional = {}, set()
+    for name, hint in typing.get_type_hints(RunConfig).items():
         members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         kind = next(member for member in members if member is not type(None))
-        return typing.get_origin(kind) or kind
-
-    return {f.name: first(hints[f.name]) for f in fields(RunConfig)}
-
-
-def optional_fields() -> frozenset[str]:
-    """The ``RunConfig`` fields whose annotation admits None (``int | None``: None means the default rule)."""
-    import types
-    import typing
-
-    hints = typing.get_type_hints(RunConfig)
-    return frozenset(name for name, hint in hints.items()
-                     if isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint))
+        kinds[name] = typing.get_origin(kind) or kind
+        if type(None) in members:
+            optional.add(name)
+    return {f.name: kinds[f.name] for f in fields(RunConfig)}, frozenset(optional)
 
 
-FIELD_TYPES = field_types()
-OPTIONAL_FIELDS = optional_fields()
+FIELD_TYPES, OPTIONAL_FIELDS = field_types()
 
 
 def has_field_type(name: str, value) -> bool:

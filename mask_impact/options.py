@@ -261,12 +261,11 @@ def _parsed_units(unit: str, groups: tuple[str, ...], flows: tuple[str, ...]) ->
 
 def parse_units(unit: str, groups=(), flows=()) -> UnitOptions:
     """The unit, group and flow options as written (``config.unit``, ``groups``, ``flows``) as ``UnitOptions``;
-    one line (UsageError) for the first that is not understood. Equal options are parsed once per process."""
+    one line (UsageError) for the first that is not understood. Equal options are parsed once per process (a value
+    that cannot be a cache key, a list in a YAML list say, is parsed uncached, and refused there)."""
     groups, flows = tuple(groups or ()), tuple(flows or ())
-    try:
-        return _parsed_units(unit, groups, flows)
-    except TypeError:  # a value that cannot be a cache key (a list in a YAML list, say): parsed, and refused there
-        return UnitOptions(unit, parse_unit(unit), tuple(map(parse_group, groups)), tuple(map(parse_flow, flows)))
+    hashable = all(isinstance(value, str) for value in (unit, *groups, *flows))
+    return (_parsed_units if hashable else _parsed_units.__wrapped__)(unit, groups, flows)
 
 
 def check_units(options: UnitOptions, images: int, vision: bool, stage: str = "decoder") -> None:
