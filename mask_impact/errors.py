@@ -32,15 +32,15 @@ _OPEN, _SEP, _CLOSE = "\ue000", "\ue001", "\ue002"
 FLAGS = {"images": "--image", "groups": "--group", "flows": "--flow", "figure_options": "--figure-option",
          "html": "--no-html", "progress": "--no-progress"}
 YAML_KEYS = {"images": "image", "output": "name"}  # a YAML file's key where it is not the option's name
-# An option named without a value, in Python's words where the API asks for it in another way than ``name=``.
-PYTHON_PHRASES = {
-    "overwrite": "overwrite=True", "raw_prompt": "raw_prompt=True", "allow_special_tokens": "allow_special_tokens=True",
-    "html": "html=False", "progress": "progress=False", "demo": "Analyzer.demo()", "help": "help(Analyzer.run)",
-    "model": "model", "prompt": "the prompt", "prompt_file": "the prompt file", "output": "path",
-    "output_dir": "folder", "resume": "resume", "config": "the YAML file", "only_correct": "only_correct=True",
-}
 SWITCHES = {"overwrite": True, "raw_prompt": True, "allow_special_tokens": True, "html": False, "progress": False,
             "demo": True, "resume": True, "only_correct": True}  # and the value that the flag sets
+# An option named without a value, in Python's words where the API asks for it in another way than ``name=`` (a
+# switch: ``name=VALUE``, the value its flag sets).
+PYTHON_PHRASES = {
+    "demo": "Analyzer.demo()", "help": "help(Analyzer.run)", "model": "model", "prompt": "the prompt",
+    "prompt_file": "the prompt file", "output": "path", "output_dir": "folder", "resume": "resume",
+    "config": "the YAML file",
+}
 LISTS = ("images", "groups", "flows", "figure_options")  # a value given to these is one item of the list
 
 
@@ -53,17 +53,19 @@ def mention(option: str, value=_UNSET, *, quote: bool = False, shown: str | None
     """``option`` (a ``RunConfig`` name, or a command-line-only one such as ``config``), with ``value`` where the
     message speaks of one, for a message of this module's errors: ``--layers 7`` / ``layers=7`` / ``layers: 7``.
     On the command line the value is shown as ``shown``, else quoted (``quote``) or as it is; in Python and YAML as
-    its repr (one item of a list option: ``images=[...]``)."""
+    its repr (one item of a list option: ``images=[...]``), cut to ``MAX_ECHO`` characters (``quoted``)."""
+    key = YAML_KEYS.get(option, option)
     if value is _UNSET:
-        python = PYTHON_PHRASES.get(option, f"{option}=")
-        yaml = YAML_KEYS.get(option, option)
         if option in SWITCHES:
-            yaml = f"{yaml}: {'true' if SWITCHES[option] else 'false'}"
-        return spelled(flag(option), python, yaml)
+            set_to = SWITCHES[option]
+            return spelled(flag(option), PYTHON_PHRASES.get(option, f"{option}={set_to}"),
+                           f"{key}: {'true' if set_to else 'false'}")
+        return spelled(flag(option), PYTHON_PHRASES.get(option, f"{option}="), key)
+    given = quoted(value)  # repr, its middle cut as every value quoted back
     if shown is None:
-        shown = quoted(value) if quote else str(value)
-    python = f"{option}=[{value!r}]" if option in LISTS else f"{option}={value!r}"
-    return spelled(f"{flag(option)} {shown}", python, f"{YAML_KEYS.get(option, option)}: {value!r}")
+        shown = given if quote else str(value)
+    python = f"{option}=[{given}]" if option in LISTS else f"{option}={given}"
+    return spelled(f"{flag(option)} {shown}", python, f"{key}: {given}")
 
 
 def mention_name(option: str, name: str) -> str:

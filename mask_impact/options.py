@@ -184,18 +184,15 @@ def parse_group(text: str) -> GroupSpec:
     """``NAME=x0,y0,x1,y1[@N]``, ``NAME=pos:10-20`` or ``NAME=text:quick brown`` (quotes optional)."""
     if not isinstance(text, str) or "=" not in text:
         raise UsageError(f"{mention_name('group', quoted(text))} is not understood; write NAME=x0,y0,x1,y1[@IMAGE], "
-                         "NAME=pos:10-20 "
-                         "or NAME=text:\"some words\"")
+                         "NAME=pos:10-20 or NAME=text:\"some words\"")
     name, spec = (part.strip() for part in text.split("=", 1))
     what = mention_name("group", name)
     if not GROUP_NAME.fullmatch(name) or len(name) > 64:
         raise UsageError(f"{mention_name('group', f'name {quoted(name)}')} must be letters, digits and '_' (not "
-                         "starting with a digit, "
-                         "at most 64 characters)")
+                         "starting with a digit, at most 64 characters)")
     if name in BUILTIN_GROUPS or IMAGE_GROUP.fullmatch(name):
         raise UsageError(f"{mention_name('group', f'name {name!r}')} is built in ({', '.join(BUILTIN_GROUPS)}, "
-                         "image1, image2, ...); "
-                         "choose another name")
+                         "image1, image2, ...); choose another name")
     if spec.startswith("pos:"):
         return GroupSpec(name, "pos", _positions(spec[4:], what), source=text)
     if spec.startswith("text:"):
@@ -237,8 +234,7 @@ def parse_flow(text: str) -> FlowSpec:
     parts = text.split("->") if isinstance(text, str) else []
     if len(parts) != 2 or not all(part.strip() for part in parts):
         raise UsageError(f"{mention_name('flow', quoted(text))} is not understood; write SOURCE->DESTINATION, e.g. "
-                         "'image->last' "
-                         "(quote it in the shell)")
+                         "'image->last' (quote it in the shell)")
     return FlowSpec(parts[0].strip(), parts[1].strip())
 
 

@@ -37,7 +37,6 @@ def check_available(loaded, config) -> None:
                          f"{', '.join(loaded.adapter.stages)}")
 
 
-
 def stage_plan(loaded, config) -> StagePlan:
     """The plan of ``config.stage`` for this model; the stage's availability and the layer options are checked
     here, before any work."""

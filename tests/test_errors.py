@@ -7,7 +7,7 @@ import ast
 import re
 
 from mask_impact.config import build_parser
-from mask_impact.errors import OptionError, UsageError, bounded, mention, mention_name, quoted, spelled, worded
+from mask_impact.errors import MAX_ECHO, OptionError, UsageError, bounded, mention, mention_name, quoted, spelled, worded
 from tests.support import ROOT
 
 
@@ -33,6 +33,14 @@ def test_a_mention_is_spelled_for_each_reader():
                                                                      "min_pixels: 4096 c")
     assert _all(OptionError("layers", "runs backwards", "5-2")) == (
         "--layers '5-2': runs backwards", "layers='5-2': runs backwards", "layers: '5-2': runs backwards")
+
+
+def test_a_long_value_is_cut_for_every_reader():
+    """A value quoted back keeps MAX_ECHO characters of its repr in every front end's words, not only on the
+    command line."""
+    error = OptionError("layers", "is not understood", "1," * 1000)
+    for text in _all(error):
+        assert len(text) < MAX_ECHO + 40 and "…" in text
 
 
 def test_a_users_text_cannot_forge_a_mention():

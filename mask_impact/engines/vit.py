@@ -258,7 +258,6 @@ def plan(loaded, config, fast: bool) -> StagePlan:
         raise UsageError(f"{message_of(error)} (with {mention('stage', 'vision-encoder')}, layers are "
                          f"{loaded.adapter.vision_depth_note()})") from None
 
-
     def generate(analysis, engine, w, unit, knockout, n):
         with engine.knocked_out(windows[w], unit):
             return analysis.generate(n)[0]

@@ -124,7 +124,6 @@ class DecoderAdapter:
             bounds = spelled("--min-pixels/--max-pixels", "min_pixels=/max_pixels=", "min_pixels/max_pixels")
             raise UsageError(f"{bounds}: a {self.model.config.model_type} processor resizes every image to {sizes}")
 
-
     def prompt_limits(self, limits, images: int):
         """How the processor treats each image of a prompt with ``images`` images (LLaVA-OneVision: one way for a
         single image, another for several)."""
