@@ -11,7 +11,7 @@ An image whose family records its views (``ImageInfo.layout``: LLaVA-NeXT's base
 token, its rows a (views, g, g) grid, but a token's patch is not at a fixed stride: the one hook here,
 ``families.llava_next.layout_patches``, names it from the layout (a newline token has none), and
 ``layout_patch_box`` places a patch of any view in the picture; the mean colour is the base view's (the tiles carry
-padding).
+padding; of a view padded to a square, the patches that show the picture).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class PatchLayout:
     grids: list[tuple[int, int, int]]  # (t, h, w) in patches
     merge: int  # spatial merge size: a decoder token is merge × merge patches
     views: list[dict | None] | None = None  # per image, the family's recorded views (ImageInfo.layout), or None
+    sizes: list[tuple[int, int]] | None = None  # per image, its original (width, height)
 
     @classmethod
     def of(cls, prompt, merge: int) -> PatchLayout:
@@ -38,7 +39,7 @@ class PatchLayout:
         views = [image.layout for image in prompt.images]
         if any(layout is not None for layout in views):
             merge = 1  # one patch per token, in every view
-        return cls(offsets, grids, merge, views)
+        return cls(offsets, grids, merge, views, [(image.width, image.height) for image in prompt.images])
 
     def layout_of(self, image: int) -> dict | None:
         return None if self.views is None else self.views[image]
@@ -59,13 +60,21 @@ class PatchLayout:
         first = self.offsets[image] + n * size
         return list(range(first, first + size))
 
-    def colour_rows(self, image: int) -> range:
+    def colour_rows(self, image: int) -> list[int] | range:
         """The rows whose mean is the image's mean colour: all of its rows, or its base view's where it has views
-        (the tiles' canvas is padded)."""
-        if self.layout_of(image) is None:
+        (the tiles' canvas is padded); of a view padded to a square (LLaVA-OneVision's image among several), the
+        patches that show some of the picture."""
+        layout = self.layout_of(image)
+        if layout is None:
             return self.rows(image)
         _, h, w = self.grids[image]
-        return range(self.offsets[image], self.offsets[image] + h * w)
+        base = range(self.offsets[image], self.offsets[image] + h * w)
+        if "square" not in layout:
+            return base
+        from .families.llava_next import square_cell
+
+        width, height = self.sizes[image]
+        return [row for n, row in enumerate(base) if square_cell(layout, width, height, n)[4] is not None]
 
     def cell(self, row: int) -> tuple[int, int, int, int]:
         """(image, t, patch row, patch column) of a ``pixel_values`` row."""
@@ -91,9 +100,10 @@ def token_numbers(prompt) -> dict[int, tuple[int, int]]:
 
 
 def patch_rows(prompt, layout: PatchLayout, positions: list[int]) -> list[int]:
-    """The ``pixel_values`` rows of the patches under the decoder tokens at ``positions``."""
+    """The ``pixel_values`` rows of the patches under the decoder tokens at ``positions``, each once (LLaVA-OneVision's
+    pooled tile tokens share cells)."""
     numbers = token_numbers(prompt)
-    return sorted(row for p in positions for row in layout.token_rows(*numbers[p]))
+    return sorted({row for p in positions for row in layout.token_rows(*numbers[p])})
 
 
 def merge_size(prompt) -> int:
@@ -105,15 +115,19 @@ def merge_size(prompt) -> int:
     return round((t * h * w / tokens) ** 0.5)
 
 
-def patch_box(prompt, layout: PatchLayout, row: int, exact: bool = False) -> list[float]:
-    """A patch's box in original-image pixels (rounded to 0.01 for reading, unless ``exact``)."""
+def patch_box(prompt, layout: PatchLayout, row: int, exact: bool = False) -> list[float] | None:
+    """A patch's box in original-image pixels (rounded to 0.01 for reading, unless ``exact``); None for a patch that
+    shows none of the picture."""
     image, view, patch_row, patch_col = layout.cell(row)
     info = prompt.images[image]
     _, h, w = layout.grids[image]
     if layout.layout_of(image) is not None:  # a view's patch: its place in the picture, from the recorded views
         from .families.llava_next import layout_patch_box
 
-        box = list(layout_patch_box(layout.layout_of(image), info.width, info.height, view, patch_row, patch_col))
+        box = layout_patch_box(layout.layout_of(image), info.width, info.height, view, patch_row, patch_col)
+        if box is None:  # wholly in the padding of a square (LLaVA-OneVision's image among several)
+            return None
+        box = list(box)
     elif info.crop is None:  # the grid covers the whole resized picture
         side_x, side_y = info.width / w, info.height / h  # a patch's size, mapped back by the resize ratio
         box = [patch_col * side_x, patch_row * side_y, (patch_col + 1) * side_x, (patch_row + 1) * side_y]

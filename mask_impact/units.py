@@ -363,14 +363,17 @@ def pixel_units(prompt, choice, groups: dict) -> list:
     vision = [tok.index for tok in prompt.tokens if tok.modality == "vision"]
     numbers = token_numbers(prompt)
     if choice.kind == "patch":
-        rows = sorted((row for p in vision for row in layout.token_rows(*numbers[p])), key=layout.cell)
-        owner = {row: p for p in vision for row in layout.token_rows(*numbers[p])}
-        units = []
-        for index, row in enumerate(rows):
+        owners: dict[int, list[int]] = {}  # a patch's tokens: one, or up to four pooled tile tokens (OneVision)
+        for p in vision:
+            for row in layout.token_rows(*numbers[p]):
+                owners.setdefault(row, []).append(p)
+        boxes = {row: patch_box(prompt, layout, row) for row in owners}
+        units = []  # a patch wholly in the padding of a square shows none of the picture: no unit, as its token
+        for index, row in enumerate(sorted((row for row in owners if boxes[row] is not None), key=layout.cell)):
             image, t, patch_row, patch_col = layout.cell(row)
             label = f"image{image + 1}{f' t{t}' if t else ''} p{patch_row},{patch_col}"
-            unit = make_unit(index, "patch", label, [owner[row]])
-            unit.patches, unit.box = [row], patch_box(prompt, layout, row)
+            unit = make_unit(index, "patch", label, owners[row])
+            unit.patches, unit.box = [row], boxes[row]
             units.append(unit)
         return units
     if choice.kind == "groups":
@@ -386,7 +389,8 @@ def pixel_units(prompt, choice, groups: dict) -> list:
                                  "removes the patches of one image at a time: give one group per image")
             rows = patch_rows(prompt, layout, group.positions)
             if group.box is not None:  # a pixel box: its own patches, finer than the tokens
-                rows = [row for row in rows if overlaps(patch_box(prompt, layout, row, exact=True), group.box)]
+                rows = [row for row in rows if (box := patch_box(prompt, layout, row, exact=True)) is not None
+                        and overlaps(box, group.box)]
             if not rows:
                 raise UsageError(f"{mention_name('group', group.name)} holds no image patch (an image newline token "
                                  "has no pixels)")

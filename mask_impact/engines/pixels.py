@@ -78,7 +78,8 @@ class Filler:
         m, p, c = self.layout.merge, self.patch, self.channels
         rows = self.pixel_values[list(self.layout.rows(image))].float()
         layout = self.layout.layout_of(image)
-        if layout is not None:  # views: the base view one picture, the tiles another (their padded canvas)
+        if layout is not None and "tiles" in layout:  # views: the base view one picture, the tiles another (their
+            # padded canvas); a padded square (one view) is blurred as one picture below
             across, down = layout["tiles"]
             views = rows.reshape(t, h, w, c, p, p)
             base = _blurred(views[:1].permute(0, 3, 1, 4, 2, 5).reshape(1, c, h * p, w * p), p)

@@ -42,6 +42,8 @@ projects them and packs them (``pack_image_features``: the tiles unpadded, the n
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import ChannelDimension
@@ -121,21 +123,38 @@ def layout_patches(layout: dict, n: int) -> list[tuple[int, int, int]]:
     """The patches an image's ``n``-th token is made of, as (view, patch row, patch column) of the views in
     ``pixel_values`` (0: the base view; 1 + i: tile i, row-major over the canvas): a base token its patch, a tile token
     its cell of the canvas (the tile holding it, the cell inside that tile), a newline none. A pooled tile token
-    (LLaVA-OneVision's resized map) mixes up to four cells by bilinear interpolation and has no patch of its own:
-    refused (its family does not offer the pixels stage)."""
+    (LLaVA-OneVision's map resized by bilinear interpolation) is made of the cells its sample reads with a weight
+    above zero (``bilinear_taps``: one or two kept rows times one or two kept columns)."""
     grid = layout["base_grid"]
     if "square" in layout:
         return [] if n == grid * grid else [(0, *divmod(n, grid))]
     if n < grid * grid:
         return [(0, *divmod(n, grid))]
-    if layout.get("pooled"):
-        raise ValueError("a pooled tile token mixes several cells; it has no patch of its own")
-    row, col = divmod(n - grid * grid, len(layout["cols"]) + 1)
-    if col == len(layout["cols"]):
+    out_rows, out_cols = tiles_shape(layout)
+    row, col = divmod(n - grid * grid, out_cols + 1)
+    if col == out_cols:
         return []  # an image newline: a learned vector, no pixels
-    cell_row, cell_col = layout["rows"][row], layout["cols"][col]
-    tile = (cell_row // grid) * layout["tiles"][0] + cell_col // grid
-    return [(1 + tile, cell_row % grid, cell_col % grid)]
+    kept_rows, kept_cols = [row], [col]
+    if layout.get("pooled"):
+        kept_rows = bilinear_taps(len(layout["rows"]), out_rows)[row]
+        kept_cols = bilinear_taps(len(layout["cols"]), out_cols)[col]
+    patches = []
+    for cell_row in (layout["rows"][r] for r in kept_rows):
+        for cell_col in (layout["cols"][c] for c in kept_cols):
+            tile = (cell_row // grid) * layout["tiles"][0] + cell_col // grid
+            patches.append((1 + tile, cell_row % grid, cell_col % grid))
+    return patches
+
+
+@functools.lru_cache(maxsize=256)
+def bilinear_taps(size_in: int, size_out: int) -> tuple[tuple[int, ...], ...]:
+    """For each of the ``size_out`` samples of a bilinear resize of ``size_in`` values (torch's, without
+    ``align_corners``, as ``pack_image_features`` pools the tile map), the inputs it reads with a weight above zero:
+    torch's own interpolation of each input alone (bilinear weights are a product of one weight per axis, so an axis
+    at a time gives the 2-D taps)."""
+    alone = torch.eye(size_in, dtype=torch.float32)[None, :, :, None]  # (1, in, in, 1): channel k holds input k only
+    weights = torch.nn.functional.interpolate(alone, size=[size_out, 1], mode="bilinear")[0, :, :, 0]  # (in, out)
+    return tuple(tuple(torch.nonzero(weights[:, i] > 0).flatten().tolist()) for i in range(size_out))
 
 
 def layout_patch_box(layout: dict, width: int, height: int, view: int, row: int, col: int) -> tuple:

@@ -3,8 +3,9 @@
 Decoder inputs as LLaVA-NeXT (``llava_next.py``): projected vision features scattered into the ``<image>``
 placeholders, plain 1-D positions, the language model's own masks (Qwen2's sliding layers where it has them); the
 features come from ``get_image_features(pixel_values, image_sizes)``, which follows ``config.vision_aspect_ratio``.
-Only the decoder stage (occlusion and the ViT knockout take a unit's patches from its tokens, and a pooled tile token
-has none: DESIGN.md §7); images, not videos.
+The decoder stage and occlusion (``--stage pixels``, LLaVA-NeXT's hooks: a pooled tile token's patches are the
+cells its bilinear sample reads with a weight above zero, ``llava_next.bilinear_taps``); not the ViT knockout (NeXT's
+tower hooks are CLIP's, with a CLS token first in each view); images, not videos.
 
 Geometry: LLaVA-NeXT's (``LlavaOnevisionImageProcessor`` resizes and pads exactly as LLaVA-NeXT's, with its own
 ``image_grid_pinpoints``; the base view is the whole picture squashed to ``size``), plus the one step
@@ -105,12 +106,10 @@ class LlavaOnevision(LlavaNext):
     model_types = ("llava_onevision",)
     model_class = "LlavaOnevisionForConditionalGeneration"
     label = "LLaVA-OneVision"
-    # no occlusion and no ViT knockout: a pooled tile token is a bilinear mix of up to four cells of the map, so it has
-    # no patch of its own, and both stages take a unit's patches from its tokens (DESIGN.md §7)
-    stages = ("decoder",)
-    stage_notes = {"vision-encoder": "its units are the patches under decoder tokens, and where the tile map exceeds "
-                                     "vision_aspect_ratio's anyres_max_N, a tile token is a bilinear mix of up to "
-                                     "four cells with no patches of its own"}
+    # occlusion through LLaVA-NeXT's hooks (a pooled tile token's patches: the cells its bilinear sample reads); no ViT
+    # knockout: LLaVA-NeXT's tower hooks are CLIP's (a CLS token first in each view), OneVision's tower is SigLIP's
+    stages = ("decoder", "pixels")
+    stage_notes = {"vision-encoder": "its SigLIP tower's views are not yet laid out as knockout sequences"}
 
     def __init__(self, model):
         vision = model.config.vision_config
@@ -154,6 +153,27 @@ class LlavaOnevision(LlavaNext):
 
     def feature_kwargs(self, model_kwargs: dict) -> dict:
         return {"batch_num_images": model_kwargs["batch_num_images"]} if "batch_num_images" in model_kwargs else {}
+
+    def patch_rows(self, pixel_values: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """LLaVA-NeXT's rows; several images of one prompt are one view each (a (images, 1, C, H, W) tensor)."""
+        if pixel_values.dim() == 5 and pixel_values.shape[1] == 1:
+            pixel_values = pixel_values[:, 0]
+        return super().patch_rows(pixel_values, grid)
+
+    def image_features(self, rows: torch.Tensor, grid: torch.Tensor):
+        """LLaVA-NeXT's, for the patch rows of whole images whose original sizes are ``grid`` (images, 2). Rows of
+        one view per image are images of a prompt with several (a single image has its base view and at least one
+        tile): the model packs those without tiles when ``batch_num_images`` counts more than one image a sample, so
+        a lone one is run beside a copy of itself and its copy's features dropped."""
+        views = rows.shape[0] // (self.tile // self.patch_size) ** 2
+        if views != len(grid):
+            return super().image_features(rows, grid)
+        if views == 1:
+            features = self.image_features(torch.cat([rows, rows]), grid.repeat(2, 1))
+            features.pooler_output = features.pooler_output[:1]
+            return features
+        return self.model.model.get_image_features(pixel_values=self.pixel_values_of(rows), image_sizes=grid,
+                                                   batch_num_images=torch.tensor([views]), return_dict=True)
 
     def image_grids(self, model_kwargs: dict, count: int) -> list[list[int]]:
         if count > 1:  # one view per image
