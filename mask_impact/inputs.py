@@ -66,6 +66,8 @@ class Prompt:
     tokens: list[TokenInfo]
     images: list[ImageInfo]
     user_positions: list[int] | None = None  # the user's text (None with --raw-prompt: it is all markup)
+    # the family's adapter, which places the tokens and patches of an image that records views (ImageInfo.layout)
+    adapter: object = field(default=None, repr=False, compare=False)
 
     @property
     def length(self) -> int:
@@ -262,7 +264,7 @@ def build_prompt(loaded, text: str, image_paths: list[str], raw_prompt: bool = F
     image_infos = [_image_info(path, file, grid, loaded, limits) for path, file, grid in zip(image_paths, files, grids)]
     tokens = token_table(input_ids[0].tolist(), loaded.tokenizer, loaded.adapter, image_infos)
     user = None if after is None else user_positions(loaded.tokenizer, input_ids[0].tolist(), text, after, literal)
-    return Prompt(text, input_ids, model_kwargs, tokens, image_infos, user)
+    return Prompt(text, input_ids, model_kwargs, tokens, image_infos, user, loaded.adapter)
 
 
 def user_positions(tokenizer, ids: list[int], text: str, after: str, literal: bool) -> list[int] | None:

@@ -7,11 +7,11 @@ their adapter (``patch_rows``: LLaVA-1.5's crop, one 14×14 patch per token; Gem
 each token's pooling averages). The occlusion and vision-encoder stages name a unit's
 patches by these rows (``units.pixel_units``) and their engines replace or knock out exactly those.
 
-An image whose family records its views (``ImageInfo.layout``: LLaVA-NeXT's base view and tiles) has one patch per
-token, its rows a (views, g, g) grid, but a token's patch is not at a fixed stride: the one hook here,
-``families.llava_next.layout_patches``, names it from the layout (a newline token has none), and
-``layout_patch_box`` places a patch of any view in the picture; the mean colour is the base view's (the tiles carry
-padding; of a view padded to a square, the patches that show the picture).
+An image whose family records its views (``ImageInfo.layout``: LLaVA-NeXT's base view and tiles) has its rows in a
+(views, g, g) grid, but a token's patches are not at a fixed stride: the family's adapter (the prompt's) names them
+(``view_token_patches``: a newline token has none, a pooled LLaVA-OneVision tile token up to four), places a patch
+of any view in the picture (``view_patch_box``) and says which patches give the mean colour (``view_colour_patches``:
+LLaVA-NeXT's base view, the tiles' canvas carrying padding).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class PatchLayout:
     grids: list[tuple[int, int, int]]  # (t, h, w) in patches
     merge: int  # spatial merge size: a decoder token is merge × merge patches
     views: list[dict | None] | None = None  # per image, the family's recorded views (ImageInfo.layout), or None
-    sizes: list[tuple[int, int]] | None = None  # per image, its original (width, height)
+    images: list | None = None  # the prompt's ImageInfo
+    adapter: object = None  # the family's adapter, which places the patches of an image with views
 
     @classmethod
     def of(cls, prompt, merge: int) -> PatchLayout:
@@ -39,7 +40,7 @@ class PatchLayout:
         views = [image.layout for image in prompt.images]
         if any(layout is not None for layout in views):
             merge = 1  # one patch per token, in every view
-        return cls(offsets, grids, merge, views, [(image.width, image.height) for image in prompt.images])
+        return cls(offsets, grids, merge, views, prompt.images, prompt.adapter)
 
     def layout_of(self, image: int) -> dict | None:
         return None if self.views is None else self.views[image]
@@ -50,31 +51,20 @@ class PatchLayout:
 
     def token_rows(self, image: int, n: int) -> list[int]:
         """The rows of the patches that make image ``image``'s ``n``-th decoder token."""
-        layout = self.layout_of(image)
-        if layout is not None:
-            from .families.llava_next import layout_patches
-
+        if self.layout_of(image) is not None:
             _, h, w = self.grids[image]
-            return [self.offsets[image] + (view * h + row) * w + col for view, row, col in layout_patches(layout, n)]
+            return [self.offsets[image] + (view * h + row) * w + col
+                    for view, row, col in self.adapter.view_token_patches(self.images[image], n)]
         size = self.merge * self.merge
         first = self.offsets[image] + n * size
         return list(range(first, first + size))
 
     def colour_rows(self, image: int) -> list[int] | range:
-        """The rows whose mean is the image's mean colour: all of its rows, or its base view's where it has views
-        (the tiles' canvas is padded); of a view padded to a square (LLaVA-OneVision's image among several), the
-        patches that show some of the picture."""
-        layout = self.layout_of(image)
-        if layout is None:
+        """The rows whose mean is the image's mean colour: all of its rows, or those the family names where it has
+        views (LLaVA-NeXT: the base view's, the tiles' canvas being padded)."""
+        if self.layout_of(image) is None:
             return self.rows(image)
-        _, h, w = self.grids[image]
-        base = range(self.offsets[image], self.offsets[image] + h * w)
-        if "square" not in layout:
-            return base
-        from .families.llava_next import square_cell
-
-        width, height = self.sizes[image]
-        return [row for n, row in enumerate(base) if square_cell(layout, width, height, n)[4] is not None]
+        return [self.offsets[image] + n for n in self.adapter.view_colour_patches(self.images[image])]
 
     def cell(self, row: int) -> tuple[int, int, int, int]:
         """(image, t, patch row, patch column) of a ``pixel_values`` row."""
@@ -121,10 +111,8 @@ def patch_box(prompt, layout: PatchLayout, row: int, exact: bool = False) -> lis
     image, view, patch_row, patch_col = layout.cell(row)
     info = prompt.images[image]
     _, h, w = layout.grids[image]
-    if layout.layout_of(image) is not None:  # a view's patch: its place in the picture, from the recorded views
-        from .families.llava_next import layout_patch_box
-
-        box = layout_patch_box(layout.layout_of(image), info.width, info.height, view, patch_row, patch_col)
+    if layout.layout_of(image) is not None:  # a view's patch: the family places it
+        box = layout.adapter.view_patch_box(info, view, patch_row, patch_col)
         if box is None:  # wholly in the padding of a square (LLaVA-OneVision's image among several)
             return None
         box = list(box)

@@ -149,10 +149,8 @@ def regions(prompt, positions: list[int], size: int | None) -> list[list[int]]:
 def exact_box(prompt, tok) -> tuple[float, float, float, float]:
     """A vision token's box in original-image pixels, unrounded (``tok.box`` is rounded to 0.01 for reading)."""
     info = prompt.images[tok.image]
-    if info.layout is not None:  # LLaVA-NeXT's views
-        from .families.llava_next import layout_cell
-
-        return layout_cell(info.layout, info.width, info.height, _rank_in_image(prompt, tok))[4]
+    if info.layout is not None:  # views (LLaVA-NeXT's): the family places the token
+        return prompt.adapter.view_token_box(info, _rank_in_image(prompt, tok))
     rows = 1 + max(t.row for t in prompt.tokens if t.image == tok.image and t.row is not None)
     cols = 1 + max(t.col for t in prompt.tokens if t.image == tok.image and t.col is not None)
     if info.crop is None:  # the grid tiles the whole picture

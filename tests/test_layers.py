@@ -120,3 +120,12 @@ def test_no_module_imports_a_layer_above_it():
 
 def test_no_cycles():
     assert cycles(imports()) == [], "a cycle of imports (docs/DESIGN.md §7)"
+
+
+def test_the_core_reaches_a_family_only_through_its_adapter():
+    """Above the families, only the registry (``families``) and the adapter's base class are imported: what a family
+    knows (its geometry, its views) is asked of its adapter, never of the family's module."""
+    graph = imports()
+    reached = sorted(f"{module} -> {target}" for module, targets in graph.items() if layer_of(module) > 1
+                     for target in targets if target.startswith("families.") and target != "families.base")
+    assert reached == []

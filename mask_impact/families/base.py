@@ -150,6 +150,28 @@ class DecoderAdapter:
         """One image's markup in a raw prompt: the placeholder itself, unless the family wraps it (Qwen-VL)."""
         return self.image_placeholder(tokenizer)
 
+    # --- an image whose tokens are not one grid over the picture (``ImageInfo.layout``: LLaVA-NeXT's views) ---------
+    # The core asks these only for an image that records a layout; a family without one never has them called.
+
+    def view_token_box(self, image, n: int) -> tuple[float, float, float, float] | None:
+        """The unrounded box ``(x0, y0, x1, y1)`` of ``image``'s ``n``-th token in original-image pixels, None for
+        a token with no pixels of the picture (``units.exact_box``)."""
+        raise NotImplementedError(f"{self.label} records no image views")
+
+    def view_token_patches(self, image, n: int) -> list[tuple[int, int, int]]:
+        """The patches ``image``'s ``n``-th token is made of, as (view, patch row, patch column) of its (views, g, g)
+        patch rows (``patches.PatchLayout``)."""
+        raise NotImplementedError(f"{self.label} records no image views")
+
+    def view_patch_box(self, image, view: int, row: int, col: int) -> tuple[float, float, float, float] | None:
+        """A patch's unrounded box in original-image pixels, None for one wholly in padding (``patches.patch_box``)."""
+        raise NotImplementedError(f"{self.label} records no image views")
+
+    def view_colour_patches(self, image) -> list[int]:
+        """The patches, by their place among the image's patch rows, whose mean is its mean colour (``--fill
+        mean``)."""
+        raise NotImplementedError(f"{self.label} records no image views")
+
     # --- the picture as patches (the pixels stage; a family that supports it gives these) -------------------------
 
     patch_merge: int = 1  # patches per side of one decoder token

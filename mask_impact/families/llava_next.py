@@ -349,6 +349,23 @@ class LlavaNext(Llava):
         t, row, col, part, box = layout_cell(image.layout, image.width, image.height, n)
         return t, row, col, None if box is None else [round(v, 2) for v in box], part
 
+    def view_token_box(self, image, n: int) -> tuple[float, float, float, float] | None:
+        return layout_cell(image.layout, image.width, image.height, n)[4]
+
+    def view_token_patches(self, image, n: int) -> list[tuple[int, int, int]]:
+        return layout_patches(image.layout, n)
+
+    def view_patch_box(self, image, view: int, row: int, col: int) -> tuple[float, float, float, float] | None:
+        return layout_patch_box(image.layout, image.width, image.height, view, row, col)
+
+    def view_colour_patches(self, image) -> list[int]:
+        """The base view's patches (the tiles' canvas carries padding); of a view padded to a square (LLaVA-OneVision's
+        image among several), the patches that show some of the picture."""
+        base = range(image.layout["base_grid"] ** 2)
+        if "square" not in image.layout:
+            return list(base)
+        return [n for n in base if layout_cell(image.layout, image.width, image.height, n)[4] is not None]
+
     def geometry(self) -> str:
         p, g = self.patch_size, self.tile // self.patch_size
         return (f"anyres: t 0 the base view (whole image squashed to {self.tile}×{self.tile}, {g}×{g} patches of "
