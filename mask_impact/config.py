@@ -14,11 +14,12 @@ import os
 import re
 import shutil
 import textwrap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
-from .errors import OptionError, UsageError, bounded, mention, quoted, spelled
+from .errors import OptionError, UsageError, bounded, flag, mention, quoted, spelled
 from .options import STAGES, UnitOptions, check_units, parse_figure_options, parse_units
 from .resources import data_path
 
@@ -114,9 +115,8 @@ class RunConfig:
 
     def validate(self, vision: bool) -> None:
         """Checks that need no model."""
-        for name, allowed in CHOICES.items():
-            if name in ("mask_mode", "stage") and not vision:
-                allowed = allowed[:1]
+        for name in CHOICES:
+            allowed = CHOICES[name] if vision else text_choices(name)
             if getattr(self, name) not in allowed:
                 raise OptionError(name, f"not one of: {', '.join(allowed)}", getattr(self, name))
         if not 1 <= self.num_tokens <= MAX_NUM_TOKENS:
@@ -380,6 +380,155 @@ def close_matches(word: str, valid, count: int = 3) -> list[str]:
     return difflib.get_close_matches(word, list(valid), n=count, cutoff=0.6)
 
 
+@dataclass(frozen=True)
+class Option:
+    """One command-line option as the help shows it: its section, its help text (a function of the command, vision
+    or text, where they differ) and its metavar. The rest is derived: the flag from ``errors.flag`` (the one table
+    of spellings, which the messages use too), and for a ``RunConfig`` field the kind of argument from its annotation
+    and default (a switch, an integer, a repeatable value) and the choices from ``CHOICES``. ``kind`` is the value's
+    type for an option that is not a ``RunConfig`` field (a batch's or a study's)."""
+
+    name: str  # the RunConfig field it sets, or the parsed option's name
+    group: str
+    help: str | Callable[[bool], str]
+    metavar: str | None = None
+    vision: bool = False  # only on the vision-language command
+    kind: type | None = None  # not a RunConfig field: str, int, float, or list (repeatable)
+
+
+def _default_model(vision: bool) -> str:
+    return f"hub id or local folder (default {VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL})"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", "input", _default_model),
+    Option("demo", "input", "use a tiny offline demo model and default inputs (default off)"),
+    Option("prompt", "input", "the prompt: its text, or a UTF-8 text file to read it from when the value names one",
+           "TEXT|FILE"),
+    Option("prompt_text", "input", "the prompt's text, always (even if it names a file)", "TEXT", kind=str),
+    Option("prompt_file", "input", "read the prompt from this UTF-8 text file"),
+    Option("allow_special_tokens", "input", "read control tokens typed in the prompt (e.g. <|im_end|>) as control "
+                                            "tokens (default off: they are plain text)"),
+    Option("images", "input", "image file; give several times for several images (default none)", "PATH",
+           vision=True),
+    Option("max_pixels", "input", "resize larger images down to at most this many pixels (default: the processor's)",
+           vision=True),
+    Option("min_pixels", "input", "resize smaller images up to at least this many pixels (default: the processor's)",
+           vision=True),
+    Option("raw_prompt", "input", "skip the chat template (default off)"),
+    Option("mask_mode", "what to knock out",  # the text command has one choice: nothing to say
+           lambda vision: "which positions to knock out (default text; special tokens are swept with text)"
+           if vision else argparse.SUPPRESS),
+    Option("unit", "what to knock out",
+           lambda vision: "what one knockout removes: token (default), word, "
+           + ("region:N (an N×N block of image tokens), image (each whole image), patch (--stage pixels and "
+              "vision-encoder, the default there), " if vision else "")
+           + "or groups (exactly the --group options)"),
+    Option("groups", "what to knock out",
+           lambda vision: "name a group of tokens: "
+           + ("a pixel box x0,y0,x1,y1[@IMAGE] (inside the picture), " if vision else "")
+           + "pos:10-20 (positions) or text:\"some words\" (their first occurrence in the prompt's text); repeatable "
+             "(default none)", "NAME=SPEC"),
+    Option("flows", "what to knock out",
+           lambda vision: "block DST's queries from SRC's keys, e.g. 'question->last' (quote it); groups: "
+           + ("image, image1, ..., " if vision else "") + "question, last, answer, prompt and every --group; "
+             "repeatable (default none)", "SRC->DST"),
+    Option("layers", "what to knock out", "window centres: 'all' (default) or e.g. '0-11,20,30-35'"),
+    Option("window", "what to knock out", "number of consecutive layers knocked out together (default 1)"),
+    Option("block_from", "what to knock out",
+           "which queries are blocked from the unit: all (default), or only the answer positions"),
+    Option("vision_attention", "what to knock out",
+           "causal (default) is what the model computes; bidirectional reproduces the original tool's mask (image "
+           "tokens of one image see each other both ways). Gemma 3's own masks are bidirectional inside each image: "
+           "there it changes nothing", vision=True),
+    Option("stage", "stages",
+           "decoder (default): attention knockouts in the decoder; vision-encoder: attention knockouts between an "
+           "image's patches in the ViT (--layers/--window count ViT layers); pixels: occlusion of the image the "
+           "model sees; deepstack: remove a unit's DeepStack features, level by level, or replace its main "
+           "embedding by the image's mean", vision=True),
+    Option("fill", "stages", "--stage pixels: what replaces the occluded patches: mean (the image's mean colour, "
+                             "default), blur, black or noise (seeded)", vision=True),
+    Option("num_tokens", "scoring", "answer length (default 5; greedy, stops at EOS)"),
+    Option("target", "scoring", "score this answer (the gold label) instead of the greedy one: every metric is about "
+                                "its tokens; the greedy answer is still recorded, with whether it starts with the "
+                                "target (default: the greedy answer)", "TEXT"),
+    Option("contrast", "scoring", "with --target: a foil; adds the metric logit_diff_change, the change in "
+                                  "log p(target) - log p(foil) (default none)", "TEXT"),
+    Option("generate_top", "scoring", "run real greedy generation under the K most impactful knockouts (default 10)"),
+    Option("estimate", "scoring", "estimate every knockout from one forward and backward pass (first order), then "
+                                  "compute exactly only the K cells with the largest estimated effect and a random "
+                                  "sample of others (the estimate's quality is reported); default: every cell "
+                                  "exactly", "K"),
+    Option("estimate_sample", "scoring", "with --estimate: how many random other cells to compute exactly (default K)",
+           "R"),
+    Option("estimate_seed", "scoring", "with --estimate: the sample's seed (default 0)", "N"),
+    Option("output", "output", "result name under OUTPUT_DIR (default mask_impact_YYYYMMDD_HHMMSS, the start time; a "
+                               "batch: its folder, default the YAML file's name)"),
+    Option("output_dir", "output", "where results go (default output)"),
+    Option("overwrite", "output", "replace an existing result of the same name (default off: refused)"),
+    Option("resume", "output", "continue a killed run (or batch) where it stopped (default off)"),
+    Option("figures", "output", "also write figures beside the results: OUTPUT_DIR/NAME.heatmap.FORMAT, .overlay "
+                                "(units on the image) or .flows (with --flow); needs matplotlib (default none)",
+           "png|svg|pdf"),
+    Option("figure_options", "output", "with --figures: units=A-B, vmax=X, title=TEXT, size=WxH (inches), "
+                                       "font_size=PT, greyscale=1, contours=1; repeat for several (default none)",
+           "KEY=VALUE"),
+    Option("html", "output", "skip OUTPUT_DIR/NAME.html, the viewer with this result embedded (default: written)"),
+    Option("progress", "output", "hide the progress bar (default: shown)"),
+    Option("engine", "scale-out", "fast (default), or naive: one full forward per knockout (the reference, slow)"),
+    Option("batch_size", "scale-out", "knockouts per forward (default: chosen from free memory)"),
+    Option("device", "scale-out", "auto (default), cpu, cuda or cuda:N"),
+    Option("dtype", "scale-out", "default auto: bfloat16 on CUDA, float32 on CPU"),
+    Option("threads", "scale-out", "CPU threads (default: torch's own count; auto: the CPUs other processes leave "
+                                   "idle)", "N|auto"),
+    Option("device_map", "scale-out", "spread a model too large for one device over the GPUs and the CPU with "
+                                      "accelerate (default none: the whole model on --device); for several processes "
+                                      "use accelerate launch", "|".join(DEVICE_MAPS)),
+    Option("max_memory", "scale-out", "with --device-map: memory each device may hold, e.g. 0=70GiB,cpu=200GiB "
+                                      "(default: accelerate's estimate)", "DEV=SIZE,..."),
+    Option("offload_folder", "scale-out", "with --device-map: where weights that fit nowhere else go (default: a "
+                                          "temporary folder)"),
+    Option("config", "batches", "a batch: a YAML file with defaults: and runs:, one model load; the other options "
+                                "given apply to every run (default: one run)", "YAML", kind=str),
+    Option("dataset", "studies", "a study: JSON Lines, CSV or Parquet, or a folder saved by datasets' save_to_disk "
+                                 "(with --demo: demo-shapes, fresh pictures of the demo's task); one run per row, the "
+                                 "other options given apply to every row, --generate-top defaulting to 0 (default: "
+                                 "one run)", "FILE", kind=str),
+    Option("fields", "studies", "which columns hold prompt, image, target, contrast and group (default: the columns "
+                                "of those names)", "FIELD=COLUMN,...", kind=list),
+    Option("limit", "studies", "study the first N rows (default all)", "N", kind=int),
+    Option("sample", "studies", "study N rows drawn at random, seeded (default all)", "N", kind=int),
+    Option("seed", "studies", "the seed of --sample and of the bootstrap (default 0)", "N", kind=int),
+    Option("only_correct", "studies", "measure only the rows whose greedy answer starts with their target, as the "
+                                      "papers do (default off: every row)"),
+    Option("ci", "studies", "the confidence level of the intervals, a bootstrap over rows (default 0.95)", "LEVEL",
+           kind=float),
+)
+
+
+def argument_kind(option: Option, vision: bool) -> dict:
+    """``add_argument``'s keywords besides the flag, the destination and the help: from ``RunConfig``'s annotation
+    and default of the field (a bool: a switch that sets the other value; a list: repeatable; an int: parsed as one),
+    from ``CHOICES``, or from the option's own ``kind``."""
+    kind = option.kind or FIELD_TYPES[option.name]
+    keywords: dict = {} if option.metavar is None else {"metavar": option.metavar}
+    if kind is bool:
+        default = next(f.default for f in fields(RunConfig) if f.name == option.name)
+        return {"action": "store_false" if default else "store_true"}
+    if kind is list:
+        return {**keywords, "action": "append"}
+    if kind in (int, float):
+        keywords["type"] = kind
+    if option.name in CHOICES:
+        keywords["choices"] = CHOICES[option.name] if vision else text_choices(option.name)
+    return keywords
+
+
+def text_choices(name: str) -> tuple[str, ...]:
+    """A choice list on the text command: the first alone for the choices that concern images."""
+    return CHOICES[name][:1] if name in ("mask_mode", "stage") else CHOICES[name]
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description and the examples as written; each option's help wrapped."""
 
@@ -402,7 +551,6 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
                         + (" [--image PATH]..." if vision else "") + " | --config YAML) [options]",
                   epilog=examples(vision), argument_default=argparse.SUPPRESS)
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    default_model = VL_DEFAULT_MODEL if vision else TEXT_DEFAULT_MODEL
     section = {name: top.add_argument_group(name, text) for name, text in (
         ("input", "a prompt is required: --prompt, --prompt-text or --prompt-file (--demo brings its own)"),
         ("what to knock out", "each knockout blocks a unit's keys from queries, in a window of layers"),
@@ -414,135 +562,12 @@ def build_parser(vision: bool) -> argparse.ArgumentParser:
         ("studies", "a dataset of prompts (and images, targets): one run per row, then averages with confidence "
                     "intervals over the rows"),
     )}
-    parser = section["input"]
-    parser.add_argument("--model", help=f"hub id or local folder (default {default_model})")
-    parser.add_argument("--demo", action="store_true", help="use a tiny offline demo model and default inputs "
-                        "(default off)")
-    parser.add_argument("--prompt", metavar="TEXT|FILE",
-                        help="the prompt: its text, or a UTF-8 text file to read it from when the value names one")
-    parser.add_argument("--prompt-text", metavar="TEXT", help="the prompt's text, always (even if it names a file)")
-    parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
-    parser.add_argument("--allow-special-tokens", action="store_true",
-                        help="read control tokens typed in the prompt (e.g. <|im_end|>) as control tokens (default "
-                             "off: they are plain text)")
-    if vision:
-        parser.add_argument("--image", dest="images", action="append", metavar="PATH",
-                            help="image file; give several times for several images (default none)")
-        parser.add_argument("--max-pixels", type=int,
-                            help="resize larger images down to at most this many pixels (default: the processor's)")
-        parser.add_argument("--min-pixels", type=int,
-                            help="resize smaller images up to at least this many pixels (default: the processor's)")
-    parser.add_argument("--raw-prompt", action="store_true", help="skip the chat template (default off)")
-    knock = section["what to knock out"]
-    knock.add_argument("--mask-mode", choices=MASK_MODES if vision else ("text",),
-                       help="which positions to knock out (default text; special tokens are swept with text)"
-                       if vision else argparse.SUPPRESS)  # the text command has one choice: nothing to say
-    knock.add_argument("--unit", help="what one knockout removes: token (default), word, "
-                       + ("region:N (an N×N block of image tokens), image (each whole image), patch (--stage "
-                          "pixels and vision-encoder, the default there), " if vision else "")
-                       + "or groups (exactly the --group options)")
-    knock.add_argument("--group", dest="groups", action="append", metavar="NAME=SPEC",
-                       help="name a group of tokens: "
-                       + ("a pixel box x0,y0,x1,y1[@IMAGE] (inside the picture), " if vision else "")
-                       + "pos:10-20 (positions) or text:\"some words\" (their first occurrence in the prompt's "
-                       "text); repeatable (default none)")
-    knock.add_argument("--flow", dest="flows", action="append", metavar="SRC->DST",
-                       help="block DST's queries from SRC's keys, e.g. 'question->last' (quote it); groups: "
-                       + ("image, image1, ..., " if vision else "") + "question, last, answer, prompt and every "
-                       "--group; repeatable (default none)")
-    knock.add_argument("--layers", help="window centres: 'all' (default) or e.g. '0-11,20,30-35'")
-    knock.add_argument("--window", type=int, help="number of consecutive layers knocked out together (default 1)")
-    knock.add_argument("--block-from", choices=CHOICES["block_from"],
-                       help="which queries are blocked from the unit: all (default), or only the answer positions")
-    if vision:
-        knock.add_argument("--vision-attention", choices=CHOICES["vision_attention"],
-                           help="causal (default) is what the model computes; bidirectional reproduces the original "
-                                "tool's mask (image tokens of one image see each other both ways). Gemma 3's own "
-                                "masks are bidirectional inside each image: there it changes nothing")
-        stages = section["stages"]
-        stages.add_argument("--stage", choices=CHOICES["stage"],
-                            help="decoder (default): attention knockouts in the decoder; vision-encoder: attention "
-                                 "knockouts between an image's patches in the ViT (--layers/--window count ViT "
-                                 "layers); pixels: occlusion of the image the model sees; deepstack: remove a unit's "
-                                 "DeepStack features, level by level, or replace its main embedding by the image's "
-                                 "mean")
-        stages.add_argument("--fill", choices=CHOICES["fill"],
-                            help="--stage pixels: what replaces the occluded patches: mean (the image's mean colour, "
-                                 "default), blur, black or noise (seeded)")
-    scoring = section["scoring"]
-    scoring.add_argument("--num-tokens", type=int, help="answer length (default 5; greedy, stops at EOS)")
-    scoring.add_argument("--target", metavar="TEXT",
-                         help="score this answer (the gold label) instead of the greedy one: every metric is about "
-                              "its tokens; the greedy answer is still recorded, with whether it starts with the "
-                              "target (default: the greedy answer)")
-    scoring.add_argument("--contrast", metavar="TEXT",
-                         help="with --target: a foil; adds the metric logit_diff_change, the change in "
-                              "log p(target) - log p(foil) (default none)")
-    scoring.add_argument("--generate-top", type=int,
-                         help="run real greedy generation under the K most impactful knockouts (default 10)")
-    scoring.add_argument("--estimate", type=int, metavar="K",
-                         help="estimate every knockout from one forward and backward pass (first order), then "
-                              "compute exactly only the K cells with the largest estimated effect and a random "
-                              "sample of others (the estimate's quality is reported); default: every cell exactly")
-    scoring.add_argument("--estimate-sample", type=int, metavar="R",
-                         help="with --estimate: how many random other cells to compute exactly (default K)")
-    scoring.add_argument("--estimate-seed", type=int, metavar="N",
-                         help="with --estimate: the sample's seed (default 0)")
-    out = section["output"]
-    out.add_argument("--output", help="result name under OUTPUT_DIR (default mask_impact_YYYYMMDD_HHMMSS, the "
-                                      "start time; a batch: its folder, default the YAML file's name)")
-    out.add_argument("--output-dir", help="where results go (default output)")
-    out.add_argument("--overwrite", action="store_true",
-                     help="replace an existing result of the same name (default off: refused)")
-    out.add_argument("--resume", action="store_true",
-                     help="continue a killed run (or batch) where it stopped (default off)")
-    out.add_argument("--figures", metavar="png|svg|pdf",
-                     help="also write figures beside the results: OUTPUT_DIR/NAME.heatmap.FORMAT, .overlay (units "
-                          "on the image) or .flows (with --flow); needs matplotlib (default none)")
-    out.add_argument("--figure-option", dest="figure_options", action="append", metavar="KEY=VALUE",
-                     help="with --figures: units=A-B, vmax=X, title=TEXT, size=WxH (inches), font_size=PT, "
-                          "greyscale=1, contours=1; repeat for several (default none)")
-    out.add_argument("--no-html", dest="html", action="store_false",
-                     help="skip OUTPUT_DIR/NAME.html, the viewer with this result embedded (default: written)")
-    out.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="hide the progress bar (default: shown)")
-    scale = section["scale-out"]
-    scale.add_argument("--engine", choices=CHOICES["engine"],
-                       help="fast (default), or naive: one full forward per knockout (the reference, slow)")
-    scale.add_argument("--batch-size", type=int, help="knockouts per forward (default: chosen from free memory)")
-    scale.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    scale.add_argument("--dtype", choices=CHOICES["dtype"], help="default auto: bfloat16 on CUDA, float32 on CPU")
-    scale.add_argument("--threads", metavar="N|auto",
-                       help="CPU threads (default: torch's own count; auto: the CPUs other processes leave idle)")
-    scale.add_argument("--device-map", metavar="|".join(DEVICE_MAPS),
-                       help="spread a model too large for one device over the GPUs and the CPU with accelerate "
-                            "(default none: the whole model on --device); for several processes use "
-                            "accelerate launch")
-    scale.add_argument("--max-memory", metavar="DEV=SIZE,...",
-                       help="with --device-map: memory each device may hold, e.g. 0=70GiB,cpu=200GiB (default: "
-                            "accelerate's estimate)")
-    scale.add_argument("--offload-folder", help="with --device-map: where weights that fit nowhere else go "
-                                                "(default: a temporary folder)")
-    section["batches"].add_argument(
-        "--config", metavar="YAML", help="a batch: a YAML file with defaults: and runs:, one model load; the other "
-                                         "options given apply to every run (default: one run)")
-    study = section["studies"]
-    study.add_argument("--dataset", metavar="FILE",
-                       help="a study: JSON Lines, CSV or Parquet, or a folder saved by datasets' save_to_disk "
-                            "(with --demo: demo-shapes, fresh pictures of the demo's task); one run per row, the "
-                            "other options given apply to every row, --generate-top defaulting to 0 (default: one "
-                            "run)")
-    study.add_argument("--fields", action="append", metavar="FIELD=COLUMN,...",
-                       help="which columns hold prompt, image, target, contrast and group (default: the columns of "
-                            "those names)")
-    study.add_argument("--limit", type=int, metavar="N", help="study the first N rows (default all)")
-    study.add_argument("--sample", type=int, metavar="N", help="study N rows drawn at random, seeded (default all)")
-    study.add_argument("--seed", type=int, metavar="N", help="the seed of --sample and of the bootstrap (default 0)")
-    study.add_argument("--only-correct", action="store_true",
-                       help="measure only the rows whose greedy answer starts with their target, as the papers do "
-                            "(default off: every row)")
-    study.add_argument("--ci", type=float, metavar="LEVEL",
-                       help="the confidence level of the intervals, a bootstrap over rows (default 0.95)")
+    for option in OPTIONS:
+        if option.vision and not vision:
+            continue
+        help_text = option.help(vision) if callable(option.help) else option.help
+        section[option.group].add_argument(flag(option.name), dest=option.name, help=help_text,
+                                           **argument_kind(option, vision))
     return top
 
 

@@ -81,3 +81,43 @@ def test_no_error_message_spells_a_command_line_flag():
                     if flag.search(text):
                         found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text.strip()[:60]}")
     assert len(flags) > 40 and not found, "\n".join(found)
+
+
+def test_the_command_line_is_derived_from_the_options_model():
+    """Every ``RunConfig`` field is an option of the command line (the vision one; the text one too unless it
+    concerns images), under the flag the messages spell (``errors.flag``), as the kind of argument its annotation
+    and default say: a switch sets the value ``errors.SWITCHES`` records, a list is repeatable, an int is parsed as
+    one, a choice offers ``CHOICES``."""
+    from dataclasses import fields
+
+    from mask_impact.config import CHOICES, FIELD_TYPES, OPTIONS, RunConfig
+    from mask_impact.errors import SWITCHES, flag
+
+    defaults = {f.name: f.default for f in fields(RunConfig)}
+    assert {o.name for o in OPTIONS if o.kind is None} == set(defaults)
+    vision_only = {o.name for o in OPTIONS if o.vision}
+    assert vision_only == {"images", "max_pixels", "min_pixels", "vision_attention", "stage", "fill"}
+    for vision in (True, False):
+        actions = {a.dest: a for a in build_parser(vision)._actions}
+        for name, kind in FIELD_TYPES.items():
+            if name in vision_only and not vision:
+                assert name not in actions
+                continue
+            action = actions[name]
+            assert action.option_strings == [flag(name)]
+            if kind is bool:
+                assert action.const is SWITCHES[name] is (not defaults[name]), name
+            elif kind is list:
+                assert action.__class__.__name__ == "_AppendAction", name
+            elif kind is int:
+                assert action.type is int and action.nargs is None, name
+            else:
+                assert action.type is None, name
+            if name in CHOICES:
+                assert tuple(action.choices) == (CHOICES[name] if vision or name not in ("mask_mode", "stage")
+                                                 else CHOICES[name][:1])
+        assert set(SWITCHES) == {name for name, kind in FIELD_TYPES.items() if kind is bool}
+        parsed = vars(build_parser(vision).parse_args(["--num-tokens", "3", "--no-html", "--demo", "--group", "a=pos:1",
+                                                       "--group", "b=pos:2", "--ci", "0.9", "--fields", "x=y"]))
+        assert parsed == {"num_tokens": 3, "html": False, "demo": True, "groups": ["a=pos:1", "b=pos:2"], "ci": 0.9,
+                          "fields": ["x=y"]}
