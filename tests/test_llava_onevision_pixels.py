@@ -214,3 +214,15 @@ def test_occlusion_of_two_pictures_from_the_command_line_generates_under_the_fil
                                        **kwargs, max_new_tokens=2, do_sample=False,
                                        suppress_tokens=analysis.placeholder_ids() or None)[0, prompt.length:]
         assert generations[unit.index]["token_ids"] == native.tolist()
+
+
+def test_a_group_of_newlines_alone_is_one_line(ov_folder, ov, pictures, in_tmp, capsys):
+    """A group of image newlines holds no pixels: one line, exit 2, nothing written."""
+    from tests.support import cli_error
+
+    prompt = build_prompt(ov, PROMPT, [pictures[0]])
+    newline = next(t.index for t in prompt.tokens if t.part == "newline")
+    err = cli_error(capsys, tiny_argv(ov_folder, "--image", pictures[0], "--stage", "pixels", "--unit", "groups",
+                                      "--group", f"nl=pos:{newline}", "--output", "g"))
+    assert "--group nl holds no image patch (an image newline token has no pixels)" in err
+    assert not (in_tmp / "output").exists() or not any((in_tmp / "output").iterdir())
