@@ -177,3 +177,22 @@ def tower_pass(loaded, tf, plan=None, registered: bool = True) -> tuple[list, ob
         for hook in hooks:
             hook.remove()
     return seen, logits
+
+
+def pixel_stage_units(loaded, prompt, analysis, unit: str) -> list:
+    """The ``--stage pixels`` units of kind ``unit`` (token, patch, region:N, image) of a prompt, image tokens only."""
+    from types import SimpleNamespace
+
+    from mask_impact.units import build_units
+
+    config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage="pixels")
+    return build_units(prompt, loaded.tokenizer, config, analysis.answer_start)
+
+
+def model_logprobs(loaded, tf, pixel_values):
+    """(T, V) the model's own forward on ``pixel_values`` (the processor's form), the prompt's other inputs kept."""
+    import torch
+
+    with torch.no_grad():
+        logits = loaded.model(input_ids=tf.input_ids, **dict(tf.model_kwargs, pixel_values=pixel_values)).logits
+    return torch.log_softmax(logits[0, tf.answer_positions].float(), dim=-1)

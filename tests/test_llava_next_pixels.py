@@ -12,7 +12,6 @@ pixels is the baseline bit for bit; bad input is one line.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import torch
 
@@ -20,22 +19,9 @@ from mask_impact.cli import main
 from mask_impact.engine import Analysis
 from mask_impact.engines.pixels import FILLS, NaivePixelEngine, PixelEngine
 from mask_impact.inputs import build_prompt
-from mask_impact.units import build_units
-from tests.support import TINY_PROMPT, cli_error, tiny_argv
+from tests.support import TINY_PROMPT, cli_error, model_logprobs, pixel_stage_units, tiny_argv
 
 PROMPT = TINY_PROMPT  # the prompt tiny_argv gives
-
-
-def _units(next_model, prompt, analysis, unit: str) -> list:
-    config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage="pixels")
-    return build_units(prompt, next_model.tokenizer, config, analysis.answer_start)
-
-
-def _model_logprobs(next_model, tf, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(T, V) the model's own forward on ``pixel_values`` (the processor's form), the prompt's other inputs kept."""
-    with torch.no_grad():
-        logits = next_model.model(input_ids=tf.input_ids, **dict(tf.model_kwargs, pixel_values=pixel_values)).logits
-    return torch.log_softmax(logits[0, tf.answer_positions].float(), dim=-1)
 
 
 def _view_cell(prompt, tok, grid: int) -> tuple[int, int, int]:
@@ -63,7 +49,7 @@ def test_occlusion_is_the_model_on_the_views_with_the_patch_filled_by_hand(next_
     assert torch.equal(next_model.adapter.pixel_values_of(rows), torch.cat([pixels[0, :3], pixels[1]]))
     assert torch.equal(rows[(3 + 2) * grid * grid + grid + 3], pixels[1, 2, :, p:2 * p, 3 * p:4 * p].reshape(-1))
 
-    tokens = _units(next_model, prompt, analysis, "token")
+    tokens = pixel_stage_units(next_model, prompt, analysis, "token")
     vision = [t for t in prompt.tokens if t.modality == "vision"]
     cells = [t for t in vision if t.part != "newline"]
     assert [u.keys for u in tokens] == [[t.index] for t in cells]  # every token with pixels, no newline
@@ -77,21 +63,21 @@ def test_occlusion_is_the_model_on_the_views_with_the_patch_filled_by_hand(next_
         view, r, c = _view_cell(prompt, cells[n], grid)
         by_hand = pixels.clone()
         by_hand[cells[n].image, view, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = black[:, None, None]
-        expected.append(_model_logprobs(next_model, tf, by_hand))
+        expected.append(model_logprobs(next_model, tf, by_hand))
     assert {_view_cell(prompt, cells[n], grid)[0] for n in chosen} == {0, 2, 4}
     expected = torch.stack(expected)
     picked = [tokens[n] for n in chosen]
     fast, naive = PixelEngine(analysis, tf, "black", tokens), NaivePixelEngine(analysis, tf, "black", tokens)
-    assert (naive.base_logprobs - _model_logprobs(next_model, tf, pixels)).abs().max() <= 1e-5  # the round trip
+    assert (naive.base_logprobs - model_logprobs(next_model, tf, pixels)).abs().max() <= 1e-5  # the round trip
     assert (naive.logprobs(None, picked) - expected).abs().max() <= 2e-5
     assert (fast.logprobs(None, picked) - expected).abs().max() <= 2e-5
     assert ((expected - naive.base_logprobs).abs().amax(dim=(1, 2)) > 1e-5).all()  # each fill changes the answer
 
-    patches = _units(next_model, prompt, analysis, "patch")
+    patches = pixel_stage_units(next_model, prompt, analysis, "patch")
     unit = next(u for u in patches if u.label == "image2 t3 p1,2")  # tile 2 (bottom left) of the 90×90 picture
     by_hand = pixels.clone()
     by_hand[1, 3, :, p:2 * p, 2 * p:3 * p] = pixels[1, 0].double().mean(dim=(1, 2)).float()[:, None, None]
-    expected = _model_logprobs(next_model, tf, by_hand)[None]
+    expected = model_logprobs(next_model, tf, by_hand)[None]
     fast, naive = PixelEngine(analysis, tf, "mean", patches), NaivePixelEngine(analysis, tf, "mean", patches)
     assert (naive.logprobs(None, [unit]) - expected).abs().max() <= 2e-5
     assert (fast.logprobs(None, [unit]) - expected).abs().max() <= 2e-5
@@ -109,7 +95,7 @@ def test_occlusion_fast_equals_naive_for_every_fill(next_model, next_pictures):
     analysis = Analysis(next_model, prompt)
     _, tf = analysis.baseline(2)
     units = [u for kind, step in (("token", 17), ("region:2", 7), ("image", 1))
-             for u in _units(next_model, prompt, analysis, kind)[::step]]
+             for u in pixel_stage_units(next_model, prompt, analysis, kind)[::step]]
     assert {u.image for u in units} == {0, 1} and {u.kind for u in units} == {"token", "region", "image"}
     for fill in FILLS:
         fast, naive = PixelEngine(analysis, tf, fill, units), NaivePixelEngine(analysis, tf, fill, units)
@@ -129,7 +115,7 @@ def test_the_mean_is_the_base_views_and_the_blur_runs_over_the_tiles_canvas(next
     _, tf = analysis.baseline(1)
     pixels, p = tf.model_kwargs["pixel_values"][0], next_model.adapter.patch_size  # (3, C, 64, 64)
     grid = next_model.adapter.tile // p
-    units = _units(next_model, prompt, analysis, "image")
+    units = pixel_stage_units(next_model, prompt, analysis, "image")
     mean = PixelEngine(analysis, tf, "mean", units).filler.values(units[0].patches, 0)
     colour = pixels[0].double().mean(dim=(1, 2)).float()
     assert torch.equal(mean, colour[None, :, None].expand(len(units[0].patches), -1, p * p).reshape(mean.shape))
@@ -164,7 +150,7 @@ def test_an_occlusion_whose_fill_equals_the_pixels_changes_nothing(next_model, t
     prompt = build_prompt(next_model, "What is in the picture?", [str(tmp_path / "black.png")])
     analysis = Analysis(next_model, prompt)
     _, tf = analysis.baseline(2)
-    every = _units(next_model, prompt, analysis, "token")
+    every = pixel_stage_units(next_model, prompt, analysis, "token")
     fast, naive = PixelEngine(analysis, tf, "black", every), NaivePixelEngine(analysis, tf, "black", every)
     black = fast.filler.values(every[0].patches, 0)[0]
     still = [u for u in every if torch.equal(fast.pixel_values[u.patches[0]], black)]

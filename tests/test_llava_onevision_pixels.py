@@ -13,7 +13,6 @@ command line.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,8 +23,7 @@ from mask_impact.engines.pixels import FILLS, NaivePixelEngine, PixelEngine
 from mask_impact.families.llava_next import layout_patches
 from mask_impact.inputs import build_prompt
 from mask_impact.models import load_model
-from mask_impact.units import build_units
-from tests.support import TINY_PROMPT, draw_image, tiny_argv
+from tests.support import TINY_PROMPT, draw_image, model_logprobs, pixel_stage_units, tiny_argv
 from tests.tiny import build_tiny
 
 PROMPT = TINY_PROMPT
@@ -47,17 +45,6 @@ def pictures(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ov_pictures")
     return [str(draw_image(folder / f"{n}.png", w, h, seed=n)) for n, (w, h) in enumerate([(300, 70), (128, 64),
                                                                                             (50, 150)])]
-
-
-def _units(ov, prompt, analysis, unit: str) -> list:
-    config = SimpleNamespace(unit=unit, groups=[], flows=[], mask_mode="vision", stage="pixels")
-    return build_units(prompt, ov.tokenizer, config, analysis.answer_start)
-
-
-def _model_logprobs(ov, tf, pixel_values: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        logits = ov.model(input_ids=tf.input_ids, **dict(tf.model_kwargs, pixel_values=pixel_values)).logits
-    return torch.log_softmax(logits[0, tf.answer_positions].float(), dim=-1)
 
 
 def test_a_pooled_tile_token_is_made_of_the_cells_the_model_pools_it_from(ov, pictures):
@@ -97,7 +84,7 @@ def test_occluding_a_pooled_token_is_the_model_on_its_cells_filled_by_hand(ov, p
     _, tf = analysis.baseline(2)
     pixels, p = tf.model_kwargs["pixel_values"], ov.adapter.patch_size  # (1, views, C, 64, 64)
     layout, grid = prompt.images[0].layout, ov.adapter.tile // p
-    tokens = _units(ov, prompt, analysis, "token")
+    tokens = pixel_stage_units(ov, prompt, analysis, "token")
     cells = [t for t in prompt.tokens if t.modality == "vision" and t.part != "newline"]
     assert [u.keys for u in tokens] == [[t.index] for t in cells]
     picked = [n for n, t in enumerate(cells) if t.part == "tiles" and (t.row, t.col) in ((0, 0), (1, 7), (2, 16))]
@@ -119,16 +106,16 @@ def test_occluding_a_pooled_token_is_the_model_on_its_cells_filled_by_hand(ov, p
                 view = 1 + (row // grid) * layout["tiles"][0] + col // grid
                 by_hand[0, view, :, (row % grid) * p:(row % grid + 1) * p, (col % grid) * p:(col % grid + 1) * p] = \
                     black[:, None, None]
-        expected.append(_model_logprobs(ov, tf, by_hand))
+        expected.append(model_logprobs(ov, tf, by_hand))
         assert len(tokens[n].patches) == int((by_hand != pixels).any(dim=2).sum()) // (p * p)
     expected = torch.stack(expected)
     units = [tokens[n] for n in picked]
     fast, naive = PixelEngine(analysis, tf, "black", tokens), NaivePixelEngine(analysis, tf, "black", tokens)
-    assert (naive.base_logprobs - _model_logprobs(ov, tf, pixels)).abs().max() <= 1e-5
+    assert (naive.base_logprobs - model_logprobs(ov, tf, pixels)).abs().max() <= 1e-5
     assert (naive.logprobs(None, units) - expected).abs().max() <= 2e-5
     assert (fast.logprobs(None, units) - expected).abs().max() <= 2e-5
     assert ((expected - naive.base_logprobs).abs().amax(dim=(1, 2)) > 1e-5).all()
-    regions = [u for u in _units(ov, prompt, analysis, "region:2") if prompt.tokens[u.keys[0]].part == "tiles"]
+    regions = [u for u in pixel_stage_units(ov, prompt, analysis, "region:2") if prompt.tokens[u.keys[0]].part == "tiles"]
     assert all(len(set(u.patches)) == len(u.patches) for u in regions)
     assert any(len(u.patches) < 4 * len(u.keys) for u in regions)  # neighbours share cells
 
@@ -145,7 +132,7 @@ def test_occlusion_fast_equals_naive_for_every_fill(ov, pictures, which):
     analysis = Analysis(ov, prompt)
     _, tf = analysis.baseline(2)
     units = [u for kind, step in (("token", 11), ("region:2", 5), ("patch", 23), ("image", 1))
-             for u in _units(ov, prompt, analysis, kind)[::step]]
+             for u in pixel_stage_units(ov, prompt, analysis, kind)[::step]]
     assert {u.image for u in units} == set(range(len(images)))
     for fill in FILLS:
         fast, naive = PixelEngine(analysis, tf, fill, units), NaivePixelEngine(analysis, tf, fill, units)
@@ -165,7 +152,7 @@ def test_the_mean_of_a_padded_square_is_its_patches_that_show_the_picture(ov, pi
     analysis = Analysis(ov, prompt)
     _, tf = analysis.baseline(1)
     assert prompt.images[1].layout["offset"] == [50, 0]
-    units = _units(ov, prompt, analysis, "image")
+    units = pixel_stage_units(ov, prompt, analysis, "image")
     engine = PixelEngine(analysis, tf, "mean", units)
     view, p = tf.model_kwargs["pixel_values"][1, 0], ov.adapter.patch_size  # (C, 64, 64)
     colour = view[:, :, p:3 * p].double().mean(dim=(1, 2)).float()
@@ -203,7 +190,7 @@ def test_occlusion_of_two_pictures_from_the_command_line_generates_under_the_fil
     prompt = build_prompt(ov, PROMPT, pictures[1:])
     analysis = Analysis(ov, prompt)
     _, tf = analysis.baseline(2)
-    units = _units(ov, prompt, analysis, "image")
+    units = pixel_stage_units(ov, prompt, analysis, "image")
     engine = NaivePixelEngine(analysis, tf, "black", units)
     generations = {g["unit"]: g for g in data["generations"]}
     assert sorted(generations) == [0, 1]
