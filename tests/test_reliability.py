@@ -265,7 +265,10 @@ def test_cpu_out_of_memory_halves_the_batch_and_keeps_the_numbers(vl_model, imag
     assert result.batch_size <= 5
     for name, grid in expected.items():  # other batch boundaries: the same numbers up to float rounding
         got = np.array(result.metrics[name], dtype=float)
-        assert np.allclose(got, np.array(grid, dtype=float), atol=1e-5, equal_nan=True), name
+        # 1e-5 on each metric's own scale; prob_change_pct is 100 × a ratio of probabilities, so 1e-5 of the ratio
+        # is 1e-3 of it (float32 batches of other sizes moved it by 5e-5 here, and past 1e-5 + 1e-5·|value| in CI)
+        atol = 1e-3 if name == "prob_change_pct" else 1e-5
+        assert np.allclose(got, np.array(grid, dtype=float), atol=atol, equal_nan=True), name
 
 
 def test_a_prompt_longer_than_the_context_is_refused(in_tmp, capsys):
