@@ -26,8 +26,7 @@ class PatchLayout:
     offsets: list[int]  # first row of each image
     grids: list[tuple[int, int, int]]  # (t, h, w) in patches
     merge: int  # spatial merge size: a decoder token is merge × merge patches
-    views: list[dict | None] | None = None  # per image, the family's recorded views (ImageInfo.layout), or None
-    images: list | None = None  # the prompt's ImageInfo
+    images: list  # the prompt's ImageInfo (``layout``: the family's recorded views, or None)
     adapter: object = None  # the family's adapter, which places the patches of an image with views
 
     @classmethod
@@ -37,13 +36,13 @@ class PatchLayout:
         for t, h, w in grids:
             offsets.append(row)
             row += t * h * w
-        views = [image.layout for image in prompt.images]
-        if any(layout is not None for layout in views):
+        if any(image.layout is not None for image in prompt.images):
             merge = 1  # one patch per token, in every view
-        return cls(offsets, grids, merge, views, prompt.images, prompt.adapter)
+        return cls(offsets, grids, merge, prompt.images, prompt.adapter)
 
     def layout_of(self, image: int) -> dict | None:
-        return None if self.views is None else self.views[image]
+        """The image's recorded views (``ImageInfo.layout``), None for an image that is one grid."""
+        return self.images[image].layout
 
     def rows(self, image: int) -> range:
         t, h, w = self.grids[image]
