@@ -486,4 +486,3 @@ def check_batch_folder(folder: Path, may_continue: bool) -> None:
         raise UsageError(f"batch output folder {folder} cannot be created ({error.strerror})") from None
     if not os.access(folder, os.W_OK):
         raise UsageError(f"batch output folder {folder} is not writable; choose another {mention('output_dir')}")
-

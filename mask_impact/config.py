@@ -207,8 +207,9 @@ def check_estimate(config: RunConfig) -> None:
     if config.estimate is None:
         for name in ("estimate_sample", "estimate_seed"):
             if getattr(config, name) not in (None, 0):
-                raise UsageError(f"{mention(name)} belongs to {spelled('an --estimate', 'an estimate=', 'an estimate')} "
-                                 f"run; give {mention('estimate')} too, or drop it")
+                an_estimate = spelled("an --estimate", "an estimate=", "an estimate")
+                raise UsageError(f"{mention(name)} belongs to {an_estimate} run; give {mention('estimate')} too, or "
+                                 "drop it")
         return
     if config.estimate < 1:
         raise OptionError("estimate", "must be at least 1: the number of cells computed exactly", config.estimate)
@@ -635,7 +636,6 @@ def make_config(layers: list[dict], vision: bool) -> RunConfig:
         if merged.get("model") not in (None, "demo"):
             raise UsageError(f"{mention('demo')} brings its own model; drop {mention('model')}, or drop "
                              f"{mention('demo')}")
-
         merged["model"] = "demo"
         if merged.get("prompt_file") is None:
             merged.setdefault("prompt", DEMO_PROMPT_VL if vision else DEMO_PROMPT_TEXT)

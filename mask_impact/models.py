@@ -117,8 +117,8 @@ def placement_for(model_class, config, dtype: torch.dtype, device_map: str, max_
         room = max((size for device, size in budgets.items() if device != "disk"), default=0)
         if room < layer:
             raise UsageError(f"{mention('max_memory', max_memory)} holds no decoder layer of this model "
-                             f"({layer / 2**20:.3g} "
-                             "MiB each in this dtype; accelerate never splits one); give some device at least that")
+                             f"({layer / 2**20:.3g} MiB each in this dtype; accelerate never splits one); give some "
+                             "device at least that")
         placement["max_memory"] = budgets
     if offload_folder is None:
         offload_folder = tempfile.mkdtemp(prefix="mask_impact_offload_")
@@ -155,7 +155,6 @@ def locate_model(name: str, hub: dict | None = None) -> str:
         raise UsageError(f"{mention('model', bounded(name))} is a file; give the checkpoint's folder or a hub id")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise UsageError(f"model folder {bounded(name)} does not exist; check the {mention('model')} path")
-
     cached = try_to_load_from_cache(name, "config.json", cache_dir=hub.get("cache_dir"), revision=hub.get("revision"))
     if cached is None:  # not cached: the hub must be reachable now
         if hub_constants.HF_HUB_OFFLINE or hub.get("local_files_only"):

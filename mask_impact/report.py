@@ -239,7 +239,6 @@ def check_writable(paths: dict[str, Path], overwrite: bool) -> None:
         raise UsageError(f"output folder {folder} is not writable; choose another {mention('output_dir')}")
 
 
-
 @contextmanager
 def output_folder(folder: Path) -> Iterator[None]:
     """Create ``folder`` (and its missing parents) for a run; if the run fails, remove what it created and

@@ -481,7 +481,6 @@ class PartialStore:
             raise UsageError(f"{self.path}: the baseline answer differs from the one the partial run had "
                              f"(non-deterministic hardware?); rerun with {mention('overwrite')} to start over")
 
-
     def batch_size(self, default: int) -> int:
         """The batch size the partial run was made with, so the remaining batches fall where they would have.
 

@@ -94,7 +94,6 @@ def load_study(options: dict, vision: bool) -> Study:
     if settings.pop("figure_options", None):
         raise UsageError(f"{mention('figure_options')} sets a run's figures; a study's figures "
                          f"({mention('figures')}) take none yet: drop it")
-
     if figures is not None:
         from .config import check_figures
 

@@ -398,5 +398,6 @@ def check_blocks_something(analysis: Analysis, units: list[Unit], knockouts: lis
                     knockout.keys) in (run.queries or ()) else ""
                 why = (f" with {from_answer}" if config.block_from == "answer" else "") + (
                     f": every query comes before every key{itself}, and attention only looks back")
-            raise UsageError(f"{mention_name('flow' if unit.kind == 'flow' else 'group', unit.label)} blocks nothing{why}")
+            named = mention_name("flow" if unit.kind == "flow" else "group", unit.label)
+            raise UsageError(f"{named} blocks nothing{why}")
 

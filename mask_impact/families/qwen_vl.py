@@ -169,7 +169,6 @@ class QwenVL(DecoderAdapter):
             raise UsageError(f"{mention('min_pixels', limits.min_pixels, shown=f'{limits.min_pixels:,}')} is larger "
                              f"than the maximum of {limits.max_pixels:,} pixels; lower it or raise "
                              f"{mention('max_pixels')}")
-
         return limits
 
     def image_grids(self, model_kwargs: dict, count: int) -> list[list[int]]:
